@@ -1,0 +1,5 @@
+import sys
+
+from sigv4proxy.cli import main
+
+sys.exit(main())

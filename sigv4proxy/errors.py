@@ -1,0 +1,80 @@
+"""The typed errors of the proxy, each with the HTTP status it becomes.
+
+Owns: the error hierarchy and its status codes. The request handler is the only place that turns
+these into responses. Messages are short, fixed reasons: never put a secret, a signature, a
+session token or a header value in one.
+"""
+
+from __future__ import annotations
+
+
+class ProxyError(Exception):
+    """Base of every error the proxy answers with. `kind` is a bounded metric label."""
+
+    status: int = 500
+    kind: str = "internal"
+
+    def __init__(self, reason: str = "") -> None:
+        super().__init__(reason or self.kind)
+        self.reason = reason or self.kind
+
+
+# --- the client's fault (4xx) ---
+class BadRequest(ProxyError):
+    status, kind = 400, "bad_request"
+
+
+class HostNotAllowed(ProxyError):
+    status, kind = 403, "host_not_allowed"
+
+
+class MethodNotSupported(ProxyError):
+    status, kind = 405, "method_not_supported"
+
+
+class PayloadTooLarge(ProxyError):
+    status, kind = 413, "payload_too_large"
+
+
+class HeadersTooLarge(ProxyError):
+    status, kind = 431, "headers_too_large"
+
+
+# --- ours or upstream's (5xx) ---
+class Overloaded(ProxyError):
+    status, kind = 503, "overloaded"
+
+
+class CredentialsUnavailable(ProxyError):
+    """No unexpired credentials: fail closed, never forward unsigned."""
+
+    status, kind = 503, "credentials_unavailable"
+
+
+class UpstreamError(ProxyError):
+    status, kind = 502, "upstream"
+
+
+class UpstreamConnectError(UpstreamError):
+    status, kind = 502, "upstream_connect"
+
+
+class UpstreamProtocolError(UpstreamError):
+    status, kind = 502, "upstream_protocol"
+
+
+class UpstreamReset(UpstreamError):
+    status, kind = 502, "upstream_reset"
+
+
+class UpstreamTimeout(UpstreamError):
+    status, kind = 504, "upstream_timeout"
+
+
+class RetryableStreamError(UpstreamError):
+    """The peer never processed the stream (REFUSED_STREAM, or above GOAWAY's last_stream_id).
+
+    The pool retries these on another connection; they only escape when retries run out.
+    """
+
+    status, kind = 502, "upstream_refused"

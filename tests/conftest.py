@@ -1,0 +1,72 @@
+"""Shared test fixtures: the event-loop watchdog and the path to the shared SigV4 corpus."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import os
+import pathlib
+import time
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+SHARED = pathlib.Path(os.environ.get("SIGV4PROXY_SHARED", ROOT.parent / "shared"))
+TESTSUITE = pathlib.Path(os.environ.get("SIGV4_TESTSUITE", SHARED / "sigv4-testsuite"))
+
+# A callback that holds the loop longer than this fails the test (generous: the machine is shared).
+MAX_LOOP_LAG = float(os.environ.get("SIGV4PROXY_MAX_LOOP_LAG", "1.0"))
+
+
+@pytest.fixture
+def testsuite_dir() -> pathlib.Path:
+    if not TESTSUITE.is_dir():
+        pytest.skip(f"SigV4 test suite not found at {TESTSUITE} (set SIGV4_TESTSUITE)")
+    return TESTSUITE
+
+
+class LoopWatchdog:
+    """Ticks every 10 ms and records the worst delay: a blocked event loop shows up as lag."""
+
+    def __init__(self) -> None:
+        self.max_lag = 0.0
+        self._task: asyncio.Task | None = None
+
+    async def _run(self) -> None:
+        interval = 0.01
+        while True:
+            start = time.perf_counter()
+            await asyncio.sleep(interval)
+            lag = time.perf_counter() - start - interval
+            if lag > self.max_lag:
+                self.max_lag = lag
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def stop(self) -> None:
+        if self._task:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+
+
+@pytest.fixture
+async def loop_watchdog():
+    """Fails the test if anything blocked the event loop for more than MAX_LOOP_LAG seconds."""
+    dog = LoopWatchdog()
+    dog.start()
+    yield dog
+    await dog.stop()
+    assert dog.max_lag < MAX_LOOP_LAG, f"event loop blocked for {dog.max_lag:.3f}s"
+
+
+def pytest_collection_modifyitems(config, items):
+    # Every async test runs under the watchdog.
+    for item in items:
+        func = getattr(item, "function", None)
+        if func is not None and inspect.iscoroutinefunction(func):
+            if "loop_watchdog" not in item.fixturenames:
+                item.fixturenames.append("loop_watchdog")
