@@ -1,0 +1,316 @@
+"""The proxy's one typed configuration, parsed once: flags > environment > file > defaults.
+
+Owns: the settings, their defaults, parsing and validation. Every setting is a field of
+`ProxyConfig`; the same field is a flag (`--upstream-protocol`), an environment variable
+(`SIGV4PROXY_UPSTREAM_PROTOCOL`) and a config-file key (`upstream_protocol` or `upstream-protocol`).
+Must never: be read on the hot path by name (derive what the hot path needs at start-up), or
+print a secret (`redacted()` is what `check-config` shows).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
+
+import yaml
+
+ENV_PREFIX = "SIGV4PROXY_"
+LATTICE_SERVICE = "vpc-lattice-svcs"
+DEFAULT_ALLOW_HOSTS = ("*.vpc-lattice-svcs.*.on.aws",)
+PROTOCOLS = ("auto", "h2", "http1")
+
+
+class ConfigError(ValueError):
+    """Bad configuration: the message names the key."""
+
+
+@dataclass(frozen=True, slots=True)
+class RouteConfig:
+    """Requests whose Host matches `host` (glob) and whose path starts with `path_prefix` go to
+    `upstream`, signed for `sign_host` (default: the upstream's host)."""
+
+    upstream: str
+    host: str | None = None
+    path_prefix: str | None = None
+    sign_host: str | None = None
+    service: str | None = None
+    region: str | None = None
+    protocol: str | None = None
+    extra_signed_headers: tuple[str, ...] = ()
+    name: str | None = None
+
+
+def _split_hostport(value: str, key: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep:  # a bare port listens on loopback only: never expose by accident
+        host, port = "127.0.0.1", value
+    host = host.strip("[]") or "0.0.0.0"  # ":8005" (the Go sidecar's form) means every interface
+    try:
+        number = int(port)
+    except ValueError:
+        raise ConfigError(f"{key}: expected HOST:PORT, got {value!r}") from None
+    if not 0 <= number <= 65535:
+        raise ConfigError(f"{key}: port out of range in {value!r}")
+    return host, number
+
+
+def _parse_bool(value: Any, key: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off", ""):
+        return False
+    raise ConfigError(f"{key}: expected a boolean, got {value!r}")
+
+
+def _parse_list(value: Any, key: str) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        return tuple(v.strip() for v in value.split(",") if v.strip())
+    if isinstance(value, (list, tuple)):
+        out: list[str] = []
+        for item in value:
+            out.extend(_parse_list(item, key))
+        return tuple(out)
+    raise ConfigError(f"{key}: expected a list of strings")
+
+
+def _parse_route(value: Any, key: str) -> RouteConfig:
+    """A route from the file (a mapping) or from `--route PATTERN=URL[,opt=val...]`."""
+    if isinstance(value, RouteConfig):
+        return value
+    if isinstance(value, Mapping):
+        data = {k.replace("-", "_"): v for k, v in value.items()}
+        match = data.pop("match", None) or {}
+        if isinstance(match, Mapping):
+            for mk, mv in match.items():
+                data.setdefault(mk.replace("-", "_"), mv)
+        names = {f.name for f in dataclasses.fields(RouteConfig)}
+        unknown = set(data) - names
+        if unknown:
+            raise ConfigError(f"{key}: unknown route key(s) {sorted(unknown)}")
+        if "upstream" not in data:
+            raise ConfigError(f"{key}: a route needs 'upstream'")
+        data["extra_signed_headers"] = _parse_list(data.get("extra_signed_headers"), key)
+        route = RouteConfig(**data)
+    else:
+        text = str(value)
+        pattern, sep, rest = text.partition("=")
+        if not sep or not rest:
+            raise ConfigError(f"{key}: expected PATTERN=URL[,option=value...], got {text!r}")
+        upstream, *options = rest.split(",")
+        host, slash, prefix = pattern.partition("/")
+        kwargs: dict[str, Any] = {
+            "upstream": upstream,
+            "host": host or None,
+            "path_prefix": ("/" + prefix) if slash else None,
+        }
+        for option in options:
+            ok, _, ov = option.partition("=")
+            ok = ok.strip().replace("-", "_")
+            if ok not in ("sign_host", "service", "region", "protocol", "name", "extra_signed_headers"):
+                raise ConfigError(f"{key}: unknown route option {ok!r}")
+            kwargs[ok] = _parse_list(ov.replace(";", ","), key) if ok == "extra_signed_headers" else ov
+        route = RouteConfig(**kwargs)
+    if not route.upstream.startswith(("http://", "https://")):
+        raise ConfigError(f"{key}: route upstream must be an http:// or https:// URL")
+    if route.protocol is not None and route.protocol not in PROTOCOLS:
+        raise ConfigError(f"{key}: route protocol must be one of {PROTOCOLS}")
+    return route
+
+
+def _parse_routes(value: Any, key: str) -> tuple[RouteConfig, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, (str, Mapping, RouteConfig)):
+        value = [value]
+    return tuple(_parse_route(v, key) for v in value)
+
+
+def _choice(*choices: str) -> Callable[[Any, str], str]:
+    def parse(value: Any, key: str) -> str:
+        text = str(value)
+        if text not in choices:
+            raise ConfigError(f"{key}: must be one of {', '.join(choices)}; got {text!r}")
+        return text
+
+    return parse
+
+
+def _positive(kind: type) -> Callable[[Any, str], Any]:
+    def parse(value: Any, key: str) -> Any:
+        try:
+            number = kind(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key}: expected a number, got {value!r}") from None
+        if number <= 0:
+            raise ConfigError(f"{key}: must be positive, got {value!r}")
+        return number
+
+    return parse
+
+
+def _optional(parse: Callable[[Any, str], Any]) -> Callable[[Any, str], Any]:
+    def inner(value: Any, key: str) -> Any:
+        if value is None or (isinstance(value, str) and value.strip().lower() in ("", "none", "0")):
+            return None
+        return parse(value, key)
+
+    return inner
+
+
+def _workers(value: Any, key: str) -> int:
+    if str(value).strip().lower() == "auto":
+        return os.cpu_count() or 1
+    return _positive(int)(value, key)
+
+
+def _str(value: Any, key: str) -> str:
+    return str(value)
+
+
+def _opt_str(value: Any, key: str) -> str | None:
+    return None if value in (None, "") else str(value)
+
+
+def setting(default: Any, parse: Callable[[Any, str], Any], help: str, *, repeat: bool = False,
+            flag: bool = True, secret: bool = False, metavar: str | None = None) -> Any:
+    meta = {"parse": parse, "help": help, "repeat": repeat, "flag": flag, "secret": secret, "metavar": metavar}
+    if isinstance(default, (list, dict)):
+        raise TypeError("use tuples for defaults")
+    return field(default=default, metadata=meta)
+
+
+@dataclass(frozen=True, slots=True)
+class ProxyConfig:
+    listen: str = setting("127.0.0.1:8080", _str, "HOST:PORT the app talks to", metavar="HOST:PORT")
+    admin: str = setting("127.0.0.1:9901", _str, "HOST:PORT for /metrics, /healthz, /readyz", metavar="HOST:PORT")
+    region: str | None = setting(None, _opt_str, "signing region (default: from a Lattice host, else AWS_REGION)")
+    service: str = setting(LATTICE_SERVICE, _str, "signing service name")
+    upstream: str | None = setting(None, _opt_str, "connect every request to this origin URL; the app's Host is still sent and signed", metavar="URL")
+    upstream_protocol: str = setting("auto", _choice(*PROTOCOLS), "auto (ALPN over TLS), h2 (h2c over http://), http1")
+    ca_bundle: str | None = setting(None, _opt_str, "CA bundle for upstream TLS (also AWS_CA_BUNDLE)", metavar="FILE")
+    verify_tls: bool = setting(True, _parse_bool, "verify upstream certificates")
+    allow_host: tuple[str, ...] = setting(DEFAULT_ALLOW_HOSTS, _parse_list, "host glob the proxy may sign for (repeatable)", repeat=True, metavar="GLOB")
+    route: tuple[RouteConfig, ...] = setting((), _parse_routes, "PATTERN=URL[,sign_host=H,service=S,region=R,protocol=P]; PATTERN is HOST, /PREFIX or HOST/PREFIX (repeatable)", repeat=True)
+    extra_signed_headers: tuple[str, ...] = setting((), _parse_list, "extra header names to sign when present (repeatable)", repeat=True)
+    role_arn: str | None = setting(None, _opt_str, "assume this role on top of the default credential chain")
+    role_session_name: str = setting("sigv4proxy", _str, "AssumeRole session name")
+    external_id: str | None = setting(None, _opt_str, "AssumeRole external id")
+    role_duration: int = setting(3600, _positive(int), "AssumeRole duration in seconds")
+    profile: str | None = setting(None, _opt_str, "botocore profile for the default chain")
+    connect_timeout: float = setting(5.0, _positive(float), "upstream connect timeout (s)")
+    first_byte_timeout: float = setting(30.0, _positive(float), "request sent to response headers (s)")
+    read_timeout: float = setting(60.0, _positive(float), "max gap between response body chunks (s)")
+    idle_timeout: float = setting(90.0, _positive(float), "close pooled upstream connections idle this long (s)")
+    max_connections: int = setting(8, _positive(int), "upstream connections per origin")
+    max_body_size: int | None = setting(None, _optional(_positive(int)), "reject request bodies larger than this (bytes)")
+    max_inflight: int | None = setting(None, _optional(_positive(int)), "answer 503 beyond this many in-flight requests per worker")
+    workers: int = setting(1, _workers, "worker processes sharing the port (N or auto)")
+    drain_timeout: float = setting(20.0, _positive(float), "on SIGTERM, wait this long for in-flight requests (s)")
+    transparent: bool = setting(False, _parse_bool, "accept iptables-redirected connections (SO_ORIGINAL_DST)")
+    access_log: bool = setting(False, _parse_bool, "write one JSON access-log line per request")
+    log_level: str = setting("info", _choice("debug", "info", "warning", "error"), "log level")
+    config: str | None = setting(None, _opt_str, "YAML config file", flag=True, metavar="FILE")
+
+    def redacted(self) -> dict[str, Any]:
+        """The effective config as plain data, secrets hidden (nothing here is secret today)."""
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.metadata.get("secret") and value:
+                value = "***"
+            elif isinstance(value, tuple) and value and isinstance(value[0], RouteConfig):
+                value = [{k: v for k, v in dataclasses.asdict(r).items() if v not in (None, ())} for r in value]
+            elif isinstance(value, tuple):
+                value = list(value)
+            out[f.name] = value
+        return out
+
+    @property
+    def listen_addr(self) -> tuple[str, int]:
+        return _split_hostport(self.listen, "listen")
+
+    @property
+    def admin_addr(self) -> tuple[str, int]:
+        return _split_hostport(self.admin, "admin")
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(ProxyConfig)}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add every setting as a flag; defaults are suppressed so only given flags are seen."""
+    for name, f in FIELDS.items():
+        if not f.metadata.get("flag", True):
+            continue
+        flag = "--" + name.replace("_", "-")
+        kwargs: dict[str, Any] = {"dest": name, "default": argparse.SUPPRESS, "help": f.metadata["help"]}
+        if f.metadata.get("metavar"):
+            kwargs["metavar"] = f.metadata["metavar"]
+        if f.metadata["repeat"]:
+            kwargs["action"] = "append"
+        elif f.type in ("bool", bool):
+            kwargs["action"] = argparse.BooleanOptionalAction
+        parser.add_argument(flag, **kwargs)
+
+
+def load_file(path: str) -> dict[str, Any]:
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = yaml.safe_load(fh) or {}
+    except OSError as exc:
+        raise ConfigError(f"config: cannot read {path}: {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config: {path} is not valid YAML: {exc}") from None
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"config: {path} must be a mapping of settings")
+    return {str(k).replace("-", "_"): v for k, v in data.items()}
+
+
+def from_sources(flags: Mapping[str, Any] | None = None, env: Mapping[str, str] | None = None,
+                 file_data: Mapping[str, Any] | None = None) -> ProxyConfig:
+    """Merge flags > environment > file > defaults into a validated `ProxyConfig`."""
+    flags = dict(flags or {})
+    env = os.environ if env is None else env
+    config_path = flags.get("config") or env.get(ENV_PREFIX + "CONFIG")
+    if file_data is None:
+        file_data = load_file(config_path) if config_path else {}
+    unknown = set(file_data) - set(FIELDS)
+    if unknown:
+        raise ConfigError(f"config: unknown key(s) {', '.join(sorted(unknown))}")
+    values: dict[str, Any] = {}
+    for name, f in FIELDS.items():
+        parse = f.metadata["parse"]
+        env_key = ENV_PREFIX + name.upper()
+        if name in flags:
+            raw, key = flags[name], "--" + name.replace("_", "-")
+        elif env_key in env:
+            raw, key = env[env_key], env_key
+        elif name in file_data:
+            raw, key = file_data[name], name
+        else:
+            continue
+        values[name] = parse(raw, key)
+    if "ca_bundle" not in values and env.get("AWS_CA_BUNDLE"):
+        values["ca_bundle"] = env["AWS_CA_BUNDLE"]
+    if "region" not in values and (env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION")):
+        values["region"] = env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION")
+    config = ProxyConfig(**values)
+    _validate(config)
+    return config
+
+
+def _validate(config: ProxyConfig) -> None:
+    config.listen_addr
+    config.admin_addr
+    if config.upstream is not None and not config.upstream.startswith(("http://", "https://")):
+        raise ConfigError("upstream: must be an http:// or https:// URL")
+    if config.ca_bundle is not None and not os.path.isfile(config.ca_bundle):
+        raise ConfigError(f"ca_bundle: no such file {config.ca_bundle!r}")

@@ -1,0 +1,239 @@
+"""The request path: inbound request → route → sign → upstream → streamed response.
+
+Owns: header hygiene (hop-by-hop and client-supplied signing headers dropped), the one place where
+typed errors become HTTP responses, and per-request stage timings handed to metrics. Must never:
+forward a request unsigned, put a secret or header value in an error body or log, buffer a body
+whole, or log per request above debug.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import weakref
+from typing import AsyncIterator, Callable
+
+from aiohttp import web
+from multidict import CIMultiDict
+
+from sigv4proxy.credentials import CredentialStore
+from sigv4proxy.errors import (
+    BadRequest,
+    MethodNotSupported,
+    Overloaded,
+    PayloadTooLarge,
+    ProxyError,
+)
+from sigv4proxy.metrics import Metrics
+from sigv4proxy.routing import Router
+from sigv4proxy.upstream.pool import ConnectionPool
+
+log = logging.getLogger("sigv4proxy.handler")
+
+# RFC 9110 §7.6.1 hop-by-hop headers, plus proxy-only ones; never forwarded in either direction.
+HOP_BY_HOP = frozenset(
+    {
+        "connection", "keep-alive", "proxy-connection", "proxy-authenticate", "proxy-authorization",
+        "te", "trailer", "transfer-encoding", "upgrade", "http2-settings", "expect",
+    }
+)
+# The proxy is the only signer: whatever the client sent for these is dropped.
+SIGNING_HEADERS = frozenset(
+    {"authorization", "x-amz-date", "x-amz-security-token", "x-amz-content-sha256", "x-amz-region-set"}
+)
+DROP_REQUEST = HOP_BY_HOP | SIGNING_HEADERS | {"host"}
+DROP_RESPONSE = HOP_BY_HOP | {"content-length"}
+ERROR_HEADER = "x-sigv4proxy-error"
+_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+
+
+def _split_target(raw: str) -> tuple[str | None, str]:
+    """(authority or None, origin-form path?query) from a request target."""
+    if raw.startswith("/"):
+        return None, raw
+    lower = raw[:8].lower()
+    if lower.startswith("http://") or lower.startswith("https://"):
+        rest = raw.split("://", 1)[1]
+        slash = rest.find("/")
+        question = rest.find("?")
+        cut = min(i for i in (slash, question, len(rest)) if i >= 0)
+        authority, path = rest[:cut], rest[cut:]
+        if not authority:
+            raise BadRequest("absolute-form target without a host")
+        if "#" in path:
+            raise BadRequest("fragment in request target")
+        if not path.startswith("/"):
+            path = "/" + path
+        return authority, path
+    raise BadRequest("unsupported request target form")
+
+
+class ProxyHandler:
+    """The aiohttp low-level request handler. One instance per worker."""
+
+    def __init__(
+        self,
+        router: Router,
+        credentials: CredentialStore,
+        pool: ConnectionPool,
+        metrics: Metrics,
+        *,
+        max_body_size: int | None = None,
+        max_inflight: int | None = None,
+        transparent: bool = False,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._router = router
+        self._credentials = credentials
+        self._pool = pool
+        self._metrics = metrics
+        self._max_body = max_body_size
+        self._max_inflight = max_inflight
+        self._transparent = transparent
+        self._clock = clock
+        self.inflight = 0
+        # Original destination per inbound connection (transparent mode), read once.
+        self._original_dst: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+    async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
+        started = time.perf_counter()
+        self.inflight += 1
+        self._metrics.inflight.inc()
+        route_name = "none"
+        try:
+            if self._max_inflight is not None and self.inflight > self._max_inflight:
+                raise Overloaded("too many requests in flight")
+            response, route_name = await self._proxy(request, started)
+            return response
+        except ProxyError as exc:
+            return self._error(exc, request.method, route_name, started)
+        finally:
+            self.inflight -= 1
+            self._metrics.inflight.dec()
+
+    async def _proxy(self, request: web.BaseRequest, started: float) -> tuple[web.StreamResponse, str]:
+        method = request.method
+        if method == "CONNECT":
+            raise MethodNotSupported("CONNECT is not supported (VPC Lattice does not tunnel)")
+        authority, target = _split_target(request.raw_path)
+        raw_headers = request.raw_headers
+        headers: list[tuple[str, str]] = []
+        host_header: str | None = None
+        drop = DROP_REQUEST
+        connection_tokens: set[str] | None = None
+        expect_continue = False
+        for name_b, value_b in raw_headers:
+            name = name_b.decode("latin-1").lower()
+            if name in drop:
+                if name == "host":
+                    if host_header is not None:
+                        raise BadRequest("more than one Host header")
+                    host_header = value_b.decode("latin-1")
+                elif name == "upgrade":
+                    raise BadRequest("protocol upgrade is not supported")
+                elif name == "connection":
+                    tokens = {t.strip().lower() for t in value_b.decode("latin-1").split(",")}
+                    connection_tokens = (connection_tokens or set()) | tokens
+                elif name == "expect":
+                    expect_continue = value_b.lower() == b"100-continue"
+                continue
+            headers.append((name, value_b.decode("latin-1")))
+        if connection_tokens:
+            connection_tokens -= {"close", "keep-alive"}
+            headers = [h for h in headers if h[0] not in connection_tokens]
+        if authority is not None:
+            if host_header is not None and host_header.strip().lower() != authority.lower():
+                raise BadRequest("absolute-form target and Host header disagree")
+            host_header = authority
+        original_dst = self._original_destination(request) if self._transparent else None
+        route = self._router.resolve(host_header, target, original_dst=original_dst)
+        route_name = route.name
+
+        content_length = request.content_length
+        if self._max_body is not None and content_length is not None and content_length > self._max_body:
+            raise PayloadTooLarge("request body exceeds --max-body-size")
+        has_body = request.body_exists
+
+        # Sign: the credentials snapshot raises CredentialsUnavailable (503) when there are none.
+        creds = self._credentials.snapshot()
+        path, _, query = target.partition("?")
+        sign_started = time.perf_counter()
+        headers.append(("host", route.authority))
+        added = route.signer.sign(method, path, query, headers, creds, self._clock())
+        sign_done = time.perf_counter()
+        headers.pop()  # host travels as :authority / Host, never twice
+        upstream_headers = [(n.encode("latin-1"), v.encode("latin-1")) for n, v in headers]
+        upstream_headers.extend((n.encode("ascii"), v.encode("ascii")) for n, v in added)
+
+        if expect_continue and has_body:
+            request.writer.transport.write(_CONTINUE)
+        body = self._body(request) if has_body else None
+        upstream = await self._pool.request(
+            route.origin, method.encode("ascii"), target.encode("latin-1"), route.authority_bytes,
+            upstream_headers, body,
+        )
+        first_byte = time.perf_counter()
+        response = web.StreamResponse(status=upstream.status)
+        out = CIMultiDict()
+        length = None
+        for name_b, value_b in upstream.headers:
+            name = name_b.decode("latin-1")
+            lname = name.lower()
+            if lname in DROP_RESPONSE:
+                if lname == "content-length":
+                    length = int(value_b)
+                continue
+            out.add(name, value_b.decode("latin-1"))
+        response._headers = out  # keep exact names, order and repeats from upstream
+        if length is not None:
+            response.content_length = length
+        complete = False
+        try:
+            await response.prepare(request)
+            async for chunk in upstream:
+                await response.write(chunk)
+            await response.write_eof()
+            complete = True
+        except (ConnectionError, ProxyError) as exc:
+            # Headers are already sent: the only honest signal left is a cut connection.
+            log.debug("response aborted mid-body: %s", type(exc).__name__)
+            self._metrics.errors_for(getattr(exc, "kind", "client_disconnect")).inc()
+            if request.transport is not None:
+                request.transport.abort()
+        finally:
+            await upstream.aclose()
+        self._metrics.observe_request(
+            method, upstream.status if complete else 0, route_name, time.perf_counter() - started,
+            sign_done - sign_started, first_byte - sign_done, upstream.http_version,
+        )
+        return response, route_name
+
+    async def _body(self, request: web.BaseRequest) -> AsyncIterator[bytes]:
+        limit = self._max_body
+        seen = 0
+        async for chunk in request.content.iter_any():
+            if limit is not None:
+                seen += len(chunk)
+                if seen > limit:
+                    raise PayloadTooLarge("request body exceeds --max-body-size")
+            yield chunk
+
+    def _original_destination(self, request: web.BaseRequest) -> tuple[str, int] | None:
+        from sigv4proxy.original_dst import original_destination
+
+        protocol = request.protocol
+        if protocol in self._original_dst:
+            return self._original_dst[protocol]
+        sock = request.transport.get_extra_info("socket") if request.transport else None
+        dst = original_destination(sock) if sock is not None else None
+        self._original_dst[protocol] = dst
+        return dst
+
+    def _error(self, exc: ProxyError, method: str, route_name: str, started: float) -> web.Response:
+        self._metrics.errors_for(exc.kind).inc()
+        self._metrics.observe_request(method, exc.status, route_name, time.perf_counter() - started)
+        log.debug("request failed: %s (%s)", exc.kind, exc.reason)
+        headers = {ERROR_HEADER: exc.kind, "Content-Type": "text/plain; charset=utf-8"}
+        if exc.status == 503:
+            headers["Retry-After"] = "1"
+        return web.Response(status=exc.status, text=f"sigv4proxy: {exc.reason}\n", headers=headers)

@@ -1,0 +1,118 @@
+"""Prometheus metrics: definitions, cheap per-request recording, and exposition.
+
+Owns: metric names (stable; documented in the README), bounded labels, and multiprocess
+aggregation (prometheus-client's multiprocess mode when `PROMETHEUS_MULTIPROC_DIR` is set, which
+the worker supervisor does before any worker imports this). Must never: use a raw path, host or
+header value as a label, or hold a secret.
+"""
+
+from __future__ import annotations
+
+import os
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+SIGNING_BUCKETS = (2e-6, 5e-6, 1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 1e-3)
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+CODE_CLASSES = {0: "aborted", 1: "1xx", 2: "2xx", 3: "3xx", 4: "4xx", 5: "5xx"}
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+
+def multiprocess_dir() -> str | None:
+    return os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
+
+
+class Metrics:
+    """All of the proxy's metrics, in a registry of their own (tests run several proxies)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.request_duration = Histogram(
+            "sigv4proxy_request_duration_seconds", "Whole request through the proxy",
+            ["method", "code_class", "route"], buckets=LATENCY_BUCKETS, registry=r)
+        self.signing_duration = Histogram(
+            "sigv4proxy_signing_duration_seconds", "Time to sign one request",
+            buckets=SIGNING_BUCKETS, registry=r)
+        self.upstream_duration = Histogram(
+            "sigv4proxy_upstream_duration_seconds", "Request sent to upstream response headers",
+            ["protocol"], buckets=LATENCY_BUCKETS, registry=r)
+        self.inflight = Gauge(
+            "sigv4proxy_requests_inflight", "Requests being proxied now",
+            multiprocess_mode="livesum", registry=r)
+        self.errors = Counter(
+            "sigv4proxy_errors", "Failed requests by kind", ["kind"], registry=r)
+        self.credentials_expiry = Gauge(
+            "sigv4proxy_credentials_expiry_timestamp_seconds",
+            "Expiry of the current credentials (0: none or no expiry)",
+            multiprocess_mode="min", registry=r)
+        self.credential_refresh = Counter(
+            "sigv4proxy_credential_refresh", "Credential refresh attempts", ["result"], registry=r)
+        self.upstream_connections = Gauge(
+            "sigv4proxy_upstream_connections", "Pooled upstream connections",
+            ["protocol", "state"], multiprocess_mode="livesum", registry=r)
+        self.upstream_streams = Gauge(
+            "sigv4proxy_upstream_streams_active", "Upstream requests/streams in progress",
+            multiprocess_mode="livesum", registry=r)
+        # Labelled children cached: `.labels()` takes a lock and builds a tuple on every call.
+        self._request_children: dict[tuple[str, int, str], Histogram] = {}
+        self._upstream_children: dict[str, Histogram] = {}
+        self._error_children: dict[str, Counter] = {}
+        self._sign_observe = self.signing_duration.observe
+
+    def observe_request(self, method: str, status: int, route: str, total: float,
+                        signing: float | None = None, upstream: float | None = None,
+                        protocol: str | None = None) -> None:
+        key = (method, status // 100, route)
+        child = self._request_children.get(key)
+        if child is None:
+            label = method if method in METHODS else "OTHER"
+            child = self._request_children[key] = self.request_duration.labels(
+                label, CODE_CLASSES.get(status // 100, "other"), route)
+        child.observe(total)
+        if signing is not None:
+            self._sign_observe(signing)
+        if upstream is not None and protocol is not None:
+            up = self._upstream_children.get(protocol)
+            if up is None:
+                up = self._upstream_children[protocol] = self.upstream_duration.labels(protocol)
+            up.observe(upstream)
+
+    def errors_for(self, kind: str) -> Counter:
+        child = self._error_children.get(kind)
+        if child is None:
+            child = self._error_children[kind] = self.errors.labels(kind)
+        return child
+
+    def on_credential_refresh(self, result: str) -> None:
+        self.credential_refresh.labels(result).inc()
+
+    def update_gauges(self, credentials_expiry: float | None, pool_stats: object | None) -> None:
+        """Owners' state copied into gauges; called periodically and before each scrape."""
+        self.credentials_expiry.set(credentials_expiry or 0)
+        if pool_stats is None:
+            return
+        connections = getattr(pool_stats, "connections", {}) or {}
+        for protocol in ("h2", "http1"):
+            for state in ("active", "idle"):
+                self.upstream_connections.labels(protocol, state).set(connections.get((protocol, state), 0))
+        self.upstream_streams.set(getattr(pool_stats, "streams_active", 0))
+
+    def exposition(self) -> bytes:
+        if multiprocess_dir():
+            from prometheus_client import multiprocess
+
+            registry = CollectorRegistry()
+            multiprocess.MultiProcessCollector(registry)
+            return generate_latest(registry)
+        return generate_latest(self.registry)
+
+
+def mark_process_dead(pid: int) -> None:
+    """Forget a dead worker's live gauges (the supervisor calls this)."""
+    if multiprocess_dir():
+        from prometheus_client import multiprocess
+
+        multiprocess.mark_process_dead(pid)
+

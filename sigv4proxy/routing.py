@@ -1,0 +1,161 @@
+"""Routing: which upstream a request goes to and which host, service and region it is signed for.
+
+Owns: the allow-list, route matching and `Target` construction (pure; no I/O). Everything a
+request needs is precomputed into frozen `Target`s at start-up or cached per host, so the hot
+path does a dict lookup. Must never: let a host outside the allow-list through (the sidecar is not
+an open relay), or contact anything itself.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+from sigv4proxy.config import ProxyConfig, RouteConfig
+from sigv4proxy.errors import BadRequest, HostNotAllowed
+from sigv4proxy.signing import SigV4Signer
+from sigv4proxy.upstream.base import Origin
+
+_LATTICE_REGION = re.compile(r"\.vpc-lattice-svcs\.([a-z0-9-]+)\.on\.aws$")
+# A DNS name or IPv4 literal: no userinfo, no slashes, no percent-escapes, no spaces.
+_HOSTNAME = re.compile(r"^[a-z0-9]([a-z0-9-]*[a-z0-9])?(\.[a-z0-9]([a-z0-9-]*[a-z0-9])?)*$")
+_CACHE_LIMIT = 4096
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """Where a request goes and how it is signed. Hashable, immutable, shared by requests."""
+
+    origin: Origin
+    authority: str  # the Host / :authority that is sent and signed
+    signer: SigV4Signer
+    name: str  # bounded metric label: a route name, "default" or "upstream"
+
+    @property
+    def authority_bytes(self) -> bytes:
+        return self.authority.encode("ascii")
+
+
+def split_host(value: str) -> tuple[str, int | None]:
+    """Normalize a Host header or URL authority: lowercase, no trailing dot, port split off.
+
+    Raises BadRequest for anything that is not a plain hostname or IPv4 literal (userinfo,
+    escapes, IPv6 brackets, empty) so allow-list checks cannot be bypassed by odd spellings.
+    """
+    text = value.strip().lower()
+    if "@" in text or "%" in text or "/" in text or "\\" in text:
+        raise BadRequest("malformed host")
+    host, sep, port = text.rpartition(":")
+    if not sep or "]" in port:
+        host, port = text, ""
+    if host.startswith("["):
+        raise BadRequest("IP literal hosts are not supported")
+    host = host[:-1] if host.endswith(".") else host
+    if not host or len(host) > 253 or not _HOSTNAME.match(host):
+        raise BadRequest("malformed host")
+    if port:
+        if not port.isdigit() or not 0 < int(port) < 65536:
+            raise BadRequest("malformed port in host")
+        return host, int(port)
+    return host, None
+
+
+def _glob(pattern: str) -> re.Pattern[str]:
+    return re.compile(fnmatch.translate(pattern.lower().rstrip(".")))
+
+
+def _origin_from_url(url: str, protocol: str) -> Origin:
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"not an http(s) origin URL: {url!r}")
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    return Origin(parts.scheme, parts.hostname, port, protocol)
+
+
+class Router:
+    """Resolves a request's host and path to a `Target`; built once from the config."""
+
+    def __init__(self, config: ProxyConfig) -> None:
+        self._config = config
+        self._signers: dict[tuple, SigV4Signer] = {}
+        self._allow = [_glob(p) for p in config.allow_host]
+        self._routes = [self._compile_route(i, r) for i, r in enumerate(config.route)]
+        self._upstream_origin = (
+            _origin_from_url(config.upstream, config.upstream_protocol) if config.upstream else None
+        )
+        self._by_host: dict[tuple[str, int | None], Target] = {}
+
+    # --- start-up ---
+    def _signer(self, service: str, region: str, extra: tuple[str, ...]) -> SigV4Signer:
+        key = (service, region, extra)
+        signer = self._signers.get(key)
+        if signer is None:
+            signer = self._signers[key] = SigV4Signer(service, region, extra_signed_headers=extra)
+        return signer
+
+    def _region_for(self, host: str, explicit: str | None) -> str:
+        if explicit:
+            return explicit
+        match = _LATTICE_REGION.search(host)
+        if match:
+            return match.group(1)
+        if self._config.region:
+            return self._config.region
+        raise BadRequest("cannot tell the signing region for this host (set --region)")
+
+    def _compile_route(self, index: int, route: RouteConfig):
+        protocol = route.protocol or self._config.upstream_protocol
+        origin = _origin_from_url(route.upstream, protocol)
+        sign_host = route.sign_host or (
+            origin.host if origin.port in (80, 443) else f"{origin.host}:{origin.port}"
+        )
+        host_only = split_host(sign_host)[0]
+        signer = self._signer(
+            route.service or self._config.service,
+            self._region_for(host_only, route.region),
+            tuple(self._config.extra_signed_headers) + tuple(route.extra_signed_headers),
+        )
+        target = Target(origin, sign_host, signer, route.name or f"route{index}")
+        host_re = _glob(route.host) if route.host else None
+        return host_re, route.path_prefix, target
+
+    # --- per request ---
+    def resolve(self, host_header: str | None, path: str, *, original_dst: tuple[str, int] | None = None) -> Target:
+        """The target for a request with this Host (or absolute-form authority) and raw path."""
+        host, port = split_host(host_header) if host_header else (None, None)
+        for host_re, prefix, target in self._routes:
+            if host_re is not None and (host is None or not host_re.match(host)):
+                continue
+            if prefix is not None and not path.startswith(prefix):
+                continue
+            return target
+        if host is None:
+            raise BadRequest("missing Host header")
+        key = (host, port) if original_dst is None else (host, port, original_dst)
+        target = self._by_host.get(key)
+        if target is None:
+            target = self._target_for_host(host, port, original_dst)
+            if len(self._by_host) >= _CACHE_LIMIT:
+                self._by_host.clear()
+            self._by_host[key] = target
+        return target
+
+    def is_allowed(self, host: str) -> bool:
+        return any(p.match(host) for p in self._allow)
+
+    def _target_for_host(self, host: str, port: int | None, original_dst: tuple[str, int] | None) -> Target:
+        if not self.is_allowed(host):
+            raise HostNotAllowed("host is not in the allow-list")
+        authority = host if port in (None, 80, 443) else f"{host}:{port}"
+        if self._upstream_origin is not None:
+            origin, name = self._upstream_origin, "upstream"
+        elif original_dst is not None:
+            scheme = "https" if original_dst[1] == 443 else "http"
+            origin, name = Origin(scheme, original_dst[0], original_dst[1], self._config.upstream_protocol, host), "transparent"
+        else:
+            origin = Origin("https", host, port if port not in (None, 80) else 443, self._config.upstream_protocol)
+            name = "default"
+        signer = self._signer(self._config.service, self._region_for(host, None), tuple(self._config.extra_signed_headers))
+        return Target(origin, authority, signer, name)
