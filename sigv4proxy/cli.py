@@ -12,6 +12,7 @@ import sys
 
 # Modules that provide subcommands; each has register(subparsers).
 COMMAND_MODULES: tuple[str, ...] = (
+    "sigv4proxy.iptables",
 )
 
 
