@@ -1,0 +1,145 @@
+"""One worker's proxy: builds the parts from the config, runs the listeners, drains on stop.
+
+Owns: start-up order (credentials, pool, listener, admin), readiness, and graceful drain.
+Must never: start accepting before it can sign, or drop an in-flight request while draining.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import time
+
+from aiohttp import web
+
+from sigv4proxy.admin import AdminHandler
+from sigv4proxy.config import ProxyConfig
+from sigv4proxy.credentials import CredentialStore
+from sigv4proxy.handler import ProxyHandler
+from sigv4proxy.metrics import Metrics
+from sigv4proxy.routing import Router
+from sigv4proxy.upstream.base import PoolLimits, Timeouts
+from sigv4proxy.upstream.pool import ConnectionPool
+from sigv4proxy.upstream.tls import make_client_ssl_context
+
+log = logging.getLogger("sigv4proxy")
+GAUGE_INTERVAL = 2.0
+
+
+def credentials_from_config(config: ProxyConfig) -> CredentialStore:
+    return CredentialStore.from_botocore(
+        profile=config.profile, role_arn=config.role_arn, role_session_name=config.role_session_name,
+        external_id=config.external_id, duration_seconds=config.role_duration, region=config.region,
+    )
+
+
+def pool_from_config(config: ProxyConfig) -> ConnectionPool:
+    return ConnectionPool(
+        ssl_context=make_client_ssl_context(config.ca_bundle, verify=config.verify_tls),
+        timeouts=Timeouts(connect=config.connect_timeout, first_byte=config.first_byte_timeout,
+                          read=config.read_timeout, idle=config.idle_timeout),
+        limits=PoolLimits(max_connections_per_origin=config.max_connections),
+    )
+
+
+def _bind(host: str, port: int, reuse_port: bool) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if reuse_port:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((host, port))
+    sock.listen(1024)
+    sock.setblocking(False)
+    return sock
+
+
+class ProxyApp:
+    """A running proxy worker. `start()`, then `port`/`admin_port`; `stop()` drains and closes."""
+
+    def __init__(self, config: ProxyConfig, *, credentials: CredentialStore | None = None,
+                 pool: ConnectionPool | None = None, metrics: Metrics | None = None,
+                 reuse_port: bool = False) -> None:
+        self.config = config
+        self.credentials = credentials or credentials_from_config(config)
+        self.pool = pool or pool_from_config(config)
+        self.metrics = metrics or Metrics()
+        self.credentials.on_refresh = self.metrics.on_credential_refresh
+        self.router = Router(config)
+        self.handler = ProxyHandler(
+            self.router, self.credentials, self.pool, self.metrics,
+            max_body_size=config.max_body_size, max_inflight=config.max_inflight,
+            transparent=config.transparent,
+        )
+        self._reuse_port = reuse_port
+        self._draining = False
+        self._listening = False
+        self._servers: list[asyncio.AbstractServer] = []
+        self._web_server: web.Server | None = None
+        self._admin_server: web.Server | None = None
+        self._gauge_task: asyncio.Task | None = None
+        self.port = 0
+        self.admin_port = 0
+
+    # --- readiness ---
+    def readiness(self) -> tuple[bool, str]:
+        if self._draining:
+            return False, "draining"
+        if not self._listening:
+            return False, "listener not started"
+        return self.credentials.ready()
+
+    def refresh_gauges(self) -> None:
+        self.metrics.update_gauges(self.credentials.expiry, self.pool.stats())
+
+    async def _gauge_loop(self) -> None:
+        while True:
+            self.refresh_gauges()
+            await asyncio.sleep(GAUGE_INTERVAL)
+
+    # --- lifecycle ---
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        await self.credentials.start()
+        admin_host, admin_port = self.config.admin_addr
+        self._admin_server = web.Server(AdminHandler(self.metrics, self.readiness, self.refresh_gauges),
+                                        access_log=None)
+        admin_sock = _bind(admin_host, admin_port, self._reuse_port)
+        self._servers.append(await loop.create_server(self._admin_server, sock=admin_sock))
+        self.admin_port = admin_sock.getsockname()[1]
+        host, port = self.config.listen_addr
+        self._web_server = web.Server(
+            self.handler, access_log=None, auto_decompress=False, handler_cancellation=True,
+            keepalive_timeout=75, max_field_size=16384, max_line_size=16384,
+        )
+        sock = _bind(host, port, self._reuse_port)
+        self._servers.append(await loop.create_server(self._web_server, sock=sock, backlog=1024))
+        self.port = sock.getsockname()[1]
+        self._listening = True
+        self._gauge_task = loop.create_task(self._gauge_loop())
+        log.info("listening", extra={"listen": f"{host}:{self.port}", "admin": f"{admin_host}:{self.admin_port}"})
+
+    async def stop(self, drain_timeout: float | None = None) -> None:
+        """Readiness goes 503, the listener stops accepting, in-flight requests finish (bounded)."""
+        timeout = self.config.drain_timeout if drain_timeout is None else drain_timeout
+        self._draining = True
+        proxy_server = self._servers[1] if len(self._servers) > 1 else None
+        if proxy_server is not None:
+            proxy_server.close()
+        deadline = time.monotonic() + timeout
+        while self.handler.inflight > 0 and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        if self.handler.inflight:
+            log.warning("drain timeout with requests in flight", extra={"inflight": self.handler.inflight})
+        if self._web_server is not None:
+            await self._web_server.shutdown(timeout=1.0)
+        for server in self._servers:
+            server.close()
+        if self._admin_server is not None:
+            await self._admin_server.shutdown(timeout=1.0)
+        if self._gauge_task is not None:
+            self._gauge_task.cancel()
+        await self.pool.aclose()
+        await self.credentials.aclose()
+        self._listening = False

@@ -1,0 +1,69 @@
+"""`sigv4proxy serve`: run the proxy (one worker, or a supervised group sharing the port).
+
+Owns: turning parsed flags into a `ProxyConfig` and running `ProxyApp` until SIGTERM/SIGINT,
+then draining. Must never: keep running with a config it could not parse (exit 2 with the key).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+
+from sigv4proxy import config as config_mod
+from sigv4proxy.logs import setup_logging
+
+log = logging.getLogger("sigv4proxy")
+
+
+def config_from_args(args: argparse.Namespace) -> config_mod.ProxyConfig:
+    flags = {name: getattr(args, name) for name in config_mod.FIELDS if hasattr(args, name)}
+    return config_mod.from_sources(flags)
+
+
+def install_uvloop() -> None:
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency; keep running without it
+        return
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+
+
+async def serve_until_signalled(config: config_mod.ProxyConfig, *, reuse_port: bool = False) -> int:
+    from sigv4proxy.app import ProxyApp
+
+    app = ProxyApp(config, reuse_port=reuse_port)
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await app.start()
+    await stop.wait()
+    log.info("draining", extra={"inflight": app.handler.inflight, "drain_timeout": config.drain_timeout})
+    await app.stop()
+    log.info("stopped")
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        config = config_from_args(args)
+    except config_mod.ConfigError as exc:
+        print(f"sigv4proxy: bad config: {exc}", file=sys.stderr)
+        return 2
+    setup_logging(config.log_level)
+    install_uvloop()
+    if config.workers > 1 and not os.environ.get("SIGV4PROXY_WORKER_ID"):
+        from sigv4proxy.workers import supervise
+
+        return supervise(config, sys.argv[1:])
+    return asyncio.run(serve_until_signalled(config, reuse_port=bool(os.environ.get("SIGV4PROXY_WORKER_ID"))))
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("serve", help="run the signing proxy")
+    config_mod.add_arguments(parser)
+    parser.set_defaults(func=run)
