@@ -12,6 +12,8 @@ import sys
 
 # Modules that provide subcommands; each has register(subparsers).
 COMMAND_MODULES: tuple[str, ...] = (
+    "sigv4proxy.serve",
+    "sigv4proxy.call",
     "sigv4proxy.iptables",
 )
 

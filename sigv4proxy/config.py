@@ -13,7 +13,7 @@ import argparse
 import dataclasses
 import os
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import yaml
 
@@ -245,9 +245,10 @@ class ProxyConfig:
 FIELDS = {f.name: f for f in dataclasses.fields(ProxyConfig)}
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add every setting as a flag; defaults are suppressed so only given flags are seen."""
-    for name, f in FIELDS.items():
+def add_arguments(parser: argparse.ArgumentParser, names: Iterable[str] | None = None) -> None:
+    """Add settings (all, or `names`) as flags; defaults are suppressed so only given flags are seen."""
+    for name in names if names is not None else FIELDS:
+        f = FIELDS[name]
         if not f.metadata.get("flag", True):
             continue
         flag = "--" + name.replace("_", "-")

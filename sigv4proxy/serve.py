@@ -63,7 +63,23 @@ def run(args: argparse.Namespace) -> int:
     return asyncio.run(serve_until_signalled(config, reuse_port=bool(os.environ.get("SIGV4PROXY_WORKER_ID"))))
 
 
+def check_config(args: argparse.Namespace) -> int:
+    """Validate flags/env/file and print the effective config (secrets redacted) as YAML."""
+    import yaml
+
+    try:
+        config = config_from_args(args)
+    except config_mod.ConfigError as exc:
+        print(f"sigv4proxy: bad config: {exc}", file=sys.stderr)
+        return 2
+    print(yaml.safe_dump(config.redacted(), sort_keys=False), end="")
+    return 0
+
+
 def register(subparsers) -> None:
     parser = subparsers.add_parser("serve", help="run the signing proxy")
     config_mod.add_arguments(parser)
     parser.set_defaults(func=run)
+    checker = subparsers.add_parser("check-config", help="validate config and print the effective settings")
+    config_mod.add_arguments(checker)
+    checker.set_defaults(func=check_config)

@@ -1,0 +1,115 @@
+"""`sigv4proxy call`: send one signed request with the proxy's own signer, credentials and pool.
+
+Owns: the one-shot client a user runs to test a signed call and debug a 403 (`--explain` prints
+the canonical request and string to sign, the session token redacted). Must never: print a
+secret key, session token or signing key.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import time
+from urllib.parse import urlsplit
+
+from sigv4proxy import config as config_mod
+from sigv4proxy.errors import ProxyError
+
+CALL_FLAGS = ("region", "service", "upstream", "upstream_protocol", "ca_bundle", "verify_tls",
+              "role_arn", "profile", "extra_signed_headers", "connect_timeout", "first_byte_timeout")
+
+
+def _header(text: str) -> tuple[str, str]:
+    name, sep, value = text.partition(":")
+    if not sep or not name.strip():
+        raise argparse.ArgumentTypeError(f"expected 'Name: value', got {text!r}")
+    return name.strip().lower(), value.strip()
+
+
+async def call(args: argparse.Namespace, out=sys.stdout) -> int:
+    from sigv4proxy.app import credentials_from_config, pool_from_config
+    from sigv4proxy.routing import Router
+
+    parts = urlsplit(args.url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        print("sigv4proxy call: URL must be http:// or https:// with a host", file=sys.stderr)
+        return 2
+    flags = {k: getattr(args, k) for k in CALL_FLAGS if hasattr(args, k)}
+    # The user named this host explicitly, so it is allowed; the URL's scheme and port are used
+    # unless --upstream overrides the origin.
+    flags["allow_host"] = [parts.hostname]
+    if "upstream" not in flags:
+        flags["upstream"] = f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}"
+    config = config_mod.from_sources(flags)
+    router = Router(config)
+    target = router.resolve(parts.netloc.rpartition("@")[2], parts.path or "/")
+    credentials = credentials_from_config(config)
+    pool = pool_from_config(config)
+    path = parts.path or "/"
+    query = parts.query
+    raw_target = path + ("?" + query if query else "")
+    headers = list(args.header or [])
+    body = args.data.encode() if args.data is not None else None
+    if body is not None:
+        headers.append(("content-length", str(len(body))))
+    method = args.method or ("POST" if body is not None else "GET")
+    try:
+        await credentials.start()
+        creds = credentials.snapshot()
+        signing_headers = headers + [("host", target.authority)]
+        now = time.time()
+        if args.explain:
+            details = target.signer.explain(method, path, query, signing_headers, creds, now)
+            print(details.describe(), file=out)
+            print("", file=out)
+        added = target.signer.sign(method, path, query, signing_headers, creds, now)
+        wire = [(n.encode("latin-1"), v.encode("latin-1")) for n, v in headers + added]
+        started = time.perf_counter()
+        response = await pool.request(target.origin, method.encode(), raw_target.encode("latin-1"),
+                                       target.authority_bytes, wire, body)
+        first_byte = time.perf_counter()
+        chunks = []
+        async for chunk in response:
+            chunks.append(chunk)
+        await response.aclose()
+        done = time.perf_counter()
+        print(f"{response.http_version} {response.status}", file=out)
+        for name, value in response.headers:
+            print(f"{name.decode('latin-1')}: {value.decode('latin-1')}", file=out)
+        print(f"# first byte {1000 * (first_byte - started):.1f} ms, total {1000 * (done - started):.1f} ms",
+              file=out)
+        print("", file=out)
+        out.write(b"".join(chunks).decode("utf-8", "replace"))
+        if chunks and not chunks[-1].endswith(b"\n"):
+            print("", file=out)
+        return 0 if response.status < 400 else 1
+    except ProxyError as exc:
+        print(f"sigv4proxy call: {exc.kind}: {exc.reason}", file=sys.stderr)
+        return 1
+    finally:
+        await pool.aclose()
+        await credentials.aclose()
+
+
+def run(args: argparse.Namespace) -> int:
+    from sigv4proxy.credentials import quiet_third_party_loggers
+
+    quiet_third_party_loggers()
+    try:
+        return asyncio.run(call(args))
+    except config_mod.ConfigError as exc:
+        print(f"sigv4proxy call: bad option: {exc}", file=sys.stderr)
+        return 2
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("call", help="send one signed request and print the response")
+    parser.add_argument("url", metavar="URL")
+    parser.add_argument("-X", "--request", dest="method", help="method (default GET, or POST with -d)")
+    parser.add_argument("-H", "--header", action="append", type=_header, help="'Name: value' (repeatable)")
+    parser.add_argument("-d", "--data", help="request body")
+    parser.add_argument("--explain", action="store_true",
+                        help="print the canonical request and string to sign (no secrets)")
+    config_mod.add_arguments(parser, CALL_FLAGS)
+    parser.set_defaults(func=run)
