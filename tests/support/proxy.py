@@ -1,0 +1,57 @@
+"""Test helpers: a running simulator and proxy on ephemeral loopback ports."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import pathlib
+from typing import AsyncIterator
+
+from sigv4proxy import config as config_mod
+from sigv4proxy.app import ProxyApp
+from sigv4proxy.credentials import CredentialStore
+from sigv4proxy.metrics import Metrics
+
+LATTICE_HOST = "svc-0123456789abcdef0.7d67968.vpc-lattice-svcs.us-west-2.on.aws"
+SERVICE_ARN = "arn:aws:vpc-lattice:us-west-2:111122223333:service/svc-0123456789abcdef0"
+ACCESS_KEY = "AKIDTESTPROXY0000001"
+SECRET_KEY = "test-secret-key-NEVER-LOGGED-0123456789ab"
+SESSION_TOKEN = "test-session-token-NEVER-LOGGED-Zm9vYmFyYmF6"
+PRINCIPAL = "arn:aws:sts::111122223333:assumed-role/test-app/sigv4proxy"
+
+
+def write_identities(directory: pathlib.Path) -> pathlib.Path:
+    path = directory / "identities.json"
+    path.write_text(json.dumps({"identities": [{
+        "access_key_id": ACCESS_KEY,
+        "secret_access_key": SECRET_KEY,
+        "session_token": SESSION_TOKEN,
+        "principal": PRINCIPAL,
+        "role_arn": "arn:aws:iam::111122223333:role/test-app",
+        "account": "111122223333",
+        "org_id": "o-test",
+        "principal_tags": {"team": "payments"},
+    }]}))
+    return path
+
+
+def static_credentials() -> CredentialStore:
+    return CredentialStore.static(ACCESS_KEY, SECRET_KEY, SESSION_TOKEN)
+
+
+def proxy_config(**values) -> config_mod.ProxyConfig:
+    values.setdefault("listen", "127.0.0.1:0")
+    values.setdefault("admin", "127.0.0.1:0")
+    values.setdefault("connect_timeout", 2)
+    values.setdefault("first_byte_timeout", 5)
+    return config_mod.from_sources({}, env={}, file_data=values)
+
+
+@contextlib.asynccontextmanager
+async def running_proxy(credentials: CredentialStore | None = None, **values) -> AsyncIterator[ProxyApp]:
+    app = ProxyApp(proxy_config(**values), credentials=credentials or static_credentials(), metrics=Metrics())
+    await app.start()
+    try:
+        yield app
+    finally:
+        await app.stop(drain_timeout=2)

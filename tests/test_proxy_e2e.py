@@ -1,0 +1,288 @@
+"""The proxy end to end over real sockets: app → proxy → Lattice simulator (which re-verifies SigV4
+from the bytes that arrived), over h2c, TLS h2 and HTTP/1.1."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+
+import aiohttp
+import pytest
+import trustme
+
+from sigv4proxy.sim.server import SimConfig, start_simulator
+from support.proxy import LATTICE_HOST, PRINCIPAL, SERVICE_ARN, running_proxy, write_identities
+
+PROTOCOLS = ["h2", "http1"]
+
+
+@pytest.fixture(scope="module")
+def tls_material(tmp_path_factory):
+    ca = trustme.CA()
+    cert = ca.issue_cert(LATTICE_HOST, "127.0.0.1")
+    d = tmp_path_factory.mktemp("tls")
+    cert_path, key_path, ca_path = d / "cert.pem", d / "key.pem", d / "ca.pem"
+    cert.private_key_and_cert_chain_pem.write_to_path(str(cert_path))
+    cert.private_key_pem.write_to_path(str(key_path))
+    ca.cert_pem.write_to_path(str(ca_path))
+    return str(cert_path), str(key_path), str(ca_path)
+
+
+@pytest.fixture
+async def sim(tmp_path):
+    server = await start_simulator(SimConfig(host="127.0.0.1", port=0, identities=str(write_identities(tmp_path)),
+                                             policy=None, service_arn=SERVICE_ARN))
+    yield server
+    await server.aclose()
+
+
+@pytest.fixture
+async def client():
+    async with aiohttp.ClientSession(auto_decompress=False) as session:
+        yield session
+
+
+def via(sim, protocol="h2", **extra):
+    return dict(upstream=f"http://127.0.0.1:{sim.port}", upstream_protocol=protocol, **extra)
+
+
+async def get_json(client, url, **kw):
+    async with client.request(kw.pop("method", "GET"), url, **kw) as resp:
+        body = await resp.read()
+        return resp, body
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+async def test_signed_request_verifies_at_the_simulator(sim, client, protocol):
+    async with running_proxy(**via(sim, protocol)) as proxy:
+        resp, body = await get_json(client, f"http://127.0.0.1:{proxy.port}/hello?b=2&a=1",
+                                    headers={"Host": LATTICE_HOST})
+    assert resp.status == 200, body
+    echo = json.loads(body)
+    assert echo["principal"] == PRINCIPAL
+    assert echo["protocol"] == ("HTTP/2" if protocol == "h2" else "HTTP/1.1")
+    assert echo["authority"] == LATTICE_HOST
+    assert echo["path"] == "/hello" and echo["query"] == "b=2&a=1"
+    signed = echo["signed_headers"]
+    for name in ("host", "x-amz-date", "x-amz-content-sha256", "x-amz-security-token"):
+        assert name in signed
+
+
+async def test_tls_h2_upstream_with_trustme(tmp_path, client, tls_material):
+    cert, key, ca = tls_material
+    server = await start_simulator(SimConfig(host="127.0.0.1", port=0, identities=str(write_identities(tmp_path)),
+                                             policy=None, service_arn=SERVICE_ARN, tls_cert=cert, tls_key=key))
+    try:
+        async with running_proxy(upstream=f"https://127.0.0.1:{server.port}", ca_bundle=ca) as proxy:
+            resp, body = await get_json(client, f"http://127.0.0.1:{proxy.port}/tls", headers={"Host": LATTICE_HOST})
+            assert resp.status == 200, body
+            assert json.loads(body)["protocol"] == "HTTP/2"
+        # Without the CA the certificate is refused: verification is on by default.
+        async with running_proxy(upstream=f"https://127.0.0.1:{server.port}") as proxy:
+            resp, body = await get_json(client, f"http://127.0.0.1:{proxy.port}/tls", headers={"Host": LATTICE_HOST})
+            assert resp.status == 502 and resp.headers["x-sigv4proxy-error"] == "upstream_connect"
+    finally:
+        await server.aclose()
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+@pytest.mark.parametrize(
+    "target",
+    [
+        "/a%20b/c%2Fd/~user/%E2%82%AC",
+        "/dots/./x/../y//z",
+        "/q?x=%2F&y=a+b&y=a&empty&=novalue&k=",
+        "/q?b=2&a=3&a=1&A=0",
+        "/unicode/%F0%9F%98%80?%F0%9F%98%80=%F0%9F%98%80",
+        "/reserved/!$'()*,;:@?sp=a%20b&st=a*b",
+    ],
+)
+async def test_odd_paths_and_queries_are_forwarded_untouched_and_verify(sim, protocol, target):
+    async with running_proxy(**via(sim, protocol)) as proxy:
+        reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+        writer.write(f"GET {target} HTTP/1.1\r\nHost: {LATTICE_HOST}\r\nConnection: close\r\n\r\n".encode())
+        raw = await asyncio.wait_for(reader.read(), 10)
+        writer.close()
+    head, _, body = raw.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200"), raw[:300]
+    if b"chunked" in head.lower():
+        body = _dechunk(body)
+    echo = json.loads(body)
+    path, _, query = target.partition("?")
+    assert echo["path"] == path and echo["query"] == query
+
+
+def _dechunk(data: bytes) -> bytes:
+    out, rest = b"", data
+    while rest:
+        size_line, _, rest = rest.partition(b"\r\n")
+        size = int(size_line.split(b";")[0], 16)
+        if size == 0:
+            break
+        out, rest = out + rest[:size], rest[size + 2:]
+    return out
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+async def test_repeated_headers_in_order_and_client_signing_headers_replaced(sim, client, protocol):
+    headers = [("Host", LATTICE_HOST), ("X-Multi", "one"), ("X-Multi", "two"),
+               ("Authorization", "AWS4-HMAC-SHA256 Credential=AKIDFORGED/x"), ("X-Amz-Date", "19990101T000000Z"),
+               ("X-Amz-Security-Token", "forged"), ("X-Amz-Content-Sha256", "deadbeef"),
+               ("Connection", "keep-alive, X-Hop"), ("X-Hop", "must-not-pass"), ("Keep-Alive", "timeout=5")]
+    async with running_proxy(**via(sim, protocol)) as proxy:
+        resp, body = await get_json(client, f"http://127.0.0.1:{proxy.port}/h", headers=aiohttp.CIMultiDict(headers))
+    assert resp.status == 200, body
+    received = json.loads(body)["headers"]
+    names = [n.lower() for n, _ in received]
+    assert [v for n, v in received if n.lower() == "x-multi"] == ["one", "two"]
+    assert "x-hop" not in names and "keep-alive" not in names
+    dates = [v for n, v in received if n.lower() == "x-amz-date"]
+    assert len(dates) == 1 and dates[0] != "19990101T000000Z"
+    assert [v for n, v in received if n.lower() == "x-amz-content-sha256"] == ["UNSIGNED-PAYLOAD"]
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+async def test_big_bodies_stream_both_ways(sim, client, protocol):
+    size = 24 * 1024 * 1024
+    block = os.urandom(1024 * 1024)
+    digest = hashlib.sha256(block * (size // len(block))).hexdigest()
+
+    async def upload():
+        for _ in range(size // len(block)):
+            yield block
+
+    async with running_proxy(**via(sim, protocol)) as proxy:
+        url = f"http://127.0.0.1:{proxy.port}/upload"
+        async with client.post(url, data=upload(), headers={"Host": LATTICE_HOST}) as resp:
+            echo = json.loads(await resp.read())
+        assert resp.status == 200
+        assert echo["body_length"] == size and echo["body_sha256"] == digest
+        async with client.get(url, headers={"Host": LATTICE_HOST, "x-sim-response-bytes": str(size)}) as resp:
+            h = hashlib.sha256()
+            total = 0
+            async for chunk in resp.content.iter_any():
+                h.update(chunk)
+                total += len(chunk)
+            assert resp.status == 200 and total == size
+            assert h.hexdigest() == resp.headers["x-sim-body-sha256"]
+
+
+async def test_many_concurrent_requests_share_few_h2_connections(sim, client):
+    async with running_proxy(**via(sim, "h2")) as proxy:
+        url = f"http://127.0.0.1:{proxy.port}/c"
+
+        async def one(i):
+            async with client.get(f"{url}?i={i}", headers={"Host": LATTICE_HOST}) as resp:
+                await resp.read()
+                return resp.status
+
+        statuses = await asyncio.gather(*(one(i) for i in range(200)))
+        stats = proxy.pool.stats()
+    assert statuses == [200] * 200
+    total = sum(n for (proto, _), n in stats.connections.items() if proto == "h2")
+    assert 1 <= total <= 2, stats
+
+
+async def test_forward_proxy_absolute_form(sim, client):
+    async with running_proxy(**via(sim, "h2")) as proxy:
+        async with client.get(f"http://{LATTICE_HOST}/fwd?x=1", proxy=f"http://127.0.0.1:{proxy.port}") as resp:
+            echo = json.loads(await resp.read())
+    assert resp.status == 200
+    assert echo["authority"] == LATTICE_HOST and echo["path"] == "/fwd" and echo["query"] == "x=1"
+
+
+async def test_host_outside_allow_list_is_refused_and_never_contacted(sim, client):
+    async with running_proxy(**via(sim, "h2")) as proxy:
+        for host in ("example.com", "169.254.169.254", LATTICE_HOST + ".evil.com"):
+            resp, body = await get_json(client, f"http://127.0.0.1:{proxy.port}/x", headers={"Host": host})
+            assert resp.status == 403, body
+            assert resp.headers["x-sigv4proxy-error"] == "host_not_allowed"
+        async with client.get(f"http://example.com/x", proxy=f"http://127.0.0.1:{proxy.port}") as resp:
+            assert resp.status == 403
+    assert sim.records == [] or all(r.get("hostHeader") == LATTICE_HOST for r in sim.records)
+    assert len(sim.records) == 0
+
+
+async def test_connect_and_upgrade_are_refused(sim):
+    async with running_proxy(**via(sim, "h2")) as proxy:
+        for request, status in (
+            f"CONNECT {LATTICE_HOST}:443 HTTP/1.1\r\nHost: {LATTICE_HOST}:443\r\n\r\n", b"405",
+            f"GET / HTTP/1.1\r\nHost: {LATTICE_HOST}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n", b"400",
+        ):
+            reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+            writer.write(request.encode())
+            line = await asyncio.wait_for(reader.readline(), 5)
+            writer.close()
+            assert line.split()[1] == status, line
+    assert len(sim.records) == 0
+
+
+async def test_dead_upstream_is_502_and_stalled_is_504(client):
+    # A port with nothing listening: bind then close to get one.
+    import socket
+
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    dead_port = s.getsockname()[1]
+    s.close()
+    async with running_proxy(upstream=f"http://127.0.0.1:{dead_port}", upstream_protocol="h2") as proxy:
+        resp, body = await get_json(client, f"http://127.0.0.1:{proxy.port}/", headers={"Host": LATTICE_HOST})
+        assert resp.status == 502 and resp.headers["x-sigv4proxy-error"] == "upstream_connect"
+        assert b"sigv4proxy:" in body
+
+    accepted = []
+
+    async def stall(reader, writer):
+        accepted.append(writer)
+        await reader.read(65536)  # read the request, answer nothing
+
+    stalled = await asyncio.start_server(stall, "127.0.0.1", 0)
+    port = stalled.sockets[0].getsockname()[1]
+    try:
+        async with running_proxy(upstream=f"http://127.0.0.1:{port}", upstream_protocol="http1",
+                                 first_byte_timeout=0.5) as proxy:
+            resp, body = await get_json(client, f"http://127.0.0.1:{proxy.port}/", headers={"Host": LATTICE_HOST})
+            assert resp.status == 504 and resp.headers["x-sigv4proxy-error"] == "upstream_timeout"
+    finally:
+        for w in accepted:
+            w.close()
+        stalled.close()
+        await stalled.wait_closed()
+
+
+async def test_no_credentials_fails_closed_and_forwards_nothing(sim, client):
+    from sigv4proxy.credentials import CredentialStore
+    from sigv4proxy.signing import Credentials
+
+    class Broken:
+        def fetch(self) -> Credentials:
+            raise RuntimeError("endpoint down")
+
+    store = CredentialStore(Broken())
+    async with running_proxy(credentials=store, **via(sim, "h2")) as proxy:
+        resp, body = await get_json(client, f"http://127.0.0.1:{proxy.port}/", headers={"Host": LATTICE_HOST})
+        assert resp.status == 503 and resp.headers["x-sigv4proxy-error"] == "credentials_unavailable"
+        assert resp.headers["Retry-After"]
+        async with client.get(f"http://127.0.0.1:{proxy.admin_port}/readyz") as ready:
+            assert ready.status == 503
+    assert len(sim.records) == 0
+
+
+async def test_admin_endpoints_and_metrics(sim, client):
+    async with running_proxy(**via(sim, "h2")) as proxy:
+        resp, _ = await get_json(client, f"http://127.0.0.1:{proxy.port}/m", headers={"Host": LATTICE_HOST})
+        assert resp.status == 200
+        admin = f"http://127.0.0.1:{proxy.admin_port}"
+        async with client.get(admin + "/healthz") as r:
+            assert r.status == 200
+        async with client.get(admin + "/readyz") as r:
+            assert r.status == 200
+        async with client.get(admin + "/metrics") as r:
+            text = await r.text()
+    assert 'sigv4proxy_request_duration_seconds_count{code_class="2xx",method="GET",route="upstream"} 1.0' in text
+    assert "sigv4proxy_signing_duration_seconds_count 1.0" in text
+    assert 'sigv4proxy_upstream_duration_seconds_count{protocol="HTTP/2"} 1.0' in text
+    assert 'sigv4proxy_upstream_connections{protocol="h2",state=' in text
+    assert "sigv4proxy_credentials_expiry_timestamp_seconds" in text
