@@ -70,7 +70,9 @@ class ProxyApp:
         self.handler = ProxyHandler(
             self.router, self.credentials, self.pool, self.metrics,
             max_body_size=config.max_body_size, max_inflight=config.max_inflight,
-            transparent=config.transparent,
+            transparent=config.transparent, strip_headers=config.strip_header,
+            add_headers=[tuple(h.split("=", 1)) for h in config.add_header],
+            duplicate_headers=config.duplicate_header,
         )
         self._reuse_port = reuse_port
         self._draining = False

@@ -27,6 +27,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    from sigv4proxy import compat
+
+    if compat.looks_like_go_flags(argv):
+        # A manifest written for the Go aws-sigv4-proxy: run `serve` with translated flags.
+        from sigv4proxy import serve
+
+        return serve.run_with_flags(compat.translate(argv))
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):

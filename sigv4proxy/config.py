@@ -200,6 +200,9 @@ class ProxyConfig:
     allow_host: tuple[str, ...] = setting(DEFAULT_ALLOW_HOSTS, _parse_list, "host glob the proxy may sign for (repeatable)", repeat=True, metavar="GLOB")
     route: tuple[RouteConfig, ...] = setting((), _parse_routes, "PATTERN=URL[,sign_host=H,service=S,region=R,protocol=P]; PATTERN is HOST, /PREFIX or HOST/PREFIX (repeatable)", repeat=True)
     extra_signed_headers: tuple[str, ...] = setting((), _parse_list, "extra header names to sign when present (repeatable)", repeat=True)
+    strip_header: tuple[str, ...] = setting((), _parse_list, "drop this request header before signing (repeatable)", repeat=True, metavar="NAME")
+    add_header: tuple[str, ...] = setting((), _parse_list, "add 'Name=value' to every upstream request (repeatable)", repeat=True, metavar="NAME=VALUE")
+    duplicate_header: tuple[str, ...] = setting((), _parse_list, "copy this request header to X-Original-<Name> (repeatable)", repeat=True, metavar="NAME")
     role_arn: str | None = setting(None, _opt_str, "assume this role on top of the default credential chain")
     role_session_name: str = setting("sigv4proxy", _str, "AssumeRole session name")
     external_id: str | None = setting(None, _opt_str, "AssumeRole external id")
@@ -311,6 +314,10 @@ def from_sources(flags: Mapping[str, Any] | None = None, env: Mapping[str, str] 
 def _validate(config: ProxyConfig) -> None:
     config.listen_addr
     config.admin_addr
+    for item in config.add_header:
+        name, sep, _ = item.partition("=")
+        if not sep or not name.strip():
+            raise ConfigError(f"add_header: expected NAME=VALUE, got {item!r}")
     if config.upstream is not None and not config.upstream.startswith(("http://", "https://")):
         raise ConfigError("upstream: must be an http:// or https:// URL")
     if config.ca_bundle is not None and not os.path.isfile(config.ca_bundle):

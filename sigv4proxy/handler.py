@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import time
 import weakref
-from typing import AsyncIterator, Callable
+from typing import AsyncIterator, Callable, Iterable
 
 from aiohttp import web
 from multidict import CIMultiDict
@@ -81,6 +81,9 @@ class ProxyHandler:
         max_body_size: int | None = None,
         max_inflight: int | None = None,
         transparent: bool = False,
+        strip_headers: Iterable[str] = (),
+        add_headers: Iterable[tuple[str, str]] = (),
+        duplicate_headers: Iterable[str] = (),
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._router = router
@@ -91,6 +94,10 @@ class ProxyHandler:
         self._max_inflight = max_inflight
         self._transparent = transparent
         self._clock = clock
+        # Header rules precomputed once (drop-in options of the Go sidecar).
+        self._drop = DROP_REQUEST | {h.lower() for h in strip_headers}
+        self._add = [(n.strip().lower(), v.strip()) for n, v in add_headers]
+        self._duplicate = {h.lower(): "x-original-" + h.lower() for h in duplicate_headers}
         self.inflight = 0
         # Original destination per inbound connection (transparent mode), read once.
         self._original_dst: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -119,11 +126,14 @@ class ProxyHandler:
         raw_headers = request.raw_headers
         headers: list[tuple[str, str]] = []
         host_header: str | None = None
-        drop = DROP_REQUEST
+        drop = self._drop
+        duplicate = self._duplicate
         connection_tokens: set[str] | None = None
         expect_continue = False
         for name_b, value_b in raw_headers:
             name = name_b.decode("latin-1").lower()
+            if duplicate and name in duplicate:
+                headers.append((duplicate[name], value_b.decode("latin-1")))
             if name in drop:
                 if name == "host":
                     if host_header is not None:
@@ -141,6 +151,8 @@ class ProxyHandler:
         if connection_tokens:
             connection_tokens -= {"close", "keep-alive"}
             headers = [h for h in headers if h[0] not in connection_tokens]
+        if self._add:
+            headers.extend(self._add)
         if authority is not None:
             if host_header is not None and host_header.strip().lower() != authority.lower():
                 raise BadRequest("absolute-form target and Host header disagree")

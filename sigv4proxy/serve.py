@@ -49,8 +49,12 @@ async def serve_until_signalled(config: config_mod.ProxyConfig, *, reuse_port: b
 
 
 def run(args: argparse.Namespace) -> int:
+    return run_with_flags({name: getattr(args, name) for name in config_mod.FIELDS if hasattr(args, name)})
+
+
+def run_with_flags(flags: dict) -> int:
     try:
-        config = config_from_args(args)
+        config = config_mod.from_sources(flags)
     except config_mod.ConfigError as exc:
         print(f"sigv4proxy: bad config: {exc}", file=sys.stderr)
         return 2
