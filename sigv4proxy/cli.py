@@ -15,6 +15,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "sigv4proxy.serve",
     "sigv4proxy.call",
     "sigv4proxy.iptables",
+    "sigv4proxy.sim.cli",
 )
 
 
