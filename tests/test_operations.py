@@ -1,0 +1,150 @@
+"""Running it in production: graceful drain on SIGTERM, supervised workers, JSON logs without
+secrets, check-config. Each test runs the real `sigv4proxy` command as a subprocess."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import aiohttp
+import pytest
+
+from sigv4proxy.sim.server import SimConfig, start_simulator
+from support.proxy import ACCESS_KEY, LATTICE_HOST, SECRET_KEY, SERVICE_ARN, SESSION_TOKEN, write_identities
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+async def sim(tmp_path):
+    server = await start_simulator(SimConfig(host="127.0.0.1", port=0, identities=str(write_identities(tmp_path)),
+                                             policy=None, service_arn=SERVICE_ARN))
+    yield server
+    await server.aclose()
+
+
+def proxy_env(**extra) -> dict:
+    return dict(os.environ, AWS_ACCESS_KEY_ID=ACCESS_KEY, AWS_SECRET_ACCESS_KEY=SECRET_KEY,
+                AWS_SESSION_TOKEN=SESSION_TOKEN, AWS_EC2_METADATA_DISABLED="true", **extra)
+
+
+async def start_proxy(sim, *args, env=None):
+    port, admin = free_port(), free_port()
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "sigv4proxy", "serve", "--listen", f"127.0.0.1:{port}", "--admin",
+        f"127.0.0.1:{admin}", "--upstream", f"http://127.0.0.1:{sim.port}", "--upstream-protocol", "h2",
+        "--log-level", "debug", *args, env=env or proxy_env(), stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 20
+    async with aiohttp.ClientSession() as client:
+        while True:
+            try:
+                async with client.get(f"http://127.0.0.1:{admin}/readyz") as r:
+                    if r.status == 200:
+                        break
+            except aiohttp.ClientConnectionError:
+                pass
+            assert proc.returncode is None, "proxy exited early"
+            assert time.monotonic() < deadline, "proxy never became ready"
+            await asyncio.sleep(0.1)
+    return proc, port, admin
+
+
+async def stop(proc) -> bytes:
+    if proc.returncode is None:
+        proc.send_signal(signal.SIGTERM)
+    _, err = await asyncio.wait_for(proc.communicate(), 40)
+    return err
+
+
+def assert_no_secrets(blob: bytes) -> None:
+    for secret in (SECRET_KEY, SESSION_TOKEN):
+        assert secret.encode() not in blob
+
+
+async def test_sigterm_drains_in_flight_requests_and_exits_zero(sim):
+    proc, port, admin = await start_proxy(sim, "--drain-timeout", "10")
+    try:
+        async with aiohttp.ClientSession() as client:
+            slow = asyncio. create_task(client.get(f"http://127.0.0.1:{port}/slow",
+                                                   headers={"Host": LATTICE_HOST, "x-sim-delay-ms": "1500"}))
+            await asyncio.sleep(0.5)  # the request is now in flight
+            proc.send_signal(signal.SIGTERM)
+            await asyncio.sleep(0.3)
+            async with client.get(f"http://127.0.0.1:{admin}/readyz") as r:
+                assert r.status == 503 and "draining" in await r.text()
+            with pytest.raises(aiohttp.ClientConnectionError):
+                async with client.get(f"http://127.0.0.1:{port}/new", headers={"Host": LATTICE_HOST}):
+                    pass
+            resp = await slow
+            assert resp.status == 200
+            await resp.read()
+    finally:
+        err = await stop(proc)
+    assert proc.returncode == 0, err[-2000:]
+    lines = [json.loads(line) for line in err.decode().splitlines() if line.startswith("{")]
+    assert any(line["msg"] == "draining" for line in lines)
+    assert_no_secrets(err)
+
+
+async def test_workers_share_the_port_and_a_crashed_worker_is_restarted(sim):
+    proc, port, admin = await start_proxy(sim, "--workers", "2")
+    try:
+        children = [int(p) for p in open(f"/proc/{proc.pid}/task/{proc.pid}/children").read().split()]
+        assert len(children) == 2
+        os.kill(children[0], signal.SIGKILL)
+        deadline = time.monotonic() + 20
+        while True:
+            now = [int(p) for p in open(f"/proc/{proc.pid}/task/{proc.pid}/children").read().split()]
+            if len(now) == 2 and children[0] not in now:
+                break
+            assert time.monotonic() < deadline, "worker was not restarted"
+            await asyncio.sleep(0.2)
+        async with aiohttp.ClientSession() as client:
+            statuses = []
+            for _ in range(20):
+                try:
+                    async with client.get(f"http://127.0.0.1:{port}/w", headers={"Host": LATTICE_HOST}) as r:
+                        statuses.append(r.status)
+                except aiohttp.ClientConnectionError:
+                    await asyncio.sleep(0.2)  # the restarted worker may still be starting
+            assert statuses.count(200) >= 10
+            async with client.get(f"http://127.0.0.1:{admin}/metrics") as r:
+                text = await r.text()
+            assert "sigv4proxy_request_duration_seconds_count" in text
+    finally:
+        err = await stop(proc)
+    assert proc.returncode == 0, err[-2000:]
+    lines = [json.loads(line) for line in err.decode().splitlines() if line.startswith("{")]
+    assert any(line["msg"] == "worker exited; restarting" for line in lines)
+    assert_no_secrets(err)
+
+
+def test_check_config_validates_a_file_and_names_the_bad_key(tmp_path):
+    good = tmp_path / "good.yaml"
+    good.write_text("listen: 127.0.0.1:8080\nupstream_protocol: h2\nallow_host: ['*.example.internal']\n")
+    out = subprocess.run([sys.executable, "-m", "sigv4proxy", "check-config", "--config", str(good)],
+                         capture_output=True, text=True)
+    assert out.returncode == 0 and "upstream_protocol: h2" in out.stdout
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("upstream_protocol: h9\n")
+    out = subprocess.run([sys.executable, "-m", "sigv4proxy", "check-config", "--config", str(bad)],
+                         capture_output=True, text=True)
+    assert out.returncode == 2 and "upstream_protocol" in out.stderr
+
+
+def test_example_configs_are_valid():
+    root = os.path.join(os.path.dirname(__file__), "..", "config")
+    for name in ("sidecar.yaml", "demo.yaml"):
+        out = subprocess.run([sys.executable, "-m", "sigv4proxy", "check-config", "--config",
+                              os.path.join(root, name)], capture_output=True, text=True)
+        assert out.returncode == 0, (name, out.stderr)
