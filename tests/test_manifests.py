@@ -1,0 +1,449 @@
+"""The Dockerfile and the EKS/ECS manifests agree with each other and with the code: image, ports
+8080/9901, uid 101, probe paths, the iptables init step and the serve flags they use.
+
+The image cannot be built here (no container engine), so the Dockerfile is checked as text; its
+HEALTHCHECK one-liner is run for real against a loopback HTTP server.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import http.server
+import json
+import os
+import pathlib
+import re
+import shlex
+import subprocess
+import sys
+import threading
+import tomllib
+from dataclasses import dataclass
+
+import pytest
+import yaml
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+EKS = ROOT / "config" / "eks"
+ECS = ROOT / "config" / "ecs"
+PROXY_PORT, ADMIN_PORT, PROXY_UID = 8080, 9901, 101
+DEFAULT_DRAIN_TIMEOUT = 20.0
+
+
+# --- reading the Dockerfile ---
+
+@dataclass
+class Instruction:
+    keyword: str
+    args: str
+    stage: int
+
+
+def dockerfile() -> list[Instruction]:
+    """Instructions with continuations joined and comments dropped; stage counts FROMs (-1 before)."""
+    logical, pending = [], ""
+    for raw in (ROOT / "Dockerfile").read_text().splitlines():
+        line = raw.strip()
+        if not pending and (not line or line.startswith("#")):
+            continue
+        if line.startswith("#"):
+            continue
+        if line.endswith("\\"):
+            pending += line[:-1] + " "
+            continue
+        logical.append(pending + line)
+        pending = ""
+    assert not pending, "Dockerfile ends inside a line continuation"
+    out, stage = [], -1
+    for line in logical:
+        keyword, _, args = line.partition(" ")
+        keyword = keyword.upper()
+        if keyword == "FROM":
+            stage += 1
+        out.append(Instruction(keyword, args.strip(), stage))
+    return out
+
+
+def _exec_form(args: str) -> list[str]:
+    value = json.loads(args)
+    assert isinstance(value, list) and all(isinstance(v, str) for v in value), args
+    return value
+
+
+def _stages() -> list[list[Instruction]]:
+    instructions = dockerfile()
+    count = max(i.stage for i in instructions) + 1
+    return [[i for i in instructions if i.stage == n] for n in range(count)]
+
+
+def _base_images() -> list[str]:
+    args = {}
+    for inst in dockerfile():
+        if inst.keyword == "ARG" and inst.stage == -1 and "=" in inst.args:
+            name, _, value = inst.args.partition("=")
+            args[name] = value
+    images = []
+    for inst in dockerfile():
+        if inst.keyword == "FROM":
+            image = inst.args.split()[0]
+            images.append(re.sub(r"\$\{(\w+)\}", lambda m: args[m.group(1)], image))
+    return images
+
+
+def _final(keyword: str) -> list[Instruction]:
+    return [i for i in _stages()[-1] if i.keyword == keyword]
+
+
+def healthcheck_argv() -> list[str]:
+    (check,) = _final("HEALTHCHECK")
+    _, _, command = check.args.partition("CMD ")
+    return _exec_form(command)
+
+
+def _hostport(value: str) -> tuple[str, int]:
+    host, _, port = value.rpartition(":")
+    return host, int(port)
+
+
+def _flag(argv: list[str], name: str, default: str | None = None) -> str | None:
+    if name in argv:
+        return argv[argv.index(name) + 1]
+    return default
+
+
+def test_dockerfile_is_multi_stage_on_a_pinned_slim_python():
+    images = _base_images()
+    assert len(images) >= 2
+    for image in images:
+        assert re.fullmatch(r"python:3\.1[12]\.\d+-slim(-\w+)?", image), f"unpinned or non-slim base {image}"
+    assert len(set(images)) == 1, "builder and runtime must share the interpreter"
+
+
+def test_final_stage_has_no_build_tools():
+    builder, final = _stages()[0], _stages()[-1]
+    final_text = " ".join(i.args for i in final).lower()
+    for tool in ("build-essential", "gcc", "g++", "clang", "python3-dev", "libffi-dev"):
+        assert not re.search(rf"(^|[\s/]){re.escape(tool)}(\s|$)", final_text), f"{tool} in final stage"
+    assert "build-essential" in " ".join(i.args for i in builder)
+    assert any("--no-index" in i.args and "pip install" in i.args for i in final if i.keyword == "RUN")
+    # The init container runs `sigv4proxy iptables --apply` from this image.
+    assert any("iptables" in i.args for i in final if i.keyword == "RUN")
+
+
+def test_runs_as_uid_101_with_unbuffered_python():
+    (user,) = _final("USER")
+    assert user.args.split(":")[0] == str(PROXY_UID)
+    assert re.search(r"useradd\b.*--uid 101\b", " ".join(i.args for i in _final("RUN")))
+    env = " ".join(i.args for i in _final("ENV"))
+    assert re.search(r"\bPYTHONUNBUFFERED=1\b", env)
+
+
+def test_ports_entrypoint_and_cmd():
+    exposed = {int(p.split("/")[0]) for i in _final("EXPOSE") for p in i.args.split()}
+    assert exposed == {PROXY_PORT, ADMIN_PORT}
+    (entrypoint,) = _final("ENTRYPOINT")
+    assert _exec_form(entrypoint.args) == ["sigv4proxy"]
+    (cmd,) = _final("CMD")
+    assert _exec_form(cmd.args) == ["serve", "--listen", "0.0.0.0:8080", "--admin", "0.0.0.0:9901"]
+
+
+def test_dockerignore_keeps_the_build_context_to_what_is_copied():
+    patterns = [line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()
+                if line.strip() and not line.startswith("#")]
+
+    def ignored(path: str) -> bool:
+        verdict = False
+        for pattern in patterns:
+            negate = pattern.startswith("!")
+            pattern = pattern.lstrip("!").rstrip("/")
+            if fnmatch.fnmatch(path, pattern) or path.startswith(pattern + "/"):
+                verdict = not negate
+        return verdict
+
+    for inst in dockerfile():
+        if inst.keyword == "COPY" and "--from" not in inst.args:
+            for source in inst.args.split()[:-1]:
+                assert not ignored(source.rstrip("/")), f"COPY {source} is excluded by .dockerignore"
+    for path in (".venv", ".git", "tests", "benchmarks", ".pytest_cache"):
+        assert ignored(path), f"{path} would be sent to the builder"
+
+
+class _Health(http.server.BaseHTTPRequestHandler):
+    status = 200
+
+    def do_GET(self):
+        self.send_response(self.status if self.path == "/healthz" else 404)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.mark.parametrize("status, healthy", [(200, True), (503, False)])
+def test_healthcheck_one_liner_really_checks_healthz(status, healthy):
+    argv = healthcheck_argv()
+    assert argv[0] == "python" and argv[1] == "-c"
+    assert "http://127.0.0.1:9901/healthz" in argv[2]
+    handler = type("Health", (_Health,), {"status": status})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        code = argv[2].replace("127.0.0.1:9901", f"127.0.0.1:{server.server_address[1]}")
+        result = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=30)
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
+    assert (result.returncode == 0) is healthy
+
+
+def test_healthcheck_fails_when_nothing_listens():
+    with __import__("socket").socket() as probe:  # a port that was free a moment ago
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    code = healthcheck_argv()[2].replace("127.0.0.1:9901", f"127.0.0.1:{port}")
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=30).returncode != 0
+
+
+# --- the manifests ---
+
+def eks_documents() -> dict[str, list[dict]]:
+    docs = {}
+    for path in sorted(EKS.glob("*.yaml")):
+        with path.open() as fh:
+            docs[path.name] = [d for d in yaml.safe_load_all(fh) if d is not None]
+    return docs
+
+
+def ecs_task() -> dict:
+    return json.loads((ECS / "task-definition.json").read_text())
+
+
+def _workloads() -> dict[str, dict]:
+    """file -> pod spec, for every Deployment and Job."""
+    specs = {}
+    for name, docs in eks_documents().items():
+        for doc in docs:
+            if doc["kind"] in ("Deployment", "Job"):
+                specs[f"{name}:{doc['kind']}"] = doc["spec"]["template"]["spec"]
+    return specs
+
+
+def _sidecar(pod: dict) -> dict:
+    native = [c for c in pod.get("initContainers", []) if c.get("restartPolicy") == "Always"]
+    assert len(native) == 1, "exactly one native sidecar (init container, restartPolicy: Always)"
+    return native[0]
+
+
+def _iptables_init(pod: dict) -> dict:
+    inits = [c for c in pod.get("initContainers", []) if (c.get("args") or [None])[0] == "iptables"]
+    assert len(inits) == 1
+    return inits[0]
+
+
+def _configmap() -> dict:
+    (cm,) = [d for d in eks_documents()["configmap.yaml"] if d["kind"] == "ConfigMap"]
+    return cm
+
+
+def _sidecar_settings() -> dict:
+    return yaml.safe_load(_configmap()["data"]["sidecar.yaml"])
+
+
+def _drain_timeout(env: dict[str, str]) -> float:
+    return float(env.get("SIGV4PROXY_DRAIN_TIMEOUT", _sidecar_settings().get("drain_timeout",
+                                                                             DEFAULT_DRAIN_TIMEOUT)))
+
+
+def test_every_manifest_parses_with_required_fields():
+    docs = eks_documents()
+    assert {"deployment.yaml", "job.yaml", "configmap.yaml"} <= set(docs)
+    for name, items in docs.items():
+        assert items, f"{name} is empty"
+        for doc in items:
+            assert doc.get("apiVersion") and doc.get("kind") and doc["metadata"].get("name"), name
+    assert set(_workloads()) == {"deployment.yaml:Deployment", "job.yaml:Job"}
+    task = ecs_task()
+    for key in ("family", "containerDefinitions", "taskRoleArn", "networkMode", "requiresCompatibilities"):
+        assert task.get(key), key
+    assert re.fullmatch(r"arn:aws:iam::\d{12}:role/[\w+=,.@-]+", task["taskRoleArn"])
+    assert task["networkMode"] == "awsvpc" and "FARGATE" in task["requiresCompatibilities"]
+
+
+def _all_proxy_images() -> list[str]:
+    images = []
+    for pod in _workloads().values():
+        images += [_sidecar(pod)["image"], _iptables_init(pod)["image"]]
+    images.append(_ecs_container("sigv4proxy")["image"])
+    return images
+
+
+def test_one_pinned_image_matching_the_package_version():
+    images = set(_all_proxy_images())
+    assert len(images) == 1, images
+    image = images.pop()
+    version = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+    repository, _, tag = image.rpartition(":")
+    assert repository.endswith("/sigv4proxy") and tag == version
+
+
+@pytest.mark.parametrize("workload", ["deployment.yaml:Deployment", "job.yaml:Job"])
+def test_pod_shape(workload):
+    pod = _workloads()[workload]
+    inits = pod["initContainers"]
+    iptables, sidecar = _iptables_init(pod), _sidecar(pod)
+    assert inits.index(iptables) < inits.index(sidecar), "redirect must exist before the proxy starts"
+    assert pod.get("serviceAccountName")
+
+    # iptables init: root with NET_ADMIN, rules pointing at the proxy's port and uid.
+    assert iptables["args"][:2] == ["iptables", "--apply"]
+    assert "restartPolicy" not in iptables
+    assert iptables["securityContext"]["runAsUser"] == 0
+    assert "NET_ADMIN" in iptables["securityContext"]["capabilities"]["add"]
+    assert int(_flag(iptables["args"], "--proxy-port", "8080")) == PROXY_PORT
+    assert int(_flag(iptables["args"], "--proxy-uid", "101")) == PROXY_UID
+
+    # sidecar: uid 101, locked down, loopback proxy, admin for probes, transparent mode.
+    sc = sidecar["securityContext"]
+    assert sc["runAsUser"] == PROXY_UID and sc["runAsNonRoot"] is True
+    assert sc["readOnlyRootFilesystem"] is True and sc["allowPrivilegeEscalation"] is False
+    assert sc["capabilities"]["drop"] == ["ALL"] and "add" not in sc["capabilities"]
+    for kind in ("requests", "limits"):
+        assert {"cpu", "memory"} <= set(sidecar["resources"][kind])
+    args = sidecar["args"]
+    assert args[0] == "serve" and "--transparent" in args
+    assert _hostport(_flag(args, "--listen")) == ("127.0.0.1", PROXY_PORT)
+    assert _hostport(_flag(args, "--admin")) == ("0.0.0.0", ADMIN_PORT)
+    ports = {p["name"]: p["containerPort"] for p in sidecar["ports"]}
+    assert set(ports.values()) == {PROXY_PORT, ADMIN_PORT}
+    env = {e["name"]: e.get("value") for e in sidecar.get("env", [])}
+    assert env.get("SIGV4PROXY_REGION")
+
+    def probe(name: str) -> tuple[str, int]:
+        get = sidecar[name]["httpGet"]
+        return get["path"], ports.get(get["port"], get["port"])
+
+    assert probe("startupProbe") == ("/readyz", ADMIN_PORT)
+    assert probe("readinessProbe") == ("/readyz", ADMIN_PORT)
+    assert probe("livenessProbe") == ("/healthz", ADMIN_PORT)
+    assert pod["terminationGracePeriodSeconds"] > _drain_timeout(env)
+
+    # The config file the sidecar reads is the ConfigMap's sidecar.yaml.
+    mounts = {m["name"]: m["mountPath"] for m in sidecar["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    (cm_volume,) = [n for n in mounts if "configMap" in volumes[n]]
+    assert volumes[cm_volume]["configMap"]["name"] == _configmap()["metadata"]["name"]
+    assert _flag(args, "--config") == mounts[cm_volume].rstrip("/") + "/sidecar.yaml"
+
+    # Apps: no HTTP_PROXY (the redirect is transparent), plain http:// to Lattice, not uid 101.
+    for app in pod["containers"]:
+        names = {e["name"].lower() for e in app.get("env", [])}
+        assert not names & {"http_proxy", "https_proxy", "all_proxy"}
+        assert app.get("securityContext", {}).get("runAsUser") != PROXY_UID
+        text = json.dumps(app)
+        assert "https://" not in text or "vpc-lattice-svcs" not in text
+        assert "http://" in text and "vpc-lattice-svcs" in text
+
+
+def test_job_completes_with_the_native_sidecar():
+    (job,) = [d for d in eks_documents()["job.yaml"] if d["kind"] == "Job"]
+    pod = job["spec"]["template"]["spec"]
+    assert pod["restartPolicy"] in ("Never", "OnFailure")
+    assert all(c.get("restartPolicy") is None for c in pod["containers"])
+    _sidecar(pod)
+
+
+def test_deployment_ships_its_service_account():
+    docs = eks_documents()["deployment.yaml"]
+    accounts = {d["metadata"]["name"] for d in docs if d["kind"] == "ServiceAccount"}
+    assert _workloads()["deployment.yaml:Deployment"]["serviceAccountName"] in accounts
+
+
+def _ecs_container(name: str) -> dict:
+    (container,) = [c for c in ecs_task()["containerDefinitions"] if c["name"] == name]
+    return container
+
+
+def test_ecs_task_definition():
+    proxy = _ecs_container("sigv4proxy")
+    assert proxy["essential"] is True and proxy["user"] == str(PROXY_UID)
+    assert {m["containerPort"] for m in proxy["portMappings"]} == {PROXY_PORT, ADMIN_PORT}
+    assert proxy["healthCheck"]["command"] == ["CMD", *healthcheck_argv()]
+    command = proxy["command"]
+    assert command[0] == "serve"
+    assert _hostport(_flag(command, "--listen")) == ("127.0.0.1", PROXY_PORT)
+    assert _hostport(_flag(command, "--admin"))[1] == ADMIN_PORT
+    env = {e["name"]: e["value"] for e in proxy["environment"]}
+    assert env.get("SIGV4PROXY_REGION")
+    assert proxy["stopTimeout"] > _drain_timeout(env)
+    apps = [c for c in ecs_task()["containerDefinitions"] if c["name"] != "sigv4proxy"]
+    assert apps
+    for app in apps:
+        assert {"containerName": "sigv4proxy", "condition": "HEALTHY"} in app["dependsOn"]
+        assert app.get("user") != str(PROXY_UID)
+        app_env = {e["name"]: e["value"] for e in app.get("environment", [])}
+        assert _hostport(app_env["HTTP_PROXY"].removeprefix("http://")) == ("127.0.0.1", PROXY_PORT)
+        assert "169.254.170.2" in app_env["NO_PROXY"].split(","), "ECS credentials must bypass the proxy"
+    for container in ecs_task()["containerDefinitions"]:
+        logging = container["logConfiguration"]
+        assert logging["logDriver"] == "awslogs"
+        assert {"awslogs-group", "awslogs-region", "awslogs-stream-prefix"} <= set(logging["options"])
+
+
+# --- the serve flags the manifests use exist (once `serve` is registered) ---
+
+def _serve_invocations() -> dict[str, tuple[list[str], dict[str, str]]]:
+    """where -> (argv after the entrypoint, SIGV4PROXY_* env)."""
+    out = {}
+    for where, pod in _workloads().items():
+        sidecar = _sidecar(pod)
+        out[where] = (sidecar["args"], {e["name"]: e["value"] for e in sidecar.get("env", [])})
+    proxy = _ecs_container("sigv4proxy")
+    out["ecs"] = (proxy["command"], {e["name"]: e["value"] for e in proxy["environment"]})
+    (cmd,) = _final("CMD")
+    out["Dockerfile CMD"] = (_exec_form(cmd.args), {})
+    return out
+
+
+def _subcommands() -> dict:
+    from sigv4proxy.cli import build_parser
+
+    actions = [a for a in build_parser()._actions if getattr(a, "dest", None) == "command"]
+    return dict(actions[0].choices or {}) if actions else {}
+
+
+def test_serve_flags_env_and_config_keys_exist(tmp_path):
+    commands = _subcommands()
+    if "serve" not in commands:
+        pytest.skip("serve command not registered yet")
+    from sigv4proxy.cli import build_parser
+
+    serve_dests = {a.dest for a in commands["serve"]._actions}
+    config_file = tmp_path / "sidecar.yaml"
+    config_file.write_text(_configmap()["data"]["sidecar.yaml"])
+    for key in _sidecar_settings():
+        assert key.replace("-", "_") in serve_dests, f"configmap key {key!r} is not a serve setting"
+    for where, (argv, env) in _serve_invocations().items():
+        if "--config" in argv:
+            argv = list(argv)
+            argv[argv.index("--config") + 1] = str(config_file)
+        try:
+            build_parser().parse_args(argv)
+        except SystemExit:
+            pytest.fail(f"{where}: `sigv4proxy {shlex.join(argv)}` does not parse")
+        for name in env:
+            assert name.startswith("SIGV4PROXY_")
+            assert name.removeprefix("SIGV4PROXY_").lower() in serve_dests, f"{where}: {name}"
+        if "check-config" in commands:
+            clean_env = {k: v for k, v in os.environ.items()
+                         if not k.startswith(("SIGV4PROXY_", "AWS_"))}
+            result = subprocess.run(
+                [sys.executable, "-m", "sigv4proxy", "check-config", *argv[1:]],
+                capture_output=True, text=True, timeout=60, env={**clean_env, **env})
+            assert result.returncode == 0, f"{where}: {result.stderr[-1000:]}"
+            effective = yaml.safe_load(result.stdout)
+            assert _hostport(effective["listen"])[1] == PROXY_PORT
+            assert _hostport(effective["admin"])[1] == ADMIN_PORT
+            assert effective["transparent"] is ("--transparent" in argv)
