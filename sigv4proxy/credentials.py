@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import logging
 import random
 import re
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Iterator, Protocol
 
 from sigv4proxy.errors import CredentialsUnavailable
 from sigv4proxy.signing import Credentials
@@ -84,6 +85,25 @@ class StaticProvider:
         return self.credentials
 
 
+@contextlib.contextmanager
+def _safe_reasons(stage: str) -> Iterator[None]:
+    """Turns botocore's errors into CredentialFetchError with a reason that is safe to show:
+    botocore's own messages may quote a response body, so only types and error codes pass."""
+    import botocore.exceptions
+
+    try:
+        yield
+    except CredentialFetchError:
+        raise
+    except botocore.exceptions.ClientError as exc:
+        code = exc.response.get("Error", {}).get("Code", "unknown")
+        raise CredentialFetchError(f"{stage}: {code}"[:120]) from None
+    except botocore.exceptions.BotoCoreError as exc:
+        raise CredentialFetchError(f"{stage} ({type(exc).__name__})") from None
+    except (KeyError, ValueError, TypeError, AttributeError) as exc:
+        raise CredentialFetchError(f"{stage}: malformed credentials ({type(exc).__name__})") from None
+
+
 class BotocoreProvider:
     """botocore's default chain (environment, shared config and profiles, IRSA web identity,
     ECS/EKS Pod Identity container endpoint, IMDSv2), optionally with an AssumeRole on top.
@@ -119,22 +139,14 @@ class BotocoreProvider:
         return f"BotocoreProvider(profile={self.profile!r}, role_arn={self.role_arn!r})"
 
     def fetch(self) -> Credentials:
-        import botocore.exceptions
         import botocore.session
 
-        try:
-            session = botocore.session.Session(profile=self.profile)
-            base = self._resolve_chain(session)
-            if self.role_arn is None:
-                return base
+        with _safe_reasons("credential chain failed"):
+            base = self._resolve_chain(botocore.session.Session(profile=self.profile))
+        if self.role_arn is None:
+            return base
+        with _safe_reasons("AssumeRole failed"):
             return self._assume_role(base)
-        except botocore.exceptions.ClientError as exc:
-            code = exc.response.get("Error", {}).get("Code", "unknown")
-            raise CredentialFetchError(f"AssumeRole failed: {code}") from None
-        except botocore.exceptions.BotoCoreError as exc:
-            raise CredentialFetchError(f"credential chain failed ({type(exc).__name__})") from None
-        except (KeyError, ValueError, TypeError, AttributeError) as exc:
-            raise CredentialFetchError(f"malformed credentials ({type(exc).__name__})") from None
 
     def _resolve_chain(self, session: Any) -> Credentials:
         from botocore.credentials import RefreshableCredentials
