@@ -17,6 +17,7 @@ $(STAMP): $(BIN)/python pyproject.toml
 venv: $(STAMP)
 
 test: $(STAMP)
+	sh scripts/ci-deps.sh
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 run: $(STAMP)
