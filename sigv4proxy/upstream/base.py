@@ -1,0 +1,309 @@
+"""The upstream vocabulary: origins, limits, timeouts, the response object and the connection shape.
+
+Owns: the small interface every upstream connection implements (httpcore's shape), the `Response`
+handed back to callers, and opening a transport (TCP, TLS with SNI/ALPN) before the pool decides
+which protocol object takes it over. Must never: import anything about AWS (signing, credentials,
+routing), touch h2 state, or log header values.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Sequence
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+from sigv4proxy.errors import (
+    RetryableStreamError,
+    UpstreamConnectError,
+    UpstreamProtocolError,
+    UpstreamTimeout,
+)
+
+Headers = Sequence[tuple[bytes, bytes]]
+Body = bytes | AsyncIterable[bytes] | None
+
+
+@dataclass(frozen=True, slots=True)
+class Origin:
+    scheme: str  # "http" | "https"
+    host: str  # where to connect (name or IP literal)
+    port: int
+    # "auto": https -> ALPN ["h2", "http/1.1"], http -> HTTP/1.1;
+    # "h2": https -> ALPN h2 only, http -> h2c with prior knowledge; "http1": HTTP/1.1 always.
+    protocol: str = "auto"
+    server_hostname: str | None = None  # SNI + certificate name; default: host
+
+    def __post_init__(self) -> None:
+        if self.scheme not in ("http", "https"):
+            raise ValueError(f"unsupported scheme {self.scheme!r}")
+        if self.protocol not in ("auto", "h2", "http1"):
+            raise ValueError(f"unsupported protocol {self.protocol!r}")
+        if not 0 < self.port < 65536:
+            raise ValueError(f"port out of range: {self.port}")
+
+    @property
+    def alpn(self) -> tuple[str, ...]:
+        """The ALPN offer for this origin (TLS only)."""
+        if self.protocol == "h2":
+            return ("h2",)
+        if self.protocol == "http1":
+            return ("http/1.1",)
+        return ("h2", "http/1.1")
+
+
+@dataclass(frozen=True, slots=True)
+class Timeouts:
+    connect: float = 5.0  # TCP+TLS+preface
+    first_byte: float = 30.0  # request sent -> response headers
+    read: float = 60.0  # max gap between response body chunks (and between send-window openings)
+    idle: float = 90.0  # pooled connection with no streams is closed after this
+    pool: float = 30.0  # max wait for a free connection/stream slot -> Overloaded (503)
+
+
+@dataclass(frozen=True, slots=True)
+class PoolLimits:
+    # HTTP/2: open another only when all are at their peer's MAX_CONCURRENT_STREAMS;
+    # HTTP/1.1: max concurrent sockets.
+    max_connections_per_origin: int = 8
+    max_retries: int = 2  # for RetryableStreamError
+
+
+class ConnectionNotAvailable(RetryableStreamError):
+    """The connection could not take the request after all (raced with close/GOAWAY/full).
+
+    Raised before any byte of the request was sent; the pool re-queues without counting a retry.
+    """
+
+
+class ResponseBody(Protocol):
+    """What a connection hands the `Response` to read the body from."""
+
+    trailers: list[tuple[bytes, bytes]]
+
+    async def read(self) -> bytes:
+        """The next non-empty chunk, b"" at the end; raises a typed error if the body broke."""
+        ...
+
+    async def aclose(self) -> None: ...
+
+
+class _BodyIterator:
+    __slots__ = ("_body",)
+
+    def __init__(self, body: ResponseBody) -> None:
+        self._body = body
+
+    def __aiter__(self) -> _BodyIterator:
+        return self
+
+    async def __anext__(self) -> bytes:
+        chunk = await self._body.read()
+        if not chunk:
+            raise StopAsyncIteration
+        return chunk
+
+
+class Response:
+    """An upstream response; iterate it for the body, then (or instead) `aclose()` it."""
+
+    __slots__ = ("status", "headers", "http_version", "_body")
+
+    def __init__(self, status: int, headers: list[tuple[bytes, bytes]], http_version: str,
+                 body: ResponseBody) -> None:
+        self.status = status
+        self.headers = headers  # no pseudo-headers; names as received
+        self.http_version = http_version
+        self._body = body
+
+    @property
+    def trailers(self) -> list[tuple[bytes, bytes]]:
+        return self._body.trailers
+
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        return _BodyIterator(self._body)
+
+    async def read(self) -> bytes:
+        """The whole remaining body (for small responses; streams should iterate)."""
+        parts = [chunk async for chunk in self]
+        return b"".join(parts)
+
+    async def aclose(self) -> None:
+        await self._body.aclose()
+
+    async def __aenter__(self) -> Response:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    def __repr__(self) -> str:
+        return f"<Response {self.status} {self.http_version}>"
+
+
+@runtime_checkable
+class Connection(Protocol):
+    """One upstream connection. Implementations are also the asyncio.Protocol of their transport.
+
+    `handle_request` claims its stream/socket slot before its first suspension, or raises
+    `ConnectionNotAvailable` without sending anything.
+    """
+
+    origin: Origin
+    http_version: str
+
+    def is_available(self) -> bool: ...
+    def is_idle(self) -> bool: ...
+    def is_closed(self) -> bool: ...
+    def has_expired(self, now: float) -> bool: ...
+    def active_streams(self) -> int: ...
+
+    async def wait_ready(self, timeout: float) -> None:
+        """Returns once the connection can take requests (h2: the peer's SETTINGS arrived)."""
+        ...
+
+    async def handle_request(self, method: bytes, target: bytes, authority: bytes,
+                             headers: Headers, body: Body) -> Response: ...
+
+    async def aclose(self) -> None: ...
+
+
+# Builds a connection object for an already open transport; the pool attaches it as the protocol.
+# `on_change` is called when a slot frees, the connection becomes ready, or it closes.
+ConnectionFactory = Callable[[Origin, Timeouts, Callable[[], None]], Connection]
+
+
+class _HandoverProtocol(asyncio.Protocol):
+    """Holds a freshly opened transport until the real protocol object takes it over."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.buffered: list[bytes] = []
+        self.eof = False
+        self.lost: BaseException | None | bool = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        self.buffered.append(data)
+
+    def eof_received(self) -> bool | None:
+        self.eof = True
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = exc if exc is not None else True
+
+
+@dataclass(slots=True)
+class OpenedTransport:
+    transport: asyncio.Transport
+    alpn: str | None  # negotiated ALPN protocol, None for plain TCP or no ALPN
+    _handover: _HandoverProtocol
+
+    def attach(self, protocol: asyncio.Protocol) -> None:
+        """Hands the transport (and any bytes that already arrived) to `protocol`."""
+        handover = self._handover
+        self.transport.set_protocol(protocol)
+        protocol.connection_made(self.transport)
+        for data in handover.buffered:
+            protocol.data_received(data)
+        handover.buffered.clear()
+        if handover.lost is not False:
+            protocol.connection_lost(None if handover.lost is True else handover.lost)  # type: ignore[arg-type]
+        elif handover.eof:
+            protocol.eof_received()
+
+
+async def open_transport(origin: Origin, ssl_context: ssl.SSLContext | None,
+                         timeout: float) -> OpenedTransport:
+    """TCP connect (+ TLS handshake with SNI/ALPN for https) within `timeout`, as typed errors."""
+    loop = asyncio.get_running_loop()
+    handover = _HandoverProtocol()
+    tls = origin.scheme == "https"
+    kwargs: dict = {}
+    if tls:
+        if ssl_context is None:
+            raise UpstreamConnectError("https origin without a TLS context")
+        kwargs = {"ssl": ssl_context, "server_hostname": origin.server_hostname or origin.host,
+                  "ssl_handshake_timeout": timeout}
+    try:
+        async with asyncio.timeout(timeout):
+            transport, _ = await loop.create_connection(lambda: handover, origin.host, origin.port,
+                                                        **kwargs)
+    except TimeoutError:
+        raise UpstreamTimeout("connect timed out") from None
+    except ssl.SSLCertVerificationError:
+        raise UpstreamConnectError("TLS certificate verification failed") from None
+    except ssl.SSLError:
+        raise UpstreamConnectError("TLS handshake failed") from None
+    except ConnectionRefusedError:
+        raise UpstreamConnectError("connection refused") from None
+    except OSError as exc:
+        raise UpstreamConnectError(f"connect failed: {type(exc).__name__}") from None
+    alpn = None
+    if tls:
+        ssl_object = transport.get_extra_info("ssl_object")
+        alpn = ssl_object.selected_alpn_protocol() if ssl_object is not None else None
+    return OpenedTransport(transport, alpn, handover)  # type: ignore[arg-type]
+
+
+def choose_protocol(origin: Origin, alpn: str | None) -> str:
+    """"h2" or "http1" for an opened transport, or UpstreamProtocolError if ALPN contradicts."""
+    if origin.scheme == "http":
+        return "h2" if origin.protocol == "h2" else "http1"
+    if origin.protocol == "h2":
+        if alpn not in ("h2", None):  # None: the peer does no ALPN; speak h2 as configured
+            raise UpstreamProtocolError("peer refused ALPN h2")
+        return "h2"
+    if origin.protocol == "http1":
+        if alpn == "h2":
+            raise UpstreamProtocolError("peer chose ALPN h2 for an http1 origin")
+        return "http1"
+    return "h2" if alpn == "h2" else "http1"
+
+
+class WriteFlow:
+    """Transport write backpressure as an awaitable (pause_writing/resume_writing)."""
+
+    __slots__ = ("_paused", "_waiters", "_error")
+
+    def __init__(self) -> None:
+        self._paused = False
+        self._waiters: list[asyncio.Future[None]] = []
+        self._error: BaseException | None = None
+
+    def pause(self) -> None:
+        self._paused = True
+
+    def resume(self) -> None:
+        self._paused = False
+        self._wake(None)
+
+    def fail(self, error: BaseException) -> None:
+        self._error = error
+        self._wake(error)
+
+    def _wake(self, error: BaseException | None) -> None:
+        waiters, self._waiters = self._waiters, []
+        for fut in waiters:
+            if not fut.done():
+                if error is None:
+                    fut.set_result(None)
+                else:
+                    fut.set_exception(error)
+
+    async def drain(self, timeout: float) -> None:
+        if self._error is not None:
+            raise self._error
+        if not self._paused:
+            return
+        fut = asyncio.get_running_loop().create_future()
+        self._waiters.append(fut)
+        try:
+            async with asyncio.timeout(timeout):
+                await fut
+        except TimeoutError:
+            raise UpstreamTimeout("upstream stopped reading") from None

@@ -1,0 +1,255 @@
+"""The upstream connection pool: connections per origin, fair queuing, retries of unprocessed streams.
+
+Owns: choosing/opening connections (protocol from the origin and ALPN), the per-origin limit,
+the FIFO queue of requests waiting for a slot, retrying RetryableStreamError when the body allows,
+and the stats for gauges. Bookkeeping is synchronous; I/O comes after. Must never: touch h2 state,
+retry a request whose streamed body was already pulled, or wait without a bound.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from collections import deque
+from collections.abc import AsyncIterable, AsyncIterator, Sequence
+from dataclasses import dataclass
+
+from sigv4proxy.errors import Overloaded, ProxyError, RetryableStreamError, UpstreamConnectError
+from sigv4proxy.upstream.base import (
+    Body,
+    Connection,
+    ConnectionFactory,
+    ConnectionNotAvailable,
+    Origin,
+    PoolLimits,
+    Response,
+    Timeouts,
+    choose_protocol,
+    open_transport,
+)
+from sigv4proxy.upstream.http1 import HTTP1Connection
+from sigv4proxy.upstream.http2 import H2Connection
+from sigv4proxy.upstream.tls import make_client_ssl_context
+
+_MAX_NOT_AVAILABLE = 16  # "available" connections that then refuse: a bug guard, never a spin
+
+
+@dataclass(frozen=True, slots=True)
+class PoolStats:
+    connections: dict[tuple[str, str], int]  # (protocol "h2"/"http1", state "active"/"idle") -> n
+    streams_active: int
+    requests_waiting: int
+
+
+class _TrackedBody:
+    """A streamed request body that remembers whether anything pulled from it yet."""
+
+    __slots__ = ("_source", "pulled")
+
+    def __init__(self, source: AsyncIterable[bytes]) -> None:
+        self._source = source
+        self.pulled = False
+
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        return self._iterate()
+
+    async def _iterate(self) -> AsyncIterator[bytes]:
+        self.pulled = True
+        async for chunk in self._source:
+            yield chunk
+
+
+class _OriginPool:
+    __slots__ = ("origin", "connections", "waiters", "connecting", "protocol")
+
+    def __init__(self, origin: Origin) -> None:
+        self.origin = origin
+        self.connections: list[Connection] = []
+        self.waiters: deque[asyncio.Future[None]] = deque()
+        self.connecting = 0
+        # known up front for plain http; learned from ALPN for https "auto"
+        self.protocol: str | None = None
+        if origin.scheme == "http" or origin.protocol == "http1":
+            self.protocol = "h2" if origin.protocol == "h2" else "http1"
+
+    def pick(self) -> Connection | None:
+        for conn in self.connections:
+            if conn.is_available():
+                return conn
+        return None
+
+    def can_open(self, limit: int) -> bool:
+        if len(self.connections) + self.connecting >= limit:
+            return False
+        # HTTP/1.1 needs a socket per request; HTTP/2 (or not yet known) opens one at a time
+        return self.protocol == "http1" or self.connecting == 0
+
+
+class ConnectionPool:
+    """Pools upstream connections per `Origin`; `request` is the one entry point."""
+
+    def __init__(self, *, ssl_context: ssl.SSLContext | None = None,
+                 timeouts: Timeouts = Timeouts(), limits: PoolLimits = PoolLimits(),
+                 h2_connection_factory: ConnectionFactory | None = None) -> None:
+        self._ssl_context = ssl_context  # used for every https origin when given
+        self._contexts: dict[tuple[str, ...], ssl.SSLContext] = {}
+        self._timeouts = timeouts
+        self._limits = limits
+        self._h2_factory: ConnectionFactory = h2_connection_factory or H2Connection
+        self._pools: dict[Origin, _OriginPool] = {}
+        self._closed = False
+
+    async def request(self, origin: Origin, method: bytes, target: bytes, authority: bytes,
+                      headers: Sequence[tuple[bytes, bytes]], body: Body = None) -> Response:
+        if self._closed:
+            raise UpstreamConnectError("connection pool is closed")
+        pool = self._pools.get(origin)
+        if pool is None:
+            pool = self._pools[origin] = _OriginPool(origin)
+        tracked: _TrackedBody | None = None
+        if body is not None and not isinstance(body, (bytes, bytearray, memoryview)):
+            tracked = _TrackedBody(body)
+            body = tracked
+        retries = refusals = 0
+        while True:
+            conn = await self._acquire(pool)
+            try:
+                return await conn.handle_request(method, target, authority, headers, body)
+            except ConnectionNotAvailable:
+                refusals += 1
+                if refusals > _MAX_NOT_AVAILABLE:
+                    raise Overloaded("no upstream connection could take the request") from None
+            except RetryableStreamError:
+                if retries >= self._limits.max_retries or (tracked is not None and tracked.pulled):
+                    raise
+                retries += 1
+
+    def stats(self) -> PoolStats:
+        counts = {(p, s): 0 for p in ("h2", "http1") for s in ("active", "idle")}
+        streams = waiting = 0
+        for pool in self._pools.values():
+            waiting += len(pool.waiters)
+            for conn in pool.connections:
+                if conn.is_closed():
+                    continue
+                protocol = "h2" if conn.http_version == "HTTP/2" else "http1"
+                active = conn.active_streams()
+                counts[(protocol, "active" if active else "idle")] += 1
+                streams += active
+        return PoolStats(counts, streams, waiting)
+
+    async def aclose(self) -> None:
+        self._closed = True
+        for pool in self._pools.values():
+            self._fail_waiters(pool, UpstreamConnectError("connection pool is closed"))
+            for conn in list(pool.connections):
+                await conn.aclose()
+            pool.connections.clear()
+        self._pools.clear()
+
+    # --- acquiring a slot ---
+    async def _acquire(self, pool: _OriginPool) -> Connection:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._timeouts.pool
+        woken = False
+        while True:
+            if woken or not pool.waiters:  # never jump the queue of earlier requests
+                conn = pool.pick()
+                if conn is not None:
+                    if pool.waiters:  # after we claimed our slot, see whether more are free
+                        loop.call_soon(self._wake_if_capacity, pool)
+                    return conn
+                if pool.can_open(self._limits.max_connections_per_origin):
+                    conn = await self._open(pool)
+                    if conn.is_available():
+                        return conn
+                    continue
+            waiter = loop.create_future()
+            if woken:
+                pool.waiters.appendleft(waiter)  # keep our place at the head
+            else:
+                pool.waiters.append(waiter)
+            try:
+                async with asyncio.timeout_at(deadline):
+                    await waiter
+            except BaseException as exc:
+                if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
+                    self._wake_if_capacity(pool)  # pass on the wake-up we will not use
+                if isinstance(exc, TimeoutError):
+                    raise Overloaded("no upstream connection slot free in time") from None
+                raise
+            finally:
+                if not waiter.done() or waiter.cancelled():
+                    try:
+                        pool.waiters.remove(waiter)
+                    except ValueError:
+                        pass
+            woken = True
+
+    async def _open(self, pool: _OriginPool) -> Connection:
+        origin = pool.origin
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._timeouts.connect
+        pool.connecting += 1
+        conn: Connection | None = None
+        try:
+            context = self._context_for(origin) if origin.scheme == "https" else None
+            opened = await open_transport(origin, context, self._timeouts.connect)
+            try:
+                protocol = choose_protocol(origin, opened.alpn)
+            except ProxyError:
+                opened.transport.abort()
+                raise
+            factory = self._h2_factory if protocol == "h2" else HTTP1Connection
+            conn = factory(origin, self._timeouts, lambda: self._on_change(pool))
+            pool.connections.append(conn)
+            opened.attach(conn)  # type: ignore[arg-type]
+            await conn.wait_ready(max(0.0, deadline - loop.time()))
+            pool.protocol = protocol
+            return conn
+        except BaseException as exc:
+            if conn is not None:
+                await conn.aclose()
+                if conn in pool.connections:
+                    pool.connections.remove(conn)
+            pool.connecting -= 1
+            conn = None
+            if isinstance(exc, ProxyError) and not pool.connections and not pool.connecting:
+                self._fail_waiters(pool, exc)  # nothing could serve them: fail fast, same reason
+            raise
+        finally:
+            if conn is not None:
+                pool.connecting -= 1
+            self._wake_if_capacity(pool)
+
+    def _context_for(self, origin: Origin) -> ssl.SSLContext:
+        if self._ssl_context is not None:
+            return self._ssl_context
+        context = self._contexts.get(origin.alpn)
+        if context is None:
+            context = self._contexts[origin.alpn] = make_client_ssl_context(alpn=origin.alpn)
+        return context
+
+    # --- wake-ups (synchronous) ---
+    def _on_change(self, pool: _OriginPool) -> None:
+        if any(conn.is_closed() for conn in pool.connections):
+            pool.connections = [conn for conn in pool.connections if not conn.is_closed()]
+        self._wake_if_capacity(pool)
+
+    def _wake_if_capacity(self, pool: _OriginPool) -> None:
+        if not pool.waiters:
+            return
+        if pool.pick() is None and not pool.can_open(self._limits.max_connections_per_origin):
+            return
+        while pool.waiters:
+            waiter = pool.waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+
+    @staticmethod
+    def _fail_waiters(pool: _OriginPool, err: ProxyError) -> None:
+        while pool.waiters:
+            waiter = pool.waiters.popleft()
+            if not waiter.done():
+                waiter.set_exception(type(err)(err.reason))
