@@ -1,0 +1,216 @@
+"""Processes for `make bench`: start in their own process group, stop for sure, sample /proc.
+
+Owns: every child process the harness starts (servers and load generators), loopback port
+checks, readiness probes and the /proc sampler. It must never leave a process running (every
+start has a stop that escalates to SIGKILL on the whole group) and never talk to anything but
+127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import http.client
+import os
+import signal
+import socket
+import subprocess
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from bench_parse import (ProcStat, cpu_seconds_between, parse_proc_stat, parse_proc_status_memory,
+                         peak_rss_kib, tree_members)
+
+LOOPBACK = "127.0.0.1"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+class HarnessError(RuntimeError):
+    """The harness cannot go on (a tool is missing, a port is taken, a server never got ready)."""
+
+
+def free_port() -> int:
+    """An ephemeral loopback port that was free a moment ago (bind 0, read it, close)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((LOOPBACK, 0))
+        return sock.getsockname()[1]
+
+
+def port_is_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind((LOOPBACK, port))
+        except OSError:
+            return False
+    return True
+
+
+def port_is_listening(port: int, timeout: float = 0.5) -> bool:
+    try:
+        with socket.create_connection((LOOPBACK, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+@dataclass
+class ManagedProcess:
+    """A child in its own session (so Ctrl-C reaches only us, and we stop its whole group)."""
+
+    name: str
+    argv: list[str]
+    log_path: Path
+    env: dict[str, str] | None = None
+    popen: subprocess.Popen | None = field(default=None, repr=False)
+
+    def start(self) -> "ManagedProcess":
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log_path, "wb") as log:
+            self.popen = subprocess.Popen(
+                self.argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                env=self.env, start_new_session=True,
+            )
+        return self
+
+    @property
+    def pid(self) -> int:
+        assert self.popen is not None, "not started"
+        return self.popen.pid
+
+    def alive(self) -> bool:
+        return self.popen is not None and self.popen.poll() is None
+
+    def log_tail(self, lines: int = 15) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+    def stop(self, grace_s: float = 5.0) -> None:
+        """SIGTERM the group, wait, then SIGKILL the group. Safe to call twice."""
+        if self.popen is None:
+            return
+        for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 5.0)):
+            try:
+                os.killpg(self.popen.pid, sig)
+            except ProcessLookupError:
+                pass
+            try:
+                self.popen.wait(timeout=wait_s)
+                break
+            except subprocess.TimeoutExpired:
+                continue
+        # Workers that outlived their parent still carry its group id.
+        try:
+            os.killpg(self.popen.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def run_bounded(argv: list[str], timeout_s: float, env: dict[str, str] | None = None) -> str:
+    """Run a load generator to completion in its own group; kill the group if it overstays."""
+    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=timeout_s)
+        return out.decode(errors="replace")
+    except subprocess.TimeoutExpired as exc:
+        raise HarnessError(f"{argv[0]} ran past {timeout_s:.0f}s and was killed") from exc
+    finally:
+        if proc.poll() is None:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            proc.wait(timeout=5)
+
+
+def http_probe(port: int, path: str = "/", host: str | None = None, method: str = "GET",
+               body: bytes | None = None, timeout: float = 5.0) -> int:
+    """One request to 127.0.0.1:port; returns the status (raises OSError when nothing answers)."""
+    conn = http.client.HTTPConnection(LOOPBACK, port, timeout=timeout)
+    try:
+        headers = {"Host": host} if host else {}
+        conn.request(method, path, body=body, headers=headers)
+        response = conn.getresponse()
+        response.read()
+        return response.status
+    finally:
+        conn.close()
+
+
+def wait_until(ready, proc: ManagedProcess | None, timeout_s: float, what: str) -> None:
+    """Poll `ready()` every 100 ms until true; fail early when `proc` died."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc is not None and not proc.alive():
+            raise HarnessError(f"{what} exited early:\n{proc.log_tail()}")
+        try:
+            if ready():
+                return
+        except OSError:
+            pass
+        time.sleep(0.1)
+    raise HarnessError(f"{what} not ready after {timeout_s:.0f}s")
+
+
+def _read_all_stats() -> list[ProcStat]:
+    stats = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stats.append(parse_proc_stat(Path(f"/proc/{entry}/stat").read_text()))
+            except (OSError, ValueError, IndexError):
+                continue  # exited while we looked
+    return stats
+
+
+class TreeSampler:
+    """Samples a process tree's CPU ticks and memory every `interval_s` in a background thread."""
+
+    def __init__(self, root_pid: int, interval_s: float = 0.2) -> None:
+        self.root_pid = root_pid
+        self.interval_s = interval_s
+        self.memory_samples: list[dict[int, tuple[int, int]]] = []
+        self.start_ticks: dict[int, int] = {}
+        self.last_ticks: dict[int, int] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="tree-sampler", daemon=True)
+
+    def snapshot_ticks(self) -> dict[int, int]:
+        stats = _read_all_stats()
+        members = tree_members(stats, self.root_pid)
+        return {s.pid: s.cpu_ticks for s in stats if s.pid in members}
+
+    def _sample(self) -> None:
+        ticks = self.snapshot_ticks()
+        memory = {}
+        for pid in ticks:
+            try:
+                memory[pid] = parse_proc_status_memory(Path(f"/proc/{pid}/status").read_text())
+            except OSError:
+                continue
+        self.memory_samples.append(memory)
+        # Keep the latest ticks of pids that may exit before the final snapshot.
+        self.last_ticks.update(ticks)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self._sample()
+
+    def cpu_seconds(self) -> float:
+        return cpu_seconds_between(self.start_ticks, self.last_ticks, CLK_TCK)
+
+    def peak_rss_kib(self) -> int:
+        return peak_rss_kib(self.memory_samples)
+
+    def __enter__(self) -> "TreeSampler":
+        self.start_ticks = self.snapshot_ticks()
+        self._sample()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        self._sample()
