@@ -47,6 +47,7 @@ _PATH_CHARS = _UNRESERVED + "/"
 _PLAIN_QUERY = re.compile(r"[A-Za-z0-9\-_.~=&]*")
 # Every pair is `key=value` (exactly one '='), all unreserved: sortable as plain strings.
 _SIMPLE_QUERY = re.compile(rf"{_U}+={_U}*(?:&{_U}+={_U}*)*")
+_BAD_ESCAPE = re.compile(r"%(?![0-9A-Fa-f]{2})")
 _HEADER_WS = re.compile(r"[ \t\r\n]+")
 
 # How a request header name is treated: signed if present, added by us (must be absent), or not
@@ -112,16 +113,15 @@ def canonical_uri(raw_path: str, *, normalize: bool, double_encode: bool) -> str
     """The canonical URI of a request path as sent on the wire (already percent-encoded).
 
     Default (non-S3) rule: normalise, then encode the encoded path once more (`%` -> `%25`), as
-    botocore's SigV4Auth and awscrt do. S3 rule (`double_encode=False`): each segment is decoded
-    and re-encoded once, so a canonically encoded path signs as itself.
+    botocore's SigV4Auth and awscrt do. S3 rule (`double_encode=False`): the wire path is already
+    encoded once and signs verbatim (as botocore's S3 signer and awscrt do).
     """
     if not raw_path.startswith("/") or "?" in raw_path or "#" in raw_path:
         raise BadRequest("request path must be origin-form (start with '/', no query)")
     path = _remove_dot_segments(raw_path) if normalize else raw_path
     if double_encode:
         return quote_from_bytes(path.encode("utf-8", "surrogateescape"), safe="/~")
-    return "/".join(quote_from_bytes(unquote_to_bytes(seg.encode("utf-8", "surrogateescape")),
-                                     safe="~") for seg in path.split("/"))
+    return path
 
 
 def _encode_component(text: str) -> str:
@@ -130,7 +130,11 @@ def _encode_component(text: str) -> str:
 
 def canonical_query(raw_query: str) -> str:
     """Canonical query: decode each key and value, re-encode (only `A-Za-z0-9-_.~` literal, `+`
-    becomes `%2B`), a missing `=` means an empty value, sort by key then value."""
+    becomes `%2B`), a missing `=` means an empty value, sort by key then value.
+
+    Empty pairs (`a=1&&b=2`, a trailing `&`) are dropped, as awscrt does. A `%` not followed by
+    two hex digits is malformed: BadRequest (awscrt refuses it too) rather than a guess.
+    """
     if not raw_query:
         return ""
     if _SIMPLE_QUERY.fullmatch(raw_query):
@@ -144,12 +148,16 @@ def canonical_query(raw_query: str) -> str:
     pairs: list[tuple[str, str]] = []
     if _PLAIN_QUERY.fullmatch(raw_query):
         for pair in raw_query.split("&"):
-            key, _, value = pair.partition("=")
-            pairs.append((key, value.replace("=", "%3D")))
+            if pair:
+                key, _, value = pair.partition("=")
+                pairs.append((key, value.replace("=", "%3D")))
     else:
+        if "%" in raw_query and _BAD_ESCAPE.search(raw_query):
+            raise BadRequest("malformed percent-encoding in the query string")
         for pair in raw_query.split("&"):
-            key, _, value = pair.partition("=")
-            pairs.append((_encode_component(key), _encode_component(value)))
+            if pair:
+                key, _, value = pair.partition("=")
+                pairs.append((_encode_component(key), _encode_component(value)))
     pairs.sort()
     return "&".join([f"{k}={v}" for k, v in pairs])
 
