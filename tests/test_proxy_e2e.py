@@ -11,6 +11,7 @@ import os
 import aiohttp
 import pytest
 import trustme
+from multidict import CIMultiDict
 
 from sigv4proxy.sim.server import SimConfig, start_simulator
 from support.proxy import LATTICE_HOST, PRINCIPAL, SERVICE_ARN, running_proxy, write_identities
@@ -132,7 +133,7 @@ async def test_repeated_headers_in_order_and_client_signing_headers_replaced(sim
                ("X-Amz-Security-Token", "forged"), ("X-Amz-Content-Sha256", "deadbeef"),
                ("Connection", "keep-alive, X-Hop"), ("X-Hop", "must-not-pass"), ("Keep-Alive", "timeout=5")]
     async with running_proxy(**via(sim, protocol)) as proxy:
-        resp, body = await get_json(client, f"http://127.0.0.1:{proxy.port}/h", headers=aiohttp.CIMultiDict(headers))
+        resp, body = await get_json(client, f"http://127.0.0.1:{proxy.port}/h", headers=CIMultiDict(headers))
     assert resp.status == 200, body
     received = json.loads(body)["headers"]
     names = [n.lower() for n, _ in received]
@@ -208,8 +209,8 @@ async def test_host_outside_allow_list_is_refused_and_never_contacted(sim, clien
 async def test_connect_and_upgrade_are_refused(sim):
     async with running_proxy(**via(sim, "h2")) as proxy:
         for request, status in (
-            f"CONNECT {LATTICE_HOST}:443 HTTP/1.1\r\nHost: {LATTICE_HOST}:443\r\n\r\n", b"405",
-            f"GET / HTTP/1.1\r\nHost: {LATTICE_HOST}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n", b"400",
+            (f"CONNECT {LATTICE_HOST}:443 HTTP/1.1\r\nHost: {LATTICE_HOST}:443\r\n\r\n", b"405"),
+            (f"GET / HTTP/1.1\r\nHost: {LATTICE_HOST}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n", b"400"),
         ):
             reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
             writer.write(request.encode())
