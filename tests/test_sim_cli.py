@@ -1,0 +1,114 @@
+"""`sigv4proxy policy check` and `sigv4proxy sim` as real subprocesses: output, exit codes, shutdown."""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import subprocess
+import sys
+import urllib.request
+from importlib import resources
+
+import pytest
+
+DEMO_DIR = resources.files("sigv4proxy") / "demo"
+DEMO_POLICY = str(DEMO_DIR / "auth-policy.json")
+DEMO_IDENTITIES = str(DEMO_DIR / "identities.json")
+DEMO_PRINCIPAL = "arn:aws:sts::111122223333:assumed-role/demo-app/sigv4proxy"
+DEMO_SVC = "arn:aws:vpc-lattice:us-west-2:111122223333:service/svc-0123456789abcdef0"
+
+
+def cli(*args: str, timeout: float = 30) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "sigv4proxy", *args], capture_output=True, text=True, timeout=timeout)
+
+
+def check(*args: str) -> subprocess.CompletedProcess:
+    return cli("policy", "check", DEMO_POLICY, "--identities", DEMO_IDENTITIES, "--service-arn", DEMO_SVC, *args)
+
+
+def test_demo_files_ship_in_the_package_and_are_consistent():
+    identities = json.loads((DEMO_DIR / "identities.json").read_text())["identities"]
+    assert len(identities) == 1 and identities[0]["principal"] == DEMO_PRINCIPAL
+    assert identities[0]["org_id"] == "o-demo" and identities[0]["session_token"]
+    policy = json.loads((DEMO_DIR / "auth-policy.json").read_text())
+    assert {s["Sid"] for s in policy["Statement"]} == {"AllowDemoAppInvoke", "DenyAdminDeletes"}
+
+
+def test_policy_check_allow():
+    out = check("--principal", DEMO_PRINCIPAL, "--method", "GET", "--path", "/hello")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines()[0] == "ALLOW (statement AllowDemoAppInvoke: allow)"
+
+
+def test_policy_check_explicit_deny():
+    out = check("--principal", DEMO_PRINCIPAL, "--method", "DELETE", "--path", "/admin/users")
+    assert out.returncode == 1
+    first, second = out.stdout.splitlines()[:2]
+    assert first == "DENY (statement DenyAdminDeletes: explicit_deny)"
+    assert second == (f"User: {DEMO_PRINCIPAL} is not authorized to perform: vpc-lattice-svcs:Invoke on resource: "
+                      f"{DEMO_SVC}/admin/users because with an explicit deny in a service-based policy")
+
+
+def test_policy_check_default_deny_for_other_principal_and_anonymous():
+    other = check("--principal", "arn:aws:sts::444455556666:assumed-role/x/y", "--method", "GET", "--path", "/")
+    assert other.returncode == 1 and other.stdout.startswith("DENY (no statement: no_allow)")
+    anon = check("--principal", "anonymous", "--method", "GET", "--path", "/")
+    assert anon.returncode == 1 and "User: anonymous" in anon.stdout
+
+
+def test_policy_check_headers_and_queries(tmp_path):
+    policy = tmp_path / "p.json"
+    policy.write_text(json.dumps({"Statement": [{
+        "Sid": "TenantRed", "Effect": "Allow", "Principal": "*", "Action": "vpc-lattice-svcs:Invoke", "Resource": "*",
+        "Condition": {"StringEquals": {"vpc-lattice-svcs:RequestHeader/x-tenant": "acme",
+                                       "vpc-lattice-svcs:RequestQueryString/color": "red"}}}]}))
+    base = ["policy", "check", str(policy), "--principal", DEMO_PRINCIPAL, "--method", "GET", "--path", "/"]
+    assert cli(*base, "--header", "X-Tenant=acme", "--query", "color=red").returncode == 0
+    assert cli(*base, "--header", "X-Tenant=acme", "--query", "color=blue").returncode == 1
+
+
+def test_policy_check_bad_policy_is_a_clear_error(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"Statement": [{"Effect": "Allow", "Principal": "*", "Action": "*", "Resource": "*", '
+                   '"Condition": {"StringSorta": {"k": "v"}}}]}')
+    out = cli("policy", "check", str(bad), "--principal", "anonymous", "--method", "GET", "--path", "/")
+    assert out.returncode == 2 and "unsupported condition operator 'StringSorta'" in out.stderr
+    missing = cli("policy", "check", str(tmp_path / "nope.json"), "--principal", "anonymous", "--method", "GET",
+                  "--path", "/")
+    assert missing.returncode == 2 and "cannot read policy file" in missing.stderr
+
+
+def test_sim_command_serves_until_sigterm_and_logs_without_secrets(tmp_path):
+    log = tmp_path / "access.log"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sigv4proxy", "sim", "--listen", "127.0.0.1:0", "--identities", DEMO_IDENTITIES,
+         "--policy", DEMO_POLICY, "--service-arn", DEMO_SVC, "--access-log", str(log)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stderr.readline()  # blocks until the banner (or EOF if it failed)
+        match = re.search(r"http://127\.0\.0\.1:(\d+)", line)
+        assert match, line + proc.stderr.read()
+        port = int(match.group(1))
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/hello", headers={"Host": "demo.example"})
+        with pytest.raises(urllib.error.HTTPError) as info:
+            urllib.request.urlopen(req, timeout=10)
+        assert info.value.code == 403 and info.value.headers["x-amzn-errortype"] == "AccessDeniedException"
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=15)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate(timeout=5)
+    assert proc.returncode == 0 and "stopped" in err
+    record = json.loads(log.read_text().splitlines()[0])
+    assert record["responseCode"] == 403 and record["requestPath"] == "/hello"
+    secret = json.loads((DEMO_DIR / "identities.json").read_text())["identities"][0]["secret_access_key"]
+    assert secret not in log.read_text()
+
+
+def test_sim_command_rejects_bad_identities(tmp_path):
+    bad = tmp_path / "ids.json"
+    bad.write_text(json.dumps({"identities": [{"access_key_id": "A"}]}))
+    out = cli("sim", "--listen", "127.0.0.1:0", "--identities", str(bad))
+    assert out.returncode == 2 and "'secret_access_key' must be a non-empty string" in out.stderr
