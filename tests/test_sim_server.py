@@ -330,6 +330,24 @@ async def test_http1_keepalive_pipelining_and_head(sim):
     assert int(head2["content-length"]) > 0  # HEAD: the length of the body a GET would get, no body
 
 
+async def test_expect_100_continue(sim):
+    body = b"z" * 5000
+    headers = sign("POST", "/c", {"Expect": "100-continue"}) + [("Content-Length", str(len(body)))]
+    reader, writer = await asyncio.open_connection("127.0.0.1", sim.port)
+    try:
+        head = "POST /c HTTP/1.1\r\n" + "".join(f"{k}: {v}\r\n" for k, v in headers) + "\r\n"
+        writer.write(head.encode())  # headers only: the body waits for "100 Continue"
+        await writer.drain()
+        interim = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), IO_TIMEOUT)
+        assert interim.startswith(b"HTTP/1.1 100 ")
+        writer.write(body)
+        status, _, data = await asyncio.wait_for(read_h1_response(reader), IO_TIMEOUT)
+    finally:
+        writer.close()
+        await writer.wait_closed()
+    assert status == 200 and json.loads(data)["body_length"] == len(body)
+
+
 async def test_malformed_http1_gets_400_not_a_hang(sim):
     reader, writer = await asyncio.open_connection("127.0.0.1", sim.port)
     writer.write(b"GET / HTTP/1.1\r\nBad Header Without Colon\r\n\r\n")

@@ -73,6 +73,8 @@ class H1Handler:
                 target = _strip_absolute_form(_s(event.target))
                 head = self.conn.head("HTTP/1.1", _s(event.method), target, authority, headers)
                 self.exchange = self.conn.server.app.begin(head)
+                if self.h11.they_are_waiting_for_100_continue:
+                    self.conn.write(self.h11.send(h11.InformationalResponse(status_code=100, headers=[])))
             elif isinstance(event, h11.Data):
                 if self.exchange is not None:
                     self.exchange.feed(bytes(event.data))
