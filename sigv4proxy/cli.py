@@ -14,6 +14,7 @@ import sys
 COMMAND_MODULES: tuple[str, ...] = (
     "sigv4proxy.serve",
     "sigv4proxy.call",
+    "sigv4proxy.demo",
     "sigv4proxy.iptables",
     "sigv4proxy.sim.cli",
 )

@@ -68,6 +68,21 @@ def _split_target(raw: str) -> tuple[str | None, str]:
     raise BadRequest("unsupported request target form")
 
 
+class _ProxiedResponse(web.StreamResponse):
+    """A StreamResponse that adds nothing the upstream did not send (aiohttp would add a default
+    Content-Type and its own Server header); Date is only added when missing, as RFC 9110 allows."""
+
+    async def _prepare_headers(self) -> None:
+        headers = self._headers
+        had_type = "Content-Type" in headers
+        had_server = "Server" in headers
+        await super()._prepare_headers()
+        if not had_type:
+            headers.popall("Content-Type", None)
+        if not had_server:
+            headers.popall("Server", None)
+
+
 class ProxyHandler:
     """The aiohttp low-level request handler. One instance per worker."""
 
@@ -185,7 +200,7 @@ class ProxyHandler:
             upstream_headers, body,
         )
         first_byte = time.perf_counter()
-        response = web.StreamResponse(status=upstream.status)
+        response = _ProxiedResponse(status=upstream.status)
         out = CIMultiDict()
         length = None
         for name_b, value_b in upstream.headers:
