@@ -59,6 +59,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     check.add_argument("--port", type=int, default=443)
     check.add_argument("--source-ip", default=None)
     check.set_defaults(func=run_policy_check)
+    policy.set_defaults(func=lambda args: (policy.print_help(), 2)[1])  # only reached without a subcommand
 
 
 def _caller(principal: str, identities_file: str | None) -> Identity | None:
