@@ -18,7 +18,7 @@ import logging
 import random
 import re
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Protocol
 
 from sigv4proxy.errors import CredentialsUnavailable
@@ -101,7 +101,8 @@ def _safe_reasons(stage: str) -> Iterator[None]:
     except botocore.exceptions.BotoCoreError as exc:
         raise CredentialFetchError(f"{stage} ({type(exc).__name__})") from None
     except (KeyError, ValueError, TypeError, AttributeError) as exc:
-        raise CredentialFetchError(f"{stage}: malformed credentials ({type(exc).__name__})") from None
+        reason = f"{stage}: malformed credentials ({type(exc).__name__})"
+        raise CredentialFetchError(reason) from None
 
 
 class BotocoreProvider:
@@ -133,20 +134,29 @@ class BotocoreProvider:
         self._external_id = external_id  # private: a confused-deputy guard, kept out of reprs
         self.duration_seconds = duration_seconds
         self.sts_endpoint_url = sts_endpoint_url  # None: botocore applies AWS_ENDPOINT_URL_STS
-        self._client_session: Any = None  # reused for STS clients: it caches service models
+        self._loader: Any = None  # shared by every fetch's Session: models are parsed once
 
     def __repr__(self) -> str:
         return f"BotocoreProvider(profile={self.profile!r}, role_arn={self.role_arn!r})"
 
     def fetch(self) -> Credentials:
-        import botocore.session
-
         with _safe_reasons("credential chain failed"):
-            base = self._resolve_chain(botocore.session.Session(profile=self.profile))
+            session = self._new_session()
+            base = self._resolve_chain(session)
         if self.role_arn is None:
             return base
         with _safe_reasons("AssumeRole failed"):
-            return self._assume_role(base)
+            return self._assume_role(session, base)
+
+    def _new_session(self) -> Any:
+        import botocore.loaders
+        import botocore.session
+
+        session = botocore.session.Session(profile=self.profile)
+        if self._loader is None:
+            self._loader = botocore.loaders.create_loader(session.get_config_variable("data_path"))
+        session.register_component("data_loader", self._loader)
+        return session
 
     def _resolve_chain(self, session: Any) -> Credentials:
         from botocore.credentials import RefreshableCredentials
@@ -169,27 +179,20 @@ class BotocoreProvider:
         expiry = expiry_time.timestamp() if expiry_time is not None else None
         return checked_credentials(frozen.access_key, frozen.secret_key, frozen.token, expiry)
 
-    def _assume_role(self, base: Credentials) -> Credentials:
+    def _assume_role(self, session: Any, base: Credentials) -> Credentials:
         import botocore.config
-        import botocore.session
 
-        if self._client_session is None:
-            self._client_session = botocore.session.Session(profile=self.profile)
-        region = self.region or self._client_session.get_config_variable("region") or "us-east-1"
-        client = self._client_session.create_client(
-            "sts",
-            region_name=region,
-            endpoint_url=self.sts_endpoint_url,
-            aws_access_key_id=base.access_key,
-            aws_secret_access_key=base.secret_key,
+        region = self.region or session.get_config_variable("region") or "us-east-1"
+        client = session.create_client(
+            "sts", region_name=region, endpoint_url=self.sts_endpoint_url,
+            aws_access_key_id=base.access_key, aws_secret_access_key=base.secret_key,
             aws_session_token=base.token,
             config=botocore.config.Config(
                 connect_timeout=5, read_timeout=10, retries={"mode": "standard", "max_attempts": 3}
             ),
         )
         params: dict[str, Any] = {
-            "RoleArn": self.role_arn,
-            "RoleSessionName": self.role_session_name,
+            "RoleArn": self.role_arn, "RoleSessionName": self.role_session_name,
             "DurationSeconds": self.duration_seconds,
         }
         if self._external_id is not None:
@@ -198,12 +201,8 @@ class BotocoreProvider:
             issued = client.assume_role(**params)["Credentials"]
         finally:
             client.close()
-        return checked_credentials(
-            issued.get("AccessKeyId"),
-            issued.get("SecretAccessKey"),
-            issued.get("SessionToken"),
-            issued["Expiration"].timestamp(),
-        )
+        return checked_credentials(issued.get("AccessKeyId"), issued.get("SecretAccessKey"),
+                                   issued.get("SessionToken"), issued["Expiration"].timestamp())
 
 
 @dataclass(frozen=True, slots=True)
@@ -300,18 +299,16 @@ class CredentialStore:
         `kw` goes to the constructor (`clock`, `refresh_policy`).
         """
         provider = BotocoreProvider(
-            profile=profile,
-            region=region,
-            role_arn=role_arn,
-            role_session_name=role_session_name,
-            external_id=external_id,
-            duration_seconds=duration_seconds,
+            profile=profile, region=region, role_arn=role_arn, role_session_name=role_session_name,
+            external_id=external_id, duration_seconds=duration_seconds,
             sts_endpoint_url=sts_endpoint_url,
         )
         return cls(provider, **kw)
 
     @classmethod
-    def static(cls, access_key: str, secret_key: str, token: str | None = None) -> "CredentialStore":
+    def static(
+        cls, access_key: str, secret_key: str, token: str | None = None
+    ) -> "CredentialStore":
         """Fixed credentials: usable at once (no start() needed) and never refreshed."""
         try:
             creds = checked_credentials(access_key, secret_key, token, None)
@@ -425,15 +422,12 @@ class CredentialStore:
         self._failures_in_row = 0
         self.last_error = None
         self.refresh_success += 1
+        hint = key_hint(creds.access_key)
         if creds.expiry is None:
-            log.info("credentials loaded: key %s, no expiry (%.2fs)", key_hint(creds.access_key), took)
+            log.info("credentials refreshed: key %s, no expiry (%.2fs)", hint, took)
         else:
-            log.info(
-                "credentials refreshed: key %s, expire in %.0fs (%.2fs)",
-                key_hint(creds.access_key),
-                creds.expiry - self._clock(),
-                took,
-            )
+            left = creds.expiry - self._clock()
+            log.info("credentials refreshed: key %s, expire in %.0fs (%.2fs)", hint, left, took)
         self._notify("success")
 
     def _record_failure(self, exc: Exception, took: float) -> None:
@@ -447,11 +441,8 @@ class CredentialStore:
         self.refresh_failure += 1
         ok, _ = self.ready()
         log.warning(
-            "credential refresh failed (%d in a row, %.2fs): %s; %s",
-            self._failures_in_row,
-            took,
-            reason,
-            "keeping the last good credentials" if ok else "no valid credentials: failing closed",
+            "credential refresh failed (%d in a row, %.2fs): %s; %s", self._failures_in_row, took,
+            reason, "keeping the last good ones" if ok else "none valid: failing closed",
         )
         self._notify("failure")
 

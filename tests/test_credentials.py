@@ -5,6 +5,7 @@ credentials endpoint and a real local STS (moto) over loopback sockets."""
 from __future__ import annotations
 
 import asyncio
+import datetime
 import logging
 import threading
 import time
@@ -153,7 +154,8 @@ def test_static_rejects_unusable_values_without_echoing_them(access_key, secret_
 
 async def test_reprs_never_show_secrets(aws_env):
     static = CredentialStore.static("AKIDREPR", "repr-secret-value", "repr-session-token")
-    botocore_store = CredentialStore.from_botocore(role_arn=ROLE_ARN, external_id="repr-external-id")
+    botocore_store = CredentialStore.from_botocore(role_arn=ROLE_ARN,
+                                                   external_id="repr-external-id")
     texts = [repr(static), str(static), repr(static.snapshot()), str(static.snapshot()),
              repr(botocore_store), str(botocore_store)]
     for text in texts:
@@ -512,3 +514,22 @@ async def test_assume_role_failure_is_a_refresh_failure(aws_env, creds_server, s
     await store.start()
     assert store.refresh_failure == 1 and not store.ready()[0]
     assert store.last_error == "AssumeRole failed (EndpointConnectionError)"
+
+
+async def test_irsa_web_identity_chain_against_local_sts(aws_env, stores, local_sts, tmp_path):
+    token_file = tmp_path / "eks.amazonaws.com-serviceaccount-token"
+    token_file.write_text("eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJzeXN0ZW06c2EifQ.c2ln")
+    aws_env.setenv("AWS_WEB_IDENTITY_TOKEN_FILE", str(token_file))
+    aws_env.setenv("AWS_ROLE_ARN", ROLE_ARN)
+    aws_env.setenv("AWS_ROLE_SESSION_NAME", "irsa-session")
+    aws_env.setenv("AWS_ENDPOINT_URL_STS", local_sts)
+    store = CredentialStore.from_botocore(refresh_policy=FAST)
+    stores.append(store)
+    await store.start()
+    assert store.ready() == (True, "")
+    record = assumed_role_record(store.snapshot().access_key)
+    assert (record.role_arn, record.session_name) == (ROLE_ARN, "irsa-session")
+    expiration = record.expiration  # moto keeps naive UTC
+    if expiration.tzinfo is None:
+        expiration = expiration.replace(tzinfo=datetime.timezone.utc)
+    assert store.expiry == pytest.approx(expiration.timestamp(), abs=1)

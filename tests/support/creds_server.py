@@ -38,7 +38,8 @@ _ALNUM = string.ascii_uppercase + string.digits
 _AWS_ENV = (
     "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN",
     "AWS_CREDENTIAL_EXPIRATION", "AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_ROLE_ARN",
-    "AWS_WEB_IDENTITY_TOKEN_FILE", "AWS_ROLE_SESSION_NAME", "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
+    "AWS_WEB_IDENTITY_TOKEN_FILE", "AWS_ROLE_SESSION_NAME",
+    "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
     "AWS_CONTAINER_CREDENTIALS_FULL_URI", "AWS_CONTAINER_AUTHORIZATION_TOKEN",
     "AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_STS",
     "HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy", "ALL_PROXY", "all_proxy",
@@ -71,7 +72,8 @@ class CredsServer:
         self.lifetime = lifetime
         self.token = token if token is not None else "container-auth-" + secrets.token_hex(8)
         self.mode = OK
-        self.slow_seconds = 0.0  # spread over the response in pauses < 1 s (botocore's timeout is 2 s)
+        # Slow mode spreads this over the response in pauses < 1 s (botocore's read timeout: 2 s).
+        self.slow_seconds = 0.0
         self.fetches = 0  # every request received
         self.unauthorized = 0  # requests with a missing or wrong Authorization header
         self.issued: list[IssuedKey] = []  # keys handed out with 200 (also expired ones)
