@@ -72,7 +72,7 @@ class ProxyApp:
             max_body_size=config.max_body_size, max_inflight=config.max_inflight,
             transparent=config.transparent, strip_headers=config.strip_header,
             add_headers=[tuple(h.split("=", 1)) for h in config.add_header],
-            duplicate_headers=config.duplicate_header,
+            duplicate_headers=config.duplicate_header, access_log=config.access_log,
         )
         self._reuse_port = reuse_port
         self._draining = False

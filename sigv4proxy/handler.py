@@ -16,6 +16,7 @@ from typing import AsyncIterator, Callable, Iterable
 from aiohttp import web
 from multidict import CIMultiDict
 
+from sigv4proxy import accesslog
 from sigv4proxy.credentials import CredentialStore
 from sigv4proxy.errors import (
     BadRequest,
@@ -99,6 +100,7 @@ class ProxyHandler:
         strip_headers: Iterable[str] = (),
         add_headers: Iterable[tuple[str, str]] = (),
         duplicate_headers: Iterable[str] = (),
+        access_log: bool = False,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._router = router
@@ -113,6 +115,7 @@ class ProxyHandler:
         self._drop = DROP_REQUEST | {h.lower() for h in strip_headers}
         self._add = [(n.strip().lower(), v.strip()) for n, v in add_headers]
         self._duplicate = {h.lower(): "x-original-" + h.lower() for h in duplicate_headers}
+        self._access_log = access_log
         self.inflight = 0
         # Original destination per inbound connection (transparent mode), read once.
         self._original_dst: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -128,6 +131,8 @@ class ProxyHandler:
             response, route_name = await self._proxy(request, started)
             return response
         except ProxyError as exc:
+            if self._access_log:
+                self._log_access(request, started, exc.status, route_name, None, None, None, exc.kind)
             return self._error(exc, request.method, route_name, started)
         finally:
             self.inflight -= 1
@@ -215,9 +220,11 @@ class ProxyHandler:
         if length is not None:
             response.content_length = length
         complete = False
+        sent = 0
         try:
             await response.prepare(request)
             async for chunk in upstream:
+                sent += len(chunk)
                 await response.write(chunk)
             await response.write_eof()
             complete = True
@@ -233,7 +240,22 @@ class ProxyHandler:
             method, upstream.status if complete else 0, route_name, time.perf_counter() - started,
             sign_done - sign_started, first_byte - sign_done, upstream.http_version,
         )
+        if self._access_log:
+            self._log_access(request, started, upstream.status, route_name, first_byte - sign_done,
+                             upstream.http_version, sent, None if complete else "response_aborted")
         return response, route_name
+
+    def _log_access(self, request: web.BaseRequest, started: float, status: int, route: str,
+                    to_target: float | None, upstream_protocol: str | None, sent: int | None,
+                    failure: str | None) -> None:
+        elapsed = time.perf_counter() - started
+        headers = request.headers
+        accesslog.record(
+            start=self._clock() - elapsed, method=request.method, path=request.raw_path,
+            host=headers.get("Host"), peer=request.transport.get_extra_info("peername") if request.transport else None,
+            user_agent=headers.get("User-Agent"), status=status, duration=elapsed, to_target=to_target,
+            route=route, upstream_protocol=upstream_protocol, bytes_sent=sent, failure=failure,
+        )
 
     async def _body(self, request: web.BaseRequest) -> AsyncIterator[bytes]:
         limit = self._max_body
