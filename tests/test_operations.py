@@ -148,3 +148,24 @@ def test_example_configs_are_valid():
         out = subprocess.run([sys.executable, "-m", "sigv4proxy", "check-config", "--config",
                               os.path.join(root, name)], capture_output=True, text=True)
         assert out.returncode == 0, (name, out.stderr)
+
+
+async def test_access_log_lines_use_lattice_field_names_and_hold_no_secrets(sim):
+    proc, port, admin = await start_proxy(sim, "--access-log")
+    try:
+        async with aiohttp.ClientSession() as client:
+            async with client.get(f"http://127.0.0.1:{port}/logged?token=abc", headers={"Host": LATTICE_HOST}) as r:
+                assert r.status == 200
+            async with client.get(f"http://127.0.0.1:{port}/x", headers={"Host": "not-allowed.example"}) as r:
+                assert r.status == 403
+    finally:
+        err = await stop(proc)
+    records = [json.loads(line) for line in err.decode().splitlines() if line.startswith("{")]
+    access = [r for r in records if r["logger"] == "sigv4proxy.access"]
+    assert len(access) == 2
+    ok, denied = access
+    assert ok["requestMethod"] == "GET" and ok["requestPath"] == "/logged" and ok["responseCode"] == 200
+    assert ok["hostHeader"] == LATTICE_HOST and ok["upstreamProtocol"] == "HTTP/2" and ok["failureReason"] == "-"
+    assert denied["responseCode"] == 403 and denied["failureReason"] == "host_not_allowed"
+    assert "abc" not in json.dumps(access)  # query strings are never logged
+    assert_no_secrets(err)
