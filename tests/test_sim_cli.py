@@ -47,7 +47,7 @@ def test_policy_check_explicit_deny():
     first, second = out.stdout.splitlines()[:2]
     assert first == "DENY (statement DenyAdminDeletes: explicit_deny)"
     assert second == (f"User: {DEMO_PRINCIPAL} is not authorized to perform: vpc-lattice-svcs:Invoke on resource: "
-                      f"{DEMO_SVC}/admin/users because with an explicit deny in a service-based policy")
+                      f"{DEMO_SVC}/admin/users with an explicit deny in a service-based policy")
 
 
 def test_policy_check_default_deny_for_other_principal_and_anonymous():

@@ -69,7 +69,7 @@ def test_denial_messages():
     deny = evaluate(Policy.from_document({"Statement": [stmt("Deny")]}), CALLER, facts())
     assert denial_message(deny, SESSION, SVC + "/x") == (
         f"User: {SESSION} is not authorized to perform: vpc-lattice-svcs:Invoke on resource: {SVC}/x "
-        "because with an explicit deny in a service-based policy")
+        "with an explicit deny in a service-based policy")
     none = evaluate(Policy.from_document({"Statement": [stmt(action="x:y")]}), None, facts())
     assert denial_message(none, None, SVC + "/x") == (
         f"User: anonymous is not authorized to perform: vpc-lattice-svcs:Invoke on resource: {SVC}/x "

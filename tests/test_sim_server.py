@@ -252,7 +252,7 @@ async def test_denial_message_names_principal_and_resource(sim):
     assert status == 403
     assert json.loads(body)["Message"] == (
         f"AccessDeniedException: User: {PRINCIPAL} is not authorized to perform: vpc-lattice-svcs:Invoke on "
-        f"resource: {SVC}/admin/users because with an explicit deny in a service-based policy")
+        f"resource: {SVC}/admin/users with an explicit deny in a service-based policy")
 
 
 async def test_time_skew_is_rejected(tmp_path):

@@ -249,7 +249,8 @@ def evaluate(policy: Policy | None, identity: Identity | None, facts: RequestFac
 
 
 def denial_message(decision: Decision, principal: str | None, resource: str) -> str:
+    # IAM's wording: "... with an explicit deny in ..." has no "because".
     why = ("with an explicit deny in a service-based policy" if decision.reason == "explicit_deny"
-           else "no service-based policy allows the vpc-lattice-svcs:Invoke action")
+           else "because no service-based policy allows the vpc-lattice-svcs:Invoke action")
     return (f"User: {principal or ANONYMOUS} is not authorized to perform: {INVOKE_ACTION} "
-            f"on resource: {resource} because {why}")
+            f"on resource: {resource} {why}")
