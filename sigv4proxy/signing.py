@@ -55,6 +55,7 @@ _HEADER_WS = re.compile(r"[ \t\r\n]+")
 _SIGNED, _OWN, _IGNORED = 0, 1, 2
 _NAME_MEMO_SIZE = 512
 _LAYOUT_MEMO_SIZE = 256
+_USUAL_SIGNED_HEADERS = "host;x-amz-content-sha256;x-amz-date;x-amz-security-token"
 _XOR_IPAD = bytes(b ^ 0x36 for b in range(256))
 _XOR_OPAD = bytes(b ^ 0x5C for b in range(256))
 
@@ -215,6 +216,7 @@ class SigV4Signer:
         self._layouts: dict[tuple[str, ...], tuple[list[str], str, list[str]]] = {}
         self._plain_path_ok = normalize_path and double_encode_path
         self._own_extra = self._extra_own_headers()
+        self._usual_shape = content_sha256_header and not self._own_extra
         self._scope_tail = self._scope_suffix()
         self._last_second: int | None = None
         self._last_dates: tuple[str, str] = ("", "")  # (x-amz-date, credential scope)
@@ -304,7 +306,10 @@ class SigV4Signer:
             payload_hash = UNSIGNED_PAYLOAD
         elif payload_hash is None:
             payload_hash = EMPTY_SHA256
-        amz_date, scope = self._dates(now)
+        if int(now) == self._last_second:
+            amz_date, scope = self._last_dates
+        else:
+            amz_date, scope = self._dates(now)
 
         token = creds.token
         if token and self.content_sha256_header:  # the usual case, built in one go
@@ -318,8 +323,8 @@ class SigV4Signer:
                 added.append(("x-amz-security-token", token))
         if self._own_extra:
             added += self._own_extra
-        collected: dict[str, str] = dict(added)
 
+        collected: dict[str, str] = {}  # signed request headers; our own names cannot occur
         memo = self._name_memo
         for name, value in headers:
             lname = memo.get(name)
@@ -335,14 +340,22 @@ class SigV4Signer:
                 collected[lname] += "," + value
             else:
                 collected[lname] = value
-        if "host" not in collected:
+        host = collected.get("host")
+        if host is None:
             raise BadRequest("request has no host header")
 
-        layout = self._layouts.get(tuple(collected))
-        if layout is None:
-            layout = self._layout(tuple(collected))
-        names, signed, prefixes = layout
-        canon_headers = "\n".join(map(operator.add, prefixes, map(collected.__getitem__, names)))
+        if len(collected) == 1 and token and self._usual_shape:
+            # The usual Lattice request: host plus our own three, in their sorted order.
+            canon_headers = (f"host:{host}\nx-amz-content-sha256:{payload_hash}\n"
+                             f"x-amz-date:{amz_date}\nx-amz-security-token:{token}")
+            signed = _USUAL_SIGNED_HEADERS
+        else:
+            collected.update(added)
+            arrival = tuple(collected)
+            layout = self._layouts.get(arrival) or self._layout(arrival)
+            names, signed, prefixes = layout
+            canon_headers = "\n".join(map(operator.add, prefixes,
+                                          map(collected.__getitem__, names)))
 
         if self._plain_path_ok and raw_path[:1] == "/" and raw_path.isascii() \
                 and not raw_path.strip(_PATH_CHARS) and "//" not in raw_path \

@@ -22,7 +22,7 @@ import pytest
 from awscrt import auth as crt_auth
 from awscrt import http as crt_http
 from botocore.awsrequest import AWSRequest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from sigv4proxy.errors import BadRequest, CredentialsUnavailable
@@ -134,6 +134,7 @@ def test_unsorted_repeated_queries_match_botocore(pairs, order) -> None:
 @PROPS
 @given(method=methods, path=paths, query=raw_queries, headers=headers_lists)
 def test_raw_requests_match_awscrt(method, path, query, headers) -> None:
+    assume(":/" not in path)  # awscrt's URI parser rejects it (a scheme?); botocore covers it
     headers = with_host(headers)
     assert ours(method, path, query, headers) == crt_authorization(method, path, query, headers)
 
@@ -142,6 +143,7 @@ def test_raw_requests_match_awscrt(method, path, query, headers) -> None:
 @given(path=paths)
 def test_s3_rule_matches_awscrt(path) -> None:
     # Single encoding, no normalisation: awscrt signs the wire path verbatim.
+    assume(":/" not in path)
     headers = with_host([])
     assert ours("GET", path, "", headers, normalize_path=False, double_encode_path=False) == \
         crt_authorization("GET", path, "", headers, normalize=False, double_encode=False)
