@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-dev
 
-.PHONY: venv test run bench bench-sign loadtest soak fuzz clean
+.PHONY: venv test run bench bench-quick bench-sign loadtest soak fuzz clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -28,3 +28,18 @@ bench-sign: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis build *.egg-info
+
+# The benchmark matrix (< 10 min; bench-quick < 2 min): bench-results/bench.md, .json, .png.
+# Extra flags: make bench BENCH_ARGS="--peer 'aws-sigv4-proxy --port :{port} ...' --peer-name go"
+bench: $(STAMP)
+	$(BIN)/python -c "import matplotlib" 2>/dev/null || $(BIN)/pip install -q -e '.[bench]'
+	$(BIN)/python benchmarks/bench.py $(BENCH_ARGS)
+
+bench-quick: $(STAMP)
+	$(BIN)/python -c "import matplotlib" 2>/dev/null || $(BIN)/pip install -q -e '.[bench]'
+	$(BIN)/python benchmarks/bench.py --quick $(BENCH_ARGS)
+
+# Headless locust for a bounded time against SIGV4PROXY_TARGET (default: the demo, started here
+# when nothing listens): CSV and HTML reports in loadtest-results/.
+loadtest: $(STAMP)
+	$(BIN)/python loadtests/locustfile.py $(LOADTEST_ARGS)
