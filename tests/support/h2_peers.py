@@ -61,7 +61,7 @@ class H2Script:
     initial_window_size: int | None = None  # our receive window per request stream
     open_window_after: float | None = None  # then raise it to 1 MiB via SETTINGS
     refuse_first: int = 0  # RST_STREAM(REFUSED_STREAM) for the first N streams (server-wide)
-    goaway_after: int | None = None  # per connection: serve N streams, GOAWAY(last=Nth), ignore rest
+    goaway_after: int | None = None  # first connection: serve N streams, GOAWAY(last=Nth), ignore rest
     stall: bool = False  # never answer
     close_mid_response: bool = False  # /stream/<n>: send half, then drop the connection
     stall_mid_response: bool = False  # /stream/<n>: send half, then go silent
@@ -102,6 +102,7 @@ class _H2ServerConnection:
         self.h2 = h2.connection.H2Connection(config=config)
         self.streams: dict[int, _ServerStream] = {}
         self.served = 0
+        self.number = server.stats.connections  # 1 for the first connection
         self.goaway_sent = False
         self.pending_acks: list[tuple[int, int]] = []
         self.window_changed = asyncio.get_running_loop().create_future()
@@ -184,7 +185,8 @@ class _H2ServerConnection:
             stats.active += 1
             stats.peak_active = max(stats.peak_active, stats.active)
             self.served += 1
-            if self.script.goaway_after is not None and self.served >= self.script.goaway_after:
+            if (self.script.goaway_after is not None and self.number == 1
+                    and self.served >= self.script.goaway_after):
                 # Graceful GOAWAY written by hand: h2 would refuse to send anything after it.
                 frame = GoAwayFrame(0)
                 frame.last_stream_id = event.stream_id
@@ -225,10 +227,11 @@ class _H2ServerConnection:
                 await asyncio.Event().wait()  # cancelled when the connection ends
             headers = dict(stream.headers)
             path = headers.get(b":path", b"")
+            tail = path.split(b"?", 1)[0].rsplit(b"/", 1)[-1]
             if path.startswith(b"/delay/"):
-                await asyncio.sleep(int(path.rsplit(b"/", 1)[1]) / 1000)
+                await asyncio.sleep(int(tail) / 1000)
             if path.startswith(b"/stream/"):
-                size = int(path.rsplit(b"/", 1)[1])
+                size = int(tail)
                 self.h2.send_headers(stream.id, [(b":status", b"200"),
                                                  (b"content-length", str(size).encode())])
                 cut = size // 2 if (script.close_mid_response or script.stall_mid_response) else size

@@ -113,7 +113,7 @@ class H1TestServer:
     async def _respond(self, conn: h11.Connection, writer: asyncio.StreamWriter,
                        request: h11.Request, body_sha256: str, body_length: int) -> bool:
         path = request.target
-        tail = path.rsplit(b"/", 1)[-1]
+        tail = path.split(b"?", 1)[0].rsplit(b"/", 1)[-1]
         if path == b"/stall":
             await self._closing.wait()
             return False
