@@ -1,0 +1,260 @@
+"""HTTP/1.1 upstream client over real loopback sockets: an h11 server is the independent oracle."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+
+import pytest
+from support.h2_peers import pattern_bytes, pattern_sha256
+from support.upstream_servers import H1TestServer, RawResponseServer, dead_port
+
+from sigv4proxy.errors import (
+    BadRequest,
+    UpstreamConnectError,
+    UpstreamProtocolError,
+    UpstreamReset,
+    UpstreamTimeout,
+)
+from sigv4proxy.upstream.base import Origin, PoolLimits, Timeouts
+from sigv4proxy.upstream.pool import ConnectionPool
+
+MiB = 1 << 20
+
+
+@pytest.fixture
+async def pool():
+    pools: list[ConnectionPool] = []
+
+    def make(**kwargs) -> ConnectionPool:
+        made = ConnectionPool(**kwargs)
+        pools.append(made)
+        return made
+
+    yield make
+    for made in pools:
+        await made.aclose()
+
+
+def http(port: int) -> Origin:
+    return Origin("http", "127.0.0.1", port)
+
+
+async def settle(read_value, rounds: int = 5, interval: float = 0.05, timeout: float = 5.0):
+    """Waits until `read_value()` stops changing for `rounds` polls; returns it."""
+    last, same = read_value(), 0
+    for _ in range(int(timeout / interval)):
+        await asyncio.sleep(interval)
+        value = read_value()
+        same = same + 1 if value == last else 0
+        last = value
+        if same >= rounds:
+            return value
+    raise AssertionError("value kept changing")
+
+
+async def test_host_first_then_headers_exactly_as_given(pool):
+    headers = [(b"X-B", b"2"), (b"x-a", b"1"), (b"X-B", b"3"), (b"Cookie", b"a=1"),
+               (b"Cookie", b"b=2"), (b"X-Amz-Date", b"20240101T000000Z"),
+               (b"X-Obs", b"caf\xc3\xa9")]
+    target = b"/a%2Fb/%7Ec//d;p?b=2&a=1&a=%2f&empty=&flag&%E2%9C%93=x+y"
+    async with H1TestServer() as server:
+        response = await pool().request(http(server.port), b"GET", target, b"svc.example:8080",
+                                        headers)
+        echo = json.loads(await response.read())
+    assert response.status == 200 and response.http_version == "HTTP/1.1"
+    assert echo["path"] == target.decode()
+    sent = [(n.encode("latin-1"), v.encode("latin-1")) for n, v in echo["headers"]]
+    assert sent == [(b"Host", b"svc.example:8080"), *headers]
+    assert (b"Content-Type", b"application/json") in response.headers  # names as received
+
+
+async def test_keep_alive_reuses_one_socket(pool):
+    async with H1TestServer() as server:
+        p = pool()
+        for i in range(5):
+            response = await p.request(http(server.port), b"GET", f"/{i}".encode(), b"h", [])
+            assert json.loads(await response.read())["path"] == f"/{i}"
+        assert server.stats.connections == 1
+        assert p.stats().connections[("http1", "idle")] == 1
+
+
+async def test_connection_close_is_honoured(pool):
+    async with H1TestServer() as server:
+        p = pool()
+        for _ in range(2):
+            response = await p.request(http(server.port), b"GET", b"/close", b"h", [])
+            await response.read()
+    assert server.stats.connections == 2
+
+
+async def test_bytes_body_gets_content_length(pool):
+    async with H1TestServer() as server:
+        response = await pool().request(http(server.port), b"POST", b"/", b"h", [], b"hello")
+        echo = json.loads(await response.read())
+    assert ["Content-Length", "5"] in echo["headers"]
+    assert echo["body_sha256"] == hashlib.sha256(b"hello").hexdigest()
+
+
+async def test_streamed_body_without_length_is_chunked(pool):
+    async def upload():
+        for i in range(10):
+            yield pattern_bytes(10000, i * 10000)
+
+    async with H1TestServer() as server:
+        response = await pool().request(http(server.port), b"POST", b"/", b"h", [], upload())
+        echo = json.loads(await response.read())
+    assert ["Transfer-Encoding", "chunked"] in echo["headers"]
+    assert echo["body_length"] == 100000 and echo["body_sha256"] == pattern_sha256(100000)
+
+
+async def test_streamed_body_with_given_length_is_sent_raw(pool):
+    async def upload():
+        yield b"abc"
+        yield b"def"
+
+    async with H1TestServer() as server:
+        response = await pool().request(http(server.port), b"PUT", b"/", b"h",
+                                        [(b"content-length", b"6")], upload())
+        echo = json.loads(await response.read())
+    assert echo["headers"] == [["Host", "h"], ["content-length", "6"]]
+    assert echo["body_sha256"] == hashlib.sha256(b"abcdef").hexdigest()
+
+
+async def test_chunked_response_with_trailers_then_reuse(pool):
+    async with H1TestServer() as server:
+        p = pool()
+        response = await p.request(http(server.port), b"GET", b"/chunked/123457", b"h", [])
+        body = await response.read()
+        assert hashlib.sha256(body).hexdigest() == pattern_sha256(123457)
+        assert response.trailers == [(b"X-Checksum", b"abc123"), (b"X-Done", b"1")]
+        response = await p.request(http(server.port), b"GET", b"/next", b"h", [])
+        assert json.loads(await response.read())["path"] == "/next"
+    assert server.stats.connections == 1
+
+
+async def test_close_delimited_body(pool):
+    async with H1TestServer() as server:
+        response = await pool().request(http(server.port), b"GET", b"/close-delimited/300001",
+                                        b"h", [])
+        body = await response.read()
+    assert hashlib.sha256(body).hexdigest() == pattern_sha256(300001)
+
+
+async def test_head_response_has_no_body_and_socket_is_reused(pool):
+    async with H1TestServer() as server:
+        p = pool()
+        response = await p.request(http(server.port), b"HEAD", b"/", b"h", [])
+        assert response.status == 200 and await response.read() == b""
+        response = await p.request(http(server.port), b"GET", b"/", b"h", [])
+        assert json.loads(await response.read())["method"] == "GET"
+    assert server.stats.connections == 1
+
+
+async def test_32_mib_download_with_backpressure(pool):
+    size = 32 * MiB
+    async with H1TestServer() as server:
+        response = await pool().request(http(server.port), b"GET", f"/stream/{size}".encode(),
+                                        b"h", [])
+        first = await response.__aiter__().__anext__()
+        written = await settle(lambda: server.stats.response_bytes_written)
+        # we paused reading: the server is stuck behind socket buffers, not done
+        assert written < size // 2, written
+        digest, received = hashlib.sha256(first), len(first)
+        async for chunk in response:
+            digest.update(chunk)
+            received += len(chunk)
+    assert received == size and digest.hexdigest() == pattern_sha256(size)
+
+
+async def test_concurrent_requests_respect_the_socket_limit(pool):
+    async with H1TestServer() as server:
+        p = pool(limits=PoolLimits(max_connections_per_origin=4))
+
+        async def one(i: int) -> str:
+            response = await p.request(http(server.port), b"GET", f"/{i}".encode(), b"h", [])
+            return json.loads(await response.read())["path"]
+
+        paths = await asyncio.wait_for(asyncio.gather(*(one(i) for i in range(50))), 30)
+    assert sorted(paths) == sorted(f"/{i}" for i in range(50))
+    assert 1 <= server.stats.connections <= 4
+
+
+async def test_close_mid_body_makes_the_iterator_raise(pool):
+    async with H1TestServer() as server:
+        response = await pool().request(http(server.port), b"GET", b"/close-mid/1000000", b"h", [])
+        received = 0
+        with pytest.raises(UpstreamReset):
+            async for chunk in response:
+                received += len(chunk)
+    assert received < 1000000
+
+
+async def test_stalled_upstream_gives_first_byte_timeout(pool):
+    async with H1TestServer() as server:
+        p = pool(timeouts=Timeouts(first_byte=0.3))
+        with pytest.raises(UpstreamTimeout) as caught:
+            await p.request(http(server.port), b"GET", b"/stall", b"h", [])
+    assert caught.value.status == 504
+    assert sum(p.stats().connections.values()) == 0  # that socket is not reused
+
+
+async def test_dead_port_is_a_connect_error(pool):
+    with pytest.raises(UpstreamConnectError):
+        await pool().request(http(dead_port()), b"GET", b"/", b"h", [])
+
+
+async def test_interim_100_response_is_skipped(pool):
+    raw = b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 201 Created\r\nContent-Length: 2\r\n\r\nok"
+    async with RawResponseServer(raw) as server:
+        response = await pool().request(http(server.port), b"POST", b"/", b"h", [], b"x")
+        assert response.status == 201 and await response.read() == b"ok"
+
+
+async def test_truncated_content_length_body_raises(pool):
+    async with RawResponseServer(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc") as server:
+        response = await pool().request(http(server.port), b"GET", b"/", b"h", [])
+        with pytest.raises(UpstreamReset):
+            await response.read()
+
+
+@pytest.mark.parametrize("raw", [
+    b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nab",
+    b"HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\nX-Bad: a\nInjected: b\r\nContent-Length: 0\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\n Folded: x\r\nContent-Length: 0\r\n\r\n",
+    b"HTTP/2 200\r\nContent-Length: 0\r\n\r\n",
+    b"HTTP/1.1 2x0 OK\r\n\r\n",
+], ids=["conflicting-length", "negative-length", "bare-lf", "obs-fold", "version", "status"])
+async def test_malformed_response_heads_are_protocol_errors(pool, raw):
+    async with RawResponseServer(raw) as server:
+        with pytest.raises(UpstreamProtocolError) as caught:
+            await pool().request(http(server.port), b"GET", b"/", b"h", [])
+    assert caught.value.status == 502
+
+
+@pytest.mark.parametrize("chunked", [
+    b"zz\r\nab\r\n0\r\n\r\n", b"0x2\r\nab\r\n0\r\n\r\n", b"2\r\nabXX0\r\n\r\n",
+], ids=["not-hex", "0x-prefix", "missing-crlf"])
+async def test_malformed_chunked_bodies_raise(pool, chunked):
+    raw = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + chunked
+    async with RawResponseServer(raw) as server:
+        response = await pool().request(http(server.port), b"GET", b"/", b"h", [])
+        with pytest.raises(UpstreamProtocolError):
+            await response.read()
+
+
+@pytest.mark.parametrize("target,headers", [
+    (b"/a\r\nX-Injected: 1", []),
+    (b"/a b", []),
+    (b"/", [(b"x-a", b"v\r\nX-Injected: 1")]),
+    (b"/", [(b"x-a\n", b"v")]),
+])
+async def test_request_smuggling_bytes_are_refused_before_sending(pool, target, headers):
+    async with H1TestServer() as server:
+        with pytest.raises(BadRequest) as caught:
+            await pool().request(http(server.port), b"GET", target, b"h", headers)
+        assert caught.value.status == 400
+        assert b"Injected" not in caught.value.reason.encode()  # no header value in the message
+    assert server.stats.requests == []
