@@ -220,7 +220,7 @@ class SigV4Signer:
         self._scope_tail = self._scope_suffix()
         self._last_second: int | None = None
         self._last_dates: tuple[str, str] = ("", "")  # (x-amz-date, credential scope)
-        self._keys: dict[tuple[str, str], object] = {}
+        self._keys: dict[tuple[str, str, str], object] = {}
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(service={self.service!r}, region={self.region!r})"
@@ -265,7 +265,7 @@ class SigV4Signer:
         return self._last_dates
 
     def _key(self, creds: Credentials, datestamp: str) -> object:
-        cache_key = (creds.secret_key, datestamp)
+        cache_key = (creds.access_key, creds.secret_key, datestamp)
         key = self._keys.get(cache_key)
         if key is None:
             key = self._derive_key(creds, datestamp)
@@ -382,7 +382,7 @@ class SigV4Signer:
             method, raw_path, raw_query, headers, creds, now, payload_hash)
         digest = hashlib.sha256(creq.encode("utf-8", "surrogateescape")).hexdigest()
         sts = f"{self.algorithm}\n{amz_date}\n{scope}\n{digest}"
-        key = self._keys.get((creds.secret_key, amz_date[:8]))
+        key = self._keys.get((creds.access_key, creds.secret_key, amz_date[:8]))
         if key is None:
             key = self._key(creds, amz_date[:8])
         signature = self._signature(key, sts.encode())

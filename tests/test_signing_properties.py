@@ -241,7 +241,8 @@ def test_lattice_refuses_payload_signing() -> None:
     with pytest.raises(ValueError):
         lattice_signer(unsigned_payload=False)
     with pytest.raises(ValueError):
-        lattice_signer().sign("PUT", "/", "", [("host", HOST)], creds(), NOW, payload_hash="ab" * 32)
+        lattice_signer().sign("PUT", "/", "", [("host", HOST)], creds(), NOW,
+                              payload_hash="ab" * 32)
 
 
 def test_payload_hash_for_other_services() -> None:
