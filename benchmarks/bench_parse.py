@@ -136,6 +136,7 @@ class ProcStat:
     ppid: int
     pgrp: int
     cpu_ticks: int  # utime + stime, in clock ticks
+    state: str = "R"  # "Z" for a zombie: dead, waiting to be reaped
 
 
 def parse_proc_stat(text: str) -> ProcStat:
@@ -147,7 +148,7 @@ def parse_proc_stat(text: str) -> ProcStat:
     fields = rest.split()
     # fields[0] is field 3 (state); utime and stime are fields 14 and 15.
     return ProcStat(pid=pid, ppid=int(fields[1]), pgrp=int(fields[2]),
-                    cpu_ticks=int(fields[11]) + int(fields[12]))
+                    cpu_ticks=int(fields[11]) + int(fields[12]), state=fields[0])
 
 
 def parse_proc_status_memory(text: str) -> tuple[int, int]:
@@ -166,13 +167,14 @@ def tree_members(stats: list[ProcStat], root_pid: int) -> set[int]:
     children: dict[int, list[int]] = {}
     for s in stats:
         children.setdefault(s.ppid, []).append(s.pid)
-    stack = [root_pid]
+    # Walk descendants of every member: a group member's child may have left the group (setsid).
+    stack, seen = list(members), set(members)
     while stack:
         for child in children.get(stack.pop(), []):
-            if child not in members:
-                members.add(child)
+            if child not in seen:
+                seen.add(child)
                 stack.append(child)
-    return members
+    return seen
 
 
 def cpu_seconds_between(before: dict[int, int], after: dict[int, int], clk_tck: int) -> float:

@@ -107,6 +107,11 @@ class ManagedProcess:
             pass
 
 
+def group_has_live_members(pgid: int) -> bool:
+    """True while any non-zombie process is left in the process group."""
+    return any(s.pgrp == pgid and s.state != "Z" for s in _read_all_stats())
+
+
 def run_bounded(argv: list[str], timeout_s: float, env: dict[str, str] | None = None) -> str:
     """Run a load generator to completion in its own group; kill the group if it overstays."""
     proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,

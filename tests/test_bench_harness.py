@@ -1,0 +1,407 @@
+"""Tests for the `make bench` harness and the locust scenarios (no load generation here).
+
+Parsers run on wrk/h2load output and /proc text captured on this machine (tests/data/bench/); the
+process, port and upstream parts run for real on loopback; the locustfile is imported in a
+subprocess because importing locust monkey-patches the interpreter (gevent).
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import h2.config
+import h2.connection
+import h2.events
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+DATA = Path(__file__).resolve().parent / "data" / "bench"
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import bench_parse  # noqa: E402
+from bench_parse import ParseError, ProcStat  # noqa: E402
+from bench_procs import (HarnessError, ManagedProcess, TreeSampler, free_port,  # noqa: E402
+                         group_has_live_members, port_is_free, run_bounded, wait_until)
+from bench_report import Row, compute_ratios, markdown_table  # noqa: E402
+
+
+def fixture(name: str) -> str:
+    return (DATA / name).read_text()
+
+
+# ---- wrk ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "text, micros",
+    [("653.00us", 653.0), ("1.48ms", 1480.0), ("1.30s", 1_300_000.0), ("2.00m", 120_000_000.0),
+     ("  201.00us ", 201.0)],
+)
+def test_wrk_duration_units(text, micros):
+    assert bench_parse.duration_to_us(text) == pytest.approx(micros)
+
+
+@pytest.mark.parametrize("text", ["", "12", "1.0 parsecs", "-nan%"])
+def test_wrk_duration_rejects_garbage(text):
+    with pytest.raises(ParseError):
+        bench_parse.duration_to_us(text)
+
+
+def test_wrk_clean_get_run():
+    result = bench_parse.parse_wrk(fixture("wrk_get_c32.txt"))
+    assert result.requests == 351238
+    assert result.rps == pytest.approx(117054.09)
+    assert result.duration_s == pytest.approx(3.00)
+    assert result.p50_us == pytest.approx(201.0)
+    assert result.p99_us == pytest.approx(653.0)
+    assert (result.non_2xx, result.socket_errors) == (0, 0)
+    assert result.valid
+
+
+def test_wrk_mixed_units_in_latency_distribution():
+    result = bench_parse.parse_wrk(fixture("wrk_post4k_c32.txt"))
+    assert result.p50_us == pytest.approx(420.0)  # "420.00us"
+    assert result.p99_us == pytest.approx(1480.0)  # "1.48ms"
+    assert result.requests == 205612 and result.valid
+
+
+def test_wrk_non_2xx_makes_the_run_invalid():
+    result = bench_parse.parse_wrk(fixture("wrk_404_socket_errors.txt"))
+    assert result.non_2xx == 3703 and result.requests == 3703
+    assert result.p99_us == pytest.approx(38_960.0)
+    assert not result.valid
+
+
+def test_wrk_latency_in_seconds_and_503s():
+    result = bench_parse.parse_wrk(fixture("wrk_503_seconds.txt"))
+    assert result.p50_us == pytest.approx(1_300_000.0)
+    assert result.duration_s == pytest.approx(4.01)
+    assert result.non_2xx == 12 and not result.valid
+
+
+def test_wrk_socket_timeouts_are_errors():
+    result = bench_parse.parse_wrk(fixture("wrk_timeouts.txt"))
+    assert result.socket_errors == 8
+    assert result.non_2xx == 8
+    assert not result.valid
+
+
+def test_wrk_that_could_not_connect_is_a_parse_error():
+    with pytest.raises(ParseError, match="Connection refused"):
+        bench_parse.parse_wrk(fixture("wrk_connect_refused.txt"))
+
+
+def test_wrk_without_latency_flag_is_rejected():
+    text = "\n".join(l for l in fixture("wrk_get_c32.txt").splitlines() if "%" not in l or "Stdev" in l)
+    with pytest.raises(ParseError, match="--latency"):
+        bench_parse.parse_wrk(text)
+
+
+# ---- h2load -------------------------------------------------------------------------------------
+
+
+def test_h2load_summary_and_percentiles_from_its_log():
+    lines = fixture("h2load_log_head.tsv").splitlines()
+    result = bench_parse.parse_h2load(fixture("h2load_get_c4.txt"), lines)
+    durations = sorted(float(line.split("\t")[2]) for line in lines)
+    # Nearest rank, computed here independently of the harness.
+    assert result.p50_us == durations[math.ceil(0.50 * len(durations)) - 1]
+    assert result.p99_us == durations[math.ceil(0.99 * len(durations)) - 1]
+    assert result.requests == 101568
+    assert result.rps == pytest.approx(50784.0)
+    assert result.valid
+
+
+def test_h2load_percentiles_on_known_values():
+    lines = [f"{1000 + i}\t200\t{i}" for i in range(100, 0, -1)]  # durations 1..100, unsorted
+    result = bench_parse.parse_h2load(fixture("h2load_get_c4.txt"), lines)
+    assert (result.p50_us, result.p99_us) == (50.0, 99.0)
+
+
+def test_h2load_non_2xx_and_failures_are_counted():
+    text = fixture("h2load_get_c4.txt")
+    text = text.replace("101568 succeeded, 0 failed, 0 errored, 0 timeout",
+                        "101560 succeeded, 8 failed, 3 errored, 5 timeout")
+    text = text.replace("status codes: 101568 2xx, 0 3xx, 0 4xx, 0 5xx",
+                        "status codes: 101468 2xx, 0 3xx, 0 4xx, 100 5xx")
+    result = bench_parse.parse_h2load(text, ["1\t200\t10"])
+    assert result.non_2xx == 100
+    assert result.socket_errors == 8
+    assert not result.valid
+
+
+def test_h2load_without_summary_is_a_parse_error():
+    with pytest.raises(ParseError):
+        bench_parse.parse_h2load("connect to 127.0.0.1:1 failed: Connection refused\n", [])
+
+
+# ---- /proc accounting ---------------------------------------------------------------------------
+
+
+def test_proc_stat_of_a_busy_process():
+    stat = bench_parse.parse_proc_stat(fixture("proc_stat_busy_python.txt"))
+    assert stat == ProcStat(pid=19869, ppid=19867, pgrp=19867, cpu_ticks=61 + 1, state="R")
+
+
+def test_proc_stat_with_spaces_and_parens_in_the_name():
+    line = fixture("proc_stat_busy_python.txt").replace("(python3)", "(my (odd) name)")
+    stat = bench_parse.parse_proc_stat(line)
+    assert (stat.pid, stat.ppid, stat.pgrp, stat.cpu_ticks) == (19869, 19867, 19867, 62)
+
+
+def test_proc_status_memory():
+    assert bench_parse.parse_proc_status_memory(fixture("proc_status_python.txt")) == (44256, 44256)
+    assert bench_parse.parse_proc_status_memory("Name:\tkthreadd\nState:\tS\n") == (0, 0)
+
+
+def test_tree_members_follow_group_and_parentage():
+    stats = [
+        ProcStat(100, 1, 100, 0),  # root
+        ProcStat(101, 100, 100, 0),  # worker
+        ProcStat(102, 101, 102, 0),  # grandchild in its own session
+        ProcStat(103, 1, 100, 0),  # orphaned worker, still in the group
+        ProcStat(200, 1, 200, 0),  # unrelated
+        ProcStat(201, 200, 200, 0),
+    ]
+    assert bench_parse.tree_members(stats, 100) == {100, 101, 102, 103}
+
+
+def test_cpu_and_rss_accounting():
+    before = {1: 100, 2: 50}
+    after = {1: 160, 2: 90, 3: 20}  # pid 3 was born during the run: all its ticks count
+    assert bench_parse.cpu_seconds_between(before, after, 100) == pytest.approx(1.2)
+    assert bench_parse.cpu_us_per_request(1.2, 4000) == pytest.approx(300.0)
+    assert bench_parse.cpu_us_per_request(1.2, 0) is None
+    samples = [{1: (1000, 1200), 2: (500, 500)}, {1: (1100, 1200), 2: (800, 800), 3: (50, 60)}]
+    assert bench_parse.peak_rss_kib(samples) == 1200 + 800 + 60
+
+
+def test_tree_sampler_measures_a_real_worker():
+    """A parent forks a child that burns ~0.4 s of CPU and holds 40 MiB: both are in the tree."""
+    code = textwrap.dedent("""
+        import os, sys, time
+        sys.stdout.write("go\\n"); sys.stdout.flush()
+        if os.fork() == 0:
+            block = bytearray(40 << 20)
+            for i in range(0, len(block), 4096): block[i] = 1
+            end = time.process_time() + 0.4
+            while time.process_time() < end: pass
+            time.sleep(5); os._exit(0)
+        time.sleep(5)
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE,
+                            start_new_session=True)
+    try:
+        assert proc.stdout.readline() == b"go\n"
+        with TreeSampler(proc.pid, interval_s=0.05) as sampler:
+            time.sleep(1.2)
+        assert len(sampler.last_ticks) == 2
+        assert 0.3 <= sampler.cpu_seconds() <= 1.3
+        assert sampler.peak_rss_kib() > 40 * 1024
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=5)
+
+
+# ---- processes and ports ------------------------------------------------------------------------
+
+
+def test_run_bounded_kills_an_overstaying_tool():
+    start = time.monotonic()
+    with pytest.raises(HarnessError, match="killed"):
+        run_bounded(["sleep", "30"], timeout_s=0.5)
+    assert time.monotonic() - start < 10
+
+
+def test_managed_process_stops_its_whole_group_even_if_it_ignores_sigterm(tmp_path):
+    script = "trap '' TERM; sleep 60 & sleep 60 & wait"
+    proc = ManagedProcess("stubborn", ["sh", "-c", script], tmp_path / "log").start()
+    time.sleep(0.3)
+    assert group_has_live_members(proc.pid)
+    proc.stop(grace_s=0.5)
+    deadline = time.monotonic() + 5  # SIGKILL is delivered asynchronously
+    while group_has_live_members(proc.pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not group_has_live_members(proc.pid)  # zombies awaiting init at most
+    proc.stop()  # idempotent
+
+
+def test_port_checks_and_early_exit_detection(tmp_path):
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        assert not port_is_free(held.getsockname()[1])
+    assert port_is_free(free_port())
+    dead = ManagedProcess("dies", ["sh", "-c", "echo boom; exit 3"], tmp_path / "log").start()
+    with pytest.raises(HarnessError, match="boom"):
+        wait_until(lambda: False, dead, 10, "dies")
+    dead.stop()
+
+
+# ---- the fallback upstream over real sockets ----------------------------------------------------
+
+
+@pytest.fixture
+def fallback_upstream(tmp_path):
+    h1, h2c = free_port(), free_port()
+    proc = ManagedProcess("fallback", [sys.executable, str(ROOT / "benchmarks" / "upstream_fallback.py"),
+                                       "--h1-port", str(h1), "--h2c-port", str(h2c), "--body-bytes", "64"],
+                          tmp_path / "log").start()
+    try:
+        wait_until(lambda: not port_is_free(h2c) and not port_is_free(h1), proc, 20, "fallback")
+        yield h1, h2c
+    finally:
+        proc.stop()
+
+
+def test_fallback_http1_keepalive_with_bodies(fallback_upstream):
+    h1, _ = fallback_upstream
+    conn = http.client.HTTPConnection("127.0.0.1", h1, timeout=10)
+    try:
+        for method, body, chunked in [("GET", None, False), ("POST", b"a" * (1 << 20), False),
+                                      ("POST", iter([b"x" * 5000, b"y" * 3]), True),
+                                      ("GET", None, False)]:
+            headers = {"Transfer-Encoding": "chunked"} if chunked else {}
+            conn.request(method, "/hello", body=body, headers=headers, encode_chunked=chunked)
+            response = conn.getresponse()
+            assert (response.status, response.read()) == (200, b"x" * 64)
+    finally:
+        conn.close()
+
+
+def test_fallback_h2c_reads_a_1mib_upload(fallback_upstream):
+    _, h2c = fallback_upstream
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    conn.initiate_connection()
+    with socket.create_connection(("127.0.0.1", h2c), timeout=10) as sock:
+        sock.sendall(conn.data_to_send())
+        sid = conn.get_next_available_stream_id()
+        conn.send_headers(sid, [(":method", "POST"), (":path", "/hello"), (":scheme", "http"),
+                                (":authority", "127.0.0.1")])
+        body, status, received, ended = memoryview(b"z" * (1 << 20)), None, b"", False
+        deadline = time.monotonic() + 20
+        while not ended and time.monotonic() < deadline:
+            window = min(conn.local_flow_control_window(sid), conn.max_outbound_frame_size)
+            if body and window > 0:
+                conn.send_data(sid, bytes(body[:window]), end_stream=len(body) <= window)
+                body = body[window:]
+            sock.sendall(conn.data_to_send())
+            if body and conn.local_flow_control_window(sid) > 0:
+                continue
+            data = sock.recv(65536)
+            assert data, "server closed the connection"
+            for event in conn.receive_data(data):
+                if isinstance(event, h2.events.ResponseReceived):
+                    status = dict(event.headers)[b":status"]
+                elif isinstance(event, h2.events.DataReceived):
+                    received += event.data
+                    conn.acknowledge_received_data(event.flow_controlled_length, sid)
+                elif isinstance(event, h2.events.StreamEnded):
+                    ended = True
+                elif isinstance(event, h2.events.StreamReset):
+                    pytest.fail(f"stream reset: {event.error_code}")
+            sock.sendall(conn.data_to_send())
+        assert ended and not body
+        assert (status, received) == (b"200", b"x" * 64)
+
+
+def test_nginx_config_listens_on_loopback_only(tmp_path):
+    from bench_upstream import render_nginx_conf
+
+    text = render_nginx_conf(tmp_path, 41001, 41002, "x" * 64, 1)
+    listens = [line.split()[1] for line in text.splitlines() if line.strip().startswith("listen")]
+    assert listens == ["127.0.0.1:41001;", "127.0.0.1:41002"]
+    assert f"pid {tmp_path}/nginx.pid;" in text and "js_content bench.reply;" in text
+
+
+# ---- report -------------------------------------------------------------------------------------
+
+
+def test_table_flags_errors_and_computes_ratios():
+    rows = [
+        Row("direct-h1", "GET c32", "wrk", None, requests=10000, rps=1000.0, p50_us=100,
+            p99_us=400, cpu_us_per_req=10.0, peak_rss_kib=2048),
+        Row("proxy-w1-h1", "GET c32", "wrk", "direct-h1", requests=5000, rps=500.0, p50_us=300,
+            p99_us=1000, cpu_us_per_req=120.0, peak_rss_kib=8192),
+        Row("proxy-w2-h1", "GET c32", "wrk", "direct-h1", requests=90000, rps=90000.0, p50_us=1,
+            p99_us=2, non_2xx=7),
+        Row("peer:go", "GET c32", "wrk", "direct-h1", problem="preflight GET: HTTP 403"),
+    ]
+    compute_ratios(rows)
+    assert rows[1].ratios == {"rps": 0.5, "p99_us": 2.5, "cpu_us_per_req": 12.0, "peak_rss_kib": 4.0}
+    assert rows[2].ratios == {} and rows[3].ratios == {}
+    table = markdown_table(rows).splitlines()
+    assert len({line.count("|") for line in table}) == 1  # every line has the same columns
+    assert "| proxy-w1-h1 | GET c32 | 500 | ×0.50 | 0.30 | 1.00 | ×2.50 | 120 | ×12.00 | 8.0 | ×4.00 | ok |" in table
+    flagged = next(line for line in table if line.startswith("| proxy-w2-h1"))
+    assert "90,000" not in flagged and "FLAGGED: 7 non-2xx" in flagged
+    assert "FLAGGED: preflight GET: HTTP 403" in table[-1]
+
+
+def test_ratios_are_withheld_when_the_baseline_failed():
+    rows = [Row("direct-h1", "GET c1", "wrk", None, requests=10, rps=10.0, socket_errors=1),
+            Row("proxy-w1-h1", "GET c1", "wrk", "direct-h1", requests=10, rps=5.0)]
+    compute_ratios(rows)
+    assert rows[1].ratios == {}
+    assert "| proxy-w1-h1 | GET c1 | 5 | — |" in markdown_table(rows)
+
+
+# ---- locustfile ---------------------------------------------------------------------------------
+
+LOCUST_PROBE = textwrap.dedent("""
+    import json, sys
+    from locust.util.load_locustfile import load_locustfile
+    users, shapes = load_locustfile(sys.argv[1])
+    import locustfile as lf
+    shape = lf.RampShape()
+    timeline = [shape.users_at(t / 2) for t in range(0, 2 * int(shape.total_seconds) + 2)]
+    print(json.dumps({
+        "users": {name: {"weight": cls.weight, "tasks": len(cls.tasks), "host": cls.host}
+                  for name, cls in users.items()},
+        "shapes": [type(s).__name__ for s in shapes],
+        "timeline": timeline,
+        "path": lf.REQUEST_PATH,
+    }))
+""")
+
+
+def load_locustfile_in_subprocess(**env: str) -> dict:
+    path = ROOT / "loadtests" / "locustfile.py"
+    out = subprocess.run([sys.executable, "-c", LOCUST_PROBE, str(path)], capture_output=True,
+                         timeout=60, cwd=path.parent,
+                         env={**os.environ, "PYTHONPATH": str(path.parent), **env}, check=False)
+    assert out.returncode == 0, out.stderr.decode()[-2000:]
+    return json.loads(out.stdout.decode().strip().splitlines()[-1])
+
+
+def test_locustfile_scenarios_default_to_the_demo():
+    info = load_locustfile_in_subprocess()
+    assert info["users"] == {
+        "SteadyMixedUser": {"weight": 9, "tasks": 5, "host": "http://127.0.0.1:8080"},
+        "LargeUploadUser": {"weight": 1, "tasks": 1, "host": "http://127.0.0.1:8080"},
+    }
+    assert info["path"] == "/hello"
+    assert info["shapes"] == []  # the ramp is opt-in
+
+
+def test_locustfile_ramp_shape_selected_by_env_and_bounded():
+    info = load_locustfile_in_subprocess(SIGV4PROXY_SHAPE="ramp", SIGV4PROXY_RAMP_PEAK="8",
+                                         SIGV4PROXY_RAMP_SECONDS="10",
+                                         SIGV4PROXY_TARGET="http://127.0.0.1:9")
+    assert info["shapes"] == ["RampShape"]
+    assert info["users"]["SteadyMixedUser"]["host"] == "http://127.0.0.1:9"
+    timeline = info["timeline"]  # every 0.5 s from 0 to 10.5 s
+    running = [u for u in timeline if u is not None]
+    assert max(running) == 8 and min(running) >= 1
+    assert running[:8] == sorted(running[:8])  # ramps up first
+    assert timeline[-2:] == [None, None]  # ends by itself
