@@ -294,6 +294,7 @@ class H2TestServer:
         self.port = 0
         self._server: asyncio.Server | None = None
         self._connections: set[_H2ServerConnection] = set()
+        self._writers: set[asyncio.StreamWriter] = set()
         self._handlers: set[asyncio.Task] = set()
         self._closing = asyncio.Event()
         # For TLS servers that also speak HTTP/1.1: called when ALPN is not h2.
@@ -307,8 +308,8 @@ class H2TestServer:
     async def __aexit__(self, *exc_info: object) -> None:
         assert self._server is not None
         self._server.close()
-        for conn in list(self._connections):
-            conn.writer.transport.abort()
+        for writer in list(self._writers):
+            writer.transport.abort()
         self._closing.set()
         if self._handlers:  # aborted sockets end the handlers; cancel only a straggler
             await asyncio.wait(self._handlers, timeout=5)
@@ -329,6 +330,7 @@ class H2TestServer:
         task = asyncio.current_task()
         assert task is not None
         self._handlers.add(task)
+        self._writers.add(writer)
         try:
             ssl_object = writer.get_extra_info("ssl_object")
             alpn = ssl_object.selected_alpn_protocol() if ssl_object is not None else "h2"
@@ -343,4 +345,5 @@ class H2TestServer:
             finally:
                 self._connections.discard(conn)
         finally:
+            self._writers.discard(writer)
             self._handlers.discard(task)
