@@ -134,7 +134,9 @@ def test_unsorted_repeated_queries_match_botocore(pairs, order) -> None:
 @PROPS
 @given(method=methods, path=paths, query=raw_queries, headers=headers_lists)
 def test_raw_requests_match_awscrt(method, path, query, headers) -> None:
-    assume(":/" not in path)  # awscrt's URI parser rejects it (a scheme?); botocore covers it
+    # awscrt's URI parser rejects ":/" anywhere in the target (it looks for a scheme); botocore
+    # covers such paths, and the canonical-query vectors cover such queries.
+    assume(":/" not in path and ":/" not in query)
     headers = with_host(headers)
     assert ours(method, path, query, headers) == crt_authorization(method, path, query, headers)
 
@@ -183,6 +185,7 @@ def test_canonical_uri_s3_rule_keeps_the_wire_path() -> None:
     ("a=b=c", "a=b%3Dc"),
     ("a=1&&b=2&", "a=1&b=2"),                        # empty pairs dropped
     ("ሴ=bar", "%E1%88%B4=bar"),
+    ("a=x:/y&b=?", "a=x%3A%2Fy&b=%3F"),             # gen-delims are encoded too
 ])
 def test_canonical_query_vectors(raw: str, expected: str) -> None:
     assert canonical_query(raw) == expected
