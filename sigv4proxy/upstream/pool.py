@@ -162,6 +162,8 @@ class ConnectionPool:
                 if pool.can_open(self._limits.max_connections_per_origin):
                     conn = await self._open(pool)
                     if conn.is_available():
+                        if pool.waiters:  # an h2 connection may have room for them too
+                            loop.call_soon(self._wake_if_capacity, pool)
                         return conn
                     continue
             waiter = loop.create_future()
@@ -202,9 +204,10 @@ class ConnectionPool:
                 raise
             factory = self._h2_factory if protocol == "h2" else HTTP1Connection
             conn = factory(origin, self._timeouts, lambda: self._on_change(pool))
-            pool.connections.append(conn)
             opened.attach(conn)  # type: ignore[arg-type]
             await conn.wait_ready(max(0.0, deadline - loop.time()))
+            # listed only now, so the request that opened it gets the first slot (FIFO)
+            pool.connections.append(conn)
             pool.protocol = protocol
             return conn
         except BaseException as exc:
