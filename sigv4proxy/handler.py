@@ -73,6 +73,9 @@ class _ProxiedResponse(web.StreamResponse):
     """A StreamResponse that adds nothing the upstream did not send (aiohttp would add a default
     Content-Type and its own Server header); Date is only added when missing, as RFC 9110 allows."""
 
+    # Headers go out with the first body bytes: one write for a small response, not two.
+    _send_headers_immediately = False
+
     async def _prepare_headers(self) -> None:
         headers = self._headers
         had_type = "Content-Type" in headers
@@ -223,10 +226,15 @@ class ProxyHandler:
         sent = 0
         try:
             await response.prepare(request)
+            # Hold one chunk back so the last goes out with the end of the message (one write
+            # for head + body + end when the body is a single chunk).
+            pending = b""
             async for chunk in upstream:
                 sent += len(chunk)
-                await response.write(chunk)
-            await response.write_eof()
+                if pending:
+                    await response.write(pending)
+                pending = chunk
+            await response.write_eof(pending)
             complete = True
         except (ConnectionError, ProxyError) as exc:
             # Headers are already sent: the only honest signal left is a cut connection.
