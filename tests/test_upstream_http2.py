@@ -15,6 +15,7 @@ from support.h2_peers import H2Script, H2TestServer, pattern_bytes, pattern_sha2
 from support.upstream_servers import SilentServer, dead_port
 
 from sigv4proxy.errors import (
+    BadRequest,
     Overloaded,
     RetryableStreamError,
     UpstreamConnectError,
@@ -397,3 +398,20 @@ async def test_stats_count_active_streams(make_pool):
             assert len(await response.read()) == 4 * MiB
         assert pool.stats().streams_active == 0
         assert pool.stats().connections[("h2", "idle")] == 1
+
+
+@pytest.mark.parametrize("target,headers", [
+    (b"/a\r\nx-injected: 1", []),
+    (b"/", [(b"x-a", b"v\r\nx-injected: 1")]),
+    (b"/", [(b"x-a", b"v\x00")]),
+    (b"/", [(b"x-a\n", b"v")]),
+    (b"/", [(b":path", b"/other")]),
+])
+async def test_injection_bytes_are_refused_before_sending(make_pool, target, headers):
+    # an h2 upstream that downgrades to HTTP/1.1 must never see CR/LF smuggled in a field
+    async with H2TestServer() as server:
+        pool = make_pool()
+        with pytest.raises(BadRequest) as caught:
+            await pool.request(h2c(server), b"GET", target, b"h", headers)
+        assert caught.value.status == 400 and "injected" not in caught.value.reason
+    assert server.stats.streams == 0

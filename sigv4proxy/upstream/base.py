@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 from sigv4proxy.errors import (
+    BadRequest,
     RetryableStreamError,
     UpstreamConnectError,
     UpstreamProtocolError,
@@ -68,6 +69,19 @@ class PoolLimits:
     # HTTP/1.1: max concurrent sockets.
     max_connections_per_origin: int = 8
     max_retries: int = 2  # for RetryableStreamError
+
+
+def check_request_fields(method: bytes, target: bytes, authority: bytes, headers: Headers) -> None:
+    """BadRequest if CR, LF or NUL hides anywhere (header injection / h2->h1 smuggling)."""
+    for part in (method, target, authority):
+        if b"\r" in part or b"\n" in part or b"\x00" in part or b" " in part:
+            raise BadRequest("request line contains CR, LF, NUL or a space")
+    if not target or not method:
+        raise BadRequest("request method or target is empty")
+    for name, value in headers:
+        if b"\r" in value or b"\n" in value or b"\x00" in value or \
+                b"\r" in name or b"\n" in name or b"\x00" in name or b":" in name or not name:
+            raise BadRequest("request header contains CR, LF or NUL, or a bad name")
 
 
 class ConnectionNotAvailable(RetryableStreamError):

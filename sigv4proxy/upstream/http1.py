@@ -28,6 +28,7 @@ from sigv4proxy.upstream.base import (
     Response,
     Timeouts,
     WriteFlow,
+    check_request_fields,
 )
 
 MAX_HEAD = 64 * 1024  # status line + headers (and trailers)
@@ -35,17 +36,10 @@ MAX_CHUNK_LINE = 4096
 READ_HIGH_WATER = 256 * 1024  # buffered body bytes before we stop reading the socket
 READ_LOW_WATER = 64 * 1024
 _JOIN_BODY_LIMIT = 64 * 1024  # a bytes body this small goes out in the same write as the head
-_FORBIDDEN = (b"\r", b"\n", b"\x00")
 _HEX_DIGITS = b"0123456789abcdefABCDEF"
 
 # parser phases
 _HEAD, _LENGTH, _CHUNK_SIZE, _CHUNK_DATA, _CHUNK_END, _TRAILERS, _UNTIL_CLOSE, _DONE = range(8)
-
-
-def _check_field(value: bytes) -> None:
-    for bad in _FORBIDDEN:
-        if bad in value:
-            raise BadRequest("request line or header contains CR, LF or NUL")
 
 
 def _parse_fields(lines: list[bytes]) -> list[tuple[bytes, bytes]]:
@@ -172,15 +166,10 @@ class HTTP1Connection(asyncio.Protocol):
                              headers: Headers, body: Body) -> Response:
         if not self.is_available():
             raise ConnectionNotAvailable("connection is busy or closed")
-        for part in (method, target, authority):
-            _check_field(part)
-        if b" " in method or b" " in target or not target:
-            raise BadRequest("request method or target contains a space or is empty")
+        check_request_fields(method, target, authority, headers)
         lines = [method, b" ", target, b" HTTP/1.1\r\nHost: ", authority, b"\r\n"]
         has_length = chunked = False
         for name, value in headers:
-            _check_field(name)
-            _check_field(value)
             lowered = name.lower()
             if lowered == b"content-length":
                 has_length = True

@@ -49,6 +49,7 @@ from sigv4proxy.upstream.base import (
     Response,
     Timeouts,
     WriteFlow,
+    check_request_fields,
 )
 
 STREAM_WINDOW = 1 << 20  # per-stream receive window: what one slow consumer may have buffered
@@ -210,6 +211,7 @@ class H2Connection(asyncio.Protocol):
 
     async def handle_request(self, method: bytes, target: bytes, authority: bytes,
                              headers: Headers, body: Body) -> Response:
+        check_request_fields(method, target, authority, headers)
         if not self.is_available():
             raise ConnectionNotAvailable("connection cannot take a new stream")
         stream_id = self._h2.get_next_available_stream_id()
