@@ -172,3 +172,26 @@ def test_tls_h2_fallback_and_goaway_under_uvloop(tmp_path):
         h2_version, h1_version, h2_connections = runner.run(asyncio.wait_for(scenario(), 30))
     assert (h2_version, h1_version) == ("HTTP/2", "HTTP/1.1")
     assert h2_connections == 2  # GOAWAY after two streams: the rest were retried elsewhere
+
+
+async def test_context_factory_offers_http11_only_to_http1_origins(pki):
+    server_context = pki.server_context(["h2", "http/1.1"])  # prefers h2 when offered
+    offers: list[tuple[str, ...]] = []
+
+    def factory(alpn: tuple[str, ...]) -> ssl.SSLContext:
+        offers.append(alpn)
+        return make_client_ssl_context(pki.ca_file, alpn=alpn)
+
+    async with H1TestServer() as h1:
+        pool = ConnectionPool(ssl_context_factory=factory)
+        try:
+            async with H2TestServer(ssl_context=server_context) as server:
+                server.http1_handler = h1.serve
+                one = await pool.request(tls_origin(server.port, "http1"), b"GET", b"/", b"h", [])
+                await one.read()
+                two = await pool.request(tls_origin(server.port), b"GET", b"/", b"h", [])
+                await two.read()
+        finally:
+            await pool.aclose()
+    assert (one.http_version, two.http_version) == ("HTTP/1.1", "HTTP/2")
+    assert offers == [("http/1.1",), ("h2", "http/1.1")]

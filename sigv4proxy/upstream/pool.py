@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import ssl
 from collections import deque
-from collections.abc import AsyncIterable, AsyncIterator, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 
 from sigv4proxy.errors import Overloaded, ProxyError, RetryableStreamError, UpstreamConnectError
@@ -90,8 +90,15 @@ class ConnectionPool:
 
     def __init__(self, *, ssl_context: ssl.SSLContext | None = None,
                  timeouts: Timeouts = Timeouts(), limits: PoolLimits = PoolLimits(),
-                 h2_connection_factory: ConnectionFactory | None = None) -> None:
-        self._ssl_context = ssl_context  # used for every https origin when given
+                 h2_connection_factory: ConnectionFactory | None = None,
+                 ssl_context_factory: Callable[[tuple[str, ...]], ssl.SSLContext] | None = None,
+                 ) -> None:
+        # `ssl_context` is used for every https origin when given (its ALPN offer then decides:
+        # an "http1" origin whose peer picks h2 fails). `ssl_context_factory(alpn)` instead builds
+        # one context per ALPN offer, e.g. `lambda alpn: make_client_ssl_context(ca, True, alpn)`.
+        self._ssl_context = ssl_context
+        self._ssl_context_factory = ssl_context_factory or (
+            lambda alpn: make_client_ssl_context(alpn=alpn))
         self._contexts: dict[tuple[str, ...], ssl.SSLContext] = {}
         self._timeouts = timeouts
         self._limits = limits
@@ -230,7 +237,7 @@ class ConnectionPool:
             return self._ssl_context
         context = self._contexts.get(origin.alpn)
         if context is None:
-            context = self._contexts[origin.alpn] = make_client_ssl_context(alpn=origin.alpn)
+            context = self._contexts[origin.alpn] = self._ssl_context_factory(origin.alpn)
         return context
 
     # --- wake-ups (synchronous) ---
