@@ -84,6 +84,24 @@ def check_request_fields(method: bytes, target: bytes, authority: bytes, headers
             raise BadRequest("request header contains CR, LF or NUL, or a bad name")
 
 
+def request_trailers(body: Body) -> list[tuple[bytes, bytes]]:
+    """Trailer fields a streamed request body offers once its iteration has ended (gRPC-style).
+
+    A body object may carry a `trailers` attribute (a list of (name, value) bytes pairs); it is
+    read only after the last chunk. HTTP/2 sends them as a trailing HEADERS frame; HTTP/1.1 drops
+    them (no chunked trailers are sent upstream). Names and values are checked like headers.
+    """
+    trailers = getattr(body, "trailers", None)
+    if not trailers:
+        return []
+    fields = [(name.lower(), value) for name, value in trailers]
+    for name, value in fields:
+        if b"\r" in value or b"\n" in value or b"\x00" in value or \
+                b"\r" in name or b"\n" in name or b"\x00" in name or b":" in name or not name:
+            raise BadRequest("request trailer contains CR, LF or NUL, or a bad name")
+    return fields
+
+
 class ConnectionNotAvailable(RetryableStreamError):
     """The connection could not take the request after all (raced with close/GOAWAY/full).
 

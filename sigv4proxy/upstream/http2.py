@@ -50,6 +50,7 @@ from sigv4proxy.upstream.base import (
     Timeouts,
     WriteFlow,
     check_request_fields,
+    request_trailers,
 )
 
 STREAM_WINDOW = 1 << 20  # per-stream receive window: what one slow consumer may have buffered
@@ -292,7 +293,11 @@ class H2Connection(asyncio.Protocol):
                         await self._send_chunk(stream, chunk)
             if stream.retired or self._closed:
                 return
-            self._h2.end_stream(stream.id)
+            trailers = request_trailers(body)
+            if trailers:  # request trailers end the stream instead of an empty DATA frame
+                self._h2.send_headers(stream.id, trailers, end_stream=True)
+            else:
+                self._h2.end_stream(stream.id)
             self._flush()
             stream.local_ended = True
             stream.sent_at = self._loop.time()

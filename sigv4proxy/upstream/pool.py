@@ -53,6 +53,11 @@ class _TrackedBody:
     def __aiter__(self) -> AsyncIterator[bytes]:
         return self._iterate()
 
+    @property
+    def trailers(self) -> list[tuple[bytes, bytes]] | None:
+        """The source's request trailers (see `base.request_trailers`), read after the body."""
+        return getattr(self._source, "trailers", None)
+
     async def _iterate(self) -> AsyncIterator[bytes]:
         self.pulled = True
         async for chunk in self._source:
