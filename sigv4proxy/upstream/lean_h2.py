@@ -1,0 +1,529 @@
+"""Lean HTTP/2 client connection for the hot path: own frames and HPACK bytes, `hpack` to decode.
+
+Owns: one HTTP/2 connection's state without the `h2` library (stream table, both directions of
+flow control, the peer's settings, GOAWAY/RST_STREAM handling), parsing frames from a single
+receive buffer, and turning protocol/socket failures into our typed errors, behaving like
+`http2.H2Connection` (the reference and test oracle) so the pool can use either. Must never: add
+or drop a header other than the pseudo-headers, log or quote header values, buffer a request body
+whole, let a broken response end as if complete, or let the peer make it buffer without bound.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import AsyncIterable, Callable
+
+import hpack
+
+from sigv4proxy.errors import (
+    BadRequest,
+    HeadersTooLarge,
+    ProxyError,
+    RetryableStreamError,
+    UpstreamConnectError,
+    UpstreamProtocolError,
+    UpstreamReset,
+    UpstreamTimeout,
+)
+from sigv4proxy.upstream import h2_wire as w
+from sigv4proxy.upstream.lean_h2_recv import FRAME_HANDLERS, FrameReceiver, ProtocolViolation, wake
+from sigv4proxy.upstream.base import (
+    Body,
+    ConnectionNotAvailable,
+    Headers,
+    Origin,
+    Response,
+    Timeouts,
+    WriteFlow,
+)
+
+STREAM_WINDOW = 1 << 20  # per-stream receive window: what one slow consumer may have buffered
+CONNECTION_WINDOW = 16 << 20  # shared receive window: ~16 stalled streams before others stall
+MAX_HEADER_LIST_SIZE = 64 << 10  # decoded response header list (as h2's default)
+INLINE_BODY_LIMIT = 64 << 10  # bytes bodies up to this go out in the same write as HEADERS
+_STREAM_CREDIT_BATCH = STREAM_WINDOW // 4  # return stream credit in steps, not per chunk
+_CONNECTION_CREDIT_BATCH = CONNECTION_WINDOW // 4
+_RECV_MAX_FRAME_SIZE = w.DEFAULT_MAX_FRAME_SIZE  # we advertise no larger frames
+_UNLIMITED = 1 << 32
+
+_OPENING = (w.PREFACE + w.settings_frame([
+    (w.SETTINGS_ENABLE_PUSH, 0), (w.SETTINGS_MAX_CONCURRENT_STREAMS, 100),
+    (w.SETTINGS_INITIAL_WINDOW_SIZE, STREAM_WINDOW),
+    (w.SETTINGS_MAX_HEADER_LIST_SIZE, MAX_HEADER_LIST_SIZE),
+]) + w.window_update_frame(0, CONNECTION_WINDOW - w.DEFAULT_WINDOW))
+_END_STREAM_DATA = w.FLAG_END_STREAM
+_unpack_header = w.FRAME_HEADER.unpack_from
+
+
+class _StreamGone(Exception):
+    """Internal: the stream was reset or the connection closed while we were uploading."""
+
+
+def _expire(waiter: asyncio.Future[bool]) -> None:
+    if not waiter.done():
+        waiter.set_result(False)
+
+
+class _Stream:
+    """One request/response exchange; also the `ResponseBody` the Response reads from."""
+
+    __slots__ = ("conn", "id", "head", "status", "headers", "trailers", "chunks", "remote_ended",
+                 "local_ended", "sent_at", "error", "retired", "send_task", "unacked", "waiter",
+                 "window_waiter", "send_window", "recv_window", "credit", "expected", "received")
+
+    def __init__(self, conn: LeanH2Connection, stream_id: int, send_window: int, head: bool) -> None:
+        self.conn = conn
+        self.id = stream_id
+        self.head = head  # a HEAD response declares a length it never sends
+        self.status: int | None = None
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.trailers: list[tuple[bytes, bytes]] = []
+        self.chunks: deque[bytes] = deque()
+        self.remote_ended = False
+        self.local_ended = False
+        self.sent_at = 0.0
+        self.error: ProxyError | None = None
+        self.retired = False  # no longer counts against the connection's streams
+        self.send_task: asyncio.Task[None] | None = None
+        self.unacked = 0  # handed to the consumer, credit not yet counted
+        self.waiter: asyncio.Future[bool] | None = None
+        self.window_waiter: asyncio.Future[bool] | None = None
+        self.send_window = send_window
+        self.recv_window = STREAM_WINDOW
+        self.credit = 0  # consumed, stream credit not yet returned (batched)
+        self.expected = -1  # content-length, -1 when absent
+        self.received = 0
+
+    def wake(self) -> None:
+        wake(self.waiter)
+
+    async def wait_event(self, timeout: float | None) -> bool:
+        """False on timeout. A plain timer handle: cheaper than asyncio.timeout per wait."""
+        loop = self.conn._loop
+        waiter = self.waiter = loop.create_future()
+        timer = None if timeout is None else loop.call_later(timeout, _expire, waiter)
+        try:
+            return await waiter
+        finally:
+            self.waiter = None
+            if timer is not None:
+                timer.cancel()
+
+    async def read(self) -> bytes:
+        conn = self.conn
+        if self.unacked:  # the previous chunk was consumed: its credit may go back
+            conn.consumed(self, self.unacked)
+            self.unacked = 0
+        while True:
+            if self.chunks:
+                data = self.chunks.popleft()
+                self.unacked = len(data)
+                return data
+            if self.error is not None:
+                raise self.error
+            if self.remote_ended:
+                return b""
+            if not await self.wait_event(conn.timeouts.read):
+                conn.fail_stream(self, UpstreamTimeout("upstream response body stalled"))
+
+    async def aclose(self) -> None:
+        conn = self.conn
+        if self.send_task is not None and not self.send_task.done():
+            self.send_task.cancel()
+        if not self.retired:
+            conn.reset(self, w.CANCEL)
+        pending = self.unacked + sum(map(len, self.chunks))
+        self.chunks.clear()
+        self.unacked = 0
+        if pending:
+            conn.consumed(self, pending)
+
+
+class LeanH2Connection(FrameReceiver, asyncio.Protocol):
+    """A client HTTP/2 connection multiplexing requests; create via the pool's factory call."""
+
+    http_version = "HTTP/2"
+
+    def __init__(self, origin: Origin, timeouts: Timeouts, on_change: Callable[[], None]) -> None:
+        self.origin = origin
+        self.timeouts = timeouts
+        self._on_change = on_change
+        self._loop = asyncio.get_running_loop()
+        self._transport: asyncio.Transport | None = None
+        self._encoder = w.RequestHeaderEncoder(origin.scheme)
+        self._decoder = hpack.Decoder()  # tracks the peer's dynamic table
+        self._decoder.max_header_list_size = MAX_HEADER_LIST_SIZE
+        self._streams: dict[int, _Stream] = {}
+        self._next_stream_id = 1
+        self._flow = WriteFlow()
+        self._ready: asyncio.Future[bool] = self._loop.create_future()
+        self._is_ready = False
+        self._remote_settings_seen = False
+        self._local_settings_acked = False
+        self._closed = False
+        self._goaway = False
+        self._idle_since = self._loop.time()
+        self._idle_timer: asyncio.TimerHandle | None = None
+        # the peer's settings
+        self._peer_max_streams = _UNLIMITED
+        self._peer_initial_window = w.DEFAULT_WINDOW
+        self._peer_max_frame = w.DEFAULT_MAX_FRAME_SIZE
+        self._peer_max_header_list: int | None = None
+        # flow control: what we may send / what the peer may still send us
+        self._send_window = w.DEFAULT_WINDOW
+        self._recv_window = CONNECTION_WINDOW
+        self._credit = 0  # consumed, connection credit not yet returned (batched)
+        self._window_blocked: set[_Stream] = set()
+        # receiving
+        self._rest = b""  # an incomplete frame carried to the next data_received
+        self._receiving = False
+        self._out: list[bytes] = []  # control frames, written once per data_received
+        self._header_stream = 0  # nonzero while a header block awaits CONTINUATION
+        self._header_parts: list[bytes] = []
+        self._header_size = 0
+        self._header_end_stream = False
+
+    # --- the Connection interface ---
+    def is_available(self) -> bool:
+        return (self._is_ready and not self._closed and not self._goaway
+                and len(self._streams) < self._peer_max_streams
+                and self._next_stream_id <= w.MAX_STREAM_ID)
+
+    def is_idle(self) -> bool:
+        return not self._closed and not self._streams
+
+    def is_closed(self) -> bool:
+        return self._closed
+
+    def has_expired(self, now: float) -> bool:
+        return self.is_idle() and now - self._idle_since > self.timeouts.idle
+
+    def active_streams(self) -> int:
+        return len(self._streams)
+
+    async def wait_ready(self, timeout: float) -> None:
+        try:
+            async with asyncio.timeout(timeout):
+                ok = await asyncio.shield(self._ready)
+        except TimeoutError:
+            self._close_transport()
+            raise UpstreamTimeout("HTTP/2 settings exchange timed out") from None
+        if not ok:
+            raise UpstreamConnectError("connection closed during HTTP/2 setup")
+
+    async def handle_request(self, method: bytes, target: bytes, authority: bytes,
+                             headers: Headers, body: Body) -> Response:
+        if not self.is_available():
+            raise ConnectionNotAvailable("connection cannot take a new stream")
+        limit = self._peer_max_header_list
+        if limit is not None and _header_list_size(method, target, authority, headers) > limit:
+            raise HeadersTooLarge("request headers exceed the upstream's limit")
+        try:
+            block = self._encoder.encode(method, target, authority, headers)
+        except (TypeError, AttributeError):
+            raise BadRequest("request method, target or a header is not bytes") from None
+        stream_id = self._next_stream_id
+        self._next_stream_id += 2
+        stream = _Stream(self, stream_id, self._peer_initial_window, method == b"HEAD")
+        self._streams[stream_id] = stream
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+            self._idle_timer = None
+        frame_size = self._peer_max_frame
+        is_bytes = isinstance(body, (bytes, bytearray, memoryview))
+        if body is None or (is_bytes and not body):
+            parts = w.header_frames(stream_id, block, True, frame_size)
+            stream.local_ended = True
+        elif (is_bytes and len(body) <= INLINE_BODY_LIMIT  # type: ignore[arg-type]
+              and len(body) <= stream.send_window and len(body) <= self._send_window):  # type: ignore[arg-type]
+            size = len(body)  # type: ignore[arg-type]
+            parts = w.header_frames(stream_id, block, False, frame_size)
+            w.data_frames(parts, stream_id, memoryview(body), True, frame_size)  # type: ignore[arg-type]
+            stream.send_window -= size
+            self._send_window -= size
+            stream.local_ended = True
+        else:
+            parts = w.header_frames(stream_id, block, False, frame_size)
+        self._write(b"".join(parts))
+        if stream.local_ended:
+            stream.sent_at = self._loop.time()
+        else:
+            stream.send_task = self._loop.create_task(self._send_body(stream, body))  # type: ignore[arg-type]
+        try:
+            await self._await_head(stream)
+        except BaseException:
+            await stream.aclose()
+            raise
+        return Response(stream.status, stream.headers, self.http_version, stream)  # type: ignore[arg-type]
+
+    async def aclose(self) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """GOAWAY(NO_ERROR), close the socket, fail whatever is still open."""
+        if self._closed:
+            return
+        self._out.append(w.goaway_frame(0, w.NO_ERROR))
+        self._flush()
+        self._close_transport()
+        self._lost(UpstreamReset("upstream connection closed"))
+
+    # --- request side ---
+    async def _await_head(self, stream: _Stream) -> None:
+        while stream.status is None:
+            if stream.error is not None:
+                raise stream.error
+            timeout = None  # while uploading, the send task bounds every network wait
+            if stream.local_ended:
+                timeout = stream.sent_at + self.timeouts.first_byte - self._loop.time()
+                if timeout <= 0:
+                    self.fail_stream(stream, UpstreamTimeout("no upstream response in time"))
+                    continue
+            await stream.wait_event(timeout)
+
+    async def _send_body(self, stream: _Stream, body: bytes | AsyncIterable[bytes]) -> None:
+        try:
+            if isinstance(body, (bytes, bytearray, memoryview)):
+                await self._send_chunk(stream, body)
+            else:
+                try:
+                    iterator = body.__aiter__()
+                except Exception:
+                    raise BadRequest("request body is not iterable") from None
+                while True:
+                    try:
+                        chunk = await iterator.__anext__()
+                    except StopAsyncIteration:
+                        break
+                    except ProxyError:
+                        raise
+                    except Exception:
+                        raise BadRequest("request body could not be read") from None
+                    if chunk:
+                        await self._send_chunk(stream, chunk)
+            if stream.retired or self._closed:
+                return
+            self._write(w.frame_header(w.DATA, _END_STREAM_DATA, stream.id, 0))
+            stream.local_ended = True
+            stream.sent_at = self._loop.time()
+            if stream.remote_ended:
+                self._retire(stream)
+            stream.wake()
+        except _StreamGone:
+            pass  # the peer reset the stream (its RST_STREAM recorded why) or the connection died
+        except ProxyError as err:
+            if stream.remote_ended:  # the response is complete; only the upload stops
+                self.reset(stream, w.CANCEL)
+            else:
+                self.fail_stream(stream, err)
+
+    async def _send_chunk(self, stream: _Stream, data: bytes | bytearray | memoryview) -> None:
+        view = memoryview(data)
+        offset, total = 0, len(view)
+        while offset < total:
+            await self._flow.drain(self.timeouts.read)
+            if stream.error is not None:
+                raise stream.error
+            if stream.retired or self._closed:
+                raise _StreamGone
+            window = min(stream.send_window, self._send_window)
+            if window <= 0:
+                if not await self._wait_window(stream):
+                    raise UpstreamTimeout("upstream flow-control window stayed closed")
+                continue
+            step = min(window, total - offset)
+            parts: list[bytes] = []
+            w.data_frames(parts, stream.id, view[offset:offset + step], False, self._peer_max_frame)
+            stream.send_window -= step
+            self._send_window -= step
+            offset += step
+            self._write(b"".join(parts))
+
+    async def _wait_window(self, stream: _Stream) -> bool:
+        waiter = stream.window_waiter = self._loop.create_future()
+        self._window_blocked.add(stream)
+        timer = self._loop.call_later(self.timeouts.read, _expire, waiter)
+        try:
+            return await waiter
+        finally:
+            stream.window_waiter = None
+            self._window_blocked.discard(stream)
+            timer.cancel()
+
+    # --- stream bookkeeping (called by _Stream too) ---
+    def consumed(self, stream: _Stream, size: int) -> None:
+        """The consumer took `size` bytes: return receive credit, batched, as WINDOW_UPDATEs."""
+        if self._closed:
+            return
+        if not stream.retired and not stream.remote_ended:
+            stream.credit += size
+            if stream.credit >= _STREAM_CREDIT_BATCH:
+                self._out.append(w.window_update_frame(stream.id, stream.credit))
+                stream.recv_window += stream.credit
+                stream.credit = 0
+        self._connection_consumed(size)
+
+    def _connection_consumed(self, size: int) -> None:
+        if self._closed:
+            return
+        self._credit += size
+        # in batches; but all of it when the peer is nearly out (stalled streams hold the rest)
+        if self._credit >= _CONNECTION_CREDIT_BATCH or self._recv_window <= _CONNECTION_CREDIT_BATCH:
+            self._out.append(w.window_update_frame(0, self._credit))
+            self._recv_window += self._credit
+            self._credit = 0
+        if self._out and not self._receiving:
+            self._flush()
+
+    def reset(self, stream: _Stream, code: int) -> None:
+        if not self._closed and not stream.retired:
+            self._out.append(w.rst_stream_frame(stream.id, code))
+            if not self._receiving:
+                self._flush()
+        self._retire(stream)
+
+    def fail_stream(self, stream: _Stream, err: ProxyError, code: int = w.CANCEL) -> None:
+        if stream.error is None and not stream.remote_ended:
+            stream.error = err
+        self.reset(stream, code)
+        stream.wake()
+        wake(stream.window_waiter)
+
+    def _retire(self, stream: _Stream) -> None:
+        if stream.retired:
+            return
+        stream.retired = True
+        self._streams.pop(stream.id, None)
+        if not self._streams and not self._closed:
+            if self._goaway:
+                self._close_transport()
+            else:
+                self._idle_since = self._loop.time()
+                self._idle_timer = self._loop.call_later(self.timeouts.idle, self._idle_expired)
+        self._on_change()
+
+    def _idle_expired(self) -> None:
+        self._idle_timer = None
+        if not self._streams and not self._closed:
+            self.close()
+
+    # --- asyncio.Protocol ---
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = transport  # type: ignore[assignment]
+        self._write(_OPENING)
+
+    def data_received(self, data: bytes) -> None:
+        if self._closed:
+            return
+        if self._rest:
+            data = self._rest + data
+            self._rest = b""
+        end = len(data)
+        pos = 0
+        self._receiving = True
+        try:
+            while end - pos >= 9:
+                high, low, frame_type, flags, stream_id = _unpack_header(data, pos)
+                length = (high << 16) | low
+                if length > _RECV_MAX_FRAME_SIZE:
+                    raise ProtocolViolation(w.FRAME_SIZE_ERROR, "upstream sent an oversized frame")
+                start = pos + 9
+                stop = start + length
+                if stop > end:
+                    break
+                pos = stop
+                stream_id &= w.MAX_STREAM_ID
+                if self._header_stream and frame_type != w.CONTINUATION:
+                    raise ProtocolViolation(w.PROTOCOL_ERROR, "upstream interrupted a header block")
+                if frame_type == w.DATA:
+                    self._on_data(flags, stream_id, data, start, stop)
+                elif not self._remote_settings_seen and frame_type != w.SETTINGS:
+                    raise ProtocolViolation(w.PROTOCOL_ERROR, "upstream did not start with SETTINGS")
+                elif frame_type == w.HEADERS:
+                    self._on_headers(flags, stream_id, data, start, stop)
+                else:
+                    handler = FRAME_HANDLERS.get(frame_type)
+                    if handler is not None:  # unknown frame types are ignored (RFC 9113 §5.5)
+                        handler(self, flags, stream_id, data[start:stop])
+                if self._closed:
+                    return
+        except ProtocolViolation as err:
+            self._connection_error(err.code, err.reason)
+            return
+        finally:
+            self._receiving = False
+        if pos < end:
+            self._rest = data[pos:]
+        if self._out:
+            self._flush()
+
+    def eof_received(self) -> bool | None:
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._lost(UpstreamReset("upstream connection lost"))
+
+    def pause_writing(self) -> None:
+        self._flow.pause()
+
+    def resume_writing(self) -> None:
+        self._flow.resume()
+
+    def _check_ready(self) -> None:
+        if self._remote_settings_seen and self._local_settings_acked and not self._ready.done():
+            self._is_ready = True
+            self._ready.set_result(True)
+            self._on_change()
+
+    # --- plumbing ---
+    def _write(self, data: bytes) -> None:
+        transport = self._transport
+        if transport is not None and not transport.is_closing():
+            transport.write(data)
+
+    def _flush(self) -> None:
+        out = self._out
+        if out:
+            self._out = []
+            self._write(out[0] if len(out) == 1 else b"".join(out))
+
+    def _close_transport(self) -> None:
+        if self._transport is not None and not self._transport.is_closing():
+            self._transport.close()
+
+    def _connection_error(self, code: int, reason: str) -> None:
+        self._out.append(w.goaway_frame(0, code))
+        self._flush()
+        self._close_transport()
+        self._lost(UpstreamProtocolError(reason))
+
+    def _lost(self, err: ProxyError) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._is_ready = False
+        self._out.clear()
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+            self._idle_timer = None
+        self._flow.fail(err)
+        if not self._ready.done():
+            self._ready.set_result(False)
+        for stream in list(self._streams.values()):
+            if stream.error is None and not stream.remote_ended:
+                stream.error = err
+            stream.retired = True
+            stream.wake()
+            wake(stream.window_waiter)
+        self._streams.clear()
+        self._on_change()
+
+
+def _header_list_size(method: bytes, target: bytes, authority: bytes, headers: Headers) -> int:
+    """RFC 9113 §6.5.2 size: names + values + 32 per field, pseudo-headers included."""
+    size = 4 * 32 + 7 + len(method) + 7 + 5 + 10 + len(authority) + 5 + len(target)
+    for name, value in headers:
+        size += len(name) + len(value) + 32
+    return size
+
