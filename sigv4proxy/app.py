@@ -36,7 +36,8 @@ def credentials_from_config(config: ProxyConfig) -> CredentialStore:
 
 def pool_from_config(config: ProxyConfig) -> ConnectionPool:
     return ConnectionPool(
-        ssl_context=make_client_ssl_context(config.ca_bundle, verify=config.verify_tls),
+        # One TLS context per ALPN offer, so an http1-only origin never offers h2.
+        ssl_context_factory=lambda alpn: make_client_ssl_context(config.ca_bundle, verify=config.verify_tls, alpn=alpn),
         timeouts=Timeouts(connect=config.connect_timeout, first_byte=config.first_byte_timeout,
                           read=config.read_timeout, idle=config.idle_timeout),
         limits=PoolLimits(max_connections_per_origin=config.max_connections),
