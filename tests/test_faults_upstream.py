@@ -188,7 +188,7 @@ class _PeerConnection:
         self.pending: dict[int, tuple[dict[bytes, bytes], list[bytes]]] = {}
         self.reset_streams: set[int] = set()
         self.closed = False
-        self.tasks: set[asyncio.Task] = set()
+        self.tasks: dict[int, asyncio.Task] = {}  # script task per stream
         self._window = asyncio.Event()
 
     def flush(self) -> None:
@@ -227,7 +227,7 @@ class _PeerConnection:
         finally:
             self.closed = True
             self._window.set()
-            for task in list(self.tasks):
+            for task in list(self.tasks.values()):
                 task.cancel()
             self.writer.close()
 
@@ -248,6 +248,9 @@ class _PeerConnection:
             self.reset_streams.add(event.stream_id)
             log.resets.append((self.number, event.stream_id, int(event.error_code)))
             self._window.set()
+            task = self.tasks.get(event.stream_id)
+            if task is not None:
+                task.cancel()  # the script's work for a cancelled stream stops with it
         elif isinstance(event, (h2.events.WindowUpdated, h2.events.RemoteSettingsChanged)):
             self._window.set()
 
@@ -256,8 +259,8 @@ class _PeerConnection:
         ex = Exchange(self.peer, self, stream_id, headers, b"".join(parts))
         self.peer.log.requests.append((self.number, stream_id, ex.path))
         task = asyncio.get_running_loop().create_task(self._run_script(ex))
-        self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
+        self.tasks[stream_id] = task
+        task.add_done_callback(lambda _: self.tasks.pop(stream_id, None))
 
     async def _run_script(self, ex: Exchange) -> None:
         try:
