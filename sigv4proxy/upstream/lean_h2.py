@@ -11,8 +11,7 @@ whole, let a broken response end as if complete, or let the peer make it buffer 
 from __future__ import annotations
 
 import asyncio
-from collections import deque
-from collections.abc import AsyncIterable, Callable
+from collections.abc import Callable
 
 import hpack
 
@@ -20,14 +19,12 @@ from sigv4proxy.errors import (
     BadRequest,
     HeadersTooLarge,
     ProxyError,
-    RetryableStreamError,
     UpstreamConnectError,
     UpstreamProtocolError,
     UpstreamReset,
     UpstreamTimeout,
 )
 from sigv4proxy.upstream import h2_wire as w
-from sigv4proxy.upstream.lean_h2_recv import FRAME_HANDLERS, FrameReceiver, ProtocolViolation, wake
 from sigv4proxy.upstream.base import (
     Body,
     ConnectionNotAvailable,
@@ -37,8 +34,9 @@ from sigv4proxy.upstream.base import (
     Timeouts,
     WriteFlow,
 )
+from sigv4proxy.upstream.lean_h2_recv import FRAME_HANDLERS, FrameReceiver, ProtocolViolation, wake
+from sigv4proxy.upstream.lean_h2_stream import STREAM_WINDOW, LeanStream, send_body
 
-STREAM_WINDOW = 1 << 20  # per-stream receive window: what one slow consumer may have buffered
 CONNECTION_WINDOW = 16 << 20  # shared receive window: ~16 stalled streams before others stall
 MAX_HEADER_LIST_SIZE = 64 << 10  # decoded response header list (as h2's default)
 INLINE_BODY_LIMIT = 64 << 10  # bytes bodies up to this go out in the same write as HEADERS
@@ -52,92 +50,7 @@ _OPENING = (w.PREFACE + w.settings_frame([
     (w.SETTINGS_INITIAL_WINDOW_SIZE, STREAM_WINDOW),
     (w.SETTINGS_MAX_HEADER_LIST_SIZE, MAX_HEADER_LIST_SIZE),
 ]) + w.window_update_frame(0, CONNECTION_WINDOW - w.DEFAULT_WINDOW))
-_END_STREAM_DATA = w.FLAG_END_STREAM
 _unpack_header = w.FRAME_HEADER.unpack_from
-
-
-class _StreamGone(Exception):
-    """Internal: the stream was reset or the connection closed while we were uploading."""
-
-
-def _expire(waiter: asyncio.Future[bool]) -> None:
-    if not waiter.done():
-        waiter.set_result(False)
-
-
-class _Stream:
-    """One request/response exchange; also the `ResponseBody` the Response reads from."""
-
-    __slots__ = ("conn", "id", "head", "status", "headers", "trailers", "chunks", "remote_ended",
-                 "local_ended", "sent_at", "error", "retired", "send_task", "unacked", "waiter",
-                 "window_waiter", "send_window", "recv_window", "credit", "expected", "received")
-
-    def __init__(self, conn: LeanH2Connection, stream_id: int, send_window: int, head: bool) -> None:
-        self.conn = conn
-        self.id = stream_id
-        self.head = head  # a HEAD response declares a length it never sends
-        self.status: int | None = None
-        self.headers: list[tuple[bytes, bytes]] = []
-        self.trailers: list[tuple[bytes, bytes]] = []
-        self.chunks: deque[bytes] = deque()
-        self.remote_ended = False
-        self.local_ended = False
-        self.sent_at = 0.0
-        self.error: ProxyError | None = None
-        self.retired = False  # no longer counts against the connection's streams
-        self.send_task: asyncio.Task[None] | None = None
-        self.unacked = 0  # handed to the consumer, credit not yet counted
-        self.waiter: asyncio.Future[bool] | None = None
-        self.window_waiter: asyncio.Future[bool] | None = None
-        self.send_window = send_window
-        self.recv_window = STREAM_WINDOW
-        self.credit = 0  # consumed, stream credit not yet returned (batched)
-        self.expected = -1  # content-length, -1 when absent
-        self.received = 0
-
-    def wake(self) -> None:
-        wake(self.waiter)
-
-    async def wait_event(self, timeout: float | None) -> bool:
-        """False on timeout. A plain timer handle: cheaper than asyncio.timeout per wait."""
-        loop = self.conn._loop
-        waiter = self.waiter = loop.create_future()
-        timer = None if timeout is None else loop.call_later(timeout, _expire, waiter)
-        try:
-            return await waiter
-        finally:
-            self.waiter = None
-            if timer is not None:
-                timer.cancel()
-
-    async def read(self) -> bytes:
-        conn = self.conn
-        if self.unacked:  # the previous chunk was consumed: its credit may go back
-            conn.consumed(self, self.unacked)
-            self.unacked = 0
-        while True:
-            if self.chunks:
-                data = self.chunks.popleft()
-                self.unacked = len(data)
-                return data
-            if self.error is not None:
-                raise self.error
-            if self.remote_ended:
-                return b""
-            if not await self.wait_event(conn.timeouts.read):
-                conn.fail_stream(self, UpstreamTimeout("upstream response body stalled"))
-
-    async def aclose(self) -> None:
-        conn = self.conn
-        if self.send_task is not None and not self.send_task.done():
-            self.send_task.cancel()
-        if not self.retired:
-            conn.reset(self, w.CANCEL)
-        pending = self.unacked + sum(map(len, self.chunks))
-        self.chunks.clear()
-        self.unacked = 0
-        if pending:
-            conn.consumed(self, pending)
 
 
 class LeanH2Connection(FrameReceiver, asyncio.Protocol):
@@ -154,7 +67,7 @@ class LeanH2Connection(FrameReceiver, asyncio.Protocol):
         self._encoder = w.RequestHeaderEncoder(origin.scheme)
         self._decoder = hpack.Decoder()  # tracks the peer's dynamic table
         self._decoder.max_header_list_size = MAX_HEADER_LIST_SIZE
-        self._streams: dict[int, _Stream] = {}
+        self._streams: dict[int, LeanStream] = {}
         self._next_stream_id = 1
         self._flow = WriteFlow()
         self._ready: asyncio.Future[bool] = self._loop.create_future()
@@ -174,7 +87,7 @@ class LeanH2Connection(FrameReceiver, asyncio.Protocol):
         self._send_window = w.DEFAULT_WINDOW
         self._recv_window = CONNECTION_WINDOW
         self._credit = 0  # consumed, connection credit not yet returned (batched)
-        self._window_blocked: set[_Stream] = set()
+        self._window_blocked: set[LeanStream] = set()
         # receiving
         self._rest = b""  # an incomplete frame carried to the next data_received
         self._receiving = False
@@ -225,7 +138,7 @@ class LeanH2Connection(FrameReceiver, asyncio.Protocol):
             raise BadRequest("request method, target or a header is not bytes") from None
         stream_id = self._next_stream_id
         self._next_stream_id += 2
-        stream = _Stream(self, stream_id, self._peer_initial_window, method == b"HEAD")
+        stream = LeanStream(self, stream_id, self._peer_initial_window, method == b"HEAD")
         self._streams[stream_id] = stream
         if self._idle_timer is not None:
             self._idle_timer.cancel()
@@ -249,7 +162,7 @@ class LeanH2Connection(FrameReceiver, asyncio.Protocol):
         if stream.local_ended:
             stream.sent_at = self._loop.time()
         else:
-            stream.send_task = self._loop.create_task(self._send_body(stream, body))  # type: ignore[arg-type]
+            stream.send_task = self._loop.create_task(send_body(self, stream, body))  # type: ignore[arg-type]
         try:
             await self._await_head(stream)
         except BaseException:
@@ -270,7 +183,7 @@ class LeanH2Connection(FrameReceiver, asyncio.Protocol):
         self._lost(UpstreamReset("upstream connection closed"))
 
     # --- request side ---
-    async def _await_head(self, stream: _Stream) -> None:
+    async def _await_head(self, stream: LeanStream) -> None:
         while stream.status is None:
             if stream.error is not None:
                 raise stream.error
@@ -282,77 +195,8 @@ class LeanH2Connection(FrameReceiver, asyncio.Protocol):
                     continue
             await stream.wait_event(timeout)
 
-    async def _send_body(self, stream: _Stream, body: bytes | AsyncIterable[bytes]) -> None:
-        try:
-            if isinstance(body, (bytes, bytearray, memoryview)):
-                await self._send_chunk(stream, body)
-            else:
-                try:
-                    iterator = body.__aiter__()
-                except Exception:
-                    raise BadRequest("request body is not iterable") from None
-                while True:
-                    try:
-                        chunk = await iterator.__anext__()
-                    except StopAsyncIteration:
-                        break
-                    except ProxyError:
-                        raise
-                    except Exception:
-                        raise BadRequest("request body could not be read") from None
-                    if chunk:
-                        await self._send_chunk(stream, chunk)
-            if stream.retired or self._closed:
-                return
-            self._write(w.frame_header(w.DATA, _END_STREAM_DATA, stream.id, 0))
-            stream.local_ended = True
-            stream.sent_at = self._loop.time()
-            if stream.remote_ended:
-                self._retire(stream)
-            stream.wake()
-        except _StreamGone:
-            pass  # the peer reset the stream (its RST_STREAM recorded why) or the connection died
-        except ProxyError as err:
-            if stream.remote_ended:  # the response is complete; only the upload stops
-                self.reset(stream, w.CANCEL)
-            else:
-                self.fail_stream(stream, err)
-
-    async def _send_chunk(self, stream: _Stream, data: bytes | bytearray | memoryview) -> None:
-        view = memoryview(data)
-        offset, total = 0, len(view)
-        while offset < total:
-            await self._flow.drain(self.timeouts.read)
-            if stream.error is not None:
-                raise stream.error
-            if stream.retired or self._closed:
-                raise _StreamGone
-            window = min(stream.send_window, self._send_window)
-            if window <= 0:
-                if not await self._wait_window(stream):
-                    raise UpstreamTimeout("upstream flow-control window stayed closed")
-                continue
-            step = min(window, total - offset)
-            parts: list[bytes] = []
-            w.data_frames(parts, stream.id, view[offset:offset + step], False, self._peer_max_frame)
-            stream.send_window -= step
-            self._send_window -= step
-            offset += step
-            self._write(b"".join(parts))
-
-    async def _wait_window(self, stream: _Stream) -> bool:
-        waiter = stream.window_waiter = self._loop.create_future()
-        self._window_blocked.add(stream)
-        timer = self._loop.call_later(self.timeouts.read, _expire, waiter)
-        try:
-            return await waiter
-        finally:
-            stream.window_waiter = None
-            self._window_blocked.discard(stream)
-            timer.cancel()
-
-    # --- stream bookkeeping (called by _Stream too) ---
-    def consumed(self, stream: _Stream, size: int) -> None:
+    # --- stream bookkeeping (called by LeanStream too) ---
+    def consumed(self, stream: LeanStream, size: int) -> None:
         """The consumer took `size` bytes: return receive credit, batched, as WINDOW_UPDATEs."""
         if self._closed:
             return
@@ -376,21 +220,21 @@ class LeanH2Connection(FrameReceiver, asyncio.Protocol):
         if self._out and not self._receiving:
             self._flush()
 
-    def reset(self, stream: _Stream, code: int) -> None:
+    def reset(self, stream: LeanStream, code: int) -> None:
         if not self._closed and not stream.retired:
             self._out.append(w.rst_stream_frame(stream.id, code))
             if not self._receiving:
                 self._flush()
         self._retire(stream)
 
-    def fail_stream(self, stream: _Stream, err: ProxyError, code: int = w.CANCEL) -> None:
+    def fail_stream(self, stream: LeanStream, err: ProxyError, code: int = w.CANCEL) -> None:
         if stream.error is None and not stream.remote_ended:
             stream.error = err
         self.reset(stream, code)
         stream.wake()
         wake(stream.window_waiter)
 
-    def _retire(self, stream: _Stream) -> None:
+    def _retire(self, stream: LeanStream) -> None:
         if stream.retired:
             return
         stream.retired = True

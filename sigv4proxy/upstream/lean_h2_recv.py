@@ -18,7 +18,7 @@ from sigv4proxy.errors import ProxyError, RetryableStreamError, UpstreamProtocol
 from sigv4proxy.upstream import h2_wire as w
 
 if TYPE_CHECKING:
-    from sigv4proxy.upstream.lean_h2 import _Stream
+    from sigv4proxy.upstream.lean_h2_stream import LeanStream as _Stream
 
 MAX_HEADER_BLOCK = 256 << 10  # encoded block across CONTINUATION frames (flood guard)
 _NO_BODY_STATUSES = (204, 304)
