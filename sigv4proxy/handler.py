@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import time
 import weakref
+from dataclasses import dataclass
 from typing import AsyncIterator, Callable, Iterable
 
 from aiohttp import web
@@ -26,7 +27,7 @@ from sigv4proxy.errors import (
     ProxyError,
 )
 from sigv4proxy.metrics import Metrics
-from sigv4proxy.routing import Router
+from sigv4proxy.routing import Router, Target
 from sigv4proxy.upstream.pool import ConnectionPool
 
 log = logging.getLogger("sigv4proxy.handler")
@@ -67,6 +68,17 @@ def _split_target(raw: str) -> tuple[str | None, str]:
             path = "/" + path
         return authority, path
     raise BadRequest("unsupported request target form")
+
+
+@dataclass(slots=True)
+class PreparedRequest:
+    """A request after hygiene, routing and signing: what goes to `ConnectionPool.request`."""
+
+    route: Target
+    headers: list[tuple[bytes, bytes]]  # cleaned + signed, names lowercase, no Host
+    expect_continue: bool
+    sign_started: float  # perf_counter stamps for the stage timings
+    sign_done: float
 
 
 class _ProxiedResponse(web.StreamResponse):
@@ -126,7 +138,6 @@ class ProxyHandler:
     async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
         started = time.perf_counter()
         self.inflight += 1
-        self._metrics.inflight.inc()
         route_name = "none"
         try:
             if self._max_inflight is not None and self.inflight > self._max_inflight:
@@ -139,14 +150,19 @@ class ProxyHandler:
             return self._error(exc, request.method, route_name, started)
         finally:
             self.inflight -= 1
-            self._metrics.inflight.dec()
 
-    async def _proxy(self, request: web.BaseRequest, started: float) -> tuple[web.StreamResponse, str]:
-        method = request.method
+    def prepare(self, method: str, authority: str | None, target: str,
+                raw_headers: Iterable[tuple[bytes, bytes]], content_length: int | None,
+                original_dst: tuple[str, int] | None = None, *,
+                keep_te_trailers: bool = False) -> PreparedRequest:
+        """Header hygiene, route, body-size check and signing: shared by both inbound paths.
+
+        `authority` is the absolute-form authority (HTTP/1.1) or `:authority` (HTTP/2); a Host
+        header must agree with it. `target` is origin-form. `keep_te_trailers` keeps
+        `te: trailers` on the wire (HTTP/2, gRPC); the signer never signs `te`.
+        """
         if method == "CONNECT":
             raise MethodNotSupported("CONNECT is not supported (VPC Lattice does not tunnel)")
-        authority, target = _split_target(request.raw_path)
-        raw_headers = request.raw_headers
         headers: list[tuple[str, str]] = []
         host_header: str | None = None
         drop = self._drop
@@ -169,6 +185,8 @@ class ProxyHandler:
                     connection_tokens = (connection_tokens or set()) | tokens
                 elif name == "expect":
                     expect_continue = value_b.lower() == b"100-continue"
+                elif name == "te" and keep_te_trailers and value_b.strip().lower() == b"trailers":
+                    headers.append(("te", "trailers"))
                 continue
             headers.append((name, value_b.decode("latin-1")))
         if connection_tokens:
@@ -180,14 +198,10 @@ class ProxyHandler:
             if host_header is not None and host_header.strip().lower() != authority.lower():
                 raise BadRequest("absolute-form target and Host header disagree")
             host_header = authority
-        original_dst = self._original_destination(request) if self._transparent else None
         route = self._router.resolve(host_header, target, original_dst=original_dst)
-        route_name = route.name
 
-        content_length = request.content_length
         if self._max_body is not None and content_length is not None and content_length > self._max_body:
             raise PayloadTooLarge("request body exceeds --max-body-size")
-        has_body = request.body_exists
 
         # Sign: the credentials snapshot raises CredentialsUnavailable (503) when there are none.
         creds = self._credentials.snapshot()
@@ -199,13 +213,27 @@ class ProxyHandler:
         headers.pop()  # host travels as :authority / Host, never twice
         upstream_headers = [(n.encode("latin-1"), v.encode("latin-1")) for n, v in headers]
         upstream_headers.extend((n.encode("ascii"), v.encode("ascii")) for n, v in added)
+        return PreparedRequest(route, upstream_headers, expect_continue, sign_started, sign_done)
 
-        if expect_continue and has_body:
+    async def _proxy(self, request: web.BaseRequest, started: float) -> tuple[web.StreamResponse, str]:
+        method = request.method
+        if method == "CONNECT":
+            raise MethodNotSupported("CONNECT is not supported (VPC Lattice does not tunnel)")
+        authority, target = _split_target(request.raw_path)
+        original_dst = self._original_destination(request) if self._transparent else None
+        prepared = self.prepare(method, authority, target, request.raw_headers, request.content_length,
+                                original_dst)
+        route = prepared.route
+        route_name = route.name
+        has_body = request.body_exists
+        sign_started, sign_done = prepared.sign_started, prepared.sign_done
+
+        if prepared.expect_continue and has_body:
             request.writer.transport.write(_CONTINUE)
         body = self._body(request) if has_body else None
         upstream = await self._pool.request(
             route.origin, method.encode("ascii"), target.encode("latin-1"), route.authority_bytes,
-            upstream_headers, body,
+            prepared.headers, body,
         )
         first_byte = time.perf_counter()
         response = _ProxiedResponse(status=upstream.status)
@@ -286,11 +314,21 @@ class ProxyHandler:
         self._original_dst[protocol] = dst
         return dst
 
-    def _error(self, exc: ProxyError, method: str, route_name: str, started: float) -> web.Response:
+    def record_failure(self, exc: ProxyError, method: str, route_name: str, started: float) -> None:
+        """Metrics and debug log for a request answered with a typed error (both inbound paths)."""
         self._metrics.errors_for(exc.kind).inc()
         self._metrics.observe_request(method, exc.status, route_name, time.perf_counter() - started)
         log.debug("request failed: %s (%s)", exc.kind, exc.reason)
-        headers = {ERROR_HEADER: exc.kind, "Content-Type": "text/plain; charset=utf-8"}
-        if exc.status == 503:
-            headers["Retry-After"] = "1"
-        return web.Response(status=exc.status, text=f"sigv4proxy: {exc.reason}\n", headers=headers)
+
+    def _error(self, exc: ProxyError, method: str, route_name: str, started: float) -> web.Response:
+        self.record_failure(exc, method, route_name, started)
+        headers, text = error_parts(exc)
+        return web.Response(status=exc.status, text=text, headers=headers)
+
+
+def error_parts(exc: ProxyError) -> tuple[dict[str, str], str]:
+    """Headers and body text of the proxy's own answer to a typed error (fixed reason, no secret)."""
+    headers = {ERROR_HEADER: exc.kind, "Content-Type": "text/plain; charset=utf-8"}
+    if exc.status == 503:
+        headers["Retry-After"] = "1"
+    return headers, f"sigv4proxy: {exc.reason}\n"
