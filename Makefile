@@ -25,6 +25,7 @@ run: $(STAMP)
 
 bench-sign: $(STAMP)
 	$(BIN)/python benchmarks/bench_sign.py
+	$(BIN)/python benchmarks/bench_metrics.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis build *.egg-info

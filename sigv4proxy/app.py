@@ -94,7 +94,7 @@ class ProxyApp:
         return self.credentials.ready()
 
     def refresh_gauges(self) -> None:
-        self.metrics.update_gauges(self.credentials.expiry, self.pool.stats())
+        self.metrics.update_gauges(self.credentials.expiry, self.pool.stats(), self.handler.inflight)
 
     async def _gauge_loop(self) -> None:
         while True:
