@@ -287,3 +287,18 @@ async def test_admin_endpoints_and_metrics(sim, client):
     assert 'sigv4proxy_upstream_duration_seconds_count{protocol="HTTP/2"} 1.0' in text
     assert 'sigv4proxy_upstream_connections{protocol="h2",state=' in text
     assert "sigv4proxy_credentials_expiry_timestamp_seconds" in text
+
+
+async def test_inflight_gauge_counts_requests_in_progress(sim, client):
+    async with running_proxy(**via(sim, "h2")) as proxy:
+        slow = asyncio.create_task(get_json(client, f"http://127.0.0.1:{proxy.port}/slow",
+                                            headers={"Host": LATTICE_HOST, "x-sim-delay-ms": "1000"}))
+        await asyncio.sleep(0.4)
+        async with client.get(f"http://127.0.0.1:{proxy.admin_port}/metrics") as r:
+            during = await r.text()
+        resp, _ = await slow
+        async with client.get(f"http://127.0.0.1:{proxy.admin_port}/metrics") as r:
+            after = await r.text()
+    assert resp.status == 200
+    assert "sigv4proxy_requests_inflight 1.0" in during
+    assert "sigv4proxy_requests_inflight 0.0" in after
