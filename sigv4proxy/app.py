@@ -12,11 +12,13 @@ import socket
 import time
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.web_protocol import RequestHandler
 
 from sigv4proxy.admin import AdminHandler
 from sigv4proxy.config import ProxyConfig
 from sigv4proxy.credentials import CredentialStore
-from sigv4proxy.handler import ProxyHandler
+from sigv4proxy.handler import MAX_HEADER_FIELD, MAX_REQUEST_LINE, ProxyHandler
 from sigv4proxy.metrics import Metrics
 from sigv4proxy.routing import Router
 from sigv4proxy.upstream.base import PoolLimits, Timeouts
@@ -54,6 +56,20 @@ def _bind(host: str, port: int, reuse_port: bool) -> socket.socket:
     sock.listen(1024)
     sock.setblocking(False)
     return sock
+
+
+class _InboundRequestHandler(RequestHandler):
+    """aiohttp's per-connection protocol, with parse errors answered by the proxy handler."""
+
+    def handle_error(self, request, status=500, exc=None, message=None):  # type: ignore[override]
+        if isinstance(exc, HttpProcessingError) and request.writer.output_size == 0:
+            return self._manager.request_handler.malformed_request(exc)  # type: ignore[union-attr]
+        return super().handle_error(request, status, exc, message)
+
+
+class _InboundServer(web.Server):
+    def __call__(self) -> RequestHandler:
+        return _InboundRequestHandler(self, loop=self._loop, **self._kwargs)
 
 
 class ProxyApp:
@@ -112,9 +128,9 @@ class ProxyApp:
         self._servers.append(await loop.create_server(self._admin_server, sock=admin_sock))
         self.admin_port = admin_sock.getsockname()[1]
         host, port = self.config.listen_addr
-        self._web_server = web.Server(
+        self._web_server = _InboundServer(
             self.handler, access_log=None, auto_decompress=False, handler_cancellation=True,
-            keepalive_timeout=75, max_field_size=16384, max_line_size=16384,
+            keepalive_timeout=75, max_field_size=MAX_HEADER_FIELD, max_line_size=MAX_REQUEST_LINE,
         )
         sock = _bind(host, port, self._reuse_port)
         self._servers.append(await loop.create_server(self._web_server, sock=sock, backlog=1024))

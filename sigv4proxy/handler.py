@@ -15,12 +15,14 @@ from dataclasses import dataclass
 from typing import AsyncIterator, Callable, Iterable
 
 from aiohttp import web
+from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
 from multidict import CIMultiDict
 
 from sigv4proxy import accesslog
 from sigv4proxy.credentials import CredentialStore
 from sigv4proxy.errors import (
     BadRequest,
+    HeadersTooLarge,
     MethodNotSupported,
     Overloaded,
     PayloadTooLarge,
@@ -46,6 +48,10 @@ SIGNING_HEADERS = frozenset(
 DROP_REQUEST = HOP_BY_HOP | SIGNING_HEADERS | {"host"}
 DROP_RESPONSE = HOP_BY_HOP | {"content-length"}
 ERROR_HEADER = "x-sigv4proxy-error"
+# Inbound parser limits (bytes). A header line over MAX_HEADER_FIELD is 431; the request line has
+# a different limit so that the parser's LineTooLong tells the two apart (by its limit).
+MAX_HEADER_FIELD = 16384
+MAX_REQUEST_LINE = 16384 + 1024
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
 
@@ -320,10 +326,33 @@ class ProxyHandler:
         self._metrics.observe_request(method, exc.status, route_name, time.perf_counter() - started)
         log.debug("request failed: %s (%s)", exc.kind, exc.reason)
 
+    def malformed_request(self, exc: BaseException) -> web.Response:
+        """The answer to a request aiohttp's parser refused: typed, counted, no request bytes echoed
+        (aiohttp's own page quotes the offending line) and logged at debug only (clients cause it)."""
+        error = parse_error(exc)
+        self._metrics.errors_for(error.kind).inc()
+        log.debug("malformed request: %s (%s)", error.kind, type(exc).__name__)
+        headers, text = error_parts(error)
+        response = web.Response(status=error.status, text=text, headers=headers)
+        response.force_close()
+        return response
+
     def _error(self, exc: ProxyError, method: str, route_name: str, started: float) -> web.Response:
         self.record_failure(exc, method, route_name, started)
         headers, text = error_parts(exc)
         return web.Response(status=exc.status, text=text, headers=headers)
+
+
+def parse_error(exc: BaseException) -> ProxyError:
+    """A typed error for an inbound parse failure: 431 for a header line over the limit or too many
+    headers, 400 for everything else; the reason is fixed text, never the parser's message."""
+    if isinstance(exc, LineTooLong) and str(exc.args[1]) == str(MAX_HEADER_FIELD):
+        return HeadersTooLarge("request header field too large")
+    if isinstance(exc, LineTooLong):
+        return BadRequest("request line too long")
+    if isinstance(exc, BadHttpMessage) and "Too many headers" in str(exc):
+        return HeadersTooLarge("too many request headers")
+    return BadRequest("malformed HTTP request")
 
 
 def error_parts(exc: ProxyError) -> tuple[dict[str, str], str]:
