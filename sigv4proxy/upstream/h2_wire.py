@@ -145,13 +145,14 @@ def hpack_int(value: int, prefix_bits: int, first_byte: int) -> bytes:
     return bytes(out)
 
 
-_SHORT_LENGTHS = tuple(bytes((n,)) for n in range(0x7F))  # one-byte string lengths, prebuilt
+_PREBUILT = 4096
+_LENGTHS = tuple(hpack_int(n, 7, 0) for n in range(_PREBUILT))  # string length prefixes
 
 
 def hpack_string(data: bytes) -> bytes:
     """A string literal without Huffman coding (§5.2)."""
     n = len(data)
-    return (_SHORT_LENGTHS[n] if n < 0x7F else hpack_int(n, 7, 0)) + data
+    return (_LENGTHS[n] if n < _PREBUILT else hpack_int(n, 7, 0)) + data
 
 
 _NEVER_INDEXED = 0x10  # literal header field never indexed: 0001xxxx, 4-bit name index prefix
@@ -202,10 +203,10 @@ class RequestHeaderEncoder:
         Refuses (BadRequest, as `base.check_request_fields`) CR, LF or NUL anywhere, spaces in
         the request line parts, empty method/target and bad names; names are checked once each.
         """
-        if (not method or not target or b"\r" in target or b"\n" in target or b"\x00" in target
-                or b" " in target):
-            raise BadRequest("request method or target is empty" if not method or not target
-                             else "request line contains CR, LF, NUL or a space")
+        if not method or not target:
+            raise BadRequest("request method or target is empty")
+        if b" " in target:
+            raise BadRequest(_BAD_LINE)
         parts = [self._prefix] if self._prefix else []
         encoded = _METHODS.get(method)
         if encoded is None:
@@ -225,11 +226,11 @@ class RequestHeaderEncoder:
         else:
             n = len(target)
             parts.append(_NAME_PATH)
-            parts.append(_SHORT_LENGTHS[n] if n < 0x7F else hpack_int(n, 7, 0))
+            parts.append(_LENGTHS[n] if n < _PREBUILT else hpack_int(n, 7, 0))
             parts.append(target)
         names = self._names
         append = parts.append
-        short = _SHORT_LENGTHS
+        lengths = _LENGTHS
         for name, value in headers:
             prefix = names.get(name)
             if prefix is None:
@@ -239,12 +240,17 @@ class RequestHeaderEncoder:
                 prefix = never_indexed_name(name.lower())  # RFC 9113 8.2.1: lowercase only
                 if len(names) < _CACHE_LIMIT:
                     names[bytes(name)] = prefix
-            if b"\r" in value or b"\n" in value or b"\x00" in value:
-                raise BadRequest(_BAD_FIELD)
             n = len(value)
             append(prefix)
-            append(short[n] if n < 0x7F else hpack_int(n, 7, 0))
+            append(lengths[n] if n < _PREBUILT else hpack_int(n, 7, 0))
             append(value)
+        # the target and all values checked in one pass: cheaper than three scans of each
+        values = [value for _, value in headers]
+        values.append(target)
+        joined = b"\t".join(values)
+        if b"\r" in joined or b"\n" in joined or b"\x00" in joined:
+            _check_request_line_part(target)
+            raise BadRequest(_BAD_FIELD)
         self._prefix = b""
         return b"".join(parts)
 
@@ -252,9 +258,12 @@ class RequestHeaderEncoder:
 _BAD_FIELD = "request header contains CR, LF or NUL, or a bad name"
 
 
+_BAD_LINE = "request line contains CR, LF, NUL or a space"
+
+
 def _check_request_line_part(part: bytes) -> None:
     if b"\r" in part or b"\n" in part or b"\x00" in part or b" " in part:
-        raise BadRequest("request line contains CR, LF, NUL or a space")
+        raise BadRequest(_BAD_LINE)
 
 
 # --- response header checks (RFC 9113 §8.2, §8.3.2): cheap, names cached once seen valid ---
