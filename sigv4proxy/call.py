@@ -11,7 +11,7 @@ import argparse
 import asyncio
 import sys
 import time
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, urlsplit
 
 from sigv4proxy import config as config_mod
 from sigv4proxy.errors import ProxyError
@@ -27,13 +27,31 @@ def _header(text: str) -> tuple[str, str]:
     return name.strip().lower(), value.strip()
 
 
+def _parse_url(url: str) -> SplitResult | None:
+    """The split URL, or None after printing why it cannot be sent (exit status 2)."""
+    # Whitespace or control characters would end up in the request line or :path as sent.
+    if any(ch.isspace() or ord(ch) < 0x20 or ord(ch) == 0x7F for ch in url):
+        print("sigv4proxy call: bad URL: whitespace or control characters (percent-encode them)",
+              file=sys.stderr)
+        return None
+    try:
+        parts = urlsplit(url)
+        parts.port  # raises ValueError for a non-numeric or out-of-range port
+    except ValueError as exc:
+        print(f"sigv4proxy call: bad URL: {exc}", file=sys.stderr)
+        return None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        print("sigv4proxy call: URL must be http:// or https:// with a host", file=sys.stderr)
+        return None
+    return parts
+
+
 async def call(args: argparse.Namespace, out=sys.stdout) -> int:
     from sigv4proxy.app import credentials_from_config, pool_from_config
     from sigv4proxy.routing import Router
 
-    parts = urlsplit(args.url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        print("sigv4proxy call: URL must be http:// or https:// with a host", file=sys.stderr)
+    parts = _parse_url(args.url)
+    if parts is None:
         return 2
     flags = {k: getattr(args, k) for k in CALL_FLAGS if hasattr(args, k)}
     # The user named this host explicitly, so it is allowed; the URL's scheme and port are used
@@ -43,7 +61,11 @@ async def call(args: argparse.Namespace, out=sys.stdout) -> int:
         flags["upstream"] = f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}"
     config = config_mod.from_sources(flags)
     router = Router(config)
-    target = router.resolve(parts.netloc.rpartition("@")[2], parts.path or "/")
+    try:
+        target = router.resolve(parts.netloc.rpartition("@")[2], parts.path or "/")
+    except ProxyError as exc:  # a host the router cannot sign for (e.g. malformed)
+        print(f"sigv4proxy call: bad URL: {exc.reason}", file=sys.stderr)
+        return 2
     credentials = credentials_from_config(config)
     pool = pool_from_config(config)
     path = parts.path or "/"
