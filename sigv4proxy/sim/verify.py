@@ -17,10 +17,13 @@ import re
 from calendar import timegm
 from dataclasses import dataclass
 from time import gmtime, strftime, strptime
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 from urllib.parse import quote, quote_from_bytes, unquote_to_bytes
 
 from sigv4proxy.sim.identities import Identity, IdentityStore
+
+if TYPE_CHECKING:
+    from sigv4proxy.sim.verify_v4a import V4AAuthorization
 
 SIGV4_ALGORITHM = "AWS4-HMAC-SHA256"
 SIGV4A_ALGORITHM = "AWS4-ECDSA-P256-SHA256"
@@ -95,7 +98,7 @@ class AuthorizationHeader:
 @dataclass(frozen=True)
 class Verified:
     identity: Identity
-    auth: AuthorizationHeader
+    auth: AuthorizationHeader | V4AAuthorization
 
 
 # --- canonicalization (pure) ---
@@ -254,14 +257,17 @@ def verify_sigv4(req: RequestView, auth_value: str, ctx: VerifyContext) -> Verif
     return Verified(identity, auth)
 
 
-def _sigv4a_not_yet(req: RequestView, auth_value: str, ctx: VerifyContext) -> Verified:
-    raise incomplete("SigV4A (AWS4-ECDSA-P256-SHA256) is not supported by this simulator yet.")
+def _verify_sigv4a(req: RequestView, auth_value: str, ctx: VerifyContext) -> Verified:
+    # Imported here: sim.verify_v4a builds on this module (canonicalisation, errors).
+    from sigv4proxy.sim.verify_v4a import verify_sigv4a
+
+    return verify_sigv4a(req, auth_value, ctx)
 
 
 # Extension point: one verifier per algorithm named at the start of the Authorization header.
 VERIFIERS: dict[str, Callable[[RequestView, str, VerifyContext], Verified]] = {
     SIGV4_ALGORITHM: verify_sigv4,
-    SIGV4A_ALGORITHM: _sigv4a_not_yet,
+    SIGV4A_ALGORITHM: _verify_sigv4a,
 }
 
 
@@ -273,5 +279,5 @@ def verify_request(req: RequestView, ctx: VerifyContext) -> Verified:
     algorithm = auth_value.strip().partition(" ")[0]
     verifier = VERIFIERS.get(algorithm)
     if verifier is None:
-        raise incomplete("Unsupported AWS 'algorithm'; expected AWS4-HMAC-SHA256.")
+        raise incomplete("Unsupported AWS 'algorithm'; expected AWS4-HMAC-SHA256 or AWS4-ECDSA-P256-SHA256.")
     return verifier(req, auth_value, ctx)
