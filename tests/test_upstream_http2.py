@@ -24,9 +24,10 @@ from sigv4proxy.errors import (
 )
 from sigv4proxy.upstream.base import Origin, PoolLimits, Timeouts
 from sigv4proxy.upstream.http2 import H2Connection
+from sigv4proxy.upstream.lean_h2 import LeanH2Connection
 from sigv4proxy.upstream.pool import ConnectionPool
 
-H2_IMPLEMENTATIONS = [H2Connection]
+H2_IMPLEMENTATIONS = [H2Connection, LeanH2Connection]
 MiB = 1 << 20
 
 

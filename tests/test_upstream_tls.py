@@ -15,10 +15,11 @@ from support.upstream_servers import H1TestServer, SilentServer, make_pki
 from sigv4proxy.errors import UpstreamConnectError, UpstreamProtocolError, UpstreamTimeout
 from sigv4proxy.upstream.base import Origin, Timeouts
 from sigv4proxy.upstream.http2 import H2Connection
+from sigv4proxy.upstream.lean_h2 import LeanH2Connection
 from sigv4proxy.upstream.pool import ConnectionPool
 from sigv4proxy.upstream.tls import make_client_ssl_context
 
-H2_IMPLEMENTATIONS = [H2Connection]
+H2_IMPLEMENTATIONS = [H2Connection, LeanH2Connection]
 
 
 @pytest.fixture(params=H2_IMPLEMENTATIONS, ids=lambda cls: cls.__name__)

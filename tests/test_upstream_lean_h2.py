@@ -1,0 +1,463 @@
+"""What is specific to the lean HTTP/2 client (`LeanH2Connection`), against a raw-frame peer.
+
+The shared behaviour (flow control, GOAWAY, REFUSED_STREAM, timeouts, TLS...) is tested for both
+implementations in test_upstream_http2.py / test_upstream_tls.py. Here a scripted loopback peer
+reads our frames with `hyperframe` and our header blocks with `hpack.Decoder` (independent
+parsers: the oracles) and writes exactly the frames a test needs, including broken ones.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import struct
+
+import hpack
+import pytest
+from hyperframe.frame import (
+    ContinuationFrame,
+    DataFrame,
+    Frame,
+    GoAwayFrame,
+    HeadersFrame,
+    PingFrame,
+    PriorityFrame,
+    PushPromiseFrame,
+    RstStreamFrame,
+    SettingsFrame,
+    WindowUpdateFrame,
+)
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from sigv4proxy.errors import (
+    BadRequest,
+    RetryableStreamError,
+    UpstreamProtocolError,
+    UpstreamReset,
+)
+from sigv4proxy.upstream import h2_wire
+from sigv4proxy.upstream.base import Origin, Timeouts
+from sigv4proxy.upstream.lean_h2 import LeanH2Connection
+
+PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+TOKEN = (b"IQoJb3JpZ2luX2VjEXAMPLE/+=" * 40)[:1000]
+SIGNED_HEADERS = [
+    (b"x-amz-date", b"20261123T104149Z"),
+    (b"x-amz-security-token", TOKEN),
+    (b"authorization", b"AWS4-HMAC-SHA256 Credential=ASIAEXAMPLE/20261123/us-west-2/"
+                       b"vpc-lattice-svcs/aws4_request, SignedHeaders=host;x-amz-date, "
+                       b"Signature=" + b"ab" * 32),
+    (b"x-amz-content-sha256", b"UNSIGNED-PAYLOAD"),
+    (b"content-type", b"application/json"),  # name in the static table
+    (b"x-custom", b""),  # empty value
+    (b"x-custom", b"second"),  # repeated name, order kept
+]
+FRAME_TIMEOUT = 5.0
+
+
+class PeerConnection:
+    """The server side of one connection, driven frame by frame by the test."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+        self.decoder = hpack.Decoder()  # for our request header blocks
+        self.encoder = hpack.Encoder()  # for the responses
+
+    async def next_frame(self, timeout: float = FRAME_TIMEOUT) -> Frame:
+        header = await asyncio.wait_for(self.reader.readexactly(9), timeout)
+        frame, length = Frame.parse_frame_header(memoryview(header))
+        body = await asyncio.wait_for(self.reader.readexactly(length), timeout) if length else b""
+        frame.parse_body(memoryview(body))
+        return frame
+
+    async def next_of(self, *types: type, timeout: float = FRAME_TIMEOUT) -> Frame:
+        """The next frame of one of `types`, skipping others (bounded)."""
+        for _ in range(10_000):
+            frame = await self.next_frame(timeout)
+            if isinstance(frame, types):
+                return frame
+        raise AssertionError("too many frames without the expected one")
+
+    async def request_block(self) -> tuple[int, bytes, list[Frame]]:
+        """Reads HEADERS (+ CONTINUATION) of the next request: stream id, raw block, the frames."""
+        first = await self.next_of(HeadersFrame)
+        frames = [first]
+        while "END_HEADERS" not in frames[-1].flags:
+            frame = await self.next_frame()
+            assert isinstance(frame, ContinuationFrame) and frame.stream_id == first.stream_id
+            frames.append(frame)
+        return first.stream_id, b"".join(f.data for f in frames), frames
+
+    def send(self, *frames: Frame | bytes) -> None:
+        self.writer.write(b"".join(f if isinstance(f, bytes) else f.serialize() for f in frames))
+
+    async def handshake(self, peer_settings: dict[int, int] | None = None) -> SettingsFrame:
+        preface = await asyncio.wait_for(self.reader.readexactly(len(PREFACE)), FRAME_TIMEOUT)
+        assert preface == PREFACE
+        client_settings = await self.next_frame()
+        assert isinstance(client_settings, SettingsFrame) and "ACK" not in client_settings.flags
+        self.send(SettingsFrame(0, peer_settings or {}), SettingsFrame(0, flags=["ACK"]))
+        return client_settings
+
+    def respond(self, stream_id: int, headers: list[tuple[bytes, bytes]] | None = None,
+                body: bytes = b"ok") -> None:
+        block = self.encoder.encode(headers or [(b":status", b"200")])
+        self.send(HeadersFrame(stream_id, block, flags=["END_HEADERS"]),
+                  DataFrame(stream_id, body, flags=["END_STREAM"]))
+
+
+class RawPeer:
+    """`async with RawPeer() as peer:` a loopback listener handing each connection to the test."""
+
+    def __init__(self) -> None:
+        self.port = 0
+        self._server: asyncio.Server | None = None
+        self._accepted: asyncio.Queue[PeerConnection] = asyncio.Queue()
+        self._writers: list[asyncio.StreamWriter] = []
+
+    async def __aenter__(self) -> RawPeer:
+        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._writers.append(writer)
+        await self._accepted.put(PeerConnection(reader, writer))
+
+    async def accept(self) -> PeerConnection:
+        return await asyncio.wait_for(self._accepted.get(), FRAME_TIMEOUT)
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        assert self._server is not None
+        self._server.close()
+        for writer in self._writers:
+            writer.transport.abort()
+        await asyncio.wait_for(self._server.wait_closed(), 5)
+
+
+@pytest.fixture
+async def peer():
+    async with RawPeer() as raw_peer:
+        yield raw_peer
+
+
+@pytest.fixture
+async def connect(peer):
+    """connect(peer_settings) -> (LeanH2Connection, PeerConnection), ready; closed afterwards."""
+    opened: list[LeanH2Connection] = []
+
+    async def make(peer_settings: dict[int, int] | None = None,
+                   timeouts: Timeouts = Timeouts()) -> tuple[LeanH2Connection, PeerConnection]:
+        conn = LeanH2Connection(Origin("http", "127.0.0.1", peer.port, "h2"), timeouts, lambda: None)
+        opened.append(conn)
+        await asyncio.get_running_loop().create_connection(lambda: conn, "127.0.0.1", peer.port)
+        server_side = await peer.accept()
+        await server_side.handshake(peer_settings)
+        await conn.wait_ready(FRAME_TIMEOUT)
+        return conn, server_side
+
+    yield make
+    for conn in opened:
+        conn.close()
+
+
+def start(conn: LeanH2Connection, headers=(), body=None, method=b"GET", target=b"/p?q=1"):
+    return asyncio.create_task(conn.handle_request(method, target, b"svc.example", list(headers), body))
+
+
+# --- HPACK output ---
+def test_header_block_decodes_to_exactly_the_fields_never_indexed_and_unhuffmaned():
+    encoder = h2_wire.RequestHeaderEncoder("https")
+    block = encoder.encode(b"POST", b"/a/b?x=1", b"svc.example:8443", SIGNED_HEADERS)
+    decoder = hpack.Decoder()
+    fields = decoder.decode(block, raw=True)
+    expected = [(b":method", b"POST"), (b":scheme", b"https"), (b":authority", b"svc.example:8443"),
+                (b":path", b"/a/b?x=1"), *SIGNED_HEADERS]
+    assert [tuple(f) for f in fields] == expected
+    # static-table entries are indexed; every literal is never-indexed (RFC 7541 §6.2.3)
+    assert [f.indexable for f in fields[:2]] == [True, True]
+    assert all(isinstance(f, hpack.NeverIndexedHeaderTuple) for f in fields[2:])
+    assert len(decoder.header_table.dynamic_entries) == 0  # we never insert
+    assert TOKEN in block and b"Signature=" + b"ab" * 32 in block  # no Huffman coding
+
+
+def test_header_block_lowercases_names_and_uses_static_entries():
+    encoder = h2_wire.RequestHeaderEncoder("http")
+    block = encoder.encode(b"GET", b"/", b"h", [(b"Content-Type", b"A/B"), (b"X-Up", b"V")])
+    assert block[:2] == b"\x82\x86"  # :method GET, :scheme http (static 2 and 6)
+    assert block.endswith(b"\x01V")  # the last value: a 1-byte raw literal, no Huffman
+    fields = hpack.Decoder().decode(block, raw=True)
+    assert [tuple(f) for f in fields] == [(b":method", b"GET"), (b":scheme", b"http"),
+                                          (b":authority", b"h"), (b":path", b"/"),
+                                          (b"content-type", b"A/B"), (b"x-up", b"V")]
+
+
+_names = st.from_regex(rb"\A[a-z0-9][a-z0-9\-_.]{0,40}\Z")
+_values = st.binary(max_size=5000).filter(lambda v: not any(c in v for c in b"\r\n\x00"))
+
+
+@settings(max_examples=200, deadline=None)
+@given(method=st.sampled_from([b"GET", b"POST", b"DELETE", b"PATCH"]),
+       target=st.from_regex(rb"\A/[!-~]{0,300}\Z"),
+       headers=st.lists(st.tuples(_names, _values), max_size=12))
+def test_header_blocks_roundtrip_through_hpack_decoder(method, target, headers):
+    block = h2_wire.RequestHeaderEncoder("http").encode(method, target, b"a.example", headers)
+    fields = hpack.Decoder(max_header_list_size=1 << 20).decode(block, raw=True)
+    assert [tuple(f) for f in fields] == [(b":method", method), (b":scheme", b"http"),
+                                          (b":authority", b"a.example"), (b":path", target),
+                                          *headers]
+
+
+def test_bad_request_fields_are_refused_without_quoting_them():
+    encoder = h2_wire.RequestHeaderEncoder("http")
+    for target, headers in [(b"/", [(b"x", b"secret\r\nx: 1")]), (b"/secret\n", []),
+                            (b"/", [(b"x:secret", b"v")]), (b"/a b", [])]:
+        with pytest.raises(BadRequest) as caught:
+            encoder.encode(b"GET", target, b"h", headers)
+        assert "secret" not in str(caught.value)
+
+
+# --- HEADERS on the wire ---
+async def test_request_headers_arrive_in_one_frame_with_small_body_coalesced(connect):
+    conn, server = await connect()
+    task = start(conn, SIGNED_HEADERS, b"payload", method=b"POST")
+    stream_id, block, frames = await server.request_block()
+    assert [tuple(f) for f in server.decoder.decode(block, raw=True)][4:] == SIGNED_HEADERS
+    assert len(frames) == 1 and "END_STREAM" not in frames[0].flags
+    data = await server.next_of(DataFrame)
+    assert data.data == b"payload" and "END_STREAM" in data.flags
+    server.respond(stream_id, [(b":status", b"201"), (b"x-r", b"1")], b"done")
+    response = await asyncio.wait_for(task, FRAME_TIMEOUT)
+    assert response.status == 201 and response.headers == [(b"x-r", b"1")]
+    assert await response.read() == b"done"
+
+
+@pytest.mark.parametrize("peer_max_frame", [16384, 20000])
+async def test_40_kib_header_block_is_split_into_continuation_frames(connect, peer_max_frame):
+    conn, server = await connect({h2_wire.SETTINGS_MAX_FRAME_SIZE: peer_max_frame})
+    big = [(b"x-big", bytes(range(32, 127)) * 431)]  # ~40 KiB value
+    task = start(conn, big)
+    stream_id, block, frames = await server.request_block()
+    assert len(block) > 40_000
+    assert isinstance(frames[0], HeadersFrame) and "END_STREAM" in frames[0].flags
+    assert all(isinstance(f, ContinuationFrame) for f in frames[1:]) and len(frames) >= 3
+    assert all(len(f.data) <= peer_max_frame for f in frames)
+    assert [("END_HEADERS" in f.flags) for f in frames] == [False] * (len(frames) - 1) + [True]
+    assert [tuple(f) for f in server.decoder.decode(block, raw=True)][4:] == big
+    server.respond(stream_id)
+    response = await asyncio.wait_for(task, FRAME_TIMEOUT)
+    assert response.status == 200 and await response.read() == b"ok"
+
+
+async def test_peer_header_table_size_change_is_acknowledged_with_a_size_update(connect):
+    conn, server = await connect({h2_wire.SETTINGS_HEADER_TABLE_SIZE: 0})
+    server.decoder.max_allowed_table_size = 0
+    task = start(conn, [(b"x-a", b"1")])
+    stream_id, block, _ = await server.request_block()
+    assert block[:1] == b"\x20"  # dynamic table size update to 0, first in the block
+    assert [tuple(f) for f in server.decoder.decode(block, raw=True)][4:] == [(b"x-a", b"1")]
+    server.respond(stream_id)
+    assert (await asyncio.wait_for(task, FRAME_TIMEOUT)).status == 200
+
+
+# --- responses ---
+async def test_padded_prioritised_response_headers_in_continuations_and_padded_data(connect):
+    conn, server = await connect()
+    task = start(conn)
+    stream_id, _, _ = await server.request_block()
+    block = server.encoder.encode([(b":status", b"200"), (b"x-long", b"v" * 30000),
+                                   (b"content-length", b"5")])
+    headers = HeadersFrame(stream_id, block[:10000], flags=["PADDED", "PRIORITY"])
+    headers.pad_length, headers.depends_on, headers.stream_weight = 7, 0, 15
+    data = DataFrame(stream_id, b"hello", flags=["PADDED", "END_STREAM"])
+    data.pad_length = 20
+    server.send(headers, ContinuationFrame(stream_id, block[10000:20000]),
+                ContinuationFrame(stream_id, block[20000:], flags=["END_HEADERS"]), data)
+    response = await asyncio.wait_for(task, FRAME_TIMEOUT)
+    assert response.headers == [(b"x-long", b"v" * 30000), (b"content-length", b"5")]
+    assert await response.read() == b"hello"
+
+
+async def test_unknown_frames_and_priority_are_ignored_and_ping_is_answered(connect):
+    conn, server = await connect()
+    task = start(conn)
+    stream_id, _, _ = await server.request_block()
+    unknown = struct.pack(">BHBBL", 0, 4, 0xFA, 0x0, stream_id) + b"\x00\x01\x02\x03"
+    server.send(unknown, PriorityFrame(stream_id, depends_on=0, stream_weight=200),
+                PingFrame(0, b"8bytes!!"))
+    ack = await server.next_of(PingFrame)
+    assert "ACK" in ack.flags and ack.opaque_data == b"8bytes!!"
+    server.respond(stream_id)
+    response = await asyncio.wait_for(task, FRAME_TIMEOUT)
+    assert await response.read() == b"ok"
+
+
+async def test_malformed_response_header_resets_only_that_stream(connect):
+    conn, server = await connect()
+    bad = start(conn)
+    bad_id, _, _ = await server.request_block()
+    server.respond(bad_id, [(b":status", b"200"), (b"X-Upper", b"1")])
+    with pytest.raises(UpstreamProtocolError):
+        await asyncio.wait_for(bad, FRAME_TIMEOUT)
+    reset = await server.next_of(RstStreamFrame)
+    assert reset.stream_id == bad_id and reset.error_code == h2_wire.PROTOCOL_ERROR
+    good = start(conn)
+    good_id, _, _ = await server.request_block()
+    server.respond(good_id)
+    assert (await asyncio.wait_for(good, FRAME_TIMEOUT)).status == 200
+
+
+async def test_body_longer_than_content_length_is_a_stream_error(connect):
+    conn, server = await connect()
+    task = start(conn)
+    stream_id, _, _ = await server.request_block()
+    server.respond(stream_id, [(b":status", b"200"), (b"content-length", b"2")], b"three")
+    response = await asyncio.wait_for(task, FRAME_TIMEOUT)
+    with pytest.raises(UpstreamProtocolError):
+        await asyncio.wait_for(response.read(), FRAME_TIMEOUT)
+
+
+@pytest.mark.parametrize("frame,code", [
+    (lambda sid: PushPromiseFrame(sid, promised_stream_id=2, data=b"\x82",
+                                  flags=["END_HEADERS"]), h2_wire.PROTOCOL_ERROR),
+    (lambda sid: DataFrame(sid, b"x" * 16385), h2_wire.FRAME_SIZE_ERROR),
+    (lambda sid: HeadersFrame(sid, b"\xff\xff\xff\xff\x0f", flags=["END_HEADERS"]),
+     h2_wire.COMPRESSION_ERROR),
+    (lambda sid: HeadersFrame(sid + 2, b"\x88", flags=["END_HEADERS"]), h2_wire.PROTOCOL_ERROR),
+    (lambda sid: WindowUpdateFrame(0, 0), h2_wire.PROTOCOL_ERROR),
+    (lambda sid: struct.pack(">BHBBL", 0, 8, 0x6, 0, sid) + b"8bytes!!", h2_wire.PROTOCOL_ERROR),
+    (lambda sid: HeadersFrame(sid, b"\x88"), h2_wire.PROTOCOL_ERROR),  # then no CONTINUATION:
+], ids=["push_promise", "oversized", "hpack_garbage", "idle_stream", "zero_window_update",
+        "ping_on_stream", "interrupted_header_block"])
+async def test_protocol_errors_send_goaway_and_fail_with_a_typed_error(connect, frame, code):
+    conn, server = await connect()
+    task = start(conn)
+    stream_id, _, _ = await server.request_block()
+    server.send(frame(stream_id), PingFrame(0, b"followup"))  # the ping interrupts a header block
+    goaway = await server.next_of(GoAwayFrame)
+    assert goaway.error_code == code and goaway.last_stream_id == 0
+    with pytest.raises(UpstreamProtocolError) as caught:
+        await asyncio.wait_for(task, FRAME_TIMEOUT)
+    assert caught.value.status == 502
+    assert conn.is_closed() and not conn.is_available()
+
+
+# --- flow control ---
+async def test_send_window_goes_negative_after_settings_change_and_recovers(connect):
+    conn, server = await connect()
+    size = 100_000
+    body_sent = asyncio.Event()
+
+    async def body():
+        yield b"a" * size
+        body_sent.set()
+
+    task = start(conn, [], body(), method=b"POST")
+    stream_id, _, _ = await server.request_block()
+    received = 0
+    while received < 65535:  # default windows: 65535 bytes, then the client must stop
+        received += len((await server.next_of(DataFrame)).data)
+    assert received == 65535
+    server.send(SettingsFrame(0, {h2_wire.SETTINGS_INITIAL_WINDOW_SIZE: 16384}),
+                WindowUpdateFrame(0, 1 << 20))  # the connection is open; the stream is at -49151
+    ack = await server.next_of(SettingsFrame)
+    assert "ACK" in ack.flags
+    server.send(WindowUpdateFrame(stream_id, 49151))  # back to exactly 0: still nothing to send
+    with pytest.raises(TimeoutError):
+        await server.next_of(DataFrame, timeout=0.3)
+    server.send(WindowUpdateFrame(stream_id, 1000))
+    assert len((await server.next_of(DataFrame)).data) == 1000
+    server.send(WindowUpdateFrame(stream_id, 1 << 20))
+    rest, ended = 0, False
+    for _ in range(100):
+        frame = await server.next_of(DataFrame)
+        rest += len(frame.data)
+        if "END_STREAM" in frame.flags:
+            ended = True
+            break
+    assert ended and received + 1000 + rest == size
+    assert body_sent.is_set()
+    server.respond(stream_id)
+    assert (await asyncio.wait_for(task, FRAME_TIMEOUT)).status == 200
+
+
+async def test_receive_credit_comes_back_only_as_the_consumer_reads(connect):
+    conn, server = await connect()
+    task = start(conn)
+    stream_id, _, _ = await server.request_block()
+    server.send(HeadersFrame(stream_id, server.encoder.encode([(b":status", b"200")]),
+                             flags=["END_HEADERS"]))
+    response = await asyncio.wait_for(task, FRAME_TIMEOUT)
+    chunk = b"z" * 16384
+    server.send(*[DataFrame(stream_id, chunk) for _ in range(64)])  # exactly the 1 MiB window
+    stream_updates = []
+
+    async def collect(timeout: float) -> None:
+        try:
+            while True:
+                frame = await server.next_of(WindowUpdateFrame, timeout=timeout)
+                if frame.stream_id == stream_id:
+                    stream_updates.append(frame.window_increment)
+        except TimeoutError:
+            pass
+
+    await collect(0.3)
+    assert stream_updates == []  # nothing read yet: no credit back
+    reader = response.__aiter__()
+    for _ in range(64):
+        assert await asyncio.wait_for(reader.__anext__(), FRAME_TIMEOUT) == chunk
+    await collect(0.3)
+    assert sum(stream_updates) >= 768 * 1024  # credit for what was read (batched)
+    server.send(DataFrame(stream_id, b"end", flags=["END_STREAM"]))
+    assert await asyncio.wait_for(reader.__anext__(), FRAME_TIMEOUT) == b"end"
+
+
+async def test_stream_window_overrun_resets_the_stream(connect):
+    conn, server = await connect()
+    task = start(conn)
+    stream_id, _, _ = await server.request_block()
+    server.send(HeadersFrame(stream_id, server.encoder.encode([(b":status", b"200")]),
+                             flags=["END_HEADERS"]))
+    response = await asyncio.wait_for(task, FRAME_TIMEOUT)
+    server.send(*[DataFrame(stream_id, b"z" * 16384) for _ in range(65)])  # 16 KiB too many
+    reset = await server.next_of(RstStreamFrame)
+    assert reset.stream_id == stream_id and reset.error_code == h2_wire.FLOW_CONTROL_ERROR
+    with pytest.raises(UpstreamProtocolError):
+        for _ in range(100):
+            if not await asyncio.wait_for(response.__aiter__().__anext__(), FRAME_TIMEOUT):
+                break
+    assert not conn.is_closed()
+
+
+# --- GOAWAY / RST_STREAM ---
+async def test_goaway_fails_streams_above_last_id_and_lets_the_rest_finish(connect):
+    conn, server = await connect()
+    first, second = start(conn), None
+    first_id, _, _ = await server.request_block()
+    second = start(conn)
+    second_id, _, _ = await server.request_block()
+    server.send(GoAwayFrame(0, last_stream_id=first_id, error_code=0))
+    with pytest.raises(RetryableStreamError):
+        await asyncio.wait_for(second, FRAME_TIMEOUT)
+    assert not conn.is_available() and not conn.is_closed()
+    server.respond(first_id, body=b"finished")
+    response = await asyncio.wait_for(first, FRAME_TIMEOUT)
+    assert await response.read() == b"finished"
+    assert await asyncio.wait_for(server.reader.read(), FRAME_TIMEOUT) == b""  # then it closes
+    assert second_id > first_id
+
+
+async def test_rst_stream_mid_body_fails_the_body_with_reset(connect):
+    conn, server = await connect()
+    task = start(conn)
+    stream_id, _, _ = await server.request_block()
+    server.send(HeadersFrame(stream_id, server.encoder.encode([(b":status", b"200")]),
+                             flags=["END_HEADERS"]),
+                DataFrame(stream_id, b"partial"), RstStreamFrame(stream_id, 0x2))
+    response = await asyncio.wait_for(task, FRAME_TIMEOUT)
+    reader = response.__aiter__()
+    assert await reader.__anext__() == b"partial"
+    with pytest.raises(UpstreamReset) as caught:
+        await reader.__anext__()
+    assert "INTERNAL_ERROR" in caught.value.reason
+    assert conn.is_available()
