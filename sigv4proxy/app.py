@@ -19,6 +19,9 @@ from sigv4proxy.admin import AdminHandler
 from sigv4proxy.config import ProxyConfig
 from sigv4proxy.credentials import CredentialStore
 from sigv4proxy.handler import MAX_HEADER_FIELD, MAX_REQUEST_LINE, ProxyHandler
+from sigv4proxy.inbound.h2proxy import H2ProxyStreams
+from sigv4proxy.inbound.h2server import H2ServerConnection
+from sigv4proxy.inbound.sniff import InboundListener
 from sigv4proxy.metrics import Metrics
 from sigv4proxy.routing import Router
 from sigv4proxy.upstream.base import PoolLimits, Timeouts
@@ -91,6 +94,13 @@ class ProxyApp:
             add_headers=[tuple(h.split("=", 1)) for h in config.add_header],
             duplicate_headers=config.duplicate_header, access_log=config.access_log,
         )
+        # HTTP/2 (h2c prior knowledge, gRPC) on the same port: same prepare/sign, same pool.
+        self.h2_streams = H2ProxyStreams(
+            self.handler, self.pool, self.metrics, max_body_size=config.max_body_size,
+            max_inflight=config.max_inflight, transparent=config.transparent)
+        # No bytes either way on an HTTP/2 stream for this long cuts it (long RPCs stay up).
+        self.stream_idle_timeout = getattr(config, "stream_idle_timeout", None) or config.read_timeout
+        self._listener: InboundListener | None = None
         self._reuse_port = reuse_port
         self._draining = False
         self._listening = False
@@ -132,12 +142,17 @@ class ProxyApp:
             self.handler, access_log=None, auto_decompress=False, handler_cancellation=True,
             keepalive_timeout=75, max_field_size=MAX_HEADER_FIELD, max_line_size=MAX_REQUEST_LINE,
         )
+        self._listener = InboundListener(self._web_server, self._new_h2_connection)
         sock = _bind(host, port, self._reuse_port)
-        self._servers.append(await loop.create_server(self._web_server, sock=sock, backlog=1024))
+        self._servers.append(await loop.create_server(self._listener, sock=sock, backlog=1024))
         self.port = sock.getsockname()[1]
         self._listening = True
         self._gauge_task = loop.create_task(self._gauge_loop())
         log.info("listening", extra={"listen": f"{host}:{self.port}", "admin": f"{admin_host}:{self.admin_port}"})
+
+    def _new_h2_connection(self, on_close) -> H2ServerConnection:
+        return H2ServerConnection(self.h2_streams, idle_timeout=self.stream_idle_timeout,
+                                  on_close=on_close)
 
     async def stop(self, drain_timeout: float | None = None) -> None:
         """Readiness goes 503, the listener stops accepting, in-flight requests finish (bounded)."""
@@ -146,6 +161,8 @@ class ProxyApp:
         proxy_server = self._servers[1] if len(self._servers) > 1 else None
         if proxy_server is not None:
             proxy_server.close()
+        if self._listener is not None:
+            self._listener.begin_shutdown()  # HTTP/2: GOAWAY, open streams finish
         deadline = time.monotonic() + timeout
         while self.handler.inflight > 0 and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
@@ -153,6 +170,8 @@ class ProxyApp:
             log.warning("drain timeout with requests in flight", extra={"inflight": self.handler.inflight})
         if self._web_server is not None:
             await self._web_server.shutdown(timeout=1.0)
+        if self._listener is not None:
+            self._listener.close()
         for server in self._servers:
             server.close()
         if self._admin_server is not None:

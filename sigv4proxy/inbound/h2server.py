@@ -1,0 +1,468 @@
+"""HTTP/2 server side (h2c with prior knowledge) for inbound app connections, on the `h2` library.
+
+Owns: the inbound h2 state of one connection (mirroring `upstream/http2.py` on the client side):
+per-stream request bodies with flow control (a chunk's credit goes back to the client only when
+the consumer pulls the next one, i.e. once the upstream took it), responses sent within the
+client's windows and the transport's write buffer, RST_STREAM both ways (a client reset cancels
+the stream's task), a stream idle timeout (no bytes either way), and GOAWAY on shutdown.
+Must never: know about AWS, routing or signing (each stream goes to a `StreamHandler`), buffer a
+body whole, log header values, or let an h2 protocol error escape as a crash (a broken client
+gets GOAWAY and the connection is closed).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from collections.abc import Awaitable, Callable
+
+import h2.config
+import h2.connection
+import h2.events
+import h2.exceptions
+import h2.settings
+from h2.connection import ConnectionInputs, ConnectionState
+from h2.errors import ErrorCodes
+
+log = logging.getLogger("sigv4proxy.inbound")
+
+STREAM_WINDOW = 1 << 20  # per-stream receive window: what one stream may have buffered here
+CONNECTION_WINDOW = 16 << 20
+MAX_CONCURRENT_STREAMS = 256
+MAX_HEADER_LIST_SIZE = 64 * 1024
+
+_CONFIG = h2.config.H2Configuration(
+    client_side=False, header_encoding=None,
+    # Inbound headers come from the app: reject connection-specific fields, te other than
+    # "trailers", bad pseudo-headers and uppercase names here.
+    validate_inbound_headers=True, normalize_inbound_headers=False,
+    # Outbound: names are lowercased by the caller; values pass exactly as the upstream sent them.
+    validate_outbound_headers=False, normalize_outbound_headers=False, split_outbound_cookies=False,
+)
+
+
+# h2 moves to CLOSED once a GOAWAY is sent or received and then refuses every frame, so streams
+# still open during a graceful shutdown could never finish: keep frames flowing after GOAWAY (new
+# streams are refused with REFUSED_STREAM by `_on_request`).
+_AFTER_GOAWAY = {
+    (ConnectionState.CLOSED, i): (None, ConnectionState.CLOSED)
+    for i in (ConnectionInputs.RECV_HEADERS, ConnectionInputs.RECV_DATA,
+              ConnectionInputs.RECV_WINDOW_UPDATE, ConnectionInputs.RECV_PING,
+              ConnectionInputs.RECV_SETTINGS, ConnectionInputs.RECV_RST_STREAM,
+              ConnectionInputs.RECV_PRIORITY, ConnectionInputs.SEND_HEADERS,
+              ConnectionInputs.SEND_DATA, ConnectionInputs.SEND_WINDOW_UPDATE,
+              ConnectionInputs.SEND_RST_STREAM, ConnectionInputs.SEND_PING,
+              ConnectionInputs.SEND_SETTINGS)
+}
+_TRANSITIONS = {**h2.connection.H2ConnectionStateMachine._transitions, **_AFTER_GOAWAY}
+
+
+class ClientGone(ConnectionError):
+    """The client reset the stream or the connection is gone: nothing more can be sent."""
+
+
+def _wake(waiter: asyncio.Future[None] | None) -> None:
+    if waiter is not None and not waiter.done():
+        waiter.set_result(None)
+
+
+class InboundStream:
+    """One request stream from the app; iterate `body` for its data, answer with the send methods."""
+
+    __slots__ = ("conn", "id", "method", "path", "authority", "scheme", "headers", "trailers",
+                 "chunks", "remote_ended", "closed", "unacked", "waiter", "window_waiter",
+                 "task", "last_activity", "idle_expired", "response_started", "local_ended")
+
+    def __init__(self, conn: H2ServerConnection, stream_id: int,
+                 fields: list[tuple[bytes, bytes]]) -> None:
+        self.conn = conn
+        self.id = stream_id
+        self.method = b""
+        self.path = b""
+        self.authority: bytes | None = None
+        self.scheme = b""
+        self.headers: list[tuple[bytes, bytes]] = []  # regular fields, in arrival order
+        for name, value in fields:
+            if name[:1] == b":":
+                if name == b":method":
+                    self.method = value
+                elif name == b":path":
+                    self.path = value
+                elif name == b":authority":
+                    self.authority = value
+                elif name == b":scheme":
+                    self.scheme = value
+            else:
+                self.headers.append((name, value))
+        self.trailers: list[tuple[bytes, bytes]] = []  # request trailers, once they arrived
+        self.chunks: deque[tuple[bytes, int]] = deque()  # (data, flow-controlled length)
+        self.remote_ended = False
+        self.closed = False  # reset (either side) or fully done: no more frames for it
+        self.local_ended = False
+        self.unacked = 0
+        self.waiter: asyncio.Future[None] | None = None
+        self.window_waiter: asyncio.Future[None] | None = None
+        self.task: asyncio.Task[None] | None = None
+        self.last_activity = conn.loop.time()
+        self.idle_expired = False
+        self.response_started = False
+
+    # --- request body ---
+    def has_body(self) -> bool:
+        return not (self.remote_ended and not self.chunks)
+
+    async def read(self) -> bytes:
+        """The next chunk of the request body, b"" at its end. Returns the previous chunk's credit."""
+        conn = self.conn
+        if self.unacked:
+            conn.acknowledge(self.id, self.unacked)
+            self.unacked = 0
+        while True:
+            if self.chunks:
+                data, flow_length = self.chunks.popleft()
+                if not data:  # padding only
+                    conn.acknowledge(self.id, flow_length)
+                    continue
+                self.unacked = flow_length
+                return data
+            if self.remote_ended:
+                return b""
+            if self.closed:
+                raise ClientGone("client stream closed")
+            waiter = self.waiter = conn.loop.create_future()
+            try:
+                await waiter
+            finally:
+                self.waiter = None
+
+    # --- response ---
+    def send_headers(self, fields: list[tuple[bytes, bytes]], end_stream: bool = False) -> None:
+        """Response head (with `:status` first) or, once started, trailers (then end_stream)."""
+        if self.closed or self.local_ended:
+            raise ClientGone("client stream closed")
+        self.response_started = True
+        try:
+            self.conn.h2.send_headers(self.id, fields, end_stream=end_stream)
+        except h2.exceptions.StreamClosedError:
+            raise ClientGone("client stream closed") from None
+        if end_stream:
+            self.local_ended = True
+        self.last_activity = self.conn.loop.time()
+        self.conn.flush()
+        if end_stream:
+            self._finish()
+
+    async def send_data(self, data: bytes, end_stream: bool = False) -> None:
+        """Sends within the client's flow-control windows and the transport's write buffer."""
+        conn = self.conn
+        view = memoryview(data)
+        offset, total = 0, len(view)
+        while offset < total or (end_stream and not self.local_ended):
+            if self.closed:
+                raise ClientGone("client stream closed")
+            await conn.drain()
+            window = conn.h2.local_flow_control_window(self.id) if offset < total else 0
+            if offset < total and window <= 0:
+                waiter = self.window_waiter = conn.loop.create_future()
+                try:
+                    await waiter
+                finally:
+                    self.window_waiter = None
+                continue
+            step = min(window, total - offset, conn.h2.max_outbound_frame_size)
+            last = end_stream and offset + step >= total
+            try:
+                conn.h2.send_data(self.id, view[offset:offset + step], end_stream=last)
+            except h2.exceptions.StreamClosedError:
+                raise ClientGone("client stream closed") from None
+            offset += step
+            self.last_activity = conn.loop.time()
+            if last:
+                self.local_ended = True
+            conn.flush()
+        if self.local_ended:
+            self._finish()
+
+    def reset(self, code: ErrorCodes = ErrorCodes.CANCEL) -> None:
+        if not self.closed:
+            try:
+                self.conn.h2.reset_stream(self.id, code)
+            except h2.exceptions.ProtocolError:
+                pass
+            self.conn.flush()
+        self._close()
+
+    def _finish(self) -> None:
+        """Our side ended: a client still uploading is told to stop (RFC 9113 8.1, NO_ERROR)."""
+        if self.remote_ended:
+            self._close()
+        else:
+            self.reset(ErrorCodes.NO_ERROR)
+
+    def _close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        pending = self.unacked + sum(flow for _, flow in self.chunks)
+        self.chunks.clear()
+        self.unacked = 0
+        if pending:
+            self.conn.acknowledge(self.id, pending)
+        _wake(self.waiter)
+        _wake(self.window_waiter)
+        self.conn.forget(self)
+
+    def __repr__(self) -> str:
+        return f"<InboundStream {self.id} closed={self.closed}>"
+
+
+StreamHandler = Callable[[InboundStream], Awaitable[None]]
+
+
+class H2ServerConnection(asyncio.Protocol):
+    """One inbound h2c connection; each request stream runs `handler(stream)` in its own task."""
+
+    def __init__(self, handler: StreamHandler, *, idle_timeout: float = 60.0,
+                 max_concurrent_streams: int = MAX_CONCURRENT_STREAMS,
+                 on_close: Callable[[H2ServerConnection], None] | None = None) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.h2 = h2.connection.H2Connection(config=_CONFIG)
+        self.h2.state_machine._transitions = _TRANSITIONS  # in-flight streams survive GOAWAY
+        self.h2.local_settings = h2.settings.Settings(client=False, initial_values={
+            h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: max_concurrent_streams,
+            h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: STREAM_WINDOW,
+            h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: MAX_HEADER_LIST_SIZE,
+            h2.settings.SettingCodes.ENABLE_PUSH: 0,
+        })
+        self._handler = handler
+        self._idle_timeout = idle_timeout
+        self._on_close = on_close
+        self.transport: asyncio.Transport | None = None
+        self.streams: dict[int, InboundStream] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._paused = False
+        self._drain_waiters: list[asyncio.Future[None]] = []
+        self._closed = False
+        self._goaway_sent = False
+        self._sweep: asyncio.TimerHandle | None = None
+        self._original_dst: tuple[str, int] | None | bool = False  # False: not looked up yet
+
+    # --- asyncio.Protocol ---
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self.h2.initiate_connection()
+        self.h2.increment_flow_control_window(CONNECTION_WINDOW - 65535)
+        self.flush()
+        self._sweep = self.loop.call_later(self._sweep_interval(), self._idle_sweep)
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            events = self.h2.receive_data(data)
+        except h2.exceptions.ProtocolError as exc:
+            log.debug("inbound HTTP/2 protocol error: %s", type(exc).__name__)
+            self.flush()  # h2 queued a GOAWAY for the client
+            self.close()
+            return
+        for event in events:
+            handler = _HANDLERS.get(type(event))
+            if handler is not None:
+                handler(self, event)
+        self.flush()
+
+    def eof_received(self) -> bool | None:
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._closed = True
+        if self._sweep is not None:
+            self._sweep.cancel()
+            self._sweep = None
+        self._wake_drain()
+        for stream in list(self.streams.values()):
+            stream.closed = True
+            _wake(stream.waiter)
+            _wake(stream.window_waiter)
+            if stream.task is not None:
+                stream.task.cancel()
+        self.streams.clear()
+        if self._on_close is not None:
+            self._on_close(self)
+
+    def pause_writing(self) -> None:
+        self._paused = True
+
+    def resume_writing(self) -> None:
+        self._paused = False
+        self._wake_drain()
+
+    # --- used by streams ---
+    def flush(self) -> None:
+        data = self.h2.data_to_send()
+        if data and self.transport is not None and not self.transport.is_closing():
+            self.transport.write(data)
+
+    async def drain(self) -> None:
+        if self._closed:
+            raise ClientGone("client connection closed")
+        if not self._paused:
+            return
+        waiter = self.loop.create_future()
+        self._drain_waiters.append(waiter)
+        await waiter
+        if self._closed:
+            raise ClientGone("client connection closed")
+
+    def acknowledge(self, stream_id: int, size: int) -> None:
+        if self._closed:
+            return
+        try:
+            self.h2.acknowledge_received_data(size, stream_id)
+        except h2.exceptions.ProtocolError:
+            return
+        self.flush()
+
+    def forget(self, stream: InboundStream) -> None:
+        self.streams.pop(stream.id, None)
+        if self._goaway_sent and not self.streams:
+            self.close()
+
+    def original_destination(self) -> tuple[str, int] | None:
+        """SO_ORIGINAL_DST of this connection (transparent mode), looked up once."""
+        if self._original_dst is False:
+            from sigv4proxy.original_dst import original_destination
+
+            sock = self.transport.get_extra_info("socket") if self.transport is not None else None
+            self._original_dst = original_destination(sock) if sock is not None else None
+        return self._original_dst  # type: ignore[return-value]
+
+    # --- lifecycle ---
+    @property
+    def active_streams(self) -> int:
+        return len(self.streams)
+
+    def shutdown(self) -> None:
+        """Graceful: GOAWAY (no new streams), close once the open streams are done."""
+        if self._closed or self._goaway_sent:
+            return
+        self._goaway_sent = True
+        try:
+            self.h2.close_connection(last_stream_id=self.h2.highest_inbound_stream_id)
+        except h2.exceptions.ProtocolError:
+            pass
+        self.flush()
+        if not self.streams:
+            self.close()
+
+    def close(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.close()
+
+    # --- timers ---
+    def _sweep_interval(self) -> float:
+        return max(0.05, min(1.0, self._idle_timeout / 4))
+
+    def _idle_sweep(self) -> None:
+        """One timer per connection: streams with no bytes either way for too long are cut."""
+        self._sweep = None
+        if self._closed:
+            return
+        deadline = self.loop.time() - self._idle_timeout
+        for stream in list(self.streams.values()):
+            if stream.last_activity < deadline and not stream.idle_expired and stream.task is not None:
+                stream.idle_expired = True
+                stream.task.cancel()  # the handler maps this to a timeout answer or a reset
+        self._sweep = self.loop.call_later(self._sweep_interval(), self._idle_sweep)
+
+    def _wake_drain(self) -> None:
+        waiters, self._drain_waiters = self._drain_waiters, []
+        for waiter in waiters:
+            _wake(waiter)
+
+    # --- h2 events ---
+    def _on_request(self, event: h2.events.RequestReceived) -> None:
+        if self._goaway_sent:
+            self.h2.reset_stream(event.stream_id, ErrorCodes.REFUSED_STREAM)
+            return
+        stream = InboundStream(self, event.stream_id, event.headers)
+        self.streams[event.stream_id] = stream
+        task = self.loop.create_task(self._run(stream))
+        stream.task = task
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _run(self, stream: InboundStream) -> None:
+        try:
+            await self._handler(stream)
+        except asyncio.CancelledError:
+            pass  # the client reset the stream, the connection is gone, or it went idle
+        except Exception:  # a bug in the handler: never leave the stream hanging
+            log.exception("inbound HTTP/2 stream handler failed")
+        finally:
+            if not stream.closed:
+                stream.reset(ErrorCodes.INTERNAL_ERROR if not stream.local_ended else ErrorCodes.NO_ERROR)
+
+    def _on_data(self, event: h2.events.DataReceived) -> None:
+        stream = self.streams.get(event.stream_id)
+        if stream is None or stream.closed:  # nobody will read it: return the credit now
+            self.acknowledge(event.stream_id, event.flow_controlled_length)
+            return
+        stream.chunks.append((event.data, event.flow_controlled_length))
+        stream.last_activity = self.loop.time()
+        _wake(stream.waiter)
+
+    def _on_trailers(self, event: h2.events.TrailersReceived) -> None:
+        stream = self.streams.get(event.stream_id)
+        if stream is not None:
+            stream.trailers = list(event.headers)
+
+    def _on_stream_ended(self, event: h2.events.StreamEnded) -> None:
+        stream = self.streams.get(event.stream_id)
+        if stream is None:
+            return
+        stream.remote_ended = True
+        _wake(stream.waiter)
+        if stream.local_ended:
+            stream._close()
+
+    def _on_stream_reset(self, event: h2.events.StreamReset) -> None:
+        stream = self.streams.get(event.stream_id)
+        if stream is None:
+            return
+        task = stream.task
+        stream._close()
+        if task is not None and not task.done():
+            task.cancel()  # cancels the upstream stream too (its aclose resets it)
+
+    def _on_window_updated(self, event: h2.events.WindowUpdated) -> None:
+        if event.stream_id == 0:
+            for stream in self.streams.values():
+                _wake(stream.window_waiter)
+        else:
+            stream = self.streams.get(event.stream_id)
+            if stream is not None:
+                _wake(stream.window_waiter)
+
+    def _on_settings(self, event: h2.events.RemoteSettingsChanged) -> None:
+        if h2.settings.SettingCodes.INITIAL_WINDOW_SIZE in event.changed_settings:
+            for stream in self.streams.values():
+                _wake(stream.window_waiter)
+
+    def _on_goaway(self, event: h2.events.ConnectionTerminated) -> None:
+        # The client opens no more streams; on an error code it is gone for good.
+        if event.error_code != ErrorCodes.NO_ERROR or not self.streams:
+            self.close()
+        else:
+            self._goaway_sent = True  # close once the open streams finish
+
+
+_HANDLERS: dict[type, Callable[[H2ServerConnection, object], None]] = {
+    h2.events.RequestReceived: H2ServerConnection._on_request,
+    h2.events.DataReceived: H2ServerConnection._on_data,
+    h2.events.TrailersReceived: H2ServerConnection._on_trailers,
+    h2.events.StreamEnded: H2ServerConnection._on_stream_ended,
+    h2.events.StreamReset: H2ServerConnection._on_stream_reset,
+    h2.events.WindowUpdated: H2ServerConnection._on_window_updated,
+    h2.events.RemoteSettingsChanged: H2ServerConnection._on_settings,
+    h2.events.ConnectionTerminated: H2ServerConnection._on_goaway,
+}  # type: ignore[dict-item]
