@@ -69,6 +69,27 @@ class _InboundRequestHandler(RequestHandler):
             return self._manager.request_handler.malformed_request(exc)  # type: ignore[union-attr]
         return super().handle_error(request, status, exc, message)
 
+    def eof_received(self) -> bool:
+        """A client may half-close once its request is sent (RFC 9112 §9.6): answer what arrived
+        whole, then close. aiohttp closed at once, which cancelled such requests unanswered.
+        Decided one loop step later: a request just taken off the queue is then current."""
+        self._loop.call_soon(self._after_client_eof)
+        return True  # keep the transport open for writing meanwhile
+
+    def _after_client_eof(self) -> None:
+        if self.transport is None:
+            return
+        messages = getattr(self, "_messages", ())
+        bodies = [payload for _, payload in messages]
+        current = getattr(self, "_current_request", None)
+        if current is not None:
+            bodies.append(current.content)
+        idle = current is None and not messages
+        if idle or not all(body.is_eof() for body in bodies):
+            self.force_close()  # nothing to answer, or a body cut short: close (cancels it)
+        else:
+            self.close()  # answer what arrived, accept nothing more, then close
+
 
 class _InboundServer(web.Server):
     def __call__(self) -> RequestHandler:

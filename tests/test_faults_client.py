@@ -148,3 +148,25 @@ async def test_idle_connections_do_not_stop_others_from_being_served():
             finally:
                 for _, writer in idle:
                     writer.close()
+
+
+async def test_half_close_after_the_request_is_still_answered():
+    # RFC 9112 §9.6: a client may shut down its sending side once the request is out.
+    async with ScriptedH2Upstream(echo) as peer:
+        async with running_proxy(**h2_upstream(peer.port)) as proxy:
+            for request in (get("/half"), b"POST /half-post HTTP/1.1\r\nHost: %s\r\nContent-Length: 5\r\n\r\nhello" % HOST):
+                reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+                writer.write(request)
+                writer.write_eof()
+                resp = await read_response(reader)
+                assert resp.status == 200 and resp.complete
+                assert await asyncio.wait_for(reader.read(), IO_TIMEOUT) == b""  # then closed
+                writer.close()
+            # Half-closed in the middle of a body: the request cannot complete; closed, no hang.
+            reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+            writer.write(b"POST /cut HTTP/1.1\r\nHost: %s\r\nContent-Length: 50\r\n\r\nonly-some" % HOST)
+            writer.write_eof()
+            rest = await asyncio.wait_for(reader.read(), IO_TIMEOUT)
+            assert not rest.startswith(b"HTTP/1.1 200")
+            writer.close()
+            assert [p for _, _, p in peer.log.requests] == ["/half", "/half-post"]

@@ -1,0 +1,220 @@
+"""Hypothesis fuzzing of the inbound request path (over a real socket) and of the canonicalizer.
+
+The proxy (in front of the Lattice simulator) runs on its own event loop in a thread; examples are
+sent with blocking sockets, each followed by a write shutdown so that an incomplete request ends.
+For every input the proxy must answer 2xx/4xx, or 5xx with a reason (`x-sigv4proxy-error`), or
+close, within a bound, never crash, and then still serve a valid request.
+
+Bounded in `make test` (SIGV4PROXY_FUZZ_EXAMPLES, default 30 per test); `make fuzz` raises it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import re
+import socket
+import string
+import threading
+from typing import Iterator
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from support.proxy import LATTICE_HOST, SERVICE_ARN, running_proxy, write_identities
+
+from sigv4proxy.errors import BadRequest
+from sigv4proxy.signing import canonical_query, canonical_uri
+from sigv4proxy.sim.server import SimConfig, start_simulator
+
+EXAMPLES = int(os.environ.get("SIGV4PROXY_FUZZ_EXAMPLES", "30"))
+ANSWER_TIMEOUT = 10.0  # a hang fails the example
+FUZZ = settings(max_examples=EXAMPLES, deadline=None, derandomize=EXAMPLES <= 30,
+                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+CANON = settings(max_examples=EXAMPLES * 20, deadline=1000, derandomize=EXAMPLES <= 30)
+H = LATTICE_HOST.encode()
+VALID = b"GET /alive HTTP/1.1\r\nHost: " + H + b"\r\nConnection: close\r\n\r\n"
+
+
+class BackgroundProxy:
+    """The simulator and a proxy in front of it, on an event loop in a daemon thread."""
+
+    def __init__(self, tmp_dir) -> None:
+        self.tmp_dir = tmp_dir
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True, name="fuzz-proxy")
+        self.port = 0
+        self._stack: contextlib.AsyncExitStack | None = None
+        self.proxy = None
+
+    def run(self, coro, timeout: float = 20):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    async def _start(self) -> None:
+        self._stack = contextlib.AsyncExitStack()
+        sim = await start_simulator(SimConfig(host="127.0.0.1", port=0, service_arn=SERVICE_ARN, policy=None,
+                                              identities=str(write_identities(self.tmp_dir))))
+        self._stack.push_async_callback(sim.aclose)
+        self.proxy = await self._stack.enter_async_context(running_proxy(
+            upstream=f"http://127.0.0.1:{sim.port}", upstream_protocol="h2", max_body_size=65536,
+            first_byte_timeout=3))
+        self.port = self.proxy.port
+
+    async def _stop(self) -> None:
+        assert self._stack is not None
+        await self._stack.aclose()
+
+    def __enter__(self) -> "BackgroundProxy":
+        self.thread.start()
+        self.run(self._start())
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            self.run(self._stop())
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.thread.join(10)
+            self.loop.close()
+
+
+@pytest.fixture(scope="module")
+def proxy(tmp_path_factory) -> Iterator[BackgroundProxy]:
+    with BackgroundProxy(tmp_path_factory.mktemp("fuzz")) as background:
+        yield background
+
+
+def exchange(port: int, data: bytes) -> bytes:
+    """Sends `data`, ends the write side, returns everything the proxy answered until it closed."""
+    with socket.create_connection(("127.0.0.1", port), timeout=ANSWER_TIMEOUT) as sock:
+        try:
+            sock.sendall(data)
+            sock.shutdown(socket.SHUT_WR)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the proxy may refuse mid-request; what it answered is still readable
+        chunks = []
+        try:
+            while True:
+                chunk = sock.recv(65536)  # socket.timeout here is a hang: the example fails
+                if not chunk:
+                    break
+                chunks.append(chunk)
+        except ConnectionResetError:
+            pass
+        return b"".join(chunks)
+
+
+_STATUS_LINE = re.compile(rb"HTTP/\d\.\d (\d{3}) ")  # aiohttp mirrors a request's "HTTP/2.0"
+
+
+def check_answer(raw: bytes) -> None:
+    """Every response in `raw` is 1xx/2xx/3xx/4xx, or 5xx with the proxy's reason header."""
+    for match in _STATUS_LINE.finditer(raw):
+        status = int(match.group(1))
+        head = raw[match.start():raw.find(b"\r\n\r\n", match.start())].lower()
+        assert 100 <= status < 600, raw[:200]
+        if status >= 500:
+            assert b"x-sigv4proxy-error:" in head, raw[:300]
+    if raw:
+        assert _STATUS_LINE.match(raw), raw[:200]  # an answer starts with a status line
+
+
+def assert_still_serving(port: int) -> None:
+    answer = exchange(port, VALID)
+    assert answer.startswith(b"HTTP/1.1 200 "), answer[:200]
+
+
+# --- inbound request path ----------------------------------------------------------------------
+@FUZZ
+@given(data=st.binary(max_size=2048))
+def test_random_bytes(proxy, data):
+    check_answer(exchange(proxy.port, data))
+    assert_still_serving(proxy.port)
+
+
+TOKEN = st.text(alphabet=string.ascii_letters + string.digits + "!#$%&'*+-.^_`|~", min_size=1, max_size=20)
+ODD_TEXT = st.text(alphabet=st.characters(codec="latin-1"), max_size=40)
+METHODS = st.sampled_from(["GET", "POST", "PUT", "HEAD", "DELETE", "OPTIONS", "PATCH", "CONNECT", "TRACE"]) | TOKEN
+TARGETS = st.one_of(
+    st.builds(lambda p, q: "/" + p + ("?" + q if q else ""),
+              st.text(alphabet=string.printable.replace(" ", "").replace("\r", "").replace("\n", ""), max_size=40),
+              st.text(alphabet=string.ascii_letters + "%=&+;/?", max_size=30)),
+    st.builds(lambda h, p: f"http://{h}/{p}", st.sampled_from([LATTICE_HOST, "example.com", LATTICE_HOST + ":443"]),
+              st.text(alphabet=string.ascii_letters + "/%.", max_size=20)),
+    st.sampled_from(["*", LATTICE_HOST + ":443", "", "//", "/%", "/%zz?%", "/a b"]),
+)
+VERSIONS = st.sampled_from(["HTTP/1.1", "HTTP/1.0", "HTTP/2.0", "HTTP/1.1 ", "http/1.1", "HTTP/1.10"])
+HEADER_NAMES = st.sampled_from(["Host", "Content-Length", "Transfer-Encoding", "Connection", "Expect",
+                                "Authorization", "X-Amz-Date", "X-Amz-Security-Token", "Upgrade", "TE",
+                                "Trailer", "Proxy-Connection", "Keep-Alive"]) | TOKEN
+HEADER_VALUES = st.one_of(
+    ODD_TEXT,
+    st.sampled_from(["chunked", "chunked, chunked", "gzip, chunked", "identity", "100-continue", "close",
+                     "keep-alive, X-Foo", "0", "-1", "5, 5", "99999999999999999999", LATTICE_HOST,
+                     LATTICE_HOST + ":99999", "user@" + LATTICE_HOST, "websocket"]),
+)
+
+
+@st.composite
+def near_valid_requests(draw) -> bytes:
+    method = draw(METHODS)
+    target = draw(TARGETS)
+    version = draw(VERSIONS)
+    headers: list[tuple[str, str]] = []
+    if draw(st.booleans()):
+        headers.append(("Host", LATTICE_HOST))
+    headers += draw(st.lists(st.tuples(HEADER_NAMES, HEADER_VALUES), max_size=6))
+    separator = draw(st.sampled_from(["\r\n", "\r\n", "\r\n", "\n"]))
+    head = f"{method} {target} {version}{separator}" + "".join(f"{n}: {v}{separator}" for n, v in headers)
+    body = draw(st.one_of(st.just(b""), st.binary(max_size=300),
+                          st.sampled_from([b"0\r\n\r\n", b"5\r\nhello\r\n0\r\n\r\n", b"zz\r\n", b"5\r\nhel"])))
+    return head.encode("latin-1") + separator.encode() + body
+
+
+@FUZZ
+@given(request=near_valid_requests())
+def test_near_valid_requests(proxy, request):
+    check_answer(exchange(proxy.port, request))
+    assert_still_serving(proxy.port)
+
+
+def test_the_proxy_survived_the_fuzzing(proxy):
+    assert_still_serving(proxy.port)
+    assert proxy.proxy.handler.inflight == 0
+
+
+# --- the canonicalizer ---------------------------------------------------------------------------
+@CANON
+@given(path=st.text(max_size=80), normalize=st.booleans(), double_encode=st.booleans())
+def test_canonical_uri_raises_only_bad_request(path, normalize, double_encode):
+    try:
+        result = canonical_uri(path, normalize=normalize, double_encode=double_encode)
+    except BadRequest:
+        assert not path.startswith("/") or "?" in path or "#" in path
+        return
+    assert isinstance(result, str) and result.startswith("/")
+    if double_encode:  # fully encoded: unreserved characters, '/' and %XX escapes only
+        assert re.fullmatch(r"(?:[A-Za-z0-9\-_.~/]|%[0-9A-F]{2})*", result), result
+
+
+@CANON
+@given(path=st.text(alphabet=string.ascii_letters + "/.%~-_", max_size=60).map(lambda p: "/" + p))
+def test_canonical_uri_normalization_is_idempotent(path):
+    once = canonical_uri(path, normalize=True, double_encode=False)
+    assert canonical_uri(once, normalize=True, double_encode=False) == once
+
+
+@CANON
+@given(query=st.text(max_size=80))
+def test_canonical_query_raises_only_bad_request_and_is_idempotent(query):
+    try:
+        once = canonical_query(query)
+    except BadRequest:
+        assert re.search(r"%(?![0-9A-Fa-f]{2})", query), query  # only malformed escapes are refused
+        return
+    assert canonical_query(once) == once
+    pairs = [p.split("=", 1) for p in once.split("&")] if once else []
+    assert pairs == sorted(pairs)
+    assert all(len(p) == 2 for p in pairs)
+    assert re.fullmatch(r"(?:[A-Za-z0-9\-_.~=&]|%[0-9A-F]{2})*", once), once
