@@ -74,8 +74,9 @@ class CannedH2Server(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
-        transport.write(w.settings_frame([(w.SETTINGS_MAX_CONCURRENT_STREAMS, 256)]) +  # type: ignore[attr-defined]
-                        w.window_update_frame(0, (1 << 30)))
+        hello = (w.settings_frame([(w.SETTINGS_MAX_CONCURRENT_STREAMS, 256)])
+                 + w.window_update_frame(0, 1 << 30))
+        transport.write(hello)  # type: ignore[attr-defined]
 
     def respond(self, out: list[bytes], stream_id: int) -> None:
         block = self.first_block if self.first else self.next_block
@@ -165,7 +166,8 @@ async def main(profile: str | None) -> None:
     loop = asyncio.get_running_loop()
     server = await loop.create_server(CannedH2Server, "127.0.0.1", 0)
     origin = Origin("http", "127.0.0.1", server.sockets[0].getsockname()[1], protocol="h2")
-    pools = {name: ConnectionPool(h2_connection_factory=cls) for name, cls in IMPLEMENTATIONS.items()}
+    pools = {name: ConnectionPool(h2_connection_factory=cls)
+             for name, cls in IMPLEMENTATIONS.items()}
     try:
         for pool in pools.values():
             await sequential(pool, origin, b"GET", None, WARMUP)
@@ -180,7 +182,8 @@ async def main(profile: str | None) -> None:
                 for name, pool in pools.items():
                     results.setdefault((label, name), []).append(
                         await run(pool, origin, method, body, count))
-        print(f"CPU µs per request (median of {ROUNDS} rounds; one process: client + canned server)")
+        print(f"CPU µs per request (median of {ROUNDS} rounds; "
+              "one process: client + canned server)")
         print(f"{'scenario':<28} {'h2':>8} {'lean':>8} {'h2/lean':>8}")
         for label, *_ in SCENARIOS:
             h2_us = statistics.median(results[(label, "h2")])

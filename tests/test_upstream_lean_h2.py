@@ -148,7 +148,8 @@ async def connect(peer):
 
     async def make(peer_settings: dict[int, int] | None = None,
                    timeouts: Timeouts = Timeouts()) -> tuple[LeanH2Connection, PeerConnection]:
-        conn = LeanH2Connection(Origin("http", "127.0.0.1", peer.port, "h2"), timeouts, lambda: None)
+        origin = Origin("http", "127.0.0.1", peer.port, "h2")
+        conn = LeanH2Connection(origin, timeouts, lambda: None)
         opened.append(conn)
         await asyncio.get_running_loop().create_connection(lambda: conn, "127.0.0.1", peer.port)
         server_side = await peer.accept()
@@ -162,7 +163,8 @@ async def connect(peer):
 
 
 def start(conn: LeanH2Connection, headers=(), body=None, method=b"GET", target=b"/p?q=1"):
-    return asyncio.create_task(conn.handle_request(method, target, b"svc.example", list(headers), body))
+    request = conn.handle_request(method, target, b"svc.example", list(headers), body)
+    return asyncio.create_task(request)
 
 
 # --- HPACK output ---

@@ -2,8 +2,8 @@
 
 Owns: the frame/settings/error-code numbers of RFC 9113, building frames as bytes, and encoding a
 request's header block from precomputed HPACK bytes (RFC 7541): static-table indexed fields where
-the whole field is in the table, otherwise never-indexed literals (§6.2.3) without Huffman, with the
-name indexed from the static table when it is there. The encoder never inserts into the dynamic
+the whole field is in the table, otherwise never-indexed literals (§6.2.3) without Huffman, with
+the name indexed from the static table when it is there. The encoder never inserts into the dynamic
 table, so the peer's table size only needs acknowledging. Also the cheap validity checks of a
 response's decoded fields. Must never: keep per-connection state beyond small bounded caches, read
 a socket, send a field it has not checked, or put a header value in an error message.
@@ -93,7 +93,8 @@ def ping_ack_frame(opaque: bytes) -> bytes:
     return frame(PING, FLAG_ACK, 0, opaque)
 
 
-def header_frames(stream_id: int, block: bytes, end_stream: bool, max_frame_size: int) -> list[bytes]:
+def header_frames(stream_id: int, block: bytes, end_stream: bool,
+                  max_frame_size: int) -> list[bytes]:
     """HEADERS (+ CONTINUATION when the block exceeds the peer's max frame size), as byte parts."""
     end_flag = FLAG_END_STREAM if end_stream else 0
     n = len(block)

@@ -144,15 +144,14 @@ class LeanH2Connection(FrameReceiver, asyncio.Protocol):
             self._idle_timer.cancel()
             self._idle_timer = None
         frame_size = self._peer_max_frame
-        is_bytes = isinstance(body, (bytes, bytearray, memoryview))
-        if body is None or (is_bytes and not body):
+        size = len(body) if isinstance(body, (bytes, bytearray, memoryview)) else -1
+        if body is None or size == 0:
             parts = w.header_frames(stream_id, block, True, frame_size)
             stream.local_ended = True
-        elif (is_bytes and len(body) <= INLINE_BODY_LIMIT  # type: ignore[arg-type]
-              and len(body) <= stream.send_window and len(body) <= self._send_window):  # type: ignore[arg-type]
-            size = len(body)  # type: ignore[arg-type]
+        elif 0 < size <= INLINE_BODY_LIMIT and size <= min(stream.send_window, self._send_window):
             parts = w.header_frames(stream_id, block, False, frame_size)
-            w.data_frames(parts, stream_id, memoryview(body), True, frame_size)  # type: ignore[arg-type]
+            view = memoryview(body)  # type: ignore[arg-type]
+            w.data_frames(parts, stream_id, view, True, frame_size)
             stream.send_window -= size
             self._send_window -= size
             stream.local_ended = True
@@ -162,13 +161,15 @@ class LeanH2Connection(FrameReceiver, asyncio.Protocol):
         if stream.local_ended:
             stream.sent_at = self._loop.time()
         else:
-            stream.send_task = self._loop.create_task(send_body(self, stream, body))  # type: ignore[arg-type]
+            upload = send_body(self, stream, body)  # type: ignore[arg-type]
+            stream.send_task = self._loop.create_task(upload)
         try:
             await self._await_head(stream)
         except BaseException:
             await stream.aclose()
             raise
-        return Response(stream.status, stream.headers, self.http_version, stream)  # type: ignore[arg-type]
+        status: int = stream.status  # type: ignore[assignment]
+        return Response(status, stream.headers, self.http_version, stream)
 
     async def aclose(self) -> None:
         self.close()
@@ -213,7 +214,8 @@ class LeanH2Connection(FrameReceiver, asyncio.Protocol):
             return
         self._credit += size
         # in batches; but all of it when the peer is nearly out (stalled streams hold the rest)
-        if self._credit >= _CONNECTION_CREDIT_BATCH or self._recv_window <= _CONNECTION_CREDIT_BATCH:
+        batch = _CONNECTION_CREDIT_BATCH
+        if self._credit >= batch or self._recv_window <= batch:
             self._out.append(w.window_update_frame(0, self._credit))
             self._recv_window += self._credit
             self._credit = 0
@@ -283,7 +285,8 @@ class LeanH2Connection(FrameReceiver, asyncio.Protocol):
                 if frame_type == w.DATA:
                     self._on_data(flags, stream_id, data, start, stop)
                 elif not self._remote_settings_seen and frame_type != w.SETTINGS:
-                    raise ProtocolViolation(w.PROTOCOL_ERROR, "upstream did not start with SETTINGS")
+                    raise ProtocolViolation(w.PROTOCOL_ERROR,
+                                            "upstream did not start with SETTINGS")
                 elif frame_type == w.HEADERS:
                     self._on_headers(flags, stream_id, data, start, stop)
                 else:

@@ -89,7 +89,8 @@ class FrameReceiver:
     def _remote_end(self, stream: _Stream) -> None:
         if (stream.expected >= 0 and stream.received != stream.expected and not stream.head
                 and stream.status not in _NO_BODY_STATUSES):
-            self._stream_error(stream, w.PROTOCOL_ERROR, "upstream body length differs from content-length")
+            self._stream_error(stream, w.PROTOCOL_ERROR,
+                               "upstream body length differs from content-length")
             return
         stream.remote_ended = True
         if stream.local_ended:
@@ -126,7 +127,8 @@ class FrameReceiver:
             return
         if stream.status is None or stream.remote_ended:
             self._return_connection_credit(length)
-            self._stream_error(stream, w.PROTOCOL_ERROR, "upstream sent DATA outside a response body")
+            self._stream_error(stream, w.PROTOCOL_ERROR,
+                               "upstream sent DATA outside a response body")
             return
         if stream.expected >= 0:
             stream.received += len(payload)
@@ -148,7 +150,8 @@ class FrameReceiver:
             raise ProtocolViolation(w.PROTOCOL_ERROR, "upstream sent HEADERS on stream 0")
         if flags & w.FLAG_PADDED:
             if start == stop:
-                raise ProtocolViolation(w.FRAME_SIZE_ERROR, "upstream sent a truncated HEADERS frame")
+                raise ProtocolViolation(w.FRAME_SIZE_ERROR,
+                                        "upstream sent a truncated HEADERS frame")
             pad = data[start]
             start += 1
             if pad > stop - start:
@@ -157,7 +160,8 @@ class FrameReceiver:
         if flags & w.FLAG_PRIORITY:
             start += 5
             if start > stop:
-                raise ProtocolViolation(w.FRAME_SIZE_ERROR, "upstream sent a truncated HEADERS frame")
+                raise ProtocolViolation(w.FRAME_SIZE_ERROR,
+                                        "upstream sent a truncated HEADERS frame")
         block = data[start:stop]
         end_stream = bool(flags & w.FLAG_END_STREAM)
         if flags & w.FLAG_END_HEADERS:
@@ -187,7 +191,8 @@ class FrameReceiver:
         try:  # always decode, even for a closed stream: the peer's table must stay in step
             fields = self._decoder.decode(block, raw=True)  # type: ignore[attr-defined]
         except Exception:  # hpack errors, and anything a malformed block provokes in it
-            raise ProtocolViolation(w.COMPRESSION_ERROR, "upstream sent an undecodable header block") from None
+            raise ProtocolViolation(w.COMPRESSION_ERROR,
+                                    "upstream sent an undecodable header block") from None
         stream = self._streams.get(stream_id)
         if stream is None:
             return
@@ -197,11 +202,13 @@ class FrameReceiver:
         try:
             status, headers, content_length = w.check_fields(fields, stream.status is not None)
         except w.MalformedFields as bad:
-            self._stream_error(stream, w.PROTOCOL_ERROR, f"upstream sent a malformed response: {bad}")
+            self._stream_error(stream, w.PROTOCOL_ERROR,
+                               f"upstream sent a malformed response: {bad}")
             return
         if stream.status is not None:  # trailers
             if not end_stream:
-                self._stream_error(stream, w.PROTOCOL_ERROR, "upstream trailers did not end the stream")
+                self._stream_error(stream, w.PROTOCOL_ERROR,
+                                   "upstream trailers did not end the stream")
                 return
             stream.trailers = headers
             self._remote_end(stream)
@@ -212,7 +219,8 @@ class FrameReceiver:
         code = int(status)
         if code < 200:  # informational: the real response follows
             if end_stream or code == 101:
-                self._stream_error(stream, w.PROTOCOL_ERROR, "upstream sent a bad informational response")
+                self._stream_error(stream, w.PROTOCOL_ERROR,
+                                   "upstream sent a bad informational response")
             return
         stream.status = code
         stream.headers = headers
@@ -248,7 +256,8 @@ class FrameReceiver:
             raise ProtocolViolation(w.PROTOCOL_ERROR, "upstream sent SETTINGS on a stream")
         if flags & w.FLAG_ACK:
             if payload:
-                raise ProtocolViolation(w.FRAME_SIZE_ERROR, "upstream sent a SETTINGS ACK with a payload")
+                raise ProtocolViolation(w.FRAME_SIZE_ERROR,
+                                        "upstream sent a SETTINGS ACK with a payload")
             self._local_settings_acked = True
             self._check_ready()
             return
@@ -266,16 +275,19 @@ class FrameReceiver:
                 self._peer_max_streams = value
             elif code == w.SETTINGS_INITIAL_WINDOW_SIZE:
                 if value > w.MAX_WINDOW:
-                    raise ProtocolViolation(w.FLOW_CONTROL_ERROR, "upstream INITIAL_WINDOW_SIZE too large")
+                    raise ProtocolViolation(w.FLOW_CONTROL_ERROR,
+                                            "upstream INITIAL_WINDOW_SIZE too large")
                 delta = value - self._peer_initial_window
                 self._peer_initial_window = value
                 for stream in self._streams.values():  # may go negative (§6.9.2)
                     stream.send_window += delta
                     if stream.send_window > w.MAX_WINDOW:
-                        raise ProtocolViolation(w.FLOW_CONTROL_ERROR, "upstream overflowed a stream window")
+                        raise ProtocolViolation(w.FLOW_CONTROL_ERROR,
+                                                "upstream overflowed a stream window")
             elif code == w.SETTINGS_MAX_FRAME_SIZE:
                 if not w.DEFAULT_MAX_FRAME_SIZE <= value <= w.MAX_FRAME_SIZE_LIMIT:
-                    raise ProtocolViolation(w.PROTOCOL_ERROR, "upstream MAX_FRAME_SIZE out of range")
+                    raise ProtocolViolation(w.PROTOCOL_ERROR,
+                                            "upstream MAX_FRAME_SIZE out of range")
                 self._peer_max_frame = value
             elif code == w.SETTINGS_MAX_HEADER_LIST_SIZE:
                 self._peer_max_header_list = value
@@ -322,7 +334,8 @@ class FrameReceiver:
                 raise ProtocolViolation(w.PROTOCOL_ERROR, "upstream sent a zero WINDOW_UPDATE")
             self._send_window += increment
             if self._send_window > w.MAX_WINDOW:
-                raise ProtocolViolation(w.FLOW_CONTROL_ERROR, "upstream overflowed the connection window")
+                raise ProtocolViolation(w.FLOW_CONTROL_ERROR,
+                                        "upstream overflowed the connection window")
             for stream in list(self._window_blocked):
                 wake(stream.window_waiter)
             return

@@ -41,7 +41,8 @@ class LeanStream:
                  "local_ended", "sent_at", "error", "retired", "send_task", "unacked", "waiter",
                  "window_waiter", "send_window", "recv_window", "credit", "expected", "received")
 
-    def __init__(self, conn: LeanH2Connection, stream_id: int, send_window: int, head: bool) -> None:
+    def __init__(self, conn: LeanH2Connection, stream_id: int, send_window: int,
+                 head: bool) -> None:
         self.conn = conn
         self.id = stream_id
         self.head = head  # a HEAD response declares a length it never sends
@@ -110,7 +111,8 @@ class LeanStream:
 
 
 # --- the upload ---
-async def send_body(conn: LeanH2Connection, stream: LeanStream, body: bytes | AsyncIterable[bytes]) -> None:
+async def send_body(conn: LeanH2Connection, stream: LeanStream,
+                    body: bytes | AsyncIterable[bytes]) -> None:
     try:
         if isinstance(body, (bytes, bytearray, memoryview)):
             await _send_chunk(conn, stream, body)
@@ -146,7 +148,9 @@ async def send_body(conn: LeanH2Connection, stream: LeanStream, body: bytes | As
         else:
             conn.fail_stream(stream, err)
 
-async def _send_chunk(conn: LeanH2Connection, stream: LeanStream, data: bytes | bytearray | memoryview) -> None:
+
+async def _send_chunk(conn: LeanH2Connection, stream: LeanStream,
+                      data: bytes | bytearray | memoryview) -> None:
     view = memoryview(data)
     offset, total = 0, len(view)
     while offset < total:
@@ -167,6 +171,7 @@ async def _send_chunk(conn: LeanH2Connection, stream: LeanStream, data: bytes | 
         conn._send_window -= step
         offset += step
         conn._write(b"".join(parts))
+
 
 async def _wait_window(conn: LeanH2Connection, stream: LeanStream) -> bool:
     waiter = stream.window_waiter = conn._loop.create_future()
