@@ -1,0 +1,165 @@
+"""A small scriptable h2c client (prior knowledge) for the inbound HTTP/2 tests.
+
+Owns: one loopback connection driven by the `h2` library, per-stream records of what came back
+(head, body, trailers, RST code) and helpers to send data within the server's windows. Must never:
+connect anywhere but loopback, or outlive its test (`async with`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+
+import h2.config
+import h2.connection
+import h2.events
+import h2.exceptions
+
+
+@dataclass
+class StreamRecord:
+    status: int | None = None
+    headers: list[tuple[bytes, bytes]] = field(default_factory=list)
+    body: bytearray = field(default_factory=bytearray)
+    trailers: list[tuple[bytes, bytes]] = field(default_factory=list)
+    reset_code: int | None = None
+    ended: bool = False
+    head_end_stream: bool = False  # the head came with END_STREAM (trailers-only / no body)
+    done: asyncio.Event = field(default_factory=asyncio.Event)
+    head: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def header(self, name: bytes) -> bytes | None:
+        return next((v for n, v in self.headers if n == name), None)
+
+    def trailer(self, name: bytes) -> bytes | None:
+        return next((v for n, v in self.trailers if n == name), None)
+
+
+class H2TestClient:
+    def __init__(self, host: str, port: int, *, auto_ack: bool = True) -> None:
+        assert host in ("127.0.0.1", "::1")
+        self.host, self.port, self.auto_ack = host, port, auto_ack
+        self.h2 = h2.connection.H2Connection(h2.config.H2Configuration(
+            client_side=True, header_encoding=None, validate_inbound_headers=False))
+        self.streams: dict[int, StreamRecord] = {}
+        self.goaway: h2.events.ConnectionTerminated | None = None
+        self.closed = asyncio.Event()
+        self._window = asyncio.Event()
+        self._reader: asyncio.StreamReader | None = None
+        self._writer: asyncio.StreamWriter | None = None
+        self._task: asyncio.Task | None = None
+
+    async def __aenter__(self) -> H2TestClient:
+        self._reader, self._writer = await asyncio.open_connection(self.host, self.port)
+        self.h2.initiate_connection()
+        self.flush()
+        self._task = asyncio.get_running_loop().create_task(self._read_loop())
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+        if self._writer is not None:
+            self._writer.close()
+
+    def flush(self) -> None:
+        data = self.h2.data_to_send()
+        if data and self._writer is not None and not self._writer.is_closing():
+            self._writer.write(data)
+
+    # --- sending ---
+    def request(self, method: str, path: str, authority: str, headers=(), *, end_stream=True) -> int:
+        sid = self.h2.get_next_available_stream_id()
+        fields = [(b":method", method.encode()), (b":scheme", b"http"),
+                  (b":authority", authority.encode()), (b":path", path.encode())]
+        fields += [(n.encode() if isinstance(n, str) else n, v.encode() if isinstance(v, str) else v)
+                   for n, v in headers]
+        self.streams[sid] = StreamRecord()
+        self.h2.send_headers(sid, fields, end_stream=end_stream)
+        self.flush()
+        return sid
+
+    async def send_data(self, sid: int, data: bytes, *, end_stream: bool = False, timeout: float = 10) -> None:
+        view, offset = memoryview(data), 0
+        async with asyncio.timeout(timeout):
+            while offset < len(data):
+                window = min(self.h2.local_flow_control_window(sid), self.h2.max_outbound_frame_size)
+                if window <= 0:
+                    self._window.clear()
+                    await self._window.wait()
+                    continue
+                n = min(window, len(data) - offset)
+                self.h2.send_data(sid, bytes(view[offset:offset + n]))
+                offset += n
+                self.flush()
+                await self._writer.drain()
+        if end_stream:
+            self.h2.end_stream(sid)
+            self.flush()
+
+    def send_trailers(self, sid: int, trailers) -> None:
+        self.h2.send_headers(sid, [(n.encode(), v.encode()) for n, v in trailers], end_stream=True)
+        self.flush()
+
+    def reset(self, sid: int, code: int = 8) -> None:
+        self.h2.reset_stream(sid, code)
+        self.flush()
+
+    async def wait(self, sid: int, timeout: float = 10) -> StreamRecord:
+        record = self.streams[sid]
+        await asyncio.wait_for(record.done.wait(), timeout)
+        return record
+
+    def ack(self, sid: int, size: int) -> None:
+        self.h2.acknowledge_received_data(size, sid)
+        self.flush()
+
+    # --- receiving ---
+    async def _read_loop(self) -> None:
+        try:
+            while True:
+                data = await self._reader.read(65536)
+                if not data:
+                    break
+                try:
+                    events = self.h2.receive_data(data)
+                except h2.exceptions.ProtocolError:
+                    break
+                for event in events:
+                    self._on(event)
+                self.flush()
+        finally:
+            self.closed.set()
+            for record in self.streams.values():
+                record.done.set()
+
+    def _on(self, event) -> None:
+        record = self.streams.get(getattr(event, "stream_id", 0))
+        if isinstance(event, h2.events.ResponseReceived) and record is not None:
+            for name, value in event.headers:
+                if name == b":status":
+                    record.status = int(value)
+                else:
+                    record.headers.append((name, value))
+            record.head_end_stream = event.stream_ended is not None
+            record.head.set()
+        elif isinstance(event, h2.events.DataReceived) and record is not None:
+            record.body += event.data
+            if self.auto_ack:
+                self.h2.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+        elif isinstance(event, h2.events.TrailersReceived) and record is not None:
+            record.trailers = list(event.headers)
+        elif isinstance(event, h2.events.StreamEnded) and record is not None:
+            record.ended = True
+            record.done.set()
+        elif isinstance(event, h2.events.StreamReset) and record is not None:
+            record.reset_code = int(event.error_code)
+            record.done.set()
+        elif isinstance(event, (h2.events.WindowUpdated, h2.events.RemoteSettingsChanged)):
+            self._window.set()
+        elif isinstance(event, h2.events.ConnectionTerminated):
+            self.goaway = event
