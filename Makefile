@@ -44,3 +44,14 @@ bench-quick: $(STAMP)
 # when nothing listens): CSV and HTML reports in loadtest-results/.
 loadtest: $(STAMP)
 	$(BIN)/python loadtests/locustfile.py $(LOADTEST_ARGS)
+
+# Soak: mixed traffic through a proxy process with rotating credentials and injected GOAWAYs;
+# fails on unexplained errors, RSS growth >= 10 % or fd growth. SOAK_SECONDS shortens it.
+SOAK_SECONDS ?= 600
+soak: $(STAMP)
+	$(BIN)/python benchmarks/soak.py --seconds $(SOAK_SECONDS) $(SOAK_ARGS)
+
+# Longer fuzzing of the inbound path and the canonicalizer (make test runs 30 examples a test).
+FUZZ_EXAMPLES ?= 1000
+fuzz: $(STAMP)
+	SIGV4PROXY_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(BIN)/python -m pytest -q -p no:cacheprovider tests/test_fuzz.py $(PYTEST_ARGS)
