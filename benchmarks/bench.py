@@ -138,7 +138,7 @@ class Bench:
         self.args = args
         self.cases = QUICK_CASES if args.quick else FULL_CASES
         self.duration = args.duration or (2.0 if args.quick else 5.0)
-        self.warmup = args.warmup if args.warmup is not None else (0.0 if args.quick else 1.0)
+        self.warmup = args.warmup if args.warmup is not None else 1.0
         self.budget = args.budget or (110.0 if args.quick else 570.0)
         self.started = time.monotonic()
         self.files = LoadFiles(workdir / "load")
@@ -233,7 +233,8 @@ class Bench:
         notes = ("Ratios divide by direct-h1 (wrk straight to the upstream over HTTP/1.1) for the "
                  "same case; direct-h2c is h2load straight to the upstream over h2c. CPU and peak "
                  "RSS are the measured server's process tree (upstream for direct rows, proxy for "
-                 "the others). FLAGGED rows had errors and are not results.")
+                 "the others); peak RSS is per case (VmHWM reset at its start, summed over "
+                 "processes). FLAGGED rows had errors and are not results.")
         table = markdown_table(self.rows)
         (out / "bench.md").write_text(f"# {title}\n\n{table}\n\n{notes}\n")
         meta = {"mode": mode, "upstream": upstream_kind, "duration_s": self.duration,
@@ -274,6 +275,8 @@ def _sigterm_as_interrupt(_signum, _frame) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
+    # Even when started in the background (where shells ignore SIGINT), Ctrl-C must clean up.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     with tempfile.TemporaryDirectory(prefix="sigv4proxy-bench-") as tmp:
         try:
             return Bench(args, Path(tmp)).run()

@@ -193,7 +193,8 @@ def cpu_us_per_request(cpu_seconds: float, requests: int) -> float | None:
 
 def peak_rss_kib(samples: list[dict[int, tuple[int, int]]]) -> int:
     """Peak resident memory of a process tree: per pid the max of sampled VmRSS and VmHWM,
-    summed over pids (workers each hold their own memory)."""
+    summed over pids (workers each hold their own memory). The sampler resets VmHWM when a case
+    starts, so this is the case's peak where the kernel allows it."""
     per_pid: dict[int, int] = {}
     for sample in samples:
         for pid, (rss, hwm) in sample.items():

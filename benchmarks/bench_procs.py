@@ -209,8 +209,18 @@ class TreeSampler:
     def peak_rss_kib(self) -> int:
         return peak_rss_kib(self.memory_samples)
 
+    def reset_peaks(self, pids) -> None:
+        """Restart each process's VmHWM at its current RSS, so a case's peak is its own and not
+        left over from an earlier case (best effort: needs Linux >= 4.0 and permission)."""
+        for pid in pids:
+            try:
+                Path(f"/proc/{pid}/clear_refs").write_text("5")
+            except OSError:
+                continue
+
     def __enter__(self) -> "TreeSampler":
         self.start_ticks = self.snapshot_ticks()
+        self.reset_peaks(self.start_ticks)
         self._sample()
         self._thread.start()
         return self

@@ -213,6 +213,30 @@ def test_tree_sampler_measures_a_real_worker():
         proc.wait(timeout=5)
 
 
+def test_tree_sampler_peak_is_per_case_not_since_process_start():
+    """80 MiB touched and freed before the case starts must not count as the case's peak."""
+    code = textwrap.dedent("""
+        import sys, time
+        block = bytearray(80 << 20)
+        for i in range(0, len(block), 4096): block[i] = 1
+        del block
+        sys.stdout.write("go\\n"); sys.stdout.flush()
+        time.sleep(5)
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE,
+                            start_new_session=True)
+    try:
+        assert proc.stdout.readline() == b"go\n"
+        hwm_before = bench_parse.parse_proc_status_memory(Path(f"/proc/{proc.pid}/status").read_text())[1]
+        assert hwm_before > 80 * 1024
+        with TreeSampler(proc.pid, interval_s=0.05) as sampler:
+            time.sleep(0.3)
+        assert 0 < sampler.peak_rss_kib() < 40 * 1024
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=5)
+
+
 # ---- processes and ports ------------------------------------------------------------------------
 
 
