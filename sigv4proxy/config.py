@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping
 
@@ -21,6 +22,13 @@ ENV_PREFIX = "SIGV4PROXY_"
 LATTICE_SERVICE = "vpc-lattice-svcs"
 DEFAULT_ALLOW_HOSTS = ("*.vpc-lattice-svcs.*.on.aws",)
 PROTOCOLS = ("auto", "h2", "http1")
+SIGNING_ALGORITHMS = ("sigv4", "sigv4a")
+# Options a `--route` flag may carry after the URL (the file form takes every RouteConfig key).
+_ROUTE_FLAG_OPTIONS = ("sign_host", "service", "region", "protocol", "name", "extra_signed_headers",
+                       "signing_algorithm", "region_set", "connect_timeout", "first_byte_timeout",
+                       "read_timeout")
+_ROUTE_TIMEOUTS = ("connect_timeout", "first_byte_timeout", "read_timeout")
+_REGION_SET_ENTRY = re.compile(r"^[a-z0-9*-]+$")
 
 
 class ConfigError(ValueError):
@@ -41,6 +49,12 @@ class RouteConfig:
     protocol: str | None = None
     extra_signed_headers: tuple[str, ...] = ()
     name: str | None = None
+    signing_algorithm: str | None = None  # "sigv4" | "sigv4a"; default: the global setting
+    region_set: str | None = None  # SigV4A only, e.g. "*" or "us-east-1,us-west-2"
+    # Upstream timeouts for this route's origin; default: the global settings.
+    connect_timeout: float | None = None
+    first_byte_timeout: float | None = None
+    read_timeout: float | None = None
 
 
 def _split_hostport(value: str, key: str) -> tuple[str, int]:
@@ -81,6 +95,14 @@ def _parse_list(value: Any, key: str) -> tuple[str, ...]:
     raise ConfigError(f"{key}: expected a list of strings")
 
 
+def _region_set(value: Any, key: str) -> str:
+    """A SigV4A region set: '*' or a comma list (a YAML list works too) of names with '*'."""
+    entries = _parse_list(value, key)
+    if not entries or not all(_REGION_SET_ENTRY.match(e) for e in entries):
+        raise ConfigError(f"{key}: expected '*' or a comma list of regions (wildcard '*'), got {value!r}")
+    return ",".join(entries)
+
+
 def _parse_route(value: Any, key: str) -> RouteConfig:
     """A route from the file (a mapping) or from `--route PATTERN=URL[,opt=val...]`."""
     if isinstance(value, RouteConfig):
@@ -98,7 +120,7 @@ def _parse_route(value: Any, key: str) -> RouteConfig:
         if "upstream" not in data:
             raise ConfigError(f"{key}: a route needs 'upstream'")
         data["extra_signed_headers"] = _parse_list(data.get("extra_signed_headers"), key)
-        route = RouteConfig(**data)
+        route = RouteConfig(**_parse_route_options(data, key))
     else:
         text = str(value)
         pattern, sep, rest = text.partition("=")
@@ -114,15 +136,29 @@ def _parse_route(value: Any, key: str) -> RouteConfig:
         for option in options:
             ok, _, ov = option.partition("=")
             ok = ok.strip().replace("-", "_")
-            if ok not in ("sign_host", "service", "region", "protocol", "name", "extra_signed_headers"):
+            if ok not in _ROUTE_FLAG_OPTIONS:
                 raise ConfigError(f"{key}: unknown route option {ok!r}")
-            kwargs[ok] = _parse_list(ov.replace(";", ","), key) if ok == "extra_signed_headers" else ov
-        route = RouteConfig(**kwargs)
+            # ',' separates options, so list values use ';' (extra_signed_headers, region_set).
+            kwargs[ok] = _parse_list(ov.replace(";", ","), key) if ok == "extra_signed_headers" else ov.replace(";", ",")
+        route = RouteConfig(**_parse_route_options(kwargs, key))
     if not route.upstream.startswith(("http://", "https://")):
         raise ConfigError(f"{key}: route upstream must be an http:// or https:// URL")
     if route.protocol is not None and route.protocol not in PROTOCOLS:
         raise ConfigError(f"{key}: route protocol must be one of {PROTOCOLS}")
     return route
+
+
+def _parse_route_options(values: dict[str, Any], key: str) -> dict[str, Any]:
+    """Typed route option values (the file gives numbers, the flag gives strings)."""
+    out = dict(values)
+    if out.get("signing_algorithm") is not None:
+        out["signing_algorithm"] = _choice(*SIGNING_ALGORITHMS)(out["signing_algorithm"], f"{key}: signing_algorithm")
+    if out.get("region_set") is not None:
+        out["region_set"] = _region_set(out["region_set"], f"{key}: region_set")
+    for name in _ROUTE_TIMEOUTS:
+        if out.get(name) is not None:
+            out[name] = _positive(float)(out[name], f"{key}: {name}")
+    return out
 
 
 def _parse_routes(value: Any, key: str) -> tuple[RouteConfig, ...]:
@@ -193,12 +229,15 @@ class ProxyConfig:
     admin: str = setting("127.0.0.1:9901", _str, "HOST:PORT for /metrics, /healthz, /readyz", metavar="HOST:PORT")
     region: str | None = setting(None, _opt_str, "signing region (default: from a Lattice host, else AWS_REGION)")
     service: str = setting(LATTICE_SERVICE, _str, "signing service name")
+    signing_algorithm: str = setting("sigv4", _choice(*SIGNING_ALGORITHMS), "sigv4 (one region) or sigv4a (ECDSA, signed for --region-set)")
+    region_set: str = setting("*", _region_set, "SigV4A region set: '*' or a comma list such as us-west-2,us-east-1", metavar="REGIONS")
     upstream: str | None = setting(None, _opt_str, "connect every request to this origin URL; the app's Host is still sent and signed", metavar="URL")
     upstream_protocol: str = setting("auto", _choice(*PROTOCOLS), "auto (ALPN over TLS), h2 (h2c over http://), http1")
+    h2_implementation: str = setting("lean", _choice("lean", "h2"), "HTTP/2 client: lean (fast, default) or h2 (the reference library)")
     ca_bundle: str | None = setting(None, _opt_str, "CA bundle for upstream TLS (also AWS_CA_BUNDLE)", metavar="FILE")
     verify_tls: bool = setting(True, _parse_bool, "verify upstream certificates")
     allow_host: tuple[str, ...] = setting(DEFAULT_ALLOW_HOSTS, _parse_list, "host glob the proxy may sign for (repeatable)", repeat=True, metavar="GLOB")
-    route: tuple[RouteConfig, ...] = setting((), _parse_routes, "PATTERN=URL[,sign_host=H,service=S,region=R,protocol=P]; PATTERN is HOST, /PREFIX or HOST/PREFIX (repeatable)", repeat=True)
+    route: tuple[RouteConfig, ...] = setting((), _parse_routes, "PATTERN=URL[,sign_host=H,service=S,region=R,protocol=P,signing_algorithm=sigv4a,region_set=A;B,connect_timeout=S,...]; PATTERN is HOST, /PREFIX or HOST/PREFIX (repeatable)", repeat=True)
     extra_signed_headers: tuple[str, ...] = setting((), _parse_list, "extra header names to sign when present (repeatable)", repeat=True)
     strip_header: tuple[str, ...] = setting((), _parse_list, "drop this request header before signing (repeatable)", repeat=True, metavar="NAME")
     add_header: tuple[str, ...] = setting((), _parse_list, "add 'Name=value' to every upstream request (repeatable)", repeat=True, metavar="NAME=VALUE")
@@ -322,3 +361,9 @@ def _validate(config: ProxyConfig) -> None:
         raise ConfigError("upstream: must be an http:// or https:// URL")
     if config.ca_bundle is not None and not os.path.isfile(config.ca_bundle):
         raise ConfigError(f"ca_bundle: no such file {config.ca_bundle!r}")
+    for index, route in enumerate(config.route):
+        algorithm = route.signing_algorithm or config.signing_algorithm
+        if route.region_set is not None and algorithm != "sigv4a":
+            raise ConfigError(f"route[{index}]: region_set applies to signing_algorithm sigv4a only")
+        if route.region is not None and algorithm == "sigv4a":
+            raise ConfigError(f"route[{index}]: a sigv4a route signs for region_set, not region")

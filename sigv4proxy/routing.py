@@ -13,10 +13,11 @@ import re
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-from sigv4proxy.config import ProxyConfig, RouteConfig
+from sigv4proxy.config import ConfigError, ProxyConfig, RouteConfig
 from sigv4proxy.errors import BadRequest, HostNotAllowed
 from sigv4proxy.signing import SigV4Signer
-from sigv4proxy.upstream.base import Origin
+from sigv4proxy.sigv4a import SigV4ASigner
+from sigv4proxy.upstream.base import Origin, Timeouts
 
 _LATTICE_REGION = re.compile(r"\.vpc-lattice-svcs\.([a-z0-9-]+)\.on\.aws$")
 # A DNS name or IPv4 literal: no userinfo, no slashes, no percent-escapes, no spaces.
@@ -30,7 +31,7 @@ class Target:
 
     origin: Origin
     authority: str  # the Host / :authority that is sent and signed
-    signer: SigV4Signer
+    signer: SigV4Signer  # a SigV4ASigner for sigv4a targets (same interface)
     name: str  # bounded metric label: a route name, "default" or "upstream"
 
     @property
@@ -81,19 +82,30 @@ class Router:
         self._config = config
         self._signers: dict[tuple, SigV4Signer] = {}
         self._allow = [_glob(p) for p in config.allow_host]
-        self._routes = [self._compile_route(i, r) for i, r in enumerate(config.route)]
         self._upstream_origin = (
             _origin_from_url(config.upstream, config.upstream_protocol) if config.upstream else None
         )
+        self._origin_timeouts: dict[Origin, Timeouts] = {}
+        self._routes = [self._compile_route(i, r) for i, r in enumerate(config.route)]
         self._by_host: dict[tuple[str, int | None], Target] = {}
 
     # --- start-up ---
-    def _signer(self, service: str, region: str, extra: tuple[str, ...]) -> SigV4Signer:
-        key = (service, region, extra)
+    def _signer(self, service: str, region: str, extra: tuple[str, ...], algorithm: str = "sigv4") -> SigV4Signer:
+        """One signer per (algorithm, service, region or region set, extra headers): they share
+        derived-key caches. For sigv4a, `region` is the region set."""
+        key = (algorithm, service, region, extra)
         signer = self._signers.get(key)
         if signer is None:
-            signer = self._signers[key] = SigV4Signer(service, region, extra_signed_headers=extra)
+            cls = SigV4ASigner if algorithm == "sigv4a" else SigV4Signer
+            signer = self._signers[key] = cls(service, region, extra_signed_headers=extra)
         return signer
+
+    def _default_signer(self, host: str) -> SigV4Signer:
+        config = self._config
+        extra = tuple(config.extra_signed_headers)
+        if config.signing_algorithm == "sigv4a":  # no region needed: the region set is signed
+            return self._signer(config.service, config.region_set, extra, "sigv4a")
+        return self._signer(config.service, self._region_for(host, None), extra)
 
     def _region_for(self, host: str, explicit: str | None) -> str:
         if explicit:
@@ -112,14 +124,38 @@ class Router:
             origin.host if origin.port in (80, 443) else f"{origin.host}:{origin.port}"
         )
         host_only = split_host(sign_host)[0]
-        signer = self._signer(
-            route.service or self._config.service,
-            self._region_for(host_only, route.region),
-            tuple(self._config.extra_signed_headers) + tuple(route.extra_signed_headers),
-        )
+        service = route.service or self._config.service
+        extra = tuple(self._config.extra_signed_headers) + tuple(route.extra_signed_headers)
+        if (route.signing_algorithm or self._config.signing_algorithm) == "sigv4a":
+            signer = self._signer(service, route.region_set or self._config.region_set, extra, "sigv4a")
+        else:
+            signer = self._signer(service, self._region_for(host_only, route.region), extra)
+        self._note_timeouts(index, route, origin)
         target = Target(origin, sign_host, signer, route.name or f"route{index}")
         host_re = _glob(route.host) if route.host else None
         return host_re, route.path_prefix, target
+
+    def _note_timeouts(self, index: int, route: RouteConfig, origin: Origin) -> None:
+        """Record a route's own upstream timeouts for its origin (the pool is per origin, so two
+        routes to one origin must agree, and so must a route to the `--upstream` origin)."""
+        config = self._config
+        timeouts = Timeouts(
+            connect=route.connect_timeout or config.connect_timeout,
+            first_byte=route.first_byte_timeout or config.first_byte_timeout,
+            read=route.read_timeout or config.read_timeout, idle=config.idle_timeout,
+        )
+        defaults = Timeouts(connect=config.connect_timeout, first_byte=config.first_byte_timeout,
+                            read=config.read_timeout, idle=config.idle_timeout)
+        known = self._origin_timeouts.get(origin, defaults if origin == self._upstream_origin else None)
+        if known is not None and known != timeouts:
+            raise ConfigError(f"route[{index}]: routes to one upstream origin must use the same timeouts")
+        self._origin_timeouts[origin] = timeouts
+
+    def origin_timeouts(self) -> dict[Origin, Timeouts]:
+        """Upstream timeouts per route origin that differ from the global ones (start-up only)."""
+        config = self._config
+        defaults = (config.connect_timeout, config.first_byte_timeout, config.read_timeout)
+        return {o: t for o, t in self._origin_timeouts.items() if (t.connect, t.first_byte, t.read) != defaults}
 
     # --- per request ---
     def resolve(self, host_header: str | None, path: str, *, original_dst: tuple[str, int] | None = None) -> Target:
@@ -157,5 +193,4 @@ class Router:
         else:
             origin = Origin("https", host, port if port not in (None, 80) else 443, self._config.upstream_protocol)
             name = "default"
-        signer = self._signer(self._config.service, self._region_for(host, None), tuple(self._config.extra_signed_headers))
-        return Target(origin, authority, signer, name)
+        return Target(origin, authority, self._default_signer(host), name)
