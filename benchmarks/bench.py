@@ -105,7 +105,12 @@ def fill_placeholders(argv: list[str], port: int, admin_port: int, upstream: Ups
     values = {"port": port, "admin_port": admin_port, "upstream": upstream.h1_url,
               "upstream_h2c": upstream.h2c_url, "upstream_host": "127.0.0.1",
               "upstream_port": upstream.h1_port, "upstream_h2c_port": upstream.h2c_port}
-    return [part.format(**values) for part in argv]
+    filled = []
+    for part in argv:  # plain replace: a peer's shell command may hold other braces
+        for name, value in values.items():
+            part = part.replace("{" + name + "}", str(value))
+        filled.append(part)
+    return filled
 
 
 def preflight(port: int, files: LoadFiles, cases: tuple[Case, ...]) -> str:

@@ -429,3 +429,15 @@ def test_locustfile_ramp_shape_selected_by_env_and_bounded():
     assert max(running) == 8 and min(running) >= 1
     assert running[:8] == sorted(running[:8])  # ramps up first
     assert timeline[-2:] == [None, None]  # ends by itself
+
+
+def test_peer_command_placeholders_leave_other_braces_alone():
+    from bench import fill_placeholders
+    from bench_upstream import Upstream
+
+    upstream = Upstream("nginx", 41001, 41002, process=None)  # type: ignore[arg-type]
+    argv = ["/bin/sh", "-c", "proxy -p {port} -a {admin_port} -u {upstream} -2 {upstream_h2c} "
+            "--json '{\"a\": {}}'"]
+    assert fill_placeholders(argv, 5000, 5001, upstream)[2] == (
+        "proxy -p 5000 -a 5001 -u http://127.0.0.1:41001 -2 http://127.0.0.1:41002 "
+        "--json '{\"a\": {}}'")
