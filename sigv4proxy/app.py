@@ -10,6 +10,7 @@ import asyncio
 import logging
 import socket
 import time
+from collections.abc import Mapping
 
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
@@ -24,7 +25,7 @@ from sigv4proxy.inbound.h2server import H2ServerConnection
 from sigv4proxy.inbound.sniff import InboundListener
 from sigv4proxy.metrics import Metrics
 from sigv4proxy.routing import Router
-from sigv4proxy.upstream.base import PoolLimits, Timeouts
+from sigv4proxy.upstream.base import Origin, PoolLimits, Timeouts
 from sigv4proxy.upstream.pool import ConnectionPool
 from sigv4proxy.upstream.tls import make_client_ssl_context
 
@@ -39,13 +40,15 @@ def credentials_from_config(config: ProxyConfig) -> CredentialStore:
     )
 
 
-def pool_from_config(config: ProxyConfig) -> ConnectionPool:
+def pool_from_config(config: ProxyConfig, origin_timeouts: Mapping[Origin, Timeouts] | None = None) -> ConnectionPool:
+    """`origin_timeouts`: per-origin overrides from routes (`Router.origin_timeouts()`)."""
     return ConnectionPool(
         # One TLS context per ALPN offer, so an http1-only origin never offers h2.
         ssl_context_factory=lambda alpn: make_client_ssl_context(config.ca_bundle, verify=config.verify_tls, alpn=alpn),
         timeouts=Timeouts(connect=config.connect_timeout, first_byte=config.first_byte_timeout,
                           read=config.read_timeout, idle=config.idle_timeout),
         limits=PoolLimits(max_connections_per_origin=config.max_connections),
+        origin_timeouts=origin_timeouts,
     )
 
 
@@ -104,10 +107,10 @@ class ProxyApp:
                  reuse_port: bool = False) -> None:
         self.config = config
         self.credentials = credentials or credentials_from_config(config)
-        self.pool = pool or pool_from_config(config)
+        self.router = Router(config)
+        self.pool = pool or pool_from_config(config, self.router.origin_timeouts())
         self.metrics = metrics or Metrics()
         self.credentials.on_refresh = self.metrics.on_credential_refresh
-        self.router = Router(config)
         self.handler = ProxyHandler(
             self.router, self.credentials, self.pool, self.metrics,
             max_body_size=config.max_body_size, max_inflight=config.max_inflight,

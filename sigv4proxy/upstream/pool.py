@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import ssl
 from collections import deque
-from collections.abc import AsyncIterable, AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from sigv4proxy.errors import Overloaded, ProxyError, RetryableStreamError, UpstreamConnectError
@@ -97,6 +97,7 @@ class ConnectionPool:
                  timeouts: Timeouts = Timeouts(), limits: PoolLimits = PoolLimits(),
                  h2_connection_factory: ConnectionFactory | None = None,
                  ssl_context_factory: Callable[[tuple[str, ...]], ssl.SSLContext] | None = None,
+                 origin_timeouts: Mapping[Origin, Timeouts] | None = None,
                  ) -> None:
         # `ssl_context` is used for every https origin when given (its ALPN offer then decides:
         # an "http1" origin whose peer picks h2 fails). `ssl_context_factory(alpn)` instead builds
@@ -106,6 +107,9 @@ class ConnectionPool:
             lambda alpn: make_client_ssl_context(alpn=alpn))
         self._contexts: dict[tuple[str, ...], ssl.SSLContext] = {}
         self._timeouts = timeouts
+        # Per-origin overrides (a route's own connect/first-byte/read timeouts); the wait for a
+        # pool slot stays global.
+        self._origin_timeouts = dict(origin_timeouts or {})
         self._limits = limits
         self._h2_factory: ConnectionFactory = h2_connection_factory or H2Connection
         self._pools: dict[Origin, _OriginPool] = {}
@@ -202,20 +206,21 @@ class ConnectionPool:
 
     async def _open(self, pool: _OriginPool) -> Connection:
         origin = pool.origin
+        timeouts = self._origin_timeouts.get(origin, self._timeouts)
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self._timeouts.connect
+        deadline = loop.time() + timeouts.connect
         pool.connecting += 1
         conn: Connection | None = None
         try:
             context = self._context_for(origin) if origin.scheme == "https" else None
-            opened = await open_transport(origin, context, self._timeouts.connect)
+            opened = await open_transport(origin, context, timeouts.connect)
             try:
                 protocol = choose_protocol(origin, opened.alpn)
             except ProxyError:
                 opened.transport.abort()
                 raise
             factory = self._h2_factory if protocol == "h2" else HTTP1Connection
-            conn = factory(origin, self._timeouts, lambda: self._on_change(pool))
+            conn = factory(origin, timeouts, lambda: self._on_change(pool))
             opened.attach(conn)  # type: ignore[arg-type]
             await conn.wait_ready(max(0.0, deadline - loop.time()))
             # listed only now, so the request that opened it gets the first slot (FIFO)
