@@ -55,9 +55,9 @@ async def get_json(client, url, **kw):
         return resp, body
 
 
-@pytest.mark.parametrize("protocol", PROTOCOLS)
-async def test_signed_request_verifies_at_the_simulator(sim, client, protocol):
-    async with running_proxy(**via(sim, protocol)) as proxy:
+@pytest.mark.parametrize("protocol, impl", [("h2", "lean"), ("h2", "h2"), ("http1", "lean")])
+async def test_signed_request_verifies_at_the_simulator(sim, client, protocol, impl):
+    async with running_proxy(**via(sim, protocol, h2_implementation=impl)) as proxy:
         resp, body = await get_json(client, f"http://127.0.0.1:{proxy.port}/hello?b=2&a=1",
                                     headers={"Host": LATTICE_HOST})
     assert resp.status == 200, body
@@ -144,7 +144,7 @@ async def test_repeated_headers_in_order_and_client_signing_headers_replaced(sim
     assert [v for n, v in received if n.lower() == "x-amz-content-sha256"] == ["UNSIGNED-PAYLOAD"]
 
 
-@pytest.mark.parametrize("protocol", PROTOCOLS)
+@pytest.mark.parametrize("protocol", PROTOCOLS + ["h2-reference"])
 async def test_big_bodies_stream_both_ways(sim, client, protocol):
     size = 24 * 1024 * 1024
     block = os.urandom(1024 * 1024)
@@ -154,7 +154,8 @@ async def test_big_bodies_stream_both_ways(sim, client, protocol):
         for _ in range(size // len(block)):
             yield block
 
-    async with running_proxy(**via(sim, protocol)) as proxy:
+    extra = {"h2_implementation": "h2"} if protocol == "h2-reference" else {}
+    async with running_proxy(**via(sim, protocol.replace("-reference", ""), **extra)) as proxy:
         url = f"http://127.0.0.1:{proxy.port}/upload"
         async with client.post(url, data=upload(), headers={"Host": LATTICE_HOST}) as resp:
             echo = json.loads(await resp.read())
