@@ -21,7 +21,7 @@ def _iso(epoch: float) -> str:
 
 def record(*, start: float, method: str, path: str, host: str | None, peer: object, user_agent: str | None,
            status: int, duration: float, to_target: float | None, route: str, upstream_protocol: str | None,
-           bytes_sent: int | None, failure: str | None) -> None:
+           bytes_sent: int | None, failure: str | None, protocol: str = "HTTP/1.1") -> None:
     """Emit one access-log record (durations in seconds in, milliseconds out, as Lattice logs)."""
     peer_text = "-"
     if isinstance(peer, tuple) and len(peer) >= 2:
@@ -31,7 +31,7 @@ def record(*, start: float, method: str, path: str, host: str | None, peer: obje
         "hostHeader": host or "-",
         "requestMethod": method,
         "requestPath": path.partition("?")[0],
-        "protocol": "HTTP/1.1",
+        "protocol": protocol,
         "responseCode": status,
         "duration": round(duration * 1000, 3),
         "requestToTargetDuration": round(to_target * 1000, 3) if to_target is not None else "-",

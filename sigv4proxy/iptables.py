@@ -6,9 +6,10 @@ shell script, and applying/removing them with `-C`/`-S` checks first so a re-run
 Intended use: an init container (root, NET_ADMIN) runs `sigv4proxy iptables --apply` before the
 proxy starts. The app then calls `http://<service>.vpc-lattice-svcs.<region>.on.aws/...` (plain
 HTTP, port 80); the kernel redirects that connection to the proxy, which recovers the original
-destination (SO_ORIGINAL_DST), signs the request and opens TLS upstream. Port 443 is redirected too,
-but the proxy reads plaintext HTTP there: an app must not start TLS itself, or its handshake meets
-an HTTP server. The proxy's own upstream traffic is exempt by uid (`--uid-owner`), so the image's
+destination (SO_ORIGINAL_DST), signs the request and forwards it to that destination: port 80 as
+plain HTTP (the service's HTTP listener), port 443 over TLS checked against the app's Host. Port 443
+is redirected too, but the proxy reads plaintext HTTP there: an app must not start TLS itself, or
+its handshake meets an HTTP server. The proxy's own upstream traffic is exempt by uid (`--uid-owner`), so the image's
 user id (101) and `--proxy-uid` must agree.
 
 Must never: touch any table other than `nat`, any chain other than its own and the single jump from
@@ -247,7 +248,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Print (default) or apply the iptables nat rules that redirect the pod's "
         "TCP traffic to the Lattice range into the proxy. Apps then call "
         "http://<service>.vpc-lattice-svcs.<region>.on.aws (plain HTTP); the proxy signs "
-        "and upgrades to TLS upstream. Needs root with CAP_NET_ADMIN to --apply.",
+        "and forwards to the original destination (port 443 over TLS). Needs root with CAP_NET_ADMIN to --apply.",
     )
     parser.add_argument("--proxy-port", type=_arg(_port), default=8080,
                         help="port the proxy listens on (default 8080)")
