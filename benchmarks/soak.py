@@ -258,7 +258,7 @@ async def soak(args: argparse.Namespace) -> int:
             "failed": dict(tally.failed), "injected_fault_failures": dict(tally.injected),
             "keys_issued": len(creds.issued), "rotations_after_warmup": rotations,
             "goaways_sent": goaway.goaways, "goaway_upstream_connections": goaway.connections,
-            "sim_requests": len(sim.records),
+            "sim_records_kept": len(sim.records),  # the simulator keeps the last 10 000
             "rss_kib": [rss0, rss1], "rss_growth_pct": round(100 * growth, 2), "fds": [fds0, fds1],
         }
         print(json.dumps(report, indent=2))
