@@ -189,6 +189,9 @@ class ProxyApp:
         proxy_server = self._servers[1] if len(self._servers) > 1 else None
         if proxy_server is not None:
             proxy_server.close()
+        if self._web_server is not None:
+            # Idle keep-alive connections close now; busy ones right after their response.
+            self._web_server.pre_shutdown()
         if self._listener is not None:
             self._listener.begin_shutdown()  # HTTP/2: GOAWAY, open streams finish
         deadline = time.monotonic() + timeout
@@ -203,6 +206,7 @@ class ProxyApp:
         for server in self._servers:
             server.close()
         if self._admin_server is not None:
+            self._admin_server.pre_shutdown()
             await self._admin_server.shutdown(timeout=1.0)
         if self._gauge_task is not None:
             self._gauge_task.cancel()
