@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 
 from sigv4proxy.errors import BadRequest, ProxyError, UpstreamTimeout
 from sigv4proxy.upstream import h2_wire as w
+from sigv4proxy.upstream.base import request_trailers
 from sigv4proxy.upstream.lean_h2_recv import wake
 
 if TYPE_CHECKING:
@@ -134,7 +135,12 @@ async def send_body(conn: LeanH2Connection, stream: LeanStream,
                     await _send_chunk(conn, stream, chunk)
         if stream.retired or conn._closed:
             return
-        conn._write(w.frame_header(w.DATA, w.FLAG_END_STREAM, stream.id, 0))
+        trailers = request_trailers(body)
+        if trailers:  # request trailers (gRPC) end the stream instead of an empty DATA frame
+            block = b"".join([w.never_indexed_name(n) + w.hpack_string(v) for n, v in trailers])
+            conn._write(b"".join(w.header_frames(stream.id, block, True, conn._peer_max_frame)))
+        else:
+            conn._write(w.frame_header(w.DATA, w.FLAG_END_STREAM, stream.id, 0))
         stream.local_ended = True
         stream.sent_at = conn._loop.time()
         if stream.remote_ended:
