@@ -14,6 +14,20 @@ import h2.config
 import h2.connection
 import h2.events
 import h2.exceptions
+from h2.connection import ConnectionInputs, ConnectionState
+
+# h2 stops accepting frames once a GOAWAY arrived; streams the server still finishes must not be
+# refused by our own client (the same work-around as the proxy's upstream client).
+_AFTER_GOAWAY = {
+    (ConnectionState.CLOSED, i): (None, ConnectionState.CLOSED)
+    for i in (ConnectionInputs.RECV_HEADERS, ConnectionInputs.RECV_DATA,
+              ConnectionInputs.RECV_WINDOW_UPDATE, ConnectionInputs.RECV_PING,
+              ConnectionInputs.RECV_SETTINGS, ConnectionInputs.RECV_RST_STREAM,
+              ConnectionInputs.SEND_DATA, ConnectionInputs.SEND_WINDOW_UPDATE,
+              ConnectionInputs.SEND_RST_STREAM, ConnectionInputs.SEND_PING,
+              ConnectionInputs.SEND_SETTINGS)
+}
+_TRANSITIONS = {**h2.connection.H2ConnectionStateMachine._transitions, **_AFTER_GOAWAY}
 
 
 @dataclass
@@ -41,6 +55,8 @@ class H2TestClient:
         self.host, self.port, self.auto_ack = host, port, auto_ack
         self.h2 = h2.connection.H2Connection(h2.config.H2Configuration(
             client_side=True, header_encoding=None, validate_inbound_headers=False))
+        self.h2.state_machine._transitions = _TRANSITIONS
+        self.sent: dict[int, int] = {}  # request body bytes handed to the socket per stream
         self.streams: dict[int, StreamRecord] = {}
         self.goaway: h2.events.ConnectionTerminated | None = None
         self.closed = asyncio.Event()
@@ -95,6 +111,7 @@ class H2TestClient:
                 n = min(window, len(data) - offset)
                 self.h2.send_data(sid, bytes(view[offset:offset + n]))
                 offset += n
+                self.sent[sid] = self.sent.get(sid, 0) + n
                 self.flush()
                 await self._writer.drain()
         if end_stream:

@@ -1,0 +1,181 @@
+"""Inbound HTTP/2 (h2c, prior knowledge) on the proxy port, over real loopback sockets: the same
+port still speaks HTTP/1.1; the simulator re-verifies SigV4; scripted h2 upstreams show flow
+control, cancellation both ways, idle timeout, errors and graceful shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+
+import pytest
+
+from grpc_support.h2client import H2TestClient
+from sigv4proxy.app import ProxyApp
+from sigv4proxy.metrics import Metrics
+from sigv4proxy.sim.server import SimConfig, start_simulator
+from support.h2_peers import H2Script, H2TestServer
+from support.proxy import (LATTICE_HOST, PRINCIPAL, SERVICE_ARN, proxy_config, running_proxy,
+                           static_credentials, write_identities)
+
+
+@pytest.fixture
+async def sim(tmp_path):
+    server = await start_simulator(SimConfig(host="127.0.0.1", port=0, identities=str(write_identities(tmp_path)),
+                                             policy=None, service_arn=SERVICE_ARN))
+    yield server
+    await server.aclose()
+
+
+def via(port: int, protocol: str = "h2", **extra) -> dict:
+    return dict(upstream=f"http://127.0.0.1:{port}", upstream_protocol=protocol, **extra)
+
+
+async def eventually(predicate, timeout: float = 5.0) -> bool:
+    for _ in range(int(timeout / 0.02)):
+        if predicate():
+            return True
+        await asyncio.sleep(0.02)
+    return predicate()
+
+
+@pytest.mark.parametrize("upstream_protocol", ["h2", "http1"])
+async def test_h2c_and_http1_share_the_port_and_both_verify(sim, upstream_protocol):
+    async with running_proxy(**via(sim.port, upstream_protocol)) as proxy:
+        async with H2TestClient("127.0.0.1", proxy.port) as client:
+            sid = client.request("GET", "/h2?b=2&a=1", LATTICE_HOST, [
+                ("te", "trailers"), ("authorization", "AWS4-HMAC-SHA256 Credential=AKIDFORGED/x"),
+                ("x-amz-date", "19990101T000000Z"), ("x-multi", "one"), ("x-multi", "two")])
+            record = await client.wait(sid)
+        reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+        writer.write(f"GET /h1 HTTP/1.1\r\nHost: {LATTICE_HOST}\r\nConnection: close\r\n\r\n".encode())
+        raw = await asyncio.wait_for(reader.read(), 10)
+        writer.close()
+    assert record.status == 200 and record.ended, record
+    echo = json.loads(bytes(record.body))
+    assert echo["principal"] == PRINCIPAL and echo["authority"] == LATTICE_HOST
+    assert echo["path"] == "/h2" and echo["query"] == "b=2&a=1"
+    received = [(n.lower(), v) for n, v in echo["headers"]]
+    assert [v for n, v in received if n == "x-multi"] == ["one", "two"]
+    assert len([v for n, v in received if n == "x-amz-date"]) == 1
+    assert ("x-amz-date", "19990101T000000Z") not in received
+    if upstream_protocol == "h2":
+        assert ("te", "trailers") in received  # kept on an HTTP/2 hop
+    assert "te" not in echo["signed_headers"]
+    assert raw.startswith(b"HTTP/1.1 200"), raw[:200]
+
+
+async def test_big_bodies_stream_both_ways_over_h2c(sim):
+    size = 8 * 1024 * 1024
+    payload = os.urandom(size)
+    async with running_proxy(**via(sim.port)) as proxy, H2TestClient("127.0.0.1", proxy.port) as client:
+        up = client.request("POST", "/upload", LATTICE_HOST, [("content-length", str(size))], end_stream=False)
+        await client.send_data(up, payload, end_stream=True, timeout=30)
+        upload = await client.wait(up, 30)
+        down = client.request("GET", "/download", LATTICE_HOST, [("x-sim-response-bytes", str(size))])
+        download = await client.wait(down, 30)
+    echo = json.loads(bytes(upload.body))
+    assert upload.status == 200 and echo["body_length"] == size
+    assert echo["body_sha256"] == hashlib.sha256(payload).hexdigest()
+    assert download.status == 200 and download.ended and len(download.body) == size
+    assert hashlib.sha256(download.body).hexdigest() == download.header(b"x-sim-body-sha256").decode()
+
+
+async def test_request_credit_returns_only_as_the_upstream_accepts():
+    # The upstream never acknowledges request bytes: the proxy must stop acknowledging too, so the
+    # client's window closes after about one stream window, instead of the proxy buffering 8 MiB.
+    async with H2TestServer(H2Script(hold_request_window=True)) as upstream, \
+            running_proxy(**via(upstream.port), read_timeout=30) as proxy, \
+            H2TestClient("127.0.0.1", proxy.port) as client:
+        sid = client.request("POST", "/hold", LATTICE_HOST, end_stream=False)
+        with pytest.raises(TimeoutError):
+            await client.send_data(sid, b"x" * (8 * 1024 * 1024), timeout=1.5)
+        assert client.h2.local_flow_control_window(sid) == 0  # the client is held back
+        sent = client.sent[sid]
+        # At most the proxy's stream window (1 MiB) plus what the upstream's 64 KiB window took
+        # (and one frame in hand), never the whole 8 MiB.
+        assert 1024 * 1024 <= sent <= 1024 * 1024 + 65535 + 16384, sent
+        assert upstream.stats.request_bytes_received <= 65535
+        client.reset(sid)
+
+
+async def test_client_reset_cancels_the_upstream_stream():
+    async with H2TestServer(H2Script(stall=True)) as upstream, \
+            running_proxy(**via(upstream.port)) as proxy, \
+            H2TestClient("127.0.0.1", proxy.port) as client:
+        sid = client.request("GET", "/stall", LATTICE_HOST)
+        assert await eventually(lambda: upstream.stats.active == 1)
+        client.reset(sid)
+        assert await eventually(lambda: upstream.stats.active == 0)  # upstream saw RST_STREAM
+        assert await eventually(lambda: proxy.handler.inflight == 0)
+        # the connection stays usable
+        sid2 = client.request("GET", "/again", LATTICE_HOST)
+        assert await eventually(lambda: upstream.stats.active == 1)
+        client.reset(sid2)
+
+
+async def test_upstream_cut_mid_body_resets_the_client_stream():
+    async with H2TestServer(H2Script(close_mid_response=True)) as upstream, \
+            running_proxy(**via(upstream.port)) as proxy, \
+            H2TestClient("127.0.0.1", proxy.port) as client:
+        sid = client.request("GET", "/stream/1000000", LATTICE_HOST)
+        record = await client.wait(sid)
+    assert record.status == 200
+    assert record.reset_code is not None and not record.ended  # never looks complete
+    assert len(record.body) < 1000000
+
+
+async def test_response_trailers_pass_through():
+    async with H2TestServer() as upstream, running_proxy(**via(upstream.port)) as proxy, \
+            H2TestClient("127.0.0.1", proxy.port) as client:
+        record = await client.wait(client.request("GET", "/trailers", LATTICE_HOST))
+    assert record.status == 200 and bytes(record.body) == b"body-before-trailers"
+    assert record.trailers == [(b"x-checksum", b"abc123"), (b"x-done", b"1")]
+
+
+async def test_typed_errors_answer_with_status_header_and_body(sim):
+    async with running_proxy(**via(sim.port), max_body_size=1000) as proxy, \
+            H2TestClient("127.0.0.1", proxy.port) as client:
+        refused = await client.wait(client.request("GET", "/x", "example.com"))
+        too_big = client.request("POST", "/x", LATTICE_HOST, [("content-length", "5000")], end_stream=False)
+        too_big_record = await client.wait(too_big)
+        connect = await client.wait(client.request("GET", "/still-fine", LATTICE_HOST))
+    assert refused.status == 403 and refused.header(b"x-sigv4proxy-error") == b"host_not_allowed"
+    assert bytes(refused.body).startswith(b"sigv4proxy: ") and not refused.head_end_stream
+    assert too_big_record.status == 413
+    assert too_big_record.header(b"x-sigv4proxy-error") == b"payload_too_large"
+    assert connect.status == 200
+    assert len(sim.records) == 1
+
+
+async def test_stream_idle_timeout_cuts_a_silent_stream_but_only_that():
+    async with H2TestServer(H2Script(stall=True)) as upstream, \
+            running_proxy(**via(upstream.port), read_timeout=0.5) as proxy, \
+            H2TestClient("127.0.0.1", proxy.port) as client:
+        # headers sent, body never: no bytes either way
+        sid = client.request("POST", "/silent", LATTICE_HOST, end_stream=False)
+        record = await client.wait(sid, timeout=10)
+        assert record.status == 504
+        assert record.header(b"x-sigv4proxy-error") == b"upstream_timeout"
+        assert await eventually(lambda: upstream.stats.active == 0)  # upstream stream cancelled
+
+
+async def test_graceful_stop_sends_goaway_and_finishes_in_flight_streams():
+    async with H2TestServer() as upstream:
+        app = ProxyApp(proxy_config(**via(upstream.port)), credentials=static_credentials(),
+                       metrics=Metrics())
+        await app.start()
+        try:
+            async with H2TestClient("127.0.0.1", app.port) as client:
+                sid = client.request("GET", "/delay/400", LATTICE_HOST)
+                assert await eventually(lambda: app.handler.inflight == 1)
+                stopping = asyncio.get_running_loop().create_task(app.stop(drain_timeout=5))
+                record = await client.wait(sid)
+                await asyncio.wait_for(stopping, 10)
+                assert client.goaway is not None
+        finally:
+            if not app.pool._closed:
+                await app.stop(drain_timeout=1)
+    assert record.status == 200 and record.ended
+    assert json.loads(bytes(record.body))["path"] == "/delay/400"
