@@ -20,7 +20,7 @@ from h2.errors import ErrorCodes
 
 from sigv4proxy.errors import BadRequest, Overloaded, PayloadTooLarge, ProxyError, UpstreamReset, UpstreamTimeout
 from sigv4proxy.handler import DROP_RESPONSE, ERROR_HEADER, ProxyHandler, error_parts
-from sigv4proxy.inbound.h2server import ClientGone, InboundStream
+from sigv4proxy.inbound.h2stream import ClientGone, InboundStream
 from sigv4proxy.metrics import Metrics
 from sigv4proxy.upstream.base import Response
 from sigv4proxy.upstream.pool import ConnectionPool

@@ -1,0 +1,180 @@
+"""One inbound HTTP/2 stream as the request path sees it: its request head, body and trailers,
+and the calls that answer it.
+
+Owns: per-stream request-body buffering with flow control (a chunk's credit goes back to the
+client only when the next chunk is pulled, i.e. once the upstream took it), sending within the
+client's windows and the connection's write buffer, and the stream's close/reset bookkeeping.
+Must never: touch the socket itself (the connection in `h2server` does), buffer more than the
+stream window, or log header values.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from typing import TYPE_CHECKING
+
+import h2.exceptions
+from h2.errors import ErrorCodes
+
+if TYPE_CHECKING:
+    from sigv4proxy.inbound.h2server import H2ServerConnection
+
+
+class ClientGone(ConnectionError):
+    """The client reset the stream or the connection is gone: nothing more can be sent."""
+
+
+def wake(waiter: asyncio.Future[None] | None) -> None:
+    if waiter is not None and not waiter.done():
+        waiter.set_result(None)
+
+
+class InboundStream:
+    """One request stream from the app; iterate `body` for its data, answer with the send methods."""
+
+    __slots__ = ("conn", "id", "method", "path", "authority", "scheme", "headers", "trailers",
+                 "chunks", "remote_ended", "closed", "unacked", "waiter", "window_waiter",
+                 "task", "last_activity", "idle_expired", "response_started", "local_ended")
+
+    def __init__(self, conn: H2ServerConnection, stream_id: int,
+                 fields: list[tuple[bytes, bytes]]) -> None:
+        self.conn = conn
+        self.id = stream_id
+        self.method = b""
+        self.path = b""
+        self.authority: bytes | None = None
+        self.scheme = b""
+        self.headers: list[tuple[bytes, bytes]] = []  # regular fields, in arrival order
+        for name, value in fields:
+            if name[:1] == b":":
+                if name == b":method":
+                    self.method = value
+                elif name == b":path":
+                    self.path = value
+                elif name == b":authority":
+                    self.authority = value
+                elif name == b":scheme":
+                    self.scheme = value
+            else:
+                self.headers.append((name, value))
+        self.trailers: list[tuple[bytes, bytes]] = []  # request trailers, once they arrived
+        self.chunks: deque[tuple[bytes, int]] = deque()  # (data, flow-controlled length)
+        self.remote_ended = False
+        self.closed = False  # reset (either side) or fully done: no more frames for it
+        self.local_ended = False
+        self.unacked = 0
+        self.waiter: asyncio.Future[None] | None = None
+        self.window_waiter: asyncio.Future[None] | None = None
+        self.task: asyncio.Task[None] | None = None
+        self.last_activity = conn.loop.time()
+        self.idle_expired = False
+        self.response_started = False
+
+    # --- request body ---
+    def has_body(self) -> bool:
+        return not (self.remote_ended and not self.chunks)
+
+    async def read(self) -> bytes:
+        """The next chunk of the request body, b"" at its end. Returns the previous chunk's credit."""
+        conn = self.conn
+        if self.unacked:
+            conn.acknowledge(self.id, self.unacked)
+            self.unacked = 0
+        while True:
+            if self.chunks:
+                data, flow_length = self.chunks.popleft()
+                if not data:  # padding only
+                    conn.acknowledge(self.id, flow_length)
+                    continue
+                self.unacked = flow_length
+                return data
+            if self.remote_ended:
+                return b""
+            if self.closed:
+                raise ClientGone("client stream closed")
+            waiter = self.waiter = conn.loop.create_future()
+            try:
+                await waiter
+            finally:
+                self.waiter = None
+
+    # --- response ---
+    def send_headers(self, fields: list[tuple[bytes, bytes]], end_stream: bool = False) -> None:
+        """Response head (with `:status` first) or, once started, trailers (then end_stream)."""
+        if self.closed or self.local_ended:
+            raise ClientGone("client stream closed")
+        self.response_started = True
+        try:
+            self.conn.h2.send_headers(self.id, fields, end_stream=end_stream)
+        except h2.exceptions.StreamClosedError:
+            raise ClientGone("client stream closed") from None
+        if end_stream:
+            self.local_ended = True
+        self.last_activity = self.conn.loop.time()
+        self.conn.flush()
+        if end_stream:
+            self._finish()
+
+    async def send_data(self, data: bytes, end_stream: bool = False) -> None:
+        """Sends within the client's flow-control windows and the transport's write buffer."""
+        conn = self.conn
+        view = memoryview(data)
+        offset, total = 0, len(view)
+        while offset < total or (end_stream and not self.local_ended):
+            if self.closed:
+                raise ClientGone("client stream closed")
+            await conn.drain()
+            window = conn.h2.local_flow_control_window(self.id) if offset < total else 0
+            if offset < total and window <= 0:
+                waiter = self.window_waiter = conn.loop.create_future()
+                try:
+                    await waiter
+                finally:
+                    self.window_waiter = None
+                continue
+            step = min(window, total - offset, conn.h2.max_outbound_frame_size)
+            last = end_stream and offset + step >= total
+            try:
+                conn.h2.send_data(self.id, view[offset:offset + step], end_stream=last)
+            except h2.exceptions.StreamClosedError:
+                raise ClientGone("client stream closed") from None
+            offset += step
+            self.last_activity = conn.loop.time()
+            if last:
+                self.local_ended = True
+            conn.flush()
+        if self.local_ended:
+            self._finish()
+
+    def reset(self, code: ErrorCodes = ErrorCodes.CANCEL) -> None:
+        if not self.closed:
+            try:
+                self.conn.h2.reset_stream(self.id, code)
+            except h2.exceptions.ProtocolError:
+                pass
+            self.conn.flush()
+        self._close()
+
+    def _finish(self) -> None:
+        """Our side ended: a client still uploading is told to stop (RFC 9113 8.1, NO_ERROR)."""
+        if self.remote_ended:
+            self._close()
+        else:
+            self.reset(ErrorCodes.NO_ERROR)
+
+    def _close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        pending = self.unacked + sum(flow for _, flow in self.chunks)
+        self.chunks.clear()
+        self.unacked = 0
+        if pending:
+            self.conn.acknowledge(self.id, pending)
+        wake(self.waiter)
+        wake(self.window_waiter)
+        self.conn.forget(self)
+
+    def __repr__(self) -> str:
+        return f"<InboundStream {self.id} closed={self.closed}>"
