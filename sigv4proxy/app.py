@@ -69,7 +69,19 @@ def _bind(host: str, port: int, reuse_port: bool) -> socket.socket:
 
 
 class _InboundRequestHandler(RequestHandler):
-    """aiohttp's per-connection protocol, with parse errors answered by the proxy handler."""
+    """aiohttp's per-connection protocol, with parse errors answered by the proxy handler and a
+    deadline for a new connection's first request head (aiohttp has none: slowloris)."""
+
+    head_timeout: float | None = None
+
+    def connection_made(self, transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        if self.head_timeout:
+            self._loop.call_later(self.head_timeout, self._head_deadline)
+
+    def _head_deadline(self) -> None:
+        if self.transport is not None and self._request_count == 0:
+            self.force_close()  # not even one complete request head in time
 
     def handle_error(self, request, status=500, exc=None, message=None):  # type: ignore[override]
         if isinstance(exc, HttpProcessingError) and request.writer.output_size == 0:
@@ -99,8 +111,12 @@ class _InboundRequestHandler(RequestHandler):
 
 
 class _InboundServer(web.Server):
+    head_timeout: float | None = None
+
     def __call__(self) -> RequestHandler:
-        return _InboundRequestHandler(self, loop=self._loop, **self._kwargs)
+        handler = _InboundRequestHandler(self, loop=self._loop, **self._kwargs)
+        handler.head_timeout = self.head_timeout
+        return handler
 
 
 class ProxyApp:
@@ -170,6 +186,7 @@ class ProxyApp:
             self.handler, access_log=None, auto_decompress=False, handler_cancellation=True,
             keepalive_timeout=75, max_field_size=MAX_HEADER_FIELD, max_line_size=MAX_REQUEST_LINE,
         )
+        self._web_server.head_timeout = self.config.header_timeout
         self._listener = InboundListener(self._web_server, self._new_h2_connection)
         sock = _bind(host, port, self._reuse_port)
         self._servers.append(await loop.create_server(self._listener, sock=sock, backlog=1024))
