@@ -143,7 +143,7 @@ class ProxyApp:
             self.handler, self.pool, self.metrics, max_body_size=config.max_body_size,
             max_inflight=config.max_inflight, transparent=config.transparent)
         # No bytes either way on an HTTP/2 stream for this long cuts it (long RPCs stay up).
-        self.stream_idle_timeout = getattr(config, "stream_idle_timeout", None) or config.read_timeout
+        self.stream_idle_timeout = config.stream_idle_timeout
         self._listener: InboundListener | None = None
         self._reuse_port = reuse_port
         self._draining = False
@@ -187,7 +187,8 @@ class ProxyApp:
             keepalive_timeout=75, max_field_size=MAX_HEADER_FIELD, max_line_size=MAX_REQUEST_LINE,
         )
         self._web_server.head_timeout = self.config.header_timeout
-        self._listener = InboundListener(self._web_server, self._new_h2_connection)
+        self._listener = InboundListener(self._web_server, self._new_h2_connection,
+                                        head_timeout=self.config.header_timeout)
         sock = _bind(host, port, self._reuse_port)
         self._servers.append(await loop.create_server(self._listener, sock=sock, backlog=1024))
         self.port = sock.getsockname()[1]

@@ -251,6 +251,7 @@ class ProxyConfig:
     first_byte_timeout: float = setting(30.0, _positive(float), "request sent to response headers (s)")
     read_timeout: float = setting(60.0, _positive(float), "max gap between response body chunks (s)")
     idle_timeout: float = setting(90.0, _positive(float), "close pooled upstream connections idle this long (s)")
+    stream_idle_timeout: float = setting(300.0, _positive(float), "inbound HTTP/2 stream with no bytes either way for this long is cut (s); long RPCs are not cut by request timeouts")
     header_timeout: float = setting(30.0, _positive(float), "close a new client connection without a complete request head after this (s)")
     max_connections: int = setting(8, _positive(int), "upstream connections per origin")
     max_body_size: int | None = setting(None, _optional(_positive(int)), "reject request bodies larger than this (bytes)")

@@ -151,7 +151,7 @@ async def test_typed_errors_answer_with_status_header_and_body(sim):
 
 async def test_stream_idle_timeout_cuts_a_silent_stream_but_only_that():
     async with H2TestServer(H2Script(stall=True)) as upstream, \
-            running_proxy(**via(upstream.port), read_timeout=0.5) as proxy, \
+            running_proxy(**via(upstream.port), stream_idle_timeout=0.5) as proxy, \
             H2TestClient("127.0.0.1", proxy.port) as client:
         # headers sent, body never: no bytes either way
         sid = client.request("POST", "/silent", LATTICE_HOST, end_stream=False)

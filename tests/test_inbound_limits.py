@@ -31,3 +31,14 @@ async def test_a_prompt_request_on_a_kept_connection_is_not_cut():
             await reader.readexactly(len(b"sigv4proxy: host is not in the allow-list\n"))
             await asyncio.sleep(0.7)  # past the head timeout: the connection has had a request
         writer.close()
+
+
+async def test_a_silent_connection_and_a_dribbled_preface_are_closed_at_the_header_timeout():
+    async with running_proxy(upstream="http://127.0.0.1:9", header_timeout=0.5) as proxy:
+        for first in (b"", b"PRI * HTTP/2.0\r\n"):
+            reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+            writer.write(first)
+            started = time.monotonic()
+            data = await asyncio.wait_for(reader.read(), 5)
+            writer.close()
+            assert data == b"" and time.monotonic() - started < 3

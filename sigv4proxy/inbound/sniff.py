@@ -31,6 +31,13 @@ class _Sniffer(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = transport  # type: ignore[assignment]
         self._listener.undecided.add(self)
+        if self._listener.head_timeout:
+            # Silent or preface-dribbling connections are not kept forever.
+            asyncio.get_running_loop().call_later(self._listener.head_timeout, self._deadline)
+
+    def _deadline(self) -> None:
+        if self in self._listener.undecided:
+            self.close()
 
     def data_received(self, data: bytes) -> None:
         buffer = self._buffer + data if self._buffer else data
@@ -67,7 +74,9 @@ class InboundListener:
     """The protocol factory of the proxy port: `loop.create_server(listener, sock=...)`."""
 
     def __init__(self, http1_factory: Callable[[], asyncio.Protocol],
-                 h2_factory: Callable[[Callable[[H2ServerConnection], None]], H2ServerConnection]) -> None:
+                 h2_factory: Callable[[Callable[[H2ServerConnection], None]], H2ServerConnection],
+                 head_timeout: float | None = None) -> None:
+        self.head_timeout = head_timeout  # seconds to decide the protocol; None: no limit
         self.http1_factory = http1_factory  # e.g. aiohttp's `web.Server` instance
         self._h2_factory = h2_factory  # called with the on-close callback
         self.undecided: set[_Sniffer] = set()
