@@ -141,7 +141,8 @@ class ProxyApp:
         # HTTP/2 (h2c prior knowledge, gRPC) on the same port: same prepare/sign, same pool.
         self.h2_streams = H2ProxyStreams(
             self.handler, self.pool, self.metrics, max_body_size=config.max_body_size,
-            max_inflight=config.max_inflight, transparent=config.transparent)
+            max_inflight=config.max_inflight, transparent=config.transparent,
+            access_log=config.access_log)
         # No bytes either way on an HTTP/2 stream for this long cuts it (long RPCs stay up).
         self.stream_idle_timeout = config.stream_idle_timeout
         self._listener: InboundListener | None = None

@@ -179,3 +179,23 @@ async def test_graceful_stop_sends_goaway_and_finishes_in_flight_streams():
                 await app.stop(drain_timeout=1)
     assert record.status == 200 and record.ended
     assert json.loads(bytes(record.body))["path"] == "/delay/400"
+
+
+async def test_http2_requests_are_access_logged(caplog):
+    import json as _json
+    import logging
+
+    async with H2TestServer() as upstream, \
+            running_proxy(**via(upstream.port), access_log=True) as proxy, \
+            H2TestClient("127.0.0.1", proxy.port) as client:
+        with caplog.at_level(logging.INFO, logger="sigv4proxy.access"):
+            sid = client.request("GET", "/logged?secret=1", LATTICE_HOST)
+            record = await client.wait(sid, timeout=10)
+            assert record.status == 200
+            sid = client.request("GET", "/x", "not-allowed.example")
+            assert (await client.wait(sid, timeout=10)).status == 403
+            assert await eventually(lambda: len([r for r in caplog.records if r.name == "sigv4proxy.access"]) == 2)
+    ok, denied = [r for r in caplog.records if r.name == "sigv4proxy.access"]
+    assert (ok.protocol, ok.requestPath, ok.responseCode, ok.failureReason) == ("HTTP/2", "/logged", 200, "-")
+    assert (denied.responseCode, denied.failureReason) == (403, "host_not_allowed")
+    assert "secret=1" not in _json.dumps([vars(r) for r in (ok, denied)], default=str)

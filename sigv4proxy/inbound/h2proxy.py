@@ -18,6 +18,7 @@ from urllib.parse import quote
 
 from h2.errors import ErrorCodes
 
+from sigv4proxy import accesslog
 from sigv4proxy.errors import BadRequest, Overloaded, PayloadTooLarge, ProxyError, UpstreamReset, UpstreamTimeout
 from sigv4proxy.handler import DROP_RESPONSE, ERROR_HEADER, ProxyHandler, error_parts
 from sigv4proxy.inbound.h2stream import ClientGone, InboundStream
@@ -95,7 +96,8 @@ class H2ProxyStreams:
 
     def __init__(self, handler: ProxyHandler, pool: ConnectionPool, metrics: Metrics, *,
                  max_body_size: int | None = None, max_inflight: int | None = None,
-                 transparent: bool = False) -> None:
+                 transparent: bool = False, access_log: bool = False) -> None:
+        self._access_log = access_log
         self._handler = handler
         self._pool = pool
         self._metrics = metrics
@@ -110,10 +112,12 @@ class H2ProxyStreams:
         method = stream.method.decode("latin-1")
         grpc = _is_grpc(stream.headers)
         route_name = "none"
+        status, failure = 0, None
         try:
             if self._max_inflight is not None and handler.inflight > self._max_inflight:
                 raise Overloaded("too many requests in flight")
-            route_name = await self._proxy(stream, method, grpc, started)
+            route_name, status = await self._proxy(stream, method, grpc, started)
+            failure = None if status else "response_aborted"
         except asyncio.CancelledError:
             if not stream.idle_expired or stream.closed:
                 self._metrics.errors_for("client_disconnect").inc()
@@ -122,15 +126,28 @@ class H2ProxyStreams:
             if current is not None:
                 current.uncancel()  # our own idle timer cancelled us: answer instead of vanishing
             exc = UpstreamTimeout("HTTP/2 stream idle timeout")
+            status, failure = exc.status, exc.kind
             handler.record_failure(exc, method, route_name, started)
             await self._fail(stream, exc, grpc)
         except ProxyError as exc:
+            status, failure = exc.status, exc.kind
             handler.record_failure(exc, method, route_name, started)
             await self._fail(stream, exc, grpc)
         except ClientGone:
+            failure = "client_disconnect"
             self._metrics.errors_for("client_disconnect").inc()
         finally:
             handler.inflight -= 1
+            if self._access_log:
+                elapsed = time.perf_counter() - started
+                headers = dict(stream.headers)
+                ua = headers.get(b"user-agent")
+                accesslog.record(
+                    start=time.time() - elapsed, method=method, path=stream.path.decode("latin-1"),
+                    host=stream.authority.decode("latin-1") if stream.authority else None,
+                    peer=stream.conn.peername, user_agent=ua.decode("latin-1") if ua else None,
+                    status=status, duration=elapsed, to_target=None, route=route_name,
+                    upstream_protocol=None, bytes_sent=None, failure=failure, protocol="HTTP/2")
 
     async def _proxy(self, stream: InboundStream, method: str, grpc: bool, started: float) -> str:
         path = stream.path.decode("latin-1")
@@ -156,7 +173,7 @@ class H2ProxyStreams:
             method, status, route.name, time.perf_counter() - started,
             prepared.sign_done - prepared.sign_started, first_byte - prepared.sign_done,
             upstream.http_version)
-        return route.name
+        return route.name, status
 
     async def _relay(self, stream: InboundStream, upstream: Response, grpc: bool) -> int:
         """Streams the response back; returns its status, or 0 if it was cut."""

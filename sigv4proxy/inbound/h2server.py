@@ -178,6 +178,10 @@ class H2ServerConnection(asyncio.Protocol):
             self._original_dst = original_destination(sock) if sock is not None else None
         return self._original_dst  # type: ignore[return-value]
 
+    @property
+    def peername(self) -> object:
+        return self.transport.get_extra_info("peername") if self.transport is not None else None
+
     # --- lifecycle ---
     @property
     def active_streams(self) -> int:
