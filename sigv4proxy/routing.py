@@ -16,7 +16,6 @@ from urllib.parse import urlsplit
 from sigv4proxy.config import ConfigError, ProxyConfig, RouteConfig
 from sigv4proxy.errors import BadRequest, HostNotAllowed
 from sigv4proxy.signing import SigV4Signer
-from sigv4proxy.sigv4a import SigV4ASigner
 from sigv4proxy.upstream.base import Origin, Timeouts
 
 _LATTICE_REGION = re.compile(r"\.vpc-lattice-svcs\.([a-z0-9-]+)\.on\.aws$")
@@ -96,7 +95,12 @@ class Router:
         key = (algorithm, service, region, extra)
         signer = self._signers.get(key)
         if signer is None:
-            cls = SigV4ASigner if algorithm == "sigv4a" else SigV4Signer
+            if algorithm == "sigv4a":
+                from sigv4proxy.sigv4a import SigV4ASigner  # cryptography costs ~7 MB RSS: only when used
+
+                cls = SigV4ASigner
+            else:
+                cls = SigV4Signer
             signer = self._signers[key] = cls(service, region, extra_signed_headers=extra)
         return signer
 

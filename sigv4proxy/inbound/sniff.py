@@ -13,7 +13,10 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 
-from sigv4proxy.inbound.h2server import H2ServerConnection
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # the h2 server (and the h2 library) load at the first h2c connection
+    from sigv4proxy.inbound.h2server import H2ServerConnection
 
 H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 

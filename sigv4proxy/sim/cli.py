@@ -16,7 +16,7 @@ import sys
 from sigv4proxy.sim.conditions import PolicyError
 from sigv4proxy.sim.identities import IdentitiesError, Identity, IdentityStore
 from sigv4proxy.sim.policy import Policy, RequestFacts, denial_message, evaluate
-from sigv4proxy.sim.server import DEFAULT_SERVICE_ARN, SimConfig, start_simulator
+from sigv4proxy.sim import DEFAULT_SERVICE_ARN
 
 
 def _listen(value: str) -> tuple[str, int]:
@@ -93,7 +93,9 @@ def run_policy_check(args: argparse.Namespace) -> int:
     return 1
 
 
-async def _serve(cfg: SimConfig) -> None:
+async def _serve(cfg) -> None:
+    from sigv4proxy.sim.server import start_simulator
+
     server = await start_simulator(cfg)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -109,6 +111,9 @@ async def _serve(cfg: SimConfig) -> None:
 
 
 def run_sim(args: argparse.Namespace) -> int:
+    # The server (and the h2 library) load only for this command, not for every CLI start.
+    from sigv4proxy.sim.server import SimConfig
+
     host, port = args.listen
     cfg = SimConfig(host=host, port=port, identities=args.identities, policy=args.policy,
                     service_arn=args.service_arn, region=args.region, tls_cert=args.tls_cert,

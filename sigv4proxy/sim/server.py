@@ -24,8 +24,7 @@ from sigv4proxy.sim.protocols import H1Handler, H2Handler
 
 H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 
-DEFAULT_SERVICE_ARN = "arn:aws:vpc-lattice:us-west-2:111122223333:service/svc-0123456789abcdef0"
-DEFAULT_NETWORK_ARN = "arn:aws:vpc-lattice:us-west-2:111122223333:servicenetwork/sn-0123456789abcdef0"
+from sigv4proxy.sim import DEFAULT_NETWORK_ARN, DEFAULT_SERVICE_ARN  # noqa: F401 (re-exported)
 
 
 @dataclass

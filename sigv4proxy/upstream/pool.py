@@ -28,7 +28,6 @@ from sigv4proxy.upstream.base import (
     open_transport,
 )
 from sigv4proxy.upstream.http1 import HTTP1Connection
-from sigv4proxy.upstream.http2 import H2Connection
 from sigv4proxy.upstream.tls import make_client_ssl_context
 
 _MAX_NOT_AVAILABLE = 16  # "available" connections that then refuse: a bug guard, never a spin
@@ -111,7 +110,11 @@ class ConnectionPool:
         # pool slot stays global.
         self._origin_timeouts = dict(origin_timeouts or {})
         self._limits = limits
-        self._h2_factory: ConnectionFactory = h2_connection_factory or H2Connection
+        if h2_connection_factory is None:
+            from sigv4proxy.upstream.http2 import H2Connection  # the h2 library: only when used
+
+            h2_connection_factory = H2Connection
+        self._h2_factory: ConnectionFactory = h2_connection_factory
         self._pools: dict[Origin, _OriginPool] = {}
         self._closed = False
 
