@@ -182,6 +182,7 @@ class ProxyApp:
         self._web_server = _InboundServer(
             self.handler, access_log=None, auto_decompress=False, handler_cancellation=True,
             keepalive_timeout=75, max_field_size=MAX_HEADER_FIELD, max_line_size=MAX_REQUEST_LINE,
+            read_bufsize=16384,
         )
         self._web_server.head_timeout = self.config.header_timeout
         self._listener = InboundListener(self._web_server, self._new_h2_connection,
