@@ -223,7 +223,7 @@ class ProxyHandler:
 
     async def _proxy(self, request: web.BaseRequest, started: float) -> tuple[web.StreamResponse, str]:
         method = request.method
-        if method == "CONNECT":
+        if method == "CONNECT":  # before the target parse: its authority-form target is not a path
             raise MethodNotSupported("CONNECT is not supported (VPC Lattice does not tunnel)")
         authority, target = _split_target(request.raw_path)
         original_dst = self._original_destination(request) if self._transparent else None
@@ -232,7 +232,6 @@ class ProxyHandler:
         route = prepared.route
         route_name = route.name
         has_body = request.body_exists
-        sign_started, sign_done = prepared.sign_started, prepared.sign_done
 
         if prepared.expect_continue and has_body:
             request.writer.transport.write(_CONTINUE)
@@ -280,10 +279,10 @@ class ProxyHandler:
             await upstream.aclose()
         self._metrics.observe_request(
             method, upstream.status if complete else 0, route_name, time.perf_counter() - started,
-            sign_done - sign_started, first_byte - sign_done, upstream.http_version,
+            prepared.sign_done - prepared.sign_started, first_byte - prepared.sign_done, upstream.http_version,
         )
         if self._access_log:
-            self._log_access(request, started, upstream.status, route_name, first_byte - sign_done,
+            self._log_access(request, started, upstream.status, route_name, first_byte - prepared.sign_done,
                              upstream.http_version, sent, None if complete else "response_aborted")
         return response, route_name
 
