@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 from collections import deque
 from collections.abc import AsyncIterable, Callable
+from functools import partial
 
 import h2.config
 import h2.connection
@@ -32,15 +33,7 @@ import h2.settings
 from h2.connection import ConnectionInputs, ConnectionState
 from h2.errors import ErrorCodes
 
-from sigv4proxy.errors import (
-    BadRequest,
-    ProxyError,
-    RetryableStreamError,
-    UpstreamConnectError,
-    UpstreamProtocolError,
-    UpstreamReset,
-    UpstreamTimeout,
-)
+from sigv4proxy.errors import ProxyError, UpstreamProtocolError, UpstreamTimeout
 from sigv4proxy.upstream.base import (
     Body,
     ConnectionNotAvailable,
@@ -48,10 +41,11 @@ from sigv4proxy.upstream.base import (
     Origin,
     Response,
     Timeouts,
-    WriteFlow,
     check_request_fields,
     request_trailers,
 )
+from sigv4proxy.upstream.connection_core import feed_body
+from sigv4proxy.upstream.h2_common import H2ConnectionBase, H2StreamBase, wake
 
 STREAM_WINDOW = 1 << 20  # per-stream receive window: what one slow consumer may have buffered
 CONNECTION_WINDOW = 16 << 20  # shared receive window: 16 stalled streams before others stall
@@ -76,49 +70,13 @@ _AFTER_GOAWAY = {
 _TRANSITIONS = {**h2.connection.H2ConnectionStateMachine._transitions, **_AFTER_GOAWAY}
 
 
-def _wake(waiter: asyncio.Future[None] | None) -> None:
-    if waiter is not None and not waiter.done():
-        waiter.set_result(None)
-
-
-class _Stream:
+class _Stream(H2StreamBase):
     """One request/response exchange; also the `ResponseBody` the Response reads from."""
 
-    __slots__ = ("conn", "id", "status", "headers", "trailers", "chunks", "remote_ended",
-                 "local_ended", "sent_at", "error", "retired", "send_task", "unacked",
-                 "event_waiter", "window_waiter")
+    __slots__ = ()
 
-    def __init__(self, conn: H2Connection, stream_id: int) -> None:
-        self.conn = conn
-        self.id = stream_id
-        self.status: int | None = None
-        self.headers: list[tuple[bytes, bytes]] = []
-        self.trailers: list[tuple[bytes, bytes]] = []
-        self.chunks: deque[tuple[bytes, int]] = deque()  # (data, flow-controlled length)
-        self.remote_ended = False
-        self.local_ended = False
-        self.sent_at = 0.0
-        self.error: ProxyError | None = None
-        self.retired = False  # no longer counts against the connection's streams
-        self.send_task: asyncio.Task[None] | None = None
-        self.unacked = 0  # handed to the consumer, credit not yet returned
-        self.event_waiter: asyncio.Future[None] | None = None
-        self.window_waiter: asyncio.Future[None] | None = None
-
-    def wake(self) -> None:
-        _wake(self.event_waiter)
-
-    async def wait_event(self, timeout: float | None) -> bool:
-        """False on timeout."""
-        waiter = self.event_waiter = asyncio.get_running_loop().create_future()
-        try:
-            async with asyncio.timeout(timeout):
-                await waiter
-            return True
-        except TimeoutError:
-            return False
-        finally:
-            self.event_waiter = None
+    conn: H2Connection
+    chunks: deque[tuple[bytes, int]]  # (data, flow-controlled length)
 
     async def read(self) -> bytes:
         conn = self.conn
@@ -140,75 +98,33 @@ class _Stream:
             if not await self.wait_event(conn.timeouts.read):
                 conn.fail_stream(self, UpstreamTimeout("upstream response body stalled"))
 
-    async def aclose(self) -> None:
-        conn = self.conn
-        if self.send_task is not None and not self.send_task.done():
-            self.send_task.cancel()
-        if not self.retired:
-            conn.reset(self, ErrorCodes.CANCEL)
-        pending = self.unacked + sum(flow for _, flow in self.chunks)
-        self.chunks.clear()
-        self.unacked = 0
-        if pending:
-            conn.acknowledge(self.id, pending)
+    def _buffered_credit(self) -> int:
+        return sum(flow for _, flow in self.chunks)
+
+    def _return_credit(self, size: int) -> None:
+        self.conn.acknowledge(self.id, size)
 
 
-class H2Connection(asyncio.Protocol):
+class H2Connection(H2ConnectionBase, asyncio.Protocol):
     """A client HTTP/2 connection multiplexing requests; create via the pool's factory call."""
 
-    http_version = "HTTP/2"
+    _streams: dict[int, _Stream]  # type: ignore[assignment]
 
     def __init__(self, origin: Origin, timeouts: Timeouts, on_change: Callable[[], None]) -> None:
-        self.origin = origin
-        self.timeouts = timeouts
-        self._on_change = on_change
-        self._loop = asyncio.get_running_loop()
+        super().__init__(origin, timeouts, on_change)
         self._h2 = h2.connection.H2Connection(config=_CONFIG)
         self._h2.state_machine._transitions = _TRANSITIONS  # keep streams alive after GOAWAY
         self._h2.local_settings = h2.settings.Settings(client=True, initial_values={
             h2.settings.SettingCodes.ENABLE_PUSH: 0,
             h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: STREAM_WINDOW,
         })
-        self._transport: asyncio.Transport | None = None
-        self._streams: dict[int, _Stream] = {}
         self._scheme = origin.scheme.encode()
-        self._flow = WriteFlow()
-        self._ready: asyncio.Future[bool] = self._loop.create_future()
-        self._remote_settings_seen = False
-        self._local_settings_acked = False
-        self._closed = False
-        self._goaway = False
-        self._idle_since = self._loop.time()
-        self._idle_timer: asyncio.TimerHandle | None = None
 
     # --- the Connection interface ---
     def is_available(self) -> bool:
-        return (not self._closed and not self._goaway and self._ready.done()
-                and self._ready.result()
+        return (self._is_ready and not self._closed and not self._goaway
                 and len(self._streams) < self._h2.remote_settings.max_concurrent_streams
                 and self._h2.highest_outbound_stream_id < _MAX_STREAM_ID - 2)
-
-    def is_idle(self) -> bool:
-        return not self._closed and not self._streams
-
-    def is_closed(self) -> bool:
-        return self._closed
-
-    def has_expired(self, now: float) -> bool:
-        return self.is_idle() and now - self._idle_since > self.timeouts.idle
-
-    def active_streams(self) -> int:
-        return len(self._streams)
-
-    async def wait_ready(self, timeout: float) -> None:
-        try:
-            async with asyncio.timeout(timeout):
-                ok = await asyncio.shield(self._ready)
-        except TimeoutError:
-            self._close_transport()
-            raise UpstreamTimeout("HTTP/2 settings exchange timed out") from None
-        if not ok:
-            raise UpstreamConnectError("connection closed during HTTP/2 setup")
 
     async def handle_request(self, method: bytes, target: bytes, authority: bytes,
                              headers: Headers, body: Body) -> Response:
@@ -227,70 +143,26 @@ class H2Connection(asyncio.Protocol):
         except h2.exceptions.ProtocolError:  # e.g. the peer's stream limit, raced with us
             raise ConnectionNotAvailable("connection refused a new stream") from None
         self._streams[stream_id] = stream
-        if self._idle_timer is not None:
-            self._idle_timer.cancel()
-            self._idle_timer = None
+        self._cancel_idle_timer()
         self._flush()
         if end_stream:
             stream.local_ended = True
             stream.sent_at = self._loop.time()
         else:
             stream.send_task = self._loop.create_task(self._send_body(stream, body))
-        try:
-            await self._await_head(stream)
-        except BaseException:
-            await stream.aclose()
-            raise
-        return Response(stream.status, stream.headers, self.http_version, stream)  # type: ignore[arg-type]
+        return await self._await_response(stream)
 
-    async def aclose(self) -> None:
-        self.close()
-
-    def close(self) -> None:
-        """GOAWAY(NO_ERROR), close the socket, fail whatever is still open."""
-        if self._closed:
-            return
+    def _send_goaway(self) -> None:
         try:
             self._h2.close_connection()
             self._flush()
         except h2.exceptions.ProtocolError:
             pass
-        self._close_transport()
-        self._lost(UpstreamReset("upstream connection closed"))
 
     # --- request side ---
-    async def _await_head(self, stream: _Stream) -> None:
-        while stream.status is None:
-            if stream.error is not None:
-                raise stream.error
-            timeout = None  # while uploading, the send task bounds every network wait
-            if stream.local_ended:
-                timeout = stream.sent_at + self.timeouts.first_byte - self._loop.time()
-                if timeout <= 0:
-                    self.fail_stream(stream, UpstreamTimeout("no upstream response in time"))
-                    continue
-            await stream.wait_event(timeout)
-
     async def _send_body(self, stream: _Stream, body: bytes | AsyncIterable[bytes]) -> None:
         try:
-            if isinstance(body, (bytes, bytearray, memoryview)):
-                await self._send_chunk(stream, body)
-            else:
-                try:
-                    iterator = body.__aiter__()
-                except Exception:
-                    raise BadRequest("request body is not iterable") from None
-                while True:
-                    try:
-                        chunk = await iterator.__anext__()
-                    except StopAsyncIteration:
-                        break
-                    except ProxyError:
-                        raise
-                    except Exception:
-                        raise BadRequest("request body could not be read") from None
-                    if chunk:
-                        await self._send_chunk(stream, chunk)
+            await feed_body(body, partial(self._send_chunk, stream))
             if stream.retired or self._closed:
                 return
             trailers = request_trailers(body)
@@ -350,7 +222,7 @@ class H2Connection(asyncio.Protocol):
             return
         self._flush()
 
-    def reset(self, stream: _Stream, code: ErrorCodes) -> None:
+    def reset(self, stream: _Stream, code: int) -> None:
         if not self._closed and not stream.retired:
             try:
                 self._h2.reset_stream(stream.id, code)
@@ -358,31 +230,6 @@ class H2Connection(asyncio.Protocol):
                 pass
             self._flush()
         self._retire(stream)
-
-    def fail_stream(self, stream: _Stream, err: ProxyError) -> None:
-        if stream.error is None and not stream.remote_ended:
-            stream.error = err
-        self.reset(stream, ErrorCodes.CANCEL)
-        stream.wake()
-        _wake(stream.window_waiter)
-
-    def _retire(self, stream: _Stream) -> None:
-        if stream.retired:
-            return
-        stream.retired = True
-        self._streams.pop(stream.id, None)
-        if not self._streams and not self._closed:
-            if self._goaway:
-                self._close_transport()
-            else:
-                self._idle_since = self._loop.time()
-                self._idle_timer = self._loop.call_later(self.timeouts.idle, self._idle_expired)
-        self._on_change()
-
-    def _idle_expired(self) -> None:
-        self._idle_timer = None
-        if not self._streams and not self._closed:
-            self.close()
 
     # --- asyncio.Protocol ---
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -404,18 +251,6 @@ class H2Connection(asyncio.Protocol):
             if handler is not None:
                 handler(self, event)
         self._flush()
-
-    def eof_received(self) -> bool | None:
-        return None
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._lost(UpstreamReset("upstream connection lost"))
-
-    def pause_writing(self) -> None:
-        self._flow.pause()
-
-    def resume_writing(self) -> None:
-        self._flow.resume()
 
     # --- h2 events ---
     def _on_response(self, event: h2.events.ResponseReceived) -> None:
@@ -466,32 +301,22 @@ class H2Connection(asyncio.Protocol):
         stream = self._streams.get(event.stream_id)
         if stream is None:
             return
-        if event.error_code == ErrorCodes.REFUSED_STREAM:
-            err: ProxyError | None = RetryableStreamError("upstream refused the stream")
-        elif stream.remote_ended:
-            err = None  # response complete; the peer only stops our upload
-        else:
-            code = event.error_code
-            err = UpstreamReset(f"upstream reset the stream ({getattr(code, 'name', code)})")
-        if err is not None and stream.error is None:
-            stream.error = err
-        self._retire(stream)
-        stream.wake()
-        _wake(stream.window_waiter)
+        code = event.error_code
+        self._peer_reset(stream, code, getattr(code, "name", code))
 
     def _on_window_updated(self, event: h2.events.WindowUpdated) -> None:
         if event.stream_id == 0:
             for stream in self._streams.values():
-                _wake(stream.window_waiter)
+                wake(stream.window_waiter)
         else:
             stream = self._streams.get(event.stream_id)
             if stream is not None:
-                _wake(stream.window_waiter)
+                wake(stream.window_waiter)
 
     def _on_remote_settings(self, event: h2.events.RemoteSettingsChanged) -> None:
         if h2.settings.SettingCodes.INITIAL_WINDOW_SIZE in event.changed_settings:
             for stream in self._streams.values():
-                _wake(stream.window_waiter)
+                wake(stream.window_waiter)
         self._remote_settings_seen = True
         self._check_ready()
         self._on_change()
@@ -501,24 +326,8 @@ class H2Connection(asyncio.Protocol):
         self._check_ready()
 
     def _on_goaway(self, event: h2.events.ConnectionTerminated) -> None:
-        self._goaway = True
-        last = event.last_stream_id if event.last_stream_id is not None else _MAX_STREAM_ID
-        for stream in list(self._streams.values()):
-            if stream.id > last:
-                stream.error = RetryableStreamError("stream not processed before GOAWAY")
-                self._retire(stream)
-                stream.wake()
-                _wake(stream.window_waiter)
-        if not self._ready.done():
-            self._ready.set_result(False)
-        if not self._streams:
-            self._close_transport()
-        self._on_change()
-
-    def _check_ready(self) -> None:
-        if self._remote_settings_seen and self._local_settings_acked and not self._ready.done():
-            self._ready.set_result(True)
-            self._on_change()
+        last = event.last_stream_id
+        self._peer_goaway(last if last is not None else _MAX_STREAM_ID)
 
     # --- plumbing ---
     def _flush(self) -> None:
@@ -526,28 +335,6 @@ class H2Connection(asyncio.Protocol):
         if data and self._transport is not None and not self._transport.is_closing():
             self._transport.write(data)
 
-    def _close_transport(self) -> None:
-        if self._transport is not None and not self._transport.is_closing():
-            self._transport.close()
-
-    def _lost(self, err: ProxyError) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        if self._idle_timer is not None:
-            self._idle_timer.cancel()
-            self._idle_timer = None
-        self._flow.fail(err)
-        if not self._ready.done():
-            self._ready.set_result(False)
-        for stream in list(self._streams.values()):
-            if stream.error is None and not stream.remote_ended:
-                stream.error = err
-            stream.retired = True
-            stream.wake()
-            _wake(stream.window_waiter)
-        self._streams.clear()
-        self._on_change()
 
 
 _HANDLERS: dict[type, Callable[[H2Connection, object], None]] = {

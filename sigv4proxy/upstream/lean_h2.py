@@ -15,26 +15,11 @@ from collections.abc import Callable
 
 import hpack
 
-from sigv4proxy.errors import (
-    BadRequest,
-    HeadersTooLarge,
-    ProxyError,
-    UpstreamConnectError,
-    UpstreamProtocolError,
-    UpstreamReset,
-    UpstreamTimeout,
-)
+from sigv4proxy.errors import BadRequest, HeadersTooLarge, ProxyError, UpstreamProtocolError
 from sigv4proxy.upstream import h2_wire as w
-from sigv4proxy.upstream.base import (
-    Body,
-    ConnectionNotAvailable,
-    Headers,
-    Origin,
-    Response,
-    Timeouts,
-    WriteFlow,
-)
-from sigv4proxy.upstream.lean_h2_recv import FRAME_HANDLERS, FrameReceiver, ProtocolViolation, wake
+from sigv4proxy.upstream.base import Body, ConnectionNotAvailable, Headers, Origin, Response, Timeouts
+from sigv4proxy.upstream.h2_common import H2ConnectionBase
+from sigv4proxy.upstream.lean_h2_recv import FRAME_HANDLERS, FrameReceiver, ProtocolViolation
 from sigv4proxy.upstream.lean_h2_stream import STREAM_WINDOW, LeanStream, send_body
 
 CONNECTION_WINDOW = 16 << 20  # shared receive window: ~16 stalled streams before others stall
@@ -53,31 +38,17 @@ _OPENING = (w.PREFACE + w.settings_frame([
 _unpack_header = w.FRAME_HEADER.unpack_from
 
 
-class LeanH2Connection(FrameReceiver, asyncio.Protocol):
+class LeanH2Connection(FrameReceiver, H2ConnectionBase, asyncio.Protocol):
     """A client HTTP/2 connection multiplexing requests; create via the pool's factory call."""
 
-    http_version = "HTTP/2"
+    _streams: dict[int, LeanStream]  # type: ignore[assignment]
 
     def __init__(self, origin: Origin, timeouts: Timeouts, on_change: Callable[[], None]) -> None:
-        self.origin = origin
-        self.timeouts = timeouts
-        self._on_change = on_change
-        self._loop = asyncio.get_running_loop()
-        self._transport: asyncio.Transport | None = None
+        super().__init__(origin, timeouts, on_change)
         self._encoder = w.RequestHeaderEncoder(origin.scheme)
         self._decoder = hpack.Decoder()  # tracks the peer's dynamic table
         self._decoder.max_header_list_size = MAX_HEADER_LIST_SIZE
-        self._streams: dict[int, LeanStream] = {}
         self._next_stream_id = 1
-        self._flow = WriteFlow()
-        self._ready: asyncio.Future[bool] = self._loop.create_future()
-        self._is_ready = False
-        self._remote_settings_seen = False
-        self._local_settings_acked = False
-        self._closed = False
-        self._goaway = False
-        self._idle_since = self._loop.time()
-        self._idle_timer: asyncio.TimerHandle | None = None
         # the peer's settings
         self._peer_max_streams = _UNLIMITED
         self._peer_initial_window = w.DEFAULT_WINDOW
@@ -103,28 +74,6 @@ class LeanH2Connection(FrameReceiver, asyncio.Protocol):
                 and len(self._streams) < self._peer_max_streams
                 and self._next_stream_id <= w.MAX_STREAM_ID)
 
-    def is_idle(self) -> bool:
-        return not self._closed and not self._streams
-
-    def is_closed(self) -> bool:
-        return self._closed
-
-    def has_expired(self, now: float) -> bool:
-        return self.is_idle() and now - self._idle_since > self.timeouts.idle
-
-    def active_streams(self) -> int:
-        return len(self._streams)
-
-    async def wait_ready(self, timeout: float) -> None:
-        try:
-            async with asyncio.timeout(timeout):
-                ok = await asyncio.shield(self._ready)
-        except TimeoutError:
-            self._close_transport()
-            raise UpstreamTimeout("HTTP/2 settings exchange timed out") from None
-        if not ok:
-            raise UpstreamConnectError("connection closed during HTTP/2 setup")
-
     async def handle_request(self, method: bytes, target: bytes, authority: bytes,
                              headers: Headers, body: Body) -> Response:
         if not self.is_available():
@@ -140,9 +89,7 @@ class LeanH2Connection(FrameReceiver, asyncio.Protocol):
         self._next_stream_id += 2
         stream = LeanStream(self, stream_id, self._peer_initial_window, method == b"HEAD")
         self._streams[stream_id] = stream
-        if self._idle_timer is not None:
-            self._idle_timer.cancel()
-            self._idle_timer = None
+        self._cancel_idle_timer()
         frame_size = self._peer_max_frame
         size = len(body) if isinstance(body, (bytes, bytearray, memoryview)) else -1
         if body is None or size == 0:
@@ -163,38 +110,11 @@ class LeanH2Connection(FrameReceiver, asyncio.Protocol):
         else:
             upload = send_body(self, stream, body)  # type: ignore[arg-type]
             stream.send_task = self._loop.create_task(upload)
-        try:
-            await self._await_head(stream)
-        except BaseException:
-            await stream.aclose()
-            raise
-        status: int = stream.status  # type: ignore[assignment]
-        return Response(status, stream.headers, self.http_version, stream)
+        return await self._await_response(stream)
 
-    async def aclose(self) -> None:
-        self.close()
-
-    def close(self) -> None:
-        """GOAWAY(NO_ERROR), close the socket, fail whatever is still open."""
-        if self._closed:
-            return
+    def _send_goaway(self) -> None:
         self._out.append(w.goaway_frame(0, w.NO_ERROR))
         self._flush()
-        self._close_transport()
-        self._lost(UpstreamReset("upstream connection closed"))
-
-    # --- request side ---
-    async def _await_head(self, stream: LeanStream) -> None:
-        while stream.status is None:
-            if stream.error is not None:
-                raise stream.error
-            timeout = None  # while uploading, the send task bounds every network wait
-            if stream.local_ended:
-                timeout = stream.sent_at + self.timeouts.first_byte - self._loop.time()
-                if timeout <= 0:
-                    self.fail_stream(stream, UpstreamTimeout("no upstream response in time"))
-                    continue
-            await stream.wait_event(timeout)
 
     # --- stream bookkeeping (called by LeanStream too) ---
     def consumed(self, stream: LeanStream, size: int) -> None:
@@ -228,31 +148,6 @@ class LeanH2Connection(FrameReceiver, asyncio.Protocol):
             if not self._receiving:
                 self._flush()
         self._retire(stream)
-
-    def fail_stream(self, stream: LeanStream, err: ProxyError, code: int = w.CANCEL) -> None:
-        if stream.error is None and not stream.remote_ended:
-            stream.error = err
-        self.reset(stream, code)
-        stream.wake()
-        wake(stream.window_waiter)
-
-    def _retire(self, stream: LeanStream) -> None:
-        if stream.retired:
-            return
-        stream.retired = True
-        self._streams.pop(stream.id, None)
-        if not self._streams and not self._closed:
-            if self._goaway:
-                self._close_transport()
-            else:
-                self._idle_since = self._loop.time()
-                self._idle_timer = self._loop.call_later(self.timeouts.idle, self._idle_expired)
-        self._on_change()
-
-    def _idle_expired(self) -> None:
-        self._idle_timer = None
-        if not self._streams and not self._closed:
-            self.close()
 
     # --- asyncio.Protocol ---
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -305,24 +200,6 @@ class LeanH2Connection(FrameReceiver, asyncio.Protocol):
         if self._out:
             self._flush()
 
-    def eof_received(self) -> bool | None:
-        return None
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._lost(UpstreamReset("upstream connection lost"))
-
-    def pause_writing(self) -> None:
-        self._flow.pause()
-
-    def resume_writing(self) -> None:
-        self._flow.resume()
-
-    def _check_ready(self) -> None:
-        if self._remote_settings_seen and self._local_settings_acked and not self._ready.done():
-            self._is_ready = True
-            self._ready.set_result(True)
-            self._on_change()
-
     # --- plumbing ---
     def _write(self, data: bytes) -> None:
         transport = self._transport
@@ -335,10 +212,6 @@ class LeanH2Connection(FrameReceiver, asyncio.Protocol):
             self._out = []
             self._write(out[0] if len(out) == 1 else b"".join(out))
 
-    def _close_transport(self) -> None:
-        if self._transport is not None and not self._transport.is_closing():
-            self._transport.close()
-
     def _connection_error(self, code: int, reason: str) -> None:
         self._out.append(w.goaway_frame(0, code))
         self._flush()
@@ -346,25 +219,9 @@ class LeanH2Connection(FrameReceiver, asyncio.Protocol):
         self._lost(UpstreamProtocolError(reason))
 
     def _lost(self, err: ProxyError) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        self._is_ready = False
-        self._out.clear()
-        if self._idle_timer is not None:
-            self._idle_timer.cancel()
-            self._idle_timer = None
-        self._flow.fail(err)
-        if not self._ready.done():
-            self._ready.set_result(False)
-        for stream in list(self._streams.values()):
-            if stream.error is None and not stream.remote_ended:
-                stream.error = err
-            stream.retired = True
-            stream.wake()
-            wake(stream.window_waiter)
-        self._streams.clear()
-        self._on_change()
+        if not self._closed:
+            self._out.clear()  # control frames for a dead socket
+        super()._lost(err)
 
 
 def _header_list_size(method: bytes, target: bytes, authority: bytes, headers: Headers) -> int:

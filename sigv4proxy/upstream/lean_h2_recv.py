@@ -10,12 +10,12 @@ socket directly (frames go to `_out`, flushed once per read), block, or quote a 
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from sigv4proxy.errors import ProxyError, RetryableStreamError, UpstreamProtocolError, UpstreamReset
+from sigv4proxy.errors import ProxyError, UpstreamProtocolError
 from sigv4proxy.upstream import h2_wire as w
+from sigv4proxy.upstream.h2_common import wake
 
 if TYPE_CHECKING:
     from sigv4proxy.upstream.lean_h2_stream import LeanStream as _Stream
@@ -31,11 +31,6 @@ class ProtocolViolation(Exception):
         super().__init__(reason)
         self.code = code
         self.reason = reason
-
-
-def wake(waiter: asyncio.Future[bool] | None) -> None:
-    if waiter is not None and not waiter.done():
-        waiter.set_result(True)
 
 
 class FrameReceiver:
@@ -60,8 +55,6 @@ class FrameReceiver:
         _peer_max_header_list: int | None
         _remote_settings_seen: bool
         _local_settings_acked: bool
-        _goaway: bool
-        _ready: asyncio.Future[bool]
         _on_change: Callable[[], None]
 
         def consumed(self, stream: _Stream, size: int) -> None: ...
@@ -70,7 +63,8 @@ class FrameReceiver:
         def fail_stream(self, stream: _Stream, err: ProxyError, code: int = ...) -> None: ...
         def _retire(self, stream: _Stream) -> None: ...
         def _check_ready(self) -> None: ...
-        def _close_transport(self) -> None: ...
+        def _peer_reset(self, stream: _Stream, code: int, code_name: object) -> None: ...
+        def _peer_goaway(self, last_stream_id: int) -> None: ...
 
     # --- helpers ---
     def _check_closed_stream(self, stream_id: int) -> None:
@@ -238,18 +232,7 @@ class FrameReceiver:
             self._check_closed_stream(stream_id)
             return
         code = int.from_bytes(payload, "big")
-        err: ProxyError | None
-        if code == w.REFUSED_STREAM:
-            err = RetryableStreamError("upstream refused the stream")
-        elif stream.remote_ended:
-            err = None  # response complete; the peer only stops our upload
-        else:
-            err = UpstreamReset(f"upstream reset the stream ({w.ERROR_NAMES.get(code, code)})")
-        if err is not None and stream.error is None:
-            stream.error = err
-        self._retire(stream)
-        stream.wake()
-        wake(stream.window_waiter)
+        self._peer_reset(stream, code, w.ERROR_NAMES.get(code, code))
 
     def _on_settings(self, flags: int, stream_id: int, payload: bytes) -> None:
         if stream_id != 0:
@@ -311,19 +294,7 @@ class FrameReceiver:
             raise ProtocolViolation(w.PROTOCOL_ERROR, "upstream sent GOAWAY on a stream")
         if len(payload) < 8:
             raise ProtocolViolation(w.FRAME_SIZE_ERROR, "upstream sent a bad GOAWAY")
-        self._goaway = True
-        last = int.from_bytes(payload[:4], "big") & w.MAX_STREAM_ID
-        for stream in list(self._streams.values()):
-            if stream.id > last:  # never processed: safe to retry elsewhere
-                stream.error = RetryableStreamError("stream not processed before GOAWAY")
-                self._retire(stream)
-                stream.wake()
-                wake(stream.window_waiter)
-        if not self._ready.done():
-            self._ready.set_result(False)
-        if not self._streams:
-            self._close_transport()
-        self._on_change()
+        self._peer_goaway(int.from_bytes(payload[:4], "big") & w.MAX_STREAM_ID)
 
     def _on_window_update(self, flags: int, stream_id: int, payload: bytes) -> None:
         if len(payload) != 4:
@@ -362,6 +333,7 @@ class FrameReceiver:
 
     def _on_push_promise(self, flags: int, stream_id: int, payload: bytes) -> None:
         raise ProtocolViolation(w.PROTOCOL_ERROR, "upstream pushed although push is disabled")
+
 
 FRAME_HANDLERS: dict[int, Callable[..., None]] = {
     w.CONTINUATION: FrameReceiver._on_continuation,

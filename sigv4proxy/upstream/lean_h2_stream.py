@@ -10,15 +10,16 @@ a broken body into a clean end.
 
 from __future__ import annotations
 
-import asyncio
 from collections import deque
 from collections.abc import AsyncIterable
+from functools import partial
 from typing import TYPE_CHECKING
 
-from sigv4proxy.errors import BadRequest, ProxyError, UpstreamTimeout
+from sigv4proxy.errors import ProxyError, UpstreamTimeout
 from sigv4proxy.upstream import h2_wire as w
 from sigv4proxy.upstream.base import request_trailers
-from sigv4proxy.upstream.lean_h2_recv import wake
+from sigv4proxy.upstream.connection_core import feed_body
+from sigv4proxy.upstream.h2_common import H2StreamBase, expire
 
 if TYPE_CHECKING:
     from sigv4proxy.upstream.lean_h2 import LeanH2Connection
@@ -30,56 +31,23 @@ class StreamGone(Exception):
     """Internal: the stream was reset or the connection closed while we were uploading."""
 
 
-def expire(waiter: asyncio.Future[bool]) -> None:
-    if not waiter.done():
-        waiter.set_result(False)
-
-
-class LeanStream:
+class LeanStream(H2StreamBase):
     """One request/response exchange; also the `ResponseBody` the Response reads from."""
 
-    __slots__ = ("conn", "id", "head", "status", "headers", "trailers", "chunks", "remote_ended",
-                 "local_ended", "sent_at", "error", "retired", "send_task", "unacked", "waiter",
-                 "window_waiter", "send_window", "recv_window", "credit", "expected", "received")
+    __slots__ = ("head", "send_window", "recv_window", "credit", "expected", "received")
+
+    conn: LeanH2Connection
+    chunks: deque[bytes]
 
     def __init__(self, conn: LeanH2Connection, stream_id: int, send_window: int,
                  head: bool) -> None:
-        self.conn = conn
-        self.id = stream_id
+        super().__init__(conn, stream_id)
         self.head = head  # a HEAD response declares a length it never sends
-        self.status: int | None = None
-        self.headers: list[tuple[bytes, bytes]] = []
-        self.trailers: list[tuple[bytes, bytes]] = []
-        self.chunks: deque[bytes] = deque()
-        self.remote_ended = False
-        self.local_ended = False
-        self.sent_at = 0.0
-        self.error: ProxyError | None = None
-        self.retired = False  # no longer counts against the connection's streams
-        self.send_task: asyncio.Task[None] | None = None
-        self.unacked = 0  # handed to the consumer, credit not yet counted
-        self.waiter: asyncio.Future[bool] | None = None
-        self.window_waiter: asyncio.Future[bool] | None = None
         self.send_window = send_window
         self.recv_window = STREAM_WINDOW
         self.credit = 0  # consumed, stream credit not yet returned (batched)
         self.expected = -1  # content-length, -1 when absent
         self.received = 0
-
-    def wake(self) -> None:
-        wake(self.waiter)
-
-    async def wait_event(self, timeout: float | None) -> bool:
-        """False on timeout. A plain timer handle: cheaper than asyncio.timeout per wait."""
-        loop = self.conn._loop
-        waiter = self.waiter = loop.create_future()
-        timer = None if timeout is None else loop.call_later(timeout, expire, waiter)
-        try:
-            return await waiter
-        finally:
-            self.waiter = None
-            if timer is not None:
-                timer.cancel()
 
     async def read(self) -> bytes:
         conn = self.conn
@@ -98,41 +66,18 @@ class LeanStream:
             if not await self.wait_event(conn.timeouts.read):
                 conn.fail_stream(self, UpstreamTimeout("upstream response body stalled"))
 
-    async def aclose(self) -> None:
-        conn = self.conn
-        if self.send_task is not None and not self.send_task.done():
-            self.send_task.cancel()
-        if not self.retired:
-            conn.reset(self, w.CANCEL)
-        pending = self.unacked + sum(map(len, self.chunks))
-        self.chunks.clear()
-        self.unacked = 0
-        if pending:
-            conn.consumed(self, pending)
+    def _buffered_credit(self) -> int:
+        return sum(map(len, self.chunks))
+
+    def _return_credit(self, size: int) -> None:
+        self.conn.consumed(self, size)
 
 
 # --- the upload ---
 async def send_body(conn: LeanH2Connection, stream: LeanStream,
                     body: bytes | AsyncIterable[bytes]) -> None:
     try:
-        if isinstance(body, (bytes, bytearray, memoryview)):
-            await _send_chunk(conn, stream, body)
-        else:
-            try:
-                iterator = body.__aiter__()
-            except Exception:
-                raise BadRequest("request body is not iterable") from None
-            while True:
-                try:
-                    chunk = await iterator.__anext__()
-                except StopAsyncIteration:
-                    break
-                except ProxyError:
-                    raise
-                except Exception:
-                    raise BadRequest("request body could not be read") from None
-                if chunk:
-                    await _send_chunk(conn, stream, chunk)
+        await feed_body(body, partial(_send_chunk, conn, stream))
         if stream.retired or conn._closed:
             return
         trailers = request_trailers(body)

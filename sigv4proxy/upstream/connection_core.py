@@ -1,0 +1,136 @@
+"""What every upstream connection class shares: write backpressure, the closed flag, the idle clock.
+
+Owns: `WriteFlow` (transport pause/resume_writing as an awaitable with a bound), `ConnectionCore`
+(identity, transport, closed flag, idle timer and the Connection answers that follow from them,
+for HTTP/1.1 and both HTTP/2 classes) and `feed_body` (a request body handed to a sender chunk by
+chunk, failures as typed errors). Must never: parse or frame a protocol, touch h2 state, or log
+header values.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterable, Awaitable, Callable
+
+from sigv4proxy.errors import BadRequest, ProxyError, UpstreamTimeout
+from sigv4proxy.upstream.base import Origin, Timeouts
+
+
+class WriteFlow:
+    """Transport write backpressure as an awaitable (pause_writing/resume_writing)."""
+
+    __slots__ = ("_paused", "_waiters", "_error")
+
+    def __init__(self) -> None:
+        self._paused = False
+        self._waiters: list[asyncio.Future[None]] = []
+        self._error: BaseException | None = None
+
+    def pause(self) -> None:
+        self._paused = True
+
+    def resume(self) -> None:
+        self._paused = False
+        self._wake(None)
+
+    def fail(self, error: BaseException) -> None:
+        self._error = error
+        self._wake(error)
+
+    def _wake(self, error: BaseException | None) -> None:
+        waiters, self._waiters = self._waiters, []
+        for fut in waiters:
+            if not fut.done():
+                if error is None:
+                    fut.set_result(None)
+                else:
+                    fut.set_exception(error)
+
+    async def drain(self, timeout: float) -> None:
+        if self._error is not None:
+            raise self._error
+        if not self._paused:
+            return
+        fut = asyncio.get_running_loop().create_future()
+        self._waiters.append(fut)
+        try:
+            async with asyncio.timeout(timeout):
+                await fut
+        except TimeoutError:
+            raise UpstreamTimeout("upstream stopped reading") from None
+
+
+class ConnectionCore:
+    """What every upstream connection class shares: identity, write flow, the closed flag, idle clock.
+
+    Subclasses define `is_idle()` and `_idle_expired()`; they also subclass asyncio.Protocol.
+    """
+
+    def __init__(self, origin: Origin, timeouts: Timeouts, on_change: Callable[[], None]) -> None:
+        self.origin = origin
+        self.timeouts = timeouts
+        self._on_change = on_change
+        self._loop = asyncio.get_running_loop()
+        self._transport: asyncio.Transport | None = None
+        self._flow = WriteFlow()
+        self._closed = False
+        self._idle_since = self._loop.time()
+        self._idle_timer: asyncio.TimerHandle | None = None
+
+    def is_idle(self) -> bool:
+        raise NotImplementedError
+
+    def is_closed(self) -> bool:
+        return self._closed
+
+    def has_expired(self, now: float) -> bool:
+        return self.is_idle() and now - self._idle_since > self.timeouts.idle
+
+    def pause_writing(self) -> None:
+        self._flow.pause()
+
+    def resume_writing(self) -> None:
+        self._flow.resume()
+
+    def _idle_expired(self) -> None:
+        raise NotImplementedError
+
+    def _arm_idle_timer(self) -> None:
+        self._idle_since = self._loop.time()
+        self._idle_timer = self._loop.call_later(self.timeouts.idle, self._idle_expired)
+
+    def _cancel_idle_timer(self) -> None:
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+            self._idle_timer = None
+
+    def _close_transport(self) -> None:
+        if self._transport is not None and not self._transport.is_closing():
+            self._transport.close()
+
+
+async def feed_body(body: bytes | bytearray | memoryview | AsyncIterable[bytes],
+                    send: Callable[[bytes | bytearray | memoryview], Awaitable[None]]) -> None:
+    """Passes a request body to `send` chunk by chunk (empty chunks skipped), as typed errors.
+
+    A body that cannot be iterated or whose iterator fails becomes BadRequest; a ProxyError from
+    the iterator (the inbound side timed out, say) passes through unchanged.
+    """
+    if isinstance(body, (bytes, bytearray, memoryview)):
+        await send(body)
+        return
+    try:
+        iterator = body.__aiter__()
+    except Exception:
+        raise BadRequest("request body is not iterable") from None
+    while True:
+        try:
+            chunk = await iterator.__anext__()
+        except StopAsyncIteration:
+            return
+        except ProxyError:
+            raise
+        except Exception:
+            raise BadRequest("request body could not be read") from None
+        if chunk:
+            await send(chunk)

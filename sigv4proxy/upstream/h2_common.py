@@ -1,0 +1,255 @@
+"""The connection and stream bookkeeping both HTTP/2 clients share (h2-based and lean).
+
+Owns: the stream table and what follows from it (idle, active streams, retiring a stream, the idle
+timer), the ready/closed life cycle (SETTINGS exchanged, GOAWAY, connection lost), waiting for a
+response head within the first-byte timeout, and how a peer's RST_STREAM or GOAWAY maps to our
+typed errors. Subclasses (`http2.H2Connection`, `lean_h2.LeanH2Connection`) own the protocol
+state and the bytes: `is_available`, `handle_request`, `reset`, `_send_goaway` and the receiving
+side. Must never: touch h2 state or frame bytes, write to the socket, or log header values.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import Callable
+
+from sigv4proxy.errors import (
+    ProxyError,
+    RetryableStreamError,
+    UpstreamConnectError,
+    UpstreamReset,
+    UpstreamTimeout,
+)
+from sigv4proxy.upstream.base import Origin, Response, Timeouts
+from sigv4proxy.upstream.connection_core import ConnectionCore
+
+CANCEL = 0x8  # RFC 9113 error codes used here (h2's ErrorCodes are the same integers)
+REFUSED_STREAM = 0x7
+
+
+def wake(waiter: asyncio.Future[bool] | None) -> None:
+    if waiter is not None and not waiter.done():
+        waiter.set_result(True)
+
+
+def expire(waiter: asyncio.Future[bool]) -> None:
+    if not waiter.done():
+        waiter.set_result(False)
+
+
+class H2StreamBase:
+    """The state one request/response exchange has on either HTTP/2 client, and its event wait."""
+
+    __slots__ = ("conn", "id", "status", "headers", "trailers", "chunks", "remote_ended",
+                 "local_ended", "sent_at", "error", "retired", "send_task", "unacked", "waiter",
+                 "window_waiter")
+
+    def __init__(self, conn: H2ConnectionBase, stream_id: int) -> None:
+        self.conn = conn
+        self.id = stream_id
+        self.status: int | None = None
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.trailers: list[tuple[bytes, bytes]] = []
+        self.chunks: deque = deque()  # received body parts, in the subclass's unit
+        self.remote_ended = False
+        self.local_ended = False
+        self.sent_at = 0.0
+        self.error: ProxyError | None = None
+        self.retired = False  # no longer counts against the connection's streams
+        self.send_task: asyncio.Task[None] | None = None
+        self.unacked = 0  # handed to the consumer, credit not yet returned
+        self.waiter: asyncio.Future[bool] | None = None
+        self.window_waiter: asyncio.Future[bool] | None = None
+
+    # --- the subclass's part: receive credit in its own unit ---
+    def _buffered_credit(self) -> int:
+        """Receive credit held by chunks not yet handed to the consumer."""
+        raise NotImplementedError
+
+    def _return_credit(self, size: int) -> None:
+        raise NotImplementedError
+
+    async def aclose(self) -> None:
+        """Stop the upload, reset the stream if still open, return credit for unread data."""
+        if self.send_task is not None and not self.send_task.done():
+            self.send_task.cancel()
+        if not self.retired:
+            self.conn.reset(self, CANCEL)
+        pending = self.unacked + (self._buffered_credit() if self.chunks else 0)
+        self.chunks.clear()
+        self.unacked = 0
+        if pending:
+            self._return_credit(pending)
+
+    def wake(self) -> None:
+        wake(self.waiter)
+
+    async def wait_event(self, timeout: float | None) -> bool:
+        """False on timeout. A plain timer handle: cheaper than asyncio.timeout per wait."""
+        loop = self.conn._loop
+        waiter = self.waiter = loop.create_future()
+        timer = None if timeout is None else loop.call_later(timeout, expire, waiter)
+        try:
+            return await waiter
+        finally:
+            self.waiter = None
+            if timer is not None:
+                timer.cancel()
+
+
+class H2ConnectionBase(ConnectionCore):
+    """Stream table, life cycle and error mapping shared by both HTTP/2 client connections."""
+
+    http_version = "HTTP/2"
+
+    def __init__(self, origin: Origin, timeouts: Timeouts, on_change: Callable[[], None]) -> None:
+        super().__init__(origin, timeouts, on_change)
+        self._streams: dict[int, H2StreamBase] = {}
+        self._ready: asyncio.Future[bool] = self._loop.create_future()
+        self._is_ready = False
+        self._remote_settings_seen = False
+        self._local_settings_acked = False
+        self._goaway = False
+
+    # --- the subclass's part ---
+    def reset(self, stream: H2StreamBase, code: int) -> None:
+        raise NotImplementedError
+
+    def _send_goaway(self) -> None:
+        """Queue and flush GOAWAY(NO_ERROR); no error escapes."""
+        raise NotImplementedError
+
+    # --- the Connection interface ---
+    def is_idle(self) -> bool:
+        return not self._closed and not self._streams
+
+    def active_streams(self) -> int:
+        return len(self._streams)
+
+    async def wait_ready(self, timeout: float) -> None:
+        try:
+            async with asyncio.timeout(timeout):
+                ok = await asyncio.shield(self._ready)
+        except TimeoutError:
+            self._close_transport()
+            raise UpstreamTimeout("HTTP/2 settings exchange timed out") from None
+        if not ok:
+            raise UpstreamConnectError("connection closed during HTTP/2 setup")
+
+    async def aclose(self) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """GOAWAY(NO_ERROR), close the socket, fail whatever is still open."""
+        if self._closed:
+            return
+        self._send_goaway()
+        self._close_transport()
+        self._lost(UpstreamReset("upstream connection closed"))
+
+    # --- request side ---
+    async def _await_response(self, stream: H2StreamBase) -> Response:
+        """The response once its head arrived; on any failure the stream is closed first."""
+        try:
+            while stream.status is None:
+                if stream.error is not None:
+                    raise stream.error
+                timeout = None  # while uploading, the send task bounds every network wait
+                if stream.local_ended:
+                    timeout = stream.sent_at + self.timeouts.first_byte - self._loop.time()
+                    if timeout <= 0:
+                        self.fail_stream(stream, UpstreamTimeout("no upstream response in time"))
+                        continue
+                await stream.wait_event(timeout)
+        except BaseException:
+            await stream.aclose()
+            raise
+        return Response(stream.status, stream.headers, self.http_version, stream)  # type: ignore[arg-type]
+
+    # --- stream bookkeeping ---
+    def fail_stream(self, stream: H2StreamBase, err: ProxyError, code: int = CANCEL) -> None:
+        if stream.error is None and not stream.remote_ended:
+            stream.error = err
+        self.reset(stream, code)
+        stream.wake()
+        wake(stream.window_waiter)
+
+    def _retire(self, stream: H2StreamBase) -> None:
+        if stream.retired:
+            return
+        stream.retired = True
+        self._streams.pop(stream.id, None)
+        if not self._streams and not self._closed:
+            if self._goaway:
+                self._close_transport()
+            else:
+                self._arm_idle_timer()
+        self._on_change()
+
+    def _idle_expired(self) -> None:
+        self._idle_timer = None
+        if not self._streams and not self._closed:
+            self.close()
+
+    # --- what the peer tells us ---
+    def _check_ready(self) -> None:
+        if self._remote_settings_seen and self._local_settings_acked and not self._ready.done():
+            self._is_ready = True
+            self._ready.set_result(True)
+            self._on_change()
+
+    def _peer_reset(self, stream: H2StreamBase, code: int, code_name: object) -> None:
+        """The peer's RST_STREAM: refused streams may be retried; a completed response stands."""
+        err: ProxyError | None
+        if code == REFUSED_STREAM:
+            err = RetryableStreamError("upstream refused the stream")
+        elif stream.remote_ended:
+            err = None  # response complete; the peer only stops our upload
+        else:
+            err = UpstreamReset(f"upstream reset the stream ({code_name})")
+        if err is not None and stream.error is None:
+            stream.error = err
+        self._retire(stream)
+        stream.wake()
+        wake(stream.window_waiter)
+
+    def _peer_goaway(self, last_stream_id: int) -> None:
+        """No new streams; those above `last_stream_id` were never processed: retry elsewhere."""
+        self._goaway = True
+        for stream in list(self._streams.values()):
+            if stream.id > last_stream_id:
+                stream.error = RetryableStreamError("stream not processed before GOAWAY")
+                self._retire(stream)
+                stream.wake()
+                wake(stream.window_waiter)
+        if not self._ready.done():
+            self._ready.set_result(False)
+        if not self._streams:
+            self._close_transport()
+        self._on_change()
+
+    # --- asyncio.Protocol ---
+    def eof_received(self) -> bool | None:
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._lost(UpstreamReset("upstream connection lost"))
+
+    def _lost(self, err: ProxyError) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._is_ready = False
+        self._cancel_idle_timer()
+        self._flow.fail(err)
+        if not self._ready.done():
+            self._ready.set_result(False)
+        for stream in list(self._streams.values()):
+            if stream.error is None and not stream.remote_ended:
+                stream.error = err
+            stream.retired = True
+            stream.wake()
+            wake(stream.window_waiter)
+        self._streams.clear()
+        self._on_change()
