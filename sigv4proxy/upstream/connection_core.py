@@ -61,7 +61,7 @@ class WriteFlow:
 
 
 class ConnectionCore:
-    """What every upstream connection class shares: identity, write flow, the closed flag, idle clock.
+    """What every upstream connection shares: identity, write flow, the closed flag, idle clock.
 
     Subclasses define `is_idle()` and `_idle_expired()`; they also subclass asyncio.Protocol.
     """

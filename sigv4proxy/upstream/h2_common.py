@@ -165,7 +165,8 @@ class H2ConnectionBase(ConnectionCore):
         except BaseException:
             await stream.aclose()
             raise
-        return Response(stream.status, stream.headers, self.http_version, stream)  # type: ignore[arg-type]
+        status: int = stream.status
+        return Response(status, stream.headers, self.http_version, stream)  # type: ignore[arg-type]
 
     # --- stream bookkeeping ---
     def fail_stream(self, stream: H2StreamBase, err: ProxyError, code: int = CANCEL) -> None:

@@ -2,8 +2,9 @@
 
 Owns: writing the request (head bytes joined once, one write; body after, chunked when its length
 is unknown), feeding the socket's bytes to the sans-IO response parser (`http1_parse`), read
-backpressure, and deciding when a socket may be reused. Must never: change a header it was given, reuse a socket whose response was
-not fully read, let a truncated body end as if it were complete, or log header values.
+backpressure, and deciding when a socket may be reused. Must never: change a header it was given,
+reuse a socket whose response was not fully read, let a truncated body end as if it were complete,
+or log header values.
 """
 
 from __future__ import annotations

@@ -17,7 +17,14 @@ import hpack
 
 from sigv4proxy.errors import BadRequest, HeadersTooLarge, ProxyError, UpstreamProtocolError
 from sigv4proxy.upstream import h2_wire as w
-from sigv4proxy.upstream.base import Body, ConnectionNotAvailable, Headers, Origin, Response, Timeouts
+from sigv4proxy.upstream.base import (
+    Body,
+    ConnectionNotAvailable,
+    Headers,
+    Origin,
+    Response,
+    Timeouts,
+)
 from sigv4proxy.upstream.h2_common import H2ConnectionBase
 from sigv4proxy.upstream.lean_h2_recv import FRAME_HANDLERS, FrameReceiver, ProtocolViolation
 from sigv4proxy.upstream.lean_h2_stream import STREAM_WINDOW, LeanStream, send_body
