@@ -22,7 +22,7 @@ from sigv4proxy.credentials import CredentialStore
 from sigv4proxy.handler import MAX_HEADER_FIELD, MAX_REQUEST_LINE, ProxyHandler
 from sigv4proxy.inbound.sniff import InboundListener
 from sigv4proxy.metrics import Metrics
-from sigv4proxy.routing import Router
+from sigv4proxy.routing import Router, timeouts_from_config
 from sigv4proxy.upstream.base import Origin, PoolLimits, Timeouts
 from sigv4proxy.upstream.lean_h2 import LeanH2Connection
 from sigv4proxy.upstream.pool import ConnectionPool
@@ -44,8 +44,7 @@ def pool_from_config(config: ProxyConfig, origin_timeouts: Mapping[Origin, Timeo
     return ConnectionPool(
         # One TLS context per ALPN offer, so an http1-only origin never offers h2.
         ssl_context_factory=lambda alpn: make_client_ssl_context(config.ca_bundle, verify=config.verify_tls, alpn=alpn),
-        timeouts=Timeouts(connect=config.connect_timeout, first_byte=config.first_byte_timeout,
-                          read=config.read_timeout, idle=config.idle_timeout),
+        timeouts=timeouts_from_config(config),
         limits=PoolLimits(max_connections_per_origin=config.max_connections),
         origin_timeouts=origin_timeouts,
         # Both pass the same upstream tests; the lean one costs 3.5-4.7x less CPU per request.

@@ -192,6 +192,16 @@ def _positive(kind: type) -> Callable[[Any, str], Any]:
     return parse
 
 
+def _non_negative(value: Any, key: str) -> float:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{key}: expected a number, got {value!r}") from None
+    if number < 0:
+        raise ConfigError(f"{key}: must be zero or positive, got {value!r}")
+    return number
+
+
 def _optional(parse: Callable[[Any, str], Any]) -> Callable[[Any, str], Any]:
     def inner(value: Any, key: str) -> Any:
         if value is None or (isinstance(value, str) and value.strip().lower() in ("", "none", "0")):
@@ -252,6 +262,7 @@ class ProxyConfig:
     read_timeout: float = setting(60.0, _positive(float), "max gap between response body chunks (s)")
     idle_timeout: float = setting(90.0, _positive(float), "close pooled upstream connections idle this long (s)")
     stream_idle_timeout: float = setting(300.0, _positive(float), "inbound HTTP/2 stream with no bytes either way for this long is cut (s); long RPCs are not cut by request timeouts")
+    ping_interval: float = setting(30.0, _non_negative, "PING idle upstream HTTP/2 connections this often; no answer within --connect-timeout drops one (0: off)")
     header_timeout: float = setting(30.0, _positive(float), "close a new client connection without a complete request head after this (s)")
     max_connections: int = setting(8, _positive(int), "upstream connections per origin")
     max_body_size: int | None = setting(None, _optional(_positive(int)), "reject request bodies larger than this (bytes)")

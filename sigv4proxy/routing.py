@@ -8,6 +8,7 @@ an open relay), or contact anything itself.
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import re
 from dataclasses import dataclass
@@ -72,6 +73,12 @@ def _origin_from_url(url: str, protocol: str) -> Origin:
         raise ValueError(f"not an http(s) origin URL: {url!r}")
     port = parts.port or (443 if parts.scheme == "https" else 80)
     return Origin(parts.scheme, parts.hostname, port, protocol)
+
+
+def timeouts_from_config(config: ProxyConfig) -> Timeouts:
+    """The global upstream timeouts (routes may override connect/first-byte/read)."""
+    return Timeouts(connect=config.connect_timeout, first_byte=config.first_byte_timeout,
+                    read=config.read_timeout, idle=config.idle_timeout, ping=config.ping_interval)
 
 
 class Router:
@@ -142,14 +149,13 @@ class Router:
     def _note_timeouts(self, index: int, route: RouteConfig, origin: Origin) -> None:
         """Record a route's own upstream timeouts for its origin (the pool is per origin, so two
         routes to one origin must agree, and so must a route to the `--upstream` origin)."""
-        config = self._config
-        timeouts = Timeouts(
-            connect=route.connect_timeout or config.connect_timeout,
-            first_byte=route.first_byte_timeout or config.first_byte_timeout,
-            read=route.read_timeout or config.read_timeout, idle=config.idle_timeout,
+        defaults = timeouts_from_config(self._config)
+        timeouts = dataclasses.replace(
+            defaults,
+            connect=route.connect_timeout or defaults.connect,
+            first_byte=route.first_byte_timeout or defaults.first_byte,
+            read=route.read_timeout or defaults.read,
         )
-        defaults = Timeouts(connect=config.connect_timeout, first_byte=config.first_byte_timeout,
-                            read=config.read_timeout, idle=config.idle_timeout)
         known = self._origin_timeouts.get(origin, defaults if origin == self._upstream_origin else None)
         if known is not None and known != timeouts:
             raise ConfigError(f"route[{index}]: routes to one upstream origin must use the same timeouts")

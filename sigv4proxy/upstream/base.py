@@ -61,6 +61,7 @@ class Timeouts:
     read: float = 60.0  # max gap between response body chunks (and between send-window openings)
     idle: float = 90.0  # pooled connection with no streams is closed after this
     pool: float = 30.0  # max wait for a free connection/stream slot -> Overloaded (503)
+    ping: float = 30.0  # HTTP/2: PING an idle pooled connection this often; no ACK in `connect` s closes it (0: off)
 
 
 @dataclass(frozen=True, slots=True)

@@ -111,8 +111,16 @@ class H2ConnectionBase(ConnectionCore):
         self._remote_settings_seen = False
         self._local_settings_acked = False
         self._goaway = False
+        self._ping_timer: asyncio.TimerHandle | None = None
+        self._ping_deadline: asyncio.TimerHandle | None = None
+        self._ping_payload = b""
+        self._pings_sent = 0
 
     # --- the subclass's part ---
+    def _send_ping(self, payload: bytes) -> None:
+        """Queue and flush PING(payload); no error escapes."""
+        raise NotImplementedError
+
     def reset(self, stream: H2StreamBase, code: int) -> None:
         raise NotImplementedError
 
@@ -230,6 +238,40 @@ class H2ConnectionBase(ConnectionCore):
             self._close_transport()
         self._on_change()
 
+    # --- liveness: a PING on idle pooled connections, so a dead peer is found before reuse ---
+    def _arm_idle_timer(self) -> None:
+        super()._arm_idle_timer()
+        if self.timeouts.ping and self._ping_timer is None:
+            self._ping_timer = self._loop.call_later(self.timeouts.ping, self._keepalive_ping)
+
+    def _cancel_idle_timer(self) -> None:
+        super()._cancel_idle_timer()
+        if self._ping_timer is not None:  # busy: streams prove liveness (an ACK still awaited stays)
+            self._ping_timer.cancel()
+            self._ping_timer = None
+
+    def _keepalive_ping(self) -> None:
+        self._ping_timer = None
+        if self._closed or self._streams:
+            return
+        self._pings_sent += 1
+        self._ping_payload = self._pings_sent.to_bytes(8, "big")
+        self._send_ping(self._ping_payload)
+        if self._ping_deadline is None:
+            self._ping_deadline = self._loop.call_later(self.timeouts.connect, self._ping_unanswered)
+        self._ping_timer = self._loop.call_later(self.timeouts.ping, self._keepalive_ping)
+
+    def _on_ping_ack(self, payload: bytes) -> None:
+        if payload == self._ping_payload and self._ping_deadline is not None:
+            self._ping_deadline.cancel()
+            self._ping_deadline = None
+
+    def _ping_unanswered(self) -> None:
+        self._ping_deadline = None
+        if not self._closed:
+            self._close_transport()
+            self._lost(UpstreamReset("upstream did not answer PING"))
+
     # --- asyncio.Protocol ---
     def eof_received(self) -> bool | None:
         return None
@@ -243,6 +285,9 @@ class H2ConnectionBase(ConnectionCore):
         self._closed = True
         self._is_ready = False
         self._cancel_idle_timer()
+        if self._ping_deadline is not None:
+            self._ping_deadline.cancel()
+            self._ping_deadline = None
         self._flow.fail(err)
         if not self._ready.done():
             self._ready.set_result(False)

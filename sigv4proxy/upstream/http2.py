@@ -152,6 +152,16 @@ class H2Connection(H2ConnectionBase, asyncio.Protocol):
             stream.send_task = self._loop.create_task(self._send_body(stream, body))
         return await self._await_response(stream)
 
+    def _send_ping(self, payload: bytes) -> None:
+        try:
+            self._h2.ping(payload)
+            self._flush()
+        except h2.exceptions.ProtocolError:
+            pass
+
+    def _on_ping_acked(self, event: h2.events.PingAckReceived) -> None:
+        self._on_ping_ack(event.ping_data)
+
     def _send_goaway(self) -> None:
         try:
             self._h2.close_connection()
@@ -347,4 +357,5 @@ _HANDLERS: dict[type, Callable[[H2Connection, object], None]] = {
     h2.events.RemoteSettingsChanged: H2Connection._on_remote_settings,
     h2.events.SettingsAcknowledged: H2Connection._on_settings_acked,
     h2.events.ConnectionTerminated: H2Connection._on_goaway,
+    h2.events.PingAckReceived: H2Connection._on_ping_acked,
 }  # type: ignore[dict-item]

@@ -123,6 +123,10 @@ class LeanH2Connection(FrameReceiver, H2ConnectionBase, asyncio.Protocol):
         self._out.append(w.goaway_frame(0, w.NO_ERROR))
         self._flush()
 
+    def _send_ping(self, payload: bytes) -> None:
+        self._out.append(w.frame(w.PING, 0, 0, payload))
+        self._flush()
+
     # --- stream bookkeeping (called by LeanStream too) ---
     def consumed(self, stream: LeanStream, size: int) -> None:
         """The consumer took `size` bytes: return receive credit, batched, as WINDOW_UPDATEs."""

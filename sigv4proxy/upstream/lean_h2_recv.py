@@ -288,6 +288,8 @@ class FrameReceiver:
             raise ProtocolViolation(w.FRAME_SIZE_ERROR, "upstream sent a bad PING")
         if not flags & w.FLAG_ACK:
             self._out.append(w.ping_ack_frame(payload))
+        else:
+            self._on_ping_ack(payload)
 
     def _on_goaway(self, flags: int, stream_id: int, payload: bytes) -> None:
         if stream_id != 0:
