@@ -199,6 +199,27 @@ def parse_authorization(value: str) -> AuthorizationHeader:
                                params["Signature"])
 
 
+def check_time_payload_and_key(req: RequestView, ctx: VerifyContext, amz_date: str, access_key_id: str):
+    """The checks SigV4 and SigV4A share after the scope: clock skew, UNSIGNED-PAYLOAD, a known key
+    and its session token. Returns the identity."""
+    signed_at = _amz_epoch(amz_date)
+    if signed_at < ctx.now - MAX_SKEW_SECONDS:
+        raise invalid(f"Signature expired: {amz_date} is now earlier than {_fmt(ctx.now - MAX_SKEW_SECONDS)} ({_fmt(ctx.now)} - 5 min.)")
+    if signed_at > ctx.now + MAX_SKEW_SECONDS:
+        raise invalid(f"Signature not yet current: {amz_date} is still later than {_fmt(ctx.now + MAX_SKEW_SECONDS)} ({_fmt(ctx.now)} + 5 min.)")
+    payload_hash = header_value(req.headers, "x-amz-content-sha256")
+    if payload_hash is None:
+        raise incomplete("Missing required header: x-amz-content-sha256 (use UNSIGNED-PAYLOAD).")
+    if payload_hash != UNSIGNED_PAYLOAD:
+        raise invalid("Signed payloads are not supported")
+    identity = ctx.identities.get(access_key_id)
+    if identity is None:
+        raise AuthFailure("UnrecognizedClientException", BAD_TOKEN)
+    if not identity.token_matches(header_value(req.headers, "x-amz-security-token")):
+        raise AuthFailure("UnrecognizedClientException", BAD_TOKEN)
+    return identity
+
+
 def _amz_epoch(amz_date: str) -> int:
     return timegm(strptime(amz_date, "%Y%m%dT%H%M%SZ"))
 
@@ -234,23 +255,8 @@ def verify_sigv4(req: RequestView, auth_value: str, ctx: VerifyContext) -> Verif
         raise invalid(f"Credential should be scoped to correct service: '{ctx.service}'.")
     if auth.region != ctx.region:
         raise invalid(f"Credential should be scoped to a valid region, not '{auth.region}'.")
-    signed_at = _amz_epoch(amz_date)
-    if signed_at < ctx.now - MAX_SKEW_SECONDS:
-        raise invalid(f"Signature expired: {amz_date} is now earlier than {_fmt(ctx.now - MAX_SKEW_SECONDS)} ({_fmt(ctx.now)} - 5 min.)")
-    if signed_at > ctx.now + MAX_SKEW_SECONDS:
-        raise invalid(f"Signature not yet current: {amz_date} is still later than {_fmt(ctx.now + MAX_SKEW_SECONDS)} ({_fmt(ctx.now)} + 5 min.)")
-    payload_hash = header_value(req.headers, "x-amz-content-sha256")
-    if payload_hash is None:
-        raise incomplete("Missing required header: x-amz-content-sha256 (use UNSIGNED-PAYLOAD).")
-    if payload_hash != UNSIGNED_PAYLOAD:
-        raise invalid("Signed payloads are not supported")
-    identity = ctx.identities.get(auth.access_key_id)
-    if identity is None:
-        raise AuthFailure("UnrecognizedClientException", BAD_TOKEN)
-    token = header_value(req.headers, "x-amz-security-token")
-    if not identity.token_matches(token):
-        raise AuthFailure("UnrecognizedClientException", BAD_TOKEN)
-    creq = canonical_request(req, auth.signed_headers, auth.signed_headers_raw, payload_hash)
+    identity = check_time_payload_and_key(req, ctx, amz_date, auth.access_key_id)
+    creq = canonical_request(req, auth.signed_headers, auth.signed_headers_raw, UNSIGNED_PAYLOAD)
     expected = compute_signature(identity.secret_access_key, auth, amz_date, creq)
     if not hmac.compare_digest(expected, auth.signature):
         raise invalid(MISMATCH)

@@ -25,18 +25,14 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from sigv4proxy.sim.verify import (
-    BAD_TOKEN,
-    MAX_SKEW_SECONDS,
     MISMATCH,
     SIGV4A_ALGORITHM,
     UNSIGNED_PAYLOAD,
-    AuthFailure,
     RequestView,
     Verified,
     VerifyContext,
-    _amz_epoch,
-    _fmt,
     canonical_request,
+    check_time_payload_and_key,
     header_value,
     incomplete,
     invalid,
@@ -191,22 +187,8 @@ def verify_sigv4a(req: RequestView, auth_value: str, ctx: VerifyContext) -> Veri
         raise incomplete("'x-amz-region-set' is named as a SignedHeader, but it does not exist in the HTTP request.")
     if not region_set_covers(region_set, ctx.region):
         raise invalid(f"X-Amz-Region-Set should include the region '{ctx.region}', not '{region_set[:100]}'.")
-    signed_at = _amz_epoch(amz_date)
-    if signed_at < ctx.now - MAX_SKEW_SECONDS:
-        raise invalid(f"Signature expired: {amz_date} is now earlier than {_fmt(ctx.now - MAX_SKEW_SECONDS)} ({_fmt(ctx.now)} - 5 min.)")
-    if signed_at > ctx.now + MAX_SKEW_SECONDS:
-        raise invalid(f"Signature not yet current: {amz_date} is still later than {_fmt(ctx.now + MAX_SKEW_SECONDS)} ({_fmt(ctx.now)} + 5 min.)")
-    payload_hash = header_value(req.headers, "x-amz-content-sha256")
-    if payload_hash is None:
-        raise incomplete("Missing required header: x-amz-content-sha256 (use UNSIGNED-PAYLOAD).")
-    if payload_hash != UNSIGNED_PAYLOAD:
-        raise invalid("Signed payloads are not supported")
-    identity = ctx.identities.get(auth.access_key_id)
-    if identity is None:
-        raise AuthFailure("UnrecognizedClientException", BAD_TOKEN)
-    if not identity.token_matches(header_value(req.headers, "x-amz-security-token")):
-        raise AuthFailure("UnrecognizedClientException", BAD_TOKEN)
-    creq = canonical_request(req, auth.signed_headers, auth.signed_headers_raw, payload_hash)
+    identity = check_time_payload_and_key(req, ctx, amz_date, auth.access_key_id)
+    creq = canonical_request(req, auth.signed_headers, auth.signed_headers_raw, UNSIGNED_PAYLOAD)
     sts = string_to_sign_v4a(amz_date, auth.scope, creq)
     public_key = public_key_for(identity.access_key_id, identity.secret_access_key)
     if not signature_matches(public_key, auth.signature, sts):
