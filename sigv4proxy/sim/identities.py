@@ -8,7 +8,6 @@ tags). Must never: show a secret or a session token in a repr, an error or a log
 from __future__ import annotations
 
 import hmac
-import json
 import pathlib
 import re
 from dataclasses import dataclass, field
@@ -16,6 +15,8 @@ from typing import Any, Mapping
 
 _ASSUMED_ROLE = re.compile(r"^arn:(aws[\w-]*):sts::(\d{12}):assumed-role/([^/]+)/(.+)$")
 _ARN_ACCOUNT = re.compile(r"^arn:aws[\w-]*:(?:iam|sts)::(\d{12}):")
+
+from sigv4proxy.sim import read_json_file
 
 
 class IdentitiesError(ValueError):
@@ -119,11 +120,4 @@ class IdentityStore:
             return source
         if isinstance(source, Mapping):
             return cls.from_document(source)
-        path = pathlib.Path(source)
-        try:
-            doc = json.loads(path.read_text(encoding="utf-8"))
-        except OSError as exc:
-            raise IdentitiesError(f"cannot read identities file {path}: {exc.strerror}") from None
-        except json.JSONDecodeError as exc:
-            raise IdentitiesError(f"identities file {path} is not valid JSON (line {exc.lineno})") from None
-        return cls.from_document(doc)
+        return cls.from_document(read_json_file(source, "identities", IdentitiesError))

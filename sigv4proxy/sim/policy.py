@@ -8,11 +8,11 @@ Must never: let a malformed policy through silently (it raises PolicyError when 
 
 from __future__ import annotations
 
-import json
 import pathlib
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
+from sigv4proxy.sim import read_json_file
 from sigv4proxy.sim.conditions import ConditionClause, Context, PolicyError, glob_match, parse_condition_block
 from sigv4proxy.sim.identities import Identity
 
@@ -167,14 +167,7 @@ class Policy:
             return source
         if isinstance(source, Mapping):
             return cls.from_document(source)
-        path = pathlib.Path(source)
-        try:
-            doc = json.loads(path.read_text(encoding="utf-8"))
-        except OSError as exc:
-            raise PolicyError(f"cannot read policy file {path}: {exc.strerror}") from None
-        except json.JSONDecodeError as exc:
-            raise PolicyError(f"policy file {path} is not valid JSON (line {exc.lineno})") from None
-        return cls.from_document(doc)
+        return cls.from_document(read_json_file(source, "policy", PolicyError))
 
 
 @dataclass(frozen=True)
