@@ -199,6 +199,28 @@ def parse_authorization(value: str) -> AuthorizationHeader:
                                params["Signature"])
 
 
+def check_date_and_host(req: RequestView, auth) -> str:
+    """X-Amz-Date present and well formed, and `host` signed (SigV4 and SigV4A). Returns the date."""
+    amz_date = header_value(req.headers, "x-amz-date")
+    if amz_date is None:
+        raise incomplete("Authorization header requires existence of either a 'X-Amz-Date' or a 'Date' header.")
+    if not _AMZ_DATE.match(amz_date):
+        raise incomplete("X-Amz-Date must be in the ISO8601 basic format yyyyMMdd'T'HHmmss'Z'.")
+    if "host" not in auth.signed_headers:
+        raise incomplete("'Host' or ':authority' must be a 'SignedHeader' in the AWS Authorization.")
+    return amz_date
+
+
+def check_scope(auth, amz_date: str, ctx: VerifyContext) -> None:
+    """The credential scope's terminator, date and service (SigV4 and SigV4A)."""
+    if auth.terminator != "aws4_request":
+        raise invalid("Credential should be scoped with a valid terminator: 'aws4_request'.")
+    if auth.date != amz_date[:8]:
+        raise invalid(f"Date in Credential scope does not match YYYYMMDD from ISO-8601 version of date from HTTP: '{auth.date}' != '{amz_date[:8]}'.")
+    if auth.service != ctx.service:
+        raise invalid(f"Credential should be scoped to correct service: '{ctx.service}'.")
+
+
 def check_time_payload_and_key(req: RequestView, ctx: VerifyContext, amz_date: str, access_key_id: str):
     """The checks SigV4 and SigV4A share after the scope: clock skew, UNSIGNED-PAYLOAD, a known key
     and its session token. Returns the identity."""
@@ -240,19 +262,8 @@ class VerifyContext:
 
 def verify_sigv4(req: RequestView, auth_value: str, ctx: VerifyContext) -> Verified:
     auth = parse_authorization(auth_value)
-    amz_date = header_value(req.headers, "x-amz-date")
-    if amz_date is None:
-        raise incomplete("Authorization header requires existence of either a 'X-Amz-Date' or a 'Date' header.")
-    if not _AMZ_DATE.match(amz_date):
-        raise incomplete("X-Amz-Date must be in the ISO8601 basic format yyyyMMdd'T'HHmmss'Z'.")
-    if "host" not in auth.signed_headers:
-        raise incomplete("'Host' or ':authority' must be a 'SignedHeader' in the AWS Authorization.")
-    if auth.terminator != "aws4_request":
-        raise invalid("Credential should be scoped with a valid terminator: 'aws4_request'.")
-    if auth.date != amz_date[:8]:
-        raise invalid(f"Date in Credential scope does not match YYYYMMDD from ISO-8601 version of date from HTTP: '{auth.date}' != '{amz_date[:8]}'.")
-    if auth.service != ctx.service:
-        raise invalid(f"Credential should be scoped to correct service: '{ctx.service}'.")
+    amz_date = check_date_and_host(req, auth)
+    check_scope(auth, amz_date, ctx)
     if auth.region != ctx.region:
         raise invalid(f"Credential should be scoped to a valid region, not '{auth.region}'.")
     identity = check_time_payload_and_key(req, ctx, amz_date, auth.access_key_id)

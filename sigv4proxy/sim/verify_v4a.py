@@ -32,6 +32,8 @@ from sigv4proxy.sim.verify import (
     Verified,
     VerifyContext,
     canonical_request,
+    check_date_and_host,
+    check_scope,
     check_time_payload_and_key,
     header_value,
     incomplete,
@@ -167,21 +169,10 @@ def parse_authorization_v4a(value: str) -> V4AAuthorization:
 def verify_sigv4a(req: RequestView, auth_value: str, ctx: VerifyContext) -> Verified:
     """Verify a SigV4A-signed request; raises AuthFailure with the Lattice exception name."""
     auth = parse_authorization_v4a(auth_value)
-    amz_date = header_value(req.headers, "x-amz-date")
-    if amz_date is None:
-        raise incomplete("Authorization header requires existence of either a 'X-Amz-Date' or a 'Date' header.")
-    if not _AMZ_DATE.match(amz_date):
-        raise incomplete("X-Amz-Date must be in the ISO8601 basic format yyyyMMdd'T'HHmmss'Z'.")
-    if "host" not in auth.signed_headers:
-        raise incomplete("'Host' or ':authority' must be a 'SignedHeader' in the AWS Authorization.")
+    amz_date = check_date_and_host(req, auth)
     if REGION_SET_HEADER not in auth.signed_headers:
         raise incomplete("'X-Amz-Region-Set' must be a 'SignedHeader' for AWS4-ECDSA-P256-SHA256.")
-    if auth.terminator != "aws4_request":
-        raise invalid("Credential should be scoped with a valid terminator: 'aws4_request'.")
-    if auth.date != amz_date[:8]:
-        raise invalid(f"Date in Credential scope does not match YYYYMMDD from ISO-8601 version of date from HTTP: '{auth.date}' != '{amz_date[:8]}'.")
-    if auth.service != ctx.service:
-        raise invalid(f"Credential should be scoped to correct service: '{ctx.service}'.")
+    check_scope(auth, amz_date, ctx)
     region_set = header_value(req.headers, REGION_SET_HEADER)
     if region_set is None:
         raise incomplete("'x-amz-region-set' is named as a SignedHeader, but it does not exist in the HTTP request.")
