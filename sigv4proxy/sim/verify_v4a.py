@@ -46,7 +46,6 @@ P256_ORDER = int("FFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC6325
 # DER ECDSA-P256 signatures are 8..72 bytes; anything else cannot be one.
 _SIGNATURE_HEX = re.compile(r"^(?:[0-9a-f]{2}){8,72}$")
 _REGION_PATTERN = re.compile(r"^[a-z0-9*-]+$")
-_AMZ_DATE = re.compile(r"^\d{8}T\d{6}Z$")
 _ECDSA_SHA256 = ec.ECDSA(hashes.SHA256())
 
 
