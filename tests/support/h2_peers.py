@@ -26,6 +26,8 @@ import h2.exceptions
 import h2.settings
 from hyperframe.frame import GoAwayFrame
 
+from support.loopback_server import LoopbackTestServer
+
 _BLOCK = random.Random(1234).randbytes(64 * 1024)
 
 
@@ -281,41 +283,18 @@ class _H2ServerConnection:
             await self.writer.drain()
 
 
-class H2TestServer:
+class H2TestServer(LoopbackTestServer):
     """`async with H2TestServer(H2Script(...)) as server:` then connect to `server.port`."""
 
     def __init__(self, script: H2Script | None = None, ssl_context: ssl.SSLContext | None = None,
                  host: str = "127.0.0.1") -> None:
+        super().__init__(ssl_context, host)
         self.script = script or H2Script()
-        self.ssl_context = ssl_context
-        self.host = host
         self.stats = H2Stats()
         self.refuse_remaining = self.script.refuse_first
-        self.port = 0
-        self._server: asyncio.Server | None = None
         self._connections: set[_H2ServerConnection] = set()
-        self._writers: set[asyncio.StreamWriter] = set()
-        self._handlers: set[asyncio.Task] = set()
-        self._closing = asyncio.Event()
         # For TLS servers that also speak HTTP/1.1: called when ALPN is not h2.
         self.http1_handler = None
-
-    async def __aenter__(self) -> H2TestServer:
-        self._server = await asyncio.start_server(self._accept, self.host, 0, ssl=self.ssl_context)
-        self.port = self._server.sockets[0].getsockname()[1]
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        assert self._server is not None
-        self._server.close()
-        for writer in list(self._writers):
-            writer.transport.abort()
-        self._closing.set()
-        if self._handlers:  # aborted sockets end the handlers; cancel only a straggler
-            await asyncio.wait(self._handlers, timeout=5)
-        for task in list(self._handlers):
-            task.cancel()
-        await asyncio.wait_for(self._server.wait_closed(), 5)
 
     def release_request_window(self) -> None:
         self.script.hold_request_window = False

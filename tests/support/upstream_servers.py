@@ -23,6 +23,7 @@ import h11
 import trustme
 
 from support.h2_peers import echo_document, pattern_bytes
+from support.loopback_server import LoopbackTestServer
 
 
 @dataclass
@@ -32,35 +33,12 @@ class H1Stats:
     response_bytes_written: int = 0  # counted after drain(): really handed to the kernel
 
 
-class H1TestServer:
+class H1TestServer(LoopbackTestServer):
     """`async with H1TestServer() as server:` (pass `ssl_context` for https)."""
 
     def __init__(self, ssl_context: ssl.SSLContext | None = None, host: str = "127.0.0.1") -> None:
-        self.ssl_context = ssl_context
-        self.host = host
+        super().__init__(ssl_context, host)
         self.stats = H1Stats()
-        self.port = 0
-        self._server: asyncio.Server | None = None
-        self._handlers: set[asyncio.Task] = set()
-        self._closing = asyncio.Event()
-        self._writers: set[asyncio.StreamWriter] = set()
-
-    async def __aenter__(self) -> H1TestServer:
-        self._server = await asyncio.start_server(self._accept, self.host, 0, ssl=self.ssl_context)
-        self.port = self._server.sockets[0].getsockname()[1]
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        assert self._server is not None
-        self._server.close()
-        for writer in list(self._writers):
-            writer.transport.abort()
-        self._closing.set()
-        if self._handlers:  # aborted sockets end the handlers; cancel only a straggler
-            await asyncio.wait(self._handlers, timeout=5)
-        for task in list(self._handlers):
-            task.cancel()
-        await asyncio.wait_for(self._server.wait_closed(), 5)
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
