@@ -133,6 +133,7 @@ class ProxyApp:
             transparent=config.transparent, strip_headers=config.strip_header,
             add_headers=[tuple(h.split("=", 1)) for h in config.add_header],
             duplicate_headers=config.duplicate_header, access_log=config.access_log,
+            body_timeout=config.read_timeout,
         )
         # HTTP/2 (h2c prior knowledge, gRPC) on the same port: same prepare/sign, same pool.
         # Built at the first h2c connection: the h2 library costs ~4 MB RSS an HTTP/1.1-only

@@ -36,6 +36,12 @@ class PayloadTooLarge(ProxyError):
     status, kind = 413, "payload_too_large"
 
 
+class RequestTimeout(ProxyError):
+    """The client stopped sending its request body part-way."""
+
+    status, kind = 408, "request_timeout"
+
+
 class HeadersTooLarge(ProxyError):
     status, kind = 431, "headers_too_large"
 

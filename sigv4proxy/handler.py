@@ -8,6 +8,7 @@ whole, or log per request above debug.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 import weakref
@@ -27,6 +28,7 @@ from sigv4proxy.errors import (
     Overloaded,
     PayloadTooLarge,
     ProxyError,
+    RequestTimeout,
 )
 from sigv4proxy.metrics import Metrics
 from sigv4proxy.routing import Router, Target
@@ -53,6 +55,10 @@ ERROR_HEADER = "x-sigv4proxy-error"
 MAX_HEADER_FIELD = 16384
 MAX_REQUEST_LINE = 16384 + 1024
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+# A declared body up to this size is read whole (bounded memory: at most this per request) and
+# handed on as bytes: the upstream then sends head and body in one write, with no send task, and
+# can replay it on a refused stream. Larger or chunked bodies stream.
+SMALL_BODY = 64 * 1024
 
 
 def _split_target(raw: str) -> tuple[str | None, str]:
@@ -122,6 +128,7 @@ class ProxyHandler:
         add_headers: Iterable[tuple[str, str]] = (),
         duplicate_headers: Iterable[str] = (),
         access_log: bool = False,
+        body_timeout: float = 60.0,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._router = router
@@ -131,6 +138,7 @@ class ProxyHandler:
         self._max_body = max_body_size
         self._max_inflight = max_inflight
         self._transparent = transparent
+        self._body_timeout = body_timeout  # max wait for the rest of a small body (408 after)
         self._clock = clock
         # Header rules precomputed once (drop-in options of the Go sidecar).
         self._drop = DROP_REQUEST | {h.lower() for h in strip_headers}
@@ -235,7 +243,13 @@ class ProxyHandler:
 
         if prepared.expect_continue and has_body:
             request.writer.transport.write(_CONTINUE)
-        body = self._body(request) if has_body else None
+        body: bytes | AsyncIterator[bytes] | None = None
+        if has_body:
+            length = request.content_length
+            if length is not None and length <= SMALL_BODY and not prepared.expect_continue:
+                body = await self._small_body(request, length)
+            else:
+                body = self._body(request)
         upstream = await self._pool.request(
             route.origin, method.encode("ascii"), target.encode("latin-1"), route.authority_bytes,
             prepared.headers, body,
@@ -297,6 +311,20 @@ class ProxyHandler:
             user_agent=headers.get("User-Agent"), status=status, duration=elapsed, to_target=to_target,
             route=route, upstream_protocol=upstream_protocol, bytes_sent=sent, failure=failure,
         )
+
+    async def _small_body(self, request: web.BaseRequest, length: int) -> bytes:
+        """A declared body of at most SMALL_BODY bytes, whole; usually already buffered."""
+        content = request.content
+        data = content.read_nowait(length)
+        if len(data) < length:
+            try:
+                async with asyncio.timeout(self._body_timeout):
+                    data += await content.readexactly(length - len(data))
+            except TimeoutError:
+                raise RequestTimeout("request body not received in time") from None
+            except asyncio.IncompleteReadError:
+                raise BadRequest("request body shorter than its Content-Length") from None
+        return data
 
     async def _body(self, request: web.BaseRequest) -> AsyncIterator[bytes]:
         limit = self._max_body
