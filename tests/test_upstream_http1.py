@@ -245,16 +245,30 @@ async def test_malformed_chunked_bodies_raise(pool, chunked):
             await response.read()
 
 
-@pytest.mark.parametrize("target,headers", [
-    (b"/a\r\nX-Injected: 1", []),
-    (b"/a b", []),
-    (b"/", [(b"x-a", b"v\r\nX-Injected: 1")]),
-    (b"/", [(b"x-a\n", b"v")]),
-])
-async def test_request_smuggling_bytes_are_refused_before_sending(pool, target, headers):
+_SMUGGLING = [  # (method, target, authority, headers)
+    (b"GET", b"/a\r\nX-Injected: 1", b"h", []),
+    (b"GET", b"/a b", b"h", []),
+    (b"GET", b"/a\x00", b"h", []),
+    (b"GET", b"", b"h", []),
+    (b"GET", b"/", b"h", [(b"x-a", b"v\r\nX-Injected: 1")]),
+    (b"GET", b"/", b"h", [(b"x-a", b"v\rX-Injected: 1")]),
+    (b"GET", b"/", b"h", [(b"x-a", b"v\nX-Injected: 1")]),
+    (b"GET", b"/", b"h", [(b"x-a", b"v\x00")]),
+    (b"GET", b"/", b"h", [(b"x-a\n", b"v")]),
+    (b"GET", b"/", b"h", [(b"x-ok", b"1"), (b"x-a:b", b"v")]),
+    (b"GET", b"/", b"h", [(b"", b"v")]),
+    (b"GET", b"/", b"h\r\nX-Injected: 1", [(b"x-ok", b"1")]),
+    (b"GET", b"/", b"h h", []),
+    (b"GET /x", b"/", b"h", []),
+    (b"", b"/", b"h", []),
+]
+
+
+@pytest.mark.parametrize("method,target,authority,headers", _SMUGGLING)
+async def test_request_smuggling_bytes_are_refused_before_sending(pool, method, target, authority, headers):
     async with H1TestServer() as server:
         with pytest.raises(BadRequest) as caught:
-            await pool().request(http(server.port), b"GET", target, b"h", headers)
+            await pool().request(http(server.port), method, target, authority, headers)
         assert caught.value.status == 400
         assert b"Injected" not in caught.value.reason.encode()  # no header value in the message
     assert server.stats.requests == []

@@ -27,7 +27,7 @@ from sigv4proxy.upstream.base import (
     Origin,
     Response,
     Timeouts,
-    check_request_fields,
+    expire_waiter,
 )
 from sigv4proxy.upstream.connection_core import ConnectionCore
 from sigv4proxy.upstream.http1_parse import Fields, ResponseParser
@@ -35,6 +35,26 @@ from sigv4proxy.upstream.http1_parse import Fields, ResponseParser
 READ_HIGH_WATER = 256 * 1024  # buffered body bytes before we stop reading the socket
 READ_LOW_WATER = 64 * 1024
 _JOIN_BODY_LIMIT = 64 * 1024  # a bytes body this small goes out in the same write as the head
+
+_BAD_LINE = "request line contains CR, LF, NUL or a space"
+_BAD_FIELD = "request line or header contains CR, LF or NUL, or a bad name"
+# Header names already checked, with what framing they declare; bounded (names come from clients).
+_PLAIN, _CONTENT_LENGTH, _TRANSFER_ENCODING = 0, 1, 2
+_FIELD_KINDS: dict[bytes, int] = {}
+_FIELD_KINDS_LIMIT = 4096
+
+
+def _field_kind(name: bytes) -> int:
+    """Checks a header name seen for the first time; remembers it while the cache has room."""
+    if not name or b":" in name or b"\r" in name or b"\n" in name or b"\x00" in name \
+            or b" " in name or b"\t" in name:
+        raise BadRequest(_BAD_FIELD)
+    lowered = name.lower()
+    kind = (_CONTENT_LENGTH if lowered == b"content-length"
+            else _TRANSFER_ENCODING if lowered == b"transfer-encoding" else _PLAIN)
+    if len(_FIELD_KINDS) < _FIELD_KINDS_LIMIT:
+        _FIELD_KINDS[bytes(name)] = kind
+    return kind
 
 
 class _Exchange:
@@ -56,22 +76,24 @@ class _Exchange:
         self.request_sent = False
         self.sent_at = 0.0
         self.send_task: asyncio.Task[None] | None = None
-        self.waiter: asyncio.Future[None] | None = None
+        self.waiter: asyncio.Future[bool] | None = None
 
     def wake(self) -> None:
         if self.waiter is not None and not self.waiter.done():
-            self.waiter.set_result(None)
+            self.waiter.set_result(True)
 
     async def wait(self, timeout: float | None) -> bool:
-        waiter = self.waiter = asyncio.get_running_loop().create_future()
+        """False when `timeout` passed first. A plain timer resolves the future: cheaper than
+        asyncio.timeout's cancel-and-uncancel of the task on this once-per-request path."""
+        loop = self.conn._loop
+        waiter = self.waiter = loop.create_future()
+        timer = None if timeout is None else loop.call_later(timeout, expire_waiter, waiter)
         try:
-            async with asyncio.timeout(timeout):
-                await waiter
-            return True
-        except TimeoutError:
-            return False
+            return await waiter
         finally:
             self.waiter = None
+            if timer is not None:
+                timer.cancel()
 
     def fail(self, err: ProxyError) -> None:
         if self.error is None and not self.ended:
@@ -132,23 +154,36 @@ class HTTP1Connection(ConnectionCore, asyncio.Protocol):
                              headers: Headers, body: Body) -> Response:
         if not self.is_available():
             raise ConnectionNotAvailable("connection is busy or closed")
-        check_request_fields(method, target, authority, headers)
+        if not method or not target or b" " in method or b" " in target or b" " in authority:
+            raise BadRequest(_BAD_LINE)
         lines = [method, b" ", target, b" HTTP/1.1\r\nHost: ", authority, b"\r\n"]
         has_length = chunked = False
+        kinds = _FIELD_KINDS
         for name, value in headers:
-            lowered = name.lower()
-            if lowered == b"content-length":
-                has_length = True
-            elif lowered == b"transfer-encoding":
-                chunked = True  # the caller asked for chunked framing; we do the encoding
+            kind = kinds.get(name)
+            if kind is None:
+                kind = _field_kind(name)
+            if kind:
+                if kind == _CONTENT_LENGTH:
+                    has_length = True
+                else:
+                    chunked = True  # the caller asked for chunked framing; we do the encoding
             lines += (name, b": ", value, b"\r\n")
+        line_ends = len(headers) + 3  # request line, Host, the fields, the blank line
         is_bytes = isinstance(body, (bytes, bytearray, memoryview))
         if is_bytes and body and not has_length and not chunked:
             lines += (b"Content-Length: ", str(len(body)).encode(), b"\r\n")  # type: ignore[arg-type]
+            line_ends += 1
         elif body is not None and not is_bytes and not has_length and not chunked:
             lines.append(b"Transfer-Encoding: chunked\r\n")
+            line_ends += 1
             chunked = True
         lines.append(b"\r\n")
+        head = b"".join(lines)
+        # One scan of the joined head instead of three per field: every CR and LF in it must be
+        # one of the line ends we wrote (a value or target carrying its own would split a line).
+        if head.count(b"\n") != line_ends or head.count(b"\r") != line_ends or b"\x00" in head:
+            raise BadRequest(_BAD_FIELD)
         exchange = self._exchange = _Exchange(self, method == b"HEAD")
         self._cancel_idle_timer()
         self._parser.start(method == b"HEAD")
@@ -156,12 +191,13 @@ class HTTP1Connection(ConnectionCore, asyncio.Protocol):
         assert transport is not None
         if body is None or (is_bytes and len(body) <= _JOIN_BODY_LIMIT and not chunked):  # type: ignore[arg-type]
             if body:
-                lines.append(bytes(body))  # type: ignore[arg-type]
-            transport.write(b"".join(lines))
+                transport.writelines((head, body))  # type: ignore[arg-type]  # one send
+            else:
+                transport.write(head)
             exchange.request_sent = True
             exchange.sent_at = self._loop.time()
         else:
-            transport.write(b"".join(lines))
+            transport.write(head)
             exchange.send_task = self._loop.create_task(self._send_body(exchange, body, chunked))
         try:
             await self._await_head(exchange)

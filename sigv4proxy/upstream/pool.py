@@ -25,6 +25,7 @@ from sigv4proxy.upstream.base import (
     Response,
     Timeouts,
     choose_protocol,
+    expire_waiter,
     open_transport,
 )
 from sigv4proxy.upstream.http1 import HTTP1Connection
@@ -69,7 +70,7 @@ class _OriginPool:
     def __init__(self, origin: Origin) -> None:
         self.origin = origin
         self.connections: list[Connection] = []
-        self.waiters: deque[asyncio.Future[None]] = deque()
+        self.waiters: deque[asyncio.Future[bool]] = deque()
         self.connecting = 0
         # known up front for plain http; learned from ALPN for https "auto"
         self.protocol: str | None = None
@@ -190,22 +191,26 @@ class ConnectionPool:
                 pool.waiters.appendleft(waiter)  # keep our place at the head
             else:
                 pool.waiters.append(waiter)
+            # A plain timer resolves the future with False at the deadline: cheaper than
+            # asyncio.timeout_at on a path every queued request takes.
+            timer = loop.call_at(deadline, expire_waiter, waiter)
             try:
-                async with asyncio.timeout_at(deadline):
-                    await waiter
-            except BaseException as exc:
-                if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
+                woken = await waiter
+            except BaseException:
+                if waiter.done() and not waiter.cancelled() and waiter.exception() is None \
+                        and waiter.result():
                     self._wake_if_capacity(pool)  # pass on the wake-up we will not use
-                if isinstance(exc, TimeoutError):
-                    raise Overloaded("no upstream connection slot free in time") from None
                 raise
             finally:
-                if not waiter.done() or waiter.cancelled():
-                    try:
+                timer.cancel()
+                if not waiter.done() or waiter.cancelled() or \
+                        (waiter.exception() is None and not waiter.result()):
+                    try:  # still queued: not woken, not failed by _fail_waiters
                         pool.waiters.remove(waiter)
                     except ValueError:
                         pass
-            woken = True
+            if not woken:
+                raise Overloaded("no upstream connection slot free in time")
 
     async def _open(self, pool: _OriginPool) -> Connection:
         origin = pool.origin
@@ -267,7 +272,7 @@ class ConnectionPool:
         while pool.waiters:
             waiter = pool.waiters.popleft()
             if not waiter.done():
-                waiter.set_result(None)
+                waiter.set_result(True)
                 return
 
     @staticmethod
