@@ -52,12 +52,18 @@ def pool_from_config(config: ProxyConfig, origin_timeouts: Mapping[Origin, Timeo
     )
 
 
-def _bind(host: str, port: int, reuse_port: bool) -> socket.socket:
+def _bind(host: str, port: int, reuse_port: bool, recv_buffer: int | None = None) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     if reuse_port:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    if recv_buffer:
+        # Accepted sockets inherit it. The event loop reads up to 256 KiB at a time, and a read
+        # lands in memory before backpressure can pause the socket: with many uploads at once that
+        # overshoot, not the body buffers, sets peak RSS. The peer is local, so a small window
+        # costs no throughput.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, recv_buffer)
     sock.bind((host, port))
     sock.listen(1024)
     sock.setblocking(False)
@@ -187,7 +193,7 @@ class ProxyApp:
         self._web_server.head_timeout = self.config.header_timeout
         self._listener = InboundListener(self._web_server, self._new_h2_connection,
                                         head_timeout=self.config.header_timeout)
-        sock = _bind(host, port, self._reuse_port)
+        sock = _bind(host, port, self._reuse_port, self.config.recv_buffer)
         self._servers.append(await loop.create_server(self._listener, sock=sock, backlog=1024))
         self.port = sock.getsockname()[1]
         self._listening = True

@@ -204,7 +204,8 @@ def _non_negative(value: Any, key: str) -> float:
 
 def _optional(parse: Callable[[Any, str], Any]) -> Callable[[Any, str], Any]:
     def inner(value: Any, key: str) -> Any:
-        if value is None or (isinstance(value, str) and value.strip().lower() in ("", "none", "0")):
+        if value is None or (isinstance(value, int) and value == 0) or \
+                (isinstance(value, str) and value.strip().lower() in ("", "none", "0")):
             return None
         return parse(value, key)
 
@@ -265,6 +266,7 @@ class ProxyConfig:
     ping_interval: float = setting(30.0, _non_negative, "PING idle upstream HTTP/2 connections this often; no answer within --connect-timeout drops one (0: off)")
     header_timeout: float = setting(30.0, _positive(float), "close a new client connection without a complete request head after this (s)")
     max_connections: int = setting(8, _positive(int), "upstream connections per origin")
+    recv_buffer: int | None = setting(65536, _optional(_positive(int)), "inbound socket receive buffer (bytes): bounds what one read takes in, so memory per upload stays flat (0: kernel default)")
     max_body_size: int | None = setting(None, _optional(_positive(int)), "reject request bodies larger than this (bytes)")
     max_inflight: int | None = setting(None, _optional(_positive(int)), "answer 503 beyond this many in-flight requests per worker")
     workers: int = setting(1, _workers, "worker processes sharing the port (N or auto)")
