@@ -21,7 +21,7 @@ from sigv4proxy.errors import (
     UpstreamReset,
     UpstreamTimeout,
 )
-from sigv4proxy.upstream.base import Origin, Response, Timeouts
+from sigv4proxy.upstream.base import Origin, Response, Timeouts, expire_waiter
 from sigv4proxy.upstream.connection_core import ConnectionCore
 
 CANCEL = 0x8  # RFC 9113 error codes used here (h2's ErrorCodes are the same integers)
@@ -31,11 +31,6 @@ REFUSED_STREAM = 0x7
 def wake(waiter: asyncio.Future[bool] | None) -> None:
     if waiter is not None and not waiter.done():
         waiter.set_result(True)
-
-
-def expire(waiter: asyncio.Future[bool]) -> None:
-    if not waiter.done():
-        waiter.set_result(False)
 
 
 class H2StreamBase:
@@ -89,7 +84,7 @@ class H2StreamBase:
         """False on timeout. A plain timer handle: cheaper than asyncio.timeout per wait."""
         loop = self.conn._loop
         waiter = self.waiter = loop.create_future()
-        timer = None if timeout is None else loop.call_later(timeout, expire, waiter)
+        timer = None if timeout is None else loop.call_later(timeout, expire_waiter, waiter)
         try:
             return await waiter
         finally:

@@ -17,9 +17,9 @@ from typing import TYPE_CHECKING
 
 from sigv4proxy.errors import ProxyError, UpstreamTimeout
 from sigv4proxy.upstream import h2_wire as w
-from sigv4proxy.upstream.base import request_trailers
+from sigv4proxy.upstream.base import expire_waiter, request_trailers
 from sigv4proxy.upstream.connection_core import feed_body
-from sigv4proxy.upstream.h2_common import H2StreamBase, expire
+from sigv4proxy.upstream.h2_common import H2StreamBase
 
 if TYPE_CHECKING:
     from sigv4proxy.upstream.lean_h2 import LeanH2Connection
@@ -127,7 +127,7 @@ async def _send_chunk(conn: LeanH2Connection, stream: LeanStream,
 async def _wait_window(conn: LeanH2Connection, stream: LeanStream) -> bool:
     waiter = stream.window_waiter = conn._loop.create_future()
     conn._window_blocked.add(stream)
-    timer = conn._loop.call_later(conn.timeouts.read, expire, waiter)
+    timer = conn._loop.call_later(conn.timeouts.read, expire_waiter, waiter)
     try:
         return await waiter
     finally:
