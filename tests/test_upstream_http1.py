@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import itertools
 import json
 
 import pytest
@@ -272,3 +273,65 @@ async def test_request_smuggling_bytes_are_refused_before_sending(pool, method, 
         assert caught.value.status == 400
         assert b"Injected" not in caught.value.reason.encode()  # no header value in the message
     assert server.stats.requests == []
+
+
+class _TickServer:
+    """Answers every pending request at once, every few ms: connections free up together, the
+    moment a second wake-up can steal a slot promised to a first one. Records arrival order."""
+
+    def __init__(self) -> None:
+        self.arrived: list[int] = []
+        self._pending: list[asyncio.Future[None]] = []
+
+    async def __aenter__(self) -> "_TickServer":
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        self._ticker = asyncio.create_task(self._tick())
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        self._ticker.cancel()
+        self._server.close()
+        await self._server.wait_closed()
+
+    async def _tick(self) -> None:
+        while True:
+            await asyncio.sleep(0.002)
+            pending, self._pending = self._pending, []
+            for fut in pending:
+                fut.set_result(None)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                self.arrived.append(int(head.split(b" ", 2)[1].rsplit(b"/", 1)[1]))
+                fut = asyncio.get_running_loop().create_future()
+                self._pending.append(fut)
+                await fut
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        except (asyncio.IncompleteReadError, ConnectionError, asyncio.CancelledError):
+            writer.close()
+
+
+async def test_queued_requests_take_free_connections_in_arrival_order(pool):
+    # 48 callers share 4 connections. A request told a connection is free must get it: if a later
+    # wake-up or a newcomer can take it first, a few requests lose that race over and over (it
+    # showed as seconds of p99 under wrk while the median was 15 ms).
+    async with _TickServer() as server:
+        shared = pool(limits=PoolLimits(max_connections_per_origin=4))
+        issued = itertools.count()
+
+        async def caller() -> None:
+            for _ in range(10):
+                n = next(issued)  # taken in the same step that queues the request
+                response = await shared.request(http(server.port), b"GET", f"/n/{n}".encode(), b"h", [])
+                assert await response.read() == b"ok"
+
+        await asyncio.wait_for(asyncio.gather(*(caller() for _ in range(48))), 60)
+    arrived = server.arrived
+    assert sorted(arrived) == list(range(48 * 10))
+    # How many later requests reached the upstream before each one: at most the few that were
+    # in flight on the other connections, never a queue's worth.
+    overtaken = [sum(1 for m in arrived[:i] if m > n) for i, n in enumerate(arrived)]
+    assert max(overtaken) <= 8, max(overtaken)

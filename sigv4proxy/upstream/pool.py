@@ -65,13 +65,17 @@ class _TrackedBody:
 
 
 class _OriginPool:
-    __slots__ = ("origin", "connections", "waiters", "connecting", "protocol")
+    __slots__ = ("origin", "connections", "waiters", "connecting", "protocol", "woken")
 
     def __init__(self, origin: Origin) -> None:
         self.origin = origin
         self.connections: list[Connection] = []
         self.waiters: deque[asyncio.Future[bool]] = deque()
         self.connecting = 0
+        # Waiters told a slot is free that have not run yet: the slot is theirs. Without this
+        # count a second wake-up (or a newcomer) takes it, the first waiter goes back to the
+        # queue, and under load a few requests lose that race again and again (seconds of p99).
+        self.woken = 0
         # known up front for plain http; learned from ALPN for https "auto"
         self.protocol: str | None = None
         if origin.scheme == "http" or origin.protocol == "http1":
@@ -82,6 +86,16 @@ class _OriginPool:
             if conn.is_available():
                 return conn
         return None
+
+    def free_slots(self, limit: int) -> int:
+        """Connections that can take a request now, plus those we may still open (at least)."""
+        free = 0
+        for conn in self.connections:
+            if conn.is_available():
+                free += 1
+        if self.can_open(limit):
+            free += limit - len(self.connections) - self.connecting if self.protocol == "http1" else 1
+        return free
 
     def can_open(self, limit: int) -> bool:
         if len(self.connections) + self.connecting >= limit:
@@ -173,7 +187,7 @@ class ConnectionPool:
         deadline = loop.time() + self._timeouts.pool
         woken = False
         while True:
-            if woken or not pool.waiters:  # never jump the queue of earlier requests
+            if woken or not (pool.waiters or pool.woken):  # never jump the queue
                 conn = pool.pick()
                 if conn is not None:
                     if pool.waiters:  # after we claimed our slot, see whether more are free
@@ -199,6 +213,7 @@ class ConnectionPool:
             except BaseException:
                 if waiter.done() and not waiter.cancelled() and waiter.exception() is None \
                         and waiter.result():
+                    pool.woken -= 1
                     self._wake_if_capacity(pool)  # pass on the wake-up we will not use
                 raise
             finally:
@@ -211,6 +226,7 @@ class ConnectionPool:
                         pass
             if not woken:
                 raise Overloaded("no upstream connection slot free in time")
+            pool.woken -= 1
 
     async def _open(self, pool: _OriginPool) -> Connection:
         origin = pool.origin
@@ -265,15 +281,15 @@ class ConnectionPool:
         self._wake_if_capacity(pool)
 
     def _wake_if_capacity(self, pool: _OriginPool) -> None:
+        """Wakes queued requests in order, no more than there are free slots not yet promised."""
         if not pool.waiters:
             return
-        if pool.pick() is None and not pool.can_open(self._limits.max_connections_per_origin):
-            return
-        while pool.waiters:
+        free = pool.free_slots(self._limits.max_connections_per_origin)
+        while pool.waiters and pool.woken < free:
             waiter = pool.waiters.popleft()
             if not waiter.done():
                 waiter.set_result(True)
-                return
+                pool.woken += 1
 
     @staticmethod
     def _fail_waiters(pool: _OriginPool, err: ProxyError) -> None:
