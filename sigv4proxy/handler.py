@@ -55,6 +55,10 @@ ERROR_HEADER = "x-sigv4proxy-error"
 MAX_HEADER_FIELD = 16384
 MAX_REQUEST_LINE = 16384 + 1024
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+# Response header names are decoded and classified once per distinct name (bounded: names come
+# from upstreams). Sentinels never equal a real name: both hold a NUL.
+_DROPPED, _CONTENT_LENGTH = "\x00drop", "\x00length"
+_NAME_CACHE_LIMIT = 1024
 # A declared body up to this size is read whole (bounded memory: at most this per request) and
 # handed on as bytes: the upstream then sends head and body in one write, with no send task, and
 # can replay it on a refused stream. Larger or chunked bodies stream.
@@ -141,6 +145,7 @@ class ProxyHandler:
         self._body_timeout = body_timeout  # max wait for the rest of a small body (408 after)
         self._clock = clock
         # Header rules precomputed once (drop-in options of the Go sidecar).
+        self._response_names: dict[bytes, str] = {}
         self._drop = DROP_REQUEST | {h.lower() for h in strip_headers}
         self._add = [(n.strip().lower(), v.strip()) for n, v in add_headers]
         self._duplicate = {h.lower(): "x-original-" + h.lower() for h in duplicate_headers}
@@ -258,12 +263,15 @@ class ProxyHandler:
         response = _ProxiedResponse(status=upstream.status)
         out = CIMultiDict()
         length = None
+        names = self._response_names
         for name_b, value_b in upstream.headers:
-            name = name_b.decode("latin-1")
-            lname = name.lower()
-            if lname in DROP_RESPONSE:
-                if lname == "content-length":
-                    length = int(value_b)
+            name = names.get(name_b)
+            if name is None:
+                name = self._response_name(name_b)
+            if name is _DROPPED:
+                continue
+            if name is _CONTENT_LENGTH:
+                length = int(value_b)
                 continue
             out.add(name, value_b.decode("latin-1"))
         response._headers = out  # keep exact names, order and repeats from upstream
@@ -299,6 +307,18 @@ class ProxyHandler:
             self._log_access(request, started, upstream.status, route_name, first_byte - prepared.sign_done,
                              upstream.http_version, sent, None if complete else "response_aborted")
         return response, route_name
+
+    def _response_name(self, name_b: bytes) -> str:
+        """A response header name as forwarded, or _DROPPED / _CONTENT_LENGTH; remembered (bounded)."""
+        name = name_b.decode("latin-1")
+        lname = name.lower()
+        if lname == "content-length":
+            name = _CONTENT_LENGTH
+        elif lname in DROP_RESPONSE:
+            name = _DROPPED
+        if len(self._response_names) < _NAME_CACHE_LIMIT:
+            self._response_names[bytes(name_b)] = name
+        return name
 
     def _log_access(self, request: web.BaseRequest, started: float, status: int, route: str,
                     to_target: float | None, upstream_protocol: str | None, sent: int | None,
