@@ -1,4 +1,4 @@
-"""Lean HTTP/2 client connection for the hot path: own frames and HPACK bytes, `hpack` to decode.
+"""Lean HTTP/2 client connection for the hot path: own frames, HPACK encoding and decoding.
 
 Owns: one HTTP/2 connection's state without the `h2` library (stream table, both directions of
 flow control, the peer's settings, GOAWAY/RST_STREAM handling), parsing frames from a single
@@ -13,8 +13,6 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 
-import hpack
-
 from sigv4proxy.errors import BadRequest, HeadersTooLarge, ProxyError, UpstreamProtocolError
 from sigv4proxy.upstream import h2_wire as w
 from sigv4proxy.upstream.base import (
@@ -26,6 +24,7 @@ from sigv4proxy.upstream.base import (
     Timeouts,
 )
 from sigv4proxy.upstream.h2_common import H2ConnectionBase
+from sigv4proxy.upstream.hpack_decode import HeaderBlockDecoder
 from sigv4proxy.upstream.lean_h2_recv import FRAME_HANDLERS, FrameReceiver, ProtocolViolation
 from sigv4proxy.upstream.lean_h2_stream import STREAM_WINDOW, LeanStream, send_body
 
@@ -53,8 +52,7 @@ class LeanH2Connection(FrameReceiver, H2ConnectionBase, asyncio.Protocol):
     def __init__(self, origin: Origin, timeouts: Timeouts, on_change: Callable[[], None]) -> None:
         super().__init__(origin, timeouts, on_change)
         self._encoder = w.RequestHeaderEncoder(origin.scheme)
-        self._decoder = hpack.Decoder()  # tracks the peer's dynamic table
-        self._decoder.max_header_list_size = MAX_HEADER_LIST_SIZE
+        self._decoder = HeaderBlockDecoder(MAX_HEADER_LIST_SIZE)  # tracks the peer's dynamic table
         self._next_stream_id = 1
         # the peer's settings
         self._peer_max_streams = _UNLIMITED

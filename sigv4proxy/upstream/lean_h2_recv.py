@@ -2,10 +2,11 @@
 
 Owns: the per-frame-type rules of RFC 9113 for a client (DATA, HEADERS/CONTINUATION, RST_STREAM,
 SETTINGS, PING, GOAWAY, WINDOW_UPDATE, PRIORITY, PUSH_PROMISE), receive-side flow-control
-accounting, response header decoding through `hpack` (which tracks the peer's dynamic table), and
-the choice between a stream error (RST_STREAM) and a connection error (GOAWAY). A mixin of
-`lean_h2.LeanH2Connection`, which owns the state these handlers update. Must never: write to the
-socket directly (frames go to `_out`, flushed once per read), block, or quote a header value.
+accounting, response header decoding through `hpack_decode.HeaderBlockDecoder` (which tracks the
+peer's dynamic table), and the choice between a stream error (RST_STREAM) and a connection error
+(GOAWAY). A mixin of `lean_h2.LeanH2Connection`, which owns the state these handlers update. Must
+never: write to the socket directly (frames go to `_out`, flushed once per read), block, or quote
+a header value.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import TYPE_CHECKING
 from sigv4proxy.errors import ProxyError, UpstreamProtocolError
 from sigv4proxy.upstream import h2_wire as w
 from sigv4proxy.upstream.h2_common import wake
+from sigv4proxy.upstream.hpack_decode import HeaderBlockDecoder, HpackDecodeError
 
 if TYPE_CHECKING:
     from sigv4proxy.upstream.lean_h2_stream import LeanStream as _Stream
@@ -43,7 +45,7 @@ class FrameReceiver:
         _send_window: int
         _window_blocked: set[_Stream]
         _out: list[bytes]
-        _decoder: object
+        _decoder: HeaderBlockDecoder
         _encoder: w.RequestHeaderEncoder
         _header_stream: int
         _header_parts: list[bytes]
@@ -183,8 +185,8 @@ class FrameReceiver:
         if not stream_id & 1 or stream_id >= self._next_stream_id:
             self._check_closed_stream(stream_id)  # a push or an idle stream: connection error
         try:  # always decode, even for a closed stream: the peer's table must stay in step
-            fields = self._decoder.decode(block, raw=True)  # type: ignore[attr-defined]
-        except Exception:  # hpack errors, and anything a malformed block provokes in it
+            fields = self._decoder.decode(block)
+        except HpackDecodeError:
             raise ProtocolViolation(w.COMPRESSION_ERROR,
                                     "upstream sent an undecodable header block") from None
         stream = self._streams.get(stream_id)

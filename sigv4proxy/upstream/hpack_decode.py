@@ -1,0 +1,211 @@
+"""HPACK decoding (RFC 7541) of the response header blocks the lean HTTP/2 client receives.
+
+Owns: one connection's copy of the peer's dynamic table (insertion, eviction by entry size, size
+updates up to the limit we allow), decoding a complete header block into raw (name, value) bytes
+pairs in order, the decoded header list size limit, and a bounded process-wide cache of decoded
+Huffman strings (response values such as server, content-type or a second's date repeat). Literals
+the peer marked never-indexed come back as `hpack.NeverIndexedHeaderTuple`, as `hpack` returns them.
+The `hpack` library stays the test oracle and supplies the static table and the Huffman state
+machine; `hpack.Encoder` is not used. Must never: accept a block `hpack.Decoder` rejects, return
+fields after an error, keep decoding once an error has put the table out of step with the peer's,
+grow a table or cache without bound, or put a header name or value in an error message.
+"""
+
+from __future__ import annotations
+
+from hpack.exceptions import HPACKDecodingError
+from hpack.huffman_table import decode_huffman
+from hpack.struct import NeverIndexedHeaderTuple
+from hpack.table import HeaderTable
+
+DEFAULT_TABLE_SIZE = 4096  # SETTINGS_HEADER_TABLE_SIZE: we never advertise another value
+DEFAULT_MAX_HEADER_LIST_SIZE = 64 << 10
+ENTRY_OVERHEAD = 32  # RFC 7541 §4.1
+MAX_CONTINUATION = 5  # integer continuation octets, as hpack: more is a decoding error
+HUFFMAN_CACHE_ENTRIES = 1024
+HUFFMAN_CACHE_MAX_KEY = 64  # longer encoded strings are decoded every time, never cached
+
+_STATIC = ((b"", b""), *HeaderTable.STATIC_TABLE)  # index 0 is rejected before any lookup
+_STATIC_LAST = len(_STATIC) - 1  # 61
+
+_huffman_cache: dict[bytes, bytes] = {}
+
+
+class HpackDecodeError(ValueError):
+    """The header block cannot be decoded; the connection must end with COMPRESSION_ERROR."""
+
+
+def _huffman(encoded: bytes) -> bytes:
+    """Decodes a Huffman string (§5.2) the cache did not have, and caches short ones."""
+    try:
+        decoded = decode_huffman(encoded)
+    except HPACKDecodingError:  # an EOS symbol, or padding that is too long or not all ones
+        raise HpackDecodeError("invalid Huffman string") from None
+    if len(encoded) <= HUFFMAN_CACHE_MAX_KEY:
+        if len(_huffman_cache) >= HUFFMAN_CACHE_ENTRIES:
+            _huffman_cache.clear()
+        _huffman_cache[encoded] = decoded
+    return decoded
+
+
+def _integer(data: bytes, pos: int, value: int) -> tuple[int, int]:
+    """Continues an integer whose prefix was all ones (§5.1): (value, position after it)."""
+    shift = 0
+    for _ in range(MAX_CONTINUATION):
+        octet = data[pos]  # IndexError: truncated, reported by the caller
+        pos += 1
+        value += (octet & 0x7F) << shift
+        if octet < 0x80:
+            return value, pos
+        shift += 7
+    raise HpackDecodeError("integer encoding too long")
+
+
+class HeaderBlockDecoder:
+    """Decodes one connection's response header blocks in the order the peer sent them."""
+
+    __slots__ = ("max_header_list_size", "max_table_size", "_entries", "_size", "_maxsize",
+                 "_failed")
+
+    def __init__(self, max_header_list_size: int = DEFAULT_MAX_HEADER_LIST_SIZE,
+                 max_table_size: int = DEFAULT_TABLE_SIZE) -> None:
+        self.max_header_list_size = max_header_list_size  # sum of 32 + name + value per field
+        self.max_table_size = max_table_size  # what we advertised; size updates may not exceed it
+        self._entries: list[tuple[bytes, bytes]] = []  # the dynamic table, newest last
+        self._size = 0  # sum of the entries' sizes
+        self._maxsize = max_table_size  # the peer's current table size
+        self._failed = False
+
+    @property
+    def table_size(self) -> int:
+        """The dynamic table's current maximum size, as the peer last set it."""
+        return self._maxsize
+
+    def decode(self, block: bytes) -> list[tuple[bytes, bytes]]:
+        """The block's fields in order; raises HpackDecodeError (and fails for good) if invalid."""
+        if self._failed:
+            raise HpackDecodeError("decoder failed earlier")
+        if type(block) is not bytes:
+            block = bytes(block)
+        try:
+            return self._decode(block)
+        except HpackDecodeError:
+            self._failed = True
+            raise
+        except IndexError:  # read past the end of the block
+            self._failed = True
+            raise HpackDecodeError("truncated header block") from None
+
+    def _decode(self, data: bytes) -> list[tuple[bytes, bytes]]:
+        fields: list[tuple[bytes, bytes]] = []
+        append = fields.append
+        entries = self._entries
+        size = self._size
+        maxsize = self._maxsize
+        limit = self.max_header_list_size
+        static = _STATIC
+        last = _STATIC_LAST
+        overhead = ENTRY_OVERHEAD
+        cache_get = _huffman_cache.get
+        end = len(data)
+        listed = 0  # decoded header list size so far
+        pos = 0
+        while pos < end:
+            octet = data[pos]
+            pos += 1
+            if octet & 0x80:  # indexed field (§6.1)
+                index = octet & 0x7F
+                if index == 0x7F:
+                    index, pos = _integer(data, pos, index)
+                if index <= last:
+                    if not index:
+                        raise HpackDecodeError("index 0")
+                    field = static[index]
+                elif index - last <= len(entries):
+                    field = entries[last - index]
+                else:
+                    raise HpackDecodeError("index past the tables")
+                append(field)
+                listed += overhead + len(field[0]) + len(field[1])
+                if listed > limit:
+                    raise HpackDecodeError("header list too large")
+                continue
+            if octet & 0x40:  # literal with incremental indexing (§6.2.1)
+                index = octet & 0x3F
+                if index == 0x3F:
+                    index, pos = _integer(data, pos, index)
+            elif octet & 0x20:  # dynamic table size update (§6.3)
+                if fields:
+                    raise HpackDecodeError("table size update after a field")
+                maxsize = octet & 0x1F
+                if maxsize == 0x1F:
+                    maxsize, pos = _integer(data, pos, maxsize)
+                if maxsize > self.max_table_size:
+                    raise HpackDecodeError("table size update above the maximum")
+                while size > maxsize:
+                    old = entries.pop(0)
+                    size -= overhead + len(old[0]) + len(old[1])
+                continue
+            else:  # literal without indexing (§6.2.2) or never indexed (§6.2.3)
+                index = octet & 0x0F
+                if index == 0x0F:
+                    index, pos = _integer(data, pos, index)
+            # the name: indexed (never 0 here) or a string
+            if index:
+                if index <= last:
+                    name = static[index][0]
+                elif index - last <= len(entries):
+                    name = entries[last - index][0]
+                else:
+                    raise HpackDecodeError("index past the tables")
+            else:
+                first = data[pos]
+                length = first & 0x7F
+                pos += 1
+                if length == 0x7F:
+                    length, pos = _integer(data, pos, length)
+                stop = pos + length
+                if stop > end:
+                    raise HpackDecodeError("truncated header block")
+                name = data[pos:stop]
+                pos = stop
+                if first & 0x80:
+                    decoded = cache_get(name)
+                    name = _huffman(name) if decoded is None else decoded
+            # the value: always a string
+            first = data[pos]
+            length = first & 0x7F
+            pos += 1
+            if length == 0x7F:
+                length, pos = _integer(data, pos, length)
+            stop = pos + length
+            if stop > end:
+                raise HpackDecodeError("truncated header block")
+            value = data[pos:stop]
+            pos = stop
+            if first & 0x80:
+                decoded = cache_get(value)
+                value = _huffman(value) if decoded is None else decoded
+            entry = overhead + len(name) + len(value)
+            if octet & 0x40:
+                field = (name, value)
+                if entry > maxsize:  # §4.4: an entry larger than the table empties it
+                    entries.clear()
+                    size = 0
+                else:
+                    entries.append(field)
+                    size += entry
+                    while size > maxsize:
+                        old = entries.pop(0)
+                        size -= overhead + len(old[0]) + len(old[1])
+            elif octet & 0x10:
+                field = NeverIndexedHeaderTuple(name, value)
+            else:
+                field = (name, value)
+            append(field)
+            listed += entry
+            if listed > limit:
+                raise HpackDecodeError("header list too large")
+        self._size = size
+        self._maxsize = maxsize
+        return fields
