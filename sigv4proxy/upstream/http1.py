@@ -141,6 +141,9 @@ class HTTP1Connection(ConnectionCore, asyncio.Protocol):
     def is_available(self) -> bool:
         return not self._closed and self._exchange is None and self._transport is not None
 
+    def capacity(self) -> int:
+        return 1 if self.is_available() else 0
+
     def is_idle(self) -> bool:
         return self.is_available()
 

@@ -126,6 +126,12 @@ class H2Connection(H2ConnectionBase, asyncio.Protocol):
                 and len(self._streams) < self._h2.remote_settings.max_concurrent_streams
                 and self._h2.highest_outbound_stream_id < _MAX_STREAM_ID - 2)
 
+    def capacity(self) -> int:
+        if not self.is_available():
+            return 0
+        return max(1, min(self._h2.remote_settings.max_concurrent_streams - len(self._streams),
+                          (_MAX_STREAM_ID - 2 - self._h2.highest_outbound_stream_id) // 2))
+
     async def handle_request(self, method: bytes, target: bytes, authority: bytes,
                              headers: Headers, body: Body) -> Response:
         check_request_fields(method, target, authority, headers)

@@ -79,6 +79,13 @@ class LeanH2Connection(FrameReceiver, H2ConnectionBase, asyncio.Protocol):
                 and len(self._streams) < self._peer_max_streams
                 and self._next_stream_id <= w.MAX_STREAM_ID)
 
+    def capacity(self) -> int:
+        if not self.is_available():
+            return 0
+        # stream ids left (two per request) bound it too, near the end of the id space
+        return min(self._peer_max_streams - len(self._streams),
+                   (w.MAX_STREAM_ID - self._next_stream_id) // 2 + 1)
+
     async def handle_request(self, method: bytes, target: bytes, authority: bytes,
                              headers: Headers, body: Body) -> Response:
         if not self.is_available():

@@ -88,11 +88,10 @@ class _OriginPool:
         return None
 
     def free_slots(self, limit: int) -> int:
-        """Connections that can take a request now, plus those we may still open (at least)."""
+        """Requests the connections could take now, plus the connections we may still open."""
         free = 0
         for conn in self.connections:
-            if conn.is_available():
-                free += 1
+            free += conn.capacity()
         if self.can_open(limit):
             free += limit - len(self.connections) - self.connecting if self.protocol == "http1" else 1
         return free
