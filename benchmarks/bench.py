@@ -83,21 +83,27 @@ def build_targets(args: argparse.Namespace, upstream: Upstream, have_h2load: boo
     worker_counts = (1, 2)
     protocols = ("h1", "h2")
     combos = [(1, "h1"), (1, "h2"), (2, "h2")] if args.quick else [
-        (w, p) for w in worker_counts for p in protocols]
+        (w, p) for w in worker_counts for p in protocols] + [(2, "h2tls")]
     for workers, proto in combos:
-        url = upstream.h1_url if proto == "h1" else upstream.h2c_url
+        url = {"h1": upstream.h1_url, "h2": upstream.h2c_url, "h2tls": upstream.h2tls_url}[proto]
+        skip = "" if proxy else "`sigv4proxy serve` not available yet"
+        if proto == "h2tls" and not upstream.h2tls_port:
+            skip = "no TLS upstream (needs nginx and trustme)"
         argv = None if proxy is None else [
             *proxy, "serve", "--listen", "127.0.0.1:{port}", "--admin", "127.0.0.1:{admin_port}",
             "--upstream", url, "--upstream-protocol", "http1" if proto == "h1" else "h2",
             "--workers", str(workers), "--region", "us-west-2"]
+        if argv is not None and proto == "h2tls":
+            argv += ["--ca-bundle", upstream.ca_file]
         targets.append(Target(f"proxy-w{workers}-{proto}", "wrk", "direct-h1", argv=argv,
-                              skip_reason="" if proxy else "`sigv4proxy serve` not available yet",
-                              env=BENCH_ENV))
+                              skip_reason=skip, env=BENCH_ENV))
     names = args.peer_name or []
     for i, command in enumerate(args.peer or []):
         name = names[i] if i < len(names) else f"peer{i + 1}"
         targets.append(Target(f"peer:{name}", "wrk", "direct-h1", argv=["/bin/sh", "-c", command],
                               env=BENCH_ENV))
+    if args.only:
+        targets = [t for t in targets if t.name.startswith("direct-") or t.name in args.only]
     return targets
 
 
@@ -266,6 +272,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--duration", type=float, help="seconds per measured run")
     parser.add_argument("--warmup", type=float, help="seconds of warm-up before each run")
     parser.add_argument("--budget", type=float, help="stop starting runs after this many seconds")
+    parser.add_argument("--only", action="append",
+                        help="run only this target (repeatable, e.g. proxy-w2-h2tls); the direct "
+                             "baselines always run")
     parser.add_argument("--out", default=str(ROOT / "bench-results"))
     parser.add_argument("--no-install", action="store_true", help="never apt-get install tools")
     parser.add_argument("--fallback-upstream", action="store_true",

@@ -60,6 +60,8 @@ class Upstream:
     h1_port: int
     h2c_port: int
     process: ManagedProcess
+    h2tls_port: int = 0  # h2 over TLS (nginx only; 0: none)
+    ca_file: str = ""  # the CA that signed its certificate (for --ca-bundle)
 
     @property
     def h1_url(self) -> str:
@@ -69,10 +71,20 @@ class Upstream:
     def h2c_url(self) -> str:
         return f"http://127.0.0.1:{self.h2c_port}"
 
+    @property
+    def h2tls_url(self) -> str:
+        return f"https://127.0.0.1:{self.h2tls_port}"
 
-def render_nginx_conf(prefix: Path, h1_port: int, h2c_port: int, body: str, workers: int) -> str:
-    """The template with our prefix, ports and body; `user root` only when we are root."""
+
+def render_nginx_conf(prefix: Path, h1_port: int, h2c_port: int, body: str, workers: int,
+                      h2tls_port: int = 0, cert: Path | None = None, key: Path | None = None) -> str:
+    """The template with our prefix, ports and body; `user root` only when we are root; an h2
+    over TLS listener when given a port and a certificate."""
     user_line = "user root;" if os.geteuid() == 0 else ""
+    tls_listen = ""
+    if h2tls_port and cert and key:
+        tls_listen = (f"listen 127.0.0.1:{h2tls_port} ssl http2;\n"
+                      f"        ssl_certificate {cert};\n        ssl_certificate_key {key};")
     values = {
         "@USER_LINE@": user_line,
         "@NJS_MODULE@": str(NJS_MODULE),
@@ -82,6 +94,7 @@ def render_nginx_conf(prefix: Path, h1_port: int, h2c_port: int, body: str, work
         "@H1_PORT@": str(h1_port),
         "@H2C_PORT@": str(h2c_port),
         "@BODY@": body,
+        "@TLS_LISTEN@": tls_listen,
     }
     text = NGINX_TEMPLATE.read_text()
     for key, value in values.items():
@@ -107,8 +120,12 @@ def start_nginx(workdir: Path, body_bytes: int, workers: int) -> Upstream:
         (prefix / sub).mkdir(exist_ok=True)
     (prefix / "bench_reply.js").write_text(NJS_REPLY)
     h1_port, h2c_port = free_port(), free_port()
+    tls = _tls_material(prefix)
+    h2tls_port = free_port() if tls else 0
+    cert, key, ca = tls or (None, None, None)
     conf = prefix / "nginx.conf"
-    conf.write_text(render_nginx_conf(prefix, h1_port, h2c_port, "x" * body_bytes, workers))
+    conf.write_text(render_nginx_conf(prefix, h1_port, h2c_port, "x" * body_bytes, workers,
+                                      h2tls_port, cert, key))
     process = ManagedProcess("nginx", ["nginx", "-p", str(prefix), "-c", str(conf)],
                              workdir / "logs" / "nginx.log").start()
     try:
@@ -116,7 +133,22 @@ def start_nginx(workdir: Path, body_bytes: int, workers: int) -> Upstream:
     except BaseException:
         process.stop()
         raise
-    return Upstream("nginx", h1_port, h2c_port, process)
+    return Upstream("nginx", h1_port, h2c_port, process, h2tls_port, str(ca or ""))
+
+
+def _tls_material(prefix: Path) -> tuple[Path, Path, Path] | None:
+    """A throwaway CA and a certificate for 127.0.0.1 (trustme, a dev dependency), or None."""
+    try:
+        import trustme
+    except ImportError:
+        return None
+    ca = trustme.CA()
+    issued = ca.issue_cert("127.0.0.1")
+    cert, key, ca_file = prefix / "tls-cert.pem", prefix / "tls-key.pem", prefix / "tls-ca.pem"
+    issued.private_key_and_cert_chain_pem.write_to_path(str(cert))
+    issued.private_key_pem.write_to_path(str(key))
+    ca.cert_pem.write_to_path(str(ca_file))
+    return cert, key, ca_file
 
 
 def start_fallback(workdir: Path, body_bytes: int) -> Upstream:

@@ -344,7 +344,7 @@ def test_nginx_config_listens_on_loopback_only(tmp_path):
 
     text = render_nginx_conf(tmp_path, 41001, 41002, "x" * 64, 1)
     listens = [line.split()[1] for line in text.splitlines() if line.strip().startswith("listen")]
-    assert listens == ["127.0.0.1:41001;", "127.0.0.1:41002"]
+    assert listens == ["127.0.0.1:41001;", "127.0.0.1:41002"]  # no TLS listener unless asked
     assert f"pid {tmp_path}/nginx.pid;" in text and "js_content bench.reply;" in text
 
 
@@ -441,3 +441,35 @@ def test_peer_command_placeholders_leave_other_braces_alone():
     assert fill_placeholders(argv, 5000, 5001, upstream)[2] == (
         "proxy -p 5000 -a 5001 -u http://127.0.0.1:41001 -2 http://127.0.0.1:41002 "
         "--json '{\"a\": {}}'")
+
+
+def test_nginx_config_adds_an_h2_tls_listener_on_loopback_when_given_a_certificate(tmp_path):
+    from bench_upstream import render_nginx_conf
+
+    cert, key = tmp_path / "c.pem", tmp_path / "k.pem"
+    text = render_nginx_conf(tmp_path, 41001, 41002, "x" * 64, 1, 41003, cert, key)
+    listens = [line.split()[1:] for line in text.splitlines() if line.strip().startswith("listen")]
+    assert listens == [["127.0.0.1:41001;"], ["127.0.0.1:41002", "http2;"],
+                       ["127.0.0.1:41003", "ssl", "http2;"]]
+    assert f"ssl_certificate {cert};" in text and f"ssl_certificate_key {key};" in text
+
+
+def test_full_matrix_has_an_h2_tls_target_and_only_narrows_it(monkeypatch):
+    import bench
+    from bench_upstream import Upstream
+
+    def targets(upstream, *argv):
+        args = bench.parse_args(["--proxy-cmd", "/bin/true", *argv])
+        return {t.name: t for t in bench.build_targets(args, upstream, True)}
+
+    with_tls = Upstream("nginx", 1001, 1002, None, 1003, "/tmp/ca.pem")  # type: ignore[arg-type]
+    monkeypatch.setattr(bench, "find_proxy_command", lambda explicit: [explicit])  # none needed
+    full = targets(with_tls)
+    tls = full["proxy-w2-h2tls"]
+    assert not tls.skip_reason
+    assert "https://127.0.0.1:1003" in tls.argv and tls.argv[-2:] == ["--ca-bundle", "/tmp/ca.pem"]
+    without_tls = targets(Upstream("python-fallback", 1001, 1002, None))  # type: ignore[arg-type]
+    assert "no TLS upstream" in without_tls["proxy-w2-h2tls"].skip_reason
+    assert "proxy-w2-h2tls" not in targets(with_tls, "--quick")
+    only = targets(with_tls, "--only", "proxy-w2-h2tls")
+    assert sorted(only) == ["direct-h1", "direct-h2c", "proxy-w2-h2tls"]
