@@ -222,6 +222,12 @@ class LeanH2Connection(FrameReceiver, H2ConnectionBase, asyncio.Protocol):
         if transport is not None and not transport.is_closing():
             transport.write(data)
 
+    def _writelines(self, parts: list) -> None:
+        """Frame headers and payload views in one vectored write: no join copy of the payload."""
+        transport = self._transport
+        if transport is not None and not transport.is_closing():
+            transport.writelines(parts)
+
     def _flush(self) -> None:
         out = self._out
         if out:

@@ -121,7 +121,7 @@ async def _send_chunk(conn: LeanH2Connection, stream: LeanStream,
         stream.send_window -= step
         conn._send_window -= step
         offset += step
-        conn._write(b"".join(parts))
+        conn._writelines(parts)
 
 
 async def _wait_window(conn: LeanH2Connection, stream: LeanStream) -> bool:
