@@ -10,6 +10,7 @@ import json
 import os
 
 import pytest
+from hpack import NeverIndexedHeaderTuple
 
 from grpc_support.h2client import H2TestClient
 from sigv4proxy.app import ProxyApp
@@ -132,6 +133,22 @@ async def test_response_trailers_pass_through():
         record = await client.wait(client.request("GET", "/trailers", LATTICE_HOST))
     assert record.status == 200 and bytes(record.body) == b"body-before-trailers"
     assert record.trailers == [(b"x-checksum", b"abc123"), (b"x-done", b"1")]
+
+
+@pytest.mark.parametrize("impl", ["lean", "h2"])
+async def test_never_indexed_fields_stay_never_indexed_on_the_way_to_the_client(impl):
+    # RFC 7541 §7.1.3: an intermediary must not re-encode a never-indexed field (a cookie, a token)
+    # in a form that lets it into a compression table.
+    async with H2TestServer() as upstream, running_proxy(**via(upstream.port, h2_implementation=impl)) as proxy, \
+            H2TestClient("127.0.0.1", proxy.port) as client:
+        record = await client.wait(client.request("GET", "/sensitive", LATTICE_HOST))
+    assert record.status == 200 and bytes(record.body) == b"ok"
+    head = {name: field for field in record.headers for name in [field[0]]}
+    assert isinstance(head[b"set-cookie"], NeverIndexedHeaderTuple) and head[b"set-cookie"][1] == b"s=secret"
+    assert not isinstance(head[b"x-plain"], NeverIndexedHeaderTuple)
+    tail = {field[0]: field for field in record.trailers}
+    assert isinstance(tail[b"x-token"], NeverIndexedHeaderTuple) and tail[b"x-token"][1] == b"t"
+    assert not isinstance(tail[b"x-done"], NeverIndexedHeaderTuple)
 
 
 async def test_typed_errors_answer_with_status_header_and_body(sim):

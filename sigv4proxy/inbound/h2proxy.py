@@ -17,6 +17,7 @@ import time
 from urllib.parse import quote
 
 from h2.errors import ErrorCodes
+from hpack import NeverIndexedHeaderTuple
 
 from sigv4proxy import accesslog
 from sigv4proxy.errors import BadRequest, Overloaded, PayloadTooLarge, ProxyError, UpstreamReset, UpstreamTimeout
@@ -82,13 +83,21 @@ class _RequestBody:
             yield chunk
 
 
-def _response_fields(status: int, headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
-    fields = [(b":status", str(status).encode("ascii"))]
-    for name, value in headers:
+def _forwarded_fields(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    """Lower-cased, hop-by-hop dropped; a field the upstream sent never-indexed stays never-indexed
+    (RFC 7541 §7.1.3: an intermediary must keep that representation, e.g. for cookies)."""
+    fields: list[tuple[bytes, bytes]] = []
+    for field in headers:
+        name, value = field
         lname = name.lower()
         if lname not in _DROP_H2_RESPONSE:
-            fields.append((lname, value))
+            fields.append(NeverIndexedHeaderTuple(lname, value)
+                          if isinstance(field, NeverIndexedHeaderTuple) else (lname, value))
     return fields
+
+
+def _response_fields(status: int, headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    return [(b":status", str(status).encode("ascii")), *_forwarded_fields(headers)]
 
 
 class H2ProxyStreams:
@@ -189,8 +198,7 @@ class H2ProxyStreams:
                     stream.send_headers(head)
                     held = False
                 await stream.send_data(chunk)
-            trailers = [(n.lower(), v) for n, v in upstream.trailers
-                        if n.lower() not in _DROP_H2_RESPONSE]
+            trailers = _forwarded_fields(upstream.trailers)
             if held:
                 stream.send_headers(head + trailers, end_stream=True)
             elif trailers:

@@ -275,12 +275,13 @@ class H2Connection(H2ConnectionBase, asyncio.Protocol):
             return
         status = b""
         headers = []
-        for name, value in event.headers:
+        for field in event.headers:  # kept whole: a never-indexed field stays marked as one
+            name, value = field
             if name[:1] == b":":
                 if name == b":status":
                     status = value
             else:
-                headers.append((name, value))
+                headers.append(field)
         if not status.isdigit() or len(status) != 3:
             self.fail_stream(stream, UpstreamProtocolError("upstream sent an invalid :status"))
             return
@@ -291,7 +292,7 @@ class H2Connection(H2ConnectionBase, asyncio.Protocol):
     def _on_trailers(self, event: h2.events.TrailersReceived) -> None:
         stream = self._streams.get(event.stream_id)
         if stream is not None:
-            stream.trailers = [(n, v) for n, v in event.headers if n[:1] != b":"]
+            stream.trailers = [field for field in event.headers if field[0][:1] != b":"]
 
     def _on_data(self, event: h2.events.DataReceived) -> None:
         stream = self._streams.get(event.stream_id)

@@ -6,6 +6,7 @@ mid-response) and counts what it saw. Must never: bind anything but loopback, or
 (use `async with`).
 
 Routes: `/stream/<n>` n bytes of `pattern_bytes(n)`; `/trailers` a body plus trailers;
+`/sensitive` a cookie header and a trailer sent never-indexed (HPACK), beside plain ones;
 `/delay/<ms>` echo after a pause; anything else: the JSON echo of the request.
 """
 
@@ -24,6 +25,7 @@ import h2.errors
 import h2.events
 import h2.exceptions
 import h2.settings
+from hpack import NeverIndexedHeaderTuple
 from hyperframe.frame import GoAwayFrame
 
 from support.loopback_server import LoopbackTestServer
@@ -244,6 +246,12 @@ class _H2ServerConnection:
                         return
                     await asyncio.Event().wait()
                 self.h2.end_stream(stream.id)
+            elif path == b"/sensitive":
+                self.h2.send_headers(stream.id, [(b":status", b"200"), (b"x-plain", b"1"),
+                                                 NeverIndexedHeaderTuple(b"set-cookie", b"s=secret")])
+                self.h2.send_data(stream.id, b"ok")
+                self.h2.send_headers(stream.id, [NeverIndexedHeaderTuple(b"x-token", b"t"),
+                                                 (b"x-done", b"1")], end_stream=True)
             elif path == b"/trailers":
                 self.h2.send_headers(stream.id, [(b":status", b"200")])
                 self.h2.send_data(stream.id, b"body-before-trailers")
