@@ -227,12 +227,40 @@ async def test_truncated_content_length_body_raises(pool):
     b"HTTP/1.1 200 OK\r\n Folded: x\r\nContent-Length: 0\r\n\r\n",
     b"HTTP/2 200\r\nContent-Length: 0\r\n\r\n",
     b"HTTP/1.1 2x0 OK\r\n\r\n",
-], ids=["conflicting-length", "negative-length", "bare-lf", "obs-fold", "version", "status"])
+    b"HTTP/1.1 200 OK\r\nX-Bad: a\rInjected: b\r\nContent-Length: 0\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\nX-Bad: a\x00b\r\nContent-Length: 0\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\nX-Bad : a\r\nContent-Length: 0\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\nX Bad: a\r\nContent-Length: 0\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\n: a\r\nContent-Length: 0\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\nNo-Colon\r\nContent-Length: 0\r\n\r\n",
+    b"HTTP/1.1 200 OK\nInjected: b\r\nContent-Length: 0\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\nContent-Length: 1, 2\r\n\r\nab",
+    b"HTTP/1.1 200 OK\r\nContent-Length: +1\r\n\r\na",
+], ids=["conflicting-length", "negative-length", "bare-lf", "obs-fold", "version", "status",
+        "bare-cr", "nul", "space-before-colon", "space-in-name", "empty-name", "no-colon",
+        "bare-lf-in-status-line", "length-list-disagrees", "plus-length"])
 async def test_malformed_response_heads_are_protocol_errors(pool, raw):
     async with RawResponseServer(raw) as server:
         with pytest.raises(UpstreamProtocolError) as caught:
             await pool().request(http(server.port), b"GET", b"/", b"h", [])
     assert caught.value.status == 502
+
+
+@pytest.mark.parametrize("raw, body, reused", [
+    (b"HTTP/1.1 200 OK\r\nContent-Length: 3, 3\r\n\r\nabc", b"abc", True),
+    (b"HTTP/1.1 200 OK\r\nCONTENT-length: 3\r\nConnection: Keep-Alive, x-foo\r\n\r\nabc", b"abc", True),
+    (b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nConnection: close\r\n\r\nabc", b"abc", False),
+    (b"HTTP/1.1 200 OK\r\nconnection: x-foo, CLOSE\r\nContent-Length: 2\r\n\r\nab", b"ab", False),
+    (b"HTTP/1.1 200 OK\r\n\r\n", b"", False),  # no framing: the body runs to the close
+], ids=["length-list-agrees", "mixed-case", "close", "close-in-list", "close-delimited"])
+async def test_response_framing_variants(pool, raw, body, reused):
+    async with RawResponseServer(raw, close=not reused) as server:
+        shared = pool()
+        response = await shared.request(http(server.port), b"GET", b"/", b"h", [])
+        assert await response.read() == body
+        await response.aclose()
+        await asyncio.sleep(0.05)
+        assert shared.stats().connections[("http1", "idle")] == (1 if reused else 0)
 
 
 @pytest.mark.parametrize("chunked", [

@@ -10,6 +10,7 @@ let a malformed or truncated response pass as complete, or put a header value in
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 
 from sigv4proxy.errors import UpstreamProtocolError
@@ -24,18 +25,47 @@ _HEAD, _LENGTH, _CHUNK_SIZE, _CHUNK_DATA, _CHUNK_END, _TRAILERS, _UNTIL_CLOSE, _
 
 Fields = list[tuple[bytes, bytes]]
 
+# What a header name means to the framing; names are checked once and remembered (bounded: they
+# come from upstreams), so a known name costs one dict lookup.
+_OTHER, _CONTENT_LENGTH, _TRANSFER_ENCODING, _CONNECTION = range(4)
+_SPECIAL = {b"content-length": _CONTENT_LENGTH, b"transfer-encoding": _TRANSFER_ENCODING,
+            b"connection": _CONNECTION}
+_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # RFC 9110 field-name
+_NAME_KINDS: dict[bytes, int] = {}
+_NAME_KINDS_LIMIT = 4096
 
-def parse_fields(lines: list[bytes]) -> Fields:
-    """Header (or trailer) lines as (name, value) pairs; names as received, values trimmed."""
-    fields = []
-    for line in lines:
+
+def _name_kind(name: bytes) -> int:
+    if not _TOKEN.fullmatch(name):  # also empty, surrounding or inner whitespace, obs-fold
+        raise UpstreamProtocolError("upstream sent a malformed header line")
+    kind = _SPECIAL.get(name.lower(), _OTHER)
+    if len(_NAME_KINDS) < _NAME_KINDS_LIMIT:
+        _NAME_KINDS[name] = kind
+    return kind
+
+
+def parse_fields(block: bytes) -> tuple[Fields, list[int]]:
+    """Header (or trailer) lines joined by CRLF as (name, value) pairs (names as received, values
+    trimmed), with what each name means to the framing."""
+    if not block:
+        return [], []
+    # One scan for the whole block: every CR and LF must be part of a line end.
+    line_ends = block.count(b"\r\n")
+    if block.count(b"\r") != line_ends or block.count(b"\n") != line_ends or b"\x00" in block:
+        raise UpstreamProtocolError("upstream sent a forbidden character in a header")
+    fields: Fields = []
+    kinds: list[int] = []
+    known = _NAME_KINDS
+    for line in block.split(b"\r\n"):
         name, sep, value = line.partition(b":")
-        if not sep or not name or name != name.strip() or line[:1] in (b" ", b"\t"):
+        if not sep:
             raise UpstreamProtocolError("upstream sent a malformed header line")
-        if b"\n" in line or b"\r" in line or b"\x00" in line:
-            raise UpstreamProtocolError("upstream sent a forbidden character in a header")
+        kind = known.get(name)
+        if kind is None:
+            kind = _name_kind(name)
         fields.append((name, value.strip(b" \t")))
-    return fields
+        kinds.append(kind)
+    return fields, kinds
 
 
 class ResponseParser:
@@ -86,9 +116,18 @@ class ResponseParser:
             self._finish([])
 
     def feed(self, data: bytes) -> None:
-        if not self._buf:  # fast path: body bytes that need no buffering
+        if not self._buf:  # fast paths: a whole head, or body bytes, that need no buffering
             phase = self._phase
-            if phase == _LENGTH and len(data) <= self._remaining:
+            if phase == _HEAD:
+                end = data.find(b"\r\n\r\n")
+                if end >= 0:
+                    if end + 4 < len(data):  # body (or what follows) waits in the buffer as usual
+                        self._buf += memoryview(data)[end + 4:]
+                    self._on_head_bytes(data[:end])
+                    if self._buf:
+                        self._parse()
+                    return
+            elif phase == _LENGTH and len(data) <= self._remaining:
                 self._remaining -= len(data)
                 self._on_body(data)
                 if not self._remaining:
@@ -160,7 +199,7 @@ class ResponseParser:
                     if len(buf) > MAX_HEAD:
                         raise UpstreamProtocolError("upstream trailers too large")
                     return
-                trailers = parse_fields(bytes(buf[:end]).split(b"\r\n"))
+                trailers, _ = parse_fields(bytes(buf[:end]))
                 del buf[:end + 4]
                 self._finish(trailers)
             elif phase == _UNTIL_CLOSE:
@@ -170,14 +209,16 @@ class ResponseParser:
                 raise UpstreamProtocolError("upstream sent bytes after the response")
 
     def _on_head_bytes(self, head: bytes) -> None:
-        status_line, *lines = head.split(b"\r\n")
+        status_line, _, block = head.partition(b"\r\n")
         version, _, rest = status_line.partition(b" ")
         status_text = rest[:3]
         if version not in (b"HTTP/1.1", b"HTTP/1.0") or not status_text.isdigit() or \
                 (len(rest) > 3 and rest[3:4] != b" "):
             raise UpstreamProtocolError("upstream sent a malformed status line")
         status = int(status_text)
-        fields = parse_fields(lines)
+        if b"\r" in status_line or b"\n" in status_line or b"\x00" in status_line:
+            raise UpstreamProtocolError("upstream sent a malformed status line")
+        fields, kinds = parse_fields(block)
         if 100 <= status < 200:
             if status == 101:
                 raise UpstreamProtocolError("upstream switched protocols unasked")
@@ -185,21 +226,26 @@ class ResponseParser:
         length: int | None = None
         transfer_chunked = has_te = False
         close = version == b"HTTP/1.0"
-        for name, value in fields:
-            lowered = name.lower()
-            if lowered == b"content-length":
-                values = {v.strip() for v in value.split(b",")}
-                if len(values) != 1 or not next(iter(values)).isdigit():
-                    raise UpstreamProtocolError("upstream sent a bad Content-Length")
-                new_length = int(values.pop())
+        for (name, value), kind in zip(fields, kinds):
+            if kind == _OTHER:
+                continue
+            if kind == _CONTENT_LENGTH:
+                if value.isdigit():  # the usual case; else a list of equal values is allowed
+                    new_length = int(value)
+                else:
+                    values = {v.strip() for v in value.split(b",")}
+                    if len(values) != 1 or not next(iter(values)).isdigit():
+                        raise UpstreamProtocolError("upstream sent a bad Content-Length")
+                    new_length = int(values.pop())
                 if length is not None and new_length != length:
                     raise UpstreamProtocolError("upstream sent conflicting Content-Length")
                 length = new_length
-            elif lowered == b"transfer-encoding":
+            elif kind == _TRANSFER_ENCODING:
                 has_te = True
                 transfer_chunked = value.lower().rsplit(b",", 1)[-1].strip() == b"chunked"
-            elif lowered == b"connection":
-                tokens = {t.strip() for t in value.lower().split(b",")}
+            else:  # Connection
+                lowered = value.lower()
+                tokens = (lowered,) if b"," not in lowered else {t.strip() for t in lowered.split(b",")}
                 if b"close" in tokens:
                     close = True
                 elif b"keep-alive" in tokens and version == b"HTTP/1.0":
