@@ -260,7 +260,7 @@ class ProxyConfig:
     profile: str | None = setting(None, _opt_str, "botocore profile for the default chain")
     connect_timeout: float = setting(5.0, _positive(float), "upstream connect timeout (s)")
     first_byte_timeout: float = setting(30.0, _positive(float), "request sent to response headers (s)")
-    read_timeout: float = setting(60.0, _positive(float), "max gap between response body chunks; also the longest wait for a small (<= 64 KiB) request body (s)")
+    read_timeout: float = setting(60.0, _positive(float), "max gap between response body chunks, and between request body chunks from the client (s)")
     idle_timeout: float = setting(90.0, _positive(float), "close pooled upstream connections idle this long (s)")
     stream_idle_timeout: float = setting(300.0, _positive(float), "inbound HTTP/2 stream with no bytes either way for this long is cut (s); long RPCs are not cut by request timeouts")
     ping_interval: float = setting(30.0, _non_negative, "PING idle upstream HTTP/2 connections this often; no answer within --connect-timeout drops one (0: off)")

@@ -15,7 +15,7 @@ import weakref
 from dataclasses import dataclass
 from typing import AsyncIterator, Callable, Iterable
 
-from aiohttp import web
+from aiohttp import StreamReader, web
 from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
 from multidict import CIMultiDict
 
@@ -63,6 +63,19 @@ _NAME_CACHE_LIMIT = 1024
 # handed on as bytes: the upstream then sends head and body in one write, with no send task, and
 # can replay it on a refused stream. Larger or chunked bodies stream.
 SMALL_BODY = 64 * 1024
+
+
+class _BodyStalled(TimeoutError):
+    """Set on the body stream of a client silent for --read-timeout. A TimeoutError, so that
+    aiohttp's own read of the leftover body after our 408 takes it quietly and closes."""
+
+
+def _stall(content: StreamReader) -> None:
+    """Timer callback: the waiting read raises _BodyStalled."""
+    content.set_exception(_BodyStalled())
+
+
+_STALLED = "request body stalled: nothing arrived for --read-timeout"
 
 
 def _split_target(raw: str) -> tuple[str | None, str]:
@@ -337,19 +350,37 @@ class ProxyHandler:
         content = request.content
         data = content.read_nowait(length)
         if len(data) < length:
+            timer = asyncio.get_running_loop().call_later(self._body_timeout, _stall, content)
             try:
-                async with asyncio.timeout(self._body_timeout):
-                    data += await content.readexactly(length - len(data))
-            except TimeoutError:
-                raise RequestTimeout("request body not received in time") from None
+                data += await content.readexactly(length - len(data))
+            except _BodyStalled:
+                raise RequestTimeout(_STALLED) from None
             except asyncio.IncompleteReadError:
                 raise BadRequest("request body shorter than its Content-Length") from None
+            finally:
+                timer.cancel()
         return data
 
     async def _body(self, request: web.BaseRequest) -> AsyncIterator[bytes]:
+        """A streamed request body. A client that stops sending for --read-timeout while we wait
+        for it fails the request (408, the upstream stream cancelled); time spent waiting for
+        the upstream to take what we have does not count."""
         limit = self._max_body
         seen = 0
-        async for chunk in request.content.iter_any():
+        content = request.content
+        loop = asyncio.get_running_loop()
+        timeout = self._body_timeout
+        while True:
+            # A plain timer that poisons the stream: cheaper per chunk than asyncio.timeout.
+            timer = loop.call_later(timeout, _stall, content)
+            try:
+                chunk = await content.readany()
+            except _BodyStalled:
+                raise RequestTimeout(_STALLED) from None
+            finally:
+                timer.cancel()
+            if not chunk:
+                return
             if limit is not None:
                 seen += len(chunk)
                 if seen > limit:
@@ -387,7 +418,10 @@ class ProxyHandler:
     def _error(self, exc: ProxyError, method: str, route_name: str, started: float) -> web.Response:
         self.record_failure(exc, method, route_name, started)
         headers, text = error_parts(exc)
-        return web.Response(status=exc.status, text=text, headers=headers)
+        response = web.Response(status=exc.status, text=text, headers=headers)
+        if isinstance(exc, RequestTimeout):
+            response.force_close()  # the rest of that body may still come: never read it as a request
+        return response
 
 
 def parse_error(exc: BaseException) -> ProxyError:

@@ -170,3 +170,37 @@ async def test_half_close_after_the_request_is_still_answered():
             assert not rest.startswith(b"HTTP/1.1 200")
             writer.close()
             assert [p for _, _, p in peer.log.requests] == ["/half", "/half-post"]
+
+
+async def test_client_silent_mid_upload_gets_408_and_the_upstream_stream_is_cancelled():
+    async with ScriptedH2Upstream(slow_script) as peer:
+        async with running_proxy(**h2_upstream(peer.port, read_timeout=0.5)) as proxy:
+            await _baseline(proxy, peer)
+            reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+            try:
+                writer.write(b"POST /upload HTTP/1.1\r\nHost: %s\r\nContent-Length: 1000000\r\n\r\n" % HOST)
+                writer.write(b"u" * 100_000)  # then silence, connection open
+                answer = await read_response(reader)
+            finally:
+                writer.close()
+            assert answer.status == 408
+            assert answer.header("x-sigv4proxy-error") == "request_timeout"
+            await wait_until(lambda: any(code == ErrorCodes.CANCEL for _, _, code in peer.log.resets))
+            assert [p for _, _, p in peer.log.requests] == ["/warm"]  # never completed upstream
+            await _still_serving(proxy, peer)
+
+
+async def test_client_silent_mid_chunked_upload_over_http1_upstream_gets_408(sim):
+    async with running_proxy(upstream=f"http://127.0.0.1:{sim.port}", upstream_protocol="http1",
+                             read_timeout=0.5) as proxy:
+        reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+        try:
+            writer.write(b"POST /upload HTTP/1.1\r\nHost: %s\r\nTransfer-Encoding: chunked\r\n\r\n" % HOST)
+            writer.write(b"1000\r\n" + b"c" * 0x1000 + b"\r\n")  # one chunk, then silence
+            answer = await read_response(reader)
+        finally:
+            writer.close()
+        assert answer.status == 408
+        assert answer.header("x-sigv4proxy-error") == "request_timeout"
+        after = await raw_request(proxy.port, get("/after"))
+        assert after.status == 200
