@@ -1,4 +1,5 @@
-"""Shared test fixtures: the event-loop watchdog and the path to the shared SigV4 corpus."""
+"""Shared test fixtures: the event-loop watchdog, the path to the shared SigV4 corpus, and `sim`:
+a Lattice simulator on loopback that re-verifies every signature (files may override it)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,17 @@ TESTSUITE = pathlib.Path(os.environ.get("SIGV4_TESTSUITE", SHARED / "sigv4-tests
 
 # A callback that holds the loop longer than this fails the test (generous: the machine is shared).
 MAX_LOOP_LAG = float(os.environ.get("SIGV4PROXY_MAX_LOOP_LAG", "1.0"))
+
+
+@pytest.fixture
+async def sim(tmp_path):
+    from sigv4proxy.sim.server import SimConfig, start_simulator
+    from support.proxy import SERVICE_ARN, write_identities
+
+    server = await start_simulator(SimConfig(host="127.0.0.1", port=0, identities=str(write_identities(tmp_path)),
+                                             policy=None, service_arn=SERVICE_ARN))
+    yield server
+    await server.aclose()
 
 
 @pytest.fixture

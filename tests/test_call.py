@@ -7,7 +7,6 @@ policy) or a capture server on loopback. Checks the printed status/headers/body,
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
 import hashlib
 import hmac
 import json

@@ -23,7 +23,6 @@ import h2.errors
 import h2.events
 import h2.exceptions
 import hpack
-import pytest
 from hyperframe.frame import ContinuationFrame, HeadersFrame
 from support.h2_peers import H2Script, H2TestServer, pattern_bytes, pattern_sha256
 from support.proxy import LATTICE_HOST, running_proxy

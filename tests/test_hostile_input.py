@@ -15,21 +15,12 @@ import json
 import time
 
 import pytest
-from support.proxy import LATTICE_HOST, PRINCIPAL, SERVICE_ARN, running_proxy, write_identities
+from support.proxy import LATTICE_HOST, PRINCIPAL, running_proxy
 from test_faults_upstream import IO_TIMEOUT, raw_request, read_response
 
-from sigv4proxy.sim.server import SimConfig, start_simulator
 
 H = LATTICE_HOST.encode()
 LEAK = b"LEAKED-MARKER-7f3a"  # must never be echoed back in an error body
-
-
-@pytest.fixture
-async def sim(tmp_path):
-    server = await start_simulator(SimConfig(host="127.0.0.1", port=0, identities=str(write_identities(tmp_path)),
-                                             policy=None, service_arn=SERVICE_ARN))
-    yield server
-    await server.aclose()
 
 
 def via(sim, **extra) -> dict:

@@ -15,18 +15,8 @@ from hpack import NeverIndexedHeaderTuple
 from grpc_support.h2client import H2TestClient
 from sigv4proxy.app import ProxyApp
 from sigv4proxy.metrics import Metrics
-from sigv4proxy.sim.server import SimConfig, start_simulator
 from support.h2_peers import H2Script, H2TestServer
-from support.proxy import (LATTICE_HOST, PRINCIPAL, SERVICE_ARN, proxy_config, running_proxy,
-                           static_credentials, write_identities)
-
-
-@pytest.fixture
-async def sim(tmp_path):
-    server = await start_simulator(SimConfig(host="127.0.0.1", port=0, identities=str(write_identities(tmp_path)),
-                                             policy=None, service_arn=SERVICE_ARN))
-    yield server
-    await server.aclose()
+from support.proxy import LATTICE_HOST, PRINCIPAL, proxy_config, running_proxy, static_credentials
 
 
 def via(port: int, protocol: str = "h2", **extra) -> dict:

@@ -12,8 +12,7 @@ import time
 
 import aiohttp
 
-from sigv4proxy.sim.server import SimConfig, start_simulator
-from support.proxy import LATTICE_HOST, PRINCIPAL, SERVICE_ARN, running_proxy, write_identities
+from support.proxy import LATTICE_HOST, PRINCIPAL, running_proxy
 
 
 async def test_connection_without_a_complete_head_is_closed_at_the_header_timeout():
@@ -78,19 +77,14 @@ async def test_accepted_sockets_take_the_configured_receive_buffer():
         assert await _accepted_recv_buffer(proxy) == 131072
 
 
-async def test_uploads_arrive_whole_through_a_tiny_receive_buffer(tmp_path):
-    sim = await start_simulator(SimConfig(host="127.0.0.1", port=0, identities=str(write_identities(tmp_path)),
-                                          policy=None, service_arn=SERVICE_ARN))
-    try:
-        body = os.urandom(3 * 1024 * 1024 + 17)
-        async with running_proxy(upstream=f"http://127.0.0.1:{sim.port}", upstream_protocol="h2",
-                                 recv_buffer=4096) as proxy:
-            async with aiohttp.ClientSession() as client:
-                async with client.post(f"http://127.0.0.1:{proxy.port}/up", data=body,
-                                       headers={"Host": LATTICE_HOST}) as resp:
-                    seen = json.loads(await resp.read())
-        assert resp.status == 200
-        assert seen["principal"] == PRINCIPAL
-        assert seen["body_sha256"] == hashlib.sha256(body).hexdigest()
-    finally:
-        await sim.aclose()
+async def test_uploads_arrive_whole_through_a_tiny_receive_buffer(sim):
+    body = os.urandom(3 * 1024 * 1024 + 17)
+    async with running_proxy(upstream=f"http://127.0.0.1:{sim.port}", upstream_protocol="h2",
+                             recv_buffer=4096) as proxy:
+        async with aiohttp.ClientSession() as client:
+            async with client.post(f"http://127.0.0.1:{proxy.port}/up", data=body,
+                                   headers={"Host": LATTICE_HOST}) as resp:
+                seen = json.loads(await resp.read())
+    assert resp.status == 200
+    assert seen["principal"] == PRINCIPAL
+    assert seen["body_sha256"] == hashlib.sha256(body).hexdigest()

@@ -5,7 +5,6 @@ namespace, plus a real redirect that exempts the proxy's uid."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 

@@ -15,22 +15,13 @@ import time
 import aiohttp
 import pytest
 
-from sigv4proxy.sim.server import SimConfig, start_simulator
-from support.proxy import ACCESS_KEY, LATTICE_HOST, SECRET_KEY, SERVICE_ARN, SESSION_TOKEN, write_identities
+from support.proxy import ACCESS_KEY, LATTICE_HOST, SECRET_KEY, SESSION_TOKEN
 
 
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-@pytest.fixture
-async def sim(tmp_path):
-    server = await start_simulator(SimConfig(host="127.0.0.1", port=0, identities=str(write_identities(tmp_path)),
-                                             policy=None, service_arn=SERVICE_ARN))
-    yield server
-    await server.aclose()
 
 
 def proxy_env(**extra) -> dict:

@@ -32,14 +32,6 @@ def tls_material(tmp_path_factory):
 
 
 @pytest.fixture
-async def sim(tmp_path):
-    server = await start_simulator(SimConfig(host="127.0.0.1", port=0, identities=str(write_identities(tmp_path)),
-                                             policy=None, service_arn=SERVICE_ARN))
-    yield server
-    await server.aclose()
-
-
-@pytest.fixture
 async def client():
     async with aiohttp.ClientSession(auto_decompress=False) as session:
         yield session
@@ -201,7 +193,7 @@ async def test_host_outside_allow_list_is_refused_and_never_contacted(sim, clien
             resp, body = await get_json(client, f"http://127.0.0.1:{proxy.port}/x", headers={"Host": host})
             assert resp.status == 403, body
             assert resp.headers["x-sigv4proxy-error"] == "host_not_allowed"
-        async with client.get(f"http://example.com/x", proxy=f"http://127.0.0.1:{proxy.port}") as resp:
+        async with client.get("http://example.com/x", proxy=f"http://127.0.0.1:{proxy.port}") as resp:
             assert resp.status == 403
     assert sim.records == [] or all(r.get("hostHeader") == LATTICE_HOST for r in sim.records)
     assert len(sim.records) == 0

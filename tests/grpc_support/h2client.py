@@ -157,11 +157,11 @@ class H2TestClient:
     def _on(self, event) -> None:
         record = self.streams.get(getattr(event, "stream_id", 0))
         if isinstance(event, h2.events.ResponseReceived) and record is not None:
-            for field in event.headers:  # kept whole: tests can see never-indexed fields
-                if field[0] == b":status":
-                    record.status = int(field[1])
+            for header in event.headers:  # kept whole: tests can see never-indexed fields
+                if header[0] == b":status":
+                    record.status = int(header[1])
                 else:
-                    record.headers.append(field)
+                    record.headers.append(header)
             record.head_end_stream = event.stream_ended is not None
             record.head.set()
         elif isinstance(event, h2.events.DataReceived) and record is not None:
