@@ -85,6 +85,13 @@ class _InboundRequestHandler(RequestHandler):
         if self.transport is not None and self._request_count == 0:
             self.force_close()  # not even one complete request head in time
 
+    def resume_reading(self, resume_parser: bool = True) -> None:
+        """aiohttp's body stream calls this on every read below its low-water mark, paused or
+        not, and each call re-runs the parser on b"" (a wasted parse per request with a body).
+        Nothing was held back unless reading was paused: only then is there work to resume."""
+        if self._reading_paused:
+            super().resume_reading(resume_parser)
+
     def handle_error(self, request, status=500, exc=None, message=None):  # type: ignore[override]
         if isinstance(exc, HttpProcessingError) and request.writer.output_size == 0:
             return self._manager.request_handler.malformed_request(exc)  # type: ignore[union-attr]
