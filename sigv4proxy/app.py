@@ -30,6 +30,7 @@ from sigv4proxy.upstream.tls import make_client_ssl_context
 
 log = logging.getLogger("sigv4proxy")
 GAUGE_INTERVAL = 2.0
+METRICS_FLUSH_INTERVAL = 0.5  # with workers: how late a scrape may see another worker's requests
 
 
 def credentials_from_config(config: ProxyConfig) -> CredentialStore:
@@ -177,9 +178,14 @@ class ProxyApp:
         self.metrics.update_gauges(self.credentials.expiry, self.pool.stats(), self.handler.inflight)
 
     async def _gauge_loop(self) -> None:
+        ticks_per_refresh = max(1, round(GAUGE_INTERVAL / METRICS_FLUSH_INTERVAL))
+        tick = 0
         while True:
-            self.refresh_gauges()
-            await asyncio.sleep(GAUGE_INTERVAL)
+            if tick % ticks_per_refresh == 0:
+                self.refresh_gauges()
+            self.metrics.flush()  # no-op in one process; with workers, batched histograms
+            tick += 1
+            await asyncio.sleep(METRICS_FLUSH_INTERVAL)
 
     # --- lifecycle ---
     async def start(self) -> None:
@@ -253,6 +259,7 @@ class ProxyApp:
             await self._admin_server.shutdown(timeout=1.0)
         if self._gauge_task is not None:
             self._gauge_task.cancel()
+        self.metrics.flush()  # this worker's last observations, before it exits
         await self.pool.aclose()
         await self.credentials.aclose()
         self._listening = False

@@ -9,6 +9,8 @@ header value as a label, or hold a secret.
 from __future__ import annotations
 
 import os
+from bisect import bisect_left
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
@@ -23,10 +25,43 @@ def multiprocess_dir() -> str | None:
     return os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
 
 
+class _LocalHistogram:
+    """One labelled histogram child accumulated in this worker and written to the shared
+    multiprocess files by `flush()`. Each write there takes a lock and an mmap store (~1 µs) and a
+    request records six of them: 7.8 µs per request, against 2.5 µs in one process. Scrapes see a
+    worker's observations at its next flush (at most METRICS_FLUSH_INTERVAL late)."""
+
+    __slots__ = ("_child", "_bounds", "_counts", "_sum", "_pending")
+
+    def __init__(self, child: Histogram) -> None:
+        self._child = child
+        self._bounds = tuple(child._upper_bounds)  # prometheus_client keeps +Inf last
+        self._counts = [0] * len(self._bounds)
+        self._sum = 0.0
+        self._pending = False
+
+    def observe(self, amount: float) -> None:
+        self._counts[bisect_left(self._bounds, amount)] += 1  # first bound >= amount, as observe()
+        self._sum += amount
+        self._pending = True
+
+    def flush(self) -> None:
+        if not self._pending:
+            return
+        counts, self._counts = self._counts, [0] * len(self._bounds)
+        total, self._sum = self._sum, 0.0
+        self._pending = False
+        child = self._child
+        child._sum.inc(total)
+        for bucket, n in zip(child._buckets, counts):
+            if n:
+                bucket.inc(n)
+
+
 class Metrics:
     """All of the proxy's metrics, in a registry of their own (tests run several proxies)."""
 
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+    def __init__(self, registry: CollectorRegistry | None = None, batch: bool | None = None) -> None:
         self.registry = registry or CollectorRegistry(auto_describe=True)
         r = self.registry
         self.request_duration = Histogram(
@@ -56,10 +91,26 @@ class Metrics:
             "sigv4proxy_upstream_streams_active", "Upstream requests/streams in progress",
             multiprocess_mode="livesum", registry=r)
         # Labelled children cached: `.labels()` takes a lock and builds a tuple on every call.
-        self._request_children: dict[tuple[str, int, str], Histogram] = {}
-        self._upstream_children: dict[str, Histogram] = {}
+        self._request_children: dict[tuple[str, int, str], Histogram | _LocalHistogram] = {}
+        self._upstream_children: dict[str, Histogram | _LocalHistogram] = {}
         self._error_children: dict[str, Counter] = {}
-        self._sign_observe = self.signing_duration.observe
+        # With workers (multiprocess files), histograms accumulate locally until flush().
+        if batch is None:
+            batch = multiprocess_dir() is not None
+        self._local: list[_LocalHistogram] | None = [] if batch else None
+        self._sign_observe = self._histogram(self.signing_duration).observe
+
+    def _histogram(self, child: Histogram) -> Histogram | _LocalHistogram:
+        if self._local is None:
+            return child
+        local = _LocalHistogram(child)
+        self._local.append(local)
+        return local
+
+    def flush(self) -> None:
+        """Writes what this worker observed since the last flush to the shared files."""
+        for local in self._local or ():
+            local.flush()
 
     def observe_request(self, method: str, status: int, route: str, total: float,
                         signing: float | None = None, upstream: float | None = None,
@@ -68,15 +119,16 @@ class Metrics:
         child = self._request_children.get(key)
         if child is None:
             label = method if method in METHODS else "OTHER"
-            child = self._request_children[key] = self.request_duration.labels(
-                label, CODE_CLASSES.get(status // 100, "other"), route)
+            child = self._request_children[key] = self._histogram(self.request_duration.labels(
+                label, CODE_CLASSES.get(status // 100, "other"), route))
         child.observe(total)
         if signing is not None:
             self._sign_observe(signing)
         if upstream is not None and protocol is not None:
             up = self._upstream_children.get(protocol)
             if up is None:
-                up = self._upstream_children[protocol] = self.upstream_duration.labels(protocol)
+                up = self._upstream_children[protocol] = self._histogram(
+                    self.upstream_duration.labels(protocol))
             up.observe(upstream)
 
     def errors_for(self, kind: str) -> Counter:
@@ -103,6 +155,7 @@ class Metrics:
         self.upstream_streams.set(getattr(pool_stats, "streams_active", 0))
 
     def exposition(self) -> bytes:
+        self.flush()  # this worker's own figures are never stale in its own answer
         if multiprocess_dir():
             from prometheus_client import multiprocess
 

@@ -109,8 +109,15 @@ async def test_workers_share_the_port_and_a_crashed_worker_is_restarted(sim):
                 except aiohttp.ClientConnectionError:
                     await asyncio.sleep(0.2)  # the restarted worker may still be starting
             assert statuses.count(200) >= 10
-            async with client.get(f"http://127.0.0.1:{admin}/metrics") as r:
-                text = await r.text()
+            # With workers, each flushes its batched histograms every 0.5 s; the scrape may land
+            # on the worker that served nothing, so give the other one a few flushes.
+            text = ""
+            for _ in range(15):
+                async with client.get(f"http://127.0.0.1:{admin}/metrics") as r:
+                    text = await r.text()
+                if "sigv4proxy_request_duration_seconds_count" in text:
+                    break
+                await asyncio.sleep(0.2)
             assert "sigv4proxy_request_duration_seconds_count" in text
     finally:
         err = await stop(proc)
