@@ -94,6 +94,7 @@ class Router:
         self._origin_timeouts: dict[Origin, Timeouts] = {}
         self._routes = [self._compile_route(i, r) for i, r in enumerate(config.route)]
         self._by_host: dict[tuple[str, int | None], Target] = {}
+        self._split: dict[str, tuple[str, int | None]] = {}  # raw Host value -> split_host()
 
     # --- start-up ---
     def _signer(self, service: str, region: str, extra: tuple[str, ...], algorithm: str = "sigv4") -> SigV4Signer:
@@ -170,7 +171,7 @@ class Router:
     # --- per request ---
     def resolve(self, host_header: str | None, path: str, *, original_dst: tuple[str, int] | None = None) -> Target:
         """The target for a request with this Host (or absolute-form authority) and raw path."""
-        host, port = split_host(host_header) if host_header else (None, None)
+        host, port = self._split_host(host_header) if host_header else (None, None)
         for host_re, prefix, target in self._routes:
             if host_re is not None and (host is None or not host_re.match(host)):
                 continue
@@ -187,6 +188,16 @@ class Router:
                 self._by_host.clear()
             self._by_host[key] = target
         return target
+
+    def _split_host(self, host_header: str) -> tuple[str, int | None]:
+        """split_host, remembered per raw Host value (bounded; a refused value is never stored)."""
+        split = self._split.get(host_header)
+        if split is None:
+            split = split_host(host_header)
+            if len(self._split) >= _CACHE_LIMIT:
+                self._split.clear()
+            self._split[host_header] = split
+        return split
 
     def is_allowed(self, host: str) -> bool:
         return any(p.match(host) for p in self._allow)

@@ -56,8 +56,24 @@ def test_hosts_outside_the_allow_list_are_refused(host):
     ],
 )
 def test_malformed_hosts_are_bad_requests(host):
-    with pytest.raises(BadRequest):
-        router().resolve(host or " ", "/")
+    r = router()
+    for _ in range(2):  # the second time too: a refused Host value is never remembered
+        with pytest.raises(BadRequest):
+            r.resolve(host or " ", "/")
+
+
+def test_remembered_host_spellings_resolve_like_fresh_ones():
+    r = router()
+    spellings = [LATTICE, LATTICE.upper() + ".", f" {LATTICE}:443 ", LATTICE + ":8443"]
+    def where(t):
+        return t.origin, t.authority, t.name
+
+    first = [r.resolve(h, "/") for h in spellings]
+    again = [r.resolve(h, "/") for h in spellings]
+    fresh = [router().resolve(h, "/") for h in spellings]
+    assert first == again  # the very same targets
+    assert [where(t) for t in first] == [where(t) for t in fresh]
+    assert [t.origin.port for t in first] == [443, 443, 443, 8443]
 
 
 def test_case_trailing_dot_and_port_are_normalized_for_the_allow_list():
