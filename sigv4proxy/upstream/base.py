@@ -12,7 +12,7 @@ import asyncio
 import ssl
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 from sigv4proxy.errors import (
     BadRequest,
@@ -72,12 +72,42 @@ class PoolLimits:
     max_retries: int = 2  # for RetryableStreamError
 
 
+def wake(waiter: asyncio.Future[bool] | None) -> None:
+    """Ends a pending wait with True."""
+    if waiter is not None and not waiter.done():
+        waiter.set_result(True)
+
+
 def expire_waiter(waiter: asyncio.Future[bool]) -> None:
     """Timer callback: a wait that is still pending ends with False (woken waits get True).
 
     Cheaper than asyncio.timeout, which cancels and uncancels the task, on per-request waits."""
     if not waiter.done():
         waiter.set_result(False)
+
+
+class EventWait:
+    """One task waits (`wait_event`) for a callback's `wake`, bounded by a plain loop timer.
+    A mixin: the class has a `waiter` slot and a `conn` whose `_loop` runs it."""
+
+    __slots__ = ()
+    waiter: asyncio.Future[bool] | None
+    conn: Any
+
+    def wake(self) -> None:
+        wake(self.waiter)
+
+    async def wait_event(self, timeout: float | None) -> bool:
+        """False when `timeout` passed first."""
+        loop = self.conn._loop
+        waiter = self.waiter = loop.create_future()
+        timer = None if timeout is None else loop.call_later(timeout, expire_waiter, waiter)
+        try:
+            return await waiter
+        finally:
+            self.waiter = None
+            if timer is not None:
+                timer.cancel()
 
 
 def check_request_fields(method: bytes, target: bytes, authority: bytes, headers: Headers) -> None:

@@ -21,19 +21,14 @@ from sigv4proxy.errors import (
     UpstreamReset,
     UpstreamTimeout,
 )
-from sigv4proxy.upstream.base import Origin, Response, Timeouts, expire_waiter
+from sigv4proxy.upstream.base import EventWait, Origin, Response, Timeouts, wake
 from sigv4proxy.upstream.connection_core import ConnectionCore
 
 CANCEL = 0x8  # RFC 9113 error codes used here (h2's ErrorCodes are the same integers)
 REFUSED_STREAM = 0x7
 
 
-def wake(waiter: asyncio.Future[bool] | None) -> None:
-    if waiter is not None and not waiter.done():
-        waiter.set_result(True)
-
-
-class H2StreamBase:
+class H2StreamBase(EventWait):
     """The state one request/response exchange has on either HTTP/2 client, and its event wait."""
 
     __slots__ = ("conn", "id", "status", "headers", "trailers", "chunks", "remote_ended",
@@ -76,21 +71,6 @@ class H2StreamBase:
         self.unacked = 0
         if pending:
             self._return_credit(pending)
-
-    def wake(self) -> None:
-        wake(self.waiter)
-
-    async def wait_event(self, timeout: float | None) -> bool:
-        """False on timeout. A plain timer handle: cheaper than asyncio.timeout per wait."""
-        loop = self.conn._loop
-        waiter = self.waiter = loop.create_future()
-        timer = None if timeout is None else loop.call_later(timeout, expire_waiter, waiter)
-        try:
-            return await waiter
-        finally:
-            self.waiter = None
-            if timer is not None:
-                timer.cancel()
 
 
 class H2ConnectionBase(ConnectionCore):

@@ -23,11 +23,11 @@ from sigv4proxy.errors import (
 from sigv4proxy.upstream.base import (
     Body,
     ConnectionNotAvailable,
+    EventWait,
     Headers,
     Origin,
     Response,
     Timeouts,
-    expire_waiter,
 )
 from sigv4proxy.upstream.connection_core import ConnectionCore
 from sigv4proxy.upstream.http1_parse import Fields, ResponseParser
@@ -57,7 +57,7 @@ def _field_kind(name: bytes) -> int:
     return kind
 
 
-class _Exchange:
+class _Exchange(EventWait):
     """One request/response on the socket; also the `ResponseBody` the Response reads from."""
 
     __slots__ = ("conn", "is_head", "status", "headers", "trailers", "chunks", "buffered",
@@ -78,23 +78,6 @@ class _Exchange:
         self.send_task: asyncio.Task[None] | None = None
         self.waiter: asyncio.Future[bool] | None = None
 
-    def wake(self) -> None:
-        if self.waiter is not None and not self.waiter.done():
-            self.waiter.set_result(True)
-
-    async def wait(self, timeout: float | None) -> bool:
-        """False when `timeout` passed first. A plain timer resolves the future: cheaper than
-        asyncio.timeout's cancel-and-uncancel of the task on this once-per-request path."""
-        loop = self.conn._loop
-        waiter = self.waiter = loop.create_future()
-        timer = None if timeout is None else loop.call_later(timeout, expire_waiter, waiter)
-        try:
-            return await waiter
-        finally:
-            self.waiter = None
-            if timer is not None:
-                timer.cancel()
-
     def fail(self, err: ProxyError) -> None:
         if self.error is None and not self.ended:
             self.error = err
@@ -112,7 +95,7 @@ class _Exchange:
                 raise self.error
             if self.ended:
                 return b""
-            if not await self.wait(self.conn.timeouts.read):
+            if not await self.wait_event(self.conn.timeouts.read):
                 self.fail(UpstreamTimeout("upstream response body stalled"))
                 self.conn.abort()
 
@@ -224,7 +207,7 @@ class HTTP1Connection(ConnectionCore, asyncio.Protocol):
                     exchange.fail(UpstreamTimeout("no upstream response in time"))
                     self.abort()
                     continue
-            await exchange.wait(timeout)
+            await exchange.wait_event(timeout)
 
     async def _send_body(self, exchange: _Exchange, body: bytes | AsyncIterable[bytes],
                          chunked: bool) -> None:

@@ -43,9 +43,10 @@ from sigv4proxy.upstream.base import (
     Timeouts,
     check_request_fields,
     request_trailers,
+    wake,
 )
 from sigv4proxy.upstream.connection_core import feed_body
-from sigv4proxy.upstream.h2_common import H2ConnectionBase, H2StreamBase, wake
+from sigv4proxy.upstream.h2_common import H2ConnectionBase, H2StreamBase
 
 STREAM_WINDOW = 1 << 20  # per-stream receive window: what one slow consumer may have buffered
 CONNECTION_WINDOW = 16 << 20  # shared receive window: 16 stalled streams before others stall

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 from sigv4proxy.errors import ProxyError, UpstreamProtocolError
 from sigv4proxy.upstream import h2_wire as w
-from sigv4proxy.upstream.h2_common import wake
+from sigv4proxy.upstream.base import wake
 from sigv4proxy.upstream.hpack_decode import HeaderBlockDecoder, HpackDecodeError
 
 if TYPE_CHECKING:
