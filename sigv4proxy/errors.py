@@ -13,6 +13,8 @@ class ProxyError(Exception):
 
     status: int = 500
     kind: str = "internal"
+    # The client connection cannot carry another request after this answer (HTTP/1.1).
+    closes_connection: bool = False
 
     def __init__(self, reason: str = "") -> None:
         super().__init__(reason or self.kind)
@@ -37,9 +39,11 @@ class PayloadTooLarge(ProxyError):
 
 
 class RequestTimeout(ProxyError):
-    """The client stopped sending its request body part-way."""
+    """The client stopped sending its request body part-way (the rest may still come: it must
+    never be read as the next request)."""
 
     status, kind = 408, "request_timeout"
+    closes_connection = True
 
 
 class HeadersTooLarge(ProxyError):

@@ -13,7 +13,7 @@ import logging
 import time
 import weakref
 from dataclasses import dataclass
-from typing import AsyncIterator, Callable, Iterable
+from typing import AsyncIterator, Awaitable, Callable, Iterable
 
 from aiohttp import StreamReader, web
 from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
@@ -155,7 +155,7 @@ class ProxyHandler:
         self._max_body = max_body_size
         self._max_inflight = max_inflight
         self._transparent = transparent
-        self._body_timeout = body_timeout  # max wait for the rest of a small body (408 after)
+        self._body_timeout = body_timeout  # longest client silence mid-body (408 after)
         self._clock = clock
         # Header rules precomputed once (drop-in options of the Go sidecar).
         self._response_names: dict[bytes, str] = {}
@@ -345,20 +345,26 @@ class ProxyHandler:
             route=route, upstream_protocol=upstream_protocol, bytes_sent=sent, failure=failure,
         )
 
+    async def _client_read(self, content: StreamReader, read: Awaitable[bytes]) -> bytes:
+        """`read` of the request body, failed with 408 after --read-timeout of client silence: a
+        plain timer poisons the stream (cheaper per chunk than asyncio.timeout)."""
+        timer = asyncio.get_running_loop().call_later(self._body_timeout, _stall, content)
+        try:
+            return await read
+        except _BodyStalled:
+            raise RequestTimeout(_STALLED) from None
+        finally:
+            timer.cancel()
+
     async def _small_body(self, request: web.BaseRequest, length: int) -> bytes:
         """A declared body of at most SMALL_BODY bytes, whole; usually already buffered."""
         content = request.content
         data = content.read_nowait(length)
         if len(data) < length:
-            timer = asyncio.get_running_loop().call_later(self._body_timeout, _stall, content)
             try:
-                data += await content.readexactly(length - len(data))
-            except _BodyStalled:
-                raise RequestTimeout(_STALLED) from None
+                data += await self._client_read(content, content.readexactly(length - len(data)))
             except asyncio.IncompleteReadError:
                 raise BadRequest("request body shorter than its Content-Length") from None
-            finally:
-                timer.cancel()
         return data
 
     async def _body(self, request: web.BaseRequest) -> AsyncIterator[bytes]:
@@ -368,17 +374,8 @@ class ProxyHandler:
         limit = self._max_body
         seen = 0
         content = request.content
-        loop = asyncio.get_running_loop()
-        timeout = self._body_timeout
         while True:
-            # A plain timer that poisons the stream: cheaper per chunk than asyncio.timeout.
-            timer = loop.call_later(timeout, _stall, content)
-            try:
-                chunk = await content.readany()
-            except _BodyStalled:
-                raise RequestTimeout(_STALLED) from None
-            finally:
-                timer.cancel()
+            chunk = await self._client_read(content, content.readany())
             if not chunk:
                 return
             if limit is not None:
@@ -419,8 +416,8 @@ class ProxyHandler:
         self.record_failure(exc, method, route_name, started)
         headers, text = error_parts(exc)
         response = web.Response(status=exc.status, text=text, headers=headers)
-        if isinstance(exc, RequestTimeout):
-            response.force_close()  # the rest of that body may still come: never read it as a request
+        if exc.closes_connection:
+            response.force_close()
         return response
 
 
