@@ -29,8 +29,9 @@ from sigv4proxy.upstream.pool import ConnectionPool
 from sigv4proxy.upstream.tls import make_client_ssl_context
 
 log = logging.getLogger("sigv4proxy")
-GAUGE_INTERVAL = 2.0
-METRICS_FLUSH_INTERVAL = 0.5  # with workers: how late a scrape may see another worker's requests
+# Gauges copied and (with workers) batched histograms flushed this often: how late a scrape may
+# see another worker's requests.
+METRICS_INTERVAL = 0.5
 
 
 def credentials_from_config(config: ProxyConfig) -> CredentialStore:
@@ -178,14 +179,10 @@ class ProxyApp:
         self.metrics.update_gauges(self.credentials.expiry, self.pool.stats(), self.handler.inflight)
 
     async def _gauge_loop(self) -> None:
-        ticks_per_refresh = max(1, round(GAUGE_INTERVAL / METRICS_FLUSH_INTERVAL))
-        tick = 0
         while True:
-            if tick % ticks_per_refresh == 0:
-                self.refresh_gauges()
-            self.metrics.flush()  # no-op in one process; with workers, batched histograms
-            tick += 1
-            await asyncio.sleep(METRICS_FLUSH_INTERVAL)
+            self.refresh_gauges()
+            self.metrics.flush()  # no-op in one process
+            await asyncio.sleep(METRICS_INTERVAL)
 
     # --- lifecycle ---
     async def start(self) -> None:
