@@ -61,6 +61,23 @@ def _integer(data: bytes, pos: int, value: int) -> tuple[int, int]:
     raise HpackDecodeError("integer encoding too long")
 
 
+def _string(data: bytes, pos: int) -> tuple[bytes, int]:
+    """A string literal (§5.2) at `pos`, Huffman-decoded if marked: (bytes, position after it)."""
+    first = data[pos]  # IndexError: truncated, reported by the caller
+    length = first & 0x7F
+    pos += 1
+    if length == 0x7F:
+        length, pos = _integer(data, pos, length)
+    stop = pos + length
+    if stop > len(data):
+        raise HpackDecodeError("truncated header block")
+    value = data[pos:stop]
+    if first & 0x80:
+        decoded = _huffman_cache.get(value)
+        value = _huffman(value) if decoded is None else decoded
+    return value, stop
+
+
 class HeaderBlockDecoder:
     """Decodes one connection's response header blocks in the order the peer sent them."""
 
@@ -106,7 +123,6 @@ class HeaderBlockDecoder:
         static = _STATIC
         last = _STATIC_LAST
         overhead = ENTRY_OVERHEAD
-        cache_get = _huffman_cache.get
         end = len(data)
         listed = 0  # decoded header list size so far
         pos = 0
@@ -159,33 +175,8 @@ class HeaderBlockDecoder:
                 else:
                     raise HpackDecodeError("index past the tables")
             else:
-                first = data[pos]
-                length = first & 0x7F
-                pos += 1
-                if length == 0x7F:
-                    length, pos = _integer(data, pos, length)
-                stop = pos + length
-                if stop > end:
-                    raise HpackDecodeError("truncated header block")
-                name = data[pos:stop]
-                pos = stop
-                if first & 0x80:
-                    decoded = cache_get(name)
-                    name = _huffman(name) if decoded is None else decoded
-            # the value: always a string
-            first = data[pos]
-            length = first & 0x7F
-            pos += 1
-            if length == 0x7F:
-                length, pos = _integer(data, pos, length)
-            stop = pos + length
-            if stop > end:
-                raise HpackDecodeError("truncated header block")
-            value = data[pos:stop]
-            pos = stop
-            if first & 0x80:
-                decoded = cache_get(value)
-                value = _huffman(value) if decoded is None else decoded
+                name, pos = _string(data, pos)
+            value, pos = _string(data, pos)  # the value: always a string
             entry = overhead + len(name) + len(value)
             if octet & 0x40:
                 field = (name, value)
