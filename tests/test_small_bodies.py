@@ -27,6 +27,14 @@ def post_head(path: str, length: int, extra: bytes = b"") -> bytes:
     return b"POST %s HTTP/1.1\r\nHost: %s\r\nContent-Length: %d\r\n%s\r\n" % (path.encode(), HOST, length, extra)
 
 
+def assert_verified(answer: bytes, body: bytes) -> dict:
+    """The simulator re-verified the signature and received exactly `body`."""
+    seen = json.loads(answer)
+    assert seen["principal"] == PRINCIPAL
+    assert seen["body_sha256"] == hashlib.sha256(body).hexdigest()
+    return seen
+
+
 @pytest.mark.parametrize("protocol, impl", [("http1", "lean"), ("h2", "lean"), ("h2", "h2")])
 async def test_bodies_either_side_of_the_small_body_line_arrive_intact_and_verify(sim, protocol, impl):
     sizes = [1, 4096, SMALL_BODY - 1, SMALL_BODY, SMALL_BODY + 1, 300_000]
@@ -39,10 +47,7 @@ async def test_bodies_either_side_of_the_small_body_line_arrive_intact_and_verif
                                        headers={"Host": LATTICE_HOST}) as resp:
                     raw = await resp.read()
                 assert resp.status == 200, (size, raw)
-                seen = json.loads(raw)
-                assert seen["principal"] == PRINCIPAL  # the simulator re-verified the signature
-                assert seen["body_length"] == size
-                assert seen["body_sha256"] == hashlib.sha256(body).hexdigest()
+                assert assert_verified(raw, body)["body_length"] == size
 
 
 async def test_a_small_body_sent_in_slow_pieces_is_forwarded_whole(sim):
@@ -60,9 +65,7 @@ async def test_a_small_body_sent_in_slow_pieces_is_forwarded_whole(sim):
         finally:
             writer.close()
     assert resp.status == 200, resp.body
-    seen = json.loads(resp.body)
-    assert seen["principal"] == PRINCIPAL
-    assert seen["body_sha256"] == hashlib.sha256(body).hexdigest()
+    assert_verified(resp.body, body)
 
 
 async def test_a_small_body_that_stops_arriving_is_a_408_and_never_forwarded():
@@ -123,6 +126,4 @@ async def test_expect_100_continue_with_a_small_body_gets_continue_then_the_answ
         finally:
             writer.close()
     assert resp.status == 200, resp.body
-    seen = json.loads(resp.body)
-    assert seen["principal"] == PRINCIPAL
-    assert seen["body_sha256"] == hashlib.sha256(body).hexdigest()
+    assert_verified(resp.body, body)
