@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import os
 import shutil
 import signal
@@ -51,7 +52,7 @@ class Target:
     """Something to drive load at: the upstream itself, our proxy, or a peer proxy."""
 
     name: str
-    tool: str  # "wrk" or "h2load"
+    tool: str  # "wrk", "h2load" (h2c) or "h2load-tls" (h2 over TLS)
     baseline: str | None
     argv: list[str] | None = None  # None: the upstream itself (already running)
     upstream_port: int = 0  # direct targets: the port to hit
@@ -79,6 +80,10 @@ def build_targets(args: argparse.Namespace, upstream: Upstream, have_h2load: boo
     targets = [Target("direct-h1", "wrk", None, upstream_port=upstream.h1_port)]
     targets.append(Target("direct-h2c", "h2load", None, upstream_port=upstream.h2c_port,
                           skip_reason="" if have_h2load else "h2load missing (nghttp2-client)"))
+    if not args.quick:  # the upstream's own ceiling over TLS, beside proxy-w2-h2tls
+        targets.append(Target("direct-h2tls", "h2load-tls", None, upstream_port=upstream.h2tls_port,
+                              skip_reason="" if have_h2load and upstream.h2tls_port else
+                              "needs h2load and a TLS upstream (nginx and trustme)"))
     proxy = find_proxy_command(args.proxy_cmd)
     worker_counts = (1, 2)
     protocols = ("h1", "h2")
@@ -134,13 +139,13 @@ def preflight(port: int, files: LoadFiles, cases: tuple[Case, ...]) -> str:
     return ""
 
 
-def preflight_h2c(port: int, files: LoadFiles, cases: tuple[Case, ...]) -> str:
-    """The same check over h2c, with h2load (-n: a fixed count, no duration)."""
+def preflight_h2(port: int, files: LoadFiles, cases: tuple[Case, ...], tls: bool = False) -> str:
+    """The same check over h2c (or h2 over TLS), with h2load (-n: a fixed count, no duration)."""
     for workload in dict.fromkeys(c.workload for c in cases):
-        out = run_bounded(h2load_argv(port, Case(workload, 1), 1, files, None, requests=1),
+        out = run_bounded(h2load_argv(port, Case(workload, 1), 1, files, None, requests=1, tls=tls),
                           timeout_s=30)
         if "1 succeeded" not in out or "1 2xx" not in out:
-            return f"preflight {workload.name} over h2c failed"
+            return f"preflight {workload.name} over {'TLS' if tls else 'h2c'} failed"
     return ""
 
 
@@ -187,8 +192,10 @@ class Bench:
                     return self.skip_all(target, f"did not start ({exc.args[0].splitlines()[0]}); "
                                                  f"see {log}")
                 root_pid = proc.pid
-            checker = preflight_h2c if target.tool == "h2load" else preflight
-            problem = checker(port, self.files, self.cases)
+            if target.tool == "wrk":
+                problem = preflight(port, self.files, self.cases)
+            else:
+                problem = preflight_h2(port, self.files, self.cases, tls=target.tool == "h2load-tls")
             if problem:
                 return self.skip_all(target, problem)
             for case in self.cases:
@@ -199,7 +206,8 @@ class Bench:
         if self.out_of_time():
             row.problem = f"skipped: time budget {self.budget:.0f}s reached"
             return row
-        run = run_h2load if target.tool == "h2load" else run_wrk
+        run = {"wrk": run_wrk, "h2load": run_h2load,
+               "h2load-tls": functools.partial(run_h2load, tls=True)}[target.tool]
         print(f"bench: {target.name:<16} {case.label:<16}", file=sys.stderr, end="", flush=True)
         try:
             if self.warmup:
@@ -242,7 +250,8 @@ class Bench:
         title = (f"sigv4proxy bench ({mode}): upstream {upstream_kind}, {self.duration:.0f}s per "
                  f"case, {os.cpu_count()} CPUs")
         notes = ("Ratios divide by direct-h1 (wrk straight to the upstream over HTTP/1.1) for the "
-                 "same case; direct-h2c is h2load straight to the upstream over h2c. CPU and peak "
+                 "same case; direct-h2c and direct-h2tls are h2load straight to the upstream over "
+                 "h2c and over TLS (the ceiling for proxy-w2-h2tls). CPU and peak "
                  "RSS are the measured server's process tree (upstream for direct rows, proxy for "
                  "the others); peak RSS is per case (VmHWM reset at its start, summed over "
                  "processes). FLAGGED rows had errors and are not results.")

@@ -92,9 +92,10 @@ def wrk_argv(port: int, case: Case, duration_s: float, files: LoadFiles,
 
 
 def h2load_argv(port: int, case: Case, duration_s: float, files: LoadFiles,
-                log_file: Path | None, requests: int | None = None) -> list[str]:
-    """h2c prior knowledge; `c` concurrent requests = c connections of one stream each (as wrk).
-    Timed by `duration_s`, or a fixed count of `requests` when given."""
+                log_file: Path | None, requests: int | None = None, tls: bool = False) -> list[str]:
+    """h2c prior knowledge (or h2 over TLS, ALPN; h2load does not verify the certificate); `c`
+    concurrent requests = c connections of one stream each (as wrk). Timed by `duration_s`, or a
+    fixed count of `requests` when given."""
     bound = ["-n", str(requests)] if requests else ["-D", str(max(1, round(duration_s)))]
     argv = ["h2load", *bound, "-c", str(case.concurrency), "-m", "1", "-t", "1",
             "-H", "content-type: application/octet-stream"]
@@ -103,7 +104,8 @@ def h2load_argv(port: int, case: Case, duration_s: float, files: LoadFiles,
         argv += ["-d", str(body)]
     if log_file is not None:
         argv += ["--log-file", str(log_file)]
-    return argv + [f"http://127.0.0.1:{port}{REQUEST_PATH}"]
+    scheme = "https" if tls else "http"
+    return argv + [f"{scheme}://127.0.0.1:{port}{REQUEST_PATH}"]
 
 
 def run_wrk(port: int, case: Case, duration_s: float, files: LoadFiles) -> tuple[LoadResult, str]:
@@ -111,11 +113,12 @@ def run_wrk(port: int, case: Case, duration_s: float, files: LoadFiles) -> tuple
     return parse_wrk(output), output
 
 
-def run_h2load(port: int, case: Case, duration_s: float, files: LoadFiles) -> tuple[LoadResult, str]:
+def run_h2load(port: int, case: Case, duration_s: float, files: LoadFiles,
+               tls: bool = False) -> tuple[LoadResult, str]:
     log_file = files.workdir / "h2load.log"
     log_file.unlink(missing_ok=True)
     try:
-        output = run_bounded(h2load_argv(port, case, duration_s, files, log_file),
+        output = run_bounded(h2load_argv(port, case, duration_s, files, log_file, tls=tls),
                              timeout_s=duration_s + 30)
         lines = log_file.read_text().splitlines() if log_file.exists() else []
         return parse_h2load(output, lines), output

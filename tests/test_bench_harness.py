@@ -468,8 +468,21 @@ def test_full_matrix_has_an_h2_tls_target_and_only_narrows_it(monkeypatch):
     tls = full["proxy-w2-h2tls"]
     assert not tls.skip_reason
     assert "https://127.0.0.1:1003" in tls.argv and tls.argv[-2:] == ["--ca-bundle", "/tmp/ca.pem"]
+    direct_tls = full["direct-h2tls"]  # the upstream's own TLS ceiling, measured in the same run
+    assert (direct_tls.tool, direct_tls.upstream_port, direct_tls.skip_reason) == ("h2load-tls", 1003, "")
     without_tls = targets(Upstream("python-fallback", 1001, 1002, None))  # type: ignore[arg-type]
     assert "no TLS upstream" in without_tls["proxy-w2-h2tls"].skip_reason
-    assert "proxy-w2-h2tls" not in targets(with_tls, "--quick")
+    assert "TLS upstream" in without_tls["direct-h2tls"].skip_reason
+    quick = targets(with_tls, "--quick")
+    assert "proxy-w2-h2tls" not in quick and "direct-h2tls" not in quick
     only = targets(with_tls, "--only", "proxy-w2-h2tls")
-    assert sorted(only) == ["direct-h1", "direct-h2c", "proxy-w2-h2tls"]
+    assert sorted(only) == ["direct-h1", "direct-h2c", "direct-h2tls", "proxy-w2-h2tls"]
+
+
+def test_h2load_speaks_tls_only_when_asked(tmp_path):
+    from bench_load import GET, Case, LoadFiles, h2load_argv
+
+    files = LoadFiles(tmp_path)
+    assert h2load_argv(41002, Case(GET, 4), 1, files, None)[-1].startswith("http://127.0.0.1:41002/")
+    assert h2load_argv(41003, Case(GET, 4), 1, files, None, tls=True)[-1].startswith(
+        "https://127.0.0.1:41003/")
