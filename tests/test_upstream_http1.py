@@ -182,6 +182,29 @@ async def test_concurrent_requests_respect_the_socket_limit(pool):
     assert 1 <= server.stats.connections <= 4
 
 
+async def test_closed_connections_leave_the_pool_and_free_their_slot(pool):
+    """Every third request makes the server close its socket: those connections must leave the
+    pool's lists (never handed out again) and their slots open new ones, within the limit."""
+    async with H1TestServer() as server:
+        p = pool(limits=PoolLimits(max_connections_per_origin=3))
+        origin = http(server.port)
+
+        async def one(i: int) -> int:
+            target = b"/close" if i % 3 == 0 else f"/{i}".encode()
+            response = await p.request(origin, b"GET", target, b"h", [])
+            await response.read()
+            return response.status
+
+        statuses = await asyncio.wait_for(asyncio.gather(*(one(i) for i in range(60))), 30)
+        assert statuses == [200] * 60
+        listed = await settle(lambda: len(p._pools[origin].connections))
+        origin_pool = p._pools[origin]
+        assert 1 <= listed <= 3
+        assert not any(conn.is_closed() for conn in origin_pool.connections)
+        assert set(origin_pool.ready) <= set(origin_pool.connections)
+        assert server.stats.connections >= 20  # the 20 closes really forced new sockets
+
+
 async def test_close_mid_body_makes_the_iterator_raise(pool):
     async with H1TestServer() as server:
         response = await pool().request(http(server.port), b"GET", b"/close-mid/1000000", b"h", [])

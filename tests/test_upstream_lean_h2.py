@@ -149,7 +149,7 @@ async def connect(peer):
     async def make(peer_settings: dict[int, int] | None = None,
                    timeouts: Timeouts = Timeouts()) -> tuple[LeanH2Connection, PeerConnection]:
         origin = Origin("http", "127.0.0.1", peer.port, "h2")
-        conn = LeanH2Connection(origin, timeouts, lambda: None)
+        conn = LeanH2Connection(origin, timeouts, lambda conn: None)
         opened.append(conn)
         await asyncio.get_running_loop().create_connection(lambda: conn, "127.0.0.1", peer.port)
         server_side = await peer.accept()

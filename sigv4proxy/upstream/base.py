@@ -243,9 +243,10 @@ class Connection(Protocol):
     async def aclose(self) -> None: ...
 
 
+# `on_change(connection)` is called when a slot frees, the connection becomes ready, or it closes.
+OnChange = Callable[[Connection], None]
 # Builds a connection object for an already open transport; the pool attaches it as the protocol.
-# `on_change` is called when a slot frees, the connection becomes ready, or it closes.
-ConnectionFactory = Callable[[Origin, Timeouts, Callable[[], None]], Connection]
+ConnectionFactory = Callable[[Origin, Timeouts, OnChange], Connection]
 
 
 class _HandoverProtocol(asyncio.Protocol):

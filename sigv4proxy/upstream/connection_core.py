@@ -13,7 +13,7 @@ import asyncio
 from collections.abc import AsyncIterable, Awaitable, Callable
 
 from sigv4proxy.errors import BadRequest, ProxyError, UpstreamTimeout
-from sigv4proxy.upstream.base import Origin, Timeouts
+from sigv4proxy.upstream.base import OnChange, Origin, Timeouts
 
 
 class WriteFlow:
@@ -66,7 +66,7 @@ class ConnectionCore:
     Subclasses define `is_idle()` and `_idle_expired()`; they also subclass asyncio.Protocol.
     """
 
-    def __init__(self, origin: Origin, timeouts: Timeouts, on_change: Callable[[], None]) -> None:
+    def __init__(self, origin: Origin, timeouts: Timeouts, on_change: OnChange) -> None:
         self.origin = origin
         self.timeouts = timeouts
         self._on_change = on_change

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from collections.abc import Callable
 
 from sigv4proxy.errors import (
     ProxyError,
@@ -21,7 +20,7 @@ from sigv4proxy.errors import (
     UpstreamReset,
     UpstreamTimeout,
 )
-from sigv4proxy.upstream.base import EventWait, Origin, Response, Timeouts, wake
+from sigv4proxy.upstream.base import EventWait, OnChange, Origin, Response, Timeouts, wake
 from sigv4proxy.upstream.connection_core import ConnectionCore
 
 CANCEL = 0x8  # RFC 9113 error codes used here (h2's ErrorCodes are the same integers)
@@ -78,7 +77,7 @@ class H2ConnectionBase(ConnectionCore):
 
     http_version = "HTTP/2"
 
-    def __init__(self, origin: Origin, timeouts: Timeouts, on_change: Callable[[], None]) -> None:
+    def __init__(self, origin: Origin, timeouts: Timeouts, on_change: OnChange) -> None:
         super().__init__(origin, timeouts, on_change)
         self._streams: dict[int, H2StreamBase] = {}
         self._ready: asyncio.Future[bool] = self._loop.create_future()
@@ -169,7 +168,7 @@ class H2ConnectionBase(ConnectionCore):
                 self._close_transport()
             else:
                 self._arm_idle_timer()
-        self._on_change()
+        self._on_change(self)
 
     def _idle_expired(self) -> None:
         self._idle_timer = None
@@ -181,7 +180,7 @@ class H2ConnectionBase(ConnectionCore):
         if self._remote_settings_seen and self._local_settings_acked and not self._ready.done():
             self._is_ready = True
             self._ready.set_result(True)
-            self._on_change()
+            self._on_change(self)
 
     def _peer_reset(self, stream: H2StreamBase, code: int, code_name: object) -> None:
         """The peer's RST_STREAM: refused streams may be retried; a completed response stands."""
@@ -211,7 +210,7 @@ class H2ConnectionBase(ConnectionCore):
             self._ready.set_result(False)
         if not self._streams:
             self._close_transport()
-        self._on_change()
+        self._on_change(self)
 
     # --- liveness: a PING on idle pooled connections, so a dead peer is found before reuse ---
     def _arm_idle_timer(self) -> None:
@@ -273,4 +272,4 @@ class H2ConnectionBase(ConnectionCore):
             stream.wake()
             wake(stream.window_waiter)
         self._streams.clear()
-        self._on_change()
+        self._on_change(self)

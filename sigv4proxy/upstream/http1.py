@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from collections.abc import AsyncIterable, Callable
+from collections.abc import AsyncIterable
 
 from sigv4proxy.errors import (
     BadRequest,
@@ -25,6 +25,7 @@ from sigv4proxy.upstream.base import (
     ConnectionNotAvailable,
     EventWait,
     Headers,
+    OnChange,
     Origin,
     Response,
     Timeouts,
@@ -114,7 +115,7 @@ class HTTP1Connection(ConnectionCore, asyncio.Protocol):
 
     http_version = "HTTP/1.1"
 
-    def __init__(self, origin: Origin, timeouts: Timeouts, on_change: Callable[[], None]) -> None:
+    def __init__(self, origin: Origin, timeouts: Timeouts, on_change: OnChange) -> None:
         super().__init__(origin, timeouts, on_change)
         self._exchange: _Exchange | None = None
         self._reading_paused = False
@@ -311,7 +312,7 @@ class HTTP1Connection(ConnectionCore, asyncio.Protocol):
         self._exchange = None
         self.resume_reading()
         self._arm_idle_timer()
-        self._on_change()
+        self._on_change(self)
 
     # --- plumbing ---
     def _idle_expired(self) -> None:
@@ -333,4 +334,4 @@ class HTTP1Connection(ConnectionCore, asyncio.Protocol):
             self._transport.abort()
         self._cancel_idle_timer()
         self._flow.fail(err)
-        self._on_change()
+        self._on_change(self)

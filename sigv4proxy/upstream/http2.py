@@ -38,6 +38,7 @@ from sigv4proxy.upstream.base import (
     Body,
     ConnectionNotAvailable,
     Headers,
+    OnChange,
     Origin,
     Response,
     Timeouts,
@@ -111,7 +112,7 @@ class H2Connection(H2ConnectionBase, asyncio.Protocol):
 
     _streams: dict[int, _Stream]  # type: ignore[assignment]
 
-    def __init__(self, origin: Origin, timeouts: Timeouts, on_change: Callable[[], None]) -> None:
+    def __init__(self, origin: Origin, timeouts: Timeouts, on_change: OnChange) -> None:
         super().__init__(origin, timeouts, on_change)
         self._h2 = h2.connection.H2Connection(config=_CONFIG)
         self._h2.state_machine._transitions = _TRANSITIONS  # keep streams alive after GOAWAY
@@ -337,7 +338,7 @@ class H2Connection(H2ConnectionBase, asyncio.Protocol):
                 wake(stream.window_waiter)
         self._remote_settings_seen = True
         self._check_ready()
-        self._on_change()
+        self._on_change(self)
 
     def _on_settings_acked(self, event: h2.events.SettingsAcknowledged) -> None:
         self._local_settings_acked = True

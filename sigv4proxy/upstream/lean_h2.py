@@ -11,7 +11,6 @@ whole, let a broken response end as if complete, or let the peer make it buffer 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
 
 from sigv4proxy.errors import BadRequest, HeadersTooLarge, ProxyError, UpstreamProtocolError
 from sigv4proxy.upstream import h2_wire as w
@@ -19,6 +18,7 @@ from sigv4proxy.upstream.base import (
     Body,
     ConnectionNotAvailable,
     Headers,
+    OnChange,
     Origin,
     Response,
     Timeouts,
@@ -49,7 +49,7 @@ class LeanH2Connection(FrameReceiver, H2ConnectionBase, asyncio.Protocol):
 
     _streams: dict[int, LeanStream]  # type: ignore[assignment]
 
-    def __init__(self, origin: Origin, timeouts: Timeouts, on_change: Callable[[], None]) -> None:
+    def __init__(self, origin: Origin, timeouts: Timeouts, on_change: OnChange) -> None:
         super().__init__(origin, timeouts, on_change)
         self._encoder = w.RequestHeaderEncoder(origin.scheme)
         self._decoder = HeaderBlockDecoder(MAX_HEADER_LIST_SIZE)  # tracks the peer's dynamic table

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 from sigv4proxy.errors import ProxyError, UpstreamProtocolError
 from sigv4proxy.upstream import h2_wire as w
-from sigv4proxy.upstream.base import wake
+from sigv4proxy.upstream.base import OnChange, wake
 from sigv4proxy.upstream.hpack_decode import HeaderBlockDecoder, HpackDecodeError
 
 if TYPE_CHECKING:
@@ -57,7 +57,7 @@ class FrameReceiver:
         _peer_max_header_list: int | None
         _remote_settings_seen: bool
         _local_settings_acked: bool
-        _on_change: Callable[[], None]
+        _on_change: OnChange
 
         def consumed(self, stream: _Stream, size: int) -> None: ...
         def _connection_consumed(self, size: int) -> None: ...
@@ -281,7 +281,7 @@ class FrameReceiver:
             wake(stream.window_waiter)
         self._remote_settings_seen = True
         self._check_ready()
-        self._on_change()
+        self._on_change(self)
 
     def _on_ping(self, flags: int, stream_id: int, payload: bytes) -> None:
         if stream_id != 0:

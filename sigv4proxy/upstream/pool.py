@@ -13,6 +13,7 @@ import ssl
 from collections import deque
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 
 from sigv4proxy.errors import Overloaded, ProxyError, RetryableStreamError, UpstreamConnectError
 from sigv4proxy.upstream.base import (
@@ -65,11 +66,14 @@ class _TrackedBody:
 
 
 class _OriginPool:
-    __slots__ = ("origin", "connections", "waiters", "connecting", "protocol", "woken")
+    __slots__ = ("origin", "connections", "ready", "waiters", "connecting", "protocol", "woken")
 
     def __init__(self, origin: Origin) -> None:
         self.origin = origin
-        self.connections: list[Connection] = []
+        self.connections: dict[Connection, None] = {}  # open and handed out (an ordered set)
+        # Listed connections that had a free slot when they last reported (may hold some that
+        # filled since): `pick` is O(1) however many HTTP/1.1 sockets are open.
+        self.ready: dict[Connection, None] = {}
         self.waiters: deque[asyncio.Future[bool]] = deque()
         self.connecting = 0
         # Waiters told a slot is free that have not run yet: the slot is theirs. Without this
@@ -82,15 +86,30 @@ class _OriginPool:
             self.protocol = "h2" if origin.protocol == "h2" else "http1"
 
     def pick(self) -> Connection | None:
-        for conn in self.connections:
+        ready = self.ready
+        while ready:
+            conn = next(iter(ready))
             if conn.is_available():
                 return conn
+            del ready[conn]  # full since it reported: it reports again when a slot frees
         return None
+
+    def changed(self, conn: Connection) -> None:
+        """A connection reported a freed slot, readiness or its close. One still being opened
+        is not listed yet: the request that opened it gets its first slot."""
+        if conn.is_closed():
+            self.forget(conn)
+        elif conn.is_available() and conn in self.connections:
+            self.ready[conn] = None
+
+    def forget(self, conn: Connection) -> None:
+        self.ready.pop(conn, None)
+        self.connections.pop(conn, None)
 
     def free_slots(self, limit: int) -> int:
         """Requests the connections could take now, plus the connections we may still open."""
         free = 0
-        for conn in self.connections:
+        for conn in self.ready:
             free += conn.capacity()
         if self.can_open(limit):
             free += limit - len(self.connections) - self.connecting if self.protocol == "http1" else 1
@@ -178,6 +197,7 @@ class ConnectionPool:
             for conn in list(pool.connections):
                 await conn.aclose()
             pool.connections.clear()
+            pool.ready.clear()
         self._pools.clear()
 
     # --- acquiring a slot ---
@@ -243,18 +263,18 @@ class ConnectionPool:
                 opened.transport.abort()
                 raise
             factory = self._h2_factory if protocol == "h2" else HTTP1Connection
-            conn = factory(origin, timeouts, lambda: self._on_change(pool))
+            conn = factory(origin, timeouts, partial(self._on_change, pool))
             opened.attach(conn)  # type: ignore[arg-type]
             await conn.wait_ready(max(0.0, deadline - loop.time()))
             # listed only now, so the request that opened it gets the first slot (FIFO)
-            pool.connections.append(conn)
+            pool.connections[conn] = None
+            pool.ready[conn] = None
             pool.protocol = protocol
             return conn
         except BaseException as exc:
             if conn is not None:
                 await conn.aclose()
-                if conn in pool.connections:
-                    pool.connections.remove(conn)
+                pool.forget(conn)
             pool.connecting -= 1
             conn = None
             if isinstance(exc, ProxyError) and not pool.connections and not pool.connecting:
@@ -274,9 +294,8 @@ class ConnectionPool:
         return context
 
     # --- wake-ups (synchronous) ---
-    def _on_change(self, pool: _OriginPool) -> None:
-        if any(conn.is_closed() for conn in pool.connections):
-            pool.connections = [conn for conn in pool.connections if not conn.is_closed()]
+    def _on_change(self, pool: _OriginPool, conn: Connection) -> None:
+        pool.changed(conn)
         self._wake_if_capacity(pool)
 
     def _wake_if_capacity(self, pool: _OriginPool) -> None:
