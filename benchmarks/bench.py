@@ -223,6 +223,7 @@ class Bench:
         row.non_2xx, row.socket_errors = result.non_2xx, result.socket_errors
         row.cpu_us_per_req = cpu_us_per_request(sampler.cpu_seconds(), result.requests)
         row.peak_rss_kib = sampler.peak_rss_kib()
+        row.largest_process_rss_kib = sampler.largest_process_rss_kib()
         print(f" {row.rps:>10,.0f} rps  p99 {row.p99_us / 1000:7.2f} ms  {row.check}",
               file=sys.stderr)
         return row
@@ -254,7 +255,8 @@ class Bench:
                  "h2c and over TLS (the ceiling for proxy-w2-h2tls). CPU and peak "
                  "RSS are the measured server's process tree (upstream for direct rows, proxy for "
                  "the others); peak RSS is per case (VmHWM reset at its start, summed over "
-                 "processes). FLAGGED rows had errors and are not results.")
+                 "processes); largest process is one process's peak (the fullest worker). "
+                 "FLAGGED rows had errors and are not results.")
         table = markdown_table(self.rows)
         (out / "bench.md").write_text(f"# {title}\n\n{table}\n\n{notes}\n")
         meta = {"mode": mode, "upstream": upstream_kind, "duration_s": self.duration,

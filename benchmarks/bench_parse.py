@@ -191,12 +191,21 @@ def cpu_us_per_request(cpu_seconds: float, requests: int) -> float | None:
     return cpu_seconds * 1e6 / requests if requests > 0 else None
 
 
-def peak_rss_kib(samples: list[dict[int, tuple[int, int]]]) -> int:
-    """Peak resident memory of a process tree: per pid the max of sampled VmRSS and VmHWM,
-    summed over pids (workers each hold their own memory). The sampler resets VmHWM when a case
+def peak_rss_by_pid(samples: list[dict[int, tuple[int, int]]]) -> dict[int, int]:
+    """Per pid the max of its sampled VmRSS and VmHWM. The sampler resets VmHWM when a case
     starts, so this is the case's peak where the kernel allows it."""
     per_pid: dict[int, int] = {}
     for sample in samples:
         for pid, (rss, hwm) in sample.items():
             per_pid[pid] = max(per_pid.get(pid, 0), rss, hwm)
-    return sum(per_pid.values())
+    return per_pid
+
+
+def peak_rss_kib(samples: list[dict[int, tuple[int, int]]]) -> int:
+    """Peak resident memory of a process tree, summed over pids (workers each hold their own)."""
+    return sum(peak_rss_by_pid(samples).values())
+
+
+def largest_process_rss_kib(samples: list[dict[int, tuple[int, int]]]) -> int:
+    """The largest single process's peak: for a proxy with workers, the fullest worker."""
+    return max(peak_rss_by_pid(samples).values(), default=0)

@@ -18,8 +18,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench_parse import (ProcStat, cpu_seconds_between, parse_proc_stat, parse_proc_status_memory,
-                         peak_rss_kib, tree_members)
+from bench_parse import (ProcStat, cpu_seconds_between, largest_process_rss_kib, parse_proc_stat,
+                         parse_proc_status_memory, peak_rss_kib, tree_members)
 
 LOOPBACK = "127.0.0.1"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -208,6 +208,9 @@ class TreeSampler:
 
     def peak_rss_kib(self) -> int:
         return peak_rss_kib(self.memory_samples)
+
+    def largest_process_rss_kib(self) -> int:
+        return largest_process_rss_kib(self.memory_samples)
 
     def reset_peaks(self, pids) -> None:
         """Restart each process's VmHWM at its current RSS, so a case's peak is its own and not

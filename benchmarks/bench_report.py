@@ -25,7 +25,8 @@ class Row:
     non_2xx: int = 0
     socket_errors: int = 0
     cpu_us_per_req: float | None = None
-    peak_rss_kib: int | None = None
+    peak_rss_kib: int | None = None  # the process tree's, summed
+    largest_process_rss_kib: int | None = None  # one process's (the fullest worker)
     problem: str = ""  # why this row is not a valid measurement ("" when it is)
     ratios: dict[str, float | None] = field(default_factory=dict)
 
@@ -78,7 +79,7 @@ def _times(row: Row, name: str) -> str:
 
 
 HEADER = ("| target | case | RPS | RPS vs direct | p50 ms | p99 ms | p99 vs direct | CPU µs/req "
-          "| CPU vs direct | peak RSS MiB | RSS vs direct | check |")
+          "| CPU vs direct | peak RSS MiB | RSS vs direct | largest process MiB | check |")
 
 
 def markdown_table(rows: list[Row]) -> str:
@@ -92,9 +93,11 @@ def markdown_table(rows: list[Row]) -> str:
                 _num(row.cpu_us_per_req, ".0f"), _times(row, "cpu_us_per_req"),
                 _num(None if row.peak_rss_kib is None else row.peak_rss_kib / 1024, ".1f"),
                 _times(row, "peak_rss_kib"),
+                _num(None if row.largest_process_rss_kib is None else
+                     row.largest_process_rss_kib / 1024, ".1f"),
             ]
         else:
-            cells = ["✗"] + ["—"] * 8
+            cells = ["✗"] + ["—"] * 9
         lines.append("| " + " | ".join([row.target, row.case, *cells, row.check]) + " |")
     return "\n".join(lines)
 

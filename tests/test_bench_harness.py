@@ -184,6 +184,8 @@ def test_cpu_and_rss_accounting():
     assert bench_parse.cpu_us_per_request(1.2, 0) is None
     samples = [{1: (1000, 1200), 2: (500, 500)}, {1: (1100, 1200), 2: (800, 800), 3: (50, 60)}]
     assert bench_parse.peak_rss_kib(samples) == 1200 + 800 + 60
+    assert bench_parse.largest_process_rss_kib(samples) == 1200  # pid 1's VmHWM beats its VmRSS
+    assert bench_parse.largest_process_rss_kib([]) == 0
 
 
 def test_tree_sampler_measures_a_real_worker():
@@ -208,6 +210,8 @@ def test_tree_sampler_measures_a_real_worker():
         assert len(sampler.last_ticks) == 2
         assert 0.3 <= sampler.cpu_seconds() <= 1.3
         assert sampler.peak_rss_kib() > 40 * 1024
+        # the child alone holds the 40 MiB: the largest process is less than the tree's sum
+        assert 40 * 1024 < sampler.largest_process_rss_kib() < sampler.peak_rss_kib()
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=5)
@@ -356,7 +360,7 @@ def test_table_flags_errors_and_computes_ratios():
         Row("direct-h1", "GET c32", "wrk", None, requests=10000, rps=1000.0, p50_us=100,
             p99_us=400, cpu_us_per_req=10.0, peak_rss_kib=2048),
         Row("proxy-w1-h1", "GET c32", "wrk", "direct-h1", requests=5000, rps=500.0, p50_us=300,
-            p99_us=1000, cpu_us_per_req=120.0, peak_rss_kib=8192),
+            p99_us=1000, cpu_us_per_req=120.0, peak_rss_kib=8192, largest_process_rss_kib=6144),
         Row("proxy-w2-h1", "GET c32", "wrk", "direct-h1", requests=90000, rps=90000.0, p50_us=1,
             p99_us=2, non_2xx=7),
         Row("peer:go", "GET c32", "wrk", "direct-h1", problem="preflight GET: HTTP 403"),
@@ -366,7 +370,7 @@ def test_table_flags_errors_and_computes_ratios():
     assert rows[2].ratios == {} and rows[3].ratios == {}
     table = markdown_table(rows).splitlines()
     assert len({line.count("|") for line in table}) == 1  # every line has the same columns
-    assert "| proxy-w1-h1 | GET c32 | 500 | ×0.50 | 0.30 | 1.00 | ×2.50 | 120 | ×12.00 | 8.0 | ×4.00 | ok |" in table
+    assert "| proxy-w1-h1 | GET c32 | 500 | ×0.50 | 0.30 | 1.00 | ×2.50 | 120 | ×12.00 | 8.0 | ×4.00 | 6.0 | ok |" in table
     flagged = next(line for line in table if line.startswith("| proxy-w2-h1"))
     assert "90,000" not in flagged and "FLAGGED: 7 non-2xx" in flagged
     assert "FLAGGED: preflight GET: HTTP 403" in table[-1]
