@@ -365,13 +365,28 @@ def from_sources(flags: Mapping[str, Any] | None = None, env: Mapping[str, str] 
     return config
 
 
+# Header names --add-header may not set: the signer's own, Host, and per-hop framing.
+_NOT_ADDABLE = frozenset({
+    "host", "authorization", "x-amz-date", "x-amz-security-token", "x-amz-content-sha256",
+    "x-amz-region-set", "content-length", "transfer-encoding", "connection", "keep-alive",
+    "proxy-connection", "te", "trailer", "upgrade", "expect",
+})
+
+
 def _validate(config: ProxyConfig) -> None:
     config.listen_addr
     config.admin_addr
     for item in config.add_header:
-        name, sep, _ = item.partition("=")
+        name, sep, value = item.partition("=")
         if not sep or not name.strip():
             raise ConfigError(f"add_header: expected NAME=VALUE, got {item!r}")
+        if name.strip().lower() in _NOT_ADDABLE:
+            raise ConfigError(f"add_header: {name.strip()!r} is set by the proxy or per hop; it "
+                              "cannot be added")
+        try:
+            (name + value).encode("latin-1")
+        except UnicodeEncodeError:
+            raise ConfigError(f"add_header: {name.strip()!r} is not Latin-1 text") from None
     if config.upstream is not None and not config.upstream.startswith(("http://", "https://")):
         raise ConfigError("upstream: must be an http:// or https:// URL")
     if config.ca_bundle is not None and not os.path.isfile(config.ca_bundle):

@@ -59,6 +59,10 @@ _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 # from upstreams). Sentinels never equal a real name: both hold a NUL.
 _DROPPED, _CONTENT_LENGTH = "\x00drop", "\x00length"
 _NAME_CACHE_LIMIT = 1024
+# What prepare() does with a request header, learned once per raw name spelling (bounded).
+_FORWARD, _DROP, _HOST, _UPGRADE, _CONNECTION, _EXPECT, _TE = range(7)
+_REQUEST_ACTIONS = {"host": _HOST, "upgrade": _UPGRADE, "connection": _CONNECTION,
+                    "expect": _EXPECT, "te": _TE}
 # A declared body up to this size is read whole (bounded memory: at most this per request) and
 # handed on as bytes: the upstream then sends head and body in one write, with no send task, and
 # can replay it on a refused stream. Larger or chunked bodies stream.
@@ -159,8 +163,11 @@ class ProxyHandler:
         self._clock = clock
         # Header rules precomputed once (drop-in options of the Go sidecar).
         self._response_names: dict[bytes, str] = {}
+        self._request_names: dict[bytes, tuple[bytes, int, bytes | None]] = {}
+        self._signed_names: dict[object, frozenset[bytes]] = {}  # per signer
         self._drop = DROP_REQUEST | {h.lower() for h in strip_headers}
-        self._add = [(n.strip().lower(), v.strip()) for n, v in add_headers]
+        self._add = [(n.strip().lower().encode("latin-1"), v.strip().encode("latin-1"))
+                     for n, v in add_headers]
         self._duplicate = {h.lower(): "x-original-" + h.lower() for h in duplicate_headers}
         self._access_log = access_log
         self.inflight = 0
@@ -195,34 +202,37 @@ class ProxyHandler:
         """
         if method == "CONNECT":
             raise MethodNotSupported("CONNECT is not supported (VPC Lattice does not tunnel)")
-        headers: list[tuple[str, str]] = []
+        # Forwarded headers stay bytes (lowercase names): only the few the signer signs are
+        # decoded for it.
+        headers: list[tuple[bytes, bytes]] = []
         host_header: str | None = None
-        drop = self._drop
-        duplicate = self._duplicate
-        connection_tokens: set[str] | None = None
+        names = self._request_names
+        connection_tokens: set[bytes] | None = None
         expect_continue = False
         for name_b, value_b in raw_headers:
-            name = name_b.decode("latin-1").lower()
-            if duplicate and name in duplicate:
-                headers.append((duplicate[name], value_b.decode("latin-1")))
-            if name in drop:
-                if name == "host":
-                    if host_header is not None:
-                        raise BadRequest("more than one Host header")
-                    host_header = value_b.decode("latin-1")
-                elif name == "upgrade":
-                    raise BadRequest("protocol upgrade is not supported")
-                elif name == "connection":
-                    tokens = {t.strip().lower() for t in value_b.decode("latin-1").split(",")}
-                    connection_tokens = (connection_tokens or set()) | tokens
-                elif name == "expect":
-                    expect_continue = value_b.lower() == b"100-continue"
-                elif name == "te" and keep_te_trailers and value_b.strip().lower() == b"trailers":
-                    headers.append(("te", "trailers"))
-                continue
-            headers.append((name, value_b.decode("latin-1")))
+            known = names.get(name_b)
+            if known is None:
+                known = self._request_name(name_b)
+            lname, action, copy_as = known
+            if copy_as is not None:
+                headers.append((copy_as, value_b))
+            if action == _FORWARD:
+                headers.append((lname, value_b))
+            elif action == _HOST:
+                if host_header is not None:
+                    raise BadRequest("more than one Host header")
+                host_header = value_b.decode("latin-1")
+            elif action == _UPGRADE:
+                raise BadRequest("protocol upgrade is not supported")
+            elif action == _CONNECTION:
+                tokens = {t.strip().lower() for t in value_b.split(b",")}
+                connection_tokens = (connection_tokens or set()) | tokens
+            elif action == _EXPECT:
+                expect_continue = value_b.lower() == b"100-continue"
+            elif action == _TE and keep_te_trailers and value_b.strip().lower() == b"trailers":
+                headers.append((b"te", b"trailers"))
         if connection_tokens:
-            connection_tokens -= {"close", "keep-alive"}
+            connection_tokens -= {b"close", b"keep-alive"}
             headers = [h for h in headers if h[0] not in connection_tokens]
         if self._add:
             headers.extend(self._add)
@@ -238,13 +248,20 @@ class ProxyHandler:
         # Sign: the credentials snapshot raises CredentialsUnavailable (503) when there are none.
         creds = self._credentials.snapshot()
         path, _, query = target.partition("?")
+        signer = route.signer
+        signed = self._signed_names.get(signer)
+        if signed is None:
+            signed = self._signed_names[signer] = frozenset(
+                n.encode("latin-1") for n in signer.signed_header_names)
+        # host travels as :authority / Host (never in `headers`); the rest only if signed
+        to_sign = [("host", route.authority)]
+        if len(signed) > 1:
+            to_sign += [(n.decode("latin-1"), v.decode("latin-1")) for n, v in headers if n in signed]
         sign_started = time.perf_counter()
-        headers.append(("host", route.authority))
-        added = route.signer.sign(method, path, query, headers, creds, self._clock())
+        added = signer.sign(method, path, query, to_sign, creds, self._clock())
         sign_done = time.perf_counter()
-        headers.pop()  # host travels as :authority / Host, never twice
-        upstream_headers = [(n.encode("latin-1"), v.encode("latin-1")) for n, v in headers]
-        upstream_headers.extend((n.encode("ascii"), v.encode("ascii")) for n, v in added)
+        headers.extend([(n.encode("ascii"), v.encode("ascii")) for n, v in added])
+        upstream_headers = headers
         return PreparedRequest(route, upstream_headers, expect_continue, sign_started, sign_done)
 
     async def _proxy(self, request: web.BaseRequest, started: float) -> tuple[web.StreamResponse, str]:
@@ -320,6 +337,19 @@ class ProxyHandler:
             self._log_access(request, started, upstream.status, route_name, first_byte - prepared.sign_done,
                              upstream.http_version, sent, None if complete else "response_aborted")
         return response, route_name
+
+    def _request_name(self, name_b: bytes) -> tuple[bytes, int, bytes | None]:
+        """(lowercase name, what to do with it, name of its --duplicate-header copy or None);
+        remembered per raw spelling (bounded: names come from clients)."""
+        name = name_b.decode("latin-1").lower()
+        action = _FORWARD
+        if name in self._drop:
+            action = _REQUEST_ACTIONS.get(name, _DROP)
+        copy_as = self._duplicate.get(name)
+        known = (name.encode("latin-1"), action, None if copy_as is None else copy_as.encode("latin-1"))
+        if len(self._request_names) < _NAME_CACHE_LIMIT:
+            self._request_names[bytes(name_b)] = known
+        return known
 
     def _response_name(self, name_b: bytes) -> str:
         """A response header name as forwarded, or _DROPPED / _CONTENT_LENGTH; remembered (bounded)."""

@@ -209,8 +209,10 @@ class SigV4Signer:
         self.double_encode_path = double_encode_path
         self.content_sha256_header = content_sha256_header
         self.extra_signed_headers = _validated_extra_names(extra_signed_headers)
-        self._kinds: dict[str, int] = {name: _SIGNED
-                                       for name in self.extra_signed_headers | {"host"}}
+        # Every header name this signer signs when present (lowercase): a caller may pass only
+        # the headers with these names, since all others are skipped anyway.
+        self.signed_header_names = self.extra_signed_headers | {"host"}
+        self._kinds: dict[str, int] = {name: _SIGNED for name in self.signed_header_names}
         self._kinds.update({name: _OWN for name in _OWN_HEADERS | self._own_header_names()})
         self._name_memo: dict[str, str] = {}  # raw name -> lowercase if signed, else ""
         self._layouts: dict[tuple[str, ...], tuple[list[str], str, list[str]]] = {}

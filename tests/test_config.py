@@ -85,6 +85,11 @@ def test_file_routes_mapping(tmp_path):
         ({"upstream": "ftp://x"}, "upstream"),
         ({"route": ["nopattern"]}, "route"),
         ({"verify_tls": "perhaps"}, "verify_tls"),
+        ({"add_header": ["x-team"]}, "add_header"),
+        ({"add_header": ["X-Amz-Date=20240101T000000Z"]}, "add_header"),  # the signer's own
+        ({"add_header": ["Host=elsewhere.example"]}, "add_header"),
+        ({"add_header": ["transfer-encoding=chunked"]}, "add_header"),
+        ({"add_header": ["x-team=\u20ac"]}, "add_header"),  # not Latin-1: never sendable
     ],
 )
 def test_bad_values_name_the_key(source, key):

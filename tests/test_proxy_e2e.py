@@ -136,6 +136,27 @@ async def test_repeated_headers_in_order_and_client_signing_headers_replaced(sim
     assert [v for n, v in received if n.lower() == "x-amz-content-sha256"] == ["UNSIGNED-PAYLOAD"]
 
 
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+async def test_header_options_and_extra_signed_headers_verify(sim, client, protocol):
+    """--add-header, --strip-header, --duplicate-header and extra signed headers together: the
+    simulator recomputes the signature over what arrived (x-team and content-type included)."""
+    headers = [("Host", LATTICE_HOST), ("Content-Type", "application/json"),
+               ("Authorization", "Bearer app-token"), ("X-Secret", "drop-me"), ("Accept", "*/*")]
+    async with running_proxy(**via(sim, protocol, add_header=("x-team=pay",),
+                                   strip_header=("X-Secret",), duplicate_header=("Authorization",),
+                                   extra_signed_headers=("x-team", "content-type"))) as proxy:
+        resp, body = await get_json(client, f"http://127.0.0.1:{proxy.port}/opts",
+                                    headers=CIMultiDict(headers))
+    assert resp.status == 200, body
+    echo = json.loads(body)
+    assert {"x-team", "content-type", "host"} <= set(echo["signed_headers"])
+    received = [(n.lower(), v) for n, v in echo["headers"]]
+    assert ("x-team", "pay") in received and ("content-type", "application/json") in received
+    assert ("x-original-authorization", "Bearer app-token") in received
+    assert all(n != "x-secret" for n, _ in received)
+    assert len([n for n, _ in received if n == "authorization"]) == 1  # ours (the echo redacts it)
+
+
 @pytest.mark.parametrize("protocol", PROTOCOLS + ["h2-reference"])
 async def test_big_bodies_stream_both_ways(sim, client, protocol):
     size = 24 * 1024 * 1024
