@@ -1,7 +1,7 @@
 """The request path: inbound request → route → sign → upstream → streamed response.
 
-Owns: header hygiene (hop-by-hop and client-supplied signing headers dropped), the one place where
-typed errors become HTTP responses, and per-request stage timings handed to metrics. Must never:
+Owns: the HTTP/1.1 request's path (hygiene, routing and signing via `request_prep`), reading the
+request body, streaming the response back, the one place where typed errors become HTTP responses, and per-request stage timings handed to metrics. Must never:
 forward a request unsigned, put a secret or header value in an error body or log, buffer a body
 whole, or log per request above debug.
 """
@@ -12,7 +12,6 @@ import asyncio
 import logging
 import time
 import weakref
-from dataclasses import dataclass
 from typing import AsyncIterator, Awaitable, Callable, Iterable
 
 from aiohttp import StreamReader, web
@@ -31,23 +30,12 @@ from sigv4proxy.errors import (
     RequestTimeout,
 )
 from sigv4proxy.metrics import Metrics
-from sigv4proxy.routing import Router, Target
+from sigv4proxy.request_prep import HOP_BY_HOP, RequestPreparer, split_target
+from sigv4proxy.routing import Router
 from sigv4proxy.upstream.pool import ConnectionPool
 
 log = logging.getLogger("sigv4proxy.handler")
 
-# RFC 9110 §7.6.1 hop-by-hop headers, plus proxy-only ones; never forwarded in either direction.
-HOP_BY_HOP = frozenset(
-    {
-        "connection", "keep-alive", "proxy-connection", "proxy-authenticate", "proxy-authorization",
-        "te", "trailer", "transfer-encoding", "upgrade", "http2-settings", "expect",
-    }
-)
-# The proxy is the only signer: whatever the client sent for these is dropped.
-SIGNING_HEADERS = frozenset(
-    {"authorization", "x-amz-date", "x-amz-security-token", "x-amz-content-sha256", "x-amz-region-set"}
-)
-DROP_REQUEST = HOP_BY_HOP | SIGNING_HEADERS | {"host"}
 DROP_RESPONSE = HOP_BY_HOP | {"content-length"}
 ERROR_HEADER = "x-sigv4proxy-error"
 # Inbound parser limits (bytes). A header line over MAX_HEADER_FIELD is 431; the request line has
@@ -59,10 +47,6 @@ _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 # from upstreams). Sentinels never equal a real name: both hold a NUL.
 _DROPPED, _CONTENT_LENGTH = "\x00drop", "\x00length"
 _NAME_CACHE_LIMIT = 1024
-# What prepare() does with a request header, learned once per raw name spelling (bounded).
-_FORWARD, _DROP, _HOST, _UPGRADE, _CONNECTION, _EXPECT, _TE = range(7)
-_REQUEST_ACTIONS = {"host": _HOST, "upgrade": _UPGRADE, "connection": _CONNECTION,
-                    "expect": _EXPECT, "te": _TE}
 # A declared body up to this size is read whole (bounded memory: at most this per request) and
 # handed on as bytes: the upstream then sends head and body in one write, with no send task, and
 # can replay it on a refused stream. Larger or chunked bodies stream.
@@ -80,38 +64,6 @@ def _stall(content: StreamReader) -> None:
 
 
 _STALLED = "request body stalled: nothing arrived for --read-timeout"
-
-
-def _split_target(raw: str) -> tuple[str | None, str]:
-    """(authority or None, origin-form path?query) from a request target."""
-    if raw.startswith("/"):
-        return None, raw
-    lower = raw[:8].lower()
-    if lower.startswith("http://") or lower.startswith("https://"):
-        rest = raw.split("://", 1)[1]
-        slash = rest.find("/")
-        question = rest.find("?")
-        cut = min(i for i in (slash, question, len(rest)) if i >= 0)
-        authority, path = rest[:cut], rest[cut:]
-        if not authority:
-            raise BadRequest("absolute-form target without a host")
-        if "#" in path:
-            raise BadRequest("fragment in request target")
-        if not path.startswith("/"):
-            path = "/" + path
-        return authority, path
-    raise BadRequest("unsupported request target form")
-
-
-@dataclass(slots=True)
-class PreparedRequest:
-    """A request after hygiene, routing and signing: what goes to `ConnectionPool.request`."""
-
-    route: Target
-    headers: list[tuple[bytes, bytes]]  # cleaned + signed, names lowercase, no Host
-    expect_continue: bool
-    sign_started: float  # perf_counter stamps for the stage timings
-    sign_done: float
 
 
 class _ProxiedResponse(web.StreamResponse):
@@ -152,8 +104,6 @@ class ProxyHandler:
         body_timeout: float = 60.0,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        self._router = router
-        self._credentials = credentials
         self._pool = pool
         self._metrics = metrics
         self._max_body = max_body_size
@@ -161,14 +111,11 @@ class ProxyHandler:
         self._transparent = transparent
         self._body_timeout = body_timeout  # longest client silence mid-body (408 after)
         self._clock = clock
-        # Header rules precomputed once (drop-in options of the Go sidecar).
-        self._response_names: dict[bytes, str] = {}
-        self._request_names: dict[bytes, tuple[bytes, int, bytes | None]] = {}
-        self._signed_names: dict[object, frozenset[bytes]] = {}  # per signer
-        self._drop = DROP_REQUEST | {h.lower() for h in strip_headers}
-        self._add = [(n.strip().lower().encode("latin-1"), v.strip().encode("latin-1"))
-                     for n, v in add_headers]
-        self._duplicate = {h.lower(): "x-original-" + h.lower() for h in duplicate_headers}
+        self._response_names: dict[bytes, str] = {}  # raw name -> forwarded name (bounded)
+        # Hygiene, routing and signing, shared with the HTTP/2 inbound path.
+        self.prepare = RequestPreparer(
+            router, credentials, max_body_size=max_body_size, strip_headers=strip_headers,
+            add_headers=add_headers, duplicate_headers=duplicate_headers, clock=clock).prepare
         self._access_log = access_log
         self.inflight = 0
         # Original destination per inbound connection (transparent mode), read once.
@@ -190,85 +137,11 @@ class ProxyHandler:
         finally:
             self.inflight -= 1
 
-    def prepare(self, method: str, authority: str | None, target: str,
-                raw_headers: Iterable[tuple[bytes, bytes]], content_length: int | None,
-                original_dst: tuple[str, int] | None = None, *,
-                keep_te_trailers: bool = False) -> PreparedRequest:
-        """Header hygiene, route, body-size check and signing: shared by both inbound paths.
-
-        `authority` is the absolute-form authority (HTTP/1.1) or `:authority` (HTTP/2); a Host
-        header must agree with it. `target` is origin-form. `keep_te_trailers` keeps
-        `te: trailers` on the wire (HTTP/2, gRPC); the signer never signs `te`.
-        """
-        if method == "CONNECT":
-            raise MethodNotSupported("CONNECT is not supported (VPC Lattice does not tunnel)")
-        # Forwarded headers stay bytes (lowercase names): only the few the signer signs are
-        # decoded for it.
-        headers: list[tuple[bytes, bytes]] = []
-        host_header: str | None = None
-        names = self._request_names
-        connection_tokens: set[bytes] | None = None
-        expect_continue = False
-        for name_b, value_b in raw_headers:
-            known = names.get(name_b)
-            if known is None:
-                known = self._request_name(name_b)
-            lname, action, copy_as = known
-            if copy_as is not None:
-                headers.append((copy_as, value_b))
-            if action == _FORWARD:
-                headers.append((lname, value_b))
-            elif action == _HOST:
-                if host_header is not None:
-                    raise BadRequest("more than one Host header")
-                host_header = value_b.decode("latin-1")
-            elif action == _UPGRADE:
-                raise BadRequest("protocol upgrade is not supported")
-            elif action == _CONNECTION:
-                tokens = {t.strip().lower() for t in value_b.split(b",")}
-                connection_tokens = (connection_tokens or set()) | tokens
-            elif action == _EXPECT:
-                expect_continue = value_b.lower() == b"100-continue"
-            elif action == _TE and keep_te_trailers and value_b.strip().lower() == b"trailers":
-                headers.append((b"te", b"trailers"))
-        if connection_tokens:
-            connection_tokens -= {b"close", b"keep-alive"}
-            headers = [h for h in headers if h[0] not in connection_tokens]
-        if self._add:
-            headers.extend(self._add)
-        if authority is not None:
-            if host_header is not None and host_header.strip().lower() != authority.lower():
-                raise BadRequest("absolute-form target and Host header disagree")
-            host_header = authority
-        route = self._router.resolve(host_header, target, original_dst=original_dst)
-
-        if self._max_body is not None and content_length is not None and content_length > self._max_body:
-            raise PayloadTooLarge("request body exceeds --max-body-size")
-
-        # Sign: the credentials snapshot raises CredentialsUnavailable (503) when there are none.
-        creds = self._credentials.snapshot()
-        path, _, query = target.partition("?")
-        signer = route.signer
-        signed = self._signed_names.get(signer)
-        if signed is None:
-            signed = self._signed_names[signer] = frozenset(
-                n.encode("latin-1") for n in signer.signed_header_names)
-        # host travels as :authority / Host (never in `headers`); the rest only if signed
-        to_sign = [("host", route.authority)]
-        if len(signed) > 1:
-            to_sign += [(n.decode("latin-1"), v.decode("latin-1")) for n, v in headers if n in signed]
-        sign_started = time.perf_counter()
-        added = signer.sign(method, path, query, to_sign, creds, self._clock())
-        sign_done = time.perf_counter()
-        headers.extend([(n.encode("ascii"), v.encode("ascii")) for n, v in added])
-        upstream_headers = headers
-        return PreparedRequest(route, upstream_headers, expect_continue, sign_started, sign_done)
-
     async def _proxy(self, request: web.BaseRequest, started: float) -> tuple[web.StreamResponse, str]:
         method = request.method
         if method == "CONNECT":  # before the target parse: its authority-form target is not a path
             raise MethodNotSupported("CONNECT is not supported (VPC Lattice does not tunnel)")
-        authority, target = _split_target(request.raw_path)
+        authority, target = split_target(request.raw_path)
         original_dst = self._original_destination(request) if self._transparent else None
         prepared = self.prepare(method, authority, target, request.raw_headers, request.content_length,
                                 original_dst)
@@ -337,19 +210,6 @@ class ProxyHandler:
             self._log_access(request, started, upstream.status, route_name, first_byte - prepared.sign_done,
                              upstream.http_version, sent, None if complete else "response_aborted")
         return response, route_name
-
-    def _request_name(self, name_b: bytes) -> tuple[bytes, int, bytes | None]:
-        """(lowercase name, what to do with it, name of its --duplicate-header copy or None);
-        remembered per raw spelling (bounded: names come from clients)."""
-        name = name_b.decode("latin-1").lower()
-        action = _FORWARD
-        if name in self._drop:
-            action = _REQUEST_ACTIONS.get(name, _DROP)
-        copy_as = self._duplicate.get(name)
-        known = (name.encode("latin-1"), action, None if copy_as is None else copy_as.encode("latin-1"))
-        if len(self._request_names) < _NAME_CACHE_LIMIT:
-            self._request_names[bytes(name_b)] = known
-        return known
 
     def _response_name(self, name_b: bytes) -> str:
         """A response header name as forwarded, or _DROPPED / _CONTENT_LENGTH; remembered (bounded)."""
