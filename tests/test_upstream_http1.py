@@ -205,6 +205,27 @@ async def test_closed_connections_leave_the_pool_and_free_their_slot(pool):
         assert server.stats.connections >= 20  # the 20 closes really forced new sockets
 
 
+async def test_idle_timeout_closes_only_connections_idle_that_long(pool):
+    async with H1TestServer() as server:
+        p = pool(timeouts=Timeouts(idle=0.3))
+        origin = http(server.port)
+        loop = asyncio.get_running_loop()
+        end = loop.time() + 1.0
+        while loop.time() < end:  # in steady use across several idle periods: one socket
+            response = await p.request(origin, b"GET", b"/steady", b"h", [])
+            await response.read()
+            await asyncio.sleep(0.1)
+        assert server.stats.connections == 1
+        for _ in range(60):  # bounded: 3 s for a 0.3 s idle timeout
+            if not sum(p.stats().connections.values()):
+                break
+            await asyncio.sleep(0.05)
+        assert sum(p.stats().connections.values()) == 0
+        response = await p.request(origin, b"GET", b"/again", b"h", [])
+        assert json.loads(await response.read())["path"] == "/again"
+    assert server.stats.connections == 2  # the idle one was closed; a new one served this
+
+
 async def test_close_mid_body_makes_the_iterator_raise(pool):
     async with H1TestServer() as server:
         response = await pool().request(http(server.port), b"GET", b"/close-mid/1000000", b"h", [])

@@ -385,6 +385,21 @@ async def test_idle_connections_are_closed(make_pool):
     assert server.stats.connections == 2
 
 
+async def test_a_connection_in_steady_use_outlives_the_idle_timeout(make_pool):
+    """The idle timer is lazy: one armed at the first idle moment must not close a connection
+    that was busy since; only idleness as long as the timeout does."""
+    async with H2TestServer() as server:
+        pool = make_pool(timeouts=Timeouts(idle=0.3))
+        loop = asyncio.get_running_loop()
+        end = loop.time() + 1.0
+        while loop.time() < end:  # bounded: about ten requests in a second
+            response = await pool.request(h2c(server), b"GET", b"/", b"h", [])
+            await response.read()
+            await asyncio.sleep(0.1)
+        assert server.stats.connections == 1
+        await wait_until(lambda: sum(pool.stats().connections.values()) == 0)
+
+
 async def test_stats_count_active_streams(make_pool):
     async with H2TestServer() as server:
         pool = make_pool()

@@ -95,14 +95,29 @@ class ConnectionCore:
     def _idle_expired(self) -> None:
         raise NotImplementedError
 
+    # The idle timer is lazy: going idle stamps the time and starts a timer only if none is
+    # pending; going busy leaves it. When it fires it closes a connection idle long enough, or
+    # waits out the rest. Per request that is a store, not a timer created and cancelled.
     def _arm_idle_timer(self) -> None:
         self._idle_since = self._loop.time()
-        self._idle_timer = self._loop.call_later(self.timeouts.idle, self._idle_expired)
+        if self._idle_timer is None:
+            self._idle_timer = self._loop.call_later(self.timeouts.idle, self._idle_check)
 
-    def _cancel_idle_timer(self) -> None:
+    def _stop_idle_timer(self) -> None:
+        """Closing: no timer outlives the connection."""
         if self._idle_timer is not None:
             self._idle_timer.cancel()
             self._idle_timer = None
+
+    def _idle_check(self) -> None:
+        self._idle_timer = None
+        if self._closed or not self.is_idle():
+            return  # busy: arming again when it next goes idle
+        left = self._idle_since + self.timeouts.idle - self._loop.time()
+        if left > 0:
+            self._idle_timer = self._loop.call_later(left, self._idle_check)
+        else:
+            self._idle_expired()
 
     def _close_transport(self) -> None:
         if self._transport is not None and not self._transport.is_closing():

@@ -218,15 +218,21 @@ class H2ConnectionBase(ConnectionCore):
         if self.timeouts.ping and self._ping_timer is None:
             self._ping_timer = self._loop.call_later(self.timeouts.ping, self._keepalive_ping)
 
-    def _cancel_idle_timer(self) -> None:
-        super()._cancel_idle_timer()
-        if self._ping_timer is not None:  # busy: streams prove liveness (an ACK still awaited stays)
+    def _stop_idle_timer(self) -> None:
+        super()._stop_idle_timer()
+        if self._ping_timer is not None:
             self._ping_timer.cancel()
             self._ping_timer = None
 
     def _keepalive_ping(self) -> None:
+        """Lazy, like the idle timer: busy means streams prove liveness (an ACK still awaited
+        stays awaited); idle for less than the interval waits out the rest."""
         self._ping_timer = None
         if self._closed or self._streams:
+            return
+        quiet = self._loop.time() - self._idle_since
+        if quiet < self.timeouts.ping:
+            self._ping_timer = self._loop.call_later(self.timeouts.ping - quiet, self._keepalive_ping)
             return
         self._pings_sent += 1
         self._ping_payload = self._pings_sent.to_bytes(8, "big")
@@ -258,7 +264,7 @@ class H2ConnectionBase(ConnectionCore):
             return
         self._closed = True
         self._is_ready = False
-        self._cancel_idle_timer()
+        self._stop_idle_timer()
         if self._ping_deadline is not None:
             self._ping_deadline.cancel()
             self._ping_deadline = None

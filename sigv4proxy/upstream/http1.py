@@ -172,7 +172,6 @@ class HTTP1Connection(ConnectionCore, asyncio.Protocol):
         if head.count(b"\n") != line_ends or head.count(b"\r") != line_ends or b"\x00" in head:
             raise BadRequest(_BAD_FIELD)
         exchange = self._exchange = _Exchange(self, method == b"HEAD")
-        self._cancel_idle_timer()
         self._parser.start(method == b"HEAD")
         transport = self._transport
         assert transport is not None
@@ -332,6 +331,6 @@ class HTTP1Connection(ConnectionCore, asyncio.Protocol):
         self._closed = True
         if self._transport is not None and not self._transport.is_closing():
             self._transport.abort()
-        self._cancel_idle_timer()
+        self._stop_idle_timer()
         self._flow.fail(err)
         self._on_change(self)

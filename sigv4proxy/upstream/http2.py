@@ -151,7 +151,6 @@ class H2Connection(H2ConnectionBase, asyncio.Protocol):
         except h2.exceptions.ProtocolError:  # e.g. the peer's stream limit, raced with us
             raise ConnectionNotAvailable("connection refused a new stream") from None
         self._streams[stream_id] = stream
-        self._cancel_idle_timer()
         self._flush()
         if end_stream:
             stream.local_ended = True

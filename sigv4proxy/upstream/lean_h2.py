@@ -101,7 +101,6 @@ class LeanH2Connection(FrameReceiver, H2ConnectionBase, asyncio.Protocol):
         self._next_stream_id += 2
         stream = LeanStream(self, stream_id, self._peer_initial_window, method == b"HEAD")
         self._streams[stream_id] = stream
-        self._cancel_idle_timer()
         frame_size = self._peer_max_frame
         size = len(body) if isinstance(body, (bytes, bytearray, memoryview)) else -1
         if body is None or size == 0:
