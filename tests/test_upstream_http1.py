@@ -226,6 +226,24 @@ async def test_idle_timeout_closes_only_connections_idle_that_long(pool):
     assert server.stats.connections == 2  # the idle one was closed; a new one served this
 
 
+async def test_first_byte_deadline_counts_from_each_request_on_a_reused_socket(pool):
+    """The head deadline is one lazy timer per socket: armed by an earlier request, it must
+    neither cut a later request short nor let it wait longer than its own timeout."""
+    async with H1TestServer() as server:
+        p = pool(timeouts=Timeouts(first_byte=0.5), limits=PoolLimits(max_connections_per_origin=1))
+        origin = http(server.port)
+        response = await p.request(origin, b"GET", b"/quick", b"h", [])
+        await response.read()
+        await asyncio.sleep(0.3)  # the timer armed by /quick is still pending
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        with pytest.raises(UpstreamTimeout):
+            await p.request(origin, b"GET", b"/stall", b"h", [])
+        waited = loop.time() - started
+    assert 0.45 <= waited < 1.5, waited
+    assert server.stats.connections == 1  # the stalled request went out on the reused socket
+
+
 async def test_close_mid_body_makes_the_iterator_raise(pool):
     async with H1TestServer() as server:
         response = await pool().request(http(server.port), b"GET", b"/close-mid/1000000", b"h", [])

@@ -118,6 +118,8 @@ class HTTP1Connection(ConnectionCore, asyncio.Protocol):
     def __init__(self, origin: Origin, timeouts: Timeouts, on_change: OnChange) -> None:
         super().__init__(origin, timeouts, on_change)
         self._exchange: _Exchange | None = None
+        # One lazy timer bounds the wait for response heads (see _arm_head_deadline).
+        self._head_timer: asyncio.TimerHandle | None = None
         self._reading_paused = False
         self._parser = ResponseParser(self._on_head, self._deliver, self._finish)
 
@@ -182,6 +184,7 @@ class HTTP1Connection(ConnectionCore, asyncio.Protocol):
                 transport.write(head)
             exchange.request_sent = True
             exchange.sent_at = self._loop.time()
+            self._arm_head_deadline()
         else:
             transport.write(head)
             exchange.send_task = self._loop.create_task(self._send_body(exchange, body, chunked))
@@ -197,17 +200,32 @@ class HTTP1Connection(ConnectionCore, asyncio.Protocol):
 
     # --- request side ---
     async def _await_head(self, exchange: _Exchange) -> None:
+        # Unbounded here: while uploading, the send task bounds every network wait; once the
+        # request is sent, the connection's head deadline does.
         while exchange.status is None:
             if exchange.error is not None:
                 raise exchange.error
-            timeout = None  # while uploading, the send task bounds every network wait
-            if exchange.request_sent:
-                timeout = exchange.sent_at + self.timeouts.first_byte - self._loop.time()
-                if timeout <= 0:
-                    exchange.fail(UpstreamTimeout("no upstream response in time"))
-                    self.abort()
-                    continue
-            await exchange.wait_event(timeout)
+            await exchange.wait_event(None)
+
+    def _arm_head_deadline(self) -> None:
+        """The first-byte timeout, lazily: requests on one socket are sequential, so a timer
+        pending from an earlier request fires no later than this one's deadline and re-arms.
+        Per request that is no timer made and cancelled."""
+        if self._head_timer is None:
+            self._head_timer = self._loop.call_later(self.timeouts.first_byte, self._check_head)
+
+    def _check_head(self) -> None:
+        self._head_timer = None
+        exchange = self._exchange
+        if self._closed or exchange is None or exchange.status is not None \
+                or not exchange.request_sent:
+            return  # nothing awaited: armed again when the next request is sent
+        left = exchange.sent_at + self.timeouts.first_byte - self._loop.time()
+        if left > 0:
+            self._head_timer = self._loop.call_later(left, self._check_head)
+            return
+        exchange.fail(UpstreamTimeout("no upstream response in time"))
+        self.abort()
 
     async def _send_body(self, exchange: _Exchange, body: bytes | AsyncIterable[bytes],
                          chunked: bool) -> None:
@@ -238,6 +256,7 @@ class HTTP1Connection(ConnectionCore, asyncio.Protocol):
                     transport.write(b"0\r\n\r\n")
             exchange.request_sent = True
             exchange.sent_at = self._loop.time()
+            self._arm_head_deadline()
             if exchange.ended:  # the response finished first: the socket is not reusable
                 self.abort()
             exchange.wake()
@@ -332,5 +351,8 @@ class HTTP1Connection(ConnectionCore, asyncio.Protocol):
         if self._transport is not None and not self._transport.is_closing():
             self._transport.abort()
         self._stop_idle_timer()
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
         self._flow.fail(err)
         self._on_change(self)
