@@ -44,6 +44,12 @@ async def serve_until_signalled(config: config_mod.ProxyConfig, *, reuse_port: b
     await stop.wait()
     log.info("draining", extra={"inflight": app.handler.inflight, "drain_timeout": config.drain_timeout})
     await app.stop()
+    # Stopping already: a repeated SIGTERM/SIGINT (kubelet, docker stop, Ctrl-C twice) during
+    # the remaining teardown must not turn a clean exit into death by signal. Removing ours
+    # first keeps the loop from restoring the default handlers when it closes.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.remove_signal_handler(sig)
+        signal.signal(sig, signal.SIG_IGN)
     log.info("stopped")
     return 0
 

@@ -87,6 +87,40 @@ async def test_sigterm_drains_in_flight_requests_and_exits_zero(sim):
     assert_no_secrets(err)
 
 
+async def test_repeated_sigterm_during_shutdown_still_exits_zero(sim):
+    """kubelet, docker stop or a double Ctrl-C may signal again while the proxy is finishing:
+    once it has stopped serving, more SIGTERMs must not turn exit 0 into death by signal.
+    (A plain Popen: its wait() reaps exactly this pid while we keep signalling it.)"""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sigv4proxy", "serve", "--listen", f"127.0.0.1:{free_port()}",
+         "--admin", f"127.0.0.1:{free_port()}", "--upstream", f"http://127.0.0.1:{sim.port}"],
+        env=proxy_env(), stderr=subprocess.PIPE)
+    try:
+        async def wait_for_log(message: bytes) -> None:
+            for _ in range(200):  # bounded: the proxy logs a handful of lines
+                line = await asyncio.wait_for(asyncio.to_thread(proc.stderr.readline), 20)
+                assert line, f"stderr closed before {message!r}"
+                if message in line:
+                    return
+            raise AssertionError(f"no {message!r} in the log")
+
+        await wait_for_log(b'"listening"')
+        proc.send_signal(signal.SIGTERM)
+        await wait_for_log(b'"stopped"')
+        for _ in range(400):  # keep signalling through the teardown until the process is gone
+            if proc.poll() is not None:
+                break
+            proc.send_signal(signal.SIGTERM)
+            await asyncio.sleep(0.005)
+        returncode = await asyncio.to_thread(proc.wait, 20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+        proc.stderr.close()
+    assert returncode == 0
+
+
 async def test_workers_share_the_port_and_a_crashed_worker_is_restarted(sim):
     proc, port, admin = await start_proxy(sim, "--workers", "2")
     try:
