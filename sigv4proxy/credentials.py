@@ -1,8 +1,9 @@
 """The credential store: the one owner of AWS credentials and their refresh.
 
 Owns: the refresh of credentials from a source (`credential_sources`: botocore's default chain,
-optionally AssumeRole on top, or fixed keys), the refresh schedule (ahead of expiry, jittered, exponential backoff on failure) and the current snapshot that
-the signer reads with no await and no lock.
+optionally AssumeRole on top, or fixed keys), the refresh schedule (ahead of expiry, jittered,
+exponential backoff on failure) and the current snapshot that the signer reads with no await and
+no lock.
 Must never: call botocore on the event loop (its fetches do blocking network I/O, so they run in
 the store's own worker thread), hand out an expired snapshot (it fails closed with
 `CredentialsUnavailable`), or put a secret key, session token or signature in a log, a repr or an

@@ -93,6 +93,7 @@ class ConnectionCore:
         self._flow.resume()
 
     def _idle_expired(self) -> None:
+        """Called by the idle timer on a connection idle (and open) for the whole timeout."""
         raise NotImplementedError
 
     # The idle timer is lazy: going idle stamps the time and starts a timer only if none is
@@ -113,11 +114,14 @@ class ConnectionCore:
         self._idle_timer = None
         if self._closed or not self.is_idle():
             return  # busy: arming again when it next goes idle
-        left = self._idle_since + self.timeouts.idle - self._loop.time()
-        if left > 0:
-            self._idle_timer = self._loop.call_later(left, self._idle_check)
-        else:
+        self._idle_timer = self._timer_until(self._idle_since + self.timeouts.idle, self._idle_check)
+        if self._idle_timer is None:
             self._idle_expired()
+
+    def _timer_until(self, deadline: float, callback: Callable[[], None]) -> asyncio.TimerHandle | None:
+        """A lazy timer's re-arm: `callback` at loop time `deadline`, or None if that has passed."""
+        left = deadline - self._loop.time()
+        return self._loop.call_later(left, callback) if left > 0 else None
 
     def _close_transport(self) -> None:
         if self._transport is not None and not self._transport.is_closing():

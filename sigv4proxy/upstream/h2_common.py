@@ -171,9 +171,7 @@ class H2ConnectionBase(ConnectionCore):
         self._on_change(self)
 
     def _idle_expired(self) -> None:
-        self._idle_timer = None
-        if not self._streams and not self._closed:
-            self.close()
+        self.close()
 
     # --- what the peer tells us ---
     def _check_ready(self) -> None:
@@ -230,9 +228,8 @@ class H2ConnectionBase(ConnectionCore):
         self._ping_timer = None
         if self._closed or self._streams:
             return
-        quiet = self._loop.time() - self._idle_since
-        if quiet < self.timeouts.ping:
-            self._ping_timer = self._loop.call_later(self.timeouts.ping - quiet, self._keepalive_ping)
+        self._ping_timer = self._timer_until(self._idle_since + self.timeouts.ping, self._keepalive_ping)
+        if self._ping_timer is not None:
             return
         self._pings_sent += 1
         self._ping_payload = self._pings_sent.to_bytes(8, "big")

@@ -220,9 +220,8 @@ class HTTP1Connection(ConnectionCore, asyncio.Protocol):
         if self._closed or exchange is None or exchange.status is not None \
                 or not exchange.request_sent:
             return  # nothing awaited: armed again when the next request is sent
-        left = exchange.sent_at + self.timeouts.first_byte - self._loop.time()
-        if left > 0:
-            self._head_timer = self._loop.call_later(left, self._check_head)
+        self._head_timer = self._timer_until(exchange.sent_at + self.timeouts.first_byte, self._check_head)
+        if self._head_timer is not None:
             return
         exchange.fail(UpstreamTimeout("no upstream response in time"))
         self.abort()
@@ -334,9 +333,7 @@ class HTTP1Connection(ConnectionCore, asyncio.Protocol):
 
     # --- plumbing ---
     def _idle_expired(self) -> None:
-        self._idle_timer = None
-        if self._exchange is None:
-            self._close_quietly()
+        self._close_quietly()
 
     def _close_quietly(self) -> None:
         self._close_transport()
