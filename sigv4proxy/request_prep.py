@@ -157,8 +157,7 @@ class RequestPreparer:
         added = signer.sign(method, path, query, to_sign, creds, self._clock())
         sign_done = time.perf_counter()
         headers.extend([(n.encode("ascii"), v.encode("ascii")) for n, v in added])
-        upstream_headers = headers
-        return PreparedRequest(route, upstream_headers, expect_continue, sign_started, sign_done)
+        return PreparedRequest(route, headers, expect_continue, sign_started, sign_done)
 
     def _request_name(self, name_b: bytes) -> tuple[bytes, int, bytes | None]:
         """(lowercase name, what to do with it, name of its --duplicate-header copy or None);
