@@ -18,6 +18,8 @@ from typing import Any, Callable, Iterable, Mapping
 
 import yaml
 
+from sigv4proxy.header_rules import NOT_ADDABLE
+
 ENV_PREFIX = "SIGV4PROXY_"
 LATTICE_SERVICE = "vpc-lattice-svcs"
 DEFAULT_ALLOW_HOSTS = ("*.vpc-lattice-svcs.*.on.aws",)
@@ -365,14 +367,6 @@ def from_sources(flags: Mapping[str, Any] | None = None, env: Mapping[str, str] 
     return config
 
 
-# Header names --add-header may not set: the signer's own, Host, and per-hop framing.
-_NOT_ADDABLE = frozenset({
-    "host", "authorization", "x-amz-date", "x-amz-security-token", "x-amz-content-sha256",
-    "x-amz-region-set", "content-length", "transfer-encoding", "connection", "keep-alive",
-    "proxy-connection", "te", "trailer", "upgrade", "expect",
-})
-
-
 def _validate(config: ProxyConfig) -> None:
     config.listen_addr
     config.admin_addr
@@ -380,7 +374,7 @@ def _validate(config: ProxyConfig) -> None:
         name, sep, value = item.partition("=")
         if not sep or not name.strip():
             raise ConfigError(f"add_header: expected NAME=VALUE, got {item!r}")
-        if name.strip().lower() in _NOT_ADDABLE:
+        if name.strip().lower() in NOT_ADDABLE:
             raise ConfigError(f"add_header: {name.strip()!r} is set by the proxy or per hop; it "
                               "cannot be added")
         try:

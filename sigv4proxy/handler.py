@@ -31,7 +31,8 @@ from sigv4proxy.errors import (
     RequestTimeout,
 )
 from sigv4proxy.metrics import Metrics
-from sigv4proxy.request_prep import HOP_BY_HOP, RequestPreparer, split_target
+from sigv4proxy.header_rules import HOP_BY_HOP
+from sigv4proxy.request_prep import RequestPreparer, split_target
 from sigv4proxy.routing import Router
 from sigv4proxy.upstream.pool import ConnectionPool
 

@@ -14,20 +14,8 @@ from typing import Callable, Iterable
 
 from sigv4proxy.credentials import CredentialStore
 from sigv4proxy.errors import BadRequest, MethodNotSupported, PayloadTooLarge
+from sigv4proxy.header_rules import DROP_REQUEST
 from sigv4proxy.routing import Router, Target
-
-# RFC 9110 §7.6.1 hop-by-hop headers, plus proxy-only ones; never forwarded in either direction.
-HOP_BY_HOP = frozenset(
-    {
-        "connection", "keep-alive", "proxy-connection", "proxy-authenticate", "proxy-authorization",
-        "te", "trailer", "transfer-encoding", "upgrade", "http2-settings", "expect",
-    }
-)
-# The proxy is the only signer: whatever the client sent for these is dropped.
-SIGNING_HEADERS = frozenset(
-    {"authorization", "x-amz-date", "x-amz-security-token", "x-amz-content-sha256", "x-amz-region-set"}
-)
-DROP_REQUEST = HOP_BY_HOP | SIGNING_HEADERS | {"host"}
 
 _NAME_CACHE_LIMIT = 1024
 # What prepare() does with a request header, learned once per raw name spelling (bounded).

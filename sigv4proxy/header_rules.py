@@ -1,0 +1,21 @@
+"""Which header names the proxy owns: one list, read by the request path and by config checks.
+
+Owns: the hop-by-hop set (RFC 9110 §7.6.1 plus proxy-only names), the signing headers only the
+proxy may set, and what follows from them. Must never: import anything of the proxy (config and
+the request path both read it).
+"""
+
+# RFC 9110 §7.6.1 hop-by-hop headers, plus proxy-only ones; never forwarded in either direction.
+HOP_BY_HOP = frozenset(
+    {
+        "connection", "keep-alive", "proxy-connection", "proxy-authenticate", "proxy-authorization",
+        "te", "trailer", "transfer-encoding", "upgrade", "http2-settings", "expect",
+    }
+)
+# The proxy is the only signer: whatever the client sent for these is dropped.
+SIGNING_HEADERS = frozenset(
+    {"authorization", "x-amz-date", "x-amz-security-token", "x-amz-content-sha256", "x-amz-region-set"}
+)
+DROP_REQUEST = HOP_BY_HOP | SIGNING_HEADERS | {"host"}
+# What --add-header may not set: all of the above, and the framing the proxy computes itself.
+NOT_ADDABLE = DROP_REQUEST | {"content-length"}
