@@ -26,7 +26,7 @@ import time
 
 import pytest
 
-from conftest import TESTSUITE
+from conftest import TESTSUITE, corpus_params
 from sigv4proxy.signing import Credentials, SigV4Signer
 
 SUITE = TESTSUITE
@@ -110,7 +110,7 @@ def check(signer: SigV4Signer, request: tuple, creds: Credentials, now: float, p
     assert added["x-amz-date"] == sts.split("\n")[1]
 
 
-@pytest.mark.parametrize("case", v4_cases())
+@pytest.mark.parametrize("case", corpus_params(v4_cases()))
 def test_aws_c_auth_v4_header_signing(testsuite_dir, case: str) -> None:
     case_dir = testsuite_dir / "aws-c-auth-aws-signing-test-suite" / "v4" / case
     ctx = json.loads((case_dir / "context.json").read_text())
@@ -136,7 +136,7 @@ def test_aws_c_auth_v4_header_signing(testsuite_dir, case: str) -> None:
         assert token and token not in creq  # the case really signs without the token
 
 
-@pytest.mark.parametrize("case", v4_cases())
+@pytest.mark.parametrize("case", corpus_params(v4_cases()))
 def test_aws_c_auth_v4_query_presigning(testsuite_dir, case: str) -> None:
     assert (testsuite_dir / "aws-c-auth-aws-signing-test-suite" / "v4" / case
             / "query-canonical-request.txt").is_file()
@@ -144,7 +144,7 @@ def test_aws_c_auth_v4_query_presigning(testsuite_dir, case: str) -> None:
                 "the proxy signs with headers only")
 
 
-@pytest.mark.parametrize("case", boto_cases())
+@pytest.mark.parametrize("case", corpus_params(boto_cases()))
 def test_botocore_suite(testsuite_dir, case: str) -> None:
     case_dir = testsuite_dir / "botocore-aws4_testsuite" / case
     stem = case_dir / pathlib.Path(case).name

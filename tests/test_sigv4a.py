@@ -24,7 +24,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import TESTSUITE
+from conftest import TESTSUITE, corpus_params
 from sigv4proxy.errors import BadRequest
 from sigv4proxy.signing import Credentials
 from sigv4proxy.sigv4a import SigV4ASigner, derive_ecdsa_key
@@ -79,7 +79,7 @@ def verifies(public_key: ec.EllipticCurvePublicKey, signature_hex: str, message:
         return False
 
 
-@pytest.mark.parametrize("case", v4a_cases())
+@pytest.mark.parametrize("case", corpus_params(v4a_cases()))
 def test_aws_c_auth_v4a_case(testsuite_dir, case: str) -> None:
     case_dir = testsuite_dir / "aws-c-auth-aws-signing-test-suite" / "v4a" / case
     ctx, signer, args = load_case(case_dir)

@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import TESTSUITE
+from conftest import TESTSUITE, corpus_params
 from sigv4proxy.sim.identities import IdentityStore
 from sigv4proxy.sim.server import SimConfig, start_simulator
 from sigv4proxy.sim.verify import AuthFailure, RequestView, VerifyContext, canonical_request, verify_request
@@ -62,7 +62,7 @@ def flip_last_hex(text: str) -> str:
     return text[:-1] + ("0" if text[-1] != "0" else "1")
 
 
-@pytest.mark.parametrize("case", corpus_cases())
+@pytest.mark.parametrize("case", corpus_params(corpus_cases()))
 def test_v4a_corpus_case(testsuite_dir, case):
     case_dir = testsuite_dir / "aws-c-auth-aws-signing-test-suite" / "v4a" / case
     ctx = json.loads((case_dir / "context.json").read_text())
