@@ -13,6 +13,7 @@ from support.upstream_servers import H1TestServer, RawResponseServer, dead_port
 
 from sigv4proxy.errors import (
     BadRequest,
+    Overloaded,
     UpstreamConnectError,
     UpstreamProtocolError,
     UpstreamReset,
@@ -180,6 +181,34 @@ async def test_concurrent_requests_respect_the_socket_limit(pool):
         paths = await asyncio.wait_for(asyncio.gather(*(one(i) for i in range(50))), 30)
     assert sorted(paths) == sorted(f"/{i}" for i in range(50))
     assert 1 <= server.stats.connections <= 4
+
+
+async def test_each_queued_request_gets_its_own_pool_wait(pool):
+    # One timer serves the whole queue: each request must still fail at its own deadline (not the
+    # first one's, not a later one's), a cancelled request must leave the queue, and a request
+    # queued after the queue emptied must be bounded too.
+    async with H1TestServer() as server:
+        p = pool(limits=PoolLimits(max_connections_per_origin=1), timeouts=Timeouts(pool=0.3))
+        stall = asyncio.create_task(p.request(http(server.port), b"GET", b"/stall", b"h", []))
+        await asyncio.sleep(0.1)  # it holds the one connection
+        loop = asyncio.get_running_loop()
+
+        async def queued(delay: float) -> float:
+            await asyncio.sleep(delay)
+            start = loop.time()
+            with pytest.raises(Overloaded):
+                await p.request(http(server.port), b"GET", b"/", b"h", [])
+            return loop.time() - start
+
+        gone = asyncio.create_task(p.request(http(server.port), b"GET", b"/", b"h", []))
+        await asyncio.sleep(0.01)
+        gone.cancel()
+        waits = await asyncio.wait_for(asyncio.gather(queued(0.0), queued(0.12), queued(0.24)), 5)
+        later = await asyncio.wait_for(queued(0.5), 5)
+        for waited in (*waits, later):
+            assert 0.28 <= waited < 0.45, waits  # the loop clock ticks in ms
+        assert p.stats().requests_waiting == 0
+        stall.cancel()
 
 
 async def test_closed_connections_leave_the_pool_and_free_their_slot(pool):

@@ -26,7 +26,6 @@ from sigv4proxy.upstream.base import (
     Response,
     Timeouts,
     choose_protocol,
-    expire_waiter,
     open_transport,
 )
 from sigv4proxy.upstream.http1 import HTTP1Connection
@@ -66,7 +65,8 @@ class _TrackedBody:
 
 
 class _OriginPool:
-    __slots__ = ("origin", "connections", "ready", "waiters", "connecting", "protocol", "woken")
+    __slots__ = ("origin", "connections", "ready", "waiters", "connecting", "protocol", "woken",
+                 "expiry")
 
     def __init__(self, origin: Origin) -> None:
         self.origin = origin
@@ -74,7 +74,10 @@ class _OriginPool:
         # Listed connections that had a free slot when they last reported (may hold some that
         # filled since): `pick` is O(1) however many HTTP/1.1 sockets are open.
         self.ready: dict[Connection, None] = {}
-        self.waiters: deque[asyncio.Future[bool]] = deque()
+        # Queued requests and their deadlines, in arrival order (so deadlines ascend, but for the
+        # few woken waiters that go back to the head). One lazy timer, `expiry`, serves them all.
+        self.waiters: deque[tuple[asyncio.Future[bool], float]] = deque()
+        self.expiry: asyncio.TimerHandle | None = None
         self.connecting = 0
         # Waiters told a slot is free that have not run yet: the slot is theirs. Without this
         # count a second wake-up (or a newcomer) takes it, the first waiter goes back to the
@@ -109,8 +112,18 @@ class _OriginPool:
     def free_slots(self, limit: int) -> int:
         """Requests the connections could take now, plus the connections we may still open."""
         free = 0
+        full = None
         for conn in self.ready:
-            free += conn.capacity()
+            slots = conn.capacity()
+            if slots:
+                free += slots
+            elif full is None:
+                full = [conn]
+            else:
+                full.append(conn)
+        if full is not None:  # as in pick: a full connection reports again when a slot frees
+            for conn in full:
+                del self.ready[conn]
         if self.can_open(limit):
             free += limit - len(self.connections) - self.connecting if self.protocol == "http1" else 1
         return free
@@ -194,6 +207,9 @@ class ConnectionPool:
         self._closed = True
         for pool in self._pools.values():
             self._fail_waiters(pool, UpstreamConnectError("connection pool is closed"))
+            if pool.expiry is not None:
+                pool.expiry.cancel()
+                pool.expiry = None
             for conn in list(pool.connections):
                 await conn.aclose()
             pool.connections.clear()
@@ -220,13 +236,13 @@ class ConnectionPool:
                         return conn
                     continue
             waiter = loop.create_future()
+            entry = (waiter, deadline)
             if woken:
-                pool.waiters.appendleft(waiter)  # keep our place at the head
+                pool.waiters.appendleft(entry)  # keep our place at the head
             else:
-                pool.waiters.append(waiter)
-            # A plain timer resolves the future with False at the deadline: cheaper than
-            # asyncio.timeout_at on a path every queued request takes.
-            timer = loop.call_at(deadline, expire_waiter, waiter)
+                pool.waiters.append(entry)
+            if pool.expiry is None:
+                pool.expiry = loop.call_at(deadline, self._expire_waiters, pool)
             try:
                 woken = await waiter
             except BaseException:
@@ -236,11 +252,9 @@ class ConnectionPool:
                     self._wake_if_capacity(pool)  # pass on the wake-up we will not use
                 raise
             finally:
-                timer.cancel()
-                if not waiter.done() or waiter.cancelled() or \
-                        (waiter.exception() is None and not waiter.result()):
-                    try:  # still queued: not woken, not failed by _fail_waiters
-                        pool.waiters.remove(waiter)
+                if not waiter.done() or waiter.cancelled():
+                    try:  # still queued: not woken, expired or failed by _fail_waiters
+                        pool.waiters.remove(entry)
                     except ValueError:
                         pass
             if not woken:
@@ -304,14 +318,36 @@ class ConnectionPool:
             return
         free = pool.free_slots(self._limits.max_connections_per_origin)
         while pool.waiters and pool.woken < free:
-            waiter = pool.waiters.popleft()
+            waiter, _ = pool.waiters.popleft()
             if not waiter.done():
                 waiter.set_result(True)
                 pool.woken += 1
 
     @staticmethod
+    def _expire_waiters(pool: _OriginPool) -> None:
+        """The queue's one timer: ends the waits past their deadline (with False) and re-arms for
+        the earliest left. Per queued request that is no timer made and cancelled."""
+        pool.expiry = None
+        if not pool.waiters:
+            return  # armed again by the next request that queues
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        kept: deque[tuple[asyncio.Future[bool], float]] = deque()
+        for waiter, deadline in pool.waiters:
+            if waiter.done():
+                continue
+            if deadline <= now:
+                waiter.set_result(False)
+            else:
+                kept.append((waiter, deadline))
+        pool.waiters = kept
+        if kept:
+            earliest = min(deadline for _, deadline in kept)
+            pool.expiry = loop.call_at(earliest, ConnectionPool._expire_waiters, pool)
+
+    @staticmethod
     def _fail_waiters(pool: _OriginPool, err: ProxyError) -> None:
         while pool.waiters:
-            waiter = pool.waiters.popleft()
+            waiter, _ = pool.waiters.popleft()
             if not waiter.done():
                 waiter.set_exception(type(err)(err.reason))
