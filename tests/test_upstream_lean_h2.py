@@ -234,6 +234,78 @@ async def test_request_headers_arrive_in_one_frame_with_small_body_coalesced(con
     assert await response.read() == b"done"
 
 
+async def test_streams_started_in_one_pass_share_one_send_and_keep_frame_order(connect):
+    # Under load many requests start in one loop pass: their HEADERS (and small bodies) go out
+    # in one send, while a streamed body's DATA still follows its own HEADERS.
+    conn, server = await connect()
+    first = start(conn)  # with a stream in flight, new streams' frames are queued
+    first_id, _, _ = await server.request_block()
+    real, writes = conn._transport, []
+
+    class CountingTransport:
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+        def write(self, data):
+            writes.append(bytes(data))
+            real.write(data)
+
+        def writelines(self, parts):
+            writes.append(b"".join(parts))
+            real.writelines(parts)
+
+    conn._transport = CountingTransport()
+
+    async def streamed(i: int):
+        yield b"streamed-%d-a" % i
+        await asyncio.sleep(0)
+        yield b"streamed-%d-b" % i
+
+    expected: dict[int, bytes] = {}
+    tasks = []
+    for i in range(9):
+        kind = i % 3
+        body = b"inline-%d" % i if kind == 0 else streamed(i) if kind == 1 else None
+        tasks.append(start(conn, body=body, method=b"GET" if body is None else b"POST"))
+        sent = {0: b"inline-%d" % i, 1: b"streamed-%d-astreamed-%d-b" % (i, i), 2: b""}
+        expected[first_id + 2 * (i + 1)] = sent[kind]
+    for _ in range(100):
+        if writes:
+            break
+        await asyncio.sleep(0)
+    first_send, types = writes[0], []
+    pos = 0
+    while pos < len(first_send):
+        length, frame_type = int.from_bytes(first_send[pos:pos + 3], "big"), first_send[pos + 3]
+        types.append(frame_type)
+        pos += 9 + length
+    assert types.count(h2_wire.HEADERS) == 9
+
+    headers_seen: list[int] = []
+    bodies = {sid: b"" for sid in expected}
+    ended: set[int] = set()
+    for _ in range(200):
+        if len(ended) == len(expected):
+            break
+        frame = await server.next_frame()
+        if isinstance(frame, HeadersFrame):
+            headers_seen.append(frame.stream_id)
+            if "END_STREAM" in frame.flags:
+                ended.add(frame.stream_id)
+        elif isinstance(frame, DataFrame):
+            assert frame.stream_id in headers_seen  # never DATA before its stream's HEADERS
+            bodies[frame.stream_id] += frame.data
+            if "END_STREAM" in frame.flags:
+                ended.add(frame.stream_id)
+    assert headers_seen == sorted(expected) and ended == set(expected)
+    assert bodies == expected
+    for sid in [first_id, *expected]:
+        server.respond(sid)
+    for task in [first, *tasks]:
+        response = await asyncio.wait_for(task, FRAME_TIMEOUT)
+        assert await response.read() == b"ok"
+
+
 @pytest.mark.parametrize("peer_max_frame", [16384, 20000])
 async def test_40_kib_header_block_is_split_into_continuation_frames(connect, peer_max_frame):
     conn, server = await connect({h2_wire.SETTINGS_MAX_FRAME_SIZE: peer_max_frame})

@@ -67,7 +67,11 @@ class LeanH2Connection(FrameReceiver, H2ConnectionBase, asyncio.Protocol):
         # receiving
         self._rest = b""  # an incomplete frame carried to the next data_received
         self._receiving = False
-        self._out: list[bytes] = []  # control frames, written once per data_received
+        # Frames not yet written: control frames (written once per data_received) and new
+        # streams' HEADERS (written once per loop pass, see _queue_headers). Every other write
+        # sends these first, so frames leave in the order they were made.
+        self._out: list[bytes] = []
+        self._flush_scheduled = False
         self._header_stream = 0  # nonzero while a header block awaits CONTINUATION
         self._header_parts: list[bytes] = []
         self._header_size = 0
@@ -115,7 +119,10 @@ class LeanH2Connection(FrameReceiver, H2ConnectionBase, asyncio.Protocol):
             stream.local_ended = True
         else:
             parts = w.header_frames(stream_id, block, False, frame_size)
-        self._write(b"".join(parts))
+        if len(self._streams) > 1:
+            self._queue_headers(parts)
+        else:  # nothing else in flight, so likely nothing to share a send with: no extra pass
+            self._write(b"".join(parts))
         if stream.local_ended:
             stream.sent_at = self._loop.time()
         else:
@@ -216,13 +223,33 @@ class LeanH2Connection(FrameReceiver, H2ConnectionBase, asyncio.Protocol):
             self._flush()
 
     # --- plumbing ---
+    def _queue_headers(self, parts: list) -> None:
+        """A new stream's frames go out with the other streams started in this loop pass: under
+        load one send carries many requests (a loopback send costs more than a request's framing)."""
+        self._out += parts
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._scheduled_flush)
+
+    def _scheduled_flush(self) -> None:
+        self._flush_scheduled = False
+        self._flush()
+
     def _write(self, data: bytes) -> None:
+        if self._out:
+            self._out.append(data)
+            self._flush()
+            return
         transport = self._transport
         if transport is not None and not transport.is_closing():
             transport.write(data)
 
     def _writelines(self, parts: list) -> None:
         """Frame headers and payload views in one vectored write: no join copy of the payload."""
+        if self._out:
+            self._out += parts
+            self._flush()
+            return
         transport = self._transport
         if transport is not None and not transport.is_closing():
             transport.writelines(parts)
@@ -231,7 +258,9 @@ class LeanH2Connection(FrameReceiver, H2ConnectionBase, asyncio.Protocol):
         out = self._out
         if out:
             self._out = []
-            self._write(out[0] if len(out) == 1 else b"".join(out))
+            transport = self._transport
+            if transport is not None and not transport.is_closing():
+                transport.write(out[0] if len(out) == 1 else b"".join(out))
 
     def _connection_error(self, code: int, reason: str) -> None:
         self._out.append(w.goaway_frame(0, code))
