@@ -322,6 +322,32 @@ async def test_stalled_upstream_gives_first_byte_timeout(make_pool):
     assert pool.stats().streams_active == 0  # the stream was cancelled, not leaked
 
 
+async def test_first_byte_deadline_is_each_stream_own(make_pool):
+    """One lazy timer per connection bounds every stream's wait for its head: a stream sent
+    later must time out at its own deadline (not an earlier stream's, not never), and a stream
+    answered in time on the same connection must not be cut."""
+    async with H2TestServer(H2Script()) as server:
+        pool = make_pool(timeouts=Timeouts(first_byte=0.5))
+        loop = asyncio.get_running_loop()
+
+        async def timed(delay: float, path: bytes) -> tuple[str, float]:
+            await asyncio.sleep(delay)
+            started = loop.time()
+            try:
+                response = await pool.request(h2c(server), b"GET", path, b"h", [])
+                await response.read()
+                return "answered", loop.time() - started
+            except UpstreamTimeout:
+                return "timed out", loop.time() - started
+
+        first, quick, later = await asyncio.wait_for(asyncio.gather(
+            timed(0.0, b"/delay/3000"), timed(0.1, b"/delay/100"), timed(0.3, b"/delay/3000")), 10)
+    assert quick[0] == "answered"
+    for outcome, waited in (first, later):
+        assert outcome == "timed out" and 0.45 <= waited < 0.9, (first, later)
+    assert server.stats.connections == 1
+
+
 async def test_body_stall_makes_the_iterator_raise_timeout(make_pool):
     async with H2TestServer(H2Script(stall_mid_response=True)) as server:
         pool = make_pool(timeouts=Timeouts(read=0.3))

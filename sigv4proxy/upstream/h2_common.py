@@ -89,6 +89,8 @@ class H2ConnectionBase(ConnectionCore):
         self._ping_deadline: asyncio.TimerHandle | None = None
         self._ping_payload = b""
         self._pings_sent = 0
+        # One lazy timer bounds every stream's wait for its response head (see _check_heads).
+        self._head_timer: asyncio.TimerHandle | None = None
 
     # --- the subclass's part ---
     def _send_ping(self, payload: bytes) -> None:
@@ -137,18 +139,41 @@ class H2ConnectionBase(ConnectionCore):
             while stream.status is None:
                 if stream.error is not None:
                     raise stream.error
-                timeout = None  # while uploading, the send task bounds every network wait
-                if stream.local_ended:
-                    timeout = stream.sent_at + self.timeouts.first_byte - self._loop.time()
-                    if timeout <= 0:
+                # While uploading, the send task bounds every network wait; once the request is
+                # sent, the connection's head timer does.
+                if stream.local_ended and self._head_timer is None:
+                    self._head_timer = self._timer_until(
+                        stream.sent_at + self.timeouts.first_byte, self._check_heads)
+                    if self._head_timer is None:
                         self.fail_stream(stream, UpstreamTimeout("no upstream response in time"))
                         continue
-                await stream.wait_event(timeout)
+                await stream.wait_event(None)
         except BaseException:
             await stream.aclose()
             raise
         status: int = stream.status
         return Response(status, stream.headers, self.http_version, stream)  # type: ignore[arg-type]
+
+    def _check_heads(self) -> None:
+        """The head timer: fails the streams sent longer than --first-byte-timeout ago without a
+        response head, and re-arms for the earliest deadline left. Streams share one first-byte
+        timeout, so a pending timer fires no later than a newer stream's deadline: per request
+        that is no timer made and cancelled."""
+        self._head_timer = None
+        if self._closed:
+            return
+        now = self._loop.time()
+        earliest = None
+        for stream in list(self._streams.values()):
+            if stream.status is not None or not stream.local_ended or stream.error is not None:
+                continue
+            deadline = stream.sent_at + self.timeouts.first_byte
+            if deadline <= now:
+                self.fail_stream(stream, UpstreamTimeout("no upstream response in time"))
+            elif earliest is None or deadline < earliest:
+                earliest = deadline
+        if earliest is not None and not self._closed:
+            self._head_timer = self._timer_until(earliest, self._check_heads)
 
     # --- stream bookkeeping ---
     def fail_stream(self, stream: H2StreamBase, err: ProxyError, code: int = CANCEL) -> None:
@@ -262,6 +287,9 @@ class H2ConnectionBase(ConnectionCore):
         self._closed = True
         self._is_ready = False
         self._stop_idle_timer()
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
         if self._ping_deadline is not None:
             self._ping_deadline.cancel()
             self._ping_deadline = None
