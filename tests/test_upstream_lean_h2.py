@@ -306,6 +306,57 @@ async def test_streams_started_in_one_pass_share_one_send_and_keep_frame_order(c
         assert await response.read() == b"ok"
 
 
+async def test_connection_window_goes_to_waiting_uploads_in_turn(connect):
+    # Every opening of the connection window used to wake all waiting uploads and whichever ran
+    # first took it: under steady upload load one request could wait as long as the load lasted
+    # (the soak's 30 s client timeouts). Now the uploads take turns, in the order they waited.
+    conn, server = await connect({SettingsFrame.INITIAL_WINDOW_SIZE: 1 << 20})
+
+    async def body(size: int):
+        yield b"u" * size
+
+    first = start(conn, body=body(100_000), method=b"POST")
+    first_id, _, _ = await server.request_block()
+    taken = 0
+    while taken < 65_535:  # the initial connection window, all of it to the first upload
+        frame = await server.next_of(DataFrame)
+        assert frame.stream_id == first_id
+        taken += len(frame.data)
+    others = []
+    for _ in range(2):  # queued behind the first, in this order
+        others.append(start(conn, body=body(30_000), method=b"POST"))
+        await server.request_block()
+        await asyncio.sleep(0.05)
+    second_id, third_id = first_id + 2, first_id + 4
+
+    owners = []
+    for _ in range(4):
+        server.send(WindowUpdateFrame(0, window_increment=10_000))
+        got, ids = 0, set()
+        while got < 10_000:
+            frame = await server.next_of(DataFrame)
+            got += len(frame.data)
+            ids.add(frame.stream_id)
+        assert got == 10_000 and len(ids) == 1
+        owners.append(ids.pop())
+    assert owners == [first_id, second_id, third_id, first_id]
+
+    server.send(WindowUpdateFrame(0, window_increment=1 << 20))
+    ended = set()
+    for _ in range(200):
+        if len(ended) == 3:
+            break
+        frame = await server.next_of(DataFrame)
+        if "END_STREAM" in frame.flags:
+            ended.add(frame.stream_id)
+    assert ended == {first_id, second_id, third_id}
+    for sid in sorted(ended):
+        server.respond(sid)
+    for task in [first, *others]:
+        response = await asyncio.wait_for(task, FRAME_TIMEOUT)
+        assert await response.read() == b"ok"
+
+
 @pytest.mark.parametrize("peer_max_frame", [16384, 20000])
 async def test_40_kib_header_block_is_split_into_continuation_frames(connect, peer_max_frame):
     conn, server = await connect({h2_wire.SETTINGS_MAX_FRAME_SIZE: peer_max_frame})

@@ -179,6 +179,15 @@ class H2Connection(H2ConnectionBase, asyncio.Protocol):
     # --- request side ---
     async def _send_body(self, stream: _Stream, body: bytes | AsyncIterable[bytes]) -> None:
         try:
+            await self._upload(stream, body)
+        finally:
+            self._left_window_queue(stream, self._connection_send_window())
+
+    def _connection_send_window(self) -> int:
+        return 0 if self._closed else self._h2.outbound_flow_control_window
+
+    async def _upload(self, stream: _Stream, body: bytes | AsyncIterable[bytes]) -> None:
+        try:
             await feed_body(body, partial(self._send_chunk, stream))
             if stream.retired or self._closed:
                 return
@@ -210,16 +219,14 @@ class H2Connection(H2ConnectionBase, asyncio.Protocol):
             if stream.retired:
                 raise h2.exceptions.StreamClosedError(stream.id)
             await self._flow.drain(self.timeouts.read)
-            window = self._h2.local_flow_control_window(stream.id)
-            if window <= 0:
-                waiter = stream.window_waiter = self._loop.create_future()
-                try:
-                    async with asyncio.timeout(self.timeouts.read):
-                        await waiter
-                except TimeoutError:
-                    raise UpstreamTimeout("upstream flow-control window stayed closed") from None
-                finally:
-                    stream.window_waiter = None
+            window = self._h2.local_flow_control_window(stream.id)  # min(stream, connection)
+            connection_window = self._h2.outbound_flow_control_window
+            if window <= 0 and connection_window > 0:  # our own window: not in the queue
+                self._left_window_queue(stream, connection_window)
+                await self._wait_window(stream)
+                continue
+            if not self._window_turn(stream, connection_window):
+                await self._wait_window(stream)
                 continue
             frame_size = self._h2.max_outbound_frame_size
             end = offset + min(window, total - offset)
@@ -228,6 +235,18 @@ class H2Connection(H2ConnectionBase, asyncio.Protocol):
                 self._h2.send_data(stream.id, view[offset:offset + step])
                 offset += step
             self._flush()
+            if self._window_queue and self._h2.outbound_flow_control_window > 0:
+                self._left_window_queue(stream, self._h2.outbound_flow_control_window)
+
+    async def _wait_window(self, stream: _Stream) -> None:
+        waiter = stream.window_waiter = self._loop.create_future()
+        try:
+            async with asyncio.timeout(self.timeouts.read):
+                await waiter
+        except TimeoutError:
+            raise UpstreamTimeout("upstream flow-control window stayed closed") from None
+        finally:
+            stream.window_waiter = None
 
     # --- stream bookkeeping (called by _Stream too) ---
     def acknowledge(self, stream_id: int, size: int) -> None:

@@ -110,7 +110,8 @@ class LeanH2Connection(FrameReceiver, H2ConnectionBase, asyncio.Protocol):
         if body is None or size == 0:
             parts = w.header_frames(stream_id, block, True, frame_size)
             stream.local_ended = True
-        elif 0 < size <= INLINE_BODY_LIMIT and size <= min(stream.send_window, self._send_window):
+        elif 0 < size <= INLINE_BODY_LIMIT and size <= min(stream.send_window, self._send_window) \
+                and not self._window_queue:  # never ahead of uploads waiting for window
             parts = w.header_frames(stream_id, block, False, frame_size)
             view = memoryview(body)  # type: ignore[arg-type]
             w.data_frames(parts, stream_id, view, True, frame_size)

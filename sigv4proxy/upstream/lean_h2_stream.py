@@ -77,6 +77,14 @@ class LeanStream(H2StreamBase):
 async def send_body(conn: LeanH2Connection, stream: LeanStream,
                     body: bytes | AsyncIterable[bytes]) -> None:
     try:
+        await _send_body(conn, stream, body)
+    finally:
+        conn._left_window_queue(stream, conn._send_window)
+
+
+async def _send_body(conn: LeanH2Connection, stream: LeanStream,
+                     body: bytes | AsyncIterable[bytes]) -> None:
+    try:
         await feed_body(body, partial(_send_chunk, conn, stream))
         if stream.retired or conn._closed:
             return
@@ -110,11 +118,16 @@ async def _send_chunk(conn: LeanH2Connection, stream: LeanStream,
             raise stream.error
         if stream.retired or conn._closed:
             raise StreamGone
-        window = min(stream.send_window, conn._send_window)
-        if window <= 0:
+        if stream.send_window <= 0:  # our own window: wait for the peer, not in the queue
+            conn._left_window_queue(stream, conn._send_window)
             if not await _wait_window(conn, stream):
                 raise UpstreamTimeout("upstream flow-control window stayed closed")
             continue
+        if not conn._window_turn(stream, conn._send_window):
+            if not await _wait_window(conn, stream):
+                raise UpstreamTimeout("upstream flow-control window stayed closed")
+            continue
+        window = min(stream.send_window, conn._send_window)
         step = min(window, total - offset)
         parts: list[bytes] = []
         w.data_frames(parts, stream.id, view[offset:offset + step], False, conn._peer_max_frame)
@@ -122,6 +135,8 @@ async def _send_chunk(conn: LeanH2Connection, stream: LeanStream,
         conn._send_window -= step
         offset += step
         conn._writelines(parts)
+        if conn._window_queue and conn._send_window > 0:
+            conn._left_window_queue(stream, conn._send_window)  # what is left goes to the next
 
 
 async def _wait_window(conn: LeanH2Connection, stream: LeanStream) -> bool:
