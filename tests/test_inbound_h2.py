@@ -206,3 +206,40 @@ async def test_http2_requests_are_access_logged(caplog):
     assert (ok.protocol, ok.requestPath, ok.responseCode, ok.failureReason) == ("HTTP/2", "/logged", 200, "-")
     assert (denied.responseCode, denied.failureReason) == (403, "host_not_allowed")
     assert "secret=1" not in _json.dumps([vars(r) for r in (ok, denied)], default=str)
+
+
+async def test_downloads_share_the_clients_connection_window_in_turn(sim):
+    # A client that opens its connection window a little at a time: every response waiting for it
+    # must get a share. Before, each opening woke all of them and the first to run took it all,
+    # so one download could hold the others back for as long as it lasted.
+    import h2.settings
+
+    size = 200_000
+    async with running_proxy(**via(sim.port)) as proxy, \
+            H2TestClient("127.0.0.1", proxy.port, auto_ack=False) as client:
+        client.h2.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 1 << 20})
+        client.flush()  # stream windows are not the limit here, the connection window is
+        headers = [("x-sim-response-bytes", str(size))]
+        first = client.request("GET", "/d1", LATTICE_HOST, headers)
+        assert await eventually(lambda: len(client.streams[first].body) == 65_535)
+        others = []
+        for name in ("/d2", "/d3"):
+            others.append(client.request("GET", name, LATTICE_HOST, headers))
+            await asyncio.wait_for(client.streams[others[-1]].head.wait(), 10)
+            await asyncio.sleep(0.1)  # its response now waits for the connection window
+        before = {sid: len(client.streams[sid].body) for sid in (first, *others)}
+        for _ in range(6):
+            total = sum(len(r.body) for r in client.streams.values())
+            client.h2.increment_flow_control_window(10_000)
+            client.flush()
+            assert await eventually(
+                lambda: sum(len(r.body) for r in client.streams.values()) == total + 10_000)
+        gained = {sid: len(client.streams[sid].body) - before[sid] for sid in before}
+        assert sum(gained.values()) == 60_000
+        assert all(gained[sid] > 0 for sid in others), gained
+        assert gained[first] < 60_000, gained
+        client.h2.increment_flow_control_window(3 * size)
+        client.flush()
+        for sid in (first, *others):
+            record = await client.wait(sid, 10)
+            assert record.status == 200 and record.ended and len(record.body) == size

@@ -24,6 +24,7 @@ import h2.settings
 from h2.connection import ConnectionInputs, ConnectionState
 from h2.errors import ErrorCodes
 
+from sigv4proxy.h2_window import WindowQueue
 from sigv4proxy.inbound.h2stream import ClientGone, InboundStream, wake
 
 log = logging.getLogger("sigv4proxy.inbound")
@@ -82,6 +83,7 @@ class H2ServerConnection(asyncio.Protocol):
         self._on_close = on_close
         self.transport: asyncio.Transport | None = None
         self.streams: dict[int, InboundStream] = {}
+        self.window_queue = WindowQueue()  # responses waiting for the client's connection window
         self._tasks: set[asyncio.Task[None]] = set()
         self._paused = False
         self._drain_waiters: list[asyncio.Future[None]] = []
@@ -128,6 +130,7 @@ class H2ServerConnection(asyncio.Protocol):
             if stream.task is not None:
                 stream.task.cancel()
         self.streams.clear()
+        self.window_queue.clear()
         if self._on_close is not None:
             self._on_close(self)
 

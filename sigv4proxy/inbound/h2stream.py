@@ -125,14 +125,17 @@ class InboundStream:
             if self.closed:
                 raise ClientGone("client stream closed")
             await conn.drain()
-            window = conn.h2.local_flow_control_window(self.id) if offset < total else 0
-            if offset < total and window <= 0:
-                waiter = self.window_waiter = conn.loop.create_future()
-                try:
-                    await waiter
-                finally:
-                    self.window_waiter = None
-                continue
+            window = 0
+            if offset < total:
+                window = conn.h2.local_flow_control_window(self.id)  # min(stream, connection)
+                connection_window = conn.h2.outbound_flow_control_window
+                if window <= 0 and connection_window > 0:  # our own window: not in the queue
+                    conn.window_queue.leave(self, connection_window)
+                    await self._wait_window()
+                    continue
+                if not conn.window_queue.turn(self, connection_window):  # others wait first
+                    await self._wait_window()
+                    continue
             step = min(window, total - offset, conn.h2.max_outbound_frame_size)
             last = end_stream and offset + step >= total
             try:
@@ -144,8 +147,18 @@ class InboundStream:
             if last:
                 self.local_ended = True
             conn.flush()
+            if conn.window_queue and conn.h2.outbound_flow_control_window > 0:
+                conn.window_queue.leave(self, conn.h2.outbound_flow_control_window)
         if self.local_ended:
             self._finish()
+
+    async def _wait_window(self) -> None:
+        """Until a window opens; the connection's idle sweep bounds a stream that never moves."""
+        waiter = self.window_waiter = self.conn.loop.create_future()
+        try:
+            await waiter
+        finally:
+            self.window_waiter = None
 
     def reset(self, code: ErrorCodes = ErrorCodes.CANCEL) -> None:
         if not self.closed:
@@ -174,7 +187,10 @@ class InboundStream:
             self.conn.acknowledge(self.id, pending)
         wake(self.waiter)
         wake(self.window_waiter)
-        self.conn.forget(self)
+        conn = self.conn
+        if conn.window_queue:
+            conn.window_queue.leave(self, conn.h2.outbound_flow_control_window)
+        conn.forget(self)
 
     def __repr__(self) -> str:
         return f"<InboundStream {self.id} closed={self.closed}>"

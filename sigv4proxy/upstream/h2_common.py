@@ -20,6 +20,7 @@ from sigv4proxy.errors import (
     UpstreamReset,
     UpstreamTimeout,
 )
+from sigv4proxy.h2_window import WindowQueue
 from sigv4proxy.upstream.base import EventWait, OnChange, Origin, Response, Timeouts, wake
 from sigv4proxy.upstream.connection_core import ConnectionCore
 
@@ -91,9 +92,8 @@ class H2ConnectionBase(ConnectionCore):
         self._pings_sent = 0
         # One lazy timer bounds every stream's wait for its response head (see _check_heads).
         self._head_timer: asyncio.TimerHandle | None = None
-        # Uploads waiting for the shared connection send window, in arrival order: only the
-        # first may take window, so a busy connection cannot starve one upload forever.
-        self._window_queue: dict[H2StreamBase, None] = {}
+        # Uploads waiting for the shared connection send window take it in turn.
+        self._window_queue = WindowQueue()
 
     # --- the subclass's part ---
     def _send_ping(self, payload: bytes) -> None:
@@ -177,27 +177,6 @@ class H2ConnectionBase(ConnectionCore):
                 earliest = deadline
         if earliest is not None and not self._closed:
             self._head_timer = self._timer_until(earliest, self._check_heads)
-
-    # --- the connection send window, shared fairly ---
-    def _window_turn(self, stream: H2StreamBase, connection_window: int) -> bool:
-        """May `stream` take connection window now? If not, it joins (or keeps its place in) the
-        queue. Before, every opening woke all waiting uploads and whichever ran first took it:
-        under steady upload load one stream could lose every time (a request hung for as long
-        as the load lasted, seen in the soak)."""
-        queue = self._window_queue
-        if connection_window > 0 and (not queue or next(iter(queue)) is stream):
-            if queue:
-                del queue[stream]
-            return True
-        queue.setdefault(stream)
-        return False
-
-    def _left_window_queue(self, stream: H2StreamBase, connection_window: int) -> None:
-        """`stream` took window, gave up waiting, or ended: the next in line goes if it can."""
-        queue = self._window_queue
-        queue.pop(stream, None)
-        if queue and connection_window > 0:
-            wake(next(iter(queue)).window_waiter)
 
     # --- stream bookkeeping ---
     def fail_stream(self, stream: H2StreamBase, err: ProxyError, code: int = CANCEL) -> None:

@@ -181,7 +181,7 @@ class H2Connection(H2ConnectionBase, asyncio.Protocol):
         try:
             await self._upload(stream, body)
         finally:
-            self._left_window_queue(stream, self._connection_send_window())
+            self._window_queue.leave(stream, self._connection_send_window())
 
     def _connection_send_window(self) -> int:
         return 0 if self._closed else self._h2.outbound_flow_control_window
@@ -222,10 +222,10 @@ class H2Connection(H2ConnectionBase, asyncio.Protocol):
             window = self._h2.local_flow_control_window(stream.id)  # min(stream, connection)
             connection_window = self._h2.outbound_flow_control_window
             if window <= 0 and connection_window > 0:  # our own window: not in the queue
-                self._left_window_queue(stream, connection_window)
+                self._window_queue.leave(stream, connection_window)
                 await self._wait_window(stream)
                 continue
-            if not self._window_turn(stream, connection_window):
+            if not self._window_queue.turn(stream, connection_window):
                 await self._wait_window(stream)
                 continue
             frame_size = self._h2.max_outbound_frame_size
@@ -236,7 +236,7 @@ class H2Connection(H2ConnectionBase, asyncio.Protocol):
                 offset += step
             self._flush()
             if self._window_queue and self._h2.outbound_flow_control_window > 0:
-                self._left_window_queue(stream, self._h2.outbound_flow_control_window)
+                self._window_queue.leave(stream, self._h2.outbound_flow_control_window)
 
     async def _wait_window(self, stream: _Stream) -> None:
         waiter = stream.window_waiter = self._loop.create_future()

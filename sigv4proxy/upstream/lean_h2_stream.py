@@ -79,7 +79,7 @@ async def send_body(conn: LeanH2Connection, stream: LeanStream,
     try:
         await _send_body(conn, stream, body)
     finally:
-        conn._left_window_queue(stream, conn._send_window)
+        conn._window_queue.leave(stream, conn._send_window)
 
 
 async def _send_body(conn: LeanH2Connection, stream: LeanStream,
@@ -119,11 +119,11 @@ async def _send_chunk(conn: LeanH2Connection, stream: LeanStream,
         if stream.retired or conn._closed:
             raise StreamGone
         if stream.send_window <= 0:  # our own window: wait for the peer, not in the queue
-            conn._left_window_queue(stream, conn._send_window)
+            conn._window_queue.leave(stream, conn._send_window)
             if not await _wait_window(conn, stream):
                 raise UpstreamTimeout("upstream flow-control window stayed closed")
             continue
-        if not conn._window_turn(stream, conn._send_window):
+        if not conn._window_queue.turn(stream, conn._send_window):
             if not await _wait_window(conn, stream):
                 raise UpstreamTimeout("upstream flow-control window stayed closed")
             continue
@@ -136,7 +136,7 @@ async def _send_chunk(conn: LeanH2Connection, stream: LeanStream,
         offset += step
         conn._writelines(parts)
         if conn._window_queue and conn._send_window > 0:
-            conn._left_window_queue(stream, conn._send_window)  # what is left goes to the next
+            conn._window_queue.leave(stream, conn._send_window)  # what is left goes to the next
 
 
 async def _wait_window(conn: LeanH2Connection, stream: LeanStream) -> bool:
