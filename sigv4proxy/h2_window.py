@@ -27,10 +27,16 @@ class WindowQueue:
     def __bool__(self) -> bool:
         return bool(self._order)
 
-    def turn(self, stream: Any, connection_window: int) -> bool:
-        """May `stream` take connection window now? If not, it joins the queue (or keeps its
-        place). A stream that takes part of what it needs and comes back waits at the end."""
+    def may_send(self, stream: Any, window: int, connection_window: int) -> bool:
+        """May `stream` send now? `window` is what it could send (the smaller of its own window and
+        the connection's). A stream whose own window is shut leaves the queue (it waits for the
+        peer, not its turn); one that must wait for its turn joins the queue or keeps its place.
+        True means `window` > 0 and the stream is first in line (no longer queued): one that
+        sends part of what it has and comes back waits at the end."""
         order = self._order
+        if connection_window > 0 and window <= 0:
+            self.leave(stream, connection_window)
+            return False
         if connection_window > 0 and (not order or next(iter(order)) is stream):
             if order:
                 del order[stream]
@@ -38,15 +44,23 @@ class WindowQueue:
         order.setdefault(stream)
         return False
 
+    def sent(self, connection_window: int) -> None:
+        """After a send: window left over goes to the next in line."""
+        if self._order and connection_window > 0:
+            self._wake_first()
+
     def leave(self, stream: Any, connection_window: int) -> None:
-        """`stream` took window, waits for its own stream window instead, or ended: the next in
-        line is woken if there is window left for it."""
+        """`stream` waits for its own window instead, or ended: the next in line is woken if there
+        is window left for it."""
         order = self._order
         order.pop(stream, None)
         if order and connection_window > 0:
-            waiter: asyncio.Future[Any] | None = next(iter(order)).window_waiter
-            if waiter is not None and not waiter.done():
-                waiter.set_result(True)
+            self._wake_first()
+
+    def _wake_first(self) -> None:
+        waiter: asyncio.Future[Any] | None = next(iter(self._order)).window_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(True)
 
     def clear(self) -> None:
         self._order.clear()

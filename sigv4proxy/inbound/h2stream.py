@@ -128,12 +128,7 @@ class InboundStream:
             window = 0
             if offset < total:
                 window = conn.h2.local_flow_control_window(self.id)  # min(stream, connection)
-                connection_window = conn.h2.outbound_flow_control_window
-                if window <= 0 and connection_window > 0:  # our own window: not in the queue
-                    conn.window_queue.leave(self, connection_window)
-                    await self._wait_window()
-                    continue
-                if not conn.window_queue.turn(self, connection_window):  # others wait first
+                if not conn.window_queue.may_send(self, window, conn.h2.outbound_flow_control_window):
                     await self._wait_window()
                     continue
             step = min(window, total - offset, conn.h2.max_outbound_frame_size)
@@ -147,8 +142,7 @@ class InboundStream:
             if last:
                 self.local_ended = True
             conn.flush()
-            if conn.window_queue and conn.h2.outbound_flow_control_window > 0:
-                conn.window_queue.leave(self, conn.h2.outbound_flow_control_window)
+            conn.window_queue.sent(conn.h2.outbound_flow_control_window)
         if self.local_ended:
             self._finish()
 
@@ -187,10 +181,8 @@ class InboundStream:
             self.conn.acknowledge(self.id, pending)
         wake(self.waiter)
         wake(self.window_waiter)
-        conn = self.conn
-        if conn.window_queue:
-            conn.window_queue.leave(self, conn.h2.outbound_flow_control_window)
-        conn.forget(self)
+        self.conn.window_queue.leave(self, self.conn.h2.outbound_flow_control_window)
+        self.conn.forget(self)
 
     def __repr__(self) -> str:
         return f"<InboundStream {self.id} closed={self.closed}>"

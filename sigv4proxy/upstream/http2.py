@@ -179,15 +179,6 @@ class H2Connection(H2ConnectionBase, asyncio.Protocol):
     # --- request side ---
     async def _send_body(self, stream: _Stream, body: bytes | AsyncIterable[bytes]) -> None:
         try:
-            await self._upload(stream, body)
-        finally:
-            self._window_queue.leave(stream, self._connection_send_window())
-
-    def _connection_send_window(self) -> int:
-        return 0 if self._closed else self._h2.outbound_flow_control_window
-
-    async def _upload(self, stream: _Stream, body: bytes | AsyncIterable[bytes]) -> None:
-        try:
             await feed_body(body, partial(self._send_chunk, stream))
             if stream.retired or self._closed:
                 return
@@ -209,6 +200,8 @@ class H2Connection(H2ConnectionBase, asyncio.Protocol):
                 self.reset(stream, ErrorCodes.CANCEL)
             else:
                 self.fail_stream(stream, err)
+        finally:
+            self._window_queue.leave(stream, self._h2.outbound_flow_control_window)
 
     async def _send_chunk(self, stream: _Stream, data: bytes | bytearray | memoryview) -> None:
         view = memoryview(data)
@@ -220,12 +213,7 @@ class H2Connection(H2ConnectionBase, asyncio.Protocol):
                 raise h2.exceptions.StreamClosedError(stream.id)
             await self._flow.drain(self.timeouts.read)
             window = self._h2.local_flow_control_window(stream.id)  # min(stream, connection)
-            connection_window = self._h2.outbound_flow_control_window
-            if window <= 0 and connection_window > 0:  # our own window: not in the queue
-                self._window_queue.leave(stream, connection_window)
-                await self._wait_window(stream)
-                continue
-            if not self._window_queue.turn(stream, connection_window):
+            if not self._window_queue.may_send(stream, window, self._h2.outbound_flow_control_window):
                 await self._wait_window(stream)
                 continue
             frame_size = self._h2.max_outbound_frame_size
@@ -235,8 +223,7 @@ class H2Connection(H2ConnectionBase, asyncio.Protocol):
                 self._h2.send_data(stream.id, view[offset:offset + step])
                 offset += step
             self._flush()
-            if self._window_queue and self._h2.outbound_flow_control_window > 0:
-                self._window_queue.leave(stream, self._h2.outbound_flow_control_window)
+            self._window_queue.sent(self._h2.outbound_flow_control_window)
 
     async def _wait_window(self, stream: _Stream) -> None:
         waiter = stream.window_waiter = self._loop.create_future()

@@ -77,14 +77,6 @@ class LeanStream(H2StreamBase):
 async def send_body(conn: LeanH2Connection, stream: LeanStream,
                     body: bytes | AsyncIterable[bytes]) -> None:
     try:
-        await _send_body(conn, stream, body)
-    finally:
-        conn._window_queue.leave(stream, conn._send_window)
-
-
-async def _send_body(conn: LeanH2Connection, stream: LeanStream,
-                     body: bytes | AsyncIterable[bytes]) -> None:
-    try:
         await feed_body(body, partial(_send_chunk, conn, stream))
         if stream.retired or conn._closed:
             return
@@ -106,6 +98,8 @@ async def _send_body(conn: LeanH2Connection, stream: LeanStream,
             conn.reset(stream, w.CANCEL)
         else:
             conn.fail_stream(stream, err)
+    finally:
+        conn._window_queue.leave(stream, conn._send_window)
 
 
 async def _send_chunk(conn: LeanH2Connection, stream: LeanStream,
@@ -118,16 +112,11 @@ async def _send_chunk(conn: LeanH2Connection, stream: LeanStream,
             raise stream.error
         if stream.retired or conn._closed:
             raise StreamGone
-        if stream.send_window <= 0:  # our own window: wait for the peer, not in the queue
-            conn._window_queue.leave(stream, conn._send_window)
-            if not await _wait_window(conn, stream):
-                raise UpstreamTimeout("upstream flow-control window stayed closed")
-            continue
-        if not conn._window_queue.turn(stream, conn._send_window):
-            if not await _wait_window(conn, stream):
-                raise UpstreamTimeout("upstream flow-control window stayed closed")
-            continue
         window = min(stream.send_window, conn._send_window)
+        if not conn._window_queue.may_send(stream, window, conn._send_window):
+            if not await _wait_window(conn, stream):
+                raise UpstreamTimeout("upstream flow-control window stayed closed")
+            continue
         step = min(window, total - offset)
         parts: list[bytes] = []
         w.data_frames(parts, stream.id, view[offset:offset + step], False, conn._peer_max_frame)
@@ -135,8 +124,7 @@ async def _send_chunk(conn: LeanH2Connection, stream: LeanStream,
         conn._send_window -= step
         offset += step
         conn._writelines(parts)
-        if conn._window_queue and conn._send_window > 0:
-            conn._window_queue.leave(stream, conn._send_window)  # what is left goes to the next
+        conn._window_queue.sent(conn._send_window)
 
 
 async def _wait_window(conn: LeanH2Connection, stream: LeanStream) -> bool:
