@@ -107,7 +107,10 @@ class RequestPreparer:
                     raise BadRequest("more than one Host header")
                 host_header = value_b.decode("latin-1")
             elif action == _UPGRADE:
-                raise BadRequest("protocol upgrade is not supported")
+                # An h2c upgrade offer (curl --http2 on http://) may be declined by answering in
+                # HTTP/1.1 (RFC 9113 §3.1, RFC 9110 §7.8); any other protocol switch is refused.
+                if any(t.strip().lower() != b"h2c" for t in value_b.split(b",")):
+                    raise BadRequest("protocol upgrade is not supported")
             elif action == _CONNECTION:
                 tokens = {t.strip().lower() for t in value_b.split(b",")}
                 connection_tokens = (connection_tokens or set()) | tokens

@@ -234,6 +234,31 @@ async def test_connect_and_upgrade_are_refused(sim):
     assert len(sim.records) == 0
 
 
+async def test_an_h2c_upgrade_offer_is_answered_in_http1_on_a_kept_connection(sim):
+    # What `curl --http2 http://...` sends: the proxy declines the upgrade (no 101), signs and
+    # forwards the request without the upgrade fields, and keeps the connection for the next one.
+    offer = (f"GET /first HTTP/1.1\r\nHost: {LATTICE_HOST}\r\nConnection: Upgrade, HTTP2-Settings\r\n"
+             "Upgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQCAAAAAAIAAAAA\r\n\r\n")
+    plain = f"GET /second HTTP/1.1\r\nHost: {LATTICE_HOST}\r\n\r\n"
+    async with running_proxy(**via(sim, "h2")) as proxy:
+        reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+        try:
+            for request, path in ((offer, "/first"), (plain, "/second")):
+                writer.write(request.encode())
+                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+                lines = head.decode("latin-1").split("\r\n")
+                assert lines[0].startswith("HTTP/1.1 200"), lines[0]
+                fields = dict(line.lower().split(": ", 1) for line in lines[1:] if line)
+                assert "upgrade" not in fields
+                body = await asyncio.wait_for(reader.readexactly(int(fields["content-length"])), 5)
+                echo = json.loads(body)
+                assert echo["principal"] == PRINCIPAL and echo["path"] == path
+                sent = {name for name, _ in echo["headers"]}
+                assert not sent & {"upgrade", "http2-settings", "connection"}
+        finally:
+            writer.close()
+
+
 async def test_dead_upstream_is_502_and_stalled_is_504(client):
     # A port with nothing listening: bind then close to get one.
     import socket

@@ -97,10 +97,19 @@ def test_te_trailers_kept_only_when_asked():
     assert (b"te", b"trailers") in kept
 
 
+def test_an_h2c_upgrade_offer_is_declined_not_forwarded():
+    # curl --http2 on an http:// URL: the request goes on in HTTP/1.1, minus the upgrade fields.
+    raw = [(b"Host", HOST.encode()), (b"Connection", b"Upgrade, HTTP2-Settings"),
+           (b"Upgrade", b"h2c"), (b"HTTP2-Settings", b"AAMAAABkAAQCAAAAAAIAAAAA"), (b"X-Keep", b"1")]
+    names = {n for n, _ in preparer().prepare("GET", None, "/", raw, None).headers}
+    assert b"x-keep" in names and not names & {b"upgrade", b"http2-settings", b"connection"}
+
+
 @pytest.mark.parametrize("method, authority, raw, length, error", [
     ("CONNECT", None, [(b"Host", HOST.encode())], None, MethodNotSupported),
     ("GET", None, [(b"Host", HOST.encode()), (b"HOST", HOST.encode())], None, BadRequest),
-    ("GET", None, [(b"Host", HOST.encode()), (b"Upgrade", b"h2c")], None, BadRequest),
+    ("GET", None, [(b"Host", HOST.encode()), (b"Upgrade", b"websocket")], None, BadRequest),
+    ("GET", None, [(b"Host", HOST.encode()), (b"Upgrade", b"h2c, websocket")], None, BadRequest),
     ("GET", "other.example", [(b"Host", HOST.encode())], None, BadRequest),
     ("POST", None, [(b"Host", HOST.encode())], 1025, PayloadTooLarge),
 ])
