@@ -243,3 +243,57 @@ async def test_downloads_share_the_clients_connection_window_in_turn(sim):
         for sid in (first, *others):
             record = await client.wait(sid, 10)
             assert record.status == 200 and record.ended and len(record.body) == size
+
+
+async def test_responses_sent_in_one_pass_share_one_write_and_each_arrives_whole():
+    # Under load many streams answer in the same loop pass: their frames go out in one write
+    # (h2 keeps them in order) instead of one write per stream.
+    from sigv4proxy.inbound.h2server import H2ServerConnection
+
+    release = asyncio.Event()
+    waiting: list[int] = []
+    connections: list[H2ServerConnection] = []
+
+    async def handler(stream):
+        waiting.append(stream.id)
+        await release.wait()
+        stream.send_headers([(b":status", b"200"), (b"x-stream", str(stream.id).encode())])
+        await stream.send_data(b"body-%d" % stream.id, end_stream=True)
+
+    def factory():
+        conn = H2ServerConnection(handler)
+        connections.append(conn)
+        return conn
+
+    server = await asyncio.get_running_loop().create_server(factory, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        async with H2TestClient("127.0.0.1", port) as client:
+            sids = [client.request("GET", f"/{i}", LATTICE_HOST) for i in range(9)]
+            assert await eventually(lambda: len(waiting) == 9)
+            conn = connections[0]
+            real, writes = conn.transport, []
+
+            class CountingTransport:
+                def __getattr__(self, name):
+                    return getattr(real, name)
+
+                def write(self, data):
+                    writes.append(bytes(data))
+                    real.write(data)
+
+            conn.transport = CountingTransport()
+            release.set()
+            records = [await client.wait(sid) for sid in sids]
+    finally:
+        server.close()
+        await server.wait_closed()
+    for sid, record in zip(sids, records):
+        assert record.status == 200 and record.ended
+        assert record.header(b"x-stream") == str(sid).encode() and bytes(record.body) == b"body-%d" % sid
+    types, pos, first = [], 0, writes[0]
+    while pos < len(first):
+        length, frame_type = int.from_bytes(first[pos:pos + 3], "big"), first[pos + 3]
+        types.append(frame_type)
+        pos += 9 + length
+    assert types.count(0x1) == 9 and types.count(0x0) == 9, types  # HEADERS, DATA

@@ -88,6 +88,7 @@ class H2ServerConnection(asyncio.Protocol):
         self._paused = False
         self._drain_waiters: list[asyncio.Future[None]] = []
         self._closed = False
+        self._flush_scheduled = False
         self._goaway_sent = False
         self._sweep: asyncio.TimerHandle | None = None
         self._original_dst: tuple[str, int] | None | bool = False  # False: not looked up yet
@@ -147,6 +148,21 @@ class H2ServerConnection(asyncio.Protocol):
         if data and self.transport is not None and not self.transport.is_closing():
             self.transport.write(data)
 
+    def flush_soon(self) -> None:
+        """Frames that streams queue in one loop pass leave in one write (h2 keeps their order);
+        with at most one stream and no write pending there is nothing to share with: it goes now."""
+        if self._flush_scheduled:
+            return
+        if len(self.streams) <= 1:
+            self.flush()
+        else:
+            self._flush_scheduled = True
+            self.loop.call_soon(self._scheduled_flush)
+
+    def _scheduled_flush(self) -> None:
+        self._flush_scheduled = False
+        self.flush()
+
     async def drain(self) -> None:
         if self._closed:
             raise ClientGone("client connection closed")
@@ -165,7 +181,7 @@ class H2ServerConnection(asyncio.Protocol):
             self.h2.acknowledge_received_data(size, stream_id)
         except h2.exceptions.ProtocolError:
             return
-        self.flush()
+        self.flush_soon()
 
     def forget(self, stream: InboundStream) -> None:
         self.streams.pop(stream.id, None)
@@ -205,6 +221,7 @@ class H2ServerConnection(asyncio.Protocol):
 
     def close(self) -> None:
         if self.transport is not None and not self.transport.is_closing():
+            self.flush()  # frames a stream queued for the scheduled flush go first
             self.transport.close()
 
     # --- timers ---

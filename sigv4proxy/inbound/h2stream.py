@@ -112,7 +112,7 @@ class InboundStream:
         if end_stream:
             self.local_ended = True
         self.last_activity = self.conn.loop.time()
-        self.conn.flush()
+        self.conn.flush_soon()
         if end_stream:
             self._finish()
 
@@ -141,7 +141,7 @@ class InboundStream:
             self.last_activity = conn.loop.time()
             if last:
                 self.local_ended = True
-            conn.flush()
+            conn.flush_soon()
             conn.window_queue.sent(conn.h2.outbound_flow_control_window)
         if self.local_ended:
             self._finish()
@@ -160,7 +160,7 @@ class InboundStream:
                 self.conn.h2.reset_stream(self.id, code)
             except h2.exceptions.ProtocolError:
                 pass
-            self.conn.flush()
+            self.conn.flush_soon()
         self._close()
 
     def _finish(self) -> None:
