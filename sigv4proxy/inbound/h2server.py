@@ -24,6 +24,7 @@ import h2.settings
 from h2.connection import ConnectionInputs, ConnectionState
 from h2.errors import ErrorCodes
 
+import sigv4proxy.h2_frame_repr  # noqa: F401  (h2 reprs every received frame)
 from sigv4proxy.h2_window import WindowQueue
 from sigv4proxy.inbound.h2stream import ClientGone, InboundStream, wake
 
