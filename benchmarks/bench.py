@@ -102,6 +102,14 @@ def build_targets(args: argparse.Namespace, upstream: Upstream, have_h2load: boo
             argv += ["--ca-bundle", upstream.ca_file]
         targets.append(Target(f"proxy-w{workers}-{proto}", "wrk", "direct-h1", argv=argv,
                               skip_reason=skip, env=BENCH_ENV))
+    if args.inbound_h2 and not args.quick:  # h2 clients (gRPC-like) → proxy → h2c upstream
+        argv = None if proxy is None else [
+            *proxy, "serve", "--listen", "127.0.0.1:{port}", "--admin", "127.0.0.1:{admin_port}",
+            "--upstream", upstream.h2c_url, "--upstream-protocol", "h2", "--workers", "2",
+            "--region", "us-west-2"]
+        targets.append(Target("proxy-w2-h2in", "h2load", "direct-h2c", argv=argv,
+                              skip_reason="" if proxy and have_h2load else
+                              "needs `sigv4proxy serve` and h2load", env=BENCH_ENV))
     names = args.peer_name or []
     for i, command in enumerate(args.peer or []):
         name = names[i] if i < len(names) else f"peer{i + 1}"
@@ -155,7 +163,7 @@ class Bench:
         self.cases = QUICK_CASES if args.quick else FULL_CASES
         self.duration = args.duration or (2.0 if args.quick else 5.0)
         self.warmup = args.warmup if args.warmup is not None else 1.0
-        self.budget = args.budget or (110.0 if args.quick else 570.0)
+        self.budget = args.budget or (110.0 if args.quick else 570.0 + 75.0 * args.inbound_h2)
         self.started = time.monotonic()
         self.files = LoadFiles(workdir / "load")
         self.workdir = workdir
@@ -251,7 +259,8 @@ class Bench:
         title = (f"sigv4proxy bench ({mode}): upstream {upstream_kind}, {self.duration:.0f}s per "
                  f"case, {os.cpu_count()} CPUs")
         notes = ("Ratios divide by direct-h1 (wrk straight to the upstream over HTTP/1.1) for the "
-                 "same case; direct-h2c and direct-h2tls are h2load straight to the upstream over "
+                 "same case (proxy-w2-h2in, h2load into the proxy over h2c, by direct-h2c); "
+                 "direct-h2c and direct-h2tls are h2load straight to the upstream over "
                  "h2c and over TLS (the ceiling for proxy-w2-h2tls). CPU and peak "
                  "RSS are the measured server's process tree (upstream for direct rows, proxy for "
                  "the others); peak RSS is per case (VmHWM reset at its start, summed over "
@@ -286,6 +295,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--only", action="append",
                         help="run only this target (repeatable, e.g. proxy-w2-h2tls); the direct "
                              "baselines always run")
+    parser.add_argument("--inbound-h2", action="store_true",
+                        help="also drive the proxy with h2load over h2c (clients speaking HTTP/2, "
+                             "as gRPC does), against direct-h2c; adds about a minute")
     parser.add_argument("--out", default=str(ROOT / "bench-results"))
     parser.add_argument("--no-install", action="store_true", help="never apt-get install tools")
     parser.add_argument("--fallback-upstream", action="store_true",

@@ -98,7 +98,8 @@ def h2load_argv(port: int, case: Case, duration_s: float, files: LoadFiles,
     fixed count of `requests` when given."""
     bound = ["-n", str(requests)] if requests else ["-D", str(max(1, round(duration_s)))]
     argv = ["h2load", *bound, "-c", str(case.concurrency), "-m", "1", "-t", "1",
-            "-H", "content-type: application/octet-stream"]
+            "-H", "content-type: application/octet-stream",
+            "-H", f":authority: {LATTICE_HOST}"]  # as wrk's Host: the proxy routes on it
     body = files.body(case.workload)
     if body is not None:
         argv += ["-d", str(body)]

@@ -481,12 +481,18 @@ def test_full_matrix_has_an_h2_tls_target_and_only_narrows_it(monkeypatch):
     assert "proxy-w2-h2tls" not in quick and "direct-h2tls" not in quick
     only = targets(with_tls, "--only", "proxy-w2-h2tls")
     assert sorted(only) == ["direct-h1", "direct-h2c", "direct-h2tls", "proxy-w2-h2tls"]
+    assert "proxy-w2-h2in" not in full  # opt-in: HTTP/2 clients into the proxy
+    inbound = targets(with_tls, "--inbound-h2")["proxy-w2-h2in"]
+    assert (inbound.tool, inbound.baseline, inbound.skip_reason) == ("h2load", "direct-h2c", "")
+    assert inbound.argv[inbound.argv.index("--upstream") + 1] == "http://127.0.0.1:1002"
 
 
 def test_h2load_speaks_tls_only_when_asked(tmp_path):
-    from bench_load import GET, Case, LoadFiles, h2load_argv
+    from bench_load import GET, LATTICE_HOST, Case, LoadFiles, h2load_argv
 
     files = LoadFiles(tmp_path)
     assert h2load_argv(41002, Case(GET, 4), 1, files, None)[-1].startswith("http://127.0.0.1:41002/")
+    argv = h2load_argv(41002, Case(GET, 4), 1, files, None)
+    assert argv[argv.index(f":authority: {LATTICE_HOST}") - 1] == "-H"  # the proxy routes on it
     assert h2load_argv(41003, Case(GET, 4), 1, files, None, tls=True)[-1].startswith(
         "https://127.0.0.1:41003/")
