@@ -297,3 +297,29 @@ async def test_responses_sent_in_one_pass_share_one_write_and_each_arrives_whole
         types.append(frame_type)
         pos += 9 + length
     assert types.count(0x1) == 9 and types.count(0x0) == 9, types  # HEADERS, DATA
+
+
+@pytest.mark.parametrize("impl", ["lean", "h2"])
+async def test_request_frames_already_buffered_go_upstream_together_and_credit_returns(impl):
+    # A client that sends faster than the upstream takes: 64 frames of 4 KiB wait in the proxy;
+    # they leave in chunks of up to 64 KiB (one upstream write each), not a write per frame. Every
+    # byte's credit must come back: 70 such uploads on one connection pass its 16 MiB window.
+    body = os.urandom(64 * 4096)
+    digest = hashlib.sha256(body).hexdigest()
+    uploads = 70
+    async with H2TestServer() as upstream, \
+            running_proxy(**via(upstream.port, h2_implementation=impl)) as proxy, \
+            H2TestClient("127.0.0.1", proxy.port) as client:
+        for _ in range(uploads):
+            sid = client.request("POST", "/upload", LATTICE_HOST,
+                                 [("content-length", str(len(body)))], end_stream=False)
+            assert await eventually(lambda: client.h2.local_flow_control_window(sid) >= len(body))
+            for offset in range(0, len(body), 4096):  # all 64 frames in one write
+                client.h2.send_data(sid, body[offset:offset + 4096])
+            client.h2.end_stream(sid)
+            client.flush()
+            record = await client.wait(sid)
+            assert record.status == 200, record
+            echo = json.loads(bytes(record.body))
+            assert echo["body_length"] == len(body) and echo["body_sha256"] == digest
+    assert upstream.stats.request_data_frames <= uploads * 24, upstream.stats.request_data_frames

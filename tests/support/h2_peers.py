@@ -81,6 +81,7 @@ class H2Stats:
     peak_active: int = 0
     response_bytes_sent: int = 0
     request_bytes_received: int = 0
+    request_data_frames: int = 0
     requests: list[dict] = field(default_factory=list)
 
 
@@ -206,6 +207,7 @@ class _H2ServerConnection:
                 stream.digest.update(event.data)
                 stream.length += len(event.data)
             stats.request_bytes_received += len(event.data)
+            stats.request_data_frames += 1
             if self.script.hold_request_window:
                 self.pending_acks.append((event.stream_id, event.flow_controlled_length))
             else:
