@@ -26,6 +26,7 @@ from h2.errors import ErrorCodes
 
 import sigv4proxy.h2_frame_repr  # noqa: F401  (h2 reprs every received frame)
 from sigv4proxy.h2_window import WindowQueue
+from sigv4proxy.inbound.h2_hpack import H2HeaderDecoder, ResponseHeaderEncoder
 from sigv4proxy.inbound.h2stream import ClientGone, InboundStream, wake
 
 log = logging.getLogger("sigv4proxy.inbound")
@@ -72,6 +73,9 @@ class H2ServerConnection(asyncio.Protocol):
                  on_close: Callable[[H2ServerConnection], None] | None = None) -> None:
         self.loop = asyncio.get_running_loop()
         self.h2 = h2.connection.H2Connection(config=_CONFIG)
+        # our HPACK coder in h2's slots: hpack's was the largest single cost per request
+        self.h2.encoder = ResponseHeaderEncoder()  # type: ignore[assignment]
+        self.h2.decoder = H2HeaderDecoder(MAX_HEADER_LIST_SIZE)  # type: ignore[assignment]
         self.h2.state_machine._transitions = _TRANSITIONS  # in-flight streams survive GOAWAY
         self.h2.local_settings = h2.settings.Settings(client=False, initial_values={
             h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: max_concurrent_streams,

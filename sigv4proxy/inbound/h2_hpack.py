@@ -1,0 +1,118 @@
+"""HPACK for the inbound HTTP/2 server: our own coder in the `h2` library's encoder/decoder slots.
+
+Owns: `ResponseHeaderEncoder` (response and trailer blocks to the app: static-table indices,
+literals without indexing and without Huffman, never-indexed fields kept never-indexed) and
+`H2HeaderDecoder` (h2's decoder interface on `upstream.hpack_decode.HeaderBlockDecoder`, which the
+lean upstream client already uses). Why: `hpack.Encoder` and `hpack.Decoder` were the largest
+single cost of an inbound HTTP/2 request (cProfile, h2load -m16: ~37 and ~55 µs of ~500 profiled),
+in per-field Python calls and debug-log calls that are off. Must never: insert into the dynamic
+table (so the peer's SETTINGS_HEADER_TABLE_SIZE can never be exceeded), turn a never-indexed
+field into an indexable one, or accept a block `hpack.Decoder` would reject.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from hpack.exceptions import HPACKDecodingError, OversizedHeaderListError
+from hpack.struct import HeaderTuple
+from hpack.table import HeaderTable
+
+from sigv4proxy.upstream.h2_wire import STATIC_NAME_INDEX, hpack_int, hpack_string
+from sigv4proxy.upstream.hpack_decode import (
+    DEFAULT_MAX_HEADER_LIST_SIZE,
+    HeaderBlockDecoder,
+    HpackDecodeError,
+)
+
+_WITHOUT_INDEXING, _NEVER_INDEXED = 0x00, 0x10  # §6.2.2 / §6.2.3, both with a 4-bit name index
+_SIZE_UPDATE_ZERO = b"\x20"  # §6.3: dynamic table size 0
+_NAMES_LIMIT = 512  # name prefixes remembered per connection (names come from the upstream)
+_STATIC_FIELDS = {(name, value): bytes((0x80 | index,))  # §6.1 indexed field, all indices < 128
+                  for index, (name, value) in enumerate(HeaderTable.STATIC_TABLE, start=1) if value}
+
+
+def _name_prefix(name: bytes, pattern: int) -> bytes:
+    index = STATIC_NAME_INDEX.get(name)
+    if index is not None:
+        return hpack_int(index, 4, pattern)
+    return bytes((pattern,)) + hpack_string(name)
+
+
+class ResponseHeaderEncoder:
+    """Stands in for `hpack.Encoder` on one inbound connection (`h2` calls `encode` and sets
+    `header_table_size`). Stateless on the wire: it never indexes, so it never has a table to
+    keep in step with the client's."""
+
+    __slots__ = ("_names", "_prefix")
+
+    def __init__(self) -> None:
+        self._names: dict[tuple[bytes, int], bytes] = {}
+        self._prefix = b""
+
+    @property
+    def header_table_size(self) -> int:
+        return 0
+
+    @header_table_size.setter
+    def header_table_size(self, value: int) -> None:
+        # The client changed SETTINGS_HEADER_TABLE_SIZE: the next block starts with a size update
+        # (§4.2); 0 is within any limit and says what is true, that we keep no entries.
+        self._prefix = _SIZE_UPDATE_ZERO
+
+    def encode(self, headers: Iterable[tuple[bytes, bytes]], huffman: bool = True) -> bytes:
+        parts = [self._prefix] if self._prefix else []
+        self._prefix = b""
+        names = self._names
+        static = _STATIC_FIELDS
+        for field in headers:
+            name, value = field
+            sensitive = isinstance(field, HeaderTuple) and not field.indexable
+            if not sensitive:
+                indexed = static.get((name, value))
+                if indexed is not None:
+                    parts.append(indexed)
+                    continue
+            pattern = _NEVER_INDEXED if sensitive else _WITHOUT_INDEXING
+            prefix = names.get((name, pattern))
+            if prefix is None:
+                prefix = _name_prefix(name, pattern)
+                if len(names) < _NAMES_LIMIT:
+                    names[(bytes(name), pattern)] = prefix
+            parts.append(prefix)
+            parts.append(hpack_string(value))
+        return b"".join(parts)
+
+
+class H2HeaderDecoder:
+    """Stands in for `hpack.Decoder` on one inbound connection: `h2` sets the two limits and calls
+    `decode(block, raw=True)`, expecting hpack's exceptions on a bad block."""
+
+    __slots__ = ("_decoder",)
+
+    def __init__(self, max_header_list_size: int = DEFAULT_MAX_HEADER_LIST_SIZE) -> None:
+        self._decoder = HeaderBlockDecoder(max_header_list_size=max_header_list_size)
+
+    @property
+    def max_header_list_size(self) -> int:
+        return self._decoder.max_header_list_size
+
+    @max_header_list_size.setter
+    def max_header_list_size(self, value: int) -> None:
+        self._decoder.max_header_list_size = value
+
+    @property
+    def max_allowed_table_size(self) -> int:
+        return self._decoder.max_table_size
+
+    @max_allowed_table_size.setter
+    def max_allowed_table_size(self, value: int) -> None:
+        self._decoder.max_table_size = value
+
+    def decode(self, data: bytes, raw: bool = False) -> list[tuple[bytes, bytes]]:
+        try:
+            return self._decoder.decode(data)
+        except HpackDecodeError as exc:
+            if str(exc) == "header list too large":  # h2 answers this one with ENHANCE_YOUR_CALM
+                raise OversizedHeaderListError(str(exc)) from None
+            raise HPACKDecodingError(str(exc)) from None
