@@ -323,3 +323,29 @@ async def test_request_frames_already_buffered_go_upstream_together_and_credit_r
             echo = json.loads(bytes(record.body))
             assert echo["body_length"] == len(body) and echo["body_sha256"] == digest
     assert upstream.stats.request_data_frames <= uploads * 24, upstream.stats.request_data_frames
+
+
+@pytest.mark.parametrize("upstream_protocol, impl", [("h2", "lean"), ("h2", "h2"), ("http1", "lean")])
+async def test_the_last_response_chunk_carries_end_stream_without_an_empty_frame(
+        sim, upstream_protocol, impl):
+    import h2.events
+
+    async with running_proxy(**via(sim.port, upstream_protocol, h2_implementation=impl)) as proxy, \
+            H2TestClient("127.0.0.1", proxy.port) as client:
+        seen, on = [], client._on
+
+        def record(event):
+            if isinstance(event, h2.events.DataReceived):
+                seen.append((event.stream_id, len(event.data), event.stream_ended is not None))
+            on(event)
+
+        client._on = record
+        small = client.request("GET", "/small", LATTICE_HOST)
+        big = client.request("GET", "/big", LATTICE_HOST, [("x-sim-response-bytes", str(300_000))])
+        small_record, big_record = await client.wait(small), await client.wait(big)
+    assert small_record.status == 200 and small_record.ended
+    assert big_record.status == 200 and big_record.ended and len(big_record.body) == 300_000
+    for sid in (small, big):
+        frames = [(size, ended) for s, size, ended in seen if s == sid]
+        assert all(size > 0 for size, _ in frames), frames  # no empty DATA frame to end it
+        assert frames[-1][1] and not any(ended for _, ended in frames[:-1]), frames

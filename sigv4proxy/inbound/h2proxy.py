@@ -197,13 +197,14 @@ class H2ProxyStreams:
                 if held:
                     stream.send_headers(head)
                     held = False
-                await stream.send_data(chunk)
+                # the last chunk carries END_STREAM itself: no empty DATA frame after it
+                await stream.send_data(chunk, end_stream=upstream.body_complete and not upstream.trailers)
             trailers = _forwarded_fields(upstream.trailers)
             if held:
                 stream.send_headers(head + trailers, end_stream=True)
             elif trailers:
                 stream.send_headers(trailers, end_stream=True)
-            else:
+            elif not stream.local_ended:
                 await stream.send_data(b"", end_stream=True)
             return upstream.status
         except ProxyError as exc:

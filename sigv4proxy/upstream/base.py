@@ -153,6 +153,11 @@ class ResponseBody(Protocol):
 
     trailers: list[tuple[bytes, bytes]]
 
+    @property
+    def complete(self) -> bool:
+        """Everything arrived and was read: the next read() returns b"" without waiting."""
+        ...
+
     async def read(self) -> bytes:
         """The next non-empty chunk, b"" at the end; raises a typed error if the body broke."""
         ...
@@ -191,6 +196,12 @@ class Response:
     @property
     def trailers(self) -> list[tuple[bytes, bytes]]:
         return self._body.trailers
+
+    @property
+    def body_complete(self) -> bool:
+        """The chunk just read was the last (trailers, if any, are in): a relay can end its
+        stream with that chunk instead of an empty frame after it."""
+        return self._body.complete
 
     def __aiter__(self) -> AsyncIterator[bytes]:
         return _BodyIterator(self._body)

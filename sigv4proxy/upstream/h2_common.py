@@ -52,6 +52,10 @@ class H2StreamBase(EventWait):
         self.waiter: asyncio.Future[bool] | None = None
         self.window_waiter: asyncio.Future[bool] | None = None
 
+    @property
+    def complete(self) -> bool:
+        return self.remote_ended and not self.chunks and self.error is None
+
     # --- the subclass's part: receive credit in its own unit ---
     def _buffered_credit(self) -> int:
         """Receive credit held by chunks not yet handed to the consumer."""

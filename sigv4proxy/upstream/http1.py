@@ -79,6 +79,10 @@ class _Exchange(EventWait):
         self.send_task: asyncio.Task[None] | None = None
         self.waiter: asyncio.Future[bool] | None = None
 
+    @property
+    def complete(self) -> bool:
+        return self.ended and not self.chunks and self.error is None
+
     def fail(self, err: ProxyError) -> None:
         if self.error is None and not self.ended:
             self.error = err

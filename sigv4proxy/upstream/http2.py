@@ -307,8 +307,9 @@ class H2Connection(H2ConnectionBase, asyncio.Protocol):
         if stream is None or stream.error is not None:  # nobody will read it: return the credit
             self.acknowledge(event.stream_id, event.flow_controlled_length)
             return
-        stream.chunks.append((event.data, event.flow_controlled_length))
-        stream.wake()
+        if event.flow_controlled_length:  # an empty DATA frame (often the END_STREAM) holds nothing
+            stream.chunks.append((event.data, event.flow_controlled_length))
+            stream.wake()
 
     def _on_stream_ended(self, event: h2.events.StreamEnded) -> None:
         stream = self._streams.get(event.stream_id)
