@@ -349,3 +349,47 @@ async def test_the_last_response_chunk_carries_end_stream_without_an_empty_frame
         frames = [(size, ended) for s, size, ended in seen if s == sid]
         assert all(size > 0 for size, _ in frames), frames  # no empty DATA frame to end it
         assert frames[-1][1] and not any(ended for _, ended in frames[:-1]), frames
+
+
+async def test_a_small_body_that_arrived_whole_goes_upstream_with_its_head(sim, monkeypatch):
+    # HEADERS and DATA(END_STREAM) of a 4 KiB upload arrive together: the pool gets the body as
+    # bytes (sent inline with the upstream HEADERS, no upload task); one still arriving streams.
+    from sigv4proxy.upstream.pool import ConnectionPool
+
+    bodies, request = [], ConnectionPool.request
+
+    async def spy(self, *args, **kwargs):
+        body = args[5] if len(args) > 5 else kwargs.get("body")
+        bodies.append(bytes(body) if isinstance(body, bytes) else type(body).__name__)
+        return await request(self, *args, **kwargs)
+
+    monkeypatch.setattr(ConnectionPool, "request", spy)
+    body = os.urandom(4096)
+    async with running_proxy(**via(sim.port)) as proxy, H2TestClient("127.0.0.1", proxy.port) as client:
+        whole = client.request("POST", "/whole", LATTICE_HOST, end_stream=False)
+        client.h2.send_data(whole, body, end_stream=True)
+        client.flush()
+        records = [await client.wait(whole)]
+        late = client.request("POST", "/late", LATTICE_HOST, end_stream=False)
+        client.h2.send_data(late, body[:1000])
+        client.flush()
+        await asyncio.sleep(0.2)  # the handler is forwarding by now, the body still open
+        client.h2.send_data(late, body[1000:], end_stream=True)
+        client.flush()
+        records.append(await client.wait(late))
+    for record in records:
+        assert record.status == 200, record
+        echo = json.loads(bytes(record.body))
+        assert echo["body_length"] == len(body) and echo["body_sha256"] == hashlib.sha256(body).hexdigest()
+    assert bodies == [body, "_RequestBody"]
+
+
+async def test_a_whole_small_body_over_the_limit_is_refused(sim):
+    async with running_proxy(**via(sim.port), max_body_size=1000) as proxy, \
+            H2TestClient("127.0.0.1", proxy.port) as client:
+        sid = client.request("POST", "/too-big", LATTICE_HOST, end_stream=False)  # no content-length
+        client.h2.send_data(sid, b"x" * 4096, end_stream=True)
+        client.flush()
+        record = await client.wait(sid)
+    assert record.status == 413 and record.header(b"x-sigv4proxy-error") == b"payload_too_large"
+    assert len(sim.records) == 0

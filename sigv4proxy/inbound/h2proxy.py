@@ -21,7 +21,7 @@ from hpack import NeverIndexedHeaderTuple
 
 from sigv4proxy import accesslog
 from sigv4proxy.errors import BadRequest, Overloaded, PayloadTooLarge, ProxyError, UpstreamReset, UpstreamTimeout
-from sigv4proxy.handler import DROP_RESPONSE, ERROR_HEADER, ProxyHandler, error_parts
+from sigv4proxy.handler import DROP_RESPONSE, ERROR_HEADER, SMALL_BODY, ProxyHandler, error_parts
 from sigv4proxy.inbound.h2stream import ClientGone, InboundStream
 from sigv4proxy.metrics import Metrics
 from sigv4proxy.upstream.base import Response
@@ -173,7 +173,15 @@ class H2ProxyStreams:
         prepared = self._handler.prepare(method, authority, path, stream.headers, content_length,
                                          original_dst, keep_te_trailers=True)
         route = prepared.route
-        body = _RequestBody(stream, self._max_body) if stream.has_body() else None
+        body: bytes | _RequestBody | None = None
+        if stream.has_body():
+            # all of a small body is usually here with the head: it goes upstream with its
+            # HEADERS in one write, with no upload task
+            body = stream.whole_body(SMALL_BODY)
+            if body is None:
+                body = _RequestBody(stream, self._max_body)
+            elif self._max_body is not None and len(body) > self._max_body:
+                raise PayloadTooLarge("request body exceeds --max-body-size")
         upstream = await self._pool.request(
             route.origin, stream.method, stream.path, route.authority_bytes, prepared.headers, body)
         first_byte = time.perf_counter()

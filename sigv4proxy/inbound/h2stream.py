@@ -77,6 +77,21 @@ class InboundStream:
     def has_body(self) -> bool:
         return not (self.remote_ended and not self.chunks)
 
+    def whole_body(self, limit: int) -> bytes | None:
+        """The whole body if it has all arrived (without trailers) and is at most `limit` bytes,
+        else None (then read() streams it). Its flow-control credit goes back now."""
+        chunks = self.chunks
+        if not self.remote_ended or self.trailers or self.unacked:
+            return None
+        if sum(len(data) for data, _ in chunks) > limit:
+            return None
+        body = b"".join([data for data, _ in chunks])
+        credit = sum(flow for _, flow in chunks)
+        chunks.clear()
+        if credit:
+            self.conn.acknowledge(self.id, credit)
+        return body
+
     async def read(self) -> bytes:
         """The next chunk of the request body, b"" at its end. Returns the previous chunk's credit."""
         conn = self.conn
