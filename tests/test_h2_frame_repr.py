@@ -38,6 +38,16 @@ def test_frames_print_the_same_with_it_installed(monkeypatch):
     assert ours == [repr(f) for f in frames]
 
 
+@pytest.mark.parametrize("size", [0, 1, 9, 10, 11, 16384])
+@pytest.mark.parametrize("pad", [None, 0, 1, 12])
+def test_data_frames_print_what_their_serialized_body_would(size, pad):
+    frame = DataFrame(1, data=os.urandom(size))
+    if pad is not None:
+        frame.flags.add("PADDED")
+        frame.pad_length = pad
+    assert h2_frame_repr.data_body_repr(frame) == library_repr(frame.serialize_body())
+
+
 def test_only_the_shown_bytes_are_hexlified():
     asked: list[object] = []
 
@@ -48,6 +58,9 @@ def test_only_the_shown_bytes_are_hexlified():
 
     text = h2_frame_repr.raw_data_repr(Payload(b"\x01" * 16384))
     assert text == "<hex:" + "01" * 10 + "...>" and asked == [slice(None, 10)]
+    asked.clear()
+    text = repr(DataFrame(1, data=Payload(b"\x02" * 16384)))  # no serialize_body() copy either
+    assert text.endswith("<hex:" + "02" * 10 + "...>") and asked == [slice(None, 10)]
 
 
 def test_installed_by_the_modules_that_run_h2():
@@ -55,4 +68,5 @@ def test_installed_by_the_modules_that_run_h2():
     import sigv4proxy.upstream.http2  # noqa: F401
 
     assert hyperframe.frame._raw_data_repr is h2_frame_repr.raw_data_repr
+    assert DataFrame._body_repr is h2_frame_repr.data_body_repr
     assert "<hex:" in repr(DataFrame(1, data=b"x" * 100))
