@@ -56,12 +56,13 @@ async def run_demo(args: argparse.Namespace, stop: asyncio.Event | None = None) 
     try:
         await app.start()
         proxy = f"http://127.0.0.1:{app.port}" if args.listen.startswith(("127.", "0.0.0.0")) else args.listen
+        hello = f"{proxy}/hello" if proxy.startswith("http") else f"'http://{proxy}/hello'"  # [::1] globs
         print(
             "sigv4proxy demo is running (Ctrl-C to stop):\n"
             f"  proxy      {args.listen}  -> simulator {sim.host}:{sim.port} over {args.protocol}, signing for {DEMO_HOST}\n"
             f"  admin      http://127.0.0.1:{app.admin_port}/metrics  /healthz  /readyz\n"
             "Try:\n"
-            f"  curl {proxy}/hello                       # signed by the proxy: 200 with what the simulator verified\n"
+            f"  curl {hello}                       # signed by the proxy: 200 with what the simulator verified\n"
             f"  curl http://127.0.0.1:{sim.port}/hello   # bypassing the proxy: 403 from the Lattice simulator\n",
             flush=True,
         )

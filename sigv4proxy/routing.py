@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import ipaddress
 import re
 from dataclasses import dataclass
 from urllib.parse import urlsplit
@@ -42,8 +43,9 @@ class Target:
 def split_host(value: str) -> tuple[str, int | None]:
     """Normalize a Host header or URL authority: lowercase, no trailing dot, port split off.
 
-    Raises BadRequest for anything that is not a plain hostname or IPv4 literal (userinfo,
-    escapes, IPv6 brackets, empty) so allow-list checks cannot be bypassed by odd spellings.
+    Raises BadRequest for anything that is not a plain hostname, IPv4 literal or bracketed IPv6
+    literal (userinfo, escapes, zone ids, empty) so allow-list checks cannot be bypassed by odd
+    spellings. An IPv6 literal comes back in brackets, in its one compressed spelling.
     """
     text = value.strip().lower()
     if "@" in text or "%" in text or "/" in text or "\\" in text:
@@ -52,15 +54,26 @@ def split_host(value: str) -> tuple[str, int | None]:
     if not sep or "]" in port:
         host, port = text, ""
     if host.startswith("["):
-        raise BadRequest("IP literal hosts are not supported")
-    host = host[:-1] if host.endswith(".") else host
-    if not host or len(host) > 253 or not _HOSTNAME.match(host):
-        raise BadRequest("malformed host")
+        host = _ipv6_literal(host)
+    else:
+        host = host[:-1] if host.endswith(".") else host
+        if not host or len(host) > 253 or not _HOSTNAME.match(host):
+            raise BadRequest("malformed host")
     if port:
         if not port.isdigit() or not 0 < int(port) < 65536:
             raise BadRequest("malformed port in host")
         return host, int(port)
     return host, None
+
+
+def _ipv6_literal(bracketed: str) -> str:
+    if not bracketed.endswith("]"):
+        raise BadRequest("malformed host")
+    try:
+        address = ipaddress.IPv6Address(bracketed[1:-1])
+    except ValueError:
+        raise BadRequest("malformed host") from None
+    return f"[{address.compressed}]"
 
 
 def _glob(pattern: str) -> re.Pattern[str]:
@@ -212,6 +225,7 @@ class Router:
             scheme = "https" if original_dst[1] == 443 else "http"
             origin, name = Origin(scheme, original_dst[0], original_dst[1], self._config.upstream_protocol, host), "transparent"
         else:
-            origin = Origin("https", host, port if port not in (None, 80) else 443, self._config.upstream_protocol)
+            origin = Origin("https", host.strip("[]"), port if port not in (None, 80) else 443,
+                            self._config.upstream_protocol)
             name = "default"
         return Target(origin, authority, self._default_signer(host), name)

@@ -33,6 +33,8 @@ def test_upstream_override_keeps_the_apps_host():
         "evil.com.",
         "svc.vpc-lattice-svcs.us-west-2.on.aws.evil.com",
         "169.254.169.254",
+        "[::1]",
+        "[::ffff:169.254.169.254]:80",
         "localhost",
         "vpc-lattice-svcs.us-west-2.on.aws",  # no service label before it
     ],
@@ -47,7 +49,10 @@ def test_hosts_outside_the_allow_list_are_refused(host):
     [
         "user@" + LATTICE,
         LATTICE + "%2eevil.com",
-        "[::1]",
+        "[::1",
+        "[zz::]",
+        "[fe80::1%eth0]",
+        "[::1]x",
         "evil.com/" + LATTICE,
         "",
         "a..b",
@@ -81,6 +86,19 @@ def test_case_trailing_dot_and_port_are_normalized_for_the_allow_list():
     assert r.resolve(LATTICE.upper() + ".", "/").authority == LATTICE
     assert split_host(LATTICE.upper() + ".:8443") == (LATTICE, 8443)
     assert r.resolve(LATTICE + ":8443", "/").origin.port == 8443
+
+
+def test_ipv6_literals_have_one_spelling_and_reach_path_routes():
+    # An app in an IPv6 pod calling http://[::1]:8080/ sends that Host: a path route serves it;
+    # without one it is just another host outside the allow-list.
+    assert split_host("[0:0:0:0:0:0:0:1]:8080") == ("[::1]", 8080)
+    assert split_host("[::FFFF:169.254.169.254]") == ("[::ffff:a9fe:a9fe]", None)
+    r = router(route=[{"path_prefix": "/", "upstream": "http://127.0.0.1:9001", "sign_host": LATTICE}])
+    t = r.resolve("[::1]:8080", "/hello")
+    assert t.origin.port == 9001 and t.authority == LATTICE
+    allow_all = router(allow_host=["*"], region="us-west-2")
+    t = allow_all.resolve("[::1]:8443", "/")
+    assert (t.origin.host, t.origin.port, t.authority) == ("::1", 8443, "[::1]:8443")
 
 
 def test_routes_match_host_and_prefix_in_order_and_are_allowed():

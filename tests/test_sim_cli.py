@@ -112,3 +112,47 @@ def test_sim_command_rejects_bad_identities(tmp_path):
     bad.write_text(json.dumps({"identities": [{"access_key_id": "A"}]}))
     out = cli("sim", "--listen", "127.0.0.1:0", "--identities", str(bad))
     assert out.returncode == 2 and "'secret_access_key' must be a non-empty string" in out.stderr
+
+
+def _free_port(family: int, host: str) -> int:
+    import socket
+
+    with socket.socket(family) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def test_demo_on_an_ipv6_listener_prints_a_url_that_works():
+    # An IPv6 pod's app calls http://[::1]:PORT/: the Host is an IPv6 literal, which the demo's
+    # path route serves; the banner's curl line quotes the URL (curl would read [::1] as a glob).
+    import socket
+
+    try:
+        port = _free_port(socket.AF_INET6, "::1")
+    except OSError as exc:
+        pytest.skip(f"no IPv6 loopback on this machine: {exc}")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sigv4proxy", "demo", "--listen", f"[::1]:{port}",
+         "--admin", f"127.0.0.1:{_free_port(socket.AF_INET, '127.0.0.1')}",
+         "--sim-listen", f"127.0.0.1:{_free_port(socket.AF_INET, '127.0.0.1')}"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        banner = ""
+        for _ in range(20):  # a few lines, the last one about bypassing the proxy
+            line = proc.stdout.readline()
+            banner += line
+            if not line or "bypassing the proxy" in line:
+                break
+        match = re.search(r"curl '(http://\[::1\]:\d+/hello)'", banner)
+        url = match.group(1) if match else banner
+        assert url == f"http://[::1]:{port}/hello"
+        with urllib.request.urlopen(url, timeout=10) as resp:
+            echo = json.loads(resp.read())
+        assert resp.status == 200 and echo["principal"] == DEMO_PRINCIPAL
+        proc.send_signal(signal.SIGINT)
+        proc.communicate(timeout=15)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate(timeout=5)
+    assert proc.returncode == 0
