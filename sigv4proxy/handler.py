@@ -327,7 +327,8 @@ def parse_error(exc: BaseException) -> ProxyError:
 
 def error_parts(exc: ProxyError) -> tuple[dict[str, str], str]:
     """Headers and body text of the proxy's own answer to a typed error (fixed reason, no secret)."""
-    headers = {ERROR_HEADER: exc.kind, "Content-Type": "text/plain; charset=utf-8"}
+    # Server names the answerer without aiohttp's default, which gives away Python and aiohttp versions
+    headers = {ERROR_HEADER: exc.kind, "Content-Type": "text/plain; charset=utf-8", "Server": "sigv4proxy"}
     if exc.status == 503:
         headers["Retry-After"] = "1"
     return headers, f"sigv4proxy: {exc.reason}\n"

@@ -74,6 +74,7 @@ async def test_malformed_and_smuggling_shapes_are_400_and_never_forwarded(sim, r
         assert resp.status == 400, resp
         assert resp.header("x-sigv4proxy-error") == "bad_request"
         assert resp.body.startswith(b"sigv4proxy: ") and LEAK not in resp.body
+        assert resp.header("server") == "sigv4proxy"  # not aiohttp's, with its versions
         ok = await raw_request(proxy.port, b"GET /still HTTP/1.1\r\nHost: " + H + b"\r\n\r\n")
         assert ok.status == 200
     assert [r["requestPath"] for r in sim.records] == ["/still"]

@@ -149,6 +149,7 @@ async def test_typed_errors_answer_with_status_header_and_body(sim):
         too_big_record = await client.wait(too_big)
         connect = await client.wait(client.request("GET", "/still-fine", LATTICE_HOST))
     assert refused.status == 403 and refused.header(b"x-sigv4proxy-error") == b"host_not_allowed"
+    assert refused.header(b"server") == b"sigv4proxy"
     assert bytes(refused.body).startswith(b"sigv4proxy: ") and not refused.head_end_stream
     assert too_big_record.status == 413
     assert too_big_record.header(b"x-sigv4proxy-error") == b"payload_too_large"

@@ -214,6 +214,7 @@ async def test_host_outside_allow_list_is_refused_and_never_contacted(sim, clien
             resp, body = await get_json(client, f"http://127.0.0.1:{proxy.port}/x", headers={"Host": host})
             assert resp.status == 403, body
             assert resp.headers["x-sigv4proxy-error"] == "host_not_allowed"
+            assert resp.headers.getall("Server") == ["sigv4proxy"]  # no Python/aiohttp versions
         async with client.get("http://example.com/x", proxy=f"http://127.0.0.1:{proxy.port}") as resp:
             assert resp.status == 403
     assert sim.records == [] or all(r.get("hostHeader") == LATTICE_HOST for r in sim.records)
