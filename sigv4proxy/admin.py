@@ -21,6 +21,11 @@ class AdminHandler:
         self._refresh_gauges = refresh_gauges
 
     async def __call__(self, request: web.BaseRequest) -> web.Response:
+        response = self._answer(request)
+        response.headers["Server"] = "sigv4proxy"  # not aiohttp's default, with its versions
+        return response
+
+    def _answer(self, request: web.BaseRequest) -> web.Response:
         path = request.path
         if request.method not in ("GET", "HEAD"):
             return web.Response(status=405, text="method not allowed\n")

@@ -320,8 +320,11 @@ async def test_admin_endpoints_and_metrics(sim, client):
             assert r.status == 200
         async with client.get(admin + "/readyz") as r:
             assert r.status == 200
+        async with client.get(admin + "/nope") as r:
+            assert r.status == 404 and r.headers.getall("Server") == ["sigv4proxy"]
         async with client.get(admin + "/metrics") as r:
             text = await r.text()
+            assert r.headers.getall("Server") == ["sigv4proxy"]  # no Python/aiohttp versions
     assert 'sigv4proxy_request_duration_seconds_count{code_class="2xx",method="GET",route="upstream"} 1.0' in text
     assert "sigv4proxy_signing_duration_seconds_count 1.0" in text
     assert 'sigv4proxy_upstream_duration_seconds_count{protocol="HTTP/2"} 1.0' in text
