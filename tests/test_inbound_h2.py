@@ -394,3 +394,37 @@ async def test_a_whole_small_body_over_the_limit_is_refused(sim):
         record = await client.wait(sid)
     assert record.status == 413 and record.header(b"x-sigv4proxy-error") == b"payload_too_large"
     assert len(sim.records) == 0
+
+
+@pytest.mark.parametrize("upstream_protocol", ["h2", "http1"])
+async def test_a_response_whose_body_is_already_here_leaves_with_its_head(sim, monkeypatch,
+                                                                          upstream_protocol):
+    # The simulator's small answer arrives with its head: the proxy's HEADERS and DATA for it go
+    # out in one write instead of two.
+    from sigv4proxy.inbound.h2server import H2ServerConnection
+
+    writes: list[bytes] = []
+
+    def recording_flush(self):
+        data = self.h2.data_to_send()
+        if data and self.transport is not None and not self.transport.is_closing():
+            writes.append(data)
+            self.transport.write(data)
+
+    monkeypatch.setattr(H2ServerConnection, "flush", recording_flush)
+    async with running_proxy(**via(sim.port, upstream_protocol)) as proxy, \
+            H2TestClient("127.0.0.1", proxy.port) as client:
+        sid = client.request("GET", "/small", LATTICE_HOST)
+        record = await client.wait(sid)
+    assert record.status == 200 and record.ended and json.loads(bytes(record.body))["path"] == "/small"
+
+    def frame_types(data: bytes) -> list[tuple[int, int]]:
+        found, pos = [], 0
+        while pos + 9 <= len(data):
+            length = int.from_bytes(data[pos:pos + 3], "big")
+            found.append((data[pos + 3], int.from_bytes(data[pos + 5:pos + 9], "big") & 0x7FFFFFFF))
+            pos += 9 + length
+        return found
+
+    with_head = [frame_types(w) for w in writes if (0x1, sid) in frame_types(w)]
+    assert len(with_head) == 1 and (0x0, sid) in with_head[0], [frame_types(w) for w in writes]

@@ -199,8 +199,8 @@ class H2ProxyStreams:
         # END_STREAM: hold the head until the body proves empty (or is not, then send it first).
         held = any(name == b"grpc-status" for name, _ in head)
         try:
-            if not held:
-                stream.send_headers(head)
+            if not held:  # a body already here goes out in the same write as the head
+                stream.send_headers(head, flush=not upstream.body_ready)
             async for chunk in upstream:
                 if held:
                     stream.send_headers(head)

@@ -131,8 +131,10 @@ class InboundStream:
         return b"".join(parts), flow_length
 
     # --- response ---
-    def send_headers(self, fields: list[tuple[bytes, bytes]], end_stream: bool = False) -> None:
-        """Response head (with `:status` first) or, once started, trailers (then end_stream)."""
+    def send_headers(self, fields: list[tuple[bytes, bytes]], end_stream: bool = False,
+                     flush: bool = True) -> None:
+        """Response head (with `:status` first) or, once started, trailers (then end_stream).
+        `flush=False` leaves the frame for the next send's write (data that is already here)."""
         if self.closed or self.local_ended:
             raise ClientGone("client stream closed")
         self.response_started = True
@@ -143,7 +145,8 @@ class InboundStream:
         if end_stream:
             self.local_ended = True
         self.last_activity = self.conn.loop.time()
-        self.conn.flush_soon()
+        if flush or end_stream:
+            self.conn.flush_soon()
         if end_stream:
             self._finish()
 
@@ -160,6 +163,7 @@ class InboundStream:
             if offset < total:
                 window = conn.h2.local_flow_control_window(self.id)  # min(stream, connection)
                 if not conn.window_queue.may_send(self, window, conn.h2.outbound_flow_control_window):
+                    conn.flush_soon()  # a head held back for this data goes now, not after the wait
                     await self._wait_window()
                     continue
             step = min(window, total - offset, conn.h2.max_outbound_frame_size)

@@ -158,6 +158,11 @@ class ResponseBody(Protocol):
         """Everything arrived and was read: the next read() returns b"" without waiting."""
         ...
 
+    @property
+    def ready(self) -> bool:
+        """read() will return (a chunk, the end or an error) without waiting."""
+        ...
+
     async def read(self) -> bytes:
         """The next non-empty chunk, b"" at the end; raises a typed error if the body broke."""
         ...
@@ -202,6 +207,11 @@ class Response:
         """The chunk just read was the last (trailers, if any, are in): a relay can end its
         stream with that chunk instead of an empty frame after it."""
         return self._body.complete
+
+    @property
+    def body_ready(self) -> bool:
+        """The next read will not wait: a relay can hold the head back to send it with that chunk."""
+        return self._body.ready
 
     def __aiter__(self) -> AsyncIterator[bytes]:
         return _BodyIterator(self._body)

@@ -56,6 +56,10 @@ class H2StreamBase(EventWait):
     def complete(self) -> bool:
         return self.remote_ended and not self.chunks and self.error is None
 
+    @property
+    def ready(self) -> bool:
+        return bool(self.chunks) or self.remote_ended or self.error is not None
+
     # --- the subclass's part: receive credit in its own unit ---
     def _buffered_credit(self) -> int:
         """Receive credit held by chunks not yet handed to the consumer."""

@@ -83,6 +83,10 @@ class _Exchange(EventWait):
     def complete(self) -> bool:
         return self.ended and not self.chunks and self.error is None
 
+    @property
+    def ready(self) -> bool:
+        return bool(self.chunks) or self.ended or self.error is not None
+
     def fail(self, err: ProxyError) -> None:
         if self.error is None and not self.ended:
             self.error = err
