@@ -31,7 +31,7 @@ from sigv4proxy.inbound.h2stream import ClientGone, InboundStream, wake
 
 log = logging.getLogger("sigv4proxy.inbound")
 
-STREAM_WINDOW = 1 << 20  # per-stream receive window: what one stream may have buffered here
+STREAM_WINDOW = 256 << 10  # per-stream receive window: what one stream may have buffered here
 CONNECTION_WINDOW = 16 << 20
 MAX_CONCURRENT_STREAMS = 256
 MAX_HEADER_LIST_SIZE = 64 * 1024
