@@ -18,25 +18,13 @@ from hpack.exceptions import HPACKDecodingError, OversizedHeaderListError
 from hpack.struct import HeaderTuple
 from hpack.table import HeaderTable
 
-from sigv4proxy.upstream.h2_wire import STATIC_NAME_INDEX, hpack_int, hpack_string
-from sigv4proxy.upstream.hpack_decode import (
-    DEFAULT_MAX_HEADER_LIST_SIZE,
-    HeaderBlockDecoder,
-    HpackDecodeError,
-)
+from sigv4proxy.upstream.h2_wire import NEVER_INDEXED, WITHOUT_INDEXING, hpack_string, literal_name
+from sigv4proxy.upstream.hpack_decode import HeaderBlockDecoder, HpackDecodeError
 
-_WITHOUT_INDEXING, _NEVER_INDEXED = 0x00, 0x10  # §6.2.2 / §6.2.3, both with a 4-bit name index
 _SIZE_UPDATE_ZERO = b"\x20"  # §6.3: dynamic table size 0
 _NAMES_LIMIT = 512  # name prefixes remembered per connection (names come from the upstream)
 _STATIC_FIELDS = {(name, value): bytes((0x80 | index,))  # §6.1 indexed field, all indices < 128
                   for index, (name, value) in enumerate(HeaderTable.STATIC_TABLE, start=1) if value}
-
-
-def _name_prefix(name: bytes, pattern: int) -> bytes:
-    index = STATIC_NAME_INDEX.get(name)
-    if index is not None:
-        return hpack_int(index, 4, pattern)
-    return bytes((pattern,)) + hpack_string(name)
 
 
 class ResponseHeaderEncoder:
@@ -73,10 +61,10 @@ class ResponseHeaderEncoder:
                 if indexed is not None:
                     parts.append(indexed)
                     continue
-            pattern = _NEVER_INDEXED if sensitive else _WITHOUT_INDEXING
+            pattern = NEVER_INDEXED if sensitive else WITHOUT_INDEXING
             prefix = names.get((name, pattern))
             if prefix is None:
-                prefix = _name_prefix(name, pattern)
+                prefix = literal_name(name, pattern)
                 if len(names) < _NAMES_LIMIT:
                     names[(bytes(name), pattern)] = prefix
             parts.append(prefix)
@@ -84,34 +72,24 @@ class ResponseHeaderEncoder:
         return b"".join(parts)
 
 
-class H2HeaderDecoder:
-    """Stands in for `hpack.Decoder` on one inbound connection: `h2` sets the two limits and calls
-    `decode(block, raw=True)`, expecting hpack's exceptions on a bad block."""
+class H2HeaderDecoder(HeaderBlockDecoder):
+    """Stands in for `hpack.Decoder` on one inbound connection: `h2` sets `max_header_list_size`
+    and `max_allowed_table_size` and calls `decode(block, raw=True)`, expecting hpack's exceptions
+    on a bad block."""
 
-    __slots__ = ("_decoder",)
-
-    def __init__(self, max_header_list_size: int = DEFAULT_MAX_HEADER_LIST_SIZE) -> None:
-        self._decoder = HeaderBlockDecoder(max_header_list_size=max_header_list_size)
-
-    @property
-    def max_header_list_size(self) -> int:
-        return self._decoder.max_header_list_size
-
-    @max_header_list_size.setter
-    def max_header_list_size(self, value: int) -> None:
-        self._decoder.max_header_list_size = value
+    __slots__ = ()
 
     @property
     def max_allowed_table_size(self) -> int:
-        return self._decoder.max_table_size
+        return self.max_table_size
 
     @max_allowed_table_size.setter
     def max_allowed_table_size(self, value: int) -> None:
-        self._decoder.max_table_size = value
+        self.max_table_size = value
 
-    def decode(self, data: bytes, raw: bool = False) -> list[tuple[bytes, bytes]]:
+    def decode(self, block: bytes, raw: bool = False) -> list[tuple[bytes, bytes]]:
         try:
-            return self._decoder.decode(data)
+            return super().decode(block)
         except HpackDecodeError as exc:
             if str(exc) == "header list too large":  # h2 answers this one with ENHANCE_YOUR_CALM
                 raise OversizedHeaderListError(str(exc)) from None

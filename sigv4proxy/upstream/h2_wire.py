@@ -156,18 +156,25 @@ def hpack_string(data: bytes) -> bytes:
     return (_LENGTHS[n] if n < _PREBUILT else hpack_int(n, 7, 0)) + data
 
 
-_NEVER_INDEXED = 0x10  # literal header field never indexed: 0001xxxx, 4-bit name index prefix
+WITHOUT_INDEXING = 0x00  # literal header field without indexing: 0000xxxx, 4-bit name index (§6.2.2)
+NEVER_INDEXED = 0x10  # literal header field never indexed: 0001xxxx, 4-bit name index (§6.2.3)
 STATIC_NAME_INDEX: dict[bytes, int] = {}
 for _index, (_name, _value) in enumerate(HeaderTable.STATIC_TABLE, start=1):
     STATIC_NAME_INDEX.setdefault(_name, _index)
 
 
-def never_indexed_name(name: bytes) -> bytes:
-    """The name part of a never-indexed literal: the static index when the name has one."""
+def literal_name(name: bytes, pattern: int) -> bytes:
+    """The name part of a literal field that is not indexed (`pattern` NEVER_INDEXED or
+    WITHOUT_INDEXING): the static index when the name has one."""
     index = STATIC_NAME_INDEX.get(name)
     if index is not None:
-        return hpack_int(index, 4, _NEVER_INDEXED)
-    return bytes((_NEVER_INDEXED,)) + hpack_string(name)
+        return hpack_int(index, 4, pattern)
+    return bytes((pattern,)) + hpack_string(name)
+
+
+def never_indexed_name(name: bytes) -> bytes:
+    """The name part of a never-indexed literal."""
+    return literal_name(name, NEVER_INDEXED)
 
 
 _METHODS = {b"GET": b"\x82", b"POST": b"\x83"}  # static entries 2 and 3
