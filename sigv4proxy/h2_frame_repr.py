@@ -18,23 +18,24 @@ import hyperframe.frame
 _SHOWN = 10  # bytes: hyperframe keeps 20 hex digits and marks the rest with "..."
 
 
-def raw_data_repr(data: bytes | memoryview | None) -> str:
-    if not data:
+def _hex(head: bytes | memoryview, size: int) -> str:
+    """hyperframe's text for `size` bytes starting with `head` (at least its first _SHOWN)."""
+    if not size:
         return "None"
-    shown = binascii.hexlify(data[:_SHOWN]).decode("ascii")
-    return "<hex:" + (shown + "..." if len(data) > _SHOWN else shown) + ">"
+    shown = binascii.hexlify(head[:_SHOWN]).decode("ascii")
+    return "<hex:" + (shown + "..." if size > _SHOWN else shown) + ">"
+
+
+def raw_data_repr(data: bytes | memoryview | None) -> str:
+    return _hex(data[:_SHOWN], len(data)) if data else "None"
 
 
 def data_body_repr(frame: hyperframe.frame.DataFrame) -> str:
     """What `_raw_data_repr(frame.serialize_body())` says, without building the body: the pad
     length byte (if PADDED), the data, then pad_length zero bytes."""
     padding_data = frame.serialize_padding_data()
-    size = len(padding_data) + len(frame.data) + frame.pad_length
-    if not size:
-        return "None"
-    head = (padding_data + bytes(frame.data[:_SHOWN]) + b"\0" * min(frame.pad_length, _SHOWN))[:_SHOWN]
-    shown = binascii.hexlify(head).decode("ascii")
-    return "<hex:" + (shown + "..." if size > _SHOWN else shown) + ">"
+    head = padding_data + bytes(frame.data[:_SHOWN]) + b"\0" * min(frame.pad_length, _SHOWN)
+    return _hex(head, len(padding_data) + len(frame.data) + frame.pad_length)
 
 
 def install() -> None:
