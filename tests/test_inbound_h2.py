@@ -17,6 +17,7 @@ from sigv4proxy.app import ProxyApp
 from sigv4proxy.metrics import Metrics
 from support.h2_peers import H2Script, H2TestServer
 from support.proxy import LATTICE_HOST, PRINCIPAL, proxy_config, running_proxy, static_credentials
+from support.wire_spy import RecordingTransport, frames_in
 
 
 def via(port: int, protocol: str = "h2", **extra) -> dict:
@@ -275,17 +276,7 @@ async def test_responses_sent_in_one_pass_share_one_write_and_each_arrives_whole
             sids = [client.request("GET", f"/{i}", LATTICE_HOST) for i in range(9)]
             assert await eventually(lambda: len(waiting) == 9)
             conn = connections[0]
-            real, writes = conn.transport, []
-
-            class CountingTransport:
-                def __getattr__(self, name):
-                    return getattr(real, name)
-
-                def write(self, data):
-                    writes.append(bytes(data))
-                    real.write(data)
-
-            conn.transport = CountingTransport()
+            conn.transport = spy = RecordingTransport(conn.transport)
             release.set()
             records = [await client.wait(sid) for sid in sids]
     finally:
@@ -294,11 +285,7 @@ async def test_responses_sent_in_one_pass_share_one_write_and_each_arrives_whole
     for sid, record in zip(sids, records):
         assert record.status == 200 and record.ended
         assert record.header(b"x-stream") == str(sid).encode() and bytes(record.body) == b"body-%d" % sid
-    types, pos, first = [], 0, writes[0]
-    while pos < len(first):
-        length, frame_type = int.from_bytes(first[pos:pos + 3], "big"), first[pos + 3]
-        types.append(frame_type)
-        pos += 9 + length
+    types = [frame_type for frame_type, _ in frames_in(spy.writes[0])]
     assert types.count(0x1) == 9 and types.count(0x0) == 9, types  # HEADERS, DATA
 
 
@@ -420,13 +407,5 @@ async def test_a_response_whose_body_is_already_here_leaves_with_its_head(sim, m
         record = await client.wait(sid)
     assert record.status == 200 and record.ended and json.loads(bytes(record.body))["path"] == "/small"
 
-    def frame_types(data: bytes) -> list[tuple[int, int]]:
-        found, pos = [], 0
-        while pos + 9 <= len(data):
-            length = int.from_bytes(data[pos:pos + 3], "big")
-            found.append((data[pos + 3], int.from_bytes(data[pos + 5:pos + 9], "big") & 0x7FFFFFFF))
-            pos += 9 + length
-        return found
-
-    with_head = [frame_types(w) for w in writes if (0x1, sid) in frame_types(w)]
-    assert len(with_head) == 1 and (0x0, sid) in with_head[0], [frame_types(w) for w in writes]
+    with_head = [frames_in(w) for w in writes if (0x1, sid) in frames_in(w)]
+    assert len(with_head) == 1 and (0x0, sid) in with_head[0], [frames_in(w) for w in writes]

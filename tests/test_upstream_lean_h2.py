@@ -38,6 +38,7 @@ from sigv4proxy.errors import (
 from sigv4proxy.upstream import h2_wire
 from sigv4proxy.upstream.base import Origin, Timeouts
 from sigv4proxy.upstream.lean_h2 import LeanH2Connection
+from support.wire_spy import RecordingTransport, frames_in
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 TOKEN = (b"IQoJb3JpZ2luX2VjEXAMPLE/+=" * 40)[:1000]
@@ -240,21 +241,8 @@ async def test_streams_started_in_one_pass_share_one_send_and_keep_frame_order(c
     conn, server = await connect()
     first = start(conn)  # with a stream in flight, new streams' frames are queued
     first_id, _, _ = await server.request_block()
-    real, writes = conn._transport, []
-
-    class CountingTransport:
-        def __getattr__(self, name):
-            return getattr(real, name)
-
-        def write(self, data):
-            writes.append(bytes(data))
-            real.write(data)
-
-        def writelines(self, parts):
-            writes.append(b"".join(parts))
-            real.writelines(parts)
-
-    conn._transport = CountingTransport()
+    conn._transport = spy = RecordingTransport(conn._transport)
+    writes = spy.writes
 
     async def streamed(i: int):
         yield b"streamed-%d-a" % i
@@ -273,12 +261,7 @@ async def test_streams_started_in_one_pass_share_one_send_and_keep_frame_order(c
         if writes:
             break
         await asyncio.sleep(0)
-    first_send, types = writes[0], []
-    pos = 0
-    while pos < len(first_send):
-        length, frame_type = int.from_bytes(first_send[pos:pos + 3], "big"), first_send[pos + 3]
-        types.append(frame_type)
-        pos += 9 + length
+    types = [frame_type for frame_type, _ in frames_in(writes[0])]
     assert types.count(h2_wire.HEADERS) == 9
 
     headers_seen: list[int] = []
