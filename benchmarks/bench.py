@@ -31,7 +31,7 @@ from bench_load import (FULL_CASES, LATTICE_HOST, QUICK_CASES, REQUEST_PATH, Cas
 from bench_parse import ParseError, cpu_us_per_request
 from bench_procs import (HarnessError, ManagedProcess, TreeSampler, free_port, http_probe,
                          port_is_free, port_is_listening, run_bounded, wait_until)
-from bench_report import Row, compute_ratios, markdown_table, write_chart, write_json
+from bench_report import Row, compute_ratios, markdown_table, peer_table, write_chart, write_json
 from bench_upstream import Upstream, ensure_debian_packages, start_upstream
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -123,7 +123,8 @@ def build_targets(args: argparse.Namespace, upstream: Upstream, have_h2load: boo
 def fill_placeholders(argv: list[str], port: int, admin_port: int, upstream: Upstream) -> list[str]:
     values = {"port": port, "admin_port": admin_port, "upstream": upstream.h1_url,
               "upstream_h2c": upstream.h2c_url, "upstream_host": "127.0.0.1",
-              "upstream_port": upstream.h1_port, "upstream_h2c_port": upstream.h2c_port}
+              "upstream_port": upstream.h1_port, "upstream_h2c_port": upstream.h2c_port,
+              "upstream_h2tls_port": upstream.h2tls_port, "ca_file": upstream.ca_file}
     filled = []
     for part in argv:  # plain replace: a peer's shell command may hold other braces
         for name, value in values.items():
@@ -163,7 +164,9 @@ class Bench:
         self.cases = QUICK_CASES if args.quick else FULL_CASES
         self.duration = args.duration or (2.0 if args.quick else 5.0)
         self.warmup = args.warmup if args.warmup is not None else 1.0
-        self.budget = args.budget or (110.0 if args.quick else 570.0 + 75.0 * args.inbound_h2)
+        # Each extra target (inbound h2, a peer) runs the whole case list: about 75 s more.
+        extra_targets = (args.inbound_h2 and not args.quick) + len(args.peer or ())
+        self.budget = args.budget or ((110.0 if args.quick else 570.0) + 75.0 * extra_targets)
         self.started = time.monotonic()
         self.files = LoadFiles(workdir / "load")
         self.workdir = workdir
@@ -267,6 +270,9 @@ class Bench:
                  "processes); largest process is one process's peak (the fullest worker). "
                  "FLAGGED rows had errors and are not results.")
         table = markdown_table(self.rows)
+        versus = peer_table(self.rows)
+        if versus:
+            table += "\n\n" + versus
         (out / "bench.md").write_text(f"# {title}\n\n{table}\n\n{notes}\n")
         meta = {"mode": mode, "upstream": upstream_kind, "duration_s": self.duration,
                 "warmup_s": self.warmup, "cpus": os.cpu_count(), "host_header": LATTICE_HOST,
@@ -286,7 +292,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="fewer cases, shorter runs (< 2 min)")
     parser.add_argument("--peer", action="append",
                         help="another proxy's command (shell); placeholders {port} {admin_port} "
-                             "{upstream} {upstream_h2c} {upstream_host} {upstream_port}")
+                             "{upstream} {upstream_h2c} {upstream_host} {upstream_port} "
+                             "{upstream_h2c_port} {upstream_h2tls_port} {ca_file} (nginx's h2-over-TLS "
+                             "port and the CA that signed it)")
     parser.add_argument("--peer-name", action="append", help="name for the matching --peer")
     parser.add_argument("--proxy-cmd", help="path to the sigv4proxy executable")
     parser.add_argument("--duration", type=float, help="seconds per measured run")

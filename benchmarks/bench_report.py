@@ -102,6 +102,46 @@ def markdown_table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
+def peer_comparisons(rows: list[Row]) -> list[dict]:
+    """Each proxy row against each peer's row of the same case, from the same run: how many times
+    the peer's RPS, and its p99, CPU per request and peak RSS (both rows must be valid)."""
+    valid = {(r.target, r.case): r for r in rows if r.valid}
+    peers = list(dict.fromkeys(r.target for r in rows if r.target.startswith("peer:")))
+    out = []
+    for peer in peers:
+        for row in rows:
+            other = valid.get((peer, row.case))
+            if not row.target.startswith("proxy-") or other is None or not row.valid:
+                continue
+            out.append({"peer": peer, "target": row.target, "case": row.case,
+                        **{name: ratio(getattr(row, name), getattr(other, name)) for name in RATIO_FIELDS}})
+    return out
+
+
+def peer_table(rows: list[Row]) -> str:
+    """Per peer: cases down, our proxy targets across; a cell is 'RPS ×r, p99 ×q' against the peer
+    ('' when no peer ran)."""
+    comparisons = peer_comparisons(rows)
+    if not comparisons:
+        return ""
+    blocks = []
+    for peer in dict.fromkeys(c["peer"] for c in comparisons):
+        mine = [c for c in comparisons if c["peer"] == peer]
+        targets = list(dict.fromkeys(c["target"] for c in mine))
+        cell = {(c["target"], c["case"]): c for c in mine}
+        lines = [f"Against `{peer}` (same run; RPS and p99 as multiples of the peer's):", "",
+                 "| case | " + " | ".join(targets) + " |", "|---|" + "---|" * len(targets)]
+        for case in dict.fromkeys(c["case"] for c in mine):
+            cells = []
+            for target in targets:
+                c = cell.get((target, case))
+                cells.append("—" if c is None else
+                             f"RPS ×{_num(c['rps'], '.2f')}, p99 ×{_num(c['p99_us'], '.2f')}")
+            lines.append(f"| {case} | " + " | ".join(cells) + " |")
+        blocks.append("\n".join(lines))
+    return "\n\n".join(blocks)
+
+
 def write_json(path: Path, meta: dict, rows: list[Row]) -> None:
     records = []
     for row in rows:
@@ -109,7 +149,8 @@ def write_json(path: Path, meta: dict, rows: list[Row]) -> None:
         record["valid"] = row.valid
         record["check"] = row.check
         records.append(record)
-    path.write_text(json.dumps({"meta": meta, "rows": records}, indent=2) + "\n")
+    path.write_text(json.dumps({"meta": meta, "rows": records, "vs_peers": peer_comparisons(rows)},
+                               indent=2) + "\n")
 
 
 def write_chart(path: Path, rows: list[Row], title: str) -> str | None:

@@ -32,7 +32,7 @@ import bench_parse  # noqa: E402
 from bench_parse import ParseError, ProcStat  # noqa: E402
 from bench_procs import (HarnessError, ManagedProcess, TreeSampler, free_port,  # noqa: E402
                          group_has_live_members, port_is_free, run_bounded, wait_until)
-from bench_report import Row, compute_ratios, markdown_table  # noqa: E402
+from bench_report import Row, compute_ratios, markdown_table, peer_comparisons, peer_table  # noqa: E402
 
 
 def fixture(name: str) -> str:
@@ -384,6 +384,33 @@ def test_ratios_are_withheld_when_the_baseline_failed():
     assert "| proxy-w1-h1 | GET c1 | 5 | — |" in markdown_table(rows)
 
 
+def test_peer_table_divides_each_proxy_row_by_the_peer_in_the_same_case():
+    rows = [
+        Row("direct-h1", "GET c128", "wrk", None, requests=9, rps=80000.0, p99_us=5000),
+        Row("proxy-w2-h1", "GET c128", "wrk", "direct-h1", requests=9, rps=12000.0, p99_us=20000,
+            cpu_us_per_req=110.0, peak_rss_kib=100),
+        Row("proxy-w2-h2tls", "GET c128", "wrk", "direct-h1", requests=9, rps=9000.0, p99_us=40000),
+        Row("proxy-w2-h1", "POST 1MiB c128", "wrk", "direct-h1", requests=9, rps=900.0,
+            p99_us=300000),
+        Row("peer:go", "GET c128", "wrk", "direct-h1", requests=9, rps=6000.0, p99_us=50000,
+            cpu_us_per_req=220.0, peak_rss_kib=400),
+        Row("peer:go", "POST 1MiB c128", "wrk", "direct-h1", requests=9, rps=450.0, p99_us=1,
+            non_2xx=3),  # a failed peer run is no yardstick
+    ]
+    comparisons = peer_comparisons(rows)
+    assert comparisons == [
+        {"peer": "peer:go", "target": "proxy-w2-h1", "case": "GET c128", "rps": 2.0,
+         "p99_us": 0.4, "cpu_us_per_req": 0.5, "peak_rss_kib": 0.25},
+        {"peer": "peer:go", "target": "proxy-w2-h2tls", "case": "GET c128", "rps": 1.5,
+         "p99_us": 0.8, "cpu_us_per_req": None, "peak_rss_kib": None},
+    ]
+    table = peer_table(rows).splitlines()
+    assert table[2] == "| case | proxy-w2-h1 | proxy-w2-h2tls |"
+    assert table[4] == "| GET c128 | RPS ×2.00, p99 ×0.40 | RPS ×1.50, p99 ×0.80 |"
+    assert not any("1MiB" in line for line in table)
+    assert peer_table(rows[:4]) == ""  # no peer ran: nothing to add
+
+
 # ---- locustfile ---------------------------------------------------------------------------------
 
 LOCUST_PROBE = textwrap.dedent("""
@@ -439,12 +466,14 @@ def test_peer_command_placeholders_leave_other_braces_alone():
     from bench import fill_placeholders
     from bench_upstream import Upstream
 
-    upstream = Upstream("nginx", 41001, 41002, process=None)  # type: ignore[arg-type]
-    argv = ["/bin/sh", "-c", "proxy -p {port} -a {admin_port} -u {upstream} -2 {upstream_h2c} "
+    upstream = Upstream("nginx", 41001, 41002, process=None,  # type: ignore[arg-type]
+                        h2tls_port=41003, ca_file="/tmp/ca.pem")
+    argv = ["/bin/sh", "-c", "SSL_CERT_FILE={ca_file} proxy -p {port} -a {admin_port} "
+            "-u {upstream} -2 {upstream_h2c} -t {upstream_host}:{upstream_h2tls_port} "
             "--json '{\"a\": {}}'"]
     assert fill_placeholders(argv, 5000, 5001, upstream)[2] == (
-        "proxy -p 5000 -a 5001 -u http://127.0.0.1:41001 -2 http://127.0.0.1:41002 "
-        "--json '{\"a\": {}}'")
+        "SSL_CERT_FILE=/tmp/ca.pem proxy -p 5000 -a 5001 -u http://127.0.0.1:41001 "
+        "-2 http://127.0.0.1:41002 -t 127.0.0.1:41003 --json '{\"a\": {}}'")
 
 
 def test_nginx_config_adds_an_h2_tls_listener_on_loopback_when_given_a_certificate(tmp_path):
