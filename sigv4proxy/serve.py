@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import logging
 import os
 import signal
@@ -41,6 +42,8 @@ async def serve_until_signalled(config: config_mod.ProxyConfig, *, reuse_port: b
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await app.start()
+    freeze_startup_objects()
+    log.debug("start-up objects frozen out of cyclic GC", extra={"objects": gc.get_freeze_count()})
     await stop.wait()
     log.info("draining", extra={"inflight": app.handler.inflight, "drain_timeout": config.drain_timeout})
     await app.stop()
@@ -52,6 +55,15 @@ async def serve_until_signalled(config: config_mod.ProxyConfig, *, reuse_port: b
         signal.signal(sig, signal.SIG_IGN)
     log.info("stopped")
     return 0
+
+
+def freeze_startup_objects() -> None:
+    """What start-up built (modules, botocore's endpoint tables, config, the running app) lives
+    until exit: take it out of the cyclic collector's view. Otherwise every full collection walks
+    all of it (~55,000 objects): 22-38 ms stalls every couple of seconds under load, which were
+    the p99 at c128."""
+    gc.collect()
+    gc.freeze()
 
 
 def run(args: argparse.Namespace) -> int:
