@@ -293,8 +293,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--peer", action="append",
                         help="another proxy's command (shell); placeholders {port} {admin_port} "
                              "{upstream} {upstream_h2c} {upstream_host} {upstream_port} "
-                             "{upstream_h2c_port} {upstream_h2tls_port} {ca_file} (nginx's h2-over-TLS "
-                             "port and the CA that signed it)")
+                             "{upstream_h2c_port} {upstream_h2tls_port} {ca_file} (nginx's "
+                             "h2-over-TLS port and the CA that signed it)")
     parser.add_argument("--peer-name", action="append", help="name for the matching --peer")
     parser.add_argument("--proxy-cmd", help="path to the sigv4proxy executable")
     parser.add_argument("--duration", type=float, help="seconds per measured run")

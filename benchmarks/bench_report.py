@@ -113,8 +113,9 @@ def peer_comparisons(rows: list[Row]) -> list[dict]:
             other = valid.get((peer, row.case))
             if not row.target.startswith("proxy-") or other is None or not row.valid:
                 continue
-            out.append({"peer": peer, "target": row.target, "case": row.case,
-                        **{name: ratio(getattr(row, name), getattr(other, name)) for name in RATIO_FIELDS}})
+            ratios = {name: ratio(getattr(row, name), getattr(other, name))
+                      for name in RATIO_FIELDS}
+            out.append({"peer": peer, "target": row.target, "case": row.case, **ratios})
     return out
 
 

@@ -32,7 +32,8 @@ import bench_parse  # noqa: E402
 from bench_parse import ParseError, ProcStat  # noqa: E402
 from bench_procs import (HarnessError, ManagedProcess, TreeSampler, free_port,  # noqa: E402
                          group_has_live_members, port_is_free, run_bounded, wait_until)
-from bench_report import Row, compute_ratios, markdown_table, peer_comparisons, peer_table  # noqa: E402
+from bench_report import (Row, compute_ratios, markdown_table, peer_comparisons,  # noqa: E402
+                          peer_table)
 
 
 def fixture(name: str) -> str:
