@@ -177,40 +177,60 @@ class Bench:
         return time.monotonic() - self.started + per_run > self.budget
 
     def skip_all(self, target: Target, reason: str) -> None:
+        """Flags every case of `target` (and returns None, for `start_target`)."""
         for case in self.cases:
             self.rows.append(Row(target.name, case.label, target.tool, target.baseline,
                                  problem=reason))
 
-    def run_target(self, target: Target, upstream: Upstream) -> None:
+    def run_targets(self, targets: list[Target], upstream: Upstream) -> None:
+        """All targets start first; then each case runs on every target in turn. The machine's
+        speed drifts within a run (±20 % and more here): case-major order spreads that drift over
+        all targets, where target-major order handed whole slow minutes to whichever target ran
+        then (a peer measured eight minutes after ours is no side-by-side comparison)."""
+        with contextlib.ExitStack() as stack:
+            live = []
+            for target in targets:
+                started = self.start_target(target, upstream, stack)
+                if started is not None:
+                    live.append((target, *started))
+            for case in self.cases:
+                for target, port, root_pid in live:
+                    self.rows.append(self.run_case(target, case, port, root_pid))
+        target_order = {t.name: i for i, t in enumerate(targets)}
+        case_order = {c.label: i for i, c in enumerate(self.cases)}
+        self.rows.sort(key=lambda r: (target_order[r.target], case_order[r.case]))
+
+    def start_target(self, target: Target, upstream: Upstream,
+                     stack: contextlib.ExitStack) -> tuple[int, int] | None:
+        """Start `target` (stopped when `stack` closes; a direct target is the running upstream)
+        and check it answers each workload: (port, root pid), or None with its rows flagged."""
         if target.skip_reason:
             return self.skip_all(target, f"skipped: {target.skip_reason}")
-        with contextlib.ExitStack() as stack:
-            if target.argv is None:
-                port, root_pid = target.upstream_port, upstream.process.pid
-            else:
-                port, admin_port = free_port(), free_port()
-                for p in (port, admin_port):
-                    if not port_is_free(p):
-                        return self.skip_all(target, f"port {p} is taken")
-                argv = fill_placeholders(target.argv, port, admin_port, upstream)
-                env = {**os.environ, **target.env}
-                log = Path(self.args.out) / "logs" / f"{target.name.replace(':', '_')}.log"
-                proc = ManagedProcess(target.name, argv, log, env=env).start()
-                stack.callback(proc.stop)
-                try:
-                    wait_until(lambda: port_is_listening(port), proc, 30, target.name)
-                except HarnessError as exc:
-                    return self.skip_all(target, f"did not start ({exc.args[0].splitlines()[0]}); "
-                                                 f"see {log}")
-                root_pid = proc.pid
-            if target.tool == "wrk":
-                problem = preflight(port, self.files, self.cases)
-            else:
-                problem = preflight_h2(port, self.files, self.cases, tls=target.tool == "h2load-tls")
-            if problem:
-                return self.skip_all(target, problem)
-            for case in self.cases:
-                self.rows.append(self.run_case(target, case, port, root_pid))
+        if target.argv is None:
+            port, root_pid = target.upstream_port, upstream.process.pid
+        else:
+            port, admin_port = free_port(), free_port()
+            for p in (port, admin_port):
+                if not port_is_free(p):
+                    return self.skip_all(target, f"port {p} is taken")
+            argv = fill_placeholders(target.argv, port, admin_port, upstream)
+            env = {**os.environ, **target.env}
+            log = Path(self.args.out) / "logs" / f"{target.name.replace(':', '_')}.log"
+            proc = ManagedProcess(target.name, argv, log, env=env).start()
+            stack.callback(proc.stop)
+            try:
+                wait_until(lambda: port_is_listening(port), proc, 30, target.name)
+            except HarnessError as exc:
+                return self.skip_all(target, f"did not start ({exc.args[0].splitlines()[0]}); "
+                                             f"see {log}")
+            root_pid = proc.pid
+        if target.tool == "wrk":
+            problem = preflight(port, self.files, self.cases)
+        else:
+            problem = preflight_h2(port, self.files, self.cases, tls=target.tool == "h2load-tls")
+        if problem:
+            return self.skip_all(target, problem)
+        return port, root_pid
 
     def run_case(self, target: Target, case: Case, port: int, root_pid: int) -> Row:
         row = Row(target.name, case.label, target.tool, target.baseline)
@@ -248,8 +268,7 @@ class Bench:
         upstream = start_upstream(self.workdir, not args.no_install, args.fallback_upstream)
         try:
             targets = build_targets(args, upstream, have_h2load)
-            for target in targets:
-                self.run_target(target, upstream)
+            self.run_targets(targets, upstream)
         finally:
             upstream.process.stop()
         return self.report(upstream.kind)

@@ -463,6 +463,35 @@ def test_locustfile_ramp_shape_selected_by_env_and_bounded():
     assert timeline[-2:] == [None, None]  # ends by itself
 
 
+def test_cases_run_across_all_targets_in_turn_and_rows_come_back_by_target(monkeypatch, tmp_path):
+    """Case-major order, so a slow minute of a shared machine hits every target alike; the table
+    still lists rows target by target. A target that cannot run is flagged, not run."""
+    import bench
+    from bench_upstream import Upstream
+
+    args = bench.parse_args(["--quick", "--out", str(tmp_path)])
+    runner = bench.Bench(args, tmp_path)
+    upstream = Upstream("nginx", 41001, 41002, process=type("P", (), {"pid": 4242})())
+    targets = [bench.Target("direct-h1", "wrk", None, upstream_port=41001),
+               bench.Target("proxy-w1-h1", "wrk", "direct-h1", upstream_port=41001),
+               bench.Target("peer:absent", "wrk", "direct-h1", skip_reason="not installed"),
+               bench.Target("peer:go", "wrk", "direct-h1", upstream_port=41001)]
+    monkeypatch.setattr(bench, "preflight", lambda port, files, cases: "")
+    ran = []
+
+    def fake_run_case(target, case, port, root_pid):
+        assert (port, root_pid) == (41001, 4242)
+        ran.append((target.name, case.label))
+        return Row(target.name, case.label, "wrk", target.baseline, requests=1, rps=1.0)
+
+    monkeypatch.setattr(runner, "run_case", fake_run_case)
+    runner.run_targets(targets, upstream)
+    assert ran == [(t, c.label) for c in runner.cases for t in ("direct-h1", "proxy-w1-h1", "peer:go")]
+    assert [(r.target, r.case) for r in runner.rows] == [
+        (t.name, c.label) for t in targets for c in runner.cases]
+    assert {r.problem for r in runner.rows if r.target == "peer:absent"} == {"skipped: not installed"}
+
+
 def test_peer_command_placeholders_leave_other_braces_alone():
     from bench import fill_placeholders
     from bench_upstream import Upstream
