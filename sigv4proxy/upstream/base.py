@@ -16,6 +16,7 @@ from typing import Any, Protocol, runtime_checkable
 
 from sigv4proxy.errors import (
     BadRequest,
+    ProxyError,
     RetryableStreamError,
     UpstreamConnectError,
     UpstreamProtocolError,
@@ -108,6 +109,24 @@ class EventWait:
             self.waiter = None
             if timer is not None:
                 timer.cancel()
+
+
+class ReceivedBody(EventWait):
+    """A response body arriving in `chunks` until `remote_ended` (or `error`): the `complete` and
+    `ready` of the `ResponseBody` protocol, for an HTTP/1.1 exchange and an HTTP/2 stream alike."""
+
+    __slots__ = ()
+    chunks: Any
+    remote_ended: bool
+    error: ProxyError | None
+
+    @property
+    def complete(self) -> bool:
+        return self.remote_ended and not self.chunks and self.error is None
+
+    @property
+    def ready(self) -> bool:
+        return bool(self.chunks) or self.remote_ended or self.error is not None
 
 
 def check_request_fields(method: bytes, target: bytes, authority: bytes, headers: Headers) -> None:

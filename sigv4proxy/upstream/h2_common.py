@@ -21,14 +21,14 @@ from sigv4proxy.errors import (
     UpstreamTimeout,
 )
 from sigv4proxy.h2_window import WindowQueue
-from sigv4proxy.upstream.base import EventWait, OnChange, Origin, Response, Timeouts, wake
+from sigv4proxy.upstream.base import OnChange, Origin, ReceivedBody, Response, Timeouts, wake
 from sigv4proxy.upstream.connection_core import ConnectionCore
 
 CANCEL = 0x8  # RFC 9113 error codes used here (h2's ErrorCodes are the same integers)
 REFUSED_STREAM = 0x7
 
 
-class H2StreamBase(EventWait):
+class H2StreamBase(ReceivedBody):
     """The state one request/response exchange has on either HTTP/2 client, and its event wait."""
 
     __slots__ = ("conn", "id", "status", "headers", "trailers", "chunks", "remote_ended",
@@ -51,14 +51,6 @@ class H2StreamBase(EventWait):
         self.unacked = 0  # handed to the consumer, credit not yet returned
         self.waiter: asyncio.Future[bool] | None = None
         self.window_waiter: asyncio.Future[bool] | None = None
-
-    @property
-    def complete(self) -> bool:
-        return self.remote_ended and not self.chunks and self.error is None
-
-    @property
-    def ready(self) -> bool:
-        return bool(self.chunks) or self.remote_ended or self.error is not None
 
     # --- the subclass's part: receive credit in its own unit ---
     def _buffered_credit(self) -> int:

@@ -23,10 +23,10 @@ from sigv4proxy.errors import (
 from sigv4proxy.upstream.base import (
     Body,
     ConnectionNotAvailable,
-    EventWait,
     Headers,
     OnChange,
     Origin,
+    ReceivedBody,
     Response,
     Timeouts,
 )
@@ -58,11 +58,11 @@ def _field_kind(name: bytes) -> int:
     return kind
 
 
-class _Exchange(EventWait):
+class _Exchange(ReceivedBody):
     """One request/response on the socket; also the `ResponseBody` the Response reads from."""
 
     __slots__ = ("conn", "is_head", "status", "headers", "trailers", "chunks", "buffered",
-                 "ended", "error", "request_sent", "sent_at", "send_task", "waiter")
+                 "remote_ended", "error", "request_sent", "sent_at", "send_task", "waiter")
 
     def __init__(self, conn: HTTP1Connection, is_head: bool) -> None:
         self.conn = conn
@@ -72,23 +72,15 @@ class _Exchange(EventWait):
         self.trailers: list[tuple[bytes, bytes]] = []
         self.chunks: deque[bytes] = deque()
         self.buffered = 0
-        self.ended = False
+        self.remote_ended = False
         self.error: ProxyError | None = None
         self.request_sent = False
         self.sent_at = 0.0
         self.send_task: asyncio.Task[None] | None = None
         self.waiter: asyncio.Future[bool] | None = None
 
-    @property
-    def complete(self) -> bool:
-        return self.ended and not self.chunks and self.error is None
-
-    @property
-    def ready(self) -> bool:
-        return bool(self.chunks) or self.ended or self.error is not None
-
     def fail(self, err: ProxyError) -> None:
-        if self.error is None and not self.ended:
+        if self.error is None and not self.remote_ended:
             self.error = err
         self.wake()
 
@@ -102,7 +94,7 @@ class _Exchange(EventWait):
                 return data
             if self.error is not None:
                 raise self.error
-            if self.ended:
+            if self.remote_ended:
                 return b""
             if not await self.wait_event(self.conn.timeouts.read):
                 self.fail(UpstreamTimeout("upstream response body stalled"))
@@ -111,7 +103,7 @@ class _Exchange(EventWait):
     async def aclose(self) -> None:
         if self.send_task is not None and not self.send_task.done():
             self.send_task.cancel()
-        if not self.ended or not self.request_sent:
+        if not self.remote_ended or not self.request_sent:
             self.fail(UpstreamReset("response closed before it was read"))
             self.conn.abort()
         self.chunks.clear()
@@ -264,7 +256,7 @@ class HTTP1Connection(ConnectionCore, asyncio.Protocol):
             exchange.request_sent = True
             exchange.sent_at = self._loop.time()
             self._arm_head_deadline()
-            if exchange.ended:  # the response finished first: the socket is not reusable
+            if exchange.remote_ended:  # the response finished first: the socket is not reusable
                 self.abort()
             exchange.wake()
         except ProxyError as err:
@@ -292,7 +284,7 @@ class HTTP1Connection(ConnectionCore, asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         exchange = self._exchange
-        if exchange is not None and not exchange.ended:
+        if exchange is not None and not exchange.remote_ended:
             self._parser.feed_eof()
         self._fail_connection(UpstreamReset("upstream connection lost"))
 
@@ -328,7 +320,7 @@ class HTTP1Connection(ConnectionCore, asyncio.Protocol):
         exchange: _Exchange = self._exchange  # type: ignore[assignment]
         if trailers:
             exchange.trailers = trailers
-        exchange.ended = True
+        exchange.remote_ended = True
         exchange.wake()
         leftover = self._parser.has_leftover
         if leftover or not self._parser.keep_alive or not exchange.request_sent:
