@@ -218,6 +218,11 @@ class ConnectionPool:
 
     # --- acquiring a slot ---
     async def _acquire(self, pool: _OriginPool) -> Connection:
+        if not (pool.waiters or pool.woken):  # the common case: a free slot, nobody queued first
+            conn = pool.pick()
+            if conn is not None:
+                return conn
+        # Only now the loop: get_running_loop() costs a getpid() system call in Python 3.11.
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._timeouts.pool
         woken = False
