@@ -262,3 +262,52 @@ def test_mutated_and_truncated_blocks_decode_like_hpack(headers, huffman, data):
             block[data.draw(st.integers(0, len(block) - 1))] = data.draw(st.integers(0, 255))
         del block[data.draw(st.integers(0, len(block))):]
     both_decode(*pair(), bytes(block))
+
+
+# --- the whole-block cache ---
+NGINX_BLOCK = bytes.fromhex(  # nginx 1.22's h2c answer: literals with indexing, static names only
+    "887689aa6355e580ae212e1f6196df697e94134a693f75040138a00571b7ee01a53168df5f901d75d0620d263d4c1c"
+    "892a56426c28e95c023634")
+
+
+def test_a_repeated_self_contained_block_still_fills_the_table_like_hpack(monkeypatch):
+    """nginx sends the same bytes for every response within a second, each time inserting its
+    four literals: a cached block must insert (and evict) exactly as a decoded one."""
+    monkeypatch.setattr(hpack_decode, "_block_cache", {})
+    ours, oracle = pair()
+    assert both_decode(ours, oracle, _int(150, 5, 0x20) + b"\x88") is not None  # a small table
+    for _ in range(3):
+        assert both_decode(ours, oracle, NGINX_BLOCK)[1] == (b"server", b"nginx/1.22.1", False)
+        assert NGINX_BLOCK in hpack_decode._block_cache
+        assert both_decode(ours, oracle, b"\xbe\xbf") is not None  # the two newest entries
+    other = HeaderBlockDecoder()  # another connection: the same block, its own table
+    assert fields_of(other.decode(NGINX_BLOCK)) == fields_of(ours.decode(NGINX_BLOCK))
+    assert other.decode(b"\xbe") == [(b"content-length", b"64")]
+
+
+def test_blocks_that_use_the_dynamic_table_are_never_cached(monkeypatch):
+    monkeypatch.setattr(hpack_decode, "_block_cache", {})
+    ours, oracle = pair()
+    for value in (b"b", b"d"):
+        both_decode(ours, oracle, b"\x40\x01a\x01" + value)
+        assert both_decode(ours, oracle, b"\xbe") == [(b"a", value, False)]  # index 62
+        assert both_decode(ours, oracle, b"\x0f\x2f\x01x") == [(b"a", b"x", False)]  # name 62
+    assert both_decode(ours, oracle, b"\x3f\xe1\x1f\x88") is not None  # a size update
+    assert set(hpack_decode._block_cache) == {b"\x40\x01a\x01b", b"\x40\x01a\x01d"}
+
+
+def test_a_cached_block_is_still_held_to_each_decoders_header_list_limit(monkeypatch):
+    monkeypatch.setattr(hpack_decode, "_block_cache", {})
+    assert HeaderBlockDecoder().decode(NGINX_BLOCK)  # cached under the default limit
+    assert both_decode(*pair(100), NGINX_BLOCK) is None  # over 100 bytes: rejected from the cache
+
+
+def test_block_cache_is_bounded_and_skips_long_blocks(monkeypatch):
+    monkeypatch.setattr(hpack_decode, "_block_cache", {})
+    decoder = HeaderBlockDecoder()
+    for n in range(hpack_decode.BLOCK_CACHE_ENTRIES + 10):
+        decoder.decode(_literal(b"a", b"%d" % n, 0x00))
+        assert len(hpack_decode._block_cache) <= hpack_decode.BLOCK_CACHE_ENTRIES
+    hpack_decode._block_cache.clear()
+    decoder.decode(_literal(b"a", b"x" * hpack_decode.BLOCK_CACHE_MAX_KEY, 0x00))
+    assert not hpack_decode._block_cache

@@ -2,8 +2,10 @@
 
 Owns: one connection's copy of the peer's dynamic table (insertion, eviction by entry size, size
 updates up to the limit we allow), decoding a complete header block into raw (name, value) bytes
-pairs in order, the decoded header list size limit, and a bounded process-wide cache of decoded
-Huffman strings (response values such as server, content-type or a second's date repeat). Literals
+pairs in order, the decoded header list size limit, a bounded process-wide cache of decoded
+Huffman strings (response values such as server, content-type or a second's date repeat), and a
+bounded process-wide cache of whole self-contained blocks (nginx sends the same bytes for every
+response within a second: literals against the static table only). Literals
 the peer marked never-indexed come back as `hpack.NeverIndexedHeaderTuple`, as `hpack` returns them.
 The `hpack` library stays the test oracle and supplies the static table and the Huffman state
 machine; `hpack.Encoder` is not used. Must never: accept a block `hpack.Decoder` rejects, return
@@ -24,11 +26,16 @@ ENTRY_OVERHEAD = 32  # RFC 7541 §4.1
 MAX_CONTINUATION = 5  # integer continuation octets, as hpack: more is a decoding error
 HUFFMAN_CACHE_ENTRIES = 1024
 HUFFMAN_CACHE_MAX_KEY = 64  # longer encoded strings are decoded every time, never cached
+BLOCK_CACHE_ENTRIES = 256
+BLOCK_CACHE_MAX_KEY = 1024  # longer blocks are decoded every time, never cached
 
 _STATIC = ((b"", b""), *HeaderTable.STATIC_TABLE)  # index 0 is rejected before any lookup
 _STATIC_LAST = len(_STATIC) - 1  # 61
 
 _huffman_cache: dict[bytes, bytes] = {}
+# A block that refers to no dynamic table entry and updates no table size decodes the same
+# whatever the table holds: block -> (fields, entries it inserts in order, header list size).
+_block_cache: dict[bytes, tuple[tuple, tuple, int]] = {}
 
 
 class HpackDecodeError(ValueError):
@@ -78,6 +85,19 @@ def _string(data: bytes, pos: int) -> tuple[bytes, int]:
     return value, stop
 
 
+def _insert(entries: list, size: int, maxsize: int, field: tuple[bytes, bytes], entry: int) -> int:
+    """Adds `field` (of size `entry`) to the dynamic table, evicting the oldest: the new size."""
+    if entry > maxsize:  # §4.4: an entry larger than the table empties it
+        entries.clear()
+        return 0
+    entries.append(field)
+    size += entry
+    while size > maxsize:
+        old = entries.pop(0)
+        size -= ENTRY_OVERHEAD + len(old[0]) + len(old[1])
+    return size
+
+
 class HeaderBlockDecoder:
     """Decodes one connection's response header blocks in the order the peer sent them."""
 
@@ -104,6 +124,9 @@ class HeaderBlockDecoder:
             raise HpackDecodeError("decoder failed earlier")
         if type(block) is not bytes:
             block = bytes(block)
+        cached = _block_cache.get(block)
+        if cached is not None:
+            return self._replay(*cached)
         try:
             return self._decode(block)
         except HpackDecodeError:
@@ -113,8 +136,23 @@ class HeaderBlockDecoder:
             self._failed = True
             raise HpackDecodeError("truncated header block") from None
 
+    def _replay(self, fields: tuple, inserted: tuple, listed: int) -> list[tuple[bytes, bytes]]:
+        """A cached self-contained block: its inserts applied to this table, its fields."""
+        if listed > self.max_header_list_size:
+            self._failed = True
+            raise HpackDecodeError("header list too large")
+        if inserted:
+            entries, size, maxsize = self._entries, self._size, self._maxsize
+            for field in inserted:
+                size = _insert(entries, size, maxsize, field,
+                               ENTRY_OVERHEAD + len(field[0]) + len(field[1]))
+            self._size = size
+        return list(fields)
+
     def _decode(self, data: bytes) -> list[tuple[bytes, bytes]]:
         fields: list[tuple[bytes, bytes]] = []
+        inserted: list[tuple[bytes, bytes]] = []
+        contained = True  # no dynamic table reference, no size update: cacheable
         append = fields.append
         entries = self._entries
         size = self._size
@@ -139,6 +177,7 @@ class HeaderBlockDecoder:
                     field = static[index]
                 elif index - last <= len(entries):
                     field = entries[last - index]
+                    contained = False
                 else:
                     raise HpackDecodeError("index past the tables")
                 append(field)
@@ -151,6 +190,7 @@ class HeaderBlockDecoder:
                 if index == 0x3F:
                     index, pos = _integer(data, pos, index)
             elif octet & 0x20:  # dynamic table size update (§6.3)
+                contained = False
                 if fields:
                     raise HpackDecodeError("table size update after a field")
                 maxsize = octet & 0x1F
@@ -172,6 +212,7 @@ class HeaderBlockDecoder:
                     name = static[index][0]
                 elif index - last <= len(entries):
                     name = entries[last - index][0]
+                    contained = False
                 else:
                     raise HpackDecodeError("index past the tables")
             else:
@@ -180,15 +221,8 @@ class HeaderBlockDecoder:
             entry = overhead + len(name) + len(value)
             if octet & 0x40:
                 field = (name, value)
-                if entry > maxsize:  # §4.4: an entry larger than the table empties it
-                    entries.clear()
-                    size = 0
-                else:
-                    entries.append(field)
-                    size += entry
-                    while size > maxsize:
-                        old = entries.pop(0)
-                        size -= overhead + len(old[0]) + len(old[1])
+                size = _insert(entries, size, maxsize, field, entry)
+                inserted.append(field)
             elif octet & 0x10:
                 field = NeverIndexedHeaderTuple(name, value)
             else:
@@ -199,4 +233,8 @@ class HeaderBlockDecoder:
                 raise HpackDecodeError("header list too large")
         self._size = size
         self._maxsize = maxsize
+        if contained and end <= BLOCK_CACHE_MAX_KEY:
+            if len(_block_cache) >= BLOCK_CACHE_ENTRIES:
+                _block_cache.clear()
+            _block_cache[data] = (tuple(fields), tuple(inserted), listed)
         return fields
