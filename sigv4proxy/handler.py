@@ -1,7 +1,7 @@
 """The request path: inbound request → route → sign → upstream → streamed response.
 
 Owns: the HTTP/1.1 request's path (hygiene, routing and signing via `request_prep`), reading the
-request body, streaming the response back, the one place where typed errors become HTTP
+request body, streaming the response back (as bytes `inbound.h1_response` frames), the one place where typed errors become HTTP
 responses, and per-request stage timings handed to metrics. Must never: forward a request
 unsigned, put a secret or header value in an error body or log, buffer a body whole, or log per
 request above debug.
@@ -17,7 +17,6 @@ from typing import AsyncIterator, Awaitable, Callable, Iterable
 
 from aiohttp import StreamReader, web
 from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
-from multidict import CIMultiDict
 
 from sigv4proxy import accesslog
 from sigv4proxy.credentials import CredentialStore
@@ -30,25 +29,20 @@ from sigv4proxy.errors import (
     ProxyError,
     RequestTimeout,
 )
+from sigv4proxy.inbound.h1_response import Answered, ResponseWriter
 from sigv4proxy.metrics import Metrics
-from sigv4proxy.header_rules import HOP_BY_HOP
 from sigv4proxy.request_prep import RequestPreparer, split_target
 from sigv4proxy.routing import Router
 from sigv4proxy.upstream.pool import ConnectionPool
 
 log = logging.getLogger("sigv4proxy.handler")
 
-DROP_RESPONSE = HOP_BY_HOP | {"content-length"}
 ERROR_HEADER = "x-sigv4proxy-error"
 # Inbound parser limits (bytes). A header line over MAX_HEADER_FIELD is 431; the request line has
 # a different limit so that the parser's LineTooLong tells the two apart (by its limit).
 MAX_HEADER_FIELD = 16384
 MAX_REQUEST_LINE = 16384 + 1024
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
-# Response header names are decoded and classified once per distinct name (bounded: names come
-# from upstreams). Sentinels never equal a real name: both hold a NUL.
-_DROPPED, _CONTENT_LENGTH = "\x00drop", "\x00length"
-_NAME_CACHE_LIMIT = 1024
 # A declared body up to this size is read whole (bounded memory: at most this per request) and
 # handed on as bytes: the upstream then sends head and body in one write, with no send task, and
 # can replay it on a refused stream. Larger or chunked bodies stream.
@@ -66,24 +60,6 @@ def _stall(content: StreamReader) -> None:
 
 
 _STALLED = "request body stalled: nothing arrived for --read-timeout"
-
-
-class _ProxiedResponse(web.StreamResponse):
-    """A StreamResponse that adds nothing the upstream did not send (aiohttp would add a default
-    Content-Type and its own Server header); Date is only added when missing, as RFC 9110 allows."""
-
-    # Headers go out with the first body bytes: one write for a small response, not two.
-    _send_headers_immediately = False
-
-    async def _prepare_headers(self) -> None:
-        headers = self._headers
-        had_type = "Content-Type" in headers
-        had_server = "Server" in headers
-        await super()._prepare_headers()
-        if not had_type:
-            headers.popall("Content-Type", None)
-        if not had_server:
-            headers.popall("Server", None)
 
 
 class ProxyHandler:
@@ -113,7 +89,7 @@ class ProxyHandler:
         self._transparent = transparent
         self._body_timeout = body_timeout  # longest client silence mid-body (408 after)
         self._clock = clock
-        self._response_names: dict[bytes, str] = {}  # raw name -> forwarded name (bounded)
+        self._writer = ResponseWriter(clock)  # the response head and body, as bytes of our own
         # Hygiene, routing and signing, shared with the HTTP/2 inbound path.
         self.prepare = RequestPreparer(
             router, credentials, max_body_size=max_body_size, strip_headers=strip_headers,
@@ -123,7 +99,7 @@ class ProxyHandler:
         # Original destination per inbound connection (transparent mode), read once.
         self._original_dst: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
-    async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
+    async def __call__(self, request: web.BaseRequest) -> web.StreamResponse | Answered:
         started = time.perf_counter()
         self.inflight += 1
         route_name = "none"
@@ -139,7 +115,7 @@ class ProxyHandler:
         finally:
             self.inflight -= 1
 
-    async def _proxy(self, request: web.BaseRequest, started: float) -> tuple[web.StreamResponse, str]:
+    async def _proxy(self, request: web.BaseRequest, started: float) -> tuple[Answered, str]:
         method = request.method
         if method == "CONNECT":  # before the target parse: its authority-form target is not a path
             raise MethodNotSupported("CONNECT is not supported (VPC Lattice does not tunnel)")
@@ -165,38 +141,14 @@ class ProxyHandler:
             prepared.headers, body,
         )
         first_byte = time.perf_counter()
-        response = _ProxiedResponse(status=upstream.status)
-        out = CIMultiDict()
-        length = None
-        names = self._response_names
-        for name_b, value_b in upstream.headers:
-            name = names.get(name_b)
-            if name is None:
-                name = self._response_name(name_b)
-            if name is _DROPPED:
-                continue
-            if name is _CONTENT_LENGTH:
-                length = int(value_b)
-                continue
-            out.add(name, value_b.decode("latin-1"))
-        response._headers = out  # keep exact names, order and repeats from upstream
-        if length is not None:
-            response.content_length = length
+        response = Answered(upstream.status)
         complete = False
-        sent = 0
         try:
-            await response.prepare(request)
-            # Hold one chunk back so the last goes out with the end of the message (one write
-            # for head + body + end when the body is a single chunk).
-            pending = b""
-            async for chunk in upstream:
-                sent += len(chunk)
-                if pending:
-                    await response.write(pending)
-                pending = chunk
-            await response.write_eof(pending)
+            await self._writer.relay(request, upstream, response)
             complete = True
         except (ConnectionError, ProxyError) as exc:
+            if isinstance(exc, ProxyError) and not response.started:
+                raise  # nothing written yet: the client gets the typed error answer
             # Headers are already sent: the only honest signal left is a cut connection.
             log.debug("response aborted mid-body: %s", type(exc).__name__)
             self._metrics.errors_for(getattr(exc, "kind", "client_disconnect")).inc()
@@ -210,20 +162,8 @@ class ProxyHandler:
         )
         if self._access_log:
             self._log_access(request, started, upstream.status, route_name, first_byte - prepared.sign_done,
-                             upstream.http_version, sent, None if complete else "response_aborted")
+                             upstream.http_version, response.body_bytes, None if complete else "response_aborted")
         return response, route_name
-
-    def _response_name(self, name_b: bytes) -> str:
-        """A response header name as forwarded, or _DROPPED / _CONTENT_LENGTH; remembered (bounded)."""
-        name = name_b.decode("latin-1")
-        lname = name.lower()
-        if lname == "content-length":
-            name = _CONTENT_LENGTH
-        elif lname in DROP_RESPONSE:
-            name = _DROPPED
-        if len(self._response_names) < _NAME_CACHE_LIMIT:
-            self._response_names[bytes(name_b)] = name
-        return name
 
     def _log_access(self, request: web.BaseRequest, started: float, status: int, route: str,
                     to_target: float | None, upstream_protocol: str | None, sent: int | None,

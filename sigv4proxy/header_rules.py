@@ -17,5 +17,7 @@ SIGNING_HEADERS = frozenset(
     {"authorization", "x-amz-date", "x-amz-security-token", "x-amz-content-sha256", "x-amz-region-set"}
 )
 DROP_REQUEST = HOP_BY_HOP | SIGNING_HEADERS | {"host"}
+# Response fields not passed on as received: hop-by-hop, and the length the framing decides.
+DROP_RESPONSE = HOP_BY_HOP | {"content-length"}
 # What --add-header may not set: all of the above, and the framing the proxy computes itself.
 NOT_ADDABLE = DROP_REQUEST | {"content-length"}

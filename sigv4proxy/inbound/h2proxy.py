@@ -21,7 +21,8 @@ from hpack import NeverIndexedHeaderTuple
 
 from sigv4proxy import accesslog
 from sigv4proxy.errors import BadRequest, Overloaded, PayloadTooLarge, ProxyError, UpstreamReset, UpstreamTimeout
-from sigv4proxy.handler import DROP_RESPONSE, ERROR_HEADER, SMALL_BODY, ProxyHandler, error_parts
+from sigv4proxy.handler import ERROR_HEADER, SMALL_BODY, ProxyHandler, error_parts
+from sigv4proxy.header_rules import DROP_RESPONSE
 from sigv4proxy.inbound.h2stream import ClientGone, InboundStream
 from sigv4proxy.metrics import Metrics
 from sigv4proxy.upstream.base import Response
