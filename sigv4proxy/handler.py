@@ -1,10 +1,10 @@
 """The request path: inbound request → route → sign → upstream → streamed response.
 
 Owns: the HTTP/1.1 request's path (hygiene, routing and signing via `request_prep`), reading the
-request body, streaming the response back (as bytes `inbound.h1_response` frames), the one place where typed errors become HTTP
-responses, and per-request stage timings handed to metrics. Must never: forward a request
-unsigned, put a secret or header value in an error body or log, buffer a body whole, or log per
-request above debug.
+request body, streaming the response back (framed by `inbound.h1_response`), the one place where
+typed errors become HTTP responses, and per-request stage timings handed to metrics. Must never:
+forward a request unsigned, put a secret or header value in an error body or log, buffer a body
+whole, or log per request above debug.
 """
 
 from __future__ import annotations
