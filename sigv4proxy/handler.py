@@ -177,10 +177,11 @@ class ProxyHandler:
             route=route, upstream_protocol=upstream_protocol, bytes_sent=sent, failure=failure,
         )
 
-    async def _client_read(self, content: StreamReader, read: Awaitable[bytes]) -> bytes:
+    async def _client_read(self, content: StreamReader, read: Awaitable[bytes],
+                           loop: asyncio.AbstractEventLoop) -> bytes:
         """`read` of the request body, failed with 408 after --read-timeout of client silence: a
         plain timer poisons the stream (cheaper per chunk than asyncio.timeout)."""
-        timer = asyncio.get_running_loop().call_later(self._body_timeout, _stall, content)
+        timer = loop.call_later(self._body_timeout, _stall, content)
         try:
             return await read
         except _BodyStalled:
@@ -194,7 +195,8 @@ class ProxyHandler:
         data = content.read_nowait(length)
         if len(data) < length:
             try:
-                data += await self._client_read(content, content.readexactly(length - len(data)))
+                data += await self._client_read(content, content.readexactly(length - len(data)),
+                                                asyncio.get_running_loop())
             except asyncio.IncompleteReadError:
                 raise BadRequest("request body shorter than its Content-Length") from None
         return data
@@ -206,8 +208,9 @@ class ProxyHandler:
         limit = self._max_body
         seen = 0
         content = request.content
+        loop = asyncio.get_running_loop()  # once: in Python 3.11 each call is a getpid() syscall
         while True:
-            chunk = await self._client_read(content, content.readany())
+            chunk = await self._client_read(content, content.readany(), loop)
             if not chunk:
                 return
             if limit is not None:
