@@ -15,6 +15,7 @@ import signal
 import sys
 
 from sigv4proxy import config as config_mod
+from sigv4proxy import gc_policy
 from sigv4proxy.logs import setup_logging
 
 log = logging.getLogger("sigv4proxy")
@@ -42,11 +43,14 @@ async def serve_until_signalled(config: config_mod.ProxyConfig, *, reuse_port: b
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await app.start()
-    freeze_startup_objects()
+    gc_policy.freeze_startup_objects()
+    collector = loop.create_task(gc_policy.collect_periodically())
     log.debug("start-up objects frozen out of cyclic GC",
-              extra={"objects": gc.get_freeze_count(), "gen0_threshold": gc.get_threshold()[0]})
+              extra={"objects": gc.get_freeze_count(), "gen0_threshold": gc.get_threshold()[0],
+                     "collect_every_s": gc_policy.YOUNG_EVERY_S})
     await stop.wait()
     log.info("draining", extra={"inflight": app.handler.inflight, "drain_timeout": config.drain_timeout})
+    collector.cancel()
     await app.stop()
     # Stopping already: a repeated SIGTERM/SIGINT (kubelet, docker stop, Ctrl-C twice) during
     # the remaining teardown must not turn a clean exit into death by signal. Removing ours
@@ -56,24 +60,6 @@ async def serve_until_signalled(config: config_mod.ProxyConfig, *, reuse_port: b
         signal.signal(sig, signal.SIG_IGN)
     log.info("stopped")
     return 0
-
-
-GEN0_THRESHOLD = 20_000
-
-
-def freeze_startup_objects() -> None:
-    """What start-up built (modules, botocore's endpoint tables, config, the running app) lives
-    until exit: take it out of the cyclic collector's view. Otherwise every full collection walks
-    all of it (~55,000 objects): 22-38 ms stalls every couple of seconds under load, which were
-    the p99 at c128."""
-    gc.collect()
-    gc.freeze()
-    # CPython counts tracked allocations minus deallocations and collects generation 0 when the
-    # count passes 700: 64-128 requests in flight hold more than that, so under load a young
-    # collection ran every few milliseconds, walked live requests and promoted them (2.7 % of the
-    # CPU at c64, measured with gc.callbacks). At 20,000, steady load never gets there; cyclic
-    # garbage is still collected once that much piles up.
-    gc.set_threshold(GEN0_THRESHOLD, *gc.get_threshold()[1:])
 
 
 def run(args: argparse.Namespace) -> int:
