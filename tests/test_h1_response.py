@@ -253,3 +253,35 @@ async def test_a_client_that_stops_reading_stops_the_upstream_too():
             assert received == total
         finally:
             writer.close()
+
+
+async def test_pipelined_requests_get_whole_responses_in_order():
+    """Three requests in one write: each answer is complete and framed before the next starts
+    (the writer goes straight to the transport, so order rests on one request at a time)."""
+    async with RawResponseServer(CHUNK_FRAMED) as upstream, \
+            running_proxy(upstream=f"http://127.0.0.1:{upstream.port}", upstream_protocol="http1") as proxy:
+        reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+        oracle = h11.Connection(h11.CLIENT)
+        try:
+            writer.write(b"".join(b"GET /%d HTTP/1.1\r\nHost: %s\r\n\r\n" % (n, HOST) for n in range(3)))
+            bodies = []
+            async with asyncio.timeout(IO_TIMEOUT):
+                for n in range(3):
+                    oracle.send(h11.Request(method="GET", target=f"/{n}", headers=[("Host", LATTICE_HOST)]))
+                    oracle.send(h11.EndOfMessage())
+                    body = b""
+                    while True:
+                        event = oracle.next_event()
+                        if event is h11.NEED_DATA:
+                            oracle.receive_data(await reader.read(65536))
+                        elif isinstance(event, h11.Response):
+                            assert event.status_code == 200
+                        elif isinstance(event, h11.Data):
+                            body += event.data
+                        elif isinstance(event, h11.EndOfMessage):
+                            break
+                    bodies.append(body)
+                    oracle.start_next_cycle()
+            assert bodies == [BODY] * 3
+        finally:
+            writer.close()
