@@ -23,7 +23,7 @@ from sigv4proxy.header_rules import DROP_RESPONSE
 from sigv4proxy.upstream.base import Response
 
 _FORWARD, _DROP, _LENGTH, _DATE = 0, 1, 2, 3
-_NAME_CACHE_LIMIT = 1024
+_CACHE_LIMIT = 1024  # entries per cache: names and status lines come from upstreams
 _EMPTY_BODY_STATUS = frozenset((204, 304, *range(100, 200)))
 _NO_LENGTH_STATUS = frozenset((204, *range(100, 200)))  # RFC 9110 §8.6: no Content-Length at all
 _COLON = b": "
@@ -149,7 +149,7 @@ class ResponseWriter:
             kind = _DATE
         else:
             kind = _FORWARD
-        if len(self._names) < _NAME_CACHE_LIMIT:
+        if len(self._names) < _CACHE_LIMIT:
             self._names[bytes(name)] = kind
         return kind
 
@@ -162,7 +162,7 @@ class ResponseWriter:
             except ValueError:
                 reason = ""
             line = f"HTTP/{version[0]}.{version[1]} {status} {reason}\r\n".encode("latin-1")
-            if len(self._status_lines) < _NAME_CACHE_LIMIT:
+            if len(self._status_lines) < _CACHE_LIMIT:
                 self._status_lines[key] = line
         return line
 

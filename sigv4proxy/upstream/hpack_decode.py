@@ -85,17 +85,21 @@ def _string(data: bytes, pos: int) -> tuple[bytes, int]:
     return value, stop
 
 
+def _evict(entries: list, size: int, maxsize: int) -> int:
+    """Drops the oldest entries until the table fits `maxsize`: the new size."""
+    while size > maxsize:
+        old = entries.pop(0)
+        size -= ENTRY_OVERHEAD + len(old[0]) + len(old[1])
+    return size
+
+
 def _insert(entries: list, size: int, maxsize: int, field: tuple[bytes, bytes], entry: int) -> int:
     """Adds `field` (of size `entry`) to the dynamic table, evicting the oldest: the new size."""
     if entry > maxsize:  # §4.4: an entry larger than the table empties it
         entries.clear()
         return 0
     entries.append(field)
-    size += entry
-    while size > maxsize:
-        old = entries.pop(0)
-        size -= ENTRY_OVERHEAD + len(old[0]) + len(old[1])
-    return size
+    return _evict(entries, size + entry, maxsize)
 
 
 class HeaderBlockDecoder:
@@ -198,9 +202,7 @@ class HeaderBlockDecoder:
                     maxsize, pos = _integer(data, pos, maxsize)
                 if maxsize > self.max_table_size:
                     raise HpackDecodeError("table size update above the maximum")
-                while size > maxsize:
-                    old = entries.pop(0)
-                    size -= overhead + len(old[0]) + len(old[1])
+                size = _evict(entries, size, maxsize)
                 continue
             else:  # literal without indexing (§6.2.2) or never indexed (§6.2.3)
                 index = octet & 0x0F
