@@ -106,6 +106,26 @@ async def test_start_up_objects_are_frozen_out_of_full_collections(sim):
     assert frozen[0]["gen0_threshold"] == 20_000 and frozen[0]["collect_every_s"] == 1.0, frozen
 
 
+async def test_serving_process_never_loads_awscrt(sim):
+    """botocore (the credential chain) imports awscrt whenever it is installed, ~6 MiB of RSS
+    per worker for code the proxy never calls; the serving process keeps it unloaded."""
+    probe = subprocess.run([sys.executable, "-c", "import sys, botocore.session; print('awscrt' in sys.modules)"],
+                           capture_output=True, text=True, timeout=60)
+    assert probe.stdout.strip() == "True", "precondition: here botocore loads awscrt by itself"
+    proc, port, admin = await start_proxy(sim)
+    try:
+        async with aiohttp.ClientSession() as client:  # signed: credentials came from botocore
+            async with client.get(f"http://127.0.0.1:{port}/x", headers={"Host": LATTICE_HOST}) as r:
+                assert r.status == 200
+        with open(f"/proc/{proc.pid}/maps") as maps:
+            mapped = maps.read()
+        assert "uvloop" in mapped  # the map is the serving process's own
+        assert "_awscrt" not in mapped
+    finally:
+        err = await stop(proc)
+    assert proc.returncode == 0, err[-2000:]
+
+
 async def test_repeated_sigterm_during_shutdown_still_exits_zero(sim):
     """kubelet, docker stop or a double Ctrl-C may signal again while the proxy is finishing:
     once it has stopped serving, more SIGTERMs must not turn exit 0 into death by signal.
