@@ -569,3 +569,74 @@ async def test_rst_stream_mid_body_fails_the_body_with_reset(connect):
         await reader.__anext__()
     assert "INTERNAL_ERROR" in caught.value.reason
     assert conn.is_available()
+
+
+# --- response heads repeated byte for byte (the check is cached per self-contained block) ---
+def _never_indexed(name: bytes, value: bytes) -> bytes:
+    return b"\x10" + bytes([len(name)]) + name + bytes([len(value)]) + value
+
+
+def _indexed_insert(name: bytes, value: bytes) -> bytes:
+    return b"\x40" + bytes([len(name)]) + name + bytes([len(value)]) + value
+
+
+async def _exchange(conn, server, block: bytes, body: bytes = b"ok"):
+    task = start(conn)
+    stream_id, _, _ = await server.request_block()
+    server.send(HeadersFrame(stream_id, block, flags=["END_HEADERS"]),
+                DataFrame(stream_id, body, flags=["END_STREAM"]))
+    response = await asyncio.wait_for(task, FRAME_TIMEOUT)
+    await response.read()
+    return response
+
+
+async def test_a_repeated_head_gives_each_stream_its_own_fields(connect):
+    conn, server = await connect()
+    block = b"\x88" + _never_indexed(b"x-a", b"1") + _never_indexed(b"content-length", b"2")
+    first = await _exchange(conn, server, block)
+    first.headers.append((b"x-added", b"by a consumer"))
+    other_conn, other_server = await connect()
+    for c, s in ((conn, server), (other_conn, other_server)):
+        again = await _exchange(c, s, block)
+        assert again.status == 200
+        assert again.headers == [(b"x-a", b"1"), (b"content-length", b"2")]
+
+
+async def test_a_head_that_refers_to_the_dynamic_table_is_read_against_each_table(connect):
+    """The same bytes (:status 200, dynamic entry 62) mean x-a: 1 on one connection, x-b: 2 on
+    the other: nothing derived from them may be shared."""
+    for name, value in ((b"x-a", b"1"), (b"x-b", b"2")):
+        conn, server = await connect()
+        await _exchange(conn, server, b"\x88" + _indexed_insert(name, value))
+        response = await _exchange(conn, server, b"\x88\xbe")
+        assert response.headers == [(name, value)]
+
+
+async def test_a_refused_head_is_refused_every_time(connect):
+    conn, server = await connect()
+    block = b"\x88" + _never_indexed(b"X-Upper", b"1")
+    for _ in range(2):
+        task = start(conn)
+        stream_id, _, _ = await server.request_block()
+        server.send(HeadersFrame(stream_id, block, flags=["END_HEADERS", "END_STREAM"]))
+        with pytest.raises(UpstreamProtocolError):
+            await asyncio.wait_for(task, FRAME_TIMEOUT)
+        reset = await server.next_of(RstStreamFrame)
+        assert reset.stream_id == stream_id and reset.error_code == h2_wire.PROTOCOL_ERROR
+
+
+async def test_a_block_accepted_as_a_head_is_still_checked_as_trailers(connect):
+    """Trailers may carry no pseudo-header: a head's block (with :status) sent again as trailers
+    is a stream error even though the same bytes passed as a head a moment before."""
+    conn, server = await connect()
+    head = b"\x88" + _never_indexed(b"x-a", b"1")
+    await _exchange(conn, server, head)
+    task = start(conn)
+    stream_id, _, _ = await server.request_block()
+    server.send(HeadersFrame(stream_id, head, flags=["END_HEADERS"]), DataFrame(stream_id, b"ok"),
+                HeadersFrame(stream_id, head, flags=["END_HEADERS", "END_STREAM"]))
+    response = await asyncio.wait_for(task, FRAME_TIMEOUT)
+    with pytest.raises(UpstreamProtocolError):
+        await asyncio.wait_for(response.read(), FRAME_TIMEOUT)
+    reset = await server.next_of(RstStreamFrame)
+    assert reset.stream_id == stream_id and reset.error_code == h2_wire.PROTOCOL_ERROR

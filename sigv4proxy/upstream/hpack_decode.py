@@ -38,6 +38,12 @@ _huffman_cache: dict[bytes, bytes] = {}
 _block_cache: dict[bytes, tuple[tuple, tuple, int]] = {}
 
 
+def decodes_alike(block: bytes) -> bool:
+    """`block` decodes to the same fields on every connection whatever its table holds (it is in
+    the cache of self-contained blocks): what callers derive from those fields may be cached too."""
+    return type(block) is bytes and block in _block_cache
+
+
 class HpackDecodeError(ValueError):
     """The header block cannot be decoded; the connection must end with COMPRESSION_ERROR."""
 

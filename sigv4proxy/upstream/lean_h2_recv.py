@@ -17,13 +17,18 @@ from typing import TYPE_CHECKING
 from sigv4proxy.errors import ProxyError, UpstreamProtocolError
 from sigv4proxy.upstream import h2_wire as w
 from sigv4proxy.upstream.base import OnChange, wake
-from sigv4proxy.upstream.hpack_decode import HeaderBlockDecoder, HpackDecodeError
+from sigv4proxy.upstream.hpack_decode import (BLOCK_CACHE_ENTRIES, HeaderBlockDecoder,
+                                               HpackDecodeError, decodes_alike)
 
 if TYPE_CHECKING:
     from sigv4proxy.upstream.lean_h2_stream import LeanStream as _Stream
 
 MAX_HEADER_BLOCK = 256 << 10  # encoded block across CONTINUATION frames (flood guard)
 _NO_BODY_STATUSES = (204, 304)
+# A response head whose block decodes alike everywhere (a server repeats one within a second) is
+# checked once: block -> check_fields' verdict, its field list kept as a tuple (each stream gets
+# its own list). Cleared when full, as the decode cache is. Refused blocks are never stored.
+_checked_heads: dict[bytes, tuple[bytes | None, tuple, int]] = {}
 
 
 class ProtocolViolation(Exception):
@@ -195,12 +200,21 @@ class FrameReceiver:
         if stream.remote_ended:
             self._stream_error(stream, w.STREAM_CLOSED, "upstream sent HEADERS after the end")
             return
-        try:
-            status, headers, content_length = w.check_fields(fields, stream.status is not None)
-        except w.MalformedFields as bad:
-            self._stream_error(stream, w.PROTOCOL_ERROR,
-                               f"upstream sent a malformed response: {bad}")
-            return
+        cacheable = stream.status is None and decodes_alike(block)  # a head, not trailers
+        checked = _checked_heads.get(block) if cacheable else None
+        if checked is not None:
+            status, headers, content_length = checked[0], list(checked[1]), checked[2]
+        else:
+            try:
+                status, headers, content_length = w.check_fields(fields, stream.status is not None)
+            except w.MalformedFields as bad:
+                self._stream_error(stream, w.PROTOCOL_ERROR,
+                                   f"upstream sent a malformed response: {bad}")
+                return
+            if cacheable:
+                if len(_checked_heads) >= BLOCK_CACHE_ENTRIES:
+                    _checked_heads.clear()
+                _checked_heads[block] = (status, tuple(headers), content_length)
         if stream.status is not None:  # trailers
             if not end_stream:
                 self._stream_error(stream, w.PROTOCOL_ERROR,
