@@ -267,7 +267,7 @@ class ProxyConfig:
     stream_idle_timeout: float = setting(300.0, _positive(float), "inbound HTTP/2 stream with no bytes either way for this long is cut (s); long RPCs are not cut by request timeouts")
     ping_interval: float = setting(30.0, _non_negative, "PING idle upstream HTTP/2 connections this often; no answer within --connect-timeout drops one (0: off)")
     header_timeout: float = setting(30.0, _positive(float), "close a new client connection without a complete request head after this (s)")
-    max_connections: int = setting(8, _positive(int), "upstream connections per origin")
+    max_connections: int = setting(128, _positive(int), "upstream connections per origin and worker; over HTTP/1.1 also the cap on concurrent upstream requests")
     recv_buffer: int | None = setting(65536, _optional(_positive(int)), "inbound socket receive buffer (bytes): bounds what one read takes in, so memory per upload stays flat (0: kernel default)")
     max_body_size: int | None = setting(None, _optional(_positive(int)), "reject request bodies larger than this (bytes)")
     max_inflight: int | None = setting(None, _optional(_positive(int)), "answer 503 beyond this many in-flight requests per worker")

@@ -200,6 +200,32 @@ async def test_many_concurrent_requests_share_few_h2_connections(sim, client):
     assert 1 <= total <= 2, stats
 
 
+async def test_default_config_does_not_cap_http1_concurrency_at_a_handful(sim, client):
+    """Over HTTP/1.1 each in-flight request needs its own upstream socket, so the per-origin
+    connection limit is a concurrency cap: at the old default of 8, a 100 ms service behind a
+    2-worker sidecar topped out at 160 requests a second. 64 slow requests all reach it at once."""
+    async with running_proxy(**via(sim, "http1")) as proxy:
+        url = f"http://127.0.0.1:{proxy.port}/slow"
+
+        async def one(i):
+            headers = {"Host": LATTICE_HOST, "x-sim-delay-ms": "3000"}
+            async with client.get(f"{url}?i={i}", headers=headers) as resp:
+                await resp.read()
+                return resp.status
+
+        calls = asyncio.gather(*(one(i) for i in range(64)))
+        active = 0
+        for _ in range(100):  # bounded: 5 s to see all 64 open at once
+            stats = proxy.pool.stats()
+            active = stats.connections.get(("http1", "active"), 0)
+            if active == 64:
+                break
+            await asyncio.sleep(0.05)
+        statuses = await asyncio.wait_for(calls, 30)
+    assert active == 64, stats
+    assert statuses == [200] * 64
+
+
 async def test_forward_proxy_absolute_form(sim, client):
     async with running_proxy(**via(sim, "h2")) as proxy:
         async with client.get(f"http://{LATTICE_HOST}/fwd?x=1", proxy=f"http://127.0.0.1:{proxy.port}") as resp:

@@ -68,8 +68,8 @@ class Timeouts:
 @dataclass(frozen=True, slots=True)
 class PoolLimits:
     # HTTP/2: open another only when all are at their peer's MAX_CONCURRENT_STREAMS;
-    # HTTP/1.1: max concurrent sockets.
-    max_connections_per_origin: int = 8
+    # HTTP/1.1: max concurrent sockets, so also max concurrent requests (beyond it they queue).
+    max_connections_per_origin: int = 128
     max_retries: int = 2  # for RetryableStreamError
 
 
