@@ -208,14 +208,14 @@ async def test_default_config_does_not_cap_http1_concurrency_at_a_handful(sim, c
         url = f"http://127.0.0.1:{proxy.port}/slow"
 
         async def one(i):
-            headers = {"Host": LATTICE_HOST, "x-sim-delay-ms": "3000"}
+            headers = {"Host": LATTICE_HOST, "x-sim-delay-ms": "6000"}
             async with client.get(f"{url}?i={i}", headers=headers) as resp:
                 await resp.read()
                 return resp.status
 
         calls = asyncio.gather(*(one(i) for i in range(64)))
         active = 0
-        for _ in range(100):  # bounded: 5 s to see all 64 open at once
+        for _ in range(110):  # bounded: 5.5 s (of the 6 s each takes) to see all 64 open at once
             stats = proxy.pool.stats()
             active = stats.connections.get(("http1", "active"), 0)
             if active == 64:
