@@ -204,7 +204,7 @@ async def test_default_config_does_not_cap_http1_concurrency_at_a_handful(sim, c
     """Over HTTP/1.1 each in-flight request needs its own upstream socket, so the per-origin
     connection limit is a concurrency cap: at the old default of 8, a 100 ms service behind a
     2-worker sidecar topped out at 160 requests a second. 64 slow requests all reach it at once."""
-    async with running_proxy(**via(sim, "http1")) as proxy:
+    async with running_proxy(**via(sim, "http1", first_byte_timeout=20)) as proxy:
         url = f"http://127.0.0.1:{proxy.port}/slow"
 
         async def one(i):
