@@ -16,8 +16,6 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping
 
-import yaml
-
 from sigv4proxy.header_rules import NOT_ADDABLE
 
 ENV_PREFIX = "SIGV4PROXY_"
@@ -322,6 +320,8 @@ def add_arguments(parser: argparse.ArgumentParser, names: Iterable[str] | None =
 
 
 def load_file(path: str) -> dict[str, Any]:
+    import yaml  # only with a config file: a worker run from flags never loads it (0.9 MiB)
+
     try:
         with open(path, encoding="utf-8") as fh:
             data = yaml.safe_load(fh) or {}

@@ -106,12 +106,15 @@ async def test_start_up_objects_are_frozen_out_of_full_collections(sim):
     assert frozen[0]["gen0_threshold"] == 20_000 and frozen[0]["collect_every_s"] == 1.0, frozen
 
 
-async def test_serving_process_never_loads_awscrt(sim):
+async def test_serving_process_loads_neither_awscrt_nor_yaml(sim):
     """botocore (the credential chain) imports awscrt whenever it is installed, ~6 MiB of RSS
-    per worker for code the proxy never calls; the serving process keeps it unloaded."""
-    probe = subprocess.run([sys.executable, "-c", "import sys, botocore.session; print('awscrt' in sys.modules)"],
-                           capture_output=True, text=True, timeout=60)
-    assert probe.stdout.strip() == "True", "precondition: here botocore loads awscrt by itself"
+    per worker for code the proxy never calls; PyYAML (0.9 MiB) is only for config files. A
+    worker run from flags keeps both unloaded."""
+    probe = subprocess.run(
+        [sys.executable, "-c", "import sys, botocore.session, yaml; "
+                               "print('awscrt' in sys.modules, yaml.__with_libyaml__)"],
+        capture_output=True, text=True, timeout=60)
+    assert probe.stdout.split() == ["True", "True"], "precondition: both would show in the map"
     proc, port, admin = await start_proxy(sim)
     try:
         async with aiohttp.ClientSession() as client:  # signed: credentials came from botocore
@@ -121,6 +124,7 @@ async def test_serving_process_never_loads_awscrt(sim):
             mapped = maps.read()
         assert "uvloop" in mapped  # the map is the serving process's own
         assert "_awscrt" not in mapped
+        assert "yaml/_yaml" not in mapped
     finally:
         err = await stop(proc)
     assert proc.returncode == 0, err[-2000:]
