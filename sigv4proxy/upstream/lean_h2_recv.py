@@ -27,7 +27,8 @@ MAX_HEADER_BLOCK = 256 << 10  # encoded block across CONTINUATION frames (flood 
 _NO_BODY_STATUSES = (204, 304)
 # A response head whose block decodes alike everywhere (a server repeats one within a second) is
 # checked once: block -> check_fields' verdict, its field list kept as a tuple (each stream gets
-# its own list). Cleared when full, as the decode cache is. Refused blocks are never stored.
+# its own list). Only such blocks are stored, so a hit needs no second look at the decode cache.
+# Cleared when full, as the decode cache is. Refused blocks are never stored.
 _checked_heads: dict[bytes, tuple[bytes | None, tuple, int]] = {}
 
 
@@ -200,22 +201,22 @@ class FrameReceiver:
         if stream.remote_ended:
             self._stream_error(stream, w.STREAM_CLOSED, "upstream sent HEADERS after the end")
             return
-        cacheable = stream.status is None and decodes_alike(block)  # a head, not trailers
-        checked = _checked_heads.get(block) if cacheable else None
+        head = stream.status is None  # not trailers
+        checked = _checked_heads.get(block) if head else None
         if checked is not None:
             status, headers, content_length = checked[0], list(checked[1]), checked[2]
         else:
             try:
-                status, headers, content_length = w.check_fields(fields, stream.status is not None)
+                status, headers, content_length = w.check_fields(fields, not head)
             except w.MalformedFields as bad:
                 self._stream_error(stream, w.PROTOCOL_ERROR,
                                    f"upstream sent a malformed response: {bad}")
                 return
-            if cacheable:
+            if head and decodes_alike(block):  # a property of the bytes: stays true once true
                 if len(_checked_heads) >= BLOCK_CACHE_ENTRIES:
                     _checked_heads.clear()
                 _checked_heads[block] = (status, tuple(headers), content_length)
-        if stream.status is not None:  # trailers
+        if not head:  # trailers
             if not end_stream:
                 self._stream_error(stream, w.PROTOCOL_ERROR,
                                    "upstream trailers did not end the stream")
