@@ -87,12 +87,35 @@ class _InboundRequestHandler(RequestHandler):
         if self.transport is not None and self._request_count == 0:
             self.force_close()  # not even one complete request head in time
 
+    # While the proxy streams a request body it reads the socket only when it wants the next
+    # chunk: aiohttp resumes as soon as a chunk is taken, so every upload waiting on its upstream
+    # would hold a second read (up to uvloop's 256 KiB) in memory instead of in the kernel.
+    reads_held = False
+    _resume_held = False  # a resume asked for while held: done at the next `read_more`
+
     def resume_reading(self, resume_parser: bool = True) -> None:
         """aiohttp's body stream calls this on every read below its low-water mark, paused or
         not, and each call re-runs the parser on b"" (a wasted parse per request with a body).
         Nothing was held back unless reading was paused: only then is there work to resume."""
         if self._reading_paused:
-            super().resume_reading(resume_parser)
+            if self.reads_held:
+                self._resume_held = True
+            else:
+                super().resume_reading(resume_parser)
+
+    def hold_reading(self, hold: bool) -> None:
+        """Defer (True) or allow again (False, doing any deferred resume) resumes of the socket."""
+        self.reads_held = hold
+        if not hold:
+            self.read_more()
+
+    def read_more(self) -> None:
+        """The body's reader wants its next chunk: do the resume held back since the last one
+        (with a parse of anything aiohttp kept unparsed while paused)."""
+        if self._resume_held:
+            self._resume_held = False
+            if self._reading_paused:
+                super().resume_reading()
 
     def handle_error(self, request, status=500, exc=None, message=None):  # type: ignore[override]
         if isinstance(exc, HttpProcessingError) and request.writer.output_size == 0:

@@ -114,6 +114,8 @@ class ProxyHandler:
             return self._error(exc, request.method, route_name, started)
         finally:
             self.inflight -= 1
+            if request.protocol.reads_held:  # a streamed body: aiohttp reads what we left of it
+                request.protocol.hold_reading(False)
 
     async def _proxy(self, request: web.BaseRequest, started: float) -> tuple[Answered, str]:
         method = request.method
@@ -209,7 +211,12 @@ class ProxyHandler:
         seen = 0
         content = request.content
         loop = asyncio.get_running_loop()  # once: in Python 3.11 each call is a getpid() syscall
+        # The socket is read only when the next chunk is wanted (released in __call__: an upload
+        # cut short upstream leaves this generator suspended, not closed).
+        protocol = request.protocol
+        protocol.hold_reading(True)
         while True:
+            protocol.read_more()
             chunk = await self._client_read(content, content.readany(), loop)
             if not chunk:
                 return
