@@ -91,6 +91,13 @@ async def test_uploads_arrive_whole_through_a_tiny_receive_buffer(sim):
     assert seen["body_sha256"] == hashlib.sha256(body).hexdigest()
 
 
+async def _response(reader: asyncio.StreamReader) -> tuple[bytes, bytes]:
+    head = await reader.readuntil(b"\r\n\r\n")
+    length = int([line for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:")][0]
+                 .split(b":")[1])
+    return head.split(b"\r\n", 1)[0], await reader.readexactly(length)
+
+
 class _StallingUpstream(asyncio.Protocol):
     """An HTTP/1.1 upstream that takes a request head, then stops reading until `release()`;
     afterwards it hashes the body and answers 200 with the sha256 and the byte count."""
@@ -161,13 +168,10 @@ async def test_an_upload_waiting_on_its_upstream_reads_nothing_ahead():
             assert content._size <= high, (content._size, high)  # no read taken ahead of the sender
             upstream.release()
             await asyncio.wait_for(sending, 20)
-            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 20)
-            assert head.startswith(b"HTTP/1.1 200")
-            length = int([line for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:")][0]
-                         .split(b":")[1])
-            answer = json.loads(await asyncio.wait_for(reader.readexactly(length), 5))
+            status, answer = await asyncio.wait_for(_response(reader), 20)
             writer.close()
-        assert answer == {"sha256": hashlib.sha256(body).hexdigest(), "bytes": len(body)}
+        assert status == b"HTTP/1.1 200 OK"
+        assert json.loads(answer) == {"sha256": hashlib.sha256(body).hexdigest(), "bytes": len(body)}
     finally:
         server.close()
 
@@ -185,13 +189,6 @@ class _EarlyAnswerUpstream(asyncio.Protocol):
             self.head = b""
             self.transport.pause_reading()
             self.transport.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
-
-
-async def _response(reader: asyncio.StreamReader) -> tuple[bytes, bytes]:
-    head = await reader.readuntil(b"\r\n\r\n")
-    length = int([line for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:")][0]
-                 .split(b":")[1])
-    return head.split(b"\r\n", 1)[0], await reader.readexactly(length)
 
 
 async def test_a_connection_whose_upload_the_upstream_left_unread_serves_its_next_request():
