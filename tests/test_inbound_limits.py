@@ -140,14 +140,19 @@ async def test_an_upload_waiting_on_its_upstream_reads_nothing_ahead():
     second read (up to 256 KiB) would sit buffered for every stalled upload. Once the upstream
     reads again, the upload still arrives whole."""
     upstream = _StallingUpstream()
-    loop = asyncio.get_running_loop()
-    server = await loop.create_server(lambda: upstream, "127.0.0.1", 0)
-    up_port = server.sockets[0].getsockname()[1]
-    body = os.urandom(1 << 20) * 16  # 16 MiB: far more than every socket buffer on the way holds
+    listener = socket.socket()
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)  # fixed, not autotuned
+    listener.bind(("127.0.0.1", 0))
+    server = await asyncio.get_running_loop().create_server(lambda: upstream, sock=listener)
+    up_port = listener.getsockname()[1]
+    # Far more than every socket buffer on the way holds (the proxy's upstream send buffer, at
+    # most net.core.wmem_max, is the largest): the upload must stall inside the proxy.
+    body = os.urandom(1 << 20) * 32
     try:
         async with running_proxy(upstream=f"http://127.0.0.1:{up_port}", upstream_protocol="http1",
                                  first_byte_timeout=30, read_timeout=30) as proxy:
             reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+            writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 65536)
             writer.write(b"POST /up HTTP/1.1\r\nHost: %s\r\nContent-Length: %d\r\n\r\n"
                          % (LATTICE_HOST.encode(), len(body)))
             writer.write(body)
