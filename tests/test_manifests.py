@@ -1,210 +1,35 @@
-"""The Dockerfile and the EKS/ECS manifests agree with each other and with the code: image, ports
-8080/9901, uid 101, probe paths, the iptables init step and the serve flags they use.
-
-The image cannot be built here (no container engine), so the Dockerfile is checked as text; its
-HEALTHCHECK one-liner is run for real against a loopback HTTP server.
-"""
+"""The EKS and ECS manifests agree with each other, with the Dockerfile and with the code: one
+pinned image, ports 8080/9901, uid 101, probe paths, the iptables init step, drain times and the
+serve flags, env and config keys they use."""
 
 from __future__ import annotations
 
-import fnmatch
-import http.server
 import json
 import os
-import pathlib
 import re
 import shlex
 import subprocess
 import sys
-import threading
 import tomllib
-from dataclasses import dataclass
 
 import pytest
 import yaml
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
+from support.deploy_files import (
+    ADMIN_PORT,
+    PROXY_PORT,
+    PROXY_UID,
+    ROOT,
+    exec_form,
+    final,
+    flag,
+    healthcheck_argv,
+    hostport,
+)
+
 EKS = ROOT / "config" / "eks"
 ECS = ROOT / "config" / "ecs"
-PROXY_PORT, ADMIN_PORT, PROXY_UID = 8080, 9901, 101
 DEFAULT_DRAIN_TIMEOUT = 20.0
-
-
-# --- reading the Dockerfile ---
-
-@dataclass
-class Instruction:
-    keyword: str
-    args: str
-    stage: int
-
-
-def dockerfile() -> list[Instruction]:
-    """Instructions with continuations joined and comments dropped; stage counts FROMs (-1 before)."""
-    logical, pending = [], ""
-    for raw in (ROOT / "Dockerfile").read_text().splitlines():
-        line = raw.strip()
-        if not pending and (not line or line.startswith("#")):
-            continue
-        if line.startswith("#"):
-            continue
-        if line.endswith("\\"):
-            pending += line[:-1] + " "
-            continue
-        logical.append(pending + line)
-        pending = ""
-    assert not pending, "Dockerfile ends inside a line continuation"
-    out, stage = [], -1
-    for line in logical:
-        keyword, _, args = line.partition(" ")
-        keyword = keyword.upper()
-        if keyword == "FROM":
-            stage += 1
-        out.append(Instruction(keyword, args.strip(), stage))
-    return out
-
-
-def _exec_form(args: str) -> list[str]:
-    value = json.loads(args)
-    assert isinstance(value, list) and all(isinstance(v, str) for v in value), args
-    return value
-
-
-def _stages() -> list[list[Instruction]]:
-    instructions = dockerfile()
-    count = max(i.stage for i in instructions) + 1
-    return [[i for i in instructions if i.stage == n] for n in range(count)]
-
-
-def _base_images() -> list[str]:
-    args = {}
-    for inst in dockerfile():
-        if inst.keyword == "ARG" and inst.stage == -1 and "=" in inst.args:
-            name, _, value = inst.args.partition("=")
-            args[name] = value
-    images = []
-    for inst in dockerfile():
-        if inst.keyword == "FROM":
-            image = inst.args.split()[0]
-            images.append(re.sub(r"\$\{(\w+)\}", lambda m: args[m.group(1)], image))
-    return images
-
-
-def _final(keyword: str) -> list[Instruction]:
-    return [i for i in _stages()[-1] if i.keyword == keyword]
-
-
-def healthcheck_argv() -> list[str]:
-    (check,) = _final("HEALTHCHECK")
-    _, _, command = check.args.partition("CMD ")
-    return _exec_form(command)
-
-
-def _hostport(value: str) -> tuple[str, int]:
-    host, _, port = value.rpartition(":")
-    return host, int(port)
-
-
-def _flag(argv: list[str], name: str, default: str | None = None) -> str | None:
-    if name in argv:
-        return argv[argv.index(name) + 1]
-    return default
-
-
-def test_dockerfile_is_multi_stage_on_a_pinned_slim_python():
-    images = _base_images()
-    assert len(images) >= 2
-    for image in images:
-        assert re.fullmatch(r"python:3\.1[12]\.\d+-slim(-\w+)?", image), f"unpinned or non-slim base {image}"
-    assert len(set(images)) == 1, "builder and runtime must share the interpreter"
-
-
-def test_final_stage_has_no_build_tools():
-    builder, final = _stages()[0], _stages()[-1]
-    final_text = " ".join(i.args for i in final).lower()
-    for tool in ("build-essential", "gcc", "g++", "clang", "python3-dev", "libffi-dev"):
-        assert not re.search(rf"(^|[\s/]){re.escape(tool)}(\s|$)", final_text), f"{tool} in final stage"
-    assert "build-essential" in " ".join(i.args for i in builder)
-    assert any("--no-index" in i.args and "pip install" in i.args for i in final if i.keyword == "RUN")
-    # The init container runs `sigv4proxy iptables --apply` from this image.
-    assert any("iptables" in i.args for i in final if i.keyword == "RUN")
-
-
-def test_runs_as_uid_101_with_unbuffered_python():
-    (user,) = _final("USER")
-    assert user.args.split(":")[0] == str(PROXY_UID)
-    assert re.search(r"useradd\b.*--uid 101\b", " ".join(i.args for i in _final("RUN")))
-    env = " ".join(i.args for i in _final("ENV"))
-    assert re.search(r"\bPYTHONUNBUFFERED=1\b", env)
-
-
-def test_ports_entrypoint_and_cmd():
-    exposed = {int(p.split("/")[0]) for i in _final("EXPOSE") for p in i.args.split()}
-    assert exposed == {PROXY_PORT, ADMIN_PORT}
-    (entrypoint,) = _final("ENTRYPOINT")
-    assert _exec_form(entrypoint.args) == ["sigv4proxy"]
-    (cmd,) = _final("CMD")
-    assert _exec_form(cmd.args) == ["serve", "--listen", "0.0.0.0:8080", "--admin", "0.0.0.0:9901"]
-
-
-def test_dockerignore_keeps_the_build_context_to_what_is_copied():
-    patterns = [line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()
-                if line.strip() and not line.startswith("#")]
-
-    def ignored(path: str) -> bool:
-        verdict = False
-        for pattern in patterns:
-            negate = pattern.startswith("!")
-            pattern = pattern.lstrip("!").rstrip("/")
-            if fnmatch.fnmatch(path, pattern) or path.startswith(pattern + "/"):
-                verdict = not negate
-        return verdict
-
-    for inst in dockerfile():
-        if inst.keyword == "COPY" and "--from" not in inst.args:
-            for source in inst.args.split()[:-1]:
-                assert not ignored(source.rstrip("/")), f"COPY {source} is excluded by .dockerignore"
-    for path in (".venv", ".git", "tests", "benchmarks", ".pytest_cache"):
-        assert ignored(path), f"{path} would be sent to the builder"
-
-
-class _Health(http.server.BaseHTTPRequestHandler):
-    status = 200
-
-    def do_GET(self):
-        self.send_response(self.status if self.path == "/healthz" else 404)
-        self.send_header("Content-Length", "0")
-        self.end_headers()
-
-    def log_message(self, *args):
-        pass
-
-
-@pytest.mark.parametrize("status, healthy", [(200, True), (503, False)])
-def test_healthcheck_one_liner_really_checks_healthz(status, healthy):
-    argv = healthcheck_argv()
-    assert argv[0] == "python" and argv[1] == "-c"
-    assert "http://127.0.0.1:9901/healthz" in argv[2]
-    handler = type("Health", (_Health,), {"status": status})
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        code = argv[2].replace("127.0.0.1:9901", f"127.0.0.1:{server.server_address[1]}")
-        result = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=30)
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(5)
-    assert (result.returncode == 0) is healthy
-
-
-def test_healthcheck_fails_when_nothing_listens():
-    with __import__("socket").socket() as probe:  # a port that was free a moment ago
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    code = healthcheck_argv()[2].replace("127.0.0.1:9901", f"127.0.0.1:{port}")
-    assert subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=30).returncode != 0
 
 
 # --- the manifests ---
@@ -302,8 +127,8 @@ def test_pod_shape(workload):
     assert "restartPolicy" not in iptables
     assert iptables["securityContext"]["runAsUser"] == 0
     assert "NET_ADMIN" in iptables["securityContext"]["capabilities"]["add"]
-    assert int(_flag(iptables["args"], "--proxy-port", "8080")) == PROXY_PORT
-    assert int(_flag(iptables["args"], "--proxy-uid", "101")) == PROXY_UID
+    assert int(flag(iptables["args"], "--proxy-port", "8080")) == PROXY_PORT
+    assert int(flag(iptables["args"], "--proxy-uid", "101")) == PROXY_UID
 
     # sidecar: uid 101, locked down, loopback proxy, admin for probes, transparent mode.
     sc = sidecar["securityContext"]
@@ -314,8 +139,8 @@ def test_pod_shape(workload):
         assert {"cpu", "memory"} <= set(sidecar["resources"][kind])
     args = sidecar["args"]
     assert args[0] == "serve" and "--transparent" in args
-    assert _hostport(_flag(args, "--listen")) == ("127.0.0.1", PROXY_PORT)
-    assert _hostport(_flag(args, "--admin")) == ("0.0.0.0", ADMIN_PORT)
+    assert hostport(flag(args, "--listen")) == ("127.0.0.1", PROXY_PORT)
+    assert hostport(flag(args, "--admin")) == ("0.0.0.0", ADMIN_PORT)
     ports = {p["name"]: p["containerPort"] for p in sidecar["ports"]}
     assert set(ports.values()) == {PROXY_PORT, ADMIN_PORT}
     env = {e["name"]: e.get("value") for e in sidecar.get("env", [])}
@@ -335,7 +160,7 @@ def test_pod_shape(workload):
     volumes = {v["name"]: v for v in pod["volumes"]}
     (cm_volume,) = [n for n in mounts if "configMap" in volumes[n]]
     assert volumes[cm_volume]["configMap"]["name"] == _configmap()["metadata"]["name"]
-    assert _flag(args, "--config") == mounts[cm_volume].rstrip("/") + "/sidecar.yaml"
+    assert flag(args, "--config") == mounts[cm_volume].rstrip("/") + "/sidecar.yaml"
 
     # Apps: no HTTP_PROXY (the redirect is transparent), plain http:// to Lattice, not uid 101.
     for app in pod["containers"]:
@@ -373,8 +198,8 @@ def test_ecs_task_definition():
     assert proxy["healthCheck"]["command"] == ["CMD", *healthcheck_argv()]
     command = proxy["command"]
     assert command[0] == "serve"
-    assert _hostport(_flag(command, "--listen")) == ("127.0.0.1", PROXY_PORT)
-    assert _hostport(_flag(command, "--admin"))[1] == ADMIN_PORT
+    assert hostport(flag(command, "--listen")) == ("127.0.0.1", PROXY_PORT)
+    assert hostport(flag(command, "--admin"))[1] == ADMIN_PORT
     env = {e["name"]: e["value"] for e in proxy["environment"]}
     assert env.get("SIGV4PROXY_REGION")
     assert proxy["stopTimeout"] > _drain_timeout(env)
@@ -384,7 +209,7 @@ def test_ecs_task_definition():
         assert {"containerName": "sigv4proxy", "condition": "HEALTHY"} in app["dependsOn"]
         assert app.get("user") != str(PROXY_UID)
         app_env = {e["name"]: e["value"] for e in app.get("environment", [])}
-        assert _hostport(app_env["HTTP_PROXY"].removeprefix("http://")) == ("127.0.0.1", PROXY_PORT)
+        assert hostport(app_env["HTTP_PROXY"].removeprefix("http://")) == ("127.0.0.1", PROXY_PORT)
         assert "169.254.170.2" in app_env["NO_PROXY"].split(","), "ECS credentials must bypass the proxy"
     for container in ecs_task()["containerDefinitions"]:
         logging = container["logConfiguration"]
@@ -402,8 +227,8 @@ def _serve_invocations() -> dict[str, tuple[list[str], dict[str, str]]]:
         out[where] = (sidecar["args"], {e["name"]: e["value"] for e in sidecar.get("env", [])})
     proxy = _ecs_container("sigv4proxy")
     out["ecs"] = (proxy["command"], {e["name"]: e["value"] for e in proxy["environment"]})
-    (cmd,) = _final("CMD")
-    out["Dockerfile CMD"] = (_exec_form(cmd.args), {})
+    (cmd,) = final("CMD")
+    out["Dockerfile CMD"] = (exec_form(cmd.args), {})
     return out
 
 
@@ -442,6 +267,6 @@ def test_serve_flags_env_and_config_keys_exist(tmp_path):
             capture_output=True, text=True, timeout=60, env={**clean_env, **env})
         assert result.returncode == 0, f"{where}: {result.stderr[-1000:]}"
         effective = yaml.safe_load(result.stdout)
-        assert _hostport(effective["listen"])[1] == PROXY_PORT
-        assert _hostport(effective["admin"])[1] == ADMIN_PORT
+        assert hostport(effective["listen"])[1] == PROXY_PORT
+        assert hostport(effective["admin"])[1] == ADMIN_PORT
         assert effective["transparent"] is ("--transparent" in argv)
