@@ -73,8 +73,9 @@ def _bind(host: str, port: int, reuse_port: bool, recv_buffer: int | None = None
 
 
 class _InboundRequestHandler(RequestHandler):
-    """aiohttp's per-connection protocol, with parse errors answered by the proxy handler and a
-    deadline for a new connection's first request head (aiohttp has none: slowloris)."""
+    """aiohttp's per-connection protocol, with parse errors answered by the proxy handler, a
+    deadline for a new connection's first request head (aiohttp has none: slowloris) and a
+    streamed body's socket read only when the proxy wants its next chunk."""
 
     head_timeout: float | None = None
 
