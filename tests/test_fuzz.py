@@ -20,7 +20,7 @@ import threading
 from typing import Iterator
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from support.proxy import LATTICE_HOST, SERVICE_ARN, running_proxy, write_identities
 
@@ -106,10 +106,29 @@ def exchange(port: int, data: bytes) -> bytes:
 
 
 _STATUS_LINE = re.compile(rb"HTTP/\d\.\d (\d{3}) ")  # aiohttp mirrors a request's "HTTP/2.0"
+H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"  # RFC 9113 §3.4: the connection speaks HTTP/2
 
 
-def check_answer(raw: bytes) -> None:
-    """Every response in `raw` is 1xx/2xx/3xx/4xx, or 5xx with the proxy's reason header."""
+def check_h2_answer(raw: bytes) -> None:
+    """An HTTP/2 server's answer: whole frames of known types, the first its SETTINGS (§3.4)."""
+    types, pos = [], 0
+    while pos < len(raw):
+        assert len(raw) - pos >= 9, raw[pos:pos + 50]  # no cut frame header
+        length, kind, stream = int.from_bytes(raw[pos:pos + 3], "big"), raw[pos + 3], raw[pos + 5:pos + 9]
+        assert kind <= 9 and pos + 9 + length <= len(raw), raw[pos:pos + 50]
+        if kind in (4, 6, 7):  # SETTINGS, PING, GOAWAY belong to the connection
+            assert int.from_bytes(stream, "big") & 0x7FFFFFFF == 0, raw[pos:pos + 50]
+        types.append(kind)
+        pos += 9 + length
+    assert types[:1] == [4], raw[:50]
+
+
+def check_answer(raw: bytes, sent: bytes = b"") -> None:
+    """Every response in `raw` is 1xx/2xx/3xx/4xx, or 5xx with the proxy's reason header; after
+    the HTTP/2 preface, well-formed HTTP/2 frames instead."""
+    if sent.startswith(H2_PREFACE):
+        check_h2_answer(raw)
+        return
     for match in _STATUS_LINE.finditer(raw):
         status = int(match.group(1))
         head = raw[match.start():raw.find(b"\r\n\r\n", match.start())].lower()
@@ -128,8 +147,10 @@ def assert_still_serving(port: int) -> None:
 # --- inbound request path ----------------------------------------------------------------------
 @FUZZ
 @given(data=st.binary(max_size=2048))
+@example(data=H2_PREFACE)  # an h2c connection with nothing after the preface
+@example(data=H2_PREFACE + b"\x00\x00\x00\x09garbage")  # then a stray CONTINUATION: GOAWAY
 def test_random_bytes(proxy, data):
-    check_answer(exchange(proxy.port, data))
+    check_answer(exchange(proxy.port, data), data)
     assert_still_serving(proxy.port)
 
 
@@ -175,7 +196,7 @@ def near_valid_requests(draw) -> bytes:
 @FUZZ
 @given(request=near_valid_requests())
 def test_near_valid_requests(proxy, request):
-    check_answer(exchange(proxy.port, request))
+    check_answer(exchange(proxy.port, request), request)
     assert_still_serving(proxy.port)
 
 
