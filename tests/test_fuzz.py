@@ -3,7 +3,8 @@
 The proxy (in front of the Lattice simulator) runs on its own event loop in a thread; examples are
 sent with blocking sockets, each followed by a write shutdown so that an incomplete request ends.
 For every input the proxy must answer 2xx/4xx, or 5xx with a reason (`x-sigv4proxy-error`), or
-close, within a bound, never crash, and then still serve a valid request.
+close, within a bound, never crash, and then still serve a valid request. After the HTTP/2 preface
+(h2c), random frame sequences must get well-formed HTTP/2 frames back.
 
 Bounded in `make test` (SIGV4PROXY_FUZZ_EXAMPLES, default 30 per test); `make fuzz` raises it.
 """
@@ -17,6 +18,7 @@ import re
 import socket
 import string
 import threading
+import time
 from typing import Iterator
 
 import pytest
@@ -199,6 +201,75 @@ def test_near_valid_requests(proxy, request):
     check_answer(exchange(proxy.port, request), request)
     assert_still_serving(proxy.port)
 
+
+
+# --- inbound HTTP/2 (h2c): frame sequences after the preface -----------------------------------
+def h2_frame(kind: int, flags: int, stream: int, payload: bytes) -> bytes:
+    return len(payload).to_bytes(3, "big") + bytes([kind, flags]) + stream.to_bytes(4, "big") + payload
+
+
+def _request_block(path: str, extra: list[tuple[str, str]]) -> bytes:
+    import hpack  # the `h2` library's own encoder: an independent source of valid blocks
+
+    return hpack.Encoder().encode([(":method", "GET"), (":scheme", "http"), (":path", path),
+                                   (":authority", LATTICE_HOST)] + extra)
+
+
+STREAM_IDS = st.sampled_from([0, 1, 1, 3, 3, 5, 2, 0x7FFFFFFF, 0x80000001])
+H2_FRAMES = st.one_of(
+    # anything: every type (10+ is unknown and must be ignored), any flags, short payloads
+    st.builds(h2_frame, st.integers(0, 12), st.integers(0, 255), STREAM_IDS, st.binary(max_size=64)),
+    # a valid request head, possibly without END_STREAM / END_HEADERS, odd extra fields
+    st.builds(lambda stream, flags, path, extra: h2_frame(1, flags, stream, _request_block(path, extra)),
+              STREAM_IDS, st.sampled_from([0x5, 0x5, 0x4, 0x1, 0x0, 0x25]),
+              st.sampled_from(["/alive", "/", "/a?b=c", "", "*", "/%zz"]),
+              st.lists(st.tuples(st.sampled_from(["te", "connection", "x-a", "content-length", ":path",
+                                                  "authorization", "Upper"]),
+                                 st.sampled_from(["trailers", "close", "1", "", "x" * 100])), max_size=2)),
+    # flow control and settings with edge values
+    st.builds(lambda stream, inc: h2_frame(8, 0, stream, inc.to_bytes(4, "big")),
+              STREAM_IDS, st.sampled_from([0, 1, 65535, 0x7FFFFFFF, 0xFFFFFFFF])),
+    st.builds(lambda ident, value: h2_frame(4, 0, 0, ident.to_bytes(2, "big") + value.to_bytes(4, "big")),
+              st.integers(0, 9), st.sampled_from([0, 1, 16383, 16384, 65535, 2**24, 2**31 - 1, 2**32 - 1])),
+    st.builds(lambda stream, body: h2_frame(0, 1, stream, body), STREAM_IDS, st.binary(max_size=64)),
+)
+
+
+def exchange_h2(port: int, data: bytes, quiet: float = 0.15) -> bytes:
+    """Sends `data` and reads the answer until the proxy closes or stays quiet for `quiet` seconds
+    (an HTTP/2 connection waits for more frames, and a client's EOF ends it unanswered, as in
+    nginx and Go: so no write shutdown here). More than ANSWER_TIMEOUT of talk fails."""
+    chunks = []
+    with socket.create_connection(("127.0.0.1", port), timeout=ANSWER_TIMEOUT) as sock:
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            sock.sendall(data)
+        sock.settimeout(quiet)
+        deadline = time.monotonic() + ANSWER_TIMEOUT
+        while time.monotonic() < deadline:
+            try:
+                chunk = sock.recv(65536)
+            except socket.timeout:
+                break
+            except ConnectionResetError:
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+        else:
+            raise AssertionError("the proxy kept talking past the bound")
+    return b"".join(chunks)
+
+
+@FUZZ
+@given(settings_first=st.sampled_from([True, True, True, False]),
+       before=st.lists(H2_FRAMES, max_size=3), request=st.booleans(), after=st.lists(H2_FRAMES, max_size=5))
+def test_random_h2_frames(proxy, settings_first, before, request, after):
+    """After the preface, any frame sequence (often around a valid request on stream 1, so the
+    proxying path runs too) gets well-formed HTTP/2 frames back, and the proxy serves on."""
+    data = b"".join([H2_PREFACE, h2_frame(4, 0, 0, b"") if settings_first else b"", *before,
+                     h2_frame(1, 0x5, 1, _request_block("/alive", [])) if request else b"", *after])
+    check_answer(exchange_h2(proxy.port, data), data)
+    assert_still_serving(proxy.port)
 
 def test_the_proxy_survived_the_fuzzing(proxy):
     assert_still_serving(proxy.port)
