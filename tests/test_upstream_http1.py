@@ -327,9 +327,13 @@ async def test_truncated_content_length_body_raises(pool):
     b"HTTP/1.1 200 OK\nInjected: b\r\nContent-Length: 0\r\n\r\n",
     b"HTTP/1.1 200 OK\r\nContent-Length: 1, 2\r\n\r\nab",
     b"HTTP/1.1 200 OK\r\nContent-Length: +1\r\n\r\na",
+    b"HTTP/1.1 999 X\r\nContent-Length: 0\r\n\r\n",
+    b"HTTP/1.1 600 X\r\nContent-Length: 0\r\n\r\n",
+    b"HTTP/1.1 099 X\r\nContent-Length: 0\r\n\r\n",
 ], ids=["conflicting-length", "negative-length", "bare-lf", "obs-fold", "version", "status",
         "bare-cr", "nul", "space-before-colon", "space-in-name", "empty-name", "no-colon",
-        "bare-lf-in-status-line", "length-list-disagrees", "plus-length"])
+        "bare-lf-in-status-line", "length-list-disagrees", "plus-length", "status-999",
+        "status-600", "status-099"])
 async def test_malformed_response_heads_are_protocol_errors(pool, raw):
     async with RawResponseServer(raw) as server:
         with pytest.raises(UpstreamProtocolError) as caught:

@@ -19,6 +19,7 @@ from sigv4proxy.errors import (
     Overloaded,
     RetryableStreamError,
     UpstreamConnectError,
+    UpstreamProtocolError,
     UpstreamReset,
     UpstreamTimeout,
 )
@@ -103,6 +104,19 @@ async def test_uppercase_header_names_are_lowercased_for_http2(make_pool):
                                       [(b"X-Mixed-Case", b"Value With CAPS")])
         echo = json.loads(await response.read())
     assert echo["headers"][4:] == [["x-mixed-case", "Value With CAPS"]]
+
+
+@pytest.mark.parametrize("status", [b"999", b"600", b"099", b"000", b"2000"])
+async def test_a_status_outside_100_to_599_is_a_protocol_error_on_that_stream(make_pool, status):
+    # RFC 9110 §15: invalid; a client treats it as a server error, so the proxy answers 502.
+    async with H2TestServer() as server:
+        pool = make_pool()
+        with pytest.raises(UpstreamProtocolError) as caught:
+            response = await pool.request(h2c(server), b"GET", b"/status/" + status, b"h", [])
+            await response.read()
+        assert caught.value.status == 502
+        response = await pool.request(h2c(server), b"GET", b"/status/599", b"h", [])
+        assert response.status == 599 and await response.read() == b""
 
 
 async def test_response_headers_and_trailers(make_pool):

@@ -218,6 +218,8 @@ class ResponseParser:
         status = int(status_text)
         if b"\r" in status_line or b"\n" in status_line or b"\x00" in status_line:
             raise UpstreamProtocolError("upstream sent a malformed status line")
+        if not 100 <= status <= 599:  # RFC 9110 §15: anything else is invalid (a library's own code)
+            raise UpstreamProtocolError("upstream sent an invalid status code")
         fields, kinds = parse_fields(block)
         if 100 <= status < 200:
             if status == 101:

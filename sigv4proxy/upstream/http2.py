@@ -290,10 +290,11 @@ class H2Connection(H2ConnectionBase, asyncio.Protocol):
                     status = value
             else:
                 headers.append(field)
-        if not status.isdigit() or len(status) != 3:
+        code = int(status) if len(status) == 3 and status.isdigit() else 0
+        if not 100 <= code <= 599:  # RFC 9110 §15: three digits, 100-599
             self.fail_stream(stream, UpstreamProtocolError("upstream sent an invalid :status"))
             return
-        stream.status = int(status)
+        stream.status = code
         stream.headers = headers
         stream.wake()
 

@@ -224,10 +224,10 @@ class FrameReceiver:
             stream.trailers = headers
             self._remote_end(stream)
             return
-        if status is None or len(status) != 3 or not status.isdigit():
+        code = int(status) if status is not None and len(status) == 3 and status.isdigit() else 0
+        if not 100 <= code <= 599:  # RFC 9110 §15: three digits, 100-599
             self._stream_error(stream, w.PROTOCOL_ERROR, "upstream sent an invalid :status")
             return
-        code = int(status)
         if code < 200:  # informational: the real response follows
             if end_stream or code == 101:
                 self._stream_error(stream, w.PROTOCOL_ERROR,

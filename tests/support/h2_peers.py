@@ -248,6 +248,8 @@ class _H2ServerConnection:
                         return
                     await asyncio.Event().wait()
                 self.h2.end_stream(stream.id)
+            elif path.startswith(b"/status/"):  # the status bytes exactly as given, no body
+                self.h2.send_headers(stream.id, [(b":status", tail)], end_stream=True)
             elif path == b"/sensitive":
                 self.h2.send_headers(stream.id, [(b":status", b"200"), (b"x-plain", b"1"),
                                                  NeverIndexedHeaderTuple(b"set-cookie", b"s=secret")])
