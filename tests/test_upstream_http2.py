@@ -119,6 +119,56 @@ async def test_a_status_outside_100_to_599_is_a_protocol_error_on_that_stream(ma
         assert response.status == 599 and await response.read() == b""
 
 
+class _RefusingH2Server:
+    """Answers every connection's preface with `frames` (SETTINGS first, then e.g. GOAWAY) and
+    counts the connections."""
+
+    def __init__(self, frames: bytes) -> None:
+        self.frames = frames
+        self.connections = 0
+
+    async def __aenter__(self) -> "_RefusingH2Server":
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = self.server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.server.close()
+        await self.server.wait_closed()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        try:
+            if await reader.read(65536):
+                writer.write(self.frames)
+                while await reader.read(65536):
+                    pass
+        except ConnectionError:
+            pass
+        finally:
+            writer.close()
+
+
+def _frame(kind: int, flags: int, payload: bytes) -> bytes:
+    return len(payload).to_bytes(3, "big") + bytes([kind, flags]) + b"\0\0\0\0" + payload
+
+
+@pytest.mark.parametrize("refusal", [
+    _frame(7, 0, bytes(8)),  # GOAWAY(last stream 0, NO_ERROR) straight after setup
+    _frame(4, 0, (3).to_bytes(2, "big") + (0).to_bytes(4, "big")),  # MAX_CONCURRENT_STREAMS = 0
+], ids=["goaway", "no-streams"])
+async def test_an_upstream_refusing_every_new_connection_fails_fast(make_pool, refusal):
+    # Each new connection could take no request: a few are tried, then a typed 502, never a
+    # spin through --max-connections sockets until the pool timeout.
+    frames = _frame(4, 0, b"") + _frame(4, 1, b"") + refusal
+    async with _RefusingH2Server(frames) as server:
+        pool = make_pool()
+        with pytest.raises(UpstreamConnectError) as caught:
+            await asyncio.wait_for(pool.request(h2c(server), b"GET", b"/", b"h", []), 5)
+    assert caught.value.status == 502 and "take no requests" in caught.value.reason
+    assert server.connections <= 3
+
+
 async def test_response_headers_and_trailers(make_pool):
     async with H2TestServer() as server:
         pool = make_pool()

@@ -32,6 +32,9 @@ from sigv4proxy.upstream.http1 import HTTP1Connection
 from sigv4proxy.upstream.tls import make_client_ssl_context
 
 _MAX_NOT_AVAILABLE = 16  # "available" connections that then refuse: a bug guard, never a spin
+# New connections in a row that could take no request (GOAWAY or a stream limit of 0 straight
+# after setup): the upstream is refusing, and opening more would only spin.
+_MAX_UNUSABLE_OPENS = 3
 
 
 @dataclass(frozen=True, slots=True)
@@ -226,6 +229,7 @@ class ConnectionPool:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._timeouts.pool
         woken = False
+        unusable = 0
         while True:
             if woken or not (pool.waiters or pool.woken):  # never jump the queue
                 conn = pool.pick()
@@ -239,6 +243,9 @@ class ConnectionPool:
                         if pool.waiters:  # an h2 connection may have room for them too
                             loop.call_soon(self._wake_if_capacity, pool)
                         return conn
+                    unusable += 1
+                    if unusable >= _MAX_UNUSABLE_OPENS:
+                        raise UpstreamConnectError("new upstream connections take no requests")
                     continue
             waiter = loop.create_future()
             entry = (waiter, deadline)
