@@ -2,10 +2,10 @@
 
 Owns: the stream table and what follows from it (idle, active streams, retiring a stream, the idle
 timer), the ready/closed life cycle (SETTINGS exchanged, GOAWAY, connection lost), waiting for a
-response head within the first-byte timeout, and how a peer's RST_STREAM or GOAWAY maps to our
-typed errors. Subclasses (`http2.H2Connection`, `lean_h2.LeanH2Connection`) own the protocol
-state and the bytes: `is_available`, `handle_request`, `reset`, `_send_goaway` and the receiving
-side. Must never: touch h2 state or frame bytes, write to the socket, or log header values.
+response head within the first-byte timeout, what a valid `:status` is, and how a peer's
+RST_STREAM or GOAWAY maps to our typed errors. Subclasses (`http2.H2Connection`,
+`lean_h2.LeanH2Connection`) own the protocol state and the bytes: `is_available`,
+`handle_request`, `reset`, `_send_goaway` and the receiving side. Must never: touch h2 state or frame bytes, write to the socket, or log header values.
 """
 
 from __future__ import annotations
@@ -26,6 +26,13 @@ from sigv4proxy.upstream.connection_core import ConnectionCore
 
 CANCEL = 0x8  # RFC 9113 error codes used here (h2's ErrorCodes are the same integers)
 REFUSED_STREAM = 0x7
+
+
+def status_code(value: bytes | None) -> int:
+    """A response's `:status` as a number, or 0 when it is not three digits from 100 to 599
+    (RFC 9110 §15: anything else is invalid; a client treats it as a server error)."""
+    code = int(value) if value is not None and len(value) == 3 and value.isdigit() else 0
+    return code if 100 <= code <= 599 else 0
 
 
 class H2StreamBase(ReceivedBody):

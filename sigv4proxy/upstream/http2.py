@@ -48,7 +48,7 @@ from sigv4proxy.upstream.base import (
     wake,
 )
 from sigv4proxy.upstream.connection_core import feed_body
-from sigv4proxy.upstream.h2_common import H2ConnectionBase, H2StreamBase
+from sigv4proxy.upstream.h2_common import H2ConnectionBase, H2StreamBase, status_code
 
 STREAM_WINDOW = 1 << 20  # per-stream receive window: what one slow consumer may have buffered
 CONNECTION_WINDOW = 16 << 20  # shared receive window: 16 stalled streams before others stall
@@ -290,8 +290,8 @@ class H2Connection(H2ConnectionBase, asyncio.Protocol):
                     status = value
             else:
                 headers.append(field)
-        code = int(status) if len(status) == 3 and status.isdigit() else 0
-        if not 100 <= code <= 599:  # RFC 9110 §15: three digits, 100-599
+        code = status_code(status)
+        if not code:
             self.fail_stream(stream, UpstreamProtocolError("upstream sent an invalid :status"))
             return
         stream.status = code

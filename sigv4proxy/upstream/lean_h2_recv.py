@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 from sigv4proxy.errors import ProxyError, UpstreamProtocolError
 from sigv4proxy.upstream import h2_wire as w
 from sigv4proxy.upstream.base import OnChange, wake
+from sigv4proxy.upstream.h2_common import status_code
 from sigv4proxy.upstream.hpack_decode import (BLOCK_CACHE_ENTRIES, HeaderBlockDecoder,
                                                HpackDecodeError, decodes_alike)
 
@@ -224,8 +225,8 @@ class FrameReceiver:
             stream.trailers = headers
             self._remote_end(stream)
             return
-        code = int(status) if status is not None and len(status) == 3 and status.isdigit() else 0
-        if not 100 <= code <= 599:  # RFC 9110 §15: three digits, 100-599
+        code = status_code(status)
+        if not code:
             self._stream_error(stream, w.PROTOCOL_ERROR, "upstream sent an invalid :status")
             return
         if code < 200:  # informational: the real response follows
