@@ -11,19 +11,18 @@ Bounded in `make test` (SIGV4PROXY_FUZZ_EXAMPLES, default 30 per test); `make fu
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
 import re
 import socket
 import string
-import threading
 import time
 from typing import Iterator
 
 import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
+from support.loop_thread import LoopThread
 from support.proxy import LATTICE_HOST, SERVICE_ARN, running_proxy, write_identities
 
 from sigv4proxy.errors import BadRequest
@@ -39,46 +38,23 @@ H = LATTICE_HOST.encode()
 VALID = b"GET /alive HTTP/1.1\r\nHost: " + H + b"\r\nConnection: close\r\n\r\n"
 
 
-class BackgroundProxy:
+class BackgroundProxy(LoopThread):
     """The simulator and a proxy in front of it, on an event loop in a daemon thread."""
 
     def __init__(self, tmp_dir) -> None:
+        super().__init__("fuzz-proxy")
         self.tmp_dir = tmp_dir
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True, name="fuzz-proxy")
         self.port = 0
-        self._stack: contextlib.AsyncExitStack | None = None
         self.proxy = None
 
-    def run(self, coro, timeout: float = 20):
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
-
-    async def _start(self) -> None:
-        self._stack = contextlib.AsyncExitStack()
+    async def start(self) -> None:
         sim = await start_simulator(SimConfig(host="127.0.0.1", port=0, service_arn=SERVICE_ARN, policy=None,
                                               identities=str(write_identities(self.tmp_dir))))
-        self._stack.push_async_callback(sim.aclose)
-        self.proxy = await self._stack.enter_async_context(running_proxy(
+        self.stack.push_async_callback(sim.aclose)
+        self.proxy = await self.stack.enter_async_context(running_proxy(
             upstream=f"http://127.0.0.1:{sim.port}", upstream_protocol="h2", max_body_size=65536,
             first_byte_timeout=3))
         self.port = self.proxy.port
-
-    async def _stop(self) -> None:
-        assert self._stack is not None
-        await self._stack.aclose()
-
-    def __enter__(self) -> "BackgroundProxy":
-        self.thread.start()
-        self.run(self._start())
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        try:
-            self.run(self._stop())
-        finally:
-            self.loop.call_soon_threadsafe(self.loop.stop)
-            self.thread.join(10)
-            self.loop.close()
 
 
 @pytest.fixture(scope="module")
@@ -87,12 +63,14 @@ def proxy(tmp_path_factory) -> Iterator[BackgroundProxy]:
         yield background
 
 
-def exchange(port: int, data: bytes) -> bytes:
-    """Sends `data`, ends the write side, returns everything the proxy answered until it closed."""
+def exchange(port: int, data: bytes, half_close: bool = True) -> bytes:
+    """Sends `data`, ends the write side (unless told not to), returns everything the proxy
+    answered until it closed."""
     with socket.create_connection(("127.0.0.1", port), timeout=ANSWER_TIMEOUT) as sock:
         try:
             sock.sendall(data)
-            sock.shutdown(socket.SHUT_WR)
+            if half_close:
+                sock.shutdown(socket.SHUT_WR)
         except (BrokenPipeError, ConnectionResetError):
             pass  # the proxy may refuse mid-request; what it answered is still readable
         chunks = []

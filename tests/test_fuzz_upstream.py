@@ -4,7 +4,7 @@ body streams), and the client of the proxy must get a response (the upstream's, 
 the proxy's reason header) or, once a response has begun, a cut connection, within a bound; the
 proxy must never crash, hang or drop a request unanswered, and it serves the next request.
 
-The proxy and the fuzz upstream share an event loop in a daemon thread (see test_fuzz.py);
+The proxy and the fuzz upstream share an event loop in a daemon thread (`support.loop_thread`);
 examples go over real sockets. Each upstream connection gets the bytes of the example current
 when it opened and is closed by the upstream shortly after, so a pooled connection carries at
 most a little of an earlier example: the checks hold whatever the upstream sent.
@@ -14,17 +14,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import socket
-import threading
 import time
 from typing import Iterator
 
 import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
+from support.loop_thread import LoopThread
 from support.proxy import LATTICE_HOST, running_proxy
 
-from test_fuzz import ANSWER_TIMEOUT, FUZZ, _STATUS_LINE, check_answer, h2_frame
+from test_fuzz import FUZZ, _STATUS_LINE, check_answer, exchange, h2_frame
 
 CLOSE_AFTER = 0.2  # seconds an upstream connection lives after it sent its bytes
 REQUEST = b"GET /fuzz HTTP/1.1\r\nHost: " + LATTICE_HOST.encode() + b"\r\nConnection: close\r\n\r\n"
@@ -97,40 +96,22 @@ class _FuzzUpstream:
         await asyncio.gather(*self.serving, return_exceptions=True)
 
 
-class _Background:
+class _Background(LoopThread):
     """Two proxies (h2c and HTTP/1.1 upstream) in front of their fuzz upstreams, on one loop."""
 
     def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True, name="fuzz-upstream")
+        super().__init__("fuzz-upstream")
         self.upstreams = {"h2": _FuzzUpstream(h2=True), "http1": _FuzzUpstream(h2=False)}
         self.ports: dict[str, int] = {}
-        self._stack = contextlib.AsyncExitStack()
 
-    def run(self, coro, timeout: float = 20):
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
-
-    async def _start(self) -> None:
+    async def start(self) -> None:
         for protocol, upstream in self.upstreams.items():
             port = await upstream.start()
-            self._stack.push_async_callback(upstream.aclose)
-            proxy = await self._stack.enter_async_context(running_proxy(
+            self.stack.push_async_callback(upstream.aclose)
+            proxy = await self.stack.enter_async_context(running_proxy(
                 upstream=f"http://127.0.0.1:{port}", upstream_protocol=protocol,
                 connect_timeout=1, first_byte_timeout=0.5, read_timeout=0.5))
             self.ports[protocol] = proxy.port
-
-    def __enter__(self) -> "_Background":
-        self.thread.start()
-        self.run(self._start())
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        try:
-            self.run(self._stack.aclose())
-        finally:
-            self.loop.call_soon_threadsafe(self.loop.stop)
-            self.thread.join(10)
-            self.loop.close()
 
 
 @pytest.fixture(scope="module")
@@ -145,15 +126,8 @@ UPLOAD_REQUEST = (b"POST /fuzz HTTP/1.1\r\nHost: " + LATTICE_HOST.encode() + b"\
 
 
 def ask(port: int, upload: bool = False) -> bytes:
-    """One request to the proxy; everything it answered until it closed (a hang fails)."""
-    with socket.create_connection(("127.0.0.1", port), timeout=ANSWER_TIMEOUT) as sock:
-        with contextlib.suppress(BrokenPipeError, ConnectionResetError):  # answered mid-upload
-            sock.sendall(UPLOAD_REQUEST if upload else REQUEST)
-        chunks = []
-        with contextlib.suppress(ConnectionResetError):
-            while chunk := sock.recv(65536):  # socket.timeout here is a hang: the example fails
-                chunks.append(chunk)
-    return b"".join(chunks)
+    """One request to the proxy (no half-close); everything it answered until it closed."""
+    return exchange(port, UPLOAD_REQUEST if upload else REQUEST, half_close=False)
 
 
 def check_proxied(raw: bytes) -> None:
