@@ -12,9 +12,9 @@ import socket
 import time
 from collections.abc import Mapping
 
-from aiohttp import web
+from aiohttp import StreamReader, web
 from aiohttp.http_exceptions import HttpProcessingError
-from aiohttp.web_protocol import RequestHandler
+from aiohttp.web_protocol import RequestHandler, RequestPayloadError
 
 from sigv4proxy.admin import AdminHandler
 from sigv4proxy.config import ProxyConfig
@@ -72,6 +72,9 @@ def _bind(host: str, port: int, reuse_port: bool, recv_buffer: int | None = None
     return sock
 
 
+_DETACH_PASSES = 4  # parse passes before giving up on taking a body off the socket
+
+
 class _InboundRequestHandler(RequestHandler):
     """aiohttp's per-connection protocol, with parse errors answered by the proxy handler, a
     deadline for a new connection's first request head (aiohttp has none: slowloris) and a
@@ -117,6 +120,52 @@ class _InboundRequestHandler(RequestHandler):
             self._resume_held = False
             if self._reading_paused:
                 super().resume_reading()
+
+    # --- a body taken straight off the socket (sigv4proxy.splice) ---
+    def detach_body(self, content: StreamReader) -> tuple[bytes, bool] | None:
+        """Everything of the current body that aiohttp has read, and whether the socket is now
+        ours until `reattach_body` (False: the body was already read whole). None: not possible
+        (the socket is closing, or aiohttp kept reading past several passes)."""
+        transport = self.transport
+        if transport is None or self._parser is None:
+            return None
+        parts = []
+        for _ in range(_DETACH_PASSES):
+            # Taking what is buffered also resumes a paused parser (aiohttp's low-water mark):
+            # anything it held back unparsed is body, or comes after a body now complete.
+            parts.append(content.read_nowait(-1))
+            if content.is_eof():
+                return b"".join(parts), False
+            if not self._reading_paused:  # mid-body, every byte read so far parsed
+                try:
+                    self._next_parser = self._fresh_parser()
+                except Exception:  # a parser this aiohttp does not build as we expect: no splice
+                    return None
+                transport.pause_reading()
+                return b"".join(parts), True
+        return None
+
+    def reattach_body(self, content: StreamReader, complete: bool) -> None:
+        """The detached body has ended: `complete`, the next request is parsed from the socket
+        by a fresh parser (the old one still counts the body's bytes); otherwise the socket sits
+        mid-body, so the connection closes after this answer."""
+        content.feed_eof()
+        if complete and self.transport is not None:
+            self._parser, self._next_parser = self._next_parser, None
+            self.transport.resume_reading()
+        else:
+            self._next_parser = None
+            self.close()  # after the current answer (aiohttp resets keep-alive from the response)
+
+    _next_parser = None
+
+    def _fresh_parser(self):
+        # Built as aiohttp's RequestHandler.__init__ builds it, for the messages after the body.
+        return type(self._parser)(
+            self, self._loop, self._read_bufsize, max_line_size=self.max_line_size,
+            max_field_size=self.max_field_size, max_headers=self.max_headers,
+            payload_exception=RequestPayloadError, auto_decompress=False,
+            max_msg_queue_size=self._max_msg_queue_size)
 
     def handle_error(self, request, status=500, exc=None, message=None):  # type: ignore[override]
         if isinstance(exc, HttpProcessingError) and request.writer.output_size == 0:
@@ -172,7 +221,7 @@ class ProxyApp:
             transparent=config.transparent, strip_headers=config.strip_header,
             add_headers=[tuple(h.split("=", 1)) for h in config.add_header],
             duplicate_headers=config.duplicate_header, access_log=config.access_log,
-            body_timeout=config.read_timeout,
+            body_timeout=config.read_timeout, splice=config.splice,
         )
         # HTTP/2 (h2c prior knowledge, gRPC) on the same port: same prepare/sign, same pool.
         # Built at the first h2c connection: the h2 library costs ~4 MB RSS an HTTP/1.1-only

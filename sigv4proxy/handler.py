@@ -30,9 +30,12 @@ from sigv4proxy.errors import (
     RequestTimeout,
 )
 from sigv4proxy.inbound.h1_response import Answered, ResponseWriter
+from sigv4proxy.inbound.h1_splice import SpliceableBody
 from sigv4proxy.metrics import Metrics
 from sigv4proxy.request_prep import RequestPreparer, split_target
 from sigv4proxy.routing import Router
+from sigv4proxy.splice import AVAILABLE as splice_available
+from sigv4proxy.splice import CLIENT_STALLED, SHORT_BODY
 from sigv4proxy.upstream.pool import ConnectionPool
 
 log = logging.getLogger("sigv4proxy.handler")
@@ -59,9 +62,6 @@ def _stall(content: StreamReader) -> None:
     content.set_exception(_BodyStalled())
 
 
-_STALLED = "request body stalled: nothing arrived for --read-timeout"
-
-
 class ProxyHandler:
     """The aiohttp low-level request handler. One instance per worker."""
 
@@ -80,6 +80,7 @@ class ProxyHandler:
         duplicate_headers: Iterable[str] = (),
         access_log: bool = False,
         body_timeout: float = 60.0,
+        splice: bool = False,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._pool = pool
@@ -88,6 +89,7 @@ class ProxyHandler:
         self._max_inflight = max_inflight
         self._transparent = transparent
         self._body_timeout = body_timeout  # longest client silence mid-body (408 after)
+        self._splice = splice and splice_available  # large declared-length bodies may skip the process
         self._clock = clock
         self._writer = ResponseWriter(clock)  # the response head and body, as bytes of our own
         # Hygiene, routing and signing, shared with the HTTP/2 inbound path.
@@ -136,6 +138,8 @@ class ProxyHandler:
             length = request.content_length
             if length is not None and length <= SMALL_BODY and not prepared.expect_continue:
                 body = await self._small_body(request, length)
+            elif length is not None and self._splice:
+                body = SpliceableBody(self._body(request), request, length, self._body_timeout)
             else:
                 body = self._body(request)
         upstream = await self._pool.request(
@@ -187,7 +191,7 @@ class ProxyHandler:
         try:
             return await read
         except _BodyStalled:
-            raise RequestTimeout(_STALLED) from None
+            raise RequestTimeout(CLIENT_STALLED) from None
         finally:
             timer.cancel()
 
@@ -200,7 +204,7 @@ class ProxyHandler:
                 data += await self._client_read(content, content.readexactly(length - len(data)),
                                                 asyncio.get_running_loop())
             except asyncio.IncompleteReadError:
-                raise BadRequest("request body shorter than its Content-Length") from None
+                raise BadRequest(SHORT_BODY) from None
         return data
 
     async def _body(self, request: web.BaseRequest) -> AsyncIterator[bytes]:

@@ -19,6 +19,23 @@ TESTSUITE = pathlib.Path(os.environ.get("SIGV4_TESTSUITE", SHARED / "sigv4-tests
 MAX_LOOP_LAG = float(os.environ.get("SIGV4PROXY_MAX_LOOP_LAG", "1.0"))
 
 
+@pytest.fixture(scope="module")
+def tls_material(tmp_path_factory):
+    """(certificate chain, key, CA) files: a trustme certificate for the Lattice host and 127.0.0.1."""
+    import trustme
+
+    from support.proxy import LATTICE_HOST
+
+    ca = trustme.CA()
+    cert = ca.issue_cert(LATTICE_HOST, "127.0.0.1")
+    d = tmp_path_factory.mktemp("tls")
+    cert_path, key_path, ca_path = d / "cert.pem", d / "key.pem", d / "ca.pem"
+    cert.private_key_and_cert_chain_pem.write_to_path(str(cert_path))
+    cert.private_key_pem.write_to_path(str(key_path))
+    ca.cert_pem.write_to_path(str(ca_path))
+    return str(cert_path), str(key_path), str(ca_path)
+
+
 @pytest.fixture
 async def sim(tmp_path):
     from sigv4proxy.sim.server import SimConfig, start_simulator

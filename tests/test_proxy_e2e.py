@@ -10,25 +10,12 @@ import os
 
 import aiohttp
 import pytest
-import trustme
 from multidict import CIMultiDict
 
 from sigv4proxy.sim.server import SimConfig, start_simulator
 from support.proxy import LATTICE_HOST, PRINCIPAL, SERVICE_ARN, running_proxy, write_identities
 
 PROTOCOLS = ["h2", "http1"]
-
-
-@pytest.fixture(scope="module")
-def tls_material(tmp_path_factory):
-    ca = trustme.CA()
-    cert = ca.issue_cert(LATTICE_HOST, "127.0.0.1")
-    d = tmp_path_factory.mktemp("tls")
-    cert_path, key_path, ca_path = d / "cert.pem", d / "key.pem", d / "ca.pem"
-    cert.private_key_and_cert_chain_pem.write_to_path(str(cert_path))
-    cert.private_key_pem.write_to_path(str(key_path))
-    ca.cert_pem.write_to_path(str(ca_path))
-    return str(cert_path), str(key_path), str(ca_path)
 
 
 @pytest.fixture

@@ -121,6 +121,7 @@ class HTTP1Connection(ConnectionCore, asyncio.Protocol):
         # One lazy timer bounds the wait for response heads (see _arm_head_deadline).
         self._head_timer: asyncio.TimerHandle | None = None
         self._reading_paused = False
+        self._splice_fd = -1
         self._parser = ResponseParser(self._on_head, self._deliver, self._finish)
 
     # --- the Connection interface ---
@@ -239,14 +240,15 @@ class HTTP1Connection(ConnectionCore, asyncio.Protocol):
                 await self._flow.drain(self.timeouts.read)
             else:
                 try:
-                    async for chunk in body:
-                        if not chunk:
-                            continue
-                        if chunked:
-                            transport.writelines([b"%x\r\n" % len(chunk), chunk, b"\r\n"])
-                        else:
-                            transport.write(chunk)
-                        await self._flow.drain(self.timeouts.read)
+                    if chunked or not await self._splice_body(body):
+                        async for chunk in body:
+                            if not chunk:
+                                continue
+                            if chunked:
+                                transport.writelines([b"%x\r\n" % len(chunk), chunk, b"\r\n"])
+                            else:
+                                transport.write(chunk)
+                            await self._flow.drain(self.timeouts.read)
                 except ProxyError:
                     raise
                 except Exception:
@@ -263,9 +265,21 @@ class HTTP1Connection(ConnectionCore, asyncio.Protocol):
             exchange.fail(err)
             self.abort()
 
+    async def _splice_body(self, body: AsyncIterable[bytes]) -> bool:
+        """A body that can move itself socket to socket in the kernel does (see SpliceableBody),
+        when this socket is cleartext and has nothing of ours unsent. False: iterate it."""
+        splice_into = getattr(body, "splice_into", None)
+        if splice_into is None or self._splice_fd < 0 or self._transport is None \
+                or self._transport.get_write_buffer_size():
+            return False
+        return await splice_into(self._splice_fd, self.timeouts.read)
+
     # --- asyncio.Protocol ---
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = transport  # type: ignore[assignment]
+        sock = transport.get_extra_info("socket")
+        if sock is not None and transport.get_extra_info("sslcontext") is None:
+            self._splice_fd = sock.fileno()  # cleartext: a request body may be spliced into it
         self._arm_idle_timer()
 
     def data_received(self, data: bytes) -> None:

@@ -61,6 +61,14 @@ class _TrackedBody:
         """The source's request trailers (see `base.request_trailers`), read after the body."""
         return getattr(self._source, "trailers", None)
 
+    async def splice_into(self, dst: int, timeout: float) -> bool:
+        """The source's kernel-to-kernel move (see `inbound.h1_splice`), if it has one."""
+        splice_into = getattr(self._source, "splice_into", None)
+        if splice_into is None:
+            return False
+        self.pulled = True  # whatever it returns, treat the body as started: never replayed
+        return await splice_into(dst, timeout)
+
     async def _iterate(self) -> AsyncIterator[bytes]:
         self.pulled = True
         async for chunk in self._source:

@@ -1,0 +1,160 @@
+"""Moving a request body from the client's socket to the upstream's inside the kernel.
+
+Linux splice(2) through a pipe: the bytes never enter the process, so a large upload costs a few
+system calls per socket buffer instead of a copy in, a parse, a copy out and the Python between.
+Used for an HTTP/1.1 body of declared length between two cleartext sockets (TLS needs the bytes).
+
+Owns: the per-process pipe free list and the move loop. Must never: take more than it was asked
+to from the source (what follows a body on the client's socket is the next request), block the
+event loop, or put a pipe that may still hold bytes back in the free list.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+import sys
+
+from sigv4proxy.errors import BadRequest, Overloaded, RequestTimeout, UpstreamReset, UpstreamTimeout
+
+AVAILABLE = sys.platform.startswith("linux") and hasattr(os, "splice")
+# What a pipe holds between the two sockets: enough to take a whole receive buffer while the
+# upstream's send buffer is full. Kernel memory (page references), not the process's.
+PIPE_SIZE = 256 * 1024
+_FLAGS = getattr(os, "SPLICE_F_MOVE", 0) | getattr(os, "SPLICE_F_NONBLOCK", 0)
+_FREE_LIMIT = 64  # idle pipes kept for reuse (two descriptors each)
+_free: list[tuple[int, int, int]] = []
+
+SHORT_BODY = "request body shorter than its Content-Length"
+CLIENT_STALLED = "request body stalled: nothing arrived for --read-timeout"
+
+
+def _take_pipe() -> tuple[int, int, int]:
+    """(read end, write end, capacity): an empty pipe, non-blocking both ends."""
+    if _free:
+        return _free.pop()
+    import fcntl
+
+    r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        size = fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
+    except OSError:  # over the user's pipe-page allowance: the default size still works
+        size = fcntl.fcntl(w, fcntl.F_GETPIPE_SZ)
+    return r, w, size
+
+
+def _give_back(pipe: tuple[int, int, int], empty: bool) -> None:
+    if empty and len(_free) < _FREE_LIMIT:
+        _free.append(pipe)
+    else:
+        os.close(pipe[0])
+        os.close(pipe[1])
+
+
+async def _ready(loop: asyncio.AbstractEventLoop, read_fd: int | None, write_fd: int | None,
+                 timeout: float) -> bool:
+    """Waits until `read_fd` is readable or `write_fd` writable; False after `timeout`."""
+    waiter = loop.create_future()
+
+    def wake(ready: bool = True) -> None:
+        if not waiter.done():
+            waiter.set_result(ready)
+
+    if read_fd is not None:
+        loop.add_reader(read_fd, wake)
+    if write_fd is not None:
+        loop.add_writer(write_fd, wake)
+    timer = loop.call_later(timeout, wake, False)
+    try:
+        return await waiter
+    finally:
+        timer.cancel()
+        if read_fd is not None:
+            loop.remove_reader(read_fd)
+        if write_fd is not None:
+            loop.remove_writer(write_fd)
+
+
+def _upstream_gone(exc: OSError) -> UpstreamReset:
+    return UpstreamReset(f"upstream connection lost while sending the body ({errno.errorcode.get(exc.errno, 'error')})")
+
+
+async def move_body(src: int, dst: int, prefix: bytes, count: int, *,
+                    src_timeout: float, dst_timeout: float) -> None:
+    """Writes `prefix`, then exactly `count` bytes taken from socket `src`, to socket `dst`.
+
+    Typed errors: the client closing early is BadRequest, the client silent for `src_timeout`
+    RequestTimeout, the upstream not taking bytes for `dst_timeout` UpstreamTimeout, the upstream
+    socket failing UpstreamReset, no descriptors left Overloaded. Both sockets stay open and
+    owned by their transports.
+    """
+    loop = asyncio.get_running_loop()
+    owned: list[int] = []  # our duplicates: the event loop refuses to watch a transport's own
+    try:
+        src = os.dup(src)
+        owned.append(src)
+        dst = os.dup(dst)
+        owned.append(dst)
+        pipe = _take_pipe()
+    except OSError:
+        for fd in owned:
+            os.close(fd)
+        raise Overloaded("out of file descriptors") from None
+    r, w, capacity = pipe
+    queued = 0  # bytes in the pipe
+    try:
+        view = memoryview(prefix)
+        while view:
+            try:
+                view = view[os.write(dst, view):]
+            except BlockingIOError:
+                if not await _ready(loop, None, dst, dst_timeout):
+                    raise UpstreamTimeout("upstream stopped reading") from None
+            except OSError as exc:
+                raise _upstream_gone(exc) from None
+        left = count
+        since_wait = 0  # bytes moved since the loop last ran anything else
+        while left or queued:
+            if since_wait >= capacity:  # a fast client and upstream: let other requests run too
+                since_wait = 0
+                await asyncio.sleep(0)
+            moved = False
+            if left and queued < capacity:
+                try:
+                    n = os.splice(src, w, min(left, capacity - queued), flags=_FLAGS)
+                except BlockingIOError:
+                    pass
+                except OSError:
+                    raise BadRequest(SHORT_BODY) from None  # the client's socket failed
+                else:
+                    if not n:
+                        raise BadRequest(SHORT_BODY)
+                    left -= n
+                    queued += n
+                    moved = True
+            if queued:
+                try:
+                    n = os.splice(r, dst, queued, flags=_FLAGS)
+                except BlockingIOError:
+                    pass
+                except OSError as exc:
+                    raise _upstream_gone(exc) from None
+                else:
+                    queued -= n
+                    since_wait += n
+                    moved = True
+            if moved:
+                continue
+            since_wait = 0
+            want_src = src if left and queued < capacity else None
+            want_dst = dst if queued else None
+            # Bytes waiting for the upstream make its silence the failure; otherwise the client's.
+            if not await _ready(loop, want_src, want_dst, dst_timeout if want_dst is not None else src_timeout):
+                if want_dst is not None:
+                    raise UpstreamTimeout("upstream stopped reading")
+                raise RequestTimeout(CLIENT_STALLED)
+    finally:
+        _give_back(pipe, queued == 0)
+        for fd in owned:
+            os.close(fd)
