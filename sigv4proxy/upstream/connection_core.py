@@ -10,6 +10,7 @@ header values.
 from __future__ import annotations
 
 import asyncio
+from collections import deque
 from collections.abc import AsyncIterable, Awaitable, Callable
 
 from sigv4proxy.errors import BadRequest, ProxyError, UpstreamTimeout
@@ -23,7 +24,7 @@ class WriteFlow:
 
     def __init__(self) -> None:
         self._paused = False
-        self._waiters: list[asyncio.Future[None]] = []
+        self._waiters: deque[asyncio.Future[None]] = deque()
         self._error: BaseException | None = None
 
     def pause(self) -> None:
@@ -31,33 +32,66 @@ class WriteFlow:
 
     def resume(self) -> None:
         self._paused = False
-        self._wake(None)
+        waiters, self._waiters = self._waiters, deque()
+        for fut in waiters:
+            if not fut.done():
+                fut.set_result(None)
 
     def fail(self, error: BaseException) -> None:
         self._error = error
-        self._wake(error)
-
-    def _wake(self, error: BaseException | None) -> None:
-        waiters, self._waiters = self._waiters, []
+        waiters, self._waiters = self._waiters, deque()
         for fut in waiters:
             if not fut.done():
-                if error is None:
-                    fut.set_result(None)
-                else:
-                    fut.set_exception(error)
+                fut.set_exception(error)
 
     async def drain(self, timeout: float) -> None:
         if self._error is not None:
             raise self._error
         if not self._paused:
             return
-        fut = asyncio.get_running_loop().create_future()
+        await self._wait(asyncio.get_running_loop(), timeout)
+
+    async def _wait(self, loop: asyncio.AbstractEventLoop, timeout: float) -> None:
+        fut = loop.create_future()
         self._waiters.append(fut)
         try:
             async with asyncio.timeout(timeout):
                 await fut
         except TimeoutError:
             raise UpstreamTimeout("upstream stopped reading") from None
+
+
+class SerialWriteFlow(WriteFlow):
+    """Writers get past a resume one at a time: the first waiter is woken, the next only after it
+    has written and the transport is still not paused. For TLS, where a write is encrypted and
+    buffered at once: waking every waiter let each HTTP/2 stream add a chunk (64 uploads on one
+    connection, megabytes per resume; the fullest worker 76-90 -> 73-78 MiB at c128)."""
+
+    __slots__ = ()
+
+    def resume(self) -> None:
+        self._paused = False
+        self._wake_next()
+
+    def _wake_next(self) -> None:
+        waiters = self._waiters
+        while waiters and not self._paused:
+            fut = waiters.popleft()
+            if not fut.done():  # not timed out
+                fut.set_result(None)
+                return
+
+    async def drain(self, timeout: float) -> None:
+        if self._error is not None:
+            raise self._error
+        if not self._paused and not self._waiters:
+            return
+        loop = asyncio.get_running_loop()
+        if not self._paused:  # others queued first: our turn comes in order
+            loop.call_soon(self._wake_next)
+        await self._wait(loop, timeout)
+        if self._waiters:  # the next one goes after our write, unless it paused the transport
+            loop.call_soon(self._wake_next)
 
 
 class ConnectionCore:
@@ -72,7 +106,7 @@ class ConnectionCore:
         self._on_change = on_change
         self._loop = asyncio.get_running_loop()
         self._transport: asyncio.Transport | None = None
-        self._flow = WriteFlow()
+        self._flow = SerialWriteFlow() if origin.scheme == "https" else WriteFlow()
         self._closed = False
         self._idle_since = self._loop.time()
         self._idle_timer: asyncio.TimerHandle | None = None
