@@ -159,6 +159,11 @@ class _InboundRequestHandler(RequestHandler):
 
     _next_parser = None
 
+    @property
+    def lingering_time(self) -> float:
+        """How long aiohttp reads and drops a body its handler left unread (then closes)."""
+        return self._lingering_time
+
     def _fresh_parser(self):
         # Built as aiohttp's RequestHandler.__init__ builds it, for the messages after the body.
         return type(self._parser)(

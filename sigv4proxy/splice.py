@@ -34,7 +34,7 @@ def _take_pipe() -> tuple[int, int, int]:
     """(read end, write end, capacity): an empty pipe, non-blocking both ends."""
     if _free:
         return _free.pop()
-    import fcntl
+    import fcntl  # here: F_SETPIPE_SZ is Linux-only, like the rest of this module
 
     r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
     try:
@@ -76,13 +76,35 @@ async def _ready(loop: asyncio.AbstractEventLoop, read_fd: int | None, write_fd:
             loop.remove_writer(write_fd)
 
 
+class Taken:
+    """What a move has taken from its source so far: after a failure, the rest of the body is
+    still in the client's socket."""
+
+    __slots__ = ("count",)
+
+    def __init__(self) -> None:
+        self.count = 0
+
+
+_devnull = -1
+
+
+def discard_target() -> int:
+    """A descriptor that takes any splice at once (/dev/null), opened once per process."""
+    global _devnull
+    if _devnull < 0:
+        _devnull = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
+    return _devnull
+
+
 def _upstream_gone(exc: OSError) -> UpstreamReset:
     return UpstreamReset(f"upstream connection lost while sending the body ({errno.errorcode.get(exc.errno, 'error')})")
 
 
 async def move_body(src: int, dst: int, prefix: bytes, count: int, *,
-                    src_timeout: float, dst_timeout: float) -> None:
-    """Writes `prefix`, then exactly `count` bytes taken from socket `src`, to socket `dst`.
+                    src_timeout: float, dst_timeout: float, taken: Taken | None = None) -> None:
+    """Writes `prefix`, then exactly `count` bytes taken from socket `src`, to socket `dst`
+    (`taken`, if given, counts the bytes taken from `src` as they go).
 
     Typed errors: the client closing early is BadRequest, the client silent for `src_timeout`
     RequestTimeout, the upstream not taking bytes for `dst_timeout` UpstreamTimeout, the upstream
@@ -130,6 +152,8 @@ async def move_body(src: int, dst: int, prefix: bytes, count: int, *,
                 else:
                     if not n:
                         raise BadRequest(SHORT_BODY)
+                    if taken is not None:
+                        taken.count += n
                     left -= n
                     queued += n
                     moved = True

@@ -330,29 +330,53 @@ class _EarlyAnswerUpstream(asyncio.Protocol):
             self.transport.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
 
 
-async def test_an_upload_the_upstream_answers_unread_is_relayed_then_its_connection_closes(sim):
-    """The spliced body cannot finish (the upstream stopped reading it): the answer is relayed,
-    then the client connection closes, since the socket sits mid-body; nothing hangs, and new
-    connections are served."""
+async def _early_answer_upstream() -> tuple[asyncio.AbstractServer, int]:
     listener = socket.socket()
     _small_buffers(listener)
     listener.bind(("127.0.0.1", 0))
     server = await asyncio.get_running_loop().create_server(_EarlyAnswerUpstream, sock=listener)
+    return server, listener.getsockname()[1]
+
+
+async def test_an_upload_the_upstream_answers_unread_is_relayed_and_the_connection_kept():
+    """The upstream answers at once and never reads the spliced body: the answer is relayed, the
+    rest of the body is read and dropped (as aiohttp does for a body left unread), so the client
+    finishes sending, and its next request on the same connection is served."""
+    server, up_port = await _early_answer_upstream()
     body = os.urandom(1 << 20) * 32  # far beyond every buffer on the way
     try:
-        async with running_proxy(upstream=f"http://127.0.0.1:{listener.getsockname()[1]}",
-                                 upstream_protocol="http1") as proxy:
+        async with running_proxy(upstream=f"http://127.0.0.1:{up_port}", upstream_protocol="http1") as proxy:
             reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
             writer.write(b"POST /up HTTP/1.1\r\nHost: %s\r\nContent-Length: %d\r\n\r\n" % (HOST, len(body)))
             writer.write(body)
             sending = asyncio.ensure_future(writer.drain())
             status, _, text = await asyncio.wait_for(_response(reader), 10)
             assert (status, text) == (b"HTTP/1.1 200 OK", b"ok")
-            with pytest.raises((ConnectionError, asyncio.IncompleteReadError)):
-                await asyncio.wait_for(reader.readexactly(1), 5)  # closed, not waiting for more
-            sending.cancel()
+            await asyncio.wait_for(sending, 10)  # all of it taken
+            writer.write(b"GET /next HTTP/1.1\r\nHost: %s\r\n\r\n" % HOST)
+            assert (await asyncio.wait_for(_response(reader), 5))[2] == b"ok"
             writer.close()
+    finally:
+        server.close()
+
+
+async def test_a_client_silent_after_an_early_answer_has_its_connection_closed():
+    """As above, but the client stops sending part-way: once it has been silent for
+    --read-timeout the connection closes (its socket sits mid-body; nothing waits for ever)."""
+    server, up_port = await _early_answer_upstream()
+    try:
+        async with running_proxy(upstream=f"http://127.0.0.1:{up_port}", upstream_protocol="http1",
+                                 read_timeout=0.5) as proxy:
             reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+            writer.write(b"POST /up HTTP/1.1\r\nHost: %s\r\nContent-Length: %d\r\n\r\n" % (HOST, 8 << 20))
+            writer.write(os.urandom(1 << 20))
+            status, _, text = await asyncio.wait_for(_response(reader), 10)
+            assert (status, text) == (b"HTTP/1.1 200 OK", b"ok")
+            started = asyncio.get_running_loop().time()
+            assert await asyncio.wait_for(reader.read(), 5) == b""
+            assert asyncio.get_running_loop().time() - started > 0.3
+            writer.close()
+            reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)  # others served
             writer.write(b"GET /next HTTP/1.1\r\nHost: %s\r\n\r\n" % HOST)
             assert (await asyncio.wait_for(_response(reader), 5))[2] == b"ok"
             writer.close()

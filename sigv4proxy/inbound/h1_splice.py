@@ -3,17 +3,21 @@
 Owns: `SpliceableBody`, the streamed body handed to the upstream when the inbound request has a
 declared length on a cleartext socket: iterated like any body, or moved in the kernel by
 `splice_into` (`sigv4proxy.splice`) with the inbound connection detached from aiohttp's parser
-meanwhile. Must never: let the client's next request be read as body or the body as a request,
+meanwhile; what the upstream stopped taking is read and dropped, as aiohttp does for a body
+left unread. Must never: let the client's next request be read as body or the body as a request,
 or keep a connection whose parser lost count of the body.
 """
 
 from __future__ import annotations
 
+import asyncio
+import os
 from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from sigv4proxy.splice import move_body
+from sigv4proxy.errors import Overloaded, ProxyError, UpstreamError
+from sigv4proxy.splice import Taken, discard_target, move_body
 
 
 class SpliceableBody:
@@ -43,19 +47,61 @@ class SpliceableBody:
             return False
         protocol = request.protocol
         content = request.content
-        taken = protocol.detach_body(content)
-        if taken is None:
+        got = protocol.detach_body(content)
+        if got is None:
             return False
-        prefix, detached = taken
+        prefix, detached = got
         if not detached:  # aiohttp had read it all: no socket work beyond writing it
             await move_body(sock.fileno(), dst, prefix, 0, src_timeout=self._client_timeout,
                             dst_timeout=dst_timeout)
             return True
-        complete = False
+        # Our own descriptor for the client's socket: its transport may close (and its number be
+        # reused) while a move or a discard still runs.
         try:
-            await move_body(sock.fileno(), dst, prefix, self._length - content.total_bytes,
-                            src_timeout=self._client_timeout, dst_timeout=dst_timeout)
+            src = os.dup(sock.fileno())
+        except OSError:
+            protocol.reattach_body(content, False)
+            raise Overloaded("out of file descriptors") from None
+        count = self._length - content.total_bytes
+        taken = Taken()
+        complete = upstream_gave_up = False
+        try:
+            await move_body(src, dst, prefix, count, src_timeout=self._client_timeout,
+                            dst_timeout=dst_timeout, taken=taken)
             complete = True
+        except (UpstreamError, asyncio.CancelledError):
+            upstream_gave_up = True  # answered, reset or stalled: the client may still be sending
+            raise
         finally:
-            protocol.reattach_body(content, complete)
+            if upstream_gave_up:
+                _start(self._discard_rest(protocol, content, src, count - taken.count))
+            else:
+                os.close(src)
+                protocol.reattach_body(content, complete)
         return True
+
+    async def _discard_rest(self, protocol, content, src: int, left: int) -> None:
+        """The rest of a body its upstream no longer takes, read and dropped as aiohttp does for
+        a body left unread (for its lingering time at most, the client silent for --read-timeout
+        at most), so that the client can finish sending and read the answer; the connection is
+        kept if the body ends in that time. Closes `src`."""
+        drained = False
+        try:
+            async with asyncio.timeout(protocol.lingering_time):
+                await move_body(src, discard_target(), b"", left, src_timeout=self._client_timeout,
+                                dst_timeout=self._client_timeout)
+            drained = True
+        except (ProxyError, TimeoutError):
+            pass
+        finally:
+            os.close(src)
+            protocol.reattach_body(content, drained)
+
+
+_discarding: set[asyncio.Task] = set()  # referenced while they run
+
+
+def _start(coro) -> None:
+    task = asyncio.ensure_future(coro)
+    _discarding.add(task)
+    task.add_done_callback(_discarding.discard)
