@@ -97,6 +97,12 @@ def discard_target() -> int:
     return _devnull
 
 
+async def wait_writable(fd: int, timeout: float) -> bool:
+    """Waits until socket `fd` (not a transport's own descriptor) is writable; False after
+    `timeout`."""
+    return await _ready(asyncio.get_running_loop(), None, fd, timeout)
+
+
 def _upstream_gone(exc: OSError) -> UpstreamReset:
     return UpstreamReset(f"upstream connection lost while sending the body ({errno.errorcode.get(exc.errno, 'error')})")
 
@@ -114,8 +120,9 @@ async def move_body(src: int, dst: int, prefix: bytes, count: int, *,
     loop = asyncio.get_running_loop()
     owned: list[int] = []  # our duplicates: the event loop refuses to watch a transport's own
     try:
-        src = os.dup(src)
-        owned.append(src)
+        if count:
+            src = os.dup(src)
+            owned.append(src)
         dst = os.dup(dst)
         owned.append(dst)
         pipe = _take_pipe()
@@ -182,3 +189,91 @@ async def move_body(src: int, dst: int, prefix: bytes, count: int, *,
         _give_back(pipe, queued == 0)
         for fd in owned:
             os.close(fd)
+
+
+def _readable_bytes(fd: int) -> int:
+    """Bytes waiting in a socket's receive queue (FIONREAD)."""
+    import fcntl
+    import termios
+
+    return int.from_bytes(fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0"), sys.byteorder, signed=True)
+
+
+class FrameSource:
+    """The rest of a request body in the client's socket, sent as HTTP/2 DATA frames each put
+    together in a pipe (the 9-byte frame header written in, the payload spliced in behind it)
+    and moved out whole: no body byte enters the process. Owns `src` (a descriptor of its own
+    for the client's socket) and its pipe until `close()`."""
+
+    __slots__ = ("left", "finisher", "_src", "_pipe", "_queued", "_timeout", "_loop")
+
+    def __init__(self, src: int, left: int, src_timeout: float) -> None:
+        self.left = left  # body bytes still in the client's socket
+        self._src = src
+        self._pipe = _take_pipe()
+        self._queued = 0  # bytes of the current frame still in the pipe
+        self._timeout = src_timeout
+        self._loop = asyncio.get_running_loop()
+        self.finisher: asyncio.Future[None] | None = None  # writing a part-written frame's rest
+
+    @property
+    def max_payload(self) -> int:
+        return self._pipe[2] - 9  # the pipe holds a whole frame, header included
+
+    async def wait_data(self) -> int:
+        """Bytes of the body waiting in the client's socket (at least 1), waiting up to the
+        client timeout for some."""
+        while True:
+            available = _readable_bytes(self._src)
+            if available:
+                return min(available, self.left)
+            if not await _ready(self._loop, self._src, None, self._timeout):
+                raise RequestTimeout(CLIENT_STALLED)
+            if not _readable_bytes(self._src):  # readable and empty: the client closed or failed
+                raise BadRequest(SHORT_BODY)
+
+    async def assemble(self, header: bytes, size: int) -> None:
+        """Puts a frame in the pipe: `header`, then the next `size` body bytes (at most what
+        `wait_data` reported, so they are there)."""
+        r, w, capacity = self._pipe
+        if size + len(header) > capacity:
+            raise ValueError("frame larger than the pipe")
+        os.write(w, header)
+        self._queued = len(header)
+        while size:
+            try:
+                n = os.splice(self._src, w, size, flags=_FLAGS)
+            except BlockingIOError:
+                n = None
+            except OSError:
+                raise BadRequest(SHORT_BODY) from None
+            if n == 0:
+                raise BadRequest(SHORT_BODY)
+            if n is None:
+                if not await _ready(self._loop, self._src, None, self._timeout):
+                    raise RequestTimeout(CLIENT_STALLED)
+                continue
+            size -= n
+            self.left -= n
+            self._queued += n
+
+    def emit(self, dst: int) -> bool:
+        """Moves what is left of the current frame to socket `dst` (never blocking): True once
+        it is all out. A failure of `dst` is UpstreamReset."""
+        try:
+            self._queued -= os.splice(self._pipe[0], dst, self._queued, flags=_FLAGS)
+        except BlockingIOError:
+            pass
+        except OSError as exc:
+            raise _upstream_gone(exc) from None
+        return not self._queued
+
+    def release(self) -> int:
+        """Gives the pipe back (dropped if a frame is left in it; once the finisher is done with
+        it, if one runs); returns `src`, now the caller's to close."""
+        finisher = self.finisher
+        if finisher is not None and not finisher.done():
+            finisher.add_done_callback(lambda _: _give_back(self._pipe, not self._queued))
+        else:
+            _give_back(self._pipe, not self._queued)
+        return self._src

@@ -5,8 +5,10 @@ next request), each failure typed, no descriptor kept. Through the proxy: a larg
 cleartext HTTP/1.1 upstream is spliced (the spy on os.splice counts the bytes) and the
 simulator verifies its signature and the body's sha256; the client connection goes on parsing
 requests after it, with the proxy's own header limits; bodies that must not or cannot be spliced
-(TLS, h2c, chunked, `--no-splice`) stream as before; a client or an upstream that stops part-way
-gets the usual typed answer and never a desynchronised connection."""
+(TLS, the `h2` library, chunked, `--no-splice`) stream as before; a client or an upstream that
+stops part-way gets the usual typed answer and never a desynchronised connection. Into a
+cleartext HTTP/2 upstream the body goes as DATA frames put together in the kernel, interleaved
+with other streams' frames, also when frames are written in pieces."""
 
 from __future__ import annotations
 
@@ -233,14 +235,16 @@ async def test_a_large_upload_to_a_cleartext_http1_upstream_is_spliced_signed_an
 
 
 async def test_bodies_that_cannot_be_spliced_stream_as_before(sim, tls_sim, spliced):
-    """TLS and h2c upstreams need the bytes in the process; a chunked body has no length."""
+    """TLS needs the bytes in the process, and so does the `h2` library client; a chunked body
+    has no length."""
     tls_server, ca = tls_sim
     body = os.urandom(2 * 1024 * 1024 + 1)
     async with running_proxy(upstream=f"https://127.0.0.1:{tls_server.port}", ca_bundle=ca,
                              upstream_protocol="http1") as proxy:
         seen = await _post(proxy.port, body)
         assert seen["body_sha256"] == hashlib.sha256(body).hexdigest() and seen["protocol"] == "HTTP/1.1"
-    async with running_proxy(upstream=f"http://127.0.0.1:{sim.port}", upstream_protocol="h2") as proxy:
+    async with running_proxy(upstream=f"http://127.0.0.1:{sim.port}", upstream_protocol="h2",
+                             h2_implementation="h2") as proxy:
         seen = await _post(proxy.port, body)
         assert seen["body_sha256"] == hashlib.sha256(body).hexdigest() and seen["protocol"] == "HTTP/2"
     async with running_proxy(upstream=f"http://127.0.0.1:{sim.port}", upstream_protocol="http1") as proxy:
@@ -382,3 +386,110 @@ async def test_a_client_silent_after_an_early_answer_has_its_connection_closed()
             writer.close()
     finally:
         server.close()
+
+
+# --- into a cleartext HTTP/2 upstream, as DATA frames ---
+
+@pytest.fixture
+def small_splices(monkeypatch) -> list[int]:
+    """Every os.splice moves at most 3,000 bytes: each DATA frame is put together and written in
+    pieces, so frames are part-written (and finished alone) all the time."""
+    moved: list[int] = []
+    real = os.splice
+
+    def capped(src, dst, count, *args, **kwargs):
+        n = real(src, dst, min(count, 3000), *args, **kwargs)
+        moved.append(n)
+        return n
+
+    monkeypatch.setattr(os, "splice", capped)
+    return moved
+
+
+async def _post_and_get_on(port: int, body: bytes, gets: int) -> list[dict]:
+    """One connection: a POST of `body`, then `gets` GETs; the simulator's echo of each."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"POST /up HTTP/1.1\r\nHost: %s\r\nContent-Length: %d\r\n\r\n" % (HOST, len(body)) + body)
+    for i in range(gets):
+        writer.write(b"GET /get%d HTTP/1.1\r\nHost: %s\r\n\r\n" % (i, HOST))
+    answers = [await asyncio.wait_for(_response(reader), 30) for _ in range(1 + gets)]
+    writer.close()
+    assert [status for status, _, _ in answers] == [b"HTTP/1.1 200 OK"] * (1 + gets)
+    return [json.loads(text) for _, _, text in answers]
+
+
+@pytest.mark.parametrize("capped", [False, True], ids=["whole-frames", "part-written-frames"])
+async def test_uploads_to_an_h2c_upstream_are_spliced_as_frames_beside_other_streams(
+        sim, spliced, monkeypatch, capped):
+    """Eight uploads and their GETs at once over the proxy's h2c connection to the simulator,
+    which checks every signature and hashes every body: the frames put together in the kernel
+    interleave correctly with other streams' frames, also when every frame is part-written."""
+    if capped:
+        real = os.splice
+        monkeypatch.setattr(os, "splice", lambda src, dst, count, *a, **k: real(src, dst, min(count, 3000), *a, **k))
+    bodies = [os.urandom((1 << 20) + 1000 * i) for i in range(8)]
+    async with running_proxy(upstream=f"http://127.0.0.1:{sim.port}", upstream_protocol="h2") as proxy:
+        results = await asyncio.gather(*(_post_and_get_on(proxy.port, body, 2) for body in bodies))
+    for body, (upload, *gets) in zip(bodies, results):
+        assert upload["protocol"] == "HTTP/2" and upload["principal"] == PRINCIPAL
+        assert upload["body_sha256"] == hashlib.sha256(body).hexdigest()
+        assert [g["path"] for g in gets] == ["/get0", "/get1"]
+    if not capped:
+        assert sum(spliced) / 2 > 6 * (1 << 20)  # most of the bodies went through the kernel
+
+
+async def test_a_client_gone_mid_upload_leaves_the_h2c_connection_working(sim, small_splices, monkeypatch):
+    """A client that disconnects while its upload's frames are being part-written (the upstream
+    socket made slow to become writable): its stream is reset, and uploads on the same upstream
+    connection keep verifying."""
+    from sigv4proxy.upstream import lean_h2_splice
+
+    real_wait = lean_h2_splice.wait_writable
+
+    async def slow_writable(fd, timeout):
+        await asyncio.sleep(0.005)
+        return await real_wait(fd, timeout)
+
+    monkeypatch.setattr(lean_h2_splice, "wait_writable", slow_writable)
+    async with running_proxy(upstream=f"http://127.0.0.1:{sim.port}", upstream_protocol="h2") as proxy:
+        gone = []
+        for _ in range(3):
+            reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+            writer.write(b"POST /gone HTTP/1.1\r\nHost: %s\r\nContent-Length: %d\r\n\r\n"
+                         % (HOST, 8 << 20) + os.urandom(1 << 20))
+            gone.append(writer)
+        others = asyncio.gather(*(_post_and_get_on(proxy.port, os.urandom(1 << 20), 1) for _ in range(3)))
+        await asyncio.sleep(0.1)
+        for writer in gone:
+            writer.transport.abort()  # gone mid-body
+        results = await asyncio.wait_for(others, 60)
+        assert all(upload["protocol"] == "HTTP/2" and upload["principal"] == PRINCIPAL for upload, _ in results)
+        conns = [c for pool in proxy.pool._pools.values() for c in pool.connections]
+        assert len(conns) == 1 and not conns[0].is_closed()  # the one connection, still up
+        for _ in range(100):  # the uploads of the clients gone end too
+            if proxy.handler.inflight == 0:
+                break
+            await asyncio.sleep(0.05)
+        assert proxy.handler.inflight == 0
+
+
+async def test_a_frame_source_released_while_its_frame_is_being_finished_keeps_the_pipe_until_then():
+    """The stream that owned a part-written frame may end first (cancelled): the pipe holding the
+    rest of the frame must stay open for the task finishing it, and is dropped only after."""
+    loop = asyncio.get_running_loop()
+    splice._free.clear()  # noqa: SLF001
+    async with _Route() as r:
+        await loop.sock_sendall(r.client, b"b" * 5000)
+        source = splice.FrameSource(os.dup(r.src.fileno()), 5000, 5)
+        assert await source.wait_data() == 5000
+        await source.assemble(b"H" * 9, 5000)
+        pipe_read_end = source._pipe[0]
+        source.finisher = loop.create_future()
+        src = source.release()
+        os.close(src)
+        os.fstat(pipe_read_end)  # still open: the finisher still needs it
+        source.finisher.set_result(None)
+        await asyncio.sleep(0)
+        with pytest.raises(OSError):
+            os.fstat(pipe_read_end)  # then dropped (not reused: it still held bytes)
+        assert splice._free == []

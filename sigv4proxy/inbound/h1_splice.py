@@ -1,11 +1,12 @@
 """An HTTP/1.1 request body that a cleartext upstream socket may take straight off the client's.
 
 Owns: `SpliceableBody`, the streamed body handed to the upstream when the inbound request has a
-declared length on a cleartext socket: iterated like any body, or moved in the kernel by
-`splice_into` (`sigv4proxy.splice`) with the inbound connection detached from aiohttp's parser
-meanwhile; what the upstream stopped taking is read and dropped, as aiohttp does for a body
-left unread. Must never: let the client's next request be read as body or the body as a request,
-or keep a connection whose parser lost count of the body.
+declared length on a cleartext socket: iterated like any body, or moved in the kernel
+(`sigv4proxy.splice`) with the inbound connection detached from aiohttp's parser meanwhile,
+whole into an HTTP/1.1 socket (`splice_into`) or as HTTP/2 DATA frames (`frames`); what the
+upstream stopped taking is read and dropped, as aiohttp does for a body left unread. Must never:
+let the client's next request be read as body or the body as a request, or keep a connection
+whose parser lost count of the body.
 """
 
 from __future__ import annotations
@@ -17,12 +18,12 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 
 from sigv4proxy.errors import Overloaded, ProxyError, UpstreamError
-from sigv4proxy.splice import Taken, discard_target, move_body
+from sigv4proxy.splice import FrameSource, Taken, discard_target, move_body
 
 
 class SpliceableBody:
-    """The chunks of a streamed request body (`async for`), or the whole rest of it moved to a
-    socket in one call (`splice_into`). Either one, once."""
+    """The chunks of a streamed request body (`async for`), or the rest of it moved in the
+    kernel (`splice_into`, `frames`). One of them, once."""
 
     __slots__ = ("_chunks", "_request", "_length", "_client_timeout")
 
@@ -36,25 +37,22 @@ class SpliceableBody:
     def __aiter__(self) -> AsyncIterator[bytes]:
         return self._chunks
 
-    async def splice_into(self, dst: int, dst_timeout: float) -> bool:
-        """Sends the rest of the body to the cleartext socket `dst` (the caller has nothing
-        unsent on it). False, with nothing taken, when the client's side cannot be detached:
-        the caller then iterates the chunks instead."""
+    def _detach(self) -> tuple[bytes, int, int] | None:
+        """(what aiohttp already read, our descriptor for the client's socket or -1 when the
+        body was already read whole, the bytes still in it). None: it cannot be detached."""
         request = self._request
         transport = request.transport
         sock = transport.get_extra_info("socket") if transport is not None else None
         if sock is None or transport.get_extra_info("sslcontext") is not None:
-            return False
+            return None
         protocol = request.protocol
         content = request.content
         got = protocol.detach_body(content)
         if got is None:
-            return False
+            return None
         prefix, detached = got
-        if not detached:  # aiohttp had read it all: no socket work beyond writing it
-            await move_body(sock.fileno(), dst, prefix, 0, src_timeout=self._client_timeout,
-                            dst_timeout=dst_timeout)
-            return True
+        if not detached:
+            return prefix, -1, 0
         # Our own descriptor for the client's socket: its transport may close (and its number be
         # reused) while a move or a discard still runs.
         try:
@@ -62,7 +60,29 @@ class SpliceableBody:
         except OSError:
             protocol.reattach_body(content, False)
             raise Overloaded("out of file descriptors") from None
-        count = self._length - content.total_bytes
+        return prefix, src, self._length - content.total_bytes
+
+    def _finish(self, src: int, left: int, complete: bool, upstream_gave_up: bool) -> None:
+        """The move ended: the connection goes on (`complete`), or the rest of the body is read
+        and dropped first (the upstream stopped taking it; the client may still be sending), or
+        it closes after the answer (the client failed). Takes `src` over."""
+        if upstream_gave_up:
+            _start(self._discard_rest(src, left))
+            return
+        os.close(src)
+        self._request.protocol.reattach_body(self._request.content, complete)
+
+    async def splice_into(self, dst: int, dst_timeout: float) -> bool:
+        """Sends the rest of the body to the cleartext socket `dst` (the caller has nothing
+        unsent on it). False, with nothing taken, when the client's side cannot be detached:
+        the caller then iterates the chunks instead."""
+        detached = self._detach()
+        if detached is None:
+            return False
+        prefix, src, count = detached
+        if src < 0:  # aiohttp had read it all: no socket work beyond writing it
+            await move_body(-1, dst, prefix, 0, src_timeout=self._client_timeout, dst_timeout=dst_timeout)
+            return True
         taken = Taken()
         complete = upstream_gave_up = False
         try:
@@ -73,18 +93,31 @@ class SpliceableBody:
             upstream_gave_up = True  # answered, reset or stalled: the client may still be sending
             raise
         finally:
-            if upstream_gave_up:
-                _start(self._discard_rest(protocol, content, src, count - taken.count))
-            else:
-                os.close(src)
-                protocol.reattach_body(content, complete)
+            self._finish(src, count - taken.count, complete, upstream_gave_up)
         return True
 
-    async def _discard_rest(self, protocol, content, src: int, left: int) -> None:
+    def frames(self) -> tuple[bytes, BodyFrames | None] | None:
+        """For an HTTP/2 upstream: (what aiohttp already read, to send as usual; the rest as
+        spliced DATA frames, None if there is no rest). None: iterate the chunks instead."""
+        detached = self._detach()
+        if detached is None:
+            return None
+        prefix, src, count = detached
+        if src < 0:
+            return prefix, None
+        try:
+            source = FrameSource(src, count, self._client_timeout)
+        except OSError:
+            self._finish(src, count, False, False)
+            raise Overloaded("out of file descriptors") from None
+        return prefix, BodyFrames(self, source)
+
+    async def _discard_rest(self, src: int, left: int) -> None:
         """The rest of a body its upstream no longer takes, read and dropped as aiohttp does for
         a body left unread (for its lingering time at most, the client silent for --read-timeout
         at most), so that the client can finish sending and read the answer; the connection is
         kept if the body ends in that time. Closes `src`."""
+        protocol = self._request.protocol
         drained = False
         try:
             async with asyncio.timeout(protocol.lingering_time):
@@ -95,7 +128,23 @@ class SpliceableBody:
             pass
         finally:
             os.close(src)
-            protocol.reattach_body(content, drained)
+            protocol.reattach_body(self._request.content, drained)
+
+
+class BodyFrames:
+    """The spliced rest of a body, for an HTTP/2 sender: `source` puts each DATA frame together
+    in the kernel; `end()` once, whatever happened."""
+
+    __slots__ = ("_body", "source")
+
+    def __init__(self, body: SpliceableBody, source: FrameSource) -> None:
+        self._body = body
+        self.source = source
+
+    def end(self, complete: bool, upstream_gave_up: bool) -> None:
+        source = self.source
+        left, src = source.left, source.release()
+        self._body._finish(src, left, complete, upstream_gave_up)
 
 
 _discarding: set[asyncio.Task] = set()  # referenced while they run

@@ -76,6 +76,11 @@ class LeanH2Connection(FrameReceiver, H2ConnectionBase, asyncio.Protocol):
         self._header_parts: list[bytes] = []
         self._header_size = 0
         self._header_end_stream = False
+        # A request body spliced in as DATA frames (lean_h2_splice): the socket's descriptor when
+        # cleartext, and while a frame is part-written (`_gated`) every other write waits in _out.
+        self._splice_fd = -1
+        self._gated = False
+        self.frame_finisher: asyncio.Task[None] | None = None
 
     # --- the Connection interface ---
     def is_available(self) -> bool:
@@ -175,6 +180,9 @@ class LeanH2Connection(FrameReceiver, H2ConnectionBase, asyncio.Protocol):
     # --- asyncio.Protocol ---
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = transport  # type: ignore[assignment]
+        sock = transport.get_extra_info("socket")
+        if sock is not None and transport.get_extra_info("sslcontext") is None:
+            self._splice_fd = sock.fileno()
         self._write(_OPENING)
 
     def data_received(self, data: bytes) -> None:
@@ -237,7 +245,7 @@ class LeanH2Connection(FrameReceiver, H2ConnectionBase, asyncio.Protocol):
         self._flush()
 
     def _write(self, data: bytes) -> None:
-        if self._out:
+        if self._out or self._gated:
             self._out.append(data)
             self._flush()
             return
@@ -247,7 +255,7 @@ class LeanH2Connection(FrameReceiver, H2ConnectionBase, asyncio.Protocol):
 
     def _writelines(self, parts: list) -> None:
         """Frame headers and payload views in one vectored write: no join copy of the payload."""
-        if self._out:
+        if self._out or self._gated:
             self._out += parts
             self._flush()
             return
@@ -257,7 +265,7 @@ class LeanH2Connection(FrameReceiver, H2ConnectionBase, asyncio.Protocol):
 
     def _flush(self) -> None:
         out = self._out
-        if out:
+        if out and not self._gated:
             self._out = []
             transport = self._transport
             if transport is not None and not transport.is_closing():

@@ -10,16 +10,18 @@ a broken body into a clean end.
 
 from __future__ import annotations
 
+import asyncio
 from collections import deque
 from collections.abc import AsyncIterable
 from functools import partial
 from typing import TYPE_CHECKING
 
-from sigv4proxy.errors import ProxyError, UpstreamTimeout
+from sigv4proxy.errors import ProxyError, UpstreamError, UpstreamTimeout
 from sigv4proxy.upstream import h2_wire as w
 from sigv4proxy.upstream.base import expire_waiter, request_trailers
 from sigv4proxy.upstream.connection_core import feed_body
 from sigv4proxy.upstream.h2_common import H2StreamBase
+from sigv4proxy.upstream.lean_h2_splice import send_frames
 
 if TYPE_CHECKING:
     from sigv4proxy.upstream.lean_h2 import LeanH2Connection
@@ -77,7 +79,11 @@ class LeanStream(H2StreamBase):
 async def send_body(conn: LeanH2Connection, stream: LeanStream,
                     body: bytes | AsyncIterable[bytes]) -> None:
     try:
-        await feed_body(body, partial(_send_chunk, conn, stream))
+        spliced = _spliced(conn, body)
+        if spliced is None:
+            await feed_body(body, partial(_send_chunk, conn, stream))
+        else:
+            await _send_spliced(conn, stream, *spliced)
         if stream.retired or conn._closed:
             return
         trailers = request_trailers(body)
@@ -100,6 +106,35 @@ async def send_body(conn: LeanH2Connection, stream: LeanStream,
             conn.fail_stream(stream, err)
     finally:
         conn._window_queue.leave(stream, conn._send_window)
+
+
+def _spliced(conn: LeanH2Connection, body: bytes | AsyncIterable[bytes]):
+    """(bytes already read, the rest as spliced frames or None) for a body that can be spliced
+    into this connection (cleartext); None: send its chunks."""
+    frames = getattr(body, "frames", None)
+    if frames is None or conn._splice_fd < 0:
+        return None
+    return frames()
+
+
+async def _send_spliced(conn: LeanH2Connection, stream: LeanStream, prefix: bytes, frames) -> None:
+    """What aiohttp had already read, as usual; then the spliced rest, if any. `frames.end()`
+    whatever happens: the client's connection is detached until then."""
+    if frames is None:
+        if prefix:
+            await _send_chunk(conn, stream, prefix)
+        return
+    complete = upstream_gave_up = False
+    try:
+        if prefix:
+            await _send_chunk(conn, stream, prefix)
+        await send_frames(conn, stream, frames.source, _wait_window, StreamGone)
+        complete = True
+    except (StreamGone, UpstreamError, asyncio.CancelledError):
+        upstream_gave_up = True  # the client may still be sending: its rest is read and dropped
+        raise
+    finally:
+        frames.end(complete, upstream_gave_up)
 
 
 async def _send_chunk(conn: LeanH2Connection, stream: LeanStream,

@@ -69,6 +69,14 @@ class _TrackedBody:
         self.pulled = True  # whatever it returns, treat the body as started: never replayed
         return await splice_into(dst, timeout)
 
+    def frames(self):
+        """The source's rest as spliced HTTP/2 frames (see `inbound.h1_splice`), if it has that."""
+        frames = getattr(self._source, "frames", None)
+        if frames is None:
+            return None
+        self.pulled = True  # whatever it returns, treat the body as started: never replayed
+        return frames()
+
     async def _iterate(self) -> AsyncIterator[bytes]:
         self.pulled = True
         async for chunk in self._source:

@@ -1,0 +1,106 @@
+"""A request body spliced into a cleartext HTTP/2 connection as DATA frames, never through the process.
+
+Owns: sending the spliced rest of a body (`inbound.h1_splice.BodyFrames`) on a lean HTTP/2
+stream: each frame sized to the windows and to what the client has sent, put together in a pipe
+(`splice.FrameSource`) and written between the connection's other writes: only once its own
+writes are all handed to the kernel, and with them held back (`_gated`) while a frame is part
+written. Must never: interleave a frame with another write, leave a frame half written unless
+the connection dies with it, or send past either flow-control window.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from typing import TYPE_CHECKING
+
+from sigv4proxy.errors import ProxyError, UpstreamReset, UpstreamTimeout
+from sigv4proxy.splice import wait_writable
+from sigv4proxy.upstream import h2_wire as w
+
+if TYPE_CHECKING:
+    from sigv4proxy.splice import FrameSource
+    from sigv4proxy.upstream.lean_h2 import LeanH2Connection
+    from sigv4proxy.upstream.lean_h2_stream import LeanStream
+
+
+async def send_frames(conn: LeanH2Connection, stream: LeanStream, source: FrameSource,
+                      wait_window, gone: type[Exception]) -> None:
+    """All of `source` as DATA frames on `stream` (no END_STREAM). `wait_window(conn, stream)`
+    waits for window (False: timed out); `gone` is raised when the stream or connection ended."""
+    timeout = conn.timeouts.read
+    while source.left:
+        available = await source.wait_data()
+        while True:
+            await conn._flow.drain(timeout)
+            if stream.error is not None:
+                raise stream.error
+            if stream.retired or conn._closed:
+                raise gone
+            window = min(stream.send_window, conn._send_window)
+            if conn._window_queue.may_send(stream, window, conn._send_window):
+                break
+            if not await wait_window(conn, stream):
+                raise UpstreamTimeout("upstream flow-control window stayed closed")
+        size = min(window, conn._peer_max_frame, available, source.max_payload)
+        # Taken from the windows now: other streams send while this frame is put together.
+        stream.send_window -= size
+        conn._send_window -= size
+        conn._window_queue.sent(conn._send_window)
+        await source.assemble(w.frame_header(w.DATA, 0, stream.id, size), size)
+        await _wire_free(conn, timeout, gone)
+        if not source.emit(conn._splice_fd):  # the socket took part of it: finish it alone
+            conn._gated = True
+            finisher = conn.frame_finisher = source.finisher = asyncio.ensure_future(
+                _finish_frame(conn, source, timeout))
+            await asyncio.shield(finisher)  # cancelled: the frame is still finished, then dropped
+
+
+async def _wire_free(conn: LeanH2Connection, timeout: float, gone: type[Exception]) -> None:
+    """Returns when nothing of the connection's is waiting to be written: no frame being
+    finished, our queued frames handed to the transport, the transport's buffer empty."""
+    while True:
+        if conn._closed:
+            raise gone
+        finisher = conn.frame_finisher
+        if finisher is not None and not finisher.done():
+            done, _ = await asyncio.wait((finisher,), timeout=timeout)
+            if not done:
+                raise UpstreamTimeout("upstream stopped reading")
+            continue
+        if conn._out:
+            conn._flush()
+        transport = conn._transport
+        if transport is None or not transport.get_write_buffer_size():
+            return
+        if not await _writable(conn, timeout):
+            raise UpstreamTimeout("upstream stopped reading")
+
+
+async def _finish_frame(conn: LeanH2Connection, source: FrameSource, timeout: float) -> None:
+    """Writes the rest of a part-written frame; nothing else may be written meanwhile. Not
+    cancelled with the stream (shielded): a frame cut short would corrupt the connection, so a
+    failure here ends the connection."""
+    try:
+        while not source.emit(conn._splice_fd):
+            if conn._closed:
+                raise UpstreamReset("upstream connection closed")
+            if not await _writable(conn, timeout):
+                raise UpstreamTimeout("upstream stopped reading")
+    except ProxyError as err:
+        conn._gated = False
+        conn._out.clear()
+        if conn._transport is not None:
+            conn._transport.abort()
+        conn._lost(err)
+        raise
+    conn._gated = False
+    conn._flush()
+
+
+async def _writable(conn: LeanH2Connection, timeout: float) -> bool:
+    fd = os.dup(conn._splice_fd)  # the event loop watches only descriptors no transport owns
+    try:
+        return await wait_writable(fd, timeout)
+    finally:
+        os.close(fd)
