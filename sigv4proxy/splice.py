@@ -2,11 +2,13 @@
 
 Linux splice(2) through a pipe: the bytes never enter the process, so a large upload costs a few
 system calls per socket buffer instead of a copy in, a parse, a copy out and the Python between.
-Used for an HTTP/1.1 body of declared length between two cleartext sockets (TLS needs the bytes).
+Used for an HTTP/1.1 body of declared length going to a cleartext upstream (TLS needs the bytes):
+moved whole into an HTTP/1.1 socket (`move_body`), or cut into HTTP/2 DATA frames each put
+together in the pipe (`FrameSource`).
 
-Owns: the per-process pipe free list and the move loop. Must never: take more than it was asked
-to from the source (what follows a body on the client's socket is the next request), block the
-event loop, or put a pipe that may still hold bytes back in the free list.
+Owns: the per-process pipe free list, the move loop and the frame source. Must never: take more
+than it was asked to from the source (what follows a body on the client's socket is the next
+request), block the event loop, or put a pipe that may still hold bytes back in the free list.
 """
 
 from __future__ import annotations

@@ -14,6 +14,7 @@ import time
 import aiohttp
 
 from support.proxy import LATTICE_HOST, PRINCIPAL, running_proxy
+from support.upstream_servers import EarlyAnswerUpstream
 
 
 async def test_connection_without_a_complete_head_is_closed_at_the_header_timeout():
@@ -182,27 +183,12 @@ async def test_an_upload_waiting_on_its_upstream_reads_nothing_ahead():
         server.close()
 
 
-class _EarlyAnswerUpstream(asyncio.Protocol):
-    """Answers 200 to each request head at once and never reads a request body."""
-
-    def connection_made(self, transport) -> None:
-        self.transport = transport
-        self.head = b""
-
-    def data_received(self, data: bytes) -> None:
-        self.head += data
-        if b"\r\n\r\n" in self.head:
-            self.head = b""
-            self.transport.pause_reading()
-            self.transport.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
-
-
 async def test_a_connection_whose_upload_the_upstream_left_unread_serves_its_next_request():
     """The upstream answers before taking the body: the proxy relays the answer and gives up the
     upload mid-stream. aiohttp then reads and drops the rest of that body itself, which works only
     if the proxy stopped holding the socket's reads for it; then the next request is served."""
     loop = asyncio.get_running_loop()
-    server = await loop.create_server(_EarlyAnswerUpstream, "127.0.0.1", 0)
+    server = await loop.create_server(EarlyAnswerUpstream, "127.0.0.1", 0)
     up_port = server.sockets[0].getsockname()[1]
     body = os.urandom(1 << 20) * 8
     try:

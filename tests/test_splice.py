@@ -25,6 +25,7 @@ from sigv4proxy import splice
 from sigv4proxy.errors import BadRequest, RequestTimeout, UpstreamReset, UpstreamTimeout
 from sigv4proxy.sim.server import SimConfig, start_simulator
 from support.proxy import LATTICE_HOST, PRINCIPAL, SERVICE_ARN, running_proxy, write_identities
+from support.upstream_servers import EarlyAnswerUpstream
 
 pytestmark = pytest.mark.skipif(not splice.AVAILABLE, reason="splice(2) is Linux-only")
 
@@ -319,26 +320,11 @@ async def test_a_client_that_stops_mid_body_gets_408_and_its_connection_closes(s
     assert seen["body_sha256"] == hashlib.sha256(body).hexdigest()
 
 
-class _EarlyAnswerUpstream(asyncio.Protocol):
-    """Answers 200 to a request head at once and never reads its body."""
-
-    def connection_made(self, transport) -> None:
-        self.transport = transport
-        self.head = b""
-
-    def data_received(self, data: bytes) -> None:
-        self.head += data
-        if b"\r\n\r\n" in self.head:
-            self.head = b""
-            self.transport.pause_reading()
-            self.transport.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
-
-
 async def _early_answer_upstream() -> tuple[asyncio.AbstractServer, int]:
     listener = socket.socket()
     _small_buffers(listener)
     listener.bind(("127.0.0.1", 0))
-    server = await asyncio.get_running_loop().create_server(_EarlyAnswerUpstream, sock=listener)
+    server = await asyncio.get_running_loop().create_server(EarlyAnswerUpstream, sock=listener)
     return server, listener.getsockname()[1]
 
 

@@ -229,3 +229,19 @@ class RawResponseServer:
         for writer in self._writers:
             writer.transport.abort()
         await asyncio.wait_for(self._server.wait_closed(), 5)
+
+
+class EarlyAnswerUpstream(asyncio.Protocol):
+    """An HTTP/1.1 upstream (`loop.create_server(EarlyAnswerUpstream, ...)`) that answers 200
+    "ok" to a request head at once and then stops reading: a request body is never taken."""
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+        self.head = b""
+
+    def data_received(self, data: bytes) -> None:
+        self.head += data
+        if b"\r\n\r\n" in self.head:
+            self.head = b""
+            self.transport.pause_reading()
+            self.transport.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
