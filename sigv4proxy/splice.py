@@ -32,6 +32,15 @@ SHORT_BODY = "request body shorter than its Content-Length"
 CLIENT_STALLED = "request body stalled: nothing arrived for --read-timeout"
 
 
+def cleartext_fd(transport) -> int:
+    """The socket descriptor under `transport` if bytes may be spliced into or out of it (a
+    cleartext TCP socket: TLS needs them in the process), else -1. Still the transport's own."""
+    sock = transport.get_extra_info("socket")
+    if sock is None or transport.get_extra_info("sslcontext") is not None:
+        return -1
+    return sock.fileno()
+
+
 def _take_pipe() -> tuple[int, int, int]:
     """(read end, write end, capacity): an empty pipe, non-blocking both ends."""
     if _free:

@@ -18,7 +18,7 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 
 from sigv4proxy.errors import Overloaded, ProxyError, UpstreamError
-from sigv4proxy.splice import FrameSource, Taken, discard_target, move_body
+from sigv4proxy.splice import FrameSource, Taken, cleartext_fd, discard_target, move_body
 
 
 class SpliceableBody:
@@ -42,8 +42,8 @@ class SpliceableBody:
         body was already read whole, the bytes still in it). None: it cannot be detached."""
         request = self._request
         transport = request.transport
-        sock = transport.get_extra_info("socket") if transport is not None else None
-        if sock is None or transport.get_extra_info("sslcontext") is not None:
+        fd = cleartext_fd(transport) if transport is not None else -1
+        if fd < 0:
             return None
         protocol = request.protocol
         content = request.content
@@ -56,7 +56,7 @@ class SpliceableBody:
         # Our own descriptor for the client's socket: its transport may close (and its number be
         # reused) while a move or a discard still runs.
         try:
-            src = os.dup(sock.fileno())
+            src = os.dup(fd)
         except OSError:
             protocol.reattach_body(content, False)
             raise Overloaded("out of file descriptors") from None

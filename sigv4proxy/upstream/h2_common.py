@@ -5,7 +5,8 @@ timer), the ready/closed life cycle (SETTINGS exchanged, GOAWAY, connection lost
 response head within the first-byte timeout, what a valid `:status` is, and how a peer's
 RST_STREAM or GOAWAY maps to our typed errors. Subclasses (`http2.H2Connection`,
 `lean_h2.LeanH2Connection`) own the protocol state and the bytes: `is_available`,
-`handle_request`, `reset`, `_send_goaway` and the receiving side. Must never: touch h2 state or frame bytes, write to the socket, or log header values.
+`handle_request`, `reset`, `_send_goaway` and the receiving side. Must never: touch h2 state or
+frame bytes, write to the socket, or log header values.
 """
 
 from __future__ import annotations

@@ -31,6 +31,7 @@ from sigv4proxy.upstream.base import (
     Timeouts,
 )
 from sigv4proxy.upstream.connection_core import ConnectionCore
+from sigv4proxy.splice import cleartext_fd
 from sigv4proxy.upstream.http1_parse import Fields, ResponseParser
 
 READ_HIGH_WATER = 256 * 1024  # buffered body bytes before we stop reading the socket
@@ -277,9 +278,7 @@ class HTTP1Connection(ConnectionCore, asyncio.Protocol):
     # --- asyncio.Protocol ---
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = transport  # type: ignore[assignment]
-        sock = transport.get_extra_info("socket")
-        if sock is not None and transport.get_extra_info("sslcontext") is None:
-            self._splice_fd = sock.fileno()  # cleartext: a request body may be spliced into it
+        self._splice_fd = cleartext_fd(transport)  # a request body may be spliced into it
         self._arm_idle_timer()
 
     def data_received(self, data: bytes) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 
 from sigv4proxy.errors import BadRequest, HeadersTooLarge, ProxyError, UpstreamProtocolError
+from sigv4proxy.splice import cleartext_fd
 from sigv4proxy.upstream import h2_wire as w
 from sigv4proxy.upstream.base import (
     Body,
@@ -180,9 +181,7 @@ class LeanH2Connection(FrameReceiver, H2ConnectionBase, asyncio.Protocol):
     # --- asyncio.Protocol ---
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = transport  # type: ignore[assignment]
-        sock = transport.get_extra_info("socket")
-        if sock is not None and transport.get_extra_info("sslcontext") is None:
-            self._splice_fd = sock.fileno()
+        self._splice_fd = cleartext_fd(transport)
         self._write(_OPENING)
 
     def data_received(self, data: bytes) -> None:

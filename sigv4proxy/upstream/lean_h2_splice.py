@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 from sigv4proxy.errors import ProxyError, UpstreamReset, UpstreamTimeout
@@ -25,24 +26,14 @@ if TYPE_CHECKING:
 
 
 async def send_frames(conn: LeanH2Connection, stream: LeanStream, source: FrameSource,
-                      wait_window, gone: type[Exception]) -> None:
-    """All of `source` as DATA frames on `stream` (no END_STREAM). `wait_window(conn, stream)`
-    waits for window (False: timed out); `gone` is raised when the stream or connection ended."""
+                      window: Callable[[], Awaitable[int]], gone: type[Exception]) -> None:
+    """All of `source` as DATA frames on `stream` (no END_STREAM). `window()` waits until the
+    stream may send and returns how much (the plain sender's own wait); `gone` is raised when
+    the connection closed."""
     timeout = conn.timeouts.read
     while source.left:
         available = await source.wait_data()
-        while True:
-            await conn._flow.drain(timeout)
-            if stream.error is not None:
-                raise stream.error
-            if stream.retired or conn._closed:
-                raise gone
-            window = min(stream.send_window, conn._send_window)
-            if conn._window_queue.may_send(stream, window, conn._send_window):
-                break
-            if not await wait_window(conn, stream):
-                raise UpstreamTimeout("upstream flow-control window stayed closed")
-        size = min(window, conn._peer_max_frame, available, source.max_payload)
+        size = min(await window(), conn._peer_max_frame, available, source.max_payload)
         # Taken from the windows now: other streams send while this frame is put together.
         stream.send_window -= size
         conn._send_window -= size

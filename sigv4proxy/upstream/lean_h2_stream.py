@@ -128,7 +128,7 @@ async def _send_spliced(conn: LeanH2Connection, stream: LeanStream, prefix: byte
     try:
         if prefix:
             await _send_chunk(conn, stream, prefix)
-        await send_frames(conn, stream, frames.source, _wait_window, StreamGone)
+        await send_frames(conn, stream, frames.source, partial(_window, conn, stream), StreamGone)
         complete = True
     except (StreamGone, UpstreamError, asyncio.CancelledError):
         upstream_gave_up = True  # the client may still be sending: its rest is read and dropped
@@ -142,16 +142,7 @@ async def _send_chunk(conn: LeanH2Connection, stream: LeanStream,
     view = memoryview(data)
     offset, total = 0, len(view)
     while offset < total:
-        await conn._flow.drain(conn.timeouts.read)
-        if stream.error is not None:
-            raise stream.error
-        if stream.retired or conn._closed:
-            raise StreamGone
-        window = min(stream.send_window, conn._send_window)
-        if not conn._window_queue.may_send(stream, window, conn._send_window):
-            if not await _wait_window(conn, stream):
-                raise UpstreamTimeout("upstream flow-control window stayed closed")
-            continue
+        window = await _window(conn, stream)
         step = min(window, total - offset)
         parts: list[bytes] = []
         w.data_frames(parts, stream.id, view[offset:offset + step], False, conn._peer_max_frame)
@@ -160,6 +151,22 @@ async def _send_chunk(conn: LeanH2Connection, stream: LeanStream,
         offset += step
         conn._writelines(parts)
         conn._window_queue.sent(conn._send_window)
+
+
+async def _window(conn: LeanH2Connection, stream: LeanStream) -> int:
+    """Waits until `stream` may send (write backpressure, both windows open, its turn for the
+    connection window) and returns how much; StreamGone or a typed error if it cannot."""
+    while True:
+        await conn._flow.drain(conn.timeouts.read)
+        if stream.error is not None:
+            raise stream.error
+        if stream.retired or conn._closed:
+            raise StreamGone
+        window = min(stream.send_window, conn._send_window)
+        if conn._window_queue.may_send(stream, window, conn._send_window):
+            return window
+        if not await _wait_window(conn, stream):
+            raise UpstreamTimeout("upstream flow-control window stayed closed")
 
 
 async def _wait_window(conn: LeanH2Connection, stream: LeanStream) -> bool:
