@@ -25,6 +25,7 @@ from sigv4proxy import splice
 from sigv4proxy.errors import BadRequest, RequestTimeout, UpstreamReset, UpstreamTimeout
 from sigv4proxy.sim.server import SimConfig, start_simulator
 from support.proxy import LATTICE_HOST, PRINCIPAL, SERVICE_ARN, running_proxy, write_identities
+from support.h2_peers import H2Script, H2TestServer
 from support.upstream_servers import EarlyAnswerUpstream
 
 pytestmark = pytest.mark.skipif(not splice.AVAILABLE, reason="splice(2) is Linux-only")
@@ -422,6 +423,25 @@ async def test_uploads_to_an_h2c_upstream_are_spliced_as_frames_beside_other_str
         assert [g["path"] for g in gets] == ["/get0", "/get1"]
     if not capped:
         assert sum(spliced) / 2 > 6 * (1 << 20)  # most of the bodies went through the kernel
+
+
+@pytest.mark.parametrize("splice_on", [True, False], ids=["spliced", "streamed"])
+async def test_a_spliced_upload_ends_its_stream_on_its_last_data_frame(spliced, splice_on):
+    """The spliced body's last DATA frame carries END_STREAM: no empty DATA frame after it (one
+    write and one segment fewer an upload). Streamed bodies still end with an empty one."""
+    body = os.urandom((1 << 20) + 12345)
+    async with H2TestServer(H2Script()) as server, running_proxy(
+            upstream=f"http://127.0.0.1:{server.port}", upstream_protocol="h2",
+            splice=splice_on) as proxy:
+        reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+        for _ in range(2):  # the connection goes on after each
+            writer.write(b"POST /up HTTP/1.1\r\nHost: %s\r\nContent-Length: %d\r\n\r\n" % (HOST, len(body)) + body)
+            status, _, text = await asyncio.wait_for(_response(reader), 30)
+            assert status == b"HTTP/1.1 200 OK"
+            assert json.loads(text)["body_sha256"] == hashlib.sha256(body).hexdigest()
+        writer.close()
+    assert (sum(spliced) > 1 << 20) == splice_on
+    assert server.stats.empty_data_frames == (0 if splice_on else 2)
 
 
 async def test_a_client_gone_mid_upload_leaves_the_h2c_connection_working(sim, small_splices, monkeypatch):

@@ -27,9 +27,10 @@ if TYPE_CHECKING:
 
 async def send_frames(conn: LeanH2Connection, stream: LeanStream, source: FrameSource,
                       window: Callable[[], Awaitable[int]], gone: type[Exception]) -> None:
-    """All of `source` as DATA frames on `stream` (no END_STREAM). `window()` waits until the
-    stream may send and returns how much (the plain sender's own wait); `gone` is raised when
-    the connection closed."""
+    """All of `source` as DATA frames on `stream`, the last one ending the stream (a spliced body
+    has no trailers; one frame and one segment fewer than an empty END_STREAM frame after it).
+    `window()` waits until the stream may send and returns how much (the plain sender's own
+    wait); `gone` is raised when the connection closed."""
     timeout = conn.timeouts.read
     while source.left:
         available = await source.wait_data()
@@ -38,7 +39,8 @@ async def send_frames(conn: LeanH2Connection, stream: LeanStream, source: FrameS
         stream.send_window -= size
         conn._send_window -= size
         conn._window_queue.sent(conn._send_window)
-        await source.assemble(w.frame_header(w.DATA, 0, stream.id, size), size)
+        flags = w.FLAG_END_STREAM if size == source.left else 0
+        await source.assemble(w.frame_header(w.DATA, flags, stream.id, size), size)
         await _wire_free(conn, timeout, gone)
         if not source.emit(conn._splice_fd):  # the socket took part of it: finish it alone
             conn._gated = True

@@ -82,16 +82,13 @@ async def send_body(conn: LeanH2Connection, stream: LeanStream,
         spliced = _spliced(conn, body)
         if spliced is None:
             await feed_body(body, partial(_send_chunk, conn, stream))
+            ended = False
         else:
-            await _send_spliced(conn, stream, *spliced)
+            ended = await _send_spliced(conn, stream, *spliced)  # its last frame ended it
         if stream.retired or conn._closed:
             return
-        trailers = request_trailers(body)
-        if trailers:  # request trailers (gRPC) end the stream instead of an empty DATA frame
-            block = b"".join([w.never_indexed_name(n) + w.hpack_string(v) for n, v in trailers])
-            conn._write(b"".join(w.header_frames(stream.id, block, True, conn._peer_max_frame)))
-        else:
-            conn._write(w.frame_header(w.DATA, w.FLAG_END_STREAM, stream.id, 0))
+        if not ended:
+            _end_stream(conn, stream, request_trailers(body))
         stream.local_ended = True
         stream.sent_at = conn._loop.time()
         if stream.remote_ended:
@@ -108,6 +105,16 @@ async def send_body(conn: LeanH2Connection, stream: LeanStream,
         conn._window_queue.leave(stream, conn._send_window)
 
 
+def _end_stream(conn: LeanH2Connection, stream: LeanStream,
+                trailers: list[tuple[bytes, bytes]]) -> None:
+    """Request trailers (gRPC) end the stream if there are any, else an empty DATA frame."""
+    if trailers:
+        block = b"".join([w.never_indexed_name(n) + w.hpack_string(v) for n, v in trailers])
+        conn._write(b"".join(w.header_frames(stream.id, block, True, conn._peer_max_frame)))
+    else:
+        conn._write(w.frame_header(w.DATA, w.FLAG_END_STREAM, stream.id, 0))
+
+
 def _spliced(conn: LeanH2Connection, body: bytes | AsyncIterable[bytes]):
     """(bytes already read, the rest as spliced frames or None) for a body that can be spliced
     into this connection (cleartext); None: send its chunks."""
@@ -117,19 +124,21 @@ def _spliced(conn: LeanH2Connection, body: bytes | AsyncIterable[bytes]):
     return frames()
 
 
-async def _send_spliced(conn: LeanH2Connection, stream: LeanStream, prefix: bytes, frames) -> None:
-    """What aiohttp had already read, as usual; then the spliced rest, if any. `frames.end()`
-    whatever happens: the client's connection is detached until then."""
+async def _send_spliced(conn: LeanH2Connection, stream: LeanStream, prefix: bytes, frames) -> bool:
+    """What aiohttp had already read, as usual; then the spliced rest, if any, its last frame
+    ending the stream (True). `frames.end()` whatever happens: the client's connection is
+    detached until then."""
     if frames is None:
         if prefix:
             await _send_chunk(conn, stream, prefix)
-        return
+        return False
     complete = upstream_gave_up = False
     try:
         if prefix:
             await _send_chunk(conn, stream, prefix)
         await send_frames(conn, stream, frames.source, partial(_window, conn, stream), StreamGone)
         complete = True
+        return True
     except (StreamGone, UpstreamError, asyncio.CancelledError):
         upstream_gave_up = True  # the client may still be sending: its rest is read and dropped
         raise

@@ -82,6 +82,7 @@ class H2Stats:
     response_bytes_sent: int = 0
     request_bytes_received: int = 0
     request_data_frames: int = 0
+    empty_data_frames: int = 0  # request DATA frames with no payload (an END_STREAM of its own)
     requests: list[dict] = field(default_factory=list)
 
 
@@ -208,6 +209,7 @@ class _H2ServerConnection:
                 stream.length += len(event.data)
             stats.request_bytes_received += len(event.data)
             stats.request_data_frames += 1
+            stats.empty_data_frames += not event.data
             if self.script.hold_request_window:
                 self.pending_acks.append((event.stream_id, event.flow_controlled_length))
             else:
