@@ -18,6 +18,10 @@ import errno
 import os
 import sys
 
+if sys.platform != "win32":  # FIONREAD for the frame source (splice itself is Linux-only)
+    import fcntl
+    import termios
+
 from sigv4proxy.errors import BadRequest, Overloaded, RequestTimeout, UpstreamReset, UpstreamTimeout
 
 AVAILABLE = sys.platform.startswith("linux") and hasattr(os, "splice")
@@ -204,9 +208,6 @@ async def move_body(src: int, dst: int, prefix: bytes, count: int, *,
 
 def _readable_bytes(fd: int) -> int:
     """Bytes waiting in a socket's receive queue (FIONREAD)."""
-    import fcntl
-    import termios
-
     return int.from_bytes(fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0"), sys.byteorder, signed=True)
 
 
@@ -214,7 +215,7 @@ class FrameSource:
     """The rest of a request body in the client's socket, sent as HTTP/2 DATA frames each put
     together in a pipe (the 9-byte frame header written in, the payload spliced in behind it)
     and moved out whole: no body byte enters the process. Owns `src` (a descriptor of its own
-    for the client's socket) and its pipe until `close()`."""
+    for the client's socket) and its pipe until `release()`."""
 
     __slots__ = ("left", "finisher", "_src", "_pipe", "_queued", "_timeout", "_loop")
 

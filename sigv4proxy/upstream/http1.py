@@ -20,6 +20,7 @@ from sigv4proxy.errors import (
     UpstreamReset,
     UpstreamTimeout,
 )
+from sigv4proxy.splice import cleartext_fd
 from sigv4proxy.upstream.base import (
     Body,
     ConnectionNotAvailable,
@@ -31,7 +32,6 @@ from sigv4proxy.upstream.base import (
     Timeouts,
 )
 from sigv4proxy.upstream.connection_core import ConnectionCore
-from sigv4proxy.splice import cleartext_fd
 from sigv4proxy.upstream.http1_parse import Fields, ResponseParser
 
 READ_HIGH_WATER = 256 * 1024  # buffered body bytes before we stop reading the socket
