@@ -7,6 +7,7 @@ subprocess because importing locust monkey-patches the interpreter (gevent).
 
 from __future__ import annotations
 
+import hashlib
 import http.client
 import json
 import math
@@ -16,6 +17,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -555,3 +557,63 @@ def test_h2load_speaks_tls_only_when_asked(tmp_path):
     assert argv[argv.index(f":authority: {LATTICE_HOST}") - 1] == "-H"  # the proxy routes on it
     assert h2load_argv(41003, Case(GET, 4), 1, files, None, tls=True)[-1].startswith(
         "https://127.0.0.1:41003/")
+
+
+# ---- the bare relay (the floor of one extra hop) ------------------------------------------------
+
+
+@pytest.fixture
+def start_relay(tmp_path):
+    procs = []
+
+    def start(upstream_port: int) -> int:
+        port = free_port()
+        proc = ManagedProcess("relay", [sys.executable, str(ROOT / "benchmarks" / "bare_relay.py"),
+                                        "--listen", f"127.0.0.1:{port}", "--upstream", f"127.0.0.1:{upstream_port}"],
+                              tmp_path / f"relay{len(procs)}.log").start()
+        procs.append(proc)
+        wait_until(lambda: not port_is_free(port), proc, 20, "relay")
+        return port
+
+    yield start
+    for proc in procs:
+        proc.stop()
+
+
+def test_bare_relay_carries_keepalive_http_with_a_large_body(fallback_upstream, start_relay):
+    port = start_relay(fallback_upstream[0])
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        for method, body in [("GET", None), ("POST", b"a" * (3 << 20)), ("GET", None)]:
+            conn.request(method, "/hello", body=body)
+            response = conn.getresponse()
+            assert (response.status, response.read()) == (200, b"x" * 64)
+    finally:
+        conn.close()
+
+
+def test_bare_relay_moves_every_byte_and_passes_the_half_close_on(start_relay):
+    """A server that answers with the SHA-256 of everything it read once the client half-closes."""
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        server.settimeout(10)
+
+        def answer() -> None:
+            conn, _ = server.accept()
+            with conn:
+                digest = hashlib.sha256()
+                while chunk := conn.recv(65536):
+                    digest.update(chunk)
+                conn.sendall(digest.hexdigest().encode())
+
+        thread = threading.Thread(target=answer, daemon=True)
+        thread.start()
+        port = start_relay(server.getsockname()[1])
+        payload = os.urandom(5 << 20)
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            sock.sendall(payload)
+            sock.shutdown(socket.SHUT_WR)
+            reply = b""
+            while chunk := sock.recv(4096):
+                reply += chunk
+        thread.join(10)
+        assert reply == hashlib.sha256(payload).hexdigest().encode()
