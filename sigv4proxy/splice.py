@@ -18,7 +18,7 @@ import errno
 import os
 import sys
 
-if sys.platform != "win32":  # FIONREAD for the frame source (splice itself is Linux-only)
+if sys.platform != "win32":  # pipe sizes and FIONREAD (splice itself is Linux-only)
     import fcntl
     import termios
 
@@ -49,7 +49,6 @@ def _take_pipe() -> tuple[int, int, int]:
     """(read end, write end, capacity): an empty pipe, non-blocking both ends."""
     if _free:
         return _free.pop()
-    import fcntl  # here: F_SETPIPE_SZ is Linux-only, like the rest of this module
 
     r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
     try:
