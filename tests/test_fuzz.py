@@ -103,9 +103,10 @@ def check_h2_answer(raw: bytes) -> None:
     assert types[:1] == [4], raw[:50]
 
 
-def check_answer(raw: bytes, sent: bytes = b"") -> None:
-    """Every response in `raw` is 1xx/2xx/3xx/4xx, or 5xx with the proxy's reason header; after
-    the HTTP/2 preface, well-formed HTTP/2 frames instead."""
+def check_answer(raw: bytes, sent: bytes = b"", upstream_statuses: frozenset[int] = frozenset()) -> None:
+    """Every response in `raw` is 1xx/2xx/3xx/4xx, or 5xx with the proxy's reason header (unless
+    the upstream itself sent that status: in `upstream_statuses`); after the HTTP/2 preface,
+    well-formed HTTP/2 frames instead."""
     if sent.startswith(H2_PREFACE):
         check_h2_answer(raw)
         return
@@ -113,7 +114,7 @@ def check_answer(raw: bytes, sent: bytes = b"") -> None:
         status = int(match.group(1))
         head = raw[match.start():raw.find(b"\r\n\r\n", match.start())].lower()
         assert 100 <= status < 600, raw[:200]
-        if status >= 500:
+        if status >= 500 and status not in upstream_statuses:
             assert b"x-sigv4proxy-error:" in head, raw[:300]
     if raw:
         assert _STATUS_LINE.match(raw), raw[:200]  # an answer starts with a status line

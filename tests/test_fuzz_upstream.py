@@ -130,10 +130,39 @@ def ask(port: int, upload: bool = False) -> bytes:
     return exchange(port, UPLOAD_REQUEST if upload else REQUEST, half_close=False)
 
 
-def check_proxied(raw: bytes) -> None:
-    """Never dropped unanswered: a status line, then the usual checks (a 5xx carries the reason)."""
+def check_proxied(raw: bytes, upstream_statuses: frozenset[int] = frozenset()) -> None:
+    """Never dropped unanswered: a status line, then the usual checks (a 5xx carries the reason,
+    unless it is one the upstream sent)."""
     assert _STATUS_LINE.match(raw), raw[:200]
-    check_answer(raw)
+    check_answer(raw, upstream_statuses=upstream_statuses)
+
+
+def statuses_in_h2_script(script: bytes) -> frozenset[int]:
+    """Every :status that the HEADERS frames in `script` could carry, decoded with `hpack` (the
+    `h2` library's decoder, independent of ours): each block alone and in sequence, padding and
+    priority fields stripped; blocks it cannot decode carry none."""
+    import hpack
+
+    statuses: set[int] = set()
+    sequence = hpack.Decoder()
+    pos = 0
+    while pos + 9 <= len(script):
+        length, kind, flags = int.from_bytes(script[pos:pos + 3], "big"), script[pos + 3], script[pos + 4]
+        block = script[pos + 9:pos + 9 + length]
+        pos += 9 + length
+        if kind != 1:
+            continue
+        if flags & 0x8 and block:  # PADDED
+            block = block[1:len(block) - block[0]] if block[0] < len(block) else b""
+        if flags & 0x20:  # PRIORITY
+            block = block[5:]
+        for decoder in (hpack.Decoder(), sequence):
+            try:
+                fields = decoder.decode(block, raw=True)
+            except Exception:  # noqa: BLE001 - hpack's errors for a random block are many
+                continue
+            statuses.update(int(value) for name, value in fields if name == b":status" and value.isdigit())
+    return frozenset(statuses)
 
 
 def _response_block(status: bytes, extra: list[tuple[bytes, bytes]]) -> bytes:
@@ -171,9 +200,12 @@ OK_HEAD = h2_frame(1, 0x4, 1, _response_block(b"200", [(b"content-length", b"2")
 @example(frames=[OK_HEAD, h2_frame(0, 1, 1, b"ok")], upload=False)  # a plain answer passes through
 @example(frames=[OK_HEAD, h2_frame(0, 1, 1, b"too long")], upload=False)  # body over its length
 @example(frames=[h2_frame(7, 0, 0, b"\0\0\0\0\0\0\0\0")], upload=True)  # GOAWAY mid-upload
+@example(frames=[h2_frame(1, 0x5, 1, _response_block(b"503", [(b"content-length", b"0")]))],
+         upload=False)  # the upstream's own 503 passes through without the proxy's reason
 def test_random_h2_responses(background, frames, upload):
-    background.upstreams["h2"].script = b"".join(frames)
-    check_proxied(ask(background.ports["h2"], upload))
+    script = b"".join(frames)
+    background.upstreams["h2"].script = script
+    check_proxied(ask(background.ports["h2"], upload), statuses_in_h2_script(script))
 
 
 STATUS_LINES = st.sampled_from([b"HTTP/1.1 200 OK", b"HTTP/1.1 204 No Content", b"HTTP/1.0 200 OK",
@@ -205,3 +237,12 @@ def test_the_proxies_survived_the_fuzzing(background):
         time.sleep(2 * CLOSE_AFTER)  # the upstream has closed every connection of the examples
         answer = ask(background.ports[protocol])
         assert answer.startswith(b"HTTP/1.1 200 ") and answer.endswith(b"\r\n\r\nok"), answer[:300]
+
+
+def test_the_statuses_an_h2_script_carries_are_read_with_hpack():
+    ok = h2_frame(1, 0x4, 1, _response_block(b"503", []))
+    padded = h2_frame(1, 0x4 | 0x8, 1, b"\x02" + _response_block(b"502", []) + b"\0\0")
+    with_priority = h2_frame(1, 0x4 | 0x20, 1, b"\0\0\0\0\x10" + _response_block(b"504", []))
+    noise = h2_frame(1, 0x4, 1, b"\xff\xff\xff") + h2_frame(0, 1, 1, _response_block(b"500", []))
+    assert statuses_in_h2_script(ok + padded + with_priority + noise) == {503, 502, 504}
+    assert statuses_in_h2_script(b"") == frozenset()
