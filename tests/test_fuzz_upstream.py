@@ -17,11 +17,13 @@ import contextlib
 import time
 from typing import Iterator
 
+import hpack
 import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 from support.loop_thread import LoopThread
 from support.proxy import LATTICE_HOST, running_proxy
+from support.wire_spy import split_frames
 
 from test_fuzz import FUZZ, _STATUS_LINE, check_answer, exchange, h2_frame
 
@@ -138,36 +140,28 @@ def check_proxied(raw: bytes, upstream_statuses: frozenset[int] = frozenset()) -
 
 
 def statuses_in_h2_script(script: bytes) -> frozenset[int]:
-    """Every :status that the HEADERS frames in `script` could carry, decoded with `hpack` (the
-    `h2` library's decoder, independent of ours): each block alone and in sequence, padding and
-    priority fields stripped; blocks it cannot decode carry none."""
-    import hpack
-
+    """Every :status that the HEADERS frames in `script` carry, decoded in order with `hpack` (the
+    `h2` library's decoder, independent of ours), padding and priority fields stripped; a block
+    it cannot decode carries none."""
     statuses: set[int] = set()
-    sequence = hpack.Decoder()
-    pos = 0
-    while pos + 9 <= len(script):
-        length, kind, flags = int.from_bytes(script[pos:pos + 3], "big"), script[pos + 3], script[pos + 4]
-        block = script[pos + 9:pos + 9 + length]
-        pos += 9 + length
+    decoder = hpack.Decoder()
+    for kind, flags, _, block in split_frames(script):
         if kind != 1:
             continue
         if flags & 0x8 and block:  # PADDED
             block = block[1:len(block) - block[0]] if block[0] < len(block) else b""
         if flags & 0x20:  # PRIORITY
             block = block[5:]
-        for decoder in (hpack.Decoder(), sequence):
-            try:
-                fields = decoder.decode(block, raw=True)
-            except Exception:  # noqa: BLE001 - hpack's errors for a random block are many
-                continue
-            statuses.update(int(value) for name, value in fields if name == b":status" and value.isdigit())
+        try:
+            fields = decoder.decode(block, raw=True)
+        except Exception:  # noqa: BLE001 - hpack's errors for a random block are many
+            continue
+        statuses.update(int(value) for name, value in fields if name == b":status" and value.isdigit())
     return frozenset(statuses)
 
 
 def _response_block(status: bytes, extra: list[tuple[bytes, bytes]]) -> bytes:
-    import hpack  # the `h2` library's own encoder: an independent source of valid blocks
-
+    """A valid block from the `h2` library's own encoder: an independent source."""
     return hpack.Encoder().encode([(b":status", status)] + extra)
 
 
