@@ -1,17 +1,21 @@
 """The Dockerfile, checked as text (the image cannot be built here: no container engine):
 multi-stage on one pinned slim Python, no build tools in the final stage, uid 101, ports
 8080/9901, a build context trimmed by .dockerignore; its HEALTHCHECK one-liner is run for real
-against a loopback HTTP server."""
+against a loopback HTTP server, and its builder stage's wheel is built (offline) and run."""
 
 from __future__ import annotations
 
 import fnmatch
 import http.server
+import os
+import pathlib
 import re
+import shutil
 import socket
 import subprocess
 import sys
 import threading
+import zipfile
 
 import pytest
 
@@ -123,3 +127,58 @@ def test_healthcheck_fails_when_nothing_listens():
         port = probe.getsockname()[1]
     code = healthcheck_argv()[2].replace("127.0.0.1:9901", f"127.0.0.1:{port}")
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=30).returncode != 0
+
+
+def _copy_builder_sources(into: pathlib.Path) -> None:
+    """What the builder stage COPYs from the build context, laid out as COPY lays it out: a
+    directory's contents go into the destination; a file goes into it when it ends in '/'."""
+    for inst in stages()[0]:
+        if inst.keyword != "COPY" or "--from" in inst.args:
+            continue
+        *sources, dest = inst.args.split()
+        for source in sources:
+            origin = ROOT / source
+            if origin.is_dir():
+                shutil.copytree(origin, into / dest, dirs_exist_ok=True,
+                                ignore=shutil.ignore_patterns("__pycache__"))
+            else:
+                target = into / dest / origin.name if dest.endswith("/") else into / dest
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy(origin, target)
+
+
+def test_builder_stage_builds_a_wheel_that_runs(tmp_path):
+    """The builder's `pip wheel .` on exactly what it copies, offline with our setuptools: every
+    package file (the demo's JSON included) must reach the wheel, and the installed wheel, on its
+    own path, must run `sigv4proxy demo`'s data loading and the CLI."""
+    src, wheels, site = tmp_path / "src", tmp_path / "wheels", tmp_path / "site"
+    _copy_builder_sources(src)
+    pip = [sys.executable, "-m", "pip", "-q", "--disable-pip-version-check"]
+    built = subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "--no-index",
+                            "-w", str(wheels), str(src)], capture_output=True, text=True, timeout=180)
+    assert built.returncode == 0, built.stdout + built.stderr
+    (wheel,) = wheels.glob("sigv4proxy-*.whl")
+    with zipfile.ZipFile(wheel) as archive:
+        names = set(archive.namelist())
+        entry_points = next(archive.read(n).decode() for n in names if n.endswith("entry_points.txt"))
+    package = [p.relative_to(ROOT).as_posix() for p in (ROOT / "sigv4proxy").rglob("*")
+               if p.is_file() and "__pycache__" not in p.parts]
+    assert "sigv4proxy/demo/identities.json" in package
+    assert sorted(set(package) - names) == []
+    assert re.search(r"^sigv4proxy = sigv4proxy\.cli:main$", entry_points, re.M)
+
+    installed = subprocess.run([*pip, "install", "--no-deps", "--no-index", "--target", str(site),
+                                str(wheel)], capture_output=True, text=True, timeout=180)
+    assert installed.returncode == 0, installed.stdout + installed.stderr
+    probe = ("import json, sigv4proxy, sigv4proxy.demo as d; print(sigv4proxy.__file__); "
+             "print(len(json.load(open(d.demo_file('identities.json')))))")
+    env = {**os.environ, "PYTHONPATH": str(site)}
+    ran = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env,
+                         timeout=60, cwd=tmp_path)
+    assert ran.returncode == 0, ran.stderr
+    where, identities = ran.stdout.split()
+    assert pathlib.Path(where).is_relative_to(site), f"imported {where}, not the built wheel"
+    assert int(identities) > 0
+    cli = subprocess.run([sys.executable, "-m", "sigv4proxy", "serve", "--help"], capture_output=True,
+                         text=True, env=env, timeout=60, cwd=tmp_path)
+    assert cli.returncode == 0 and "--upstream" in cli.stdout, cli.stderr
