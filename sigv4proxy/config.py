@@ -267,7 +267,7 @@ class ProxyConfig:
     header_timeout: float = setting(30.0, _positive(float), "close a new client connection without a complete request head after this (s)")
     max_connections: int = setting(128, _positive(int), "upstream connections per origin and worker; over HTTP/1.1 also the cap on concurrent upstream requests")
     recv_buffer: int | None = setting(65536, _optional(_positive(int)), "inbound socket receive buffer (bytes): bounds what one read takes in, so memory per upload stays flat (0: kernel default)")
-    splice: bool = setting(True, _parse_bool, "move HTTP/1.1 request bodies over 64 KiB of declared length to a cleartext upstream (HTTP/1.1, or h2c with the lean client) inside the kernel (Linux splice), never through the process")
+    splice: bool = setting(True, _parse_bool, "take HTTP/1.1 request bodies over 64 KiB of declared length straight off the client's socket: to a cleartext upstream (HTTP/1.1, or h2c with the lean client) moved inside the kernel (Linux splice), never through the process; to a TLS upstream read without aiohttp's parser and stream buffer")
     max_body_size: int | None = setting(None, _optional(_positive(int)), "reject request bodies larger than this (bytes)")
     max_inflight: int | None = setting(None, _optional(_positive(int)), "answer 503 beyond this many in-flight requests per worker")
     workers: int = setting(1, _workers, "worker processes sharing the port (N or auto)")

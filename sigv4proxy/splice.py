@@ -2,13 +2,15 @@
 
 Linux splice(2) through a pipe: the bytes never enter the process, so a large upload costs a few
 system calls per socket buffer instead of a copy in, a parse, a copy out and the Python between.
-Used for an HTTP/1.1 body of declared length going to a cleartext upstream (TLS needs the bytes):
-moved whole into an HTTP/1.1 socket (`move_body`), or cut into HTTP/2 DATA frames each put
-together in the pipe (`FrameSource`).
+Used for an HTTP/1.1 body of declared length going to a cleartext upstream: moved whole into an
+HTTP/1.1 socket (`move_body`), or cut into HTTP/2 DATA frames each put together in the pipe
+(`FrameSource`). TLS needs the bytes in the process: there `ReadSource` reads the rest straight
+off the client's socket, one copy, with no parser or stream buffer between.
 
-Owns: the per-process pipe free list, the move loop and the frame source. Must never: take more
-than it was asked to from the source (what follows a body on the client's socket is the next
-request), block the event loop, or put a pipe that may still hold bytes back in the free list.
+Owns: the per-process pipe free list, the move loop, the frame source and the read source. Must
+never: take more than it was asked to from the source (what follows a body on the client's socket
+is the next request), block the event loop, or put a pipe that may still hold bytes back in the
+free list.
 """
 
 from __future__ import annotations
@@ -28,6 +30,9 @@ AVAILABLE = sys.platform.startswith("linux") and hasattr(os, "splice")
 # What a pipe holds between the two sockets: enough to take a whole receive buffer while the
 # upstream's send buffer is full. Kernel memory (page references), not the process's.
 PIPE_SIZE = 256 * 1024
+# One read of a body for TLS. Measured (1 MiB uploads over TLS, two workers, c128): 64 KiB reads
+# 7 % fewer requests a second; 256 KiB as many as 128 KiB, with 2.4 MiB more per worker.
+READ_SIZE = 128 * 1024
 _FLAGS = getattr(os, "SPLICE_F_MOVE", 0) | getattr(os, "SPLICE_F_NONBLOCK", 0)
 _FREE_LIMIT = 64  # idle pipes kept for reuse (two descriptors each)
 _free: list[tuple[int, int, int]] = []
@@ -287,4 +292,40 @@ class FrameSource:
             finisher.add_done_callback(lambda _: _give_back(self._pipe, not self._queued))
         else:
             _give_back(self._pipe, not self._queued)
+        return self._src
+
+
+class ReadSource:
+    """The rest of a request body in the client's socket, for an upstream that needs the bytes
+    (TLS): read straight into the process, never past the body. Owns `src` (a descriptor of its
+    own for the client's socket) until `release()`."""
+
+    __slots__ = ("left", "_src", "_timeout", "_loop")
+
+    def __init__(self, src: int, left: int, src_timeout: float) -> None:
+        self.left = left  # body bytes still in the client's socket
+        self._src = src
+        self._timeout = src_timeout
+        self._loop = asyncio.get_running_loop()
+
+    async def read(self) -> bytes:
+        """The next part of the body (at most READ_SIZE bytes, at least one), waiting up to the
+        client timeout for it. A client that closes first is BadRequest, a silent one
+        RequestTimeout."""
+        while True:
+            try:
+                data = os.read(self._src, min(READ_SIZE, self.left))
+            except BlockingIOError:
+                if not await _ready(self._loop, self._src, None, self._timeout):
+                    raise RequestTimeout(CLIENT_STALLED) from None
+                continue
+            except OSError:
+                raise BadRequest(SHORT_BODY) from None
+            if not data:
+                raise BadRequest(SHORT_BODY)
+            self.left -= len(data)
+            return data
+
+    def release(self) -> int:
+        """Returns `src`, now the caller's to close."""
         return self._src

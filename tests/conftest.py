@@ -47,6 +47,37 @@ async def sim(tmp_path):
     await server.aclose()
 
 
+@pytest.fixture
+async def tls_sim(tmp_path, tls_material):
+    """(simulator over TLS, HTTP/2 or HTTP/1.1 by ALPN; the CA file that verifies it)."""
+    from sigv4proxy.sim.server import SimConfig, start_simulator
+    from support.proxy import SERVICE_ARN, write_identities
+
+    cert, key, ca = tls_material
+    server = await start_simulator(SimConfig(host="127.0.0.1", port=0, identities=str(write_identities(tmp_path)),
+                                             policy=None, service_arn=SERVICE_ARN, tls_cert=cert, tls_key=key))
+    yield server, ca
+    await server.aclose()
+
+
+@pytest.fixture
+def reads(monkeypatch) -> list[int]:
+    """Bytes each `splice.ReadSource.read` returned (the real read underneath): a body read off
+    the client's socket for a TLS upstream."""
+    from sigv4proxy import splice
+
+    got: list[int] = []
+    real = splice.ReadSource.read
+
+    async def counting(self):
+        data = await real(self)
+        got.append(len(data))
+        return data
+
+    monkeypatch.setattr(splice.ReadSource, "read", counting)
+    return got
+
+
 MISSING_TESTSUITE = f"SigV4 test suite not found at {TESTSUITE} (set SIGV4_TESTSUITE)"
 
 

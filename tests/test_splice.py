@@ -1,12 +1,14 @@
 """Request bodies moved client socket to upstream socket inside the kernel (`sigv4proxy.splice`).
 
 The mover on its own over real loopback TCP: exactly the asked bytes (what follows stays for the
-next request), each failure typed, no descriptor kept. Through the proxy: a large upload to a
+next request), each failure typed, no descriptor kept; so is the reader that takes a body into
+the process for a TLS upstream (`ReadSource`: TLS needs the bytes, not aiohttp's parser). Through the proxy: a large upload to a
 cleartext HTTP/1.1 upstream is spliced (the spy on os.splice counts the bytes) and the
 simulator verifies its signature and the body's sha256; the client connection goes on parsing
 requests after it, with the proxy's own header limits; bodies that must not or cannot be spliced
-(TLS, the `h2` library, chunked, `--no-splice`) stream as before; a client or an upstream that
-stops part-way gets the usual typed answer and never a desynchronised connection. Into a
+(TLS, the `h2` library, chunked, `--no-splice`) are not; a client or an upstream that stops
+part-way gets the usual typed answer and never a desynchronised connection, also when the body
+is read off the socket for a TLS upstream instead (HTTP/1.1 and HTTP/2 by ALPN). Into a
 cleartext HTTP/2 upstream the body goes as DATA frames put together in the kernel, interleaved
 with other streams' frames, also when frames are written in pieces."""
 
@@ -17,15 +19,16 @@ import hashlib
 import json
 import os
 import socket
+import ssl
 import struct
 
 import pytest
 
 from sigv4proxy import splice
 from sigv4proxy.errors import BadRequest, RequestTimeout, UpstreamReset, UpstreamTimeout
-from sigv4proxy.sim.server import SimConfig, start_simulator
-from support.proxy import LATTICE_HOST, PRINCIPAL, SERVICE_ARN, running_proxy, write_identities
+from support.proxy import LATTICE_HOST, PRINCIPAL, running_proxy
 from support.h2_peers import H2Script, H2TestServer
+from support.raw_http import read_response, small_buffers, tcp_pair
 from support.upstream_servers import EarlyAnswerUpstream
 
 pytestmark = pytest.mark.skipif(not splice.AVAILABLE, reason="splice(2) is Linux-only")
@@ -48,31 +51,6 @@ def spliced(monkeypatch) -> list[int]:
     return moved
 
 
-def _small_buffers(sock: socket.socket) -> None:
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)  # fixed, not autotuned
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 65536)
-
-
-async def _tcp_pair(small: bool = False) -> tuple[socket.socket, socket.socket]:
-    """(outer, inner): a connected loopback TCP pair, both non-blocking."""
-    listener = socket.socket()
-    if small:
-        _small_buffers(listener)
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(1)
-    listener.setblocking(False)
-    outer = socket.socket()
-    if small:
-        _small_buffers(outer)
-    outer.setblocking(False)
-    loop = asyncio.get_running_loop()
-    connecting = loop.sock_connect(outer, listener.getsockname())
-    inner, _ = await asyncio.gather(loop.sock_accept(listener), connecting)
-    listener.close()
-    inner[0].setblocking(False)
-    return outer, inner[0]
-
-
 async def _read_exactly(sock: socket.socket, n: int) -> bytes:
     loop = asyncio.get_running_loop()
     out = bytearray()
@@ -92,8 +70,8 @@ class _Route:
     """client -> [src] proxy [dst] -> upstream: two loopback TCP connections."""
 
     async def __aenter__(self):
-        self.client, self.src = await _tcp_pair()
-        self.dst, self.upstream = await _tcp_pair()
+        self.client, self.src = await tcp_pair()
+        self.dst, self.upstream = await tcp_pair()
         return self
 
     async def __aexit__(self, *exc_info):
@@ -139,8 +117,8 @@ async def test_a_silent_client_times_out():
 
 async def test_an_upstream_that_stops_reading_times_out():
     loop = asyncio.get_running_loop()
-    client, src = await _tcp_pair(small=True)
-    dst, upstream = await _tcp_pair(small=True)
+    client, src = await tcp_pair(small=True)
+    dst, upstream = await tcp_pair(small=True)
     body = os.urandom(1 << 20) * 16  # far beyond every buffer on the way
     sending = asyncio.ensure_future(loop.sock_sendall(client, body))
     try:
@@ -193,29 +171,62 @@ async def test_no_descriptor_outlives_a_move_and_a_failed_move_drops_its_pipe():
 
 # --- through the proxy ---
 
-@pytest.fixture
-async def tls_sim(tmp_path, tls_material):
-    cert, key, ca = tls_material
-    server = await start_simulator(SimConfig(host="127.0.0.1", port=0, identities=str(write_identities(tmp_path)),
-                                             policy=None, service_arn=SERVICE_ARN, tls_cert=cert, tls_key=key))
-    yield server, ca
-    await server.aclose()
-
-
-async def _response(reader: asyncio.StreamReader) -> tuple[bytes, dict[bytes, bytes], bytes]:
-    head = await reader.readuntil(b"\r\n\r\n")
-    status, *lines = head[:-4].split(b"\r\n")
-    fields = {name.strip().lower(): value.strip() for name, value in (line.split(b":", 1) for line in lines)}
-    return status, fields, await reader.readexactly(int(fields[b"content-length"]))
-
-
 async def _post(port: int, body: bytes) -> dict:
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     writer.write(b"POST /up HTTP/1.1\r\nHost: %s\r\nContent-Length: %d\r\n\r\n" % (HOST, len(body)) + body)
-    status, _, answer = await asyncio.wait_for(_response(reader), 20)
+    status, _, answer = await asyncio.wait_for(read_response(reader), 20)
     writer.close()
     assert status == b"HTTP/1.1 200 OK", answer
     return json.loads(answer)
+
+
+# --- the TLS reader on its own ---
+
+async def test_reads_for_tls_take_exactly_the_body_and_leave_what_follows():
+    client, inner = await tcp_pair()
+    body = os.urandom(3 * splice.READ_SIZE + 5)
+    try:
+        sending = asyncio.ensure_future(asyncio.get_running_loop().sock_sendall(client, body + b"NEXT"))
+        source = splice.ReadSource(os.dup(inner.fileno()), len(body), 5.0)
+        got = []
+        while source.left:
+            got.append(await asyncio.wait_for(source.read(), 5))
+        await sending
+        assert b"".join(got) == body
+        assert max(map(len, got)) <= splice.READ_SIZE
+        os.close(source.release())
+        assert await asyncio.wait_for(asyncio.get_running_loop().sock_recv(inner, 100), 5) == b"NEXT"
+    finally:
+        client.close()
+        inner.close()
+
+
+async def test_a_read_of_a_client_that_closes_early_is_a_bad_request():
+    client, inner = await tcp_pair()
+    try:
+        client.sendall(b"x" * 1000)
+        client.close()
+        source = splice.ReadSource(os.dup(inner.fileno()), 5000, 5.0)
+        assert await source.read() == b"x" * 1000
+        with pytest.raises(BadRequest):
+            await asyncio.wait_for(source.read(), 5)
+        os.close(source.release())
+    finally:
+        inner.close()
+
+
+async def test_a_read_of_a_silent_client_times_out():
+    client, inner = await tcp_pair()
+    try:
+        source = splice.ReadSource(os.dup(inner.fileno()), 5000, 0.2)
+        started = asyncio.get_running_loop().time()
+        with pytest.raises(RequestTimeout):
+            await asyncio.wait_for(source.read(), 5)
+        assert asyncio.get_running_loop().time() - started >= 0.2
+        os.close(source.release())
+    finally:
+        client.close()
+        inner.close()
 
 
 @pytest.mark.parametrize("setting, expect_spliced", [({}, True), ({"splice": False}, False)])
@@ -236,9 +247,9 @@ async def test_a_large_upload_to_a_cleartext_http1_upstream_is_spliced_signed_an
         assert into_socket == 0
 
 
-async def test_bodies_that_cannot_be_spliced_stream_as_before(sim, tls_sim, spliced):
-    """TLS needs the bytes in the process, and so does the `h2` library client; a chunked body
-    has no length."""
+async def test_bodies_that_cannot_be_spliced_are_not(sim, tls_sim, spliced):
+    """TLS needs the bytes in the process (they are read off the socket instead), and so does
+    the `h2` library client; a chunked body has no length."""
     tls_server, ca = tls_sim
     body = os.urandom(2 * 1024 * 1024 + 1)
     async with running_proxy(upstream=f"https://127.0.0.1:{tls_server.port}", ca_bundle=ca,
@@ -253,29 +264,37 @@ async def test_bodies_that_cannot_be_spliced_stream_as_before(sim, tls_sim, spli
         reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
         writer.write(b"POST /up HTTP/1.1\r\nHost: %s\r\nTransfer-Encoding: chunked\r\n\r\n%x\r\n%s\r\n0\r\n\r\n"
                      % (HOST, len(body), body))
-        status, _, answer = await asyncio.wait_for(_response(reader), 20)
+        status, _, answer = await asyncio.wait_for(read_response(reader), 20)
         writer.close()
         assert status == b"HTTP/1.1 200 OK"
         assert json.loads(answer)["body_sha256"] == hashlib.sha256(body).hexdigest()
     assert sum(spliced) == 0
 
 
-async def test_requests_after_a_spliced_body_are_parsed_with_the_proxys_limits(sim, spliced):
-    """One write: a spliced body, a chunked body and a GET with a 12,000-byte header (over
-    aiohttp's default field limit of 8,190, under ours); then a GET with a 17,000-byte one (over
-    ours): the parser after the spliced body starts exactly where it ended and keeps the proxy's
-    limits."""
+TAKEN_WAYS = pytest.mark.parametrize("tls, protocol", [(False, "http1"), (True, "http1"), (True, "h2")],
+                                     ids=["spliced", "read-for-tls-http1", "read-for-tls-h2"])
+
+
+@TAKEN_WAYS
+async def test_requests_after_a_body_taken_off_the_socket_are_parsed_with_the_proxys_limits(
+        sim, tls_sim, spliced, reads, tls, protocol):
+    """One write: a body taken off the socket (spliced, or read for TLS), a chunked body and a
+    GET with a 12,000-byte header (over aiohttp's default field limit of 8,190, under ours); then
+    a GET with a 17,000-byte one (over ours): the parser after the taken body starts exactly
+    where it ended and keeps the proxy's limits. The simulator recomputes every signature."""
     sized = os.urandom(3 * 1024 * 1024 + 3)
     chunked = os.urandom(100 * 1024)
-    async with running_proxy(upstream=f"http://127.0.0.1:{sim.port}", upstream_protocol="http1") as proxy:
+    (tls_server, ca) = tls_sim
+    upstream = f"https://127.0.0.1:{tls_server.port}" if tls else f"http://127.0.0.1:{sim.port}"
+    async with running_proxy(upstream=upstream, ca_bundle=ca, upstream_protocol=protocol) as proxy:
         reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
         writer.write(b"POST /sized HTTP/1.1\r\nHost: %s\r\nContent-Length: %d\r\n\r\n%s"
                      b"POST /chunked HTTP/1.1\r\nHost: %s\r\nTransfer-Encoding: chunked\r\n\r\n%x\r\n%s\r\n0\r\n\r\n"
                      b"GET /long HTTP/1.1\r\nHost: %s\r\nX-Long: %s\r\n\r\n"
                      % (HOST, len(sized), sized, HOST, len(chunked), chunked, HOST, b"a" * 12000))
-        answers = [await asyncio.wait_for(_response(reader), 20) for _ in range(3)]
+        answers = [await asyncio.wait_for(read_response(reader), 20) for _ in range(3)]
         writer.write(b"GET /too-long HTTP/1.1\r\nHost: %s\r\nX-Long: %s\r\n\r\n" % (HOST, b"b" * 17000))
-        status, fields, _ = await asyncio.wait_for(_response(reader), 20)
+        status, fields, _ = await asyncio.wait_for(read_response(reader), 20)
         writer.close()
     assert [status for status, _, _ in answers] == [b"HTTP/1.1 200 OK"] * 3
     assert status.split(b" ")[1] == b"431" and fields[b"x-sigv4proxy-error"] == b"headers_too_large"
@@ -284,7 +303,12 @@ async def test_requests_after_a_spliced_body_are_parsed_with_the_proxys_limits(s
     assert all(s["principal"] == PRINCIPAL for s in seen)
     assert seen[0]["body_sha256"] == hashlib.sha256(sized).hexdigest()
     assert seen[1]["body_sha256"] == hashlib.sha256(chunked).hexdigest()
-    assert sum(spliced) / 2 > 2 * 1024 * 1024  # the first body was spliced
+    assert seen[0]["protocol"] == ("HTTP/2" if protocol == "h2" else "HTTP/1.1")
+    if tls:  # read beyond what aiohttp had read, in parts of at most READ_SIZE; nothing spliced
+        assert len(sized) - 256 * 1024 < sum(reads) <= len(sized) and max(reads) <= splice.READ_SIZE
+        assert not spliced
+    else:
+        assert sum(spliced) / 2 > 2 * 1024 * 1024 and not reads  # the first body was spliced
 
 
 async def test_a_body_that_arrived_whole_with_a_request_behind_it_keeps_that_request(sim):
@@ -296,56 +320,67 @@ async def test_a_body_that_arrived_whole_with_a_request_behind_it_keeps_that_req
         reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
         writer.write(b"POST /whole HTTP/1.1\r\nHost: %s\r\nContent-Length: %d\r\n\r\n%s"
                      b"GET /behind HTTP/1.1\r\nHost: %s\r\n\r\n" % (HOST, len(body), body, HOST))
-        answers = [await asyncio.wait_for(_response(reader), 10) for _ in range(2)]
+        answers = [await asyncio.wait_for(read_response(reader), 10) for _ in range(2)]
         writer.close()
     seen = [json.loads(text) for _, _, text in answers]
     assert [s["path"] for s in seen] == ["/whole", "/behind"]
     assert seen[0]["body_sha256"] == hashlib.sha256(body).hexdigest()
 
 
-async def test_a_client_that_stops_mid_body_gets_408_and_its_connection_closes(sim, spliced):
-    async with running_proxy(upstream=f"http://127.0.0.1:{sim.port}", upstream_protocol="http1",
-                             read_timeout=0.5) as proxy:
+@TAKEN_WAYS
+async def test_a_client_that_stops_mid_body_gets_408_and_its_connection_closes(
+        sim, tls_sim, spliced, reads, tls, protocol):
+    (tls_server, ca), taken = tls_sim, (reads if tls else spliced)
+    upstream = f"https://127.0.0.1:{tls_server.port}" if tls else f"http://127.0.0.1:{sim.port}"
+    async with running_proxy(upstream=upstream, ca_bundle=ca, upstream_protocol=protocol, read_timeout=0.5) as proxy:
         reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
         writer.write(b"POST /up HTTP/1.1\r\nHost: %s\r\nContent-Length: %d\r\n\r\n" % (HOST, 4 << 20))
         writer.write(os.urandom(1 << 20))  # a quarter, then silence
-        status, fields, text = await asyncio.wait_for(_response(reader), 10)
+        status, fields, text = await asyncio.wait_for(read_response(reader), 10)
         assert status == b"HTTP/1.1 408 Request Timeout"
         assert fields[b"x-sigv4proxy-error"] == b"request_timeout" and b"stalled" in text
         assert await asyncio.wait_for(reader.read(), 5) == b""  # closed: the rest may still come
         writer.close()
-        assert sum(spliced) > 0
+        assert sum(taken) > 0
         # The upstream connection that got a cut body is not reused: the next upload verifies.
         body = os.urandom(1 << 20)
         seen = await _post(proxy.port, body)
     assert seen["body_sha256"] == hashlib.sha256(body).hexdigest()
 
 
-async def _early_answer_upstream() -> tuple[asyncio.AbstractServer, int]:
+async def _early_answer_upstream(context: ssl.SSLContext | None = None) -> tuple[asyncio.AbstractServer, int]:
     listener = socket.socket()
-    _small_buffers(listener)
+    small_buffers(listener)
     listener.bind(("127.0.0.1", 0))
-    server = await asyncio.get_running_loop().create_server(EarlyAnswerUpstream, sock=listener)
+    server = await asyncio.get_running_loop().create_server(EarlyAnswerUpstream, sock=listener, ssl=context)
     return server, listener.getsockname()[1]
 
 
-async def test_an_upload_the_upstream_answers_unread_is_relayed_and_the_connection_kept():
-    """The upstream answers at once and never reads the spliced body: the answer is relayed, the
-    rest of the body is read and dropped (as aiohttp does for a body left unread), so the client
-    finishes sending, and its next request on the same connection is served."""
-    server, up_port = await _early_answer_upstream()
+@pytest.mark.parametrize("tls", [False, True], ids=["spliced", "read-for-tls"])
+async def test_an_upload_the_upstream_answers_unread_is_relayed_and_the_connection_kept(tls, tls_material):
+    """The upstream answers at once and never reads the body taken off the client's socket
+    (spliced, or read for TLS): the answer is relayed, the rest of the body is read and dropped
+    (as aiohttp does for a body left unread), so the client finishes sending, and its next
+    request on the same connection is served."""
+    cert, key, ca = tls_material
+    context = None
+    if tls:
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(cert, key)
+    server, up_port = await _early_answer_upstream(context)
     body = os.urandom(1 << 20) * 32  # far beyond every buffer on the way
     try:
-        async with running_proxy(upstream=f"http://127.0.0.1:{up_port}", upstream_protocol="http1") as proxy:
+        async with running_proxy(upstream=f"{'https' if tls else 'http'}://127.0.0.1:{up_port}", ca_bundle=ca,
+                                 upstream_protocol="http1") as proxy:
             reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
             writer.write(b"POST /up HTTP/1.1\r\nHost: %s\r\nContent-Length: %d\r\n\r\n" % (HOST, len(body)))
             writer.write(body)
             sending = asyncio.ensure_future(writer.drain())
-            status, _, text = await asyncio.wait_for(_response(reader), 10)
+            status, _, text = await asyncio.wait_for(read_response(reader), 10)
             assert (status, text) == (b"HTTP/1.1 200 OK", b"ok")
             await asyncio.wait_for(sending, 10)  # all of it taken
             writer.write(b"GET /next HTTP/1.1\r\nHost: %s\r\n\r\n" % HOST)
-            assert (await asyncio.wait_for(_response(reader), 5))[2] == b"ok"
+            assert (await asyncio.wait_for(read_response(reader), 5))[2] == b"ok"
             writer.close()
     finally:
         server.close()
@@ -361,7 +396,7 @@ async def test_a_client_silent_after_an_early_answer_has_its_connection_closed()
             reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
             writer.write(b"POST /up HTTP/1.1\r\nHost: %s\r\nContent-Length: %d\r\n\r\n" % (HOST, 8 << 20))
             writer.write(os.urandom(1 << 20))
-            status, _, text = await asyncio.wait_for(_response(reader), 10)
+            status, _, text = await asyncio.wait_for(read_response(reader), 10)
             assert (status, text) == (b"HTTP/1.1 200 OK", b"ok")
             started = asyncio.get_running_loop().time()
             assert await asyncio.wait_for(reader.read(), 5) == b""
@@ -369,7 +404,7 @@ async def test_a_client_silent_after_an_early_answer_has_its_connection_closed()
             writer.close()
             reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)  # others served
             writer.write(b"GET /next HTTP/1.1\r\nHost: %s\r\n\r\n" % HOST)
-            assert (await asyncio.wait_for(_response(reader), 5))[2] == b"ok"
+            assert (await asyncio.wait_for(read_response(reader), 5))[2] == b"ok"
             writer.close()
     finally:
         server.close()
@@ -399,7 +434,7 @@ async def _post_and_get_on(port: int, body: bytes, gets: int) -> list[dict]:
     writer.write(b"POST /up HTTP/1.1\r\nHost: %s\r\nContent-Length: %d\r\n\r\n" % (HOST, len(body)) + body)
     for i in range(gets):
         writer.write(b"GET /get%d HTTP/1.1\r\nHost: %s\r\n\r\n" % (i, HOST))
-    answers = [await asyncio.wait_for(_response(reader), 30) for _ in range(1 + gets)]
+    answers = [await asyncio.wait_for(read_response(reader), 30) for _ in range(1 + gets)]
     writer.close()
     assert [status for status, _, _ in answers] == [b"HTTP/1.1 200 OK"] * (1 + gets)
     return [json.loads(text) for _, _, text in answers]
@@ -436,7 +471,7 @@ async def test_a_spliced_upload_ends_its_stream_on_its_last_data_frame(spliced, 
         reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
         for _ in range(2):  # the connection goes on after each
             writer.write(b"POST /up HTTP/1.1\r\nHost: %s\r\nContent-Length: %d\r\n\r\n" % (HOST, len(body)) + body)
-            status, _, text = await asyncio.wait_for(_response(reader), 30)
+            status, _, text = await asyncio.wait_for(read_response(reader), 30)
             assert status == b"HTTP/1.1 200 OK"
             assert json.loads(text)["body_sha256"] == hashlib.sha256(body).hexdigest()
         writer.close()

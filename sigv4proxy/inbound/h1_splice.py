@@ -1,29 +1,30 @@
-"""An HTTP/1.1 request body that a cleartext upstream socket may take straight off the client's.
+"""An HTTP/1.1 request body that an upstream connection may take straight off the client's socket.
 
 Owns: `SpliceableBody`, the streamed body handed to the upstream when the inbound request has a
-declared length on a cleartext socket: iterated like any body, or moved in the kernel
-(`sigv4proxy.splice`) with the inbound connection detached from aiohttp's parser meanwhile,
-whole into an HTTP/1.1 socket (`splice_into`) or as HTTP/2 DATA frames (`frames`); what the
-upstream stopped taking is read and dropped, as aiohttp does for a body left unread. Must never:
-let the client's next request be read as body or the body as a request, or keep a connection
-whose parser lost count of the body.
+declared length on a cleartext socket: iterated like any body, or taken off the socket
+(`sigv4proxy.splice`) with the inbound connection detached from aiohttp's parser meanwhile:
+moved in the kernel whole into a cleartext HTTP/1.1 socket (`splice_into`) or as HTTP/2 DATA
+frames (`frames`), or read into the process for a TLS upstream (`reads`). What the upstream
+stopped taking is read and dropped, as aiohttp does for a body left unread. Must never: let the
+client's next request be read as body or the body as a request, or keep a connection whose
+parser lost count of the body.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 from aiohttp import web
 
 from sigv4proxy.errors import Overloaded, ProxyError, UpstreamError
-from sigv4proxy.splice import FrameSource, Taken, cleartext_fd, discard_target, move_body
+from sigv4proxy.splice import FrameSource, ReadSource, Taken, cleartext_fd, discard_target, move_body
 
 
 class SpliceableBody:
-    """The chunks of a streamed request body (`async for`), or the rest of it moved in the
-    kernel (`splice_into`, `frames`). One of them, once."""
+    """The chunks of a streamed request body (`async for`), or the rest of it taken off the
+    client's socket (`splice_into`, `frames`, `reads`). One of them, once."""
 
     __slots__ = ("_chunks", "_request", "_length", "_client_timeout")
 
@@ -112,6 +113,15 @@ class SpliceableBody:
             raise Overloaded("out of file descriptors") from None
         return prefix, BodyFrames(self, source)
 
+    def reads(self) -> BodyReads | None:
+        """For a TLS upstream, which needs the bytes: the body read straight off the client's
+        socket (see `BodyReads`). None: iterate the chunks instead."""
+        detached = self._detach()
+        if detached is None:
+            return None
+        prefix, src, count = detached
+        return BodyReads(self, prefix, ReadSource(src, count, self._client_timeout) if src >= 0 else None)
+
     async def _discard_rest(self, src: int, left: int) -> None:
         """The rest of a body its upstream no longer takes, read and dropped as aiohttp does for
         a body left unread (for its lingering time at most, the client silent for --read-timeout
@@ -145,6 +155,47 @@ class BodyFrames:
         source = self.source
         left, src = source.left, source.release()
         self._body._finish(src, left, complete, upstream_gave_up)
+
+
+class BodyReads:
+    """A body for an upstream that needs its bytes: what aiohttp had already read, then the rest
+    read off the client's socket (`source`, None when there is no rest). `send` once."""
+
+    __slots__ = ("_body", "_prefix", "_source")
+
+    def __init__(self, body: SpliceableBody, prefix: bytes, source: ReadSource | None) -> None:
+        self._body = body
+        self._prefix = prefix
+        self._source = source
+
+    async def send(self, send_chunk: Callable[[bytes], Awaitable[None]]) -> None:
+        """Hands every part of the body to `send_chunk`, which returns once the upstream may take
+        more. The client's connection is detached until this returns, whatever happens: a read
+        failing is the client's failure (its connection closes after the answer); anything
+        else, the upstream giving up or a cancellation, leaves the rest to be read and dropped."""
+        source = self._source
+        if source is None:
+            if self._prefix:
+                await send_chunk(self._prefix)
+            return
+        complete = client_failed = False
+        try:
+            data = self._prefix
+            while True:
+                if data:
+                    await send_chunk(data)
+                if not source.left:
+                    break
+                await asyncio.sleep(0)  # a fast client and upstream: let other requests run too
+                try:
+                    data = await source.read()
+                except ProxyError:
+                    client_failed = True
+                    raise
+            complete = True
+        finally:
+            left, src = source.left, source.release()
+            self._body._finish(src, left, complete, not (complete or client_failed))
 
 
 _discarding: set[asyncio.Task] = set()  # referenced while they run

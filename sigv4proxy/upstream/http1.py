@@ -241,15 +241,15 @@ class HTTP1Connection(ConnectionCore, asyncio.Protocol):
                 await self._flow.drain(self.timeouts.read)
             else:
                 try:
-                    if chunked or not await self._splice_body(body):
+                    if chunked or not await self._send_off_socket(body):
                         async for chunk in body:
                             if not chunk:
                                 continue
                             if chunked:
                                 transport.writelines([b"%x\r\n" % len(chunk), chunk, b"\r\n"])
+                                await self._flow.drain(self.timeouts.read)
                             else:
-                                transport.write(chunk)
-                            await self._flow.drain(self.timeouts.read)
+                                await self._write_chunk(chunk)
                 except ProxyError:
                     raise
                 except Exception:
@@ -266,14 +266,26 @@ class HTTP1Connection(ConnectionCore, asyncio.Protocol):
             exchange.fail(err)
             self.abort()
 
-    async def _splice_body(self, body: AsyncIterable[bytes]) -> bool:
-        """A body that can move itself socket to socket in the kernel does (see SpliceableBody),
-        when this socket is cleartext and has nothing of ours unsent. False: iterate it."""
-        splice_into = getattr(body, "splice_into", None)
-        if splice_into is None or self._splice_fd < 0 or self._transport is None \
-                or self._transport.get_write_buffer_size():
+    async def _send_off_socket(self, body: AsyncIterable[bytes]) -> bool:
+        """A body that can be taken straight off the client's socket is (see SpliceableBody),
+        once this socket has nothing of ours unsent: moved in the kernel into a cleartext
+        socket, read into the process for TLS. False: iterate it."""
+        transport = self._transport
+        if transport is None or transport.get_write_buffer_size():
             return False
-        return await splice_into(self._splice_fd, self.timeouts.read)
+        if self._splice_fd >= 0:
+            splice_into = getattr(body, "splice_into", None)
+            return splice_into is not None and await splice_into(self._splice_fd, self.timeouts.read)
+        reads = getattr(body, "reads", None)
+        taken = reads() if reads is not None else None
+        if taken is None:
+            return False
+        await taken.send(self._write_chunk)
+        return True
+
+    async def _write_chunk(self, chunk: bytes) -> None:
+        self._transport.write(chunk)
+        await self._flow.drain(self.timeouts.read)
 
     # --- asyncio.Protocol ---
     def connection_made(self, transport: asyncio.BaseTransport) -> None:

@@ -79,12 +79,14 @@ class LeanStream(H2StreamBase):
 async def send_body(conn: LeanH2Connection, stream: LeanStream,
                     body: bytes | AsyncIterable[bytes]) -> None:
     try:
-        spliced = _spliced(conn, body)
-        if spliced is None:
+        ended = False
+        taken = _taken(conn, body)
+        if taken is None:
             await feed_body(body, partial(_send_chunk, conn, stream))
-            ended = False
+        elif conn._splice_fd < 0:  # TLS: `BodyReads`
+            await taken.send(partial(_send_chunk, conn, stream))
         else:
-            ended = await _send_spliced(conn, stream, *spliced)  # its last frame ended it
+            ended = await _send_spliced(conn, stream, *taken)  # its last frame ended it
         if stream.retired or conn._closed:
             return
         if not ended:
@@ -115,13 +117,12 @@ def _end_stream(conn: LeanH2Connection, stream: LeanStream,
         conn._write(w.frame_header(w.DATA, w.FLAG_END_STREAM, stream.id, 0))
 
 
-def _spliced(conn: LeanH2Connection, body: bytes | AsyncIterable[bytes]):
-    """(bytes already read, the rest as spliced frames or None) for a body that can be spliced
-    into this connection (cleartext); None: send its chunks."""
-    frames = getattr(body, "frames", None)
-    if frames is None or conn._splice_fd < 0:
-        return None
-    return frames()
+def _taken(conn: LeanH2Connection, body: bytes | AsyncIterable[bytes]):
+    """The body taken straight off the client's socket, if it allows that (`inbound.h1_splice`):
+    into a cleartext connection (bytes already read, the rest as spliced frames or None); for
+    TLS, which needs the bytes, a `BodyReads`. None: send its chunks."""
+    take = getattr(body, "frames" if conn._splice_fd >= 0 else "reads", None)
+    return None if take is None else take()
 
 
 async def _send_spliced(conn: LeanH2Connection, stream: LeanStream, prefix: bytes, frames) -> bool:

@@ -71,11 +71,18 @@ class _TrackedBody:
 
     def frames(self):
         """The source's rest as spliced HTTP/2 frames (see `inbound.h1_splice`), if it has that."""
-        frames = getattr(self._source, "frames", None)
-        if frames is None:
+        return self._taken("frames")
+
+    def reads(self):
+        """The source read straight off the client's socket (see `inbound.h1_splice`), if it can be."""
+        return self._taken("reads")
+
+    def _taken(self, how: str):
+        take = getattr(self._source, how, None)
+        if take is None:
             return None
         self.pulled = True  # whatever it returns, treat the body as started: never replayed
-        return frames()
+        return take()
 
     async def _iterate(self) -> AsyncIterator[bytes]:
         self.pulled = True
