@@ -409,3 +409,28 @@ async def test_a_response_whose_body_is_already_here_leaves_with_its_head(sim, m
 
     with_head = [frames_in(w) for w in writes if (0x1, sid) in frames_in(w)]
     assert len(with_head) == 1 and (0x0, sid) in with_head[0], [frames_in(w) for w in writes]
+
+
+async def test_a_client_that_half_closes_gets_its_answers_then_the_connection_closes(sim):
+    """TCP half-close after the requests: the one that arrived whole is answered (the simulator
+    verified it), the one whose body was cut short is reset, and the connection then closes
+    rather than waiting for idle timeouts."""
+    async with running_proxy(**via(sim.port)) as proxy, H2TestClient("127.0.0.1", proxy.port) as client:
+        whole = client.request("GET", "/whole", LATTICE_HOST)
+        cut = client.request("POST", "/cut", LATTICE_HOST, [("content-length", "100000")], end_stream=False)
+        await client.send_data(cut, b"x" * 1000)
+        client.half_close()
+        answered, reset = await client.wait(whole), await client.wait(cut)
+        await asyncio.wait_for(client.closed.wait(), 5)
+    assert answered.status == 200 and answered.ended
+    echo = json.loads(bytes(answered.body))
+    assert echo["principal"] == PRINCIPAL and echo["path"] == "/whole"
+    assert reset.status is None and reset.reset_code == 8  # CANCEL
+
+
+async def test_a_client_that_half_closes_with_nothing_open_is_closed_at_once(sim):
+    async with running_proxy(**via(sim.port)) as proxy, H2TestClient("127.0.0.1", proxy.port) as client:
+        record = await client.wait(client.request("GET", "/first", LATTICE_HOST))
+        client.half_close()
+        await asyncio.wait_for(client.closed.wait(), 5)
+    assert record.status == 200 and record.ended

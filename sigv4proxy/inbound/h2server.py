@@ -121,7 +121,17 @@ class H2ServerConnection(asyncio.Protocol):
         self.flush()
 
     def eof_received(self) -> bool | None:
-        return None
+        """The client has sent all it will (TCP half-close): requests that arrived whole are still
+        answered, then the connection closes; one whose body was cut short is reset (CANCEL) and
+        its upstream stream cancelled."""
+        for stream in list(self.streams.values()):
+            if not stream.remote_ended:
+                self._drop(stream, ErrorCodes.CANCEL)
+        self.flush()
+        if not self.streams:
+            return None  # nothing left to answer: the transport closes
+        self._goaway_sent = True  # as after a GOAWAY: close once the open streams finish
+        return True  # keep writing
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closed = True
@@ -298,10 +308,17 @@ class H2ServerConnection(asyncio.Protocol):
 
     def _on_stream_reset(self, event: h2.events.StreamReset) -> None:
         stream = self.streams.get(event.stream_id)
-        if stream is None:
-            return
+        if stream is not None:
+            self._drop(stream)
+
+    @staticmethod
+    def _drop(stream: InboundStream, code: ErrorCodes | None = None) -> None:
+        """The stream ends here (reset by the client, or by us with `code`) and its handler stops."""
         task = stream.task
-        stream._close()
+        if code is None:
+            stream._close()
+        else:
+            stream.reset(code)
         if task is not None and not task.done():
             task.cancel()  # cancels the upstream stream too (its aclose resets it)
 

@@ -60,6 +60,7 @@ class H2TestClient:
         self.streams: dict[int, StreamRecord] = {}
         self.goaway: h2.events.ConnectionTerminated | None = None
         self.closed = asyncio.Event()
+        self.half_closed = False
         self._window = asyncio.Event()
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
@@ -84,8 +85,14 @@ class H2TestClient:
 
     def flush(self) -> None:
         data = self.h2.data_to_send()
-        if data and self._writer is not None and not self._writer.is_closing():
+        if data and self._writer is not None and not self._writer.is_closing() and not self.half_closed:
             self._writer.write(data)
+
+    def half_close(self) -> None:
+        """TCP half-close: nothing more is sent (frames h2 queues from now on are dropped)."""
+        self.flush()
+        self.half_closed = True
+        self._writer.write_eof()
 
     # --- sending ---
     def request(self, method: str, path: str, authority: str, headers=(), *, end_stream=True) -> int:
