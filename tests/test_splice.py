@@ -2,15 +2,16 @@
 
 The mover on its own over real loopback TCP: exactly the asked bytes (what follows stays for the
 next request), each failure typed, no descriptor kept; so is the reader that takes a body into
-the process for a TLS upstream (`ReadSource`: TLS needs the bytes, not aiohttp's parser). Through the proxy: a large upload to a
-cleartext HTTP/1.1 upstream is spliced (the spy on os.splice counts the bytes) and the
-simulator verifies its signature and the body's sha256; the client connection goes on parsing
-requests after it, with the proxy's own header limits; bodies that must not or cannot be spliced
-(TLS, the `h2` library, chunked, `--no-splice`) are not; a client or an upstream that stops
-part-way gets the usual typed answer and never a desynchronised connection, also when the body
-is read off the socket for a TLS upstream instead (HTTP/1.1 and HTTP/2 by ALPN). Into a
-cleartext HTTP/2 upstream the body goes as DATA frames put together in the kernel, interleaved
-with other streams' frames, also when frames are written in pieces."""
+the process for a TLS upstream (`ReadSource`: TLS needs the bytes, not aiohttp's parser).
+Through the proxy: a large upload to a cleartext HTTP/1.1 upstream is spliced (the spy on
+os.splice counts the bytes) and the simulator verifies its signature and the body's sha256; the
+client connection goes on parsing requests after it, with the proxy's own header limits; bodies
+that must not or cannot be spliced (TLS, the `h2` library, chunked, `--no-splice`) are not; a
+client or an upstream that stops part-way gets the usual typed answer and never a
+desynchronised connection, also when the body is read off the socket for a TLS upstream instead
+(HTTP/1.1 and HTTP/2 by ALPN). Into a cleartext HTTP/2 upstream the body goes as DATA frames put
+together in the kernel, interleaved with other streams' frames, also when frames are written in
+pieces."""
 
 from __future__ import annotations
 
@@ -169,17 +170,6 @@ async def test_no_descriptor_outlives_a_move_and_a_failed_move_drops_its_pipe():
         assert _open_fds() == before - 1  # the upstream end closed above; nothing of the move's left
 
 
-# --- through the proxy ---
-
-async def _post(port: int, body: bytes) -> dict:
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    writer.write(b"POST /up HTTP/1.1\r\nHost: %s\r\nContent-Length: %d\r\n\r\n" % (HOST, len(body)) + body)
-    status, _, answer = await asyncio.wait_for(read_response(reader), 20)
-    writer.close()
-    assert status == b"HTTP/1.1 200 OK", answer
-    return json.loads(answer)
-
-
 # --- the TLS reader on its own ---
 
 async def test_reads_for_tls_take_exactly_the_body_and_leave_what_follows():
@@ -227,6 +217,17 @@ async def test_a_read_of_a_silent_client_times_out():
     finally:
         client.close()
         inner.close()
+
+
+# --- through the proxy ---
+
+async def _post(port: int, body: bytes) -> dict:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"POST /up HTTP/1.1\r\nHost: %s\r\nContent-Length: %d\r\n\r\n" % (HOST, len(body)) + body)
+    status, _, answer = await asyncio.wait_for(read_response(reader), 20)
+    writer.close()
+    assert status == b"HTTP/1.1 200 OK", answer
+    return json.loads(answer)
 
 
 @pytest.mark.parametrize("setting, expect_spliced", [({}, True), ({"splice": False}, False)])
