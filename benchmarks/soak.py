@@ -7,7 +7,8 @@ endpoint handing out 2-minute keys (the proxy refreshes them on its own schedule
 30-60 s), a tiny h2c upstream that verifies nothing and sends GOAWAY every N streams per
 connection (requests above last_stream_id are ignored: the proxy must retry them), and the proxy
 as a subprocess. Traffic: `--concurrency` workers (default 32) looping over GET (sim), small POST
-(sim), 1 MiB POST (sim) and GET through the GOAWAY upstream.
+(sim), 1 MiB POST (sim) and GET through the GOAWAY upstream. `--tls` puts the simulator behind TLS
+(a throwaway trustme CA), so large uploads are read off the client's socket instead of spliced.
 
 Pass: no failure other than ones attributable to an injected fault, RSS growth < 10 % and no fd
 growth (beyond a small pool-churn slack) between the end of warm-up and the end of traffic.
@@ -195,7 +196,10 @@ async def worker(session: aiohttp.ClientSession, base: str, deadline: float, tal
 
 async def soak(args: argparse.Namespace) -> int:
     workdir = pathlib.Path(tempfile.mkdtemp(prefix="sigv4proxy-soak-"))
-    sim = await start_simulator(SimConfig(host="127.0.0.1", port=0, policy=None, identities={"identities": []}))
+    tls_files = _tls_files(workdir) if args.tls else None
+    sim = await start_simulator(SimConfig(host="127.0.0.1", port=0, policy=None, identities={"identities": []},
+                                          tls_cert=tls_files[0] if tls_files else None,
+                                          tls_key=tls_files[1] if tls_files else None))
     by_key = sim.app.identities._by_key  # the simulator learns each key as it is issued
 
     class RegisteringCreds(CredsServer):
@@ -215,9 +219,11 @@ async def soak(args: argparse.Namespace) -> int:
     env.update({"AWS_EC2_METADATA_DISABLED": "true", "AWS_SHARED_CREDENTIALS_FILE": str(workdir / "none"),
                 "AWS_CONFIG_FILE": str(workdir / "none"), "AWS_REGION": "us-west-2", "NO_PROXY": "127.0.0.1"})
     command = [sys.executable, "-m", "sigv4proxy", "serve", "--listen", f"127.0.0.1:{port}",
-               "--admin", f"127.0.0.1:{admin}", "--upstream", f"http://127.0.0.1:{sim.port}",
+               "--admin", f"127.0.0.1:{admin}", "--upstream", f"{'https' if tls_files else 'http'}://127.0.0.1:{sim.port}",
                "--upstream-protocol", "h2", "--log-level", "warning",
                "--route", f"/goaway=http://127.0.0.1:{goaway.port},protocol=h2,sign_host={HOST},name=goaway"]
+    if tls_files:
+        command += ["--ca-bundle", tls_files[2]]
     log_path = workdir / "proxy.log"
     proxy = subprocess.Popen(command, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=open(log_path, "w"))
     tally = Tally()
@@ -285,12 +291,27 @@ async def soak(args: argparse.Namespace) -> int:
         await sim.aclose()
 
 
+def _tls_files(workdir: pathlib.Path) -> tuple[str, str, str]:
+    """(certificate chain, key, CA) for the simulator on 127.0.0.1, from a throwaway trustme CA."""
+    import trustme
+
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1")
+    paths = workdir / "cert.pem", workdir / "key.pem", workdir / "ca.pem"
+    cert.private_key_and_cert_chain_pem.write_to_path(str(paths[0]))
+    cert.private_key_pem.write_to_path(str(paths[1]))
+    ca.cert_pem.write_to_path(str(paths[2]))
+    return str(paths[0]), str(paths[1]), str(paths[2])
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=float(os.environ.get("SOAK_SECONDS", "600")))
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--key-lifetime", type=float, default=120.0, help="seconds each issued key lives")
     parser.add_argument("--goaway-every", type=int, default=200, help="streams per upstream connection before GOAWAY")
+    parser.add_argument("--tls", action="store_true",
+                        help="the simulator over TLS (h2 by ALPN): large uploads take the read-for-TLS path")
     args = parser.parse_args()
     try:
         import uvloop
