@@ -16,20 +16,13 @@ from grpc_support.h2client import H2TestClient
 from sigv4proxy.app import ProxyApp
 from sigv4proxy.metrics import Metrics
 from support.h2_peers import H2Script, H2TestServer
+from support.polling import eventually
 from support.proxy import LATTICE_HOST, PRINCIPAL, proxy_config, running_proxy, static_credentials
 from support.wire_spy import RecordingTransport, frames_in
 
 
 def via(port: int, protocol: str = "h2", **extra) -> dict:
     return dict(upstream=f"http://127.0.0.1:{port}", upstream_protocol=protocol, **extra)
-
-
-async def eventually(predicate, timeout: float = 5.0) -> bool:
-    for _ in range(int(timeout / 0.02)):
-        if predicate():
-            return True
-        await asyncio.sleep(0.02)
-    return predicate()
 
 
 @pytest.mark.parametrize("upstream_protocol", ["h2", "http1"])

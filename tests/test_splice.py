@@ -27,6 +27,7 @@ import pytest
 
 from sigv4proxy import splice
 from sigv4proxy.errors import BadRequest, RequestTimeout, UpstreamReset, UpstreamTimeout
+from support.polling import eventually
 from support.proxy import LATTICE_HOST, PRINCIPAL, running_proxy
 from support.h2_peers import H2Script, H2TestServer
 from support.raw_http import read_response, small_buffers, tcp_pair
@@ -65,14 +66,6 @@ async def _read_exactly(sock: socket.socket, n: int) -> bytes:
 
 def _open_fds() -> int:
     return len(os.listdir("/proc/self/fd"))
-
-
-async def _settles(predicate, timeout: float = 5.0) -> bool:
-    for _ in range(int(timeout / 0.05)):
-        if predicate():
-            return True
-        await asyncio.sleep(0.05)
-    return predicate()
 
 
 class _Route:
@@ -321,7 +314,7 @@ async def test_requests_after_a_body_taken_off_the_socket_are_parsed_with_the_pr
         assert sum(spliced) / 2 > 2 * 1024 * 1024 and not reads  # the first body was spliced
     # The proxy has stopped: no descriptor of the taken body is left (idle pipes kept for reuse
     # aside; the simulator closes its ends of the proxy's connections as it notices).
-    assert await _settles(lambda: _open_fds() - 2 * (len(splice._free) - pipes_before) <= fds_before)
+    assert await eventually(lambda: _open_fds() - 2 * (len(splice._free) - pipes_before) <= fds_before)
 
 
 async def test_a_body_that_arrived_whole_with_a_request_behind_it_keeps_that_request(sim):

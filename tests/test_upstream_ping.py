@@ -15,6 +15,7 @@ from sigv4proxy.upstream.base import Origin, Timeouts
 from sigv4proxy.upstream.http2 import H2Connection
 from sigv4proxy.upstream.lean_h2 import LeanH2Connection
 from sigv4proxy.upstream.pool import ConnectionPool
+from support.polling import eventually
 
 IMPLEMENTATIONS = [H2Connection, LeanH2Connection]
 
@@ -58,14 +59,6 @@ class PingPeer:
     async def __aexit__(self, *exc) -> None:
         self._server.close()
         await self._server.wait_closed()
-
-
-async def eventually(predicate, seconds: float = 5.0) -> bool:
-    for _ in range(int(seconds / 0.05)):
-        if predicate():
-            return True
-        await asyncio.sleep(0.05)
-    return predicate()
 
 
 def h2_connections(pool: ConnectionPool) -> int:
