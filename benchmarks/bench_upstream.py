@@ -120,7 +120,7 @@ def start_nginx(workdir: Path, body_bytes: int, workers: int) -> Upstream:
         (prefix / sub).mkdir(exist_ok=True)
     (prefix / "bench_reply.js").write_text(NJS_REPLY)
     h1_port, h2c_port = free_port(), free_port()
-    tls = _tls_material(prefix)
+    tls = tls_material(prefix)
     h2tls_port = free_port() if tls else 0
     cert, key, ca = tls or (None, None, None)
     conf = prefix / "nginx.conf"
@@ -136,7 +136,7 @@ def start_nginx(workdir: Path, body_bytes: int, workers: int) -> Upstream:
     return Upstream("nginx", h1_port, h2c_port, process, h2tls_port, str(ca or ""))
 
 
-def _tls_material(prefix: Path) -> tuple[Path, Path, Path] | None:
+def tls_material(prefix: Path) -> tuple[Path, Path, Path] | None:
     """A throwaway CA and a certificate for 127.0.0.1 (trustme, a dev dependency), or None."""
     try:
         import trustme

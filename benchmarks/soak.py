@@ -40,6 +40,7 @@ from hyperframe.frame import GoAwayFrame
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
+from bench_upstream import tls_material  # noqa: E402
 from support.creds_server import CredsServer  # noqa: E402
 
 from sigv4proxy.sim.identities import identity_from_dict  # noqa: E402
@@ -196,10 +197,13 @@ async def worker(session: aiohttp.ClientSession, base: str, deadline: float, tal
 
 async def soak(args: argparse.Namespace) -> int:
     workdir = pathlib.Path(tempfile.mkdtemp(prefix="sigv4proxy-soak-"))
-    tls_files = _tls_files(workdir) if args.tls else None
+    tls_files = tls_material(workdir) if args.tls else None  # (cert, key, CA)
+    if args.tls and tls_files is None:
+        print("--tls needs trustme (make venv installs it)", file=sys.stderr)
+        return 1
     sim = await start_simulator(SimConfig(host="127.0.0.1", port=0, policy=None, identities={"identities": []},
-                                          tls_cert=tls_files[0] if tls_files else None,
-                                          tls_key=tls_files[1] if tls_files else None))
+                                          tls_cert=str(tls_files[0]) if tls_files else None,
+                                          tls_key=str(tls_files[1]) if tls_files else None))
     by_key = sim.app.identities._by_key  # the simulator learns each key as it is issued
 
     class RegisteringCreds(CredsServer):
@@ -223,7 +227,7 @@ async def soak(args: argparse.Namespace) -> int:
                "--upstream-protocol", "h2", "--log-level", "warning",
                "--route", f"/goaway=http://127.0.0.1:{goaway.port},protocol=h2,sign_host={HOST},name=goaway"]
     if tls_files:
-        command += ["--ca-bundle", tls_files[2]]
+        command += ["--ca-bundle", str(tls_files[2])]
     log_path = workdir / "proxy.log"
     proxy = subprocess.Popen(command, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=open(log_path, "w"))
     tally = Tally()
@@ -289,19 +293,6 @@ async def soak(args: argparse.Namespace) -> int:
         await goaway.stop()
         await creds.stop()
         await sim.aclose()
-
-
-def _tls_files(workdir: pathlib.Path) -> tuple[str, str, str]:
-    """(certificate chain, key, CA) for the simulator on 127.0.0.1, from a throwaway trustme CA."""
-    import trustme
-
-    ca = trustme.CA()
-    cert = ca.issue_cert("127.0.0.1")
-    paths = workdir / "cert.pem", workdir / "key.pem", workdir / "ca.pem"
-    cert.private_key_and_cert_chain_pem.write_to_path(str(paths[0]))
-    cert.private_key_pem.write_to_path(str(paths[1]))
-    ca.cert_pem.write_to_path(str(paths[2]))
-    return str(paths[0]), str(paths[1]), str(paths[2])
 
 
 def main() -> int:

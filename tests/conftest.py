@@ -60,24 +60,6 @@ async def tls_sim(tmp_path, tls_material):
     await server.aclose()
 
 
-@pytest.fixture
-def reads(monkeypatch) -> list[int]:
-    """Bytes each `splice.ReadSource.read` returned (the real read underneath): a body read off
-    the client's socket for a TLS upstream."""
-    from sigv4proxy import splice
-
-    got: list[int] = []
-    real = splice.ReadSource.read
-
-    async def counting(self):
-        data = await real(self)
-        got.append(len(data))
-        return data
-
-    monkeypatch.setattr(splice.ReadSource, "read", counting)
-    return got
-
-
 MISSING_TESTSUITE = f"SigV4 test suite not found at {TESTSUITE} (set SIGV4_TESTSUITE)"
 
 

@@ -12,8 +12,7 @@ import aiohttp
 import pytest
 from multidict import CIMultiDict
 
-from sigv4proxy.sim.server import SimConfig, start_simulator
-from support.proxy import LATTICE_HOST, PRINCIPAL, SERVICE_ARN, running_proxy, write_identities
+from support.proxy import LATTICE_HOST, PRINCIPAL, running_proxy
 
 PROTOCOLS = ["h2", "http1"]
 
@@ -50,21 +49,16 @@ async def test_signed_request_verifies_at_the_simulator(sim, client, protocol, i
         assert name in signed
 
 
-async def test_tls_h2_upstream_with_trustme(tmp_path, client, tls_material):
-    cert, key, ca = tls_material
-    server = await start_simulator(SimConfig(host="127.0.0.1", port=0, identities=str(write_identities(tmp_path)),
-                                             policy=None, service_arn=SERVICE_ARN, tls_cert=cert, tls_key=key))
-    try:
-        async with running_proxy(upstream=f"https://127.0.0.1:{server.port}", ca_bundle=ca) as proxy:
-            resp, body = await get_json(client, f"http://127.0.0.1:{proxy.port}/tls", headers={"Host": LATTICE_HOST})
-            assert resp.status == 200, body
-            assert json.loads(body)["protocol"] == "HTTP/2"
-        # Without the CA the certificate is refused: verification is on by default.
-        async with running_proxy(upstream=f"https://127.0.0.1:{server.port}") as proxy:
-            resp, body = await get_json(client, f"http://127.0.0.1:{proxy.port}/tls", headers={"Host": LATTICE_HOST})
-            assert resp.status == 502 and resp.headers["x-sigv4proxy-error"] == "upstream_connect"
-    finally:
-        await server.aclose()
+async def test_tls_h2_upstream_with_trustme(client, tls_sim):
+    server, ca = tls_sim
+    async with running_proxy(upstream=f"https://127.0.0.1:{server.port}", ca_bundle=ca) as proxy:
+        resp, body = await get_json(client, f"http://127.0.0.1:{proxy.port}/tls", headers={"Host": LATTICE_HOST})
+        assert resp.status == 200, body
+        assert json.loads(body)["protocol"] == "HTTP/2"
+    # Without the CA the certificate is refused: verification is on by default.
+    async with running_proxy(upstream=f"https://127.0.0.1:{server.port}") as proxy:
+        resp, body = await get_json(client, f"http://127.0.0.1:{proxy.port}/tls", headers={"Host": LATTICE_HOST})
+        assert resp.status == 502 and resp.headers["x-sigv4proxy-error"] == "upstream_connect"
 
 
 @pytest.mark.parametrize("protocol", PROTOCOLS)

@@ -53,6 +53,22 @@ def spliced(monkeypatch) -> list[int]:
     return moved
 
 
+@pytest.fixture
+def reads(monkeypatch) -> list[int]:
+    """Bytes each `splice.ReadSource.read` returned (the real read underneath): a body read off
+    the client's socket for a TLS upstream."""
+    got: list[int] = []
+    real = splice.ReadSource.read
+
+    async def counting(self):
+        data = await real(self)
+        got.append(len(data))
+        return data
+
+    monkeypatch.setattr(splice.ReadSource, "read", counting)
+    return got
+
+
 async def _read_exactly(sock: socket.socket, n: int) -> bytes:
     loop = asyncio.get_running_loop()
     out = bytearray()
