@@ -15,6 +15,7 @@ from grpc_support.h2client import H2TestClient
 from grpc_support.verifying_upstream import VerifyingForwarder
 from sigv4proxy.sim.identities import IdentityStore
 from support.h2_peers import H2Script, H2TestServer
+from support.polling import eventually
 from support.proxy import LATTICE_HOST, PRINCIPAL, running_proxy, write_identities
 
 CHANNEL_OPTIONS = [("grpc.default_authority", LATTICE_HOST), ("grpc.enable_http_proxy", 0),
@@ -112,11 +113,8 @@ async def test_client_cancellation_cancels_the_upstream_stream(chain):
         call.cancel()
         await asyncio.wait_for(service.cancelled.wait(), 10)  # reached the real server
         assert await call.code() == grpc.StatusCode.CANCELLED
-        for _ in range(100):  # the proxy's in-flight count returns to zero
-            if proxy.handler.inflight == 0:
-                break
-            await asyncio.sleep(0.02)
-        assert proxy.handler.inflight == 0
+        # The proxy's in-flight count returns to zero.
+        assert await eventually(lambda: proxy.handler.inflight == 0, timeout=2)
     [stream] = forwarder.streams
     assert stream.reset_by_proxy  # the proxy sent RST_STREAM upstream
 

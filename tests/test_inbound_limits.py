@@ -13,6 +13,7 @@ import time
 
 import aiohttp
 
+from support.polling import eventually
 from support.proxy import LATTICE_HOST, PRINCIPAL, running_proxy
 from support.upstream_servers import EarlyAnswerUpstream
 
@@ -57,10 +58,7 @@ async def _accepted_recv_buffer(proxy) -> int:
     """SO_RCVBUF of the proxy's side of a fresh connection (held undecided until it speaks)."""
     reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
     try:
-        for _ in range(200):
-            if proxy._listener.undecided:
-                break
-            await asyncio.sleep(0.01)
+        await eventually(lambda: bool(proxy._listener.undecided), timeout=2, interval=0.01)
         (sniffer,) = proxy._listener.undecided
         sock = sniffer._transport.get_extra_info("socket")
         return sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)

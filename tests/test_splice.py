@@ -529,11 +529,8 @@ async def test_a_client_gone_mid_upload_leaves_the_h2c_connection_working(sim, s
         assert all(upload["protocol"] == "HTTP/2" and upload["principal"] == PRINCIPAL for upload, _ in results)
         conns = [c for pool in proxy.pool._pools.values() for c in pool.connections]
         assert len(conns) == 1 and not conns[0].is_closed()  # the one connection, still up
-        for _ in range(100):  # the uploads of the clients gone end too
-            if proxy.handler.inflight == 0:
-                break
-            await asyncio.sleep(0.05)
-        assert proxy.handler.inflight == 0
+        # The uploads of the clients gone end too.
+        assert await eventually(lambda: proxy.handler.inflight == 0, timeout=5)
 
 
 async def test_a_frame_source_released_while_its_frame_is_being_finished_keeps_the_pipe_until_then():
