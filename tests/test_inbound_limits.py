@@ -58,7 +58,7 @@ async def _accepted_recv_buffer(proxy) -> int:
     """SO_RCVBUF of the proxy's side of a fresh connection (held undecided until it speaks)."""
     reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
     try:
-        await eventually(lambda: bool(proxy._listener.undecided), timeout=2, interval=0.01)
+        assert await eventually(lambda: bool(proxy._listener.undecided), timeout=2, interval=0.01)
         (sniffer,) = proxy._listener.undecided
         sock = sniffer._transport.get_extra_info("socket")
         return sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)

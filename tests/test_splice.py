@@ -31,7 +31,7 @@ from support.polling import eventually
 from support.proxy import LATTICE_HOST, PRINCIPAL, running_proxy
 from support.h2_peers import H2Script, H2TestServer
 from support.raw_http import read_response, small_buffers, tcp_pair
-from support.upstream_servers import EarlyAnswerUpstream
+from support.upstream_servers import EarlyAnswerUpstream, make_pki
 
 pytestmark = pytest.mark.skipif(not splice.AVAILABLE, reason="splice(2) is Linux-only")
 
@@ -189,51 +189,49 @@ async def test_no_descriptor_outlives_a_move_and_a_failed_move_drops_its_pipe():
 
 # --- the TLS reader on its own ---
 
-async def test_reads_for_tls_take_exactly_the_body_and_leave_what_follows():
+@pytest.fixture
+async def connected():
+    """(client, inner): a loopback TCP pair, both closed after the test."""
     client, inner = await tcp_pair()
+    yield client, inner
+    client.close()
+    inner.close()
+
+
+async def test_reads_for_tls_take_exactly_the_body_and_leave_what_follows(connected):
+    client, inner = connected
     body = os.urandom(3 * splice.READ_SIZE + 5)
-    try:
-        sending = asyncio.ensure_future(asyncio.get_running_loop().sock_sendall(client, body + b"NEXT"))
-        source = splice.ReadSource(os.dup(inner.fileno()), len(body), 5.0)
-        got = []
-        while source.left:
-            got.append(await asyncio.wait_for(source.read(), 5))
-        await sending
-        assert b"".join(got) == body
-        assert max(map(len, got)) <= splice.READ_SIZE
-        os.close(source.release())
-        assert await asyncio.wait_for(asyncio.get_running_loop().sock_recv(inner, 100), 5) == b"NEXT"
-    finally:
-        client.close()
-        inner.close()
+    sending = asyncio.ensure_future(asyncio.get_running_loop().sock_sendall(client, body + b"NEXT"))
+    source = splice.ReadSource(os.dup(inner.fileno()), len(body), 5.0)
+    got = []
+    while source.left:
+        got.append(await asyncio.wait_for(source.read(), 5))
+    await sending
+    assert b"".join(got) == body
+    assert max(map(len, got)) <= splice.READ_SIZE
+    os.close(source.release())
+    assert await asyncio.wait_for(asyncio.get_running_loop().sock_recv(inner, 100), 5) == b"NEXT"
 
 
-async def test_a_read_of_a_client_that_closes_early_is_a_bad_request():
-    client, inner = await tcp_pair()
-    try:
-        client.sendall(b"x" * 1000)
-        client.close()
-        source = splice.ReadSource(os.dup(inner.fileno()), 5000, 5.0)
-        assert await source.read() == b"x" * 1000
-        with pytest.raises(BadRequest):
-            await asyncio.wait_for(source.read(), 5)
-        os.close(source.release())
-    finally:
-        inner.close()
+async def test_a_read_of_a_client_that_closes_early_is_a_bad_request(connected):
+    client, inner = connected
+    client.sendall(b"x" * 1000)
+    client.close()
+    source = splice.ReadSource(os.dup(inner.fileno()), 5000, 5.0)
+    assert await source.read() == b"x" * 1000
+    with pytest.raises(BadRequest):
+        await asyncio.wait_for(source.read(), 5)
+    os.close(source.release())
 
 
-async def test_a_read_of_a_silent_client_times_out():
-    client, inner = await tcp_pair()
-    try:
-        source = splice.ReadSource(os.dup(inner.fileno()), 5000, 0.2)
-        started = asyncio.get_running_loop().time()
-        with pytest.raises(RequestTimeout):
-            await asyncio.wait_for(source.read(), 5)
-        assert asyncio.get_running_loop().time() - started >= 0.2
-        os.close(source.release())
-    finally:
-        client.close()
-        inner.close()
+async def test_a_read_of_a_silent_client_times_out(connected):
+    _, inner = connected
+    source = splice.ReadSource(os.dup(inner.fileno()), 5000, 0.2)
+    started = asyncio.get_running_loop().time()
+    with pytest.raises(RequestTimeout):
+        await asyncio.wait_for(source.read(), 5)
+    assert asyncio.get_running_loop().time() - started >= 0.2
+    os.close(source.release())
 
 
 # --- through the proxy ---
@@ -289,6 +287,12 @@ async def test_bodies_that_cannot_be_spliced_are_not(sim, tls_sim, spliced):
     assert sum(spliced) == 0
 
 
+def _simulator(tls: bool, sim, tls_sim) -> tuple[str, str]:
+    """(upstream URL, CA file): the simulator behind TLS, or in cleartext (the CA then unused)."""
+    tls_server, ca = tls_sim
+    return (f"https://127.0.0.1:{tls_server.port}" if tls else f"http://127.0.0.1:{sim.port}"), ca
+
+
 TAKEN_WAYS = pytest.mark.parametrize("tls, protocol", [(False, "http1"), (True, "http1"), (True, "h2")],
                                      ids=["spliced", "read-for-tls-http1", "read-for-tls-h2"])
 
@@ -302,8 +306,7 @@ async def test_requests_after_a_body_taken_off_the_socket_are_parsed_with_the_pr
     where it ended and keeps the proxy's limits. The simulator recomputes every signature."""
     sized = os.urandom(3 * 1024 * 1024 + 3)
     chunked = os.urandom(100 * 1024)
-    (tls_server, ca) = tls_sim
-    upstream = f"https://127.0.0.1:{tls_server.port}" if tls else f"http://127.0.0.1:{sim.port}"
+    upstream, ca = _simulator(tls, sim, tls_sim)
     fds_before, pipes_before = _open_fds(), len(splice._free)
     async with running_proxy(upstream=upstream, ca_bundle=ca, upstream_protocol=protocol) as proxy:
         reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
@@ -352,8 +355,8 @@ async def test_a_body_that_arrived_whole_with_a_request_behind_it_keeps_that_req
 @TAKEN_WAYS
 async def test_a_client_that_stops_mid_body_gets_408_and_its_connection_closes(
         sim, tls_sim, spliced, reads, tls, protocol):
-    (tls_server, ca), taken = tls_sim, (reads if tls else spliced)
-    upstream = f"https://127.0.0.1:{tls_server.port}" if tls else f"http://127.0.0.1:{sim.port}"
+    upstream, ca = _simulator(tls, sim, tls_sim)
+    taken = reads if tls else spliced
     async with running_proxy(upstream=upstream, ca_bundle=ca, upstream_protocol=protocol, read_timeout=0.5) as proxy:
         reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
         writer.write(b"POST /up HTTP/1.1\r\nHost: %s\r\nContent-Length: %d\r\n\r\n" % (HOST, 4 << 20))
@@ -379,20 +382,16 @@ async def _early_answer_upstream(context: ssl.SSLContext | None = None) -> tuple
 
 
 @pytest.mark.parametrize("tls", [False, True], ids=["spliced", "read-for-tls"])
-async def test_an_upload_the_upstream_answers_unread_is_relayed_and_the_connection_kept(tls, tls_material):
+async def test_an_upload_the_upstream_answers_unread_is_relayed_and_the_connection_kept(tls, tmp_path):
     """The upstream answers at once and never reads the body taken off the client's socket
     (spliced, or read for TLS): the answer is relayed, the rest of the body is read and dropped
     (as aiohttp does for a body left unread), so the client finishes sending, and its next
     request on the same connection is served."""
-    cert, key, ca = tls_material
-    context = None
-    if tls:
-        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        context.load_cert_chain(cert, key)
-    server, up_port = await _early_answer_upstream(context)
+    pki = make_pki(tmp_path)
+    server, up_port = await _early_answer_upstream(pki.server_context(["http/1.1"]) if tls else None)
     body = os.urandom(1 << 20) * 32  # far beyond every buffer on the way
     try:
-        async with running_proxy(upstream=f"{'https' if tls else 'http'}://127.0.0.1:{up_port}", ca_bundle=ca,
+        async with running_proxy(upstream=f"{'https' if tls else 'http'}://127.0.0.1:{up_port}", ca_bundle=pki.ca_file,
                                  upstream_protocol="http1") as proxy:
             reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
             writer.write(b"POST /up HTTP/1.1\r\nHost: %s\r\nContent-Length: %d\r\n\r\n" % (HOST, len(body)))
