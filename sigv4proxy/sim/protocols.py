@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from http import HTTPStatus
 from typing import TYPE_CHECKING
 
 import h11
@@ -27,6 +28,14 @@ if TYPE_CHECKING:
 
 _ENC = ("utf-8", "surrogateescape")  # keep the exact bytes for SigV4
 _HOP_BY_HOP = frozenset({"connection", "transfer-encoding", "keep-alive", "upgrade", "proxy-connection"})
+
+
+def _reason(status: int) -> bytes:
+    """The registered reason phrase, as Lattice's HTTP/1.1 listeners send it (h11 sends none)."""
+    try:
+        return HTTPStatus(status).phrase.encode("ascii")
+    except ValueError:
+        return b""
 
 
 def _s(b: bytes) -> str:
@@ -101,7 +110,8 @@ class H1Handler:
         headers.append(("content-length", str(length)))
         sent, first_byte_at = 0, None
         try:
-            self.conn.write(self.h11.send(h11.Response(status_code=plan.status, headers=headers)))
+            self.conn.write(self.h11.send(h11.Response(status_code=plan.status, headers=headers,
+                                                       reason=_reason(plan.status))))
             first_byte_at = time.time()
             if not head_only:
                 for chunk in plan.chunks():
