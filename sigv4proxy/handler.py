@@ -13,6 +13,7 @@ import asyncio
 import logging
 import time
 import weakref
+from functools import partial
 from typing import AsyncIterator, Awaitable, Callable, Iterable
 
 from aiohttp import StreamReader, web
@@ -131,23 +132,27 @@ class ProxyHandler:
         route_name = route.name
         has_body = request.body_exists
 
-        if prepared.expect_continue and has_body:
-            request.writer.transport.write(_CONTINUE)
+        response = Answered(0)
+        # Expect: 100-continue goes upstream with the request: the client's 100 is the upstream's
+        # own, or ours when its body is first wanted; a refusal on the head alone comes first.
+        expect = prepared.expect_continue and has_body
+        response.expects = expect
         body: bytes | AsyncIterator[bytes] | None = None
         if has_body:
             length = request.content_length
-            if length is not None and length <= SMALL_BODY and not prepared.expect_continue:
+            if length is not None and length <= SMALL_BODY and not expect:
                 body = await self._small_body(request, length)
             elif length is not None and self._splice:
-                body = SpliceableBody(self._body(request), request, length, self._body_timeout)
+                body = SpliceableBody(self._body(request, response), request, length, self._body_timeout,
+                                      partial(_send_continue, request, response) if expect else None)
             else:
-                body = self._body(request)
+                body = self._body(request, response)
         upstream = await self._pool.request(
             route.origin, method.encode("ascii"), target.encode("latin-1"), route.authority_bytes,
-            prepared.headers, body,
+            prepared.headers, body, partial(self._interim, request, response), expect,
         )
         first_byte = time.perf_counter()
-        response = Answered(upstream.status)
+        response.status = upstream.status
         complete = False
         try:
             await self._writer.relay(request, upstream, response)
@@ -155,11 +160,16 @@ class ProxyHandler:
         except (ConnectionError, ProxyError) as exc:
             if isinstance(exc, ProxyError) and not response.started:
                 raise  # nothing written yet: the client gets the typed error answer
-            # Headers are already sent: the only honest signal left is a cut connection.
+            # The head is out: the only honest signal left is a cut connection, after every byte
+            # the upstream did send (a close flushes them; a client gone gets an abort).
             log.debug("response aborted mid-body: %s", type(exc).__name__)
             self._metrics.errors_for(getattr(exc, "kind", "client_disconnect")).inc()
+            response.keep_alive = False
             if request.transport is not None:
-                request.transport.abort()
+                if isinstance(exc, ProxyError):
+                    request.transport.close()
+                else:
+                    request.transport.abort()
         finally:
             await upstream.aclose()
         self._metrics.observe_request(
@@ -207,10 +217,22 @@ class ProxyHandler:
                 raise BadRequest(SHORT_BODY) from None
         return data
 
-    async def _body(self, request: web.BaseRequest) -> AsyncIterator[bytes]:
+    def _interim(self, request: web.BaseRequest, response: Answered, status: int,
+                 headers: list[tuple[bytes, bytes]]) -> None:
+        """An upstream 1xx response, forwarded (at most one 100)."""
+        if status == 100:
+            if response.continued:
+                return
+            response.continued = True
+        self._writer.interim(request, status, headers)
+
+    async def _body(self, request: web.BaseRequest, response: Answered) -> AsyncIterator[bytes]:
         """A streamed request body. A client that stops sending for --read-timeout while we wait
         for it fails the request (408, the upstream stream cancelled); time spent waiting for
-        the upstream to take what we have does not count."""
+        the upstream to take what we have does not count. A client waiting for 100 (Continue)
+        gets it when the body is first wanted."""
+        if response.expects:
+            _send_continue(request, response)
         limit = self._max_body
         seen = 0
         content = request.content
@@ -265,6 +287,13 @@ class ProxyHandler:
         if exc.closes_connection:
             response.force_close()
         return response
+
+
+def _send_continue(request: web.BaseRequest, response: Answered) -> None:
+    """Our own 100 (Continue), unless the upstream's was forwarded: the body is wanted now."""
+    if not response.continued and request.transport is not None:
+        response.continued = True
+        request.transport.write(_CONTINUE)
 
 
 def parse_error(exc: BaseException) -> ProxyError:

@@ -5,11 +5,13 @@ proxy may set, and what follows from them. Must never: import anything of the pr
 the request path both read it).
 """
 
-# RFC 9110 §7.6.1 hop-by-hop headers, plus proxy-only ones; never forwarded in either direction.
+# RFC 9110 §7.6.1 hop-by-hop headers, plus proxy-only ones; never forwarded as received in either
+# direction. `expect: 100-continue` and `te: trailers` are passed on by the request path itself
+# (the proxy takes part in both); `Trailer` is end-to-end (RFC 9110 §6.6.2) and passes.
 HOP_BY_HOP = frozenset(
     {
         "connection", "keep-alive", "proxy-connection", "proxy-authenticate", "proxy-authorization",
-        "te", "trailer", "transfer-encoding", "upgrade", "http2-settings", "expect",
+        "te", "transfer-encoding", "upgrade", "http2-settings", "expect",
     }
 )
 # The proxy is the only signer: whatever the client sent for these is dropped.

@@ -19,7 +19,7 @@ from sigv4proxy.routing import Router, Target
 
 _NAME_CACHE_LIMIT = 1024
 # What prepare() does with a request header, learned once per raw name spelling (bounded).
-_FORWARD, _DROP, _HOST, _UPGRADE, _CONNECTION, _EXPECT, _TE = range(7)
+_FORWARD, _DROP, _HOST, _UPGRADE, _CONNECTION, _EXPECT, _TE, _COOKIE = range(8)
 _REQUEST_ACTIONS = {"host": _HOST, "upgrade": _UPGRADE, "connection": _CONNECTION,
                     "expect": _EXPECT, "te": _TE}
 
@@ -43,6 +43,16 @@ def split_target(raw: str) -> tuple[str | None, str]:
             path = "/" + path
         return authority, path
     raise BadRequest("unsupported request target form")
+
+
+def _join_cookies(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    """HTTP/2 cookie crumbs as one `cookie` field, joined with "; " (RFC 9113 §8.2.3), where the
+    first crumb stood."""
+    crumbs = [value for name, value in headers if name == b"cookie"]
+    joined = (b"cookie", b"; ".join(crumbs))
+    first = next(i for i, (name, _) in enumerate(headers) if name == b"cookie")
+    rest = [h for h in headers[first + 1:] if h[0] != b"cookie"]
+    return [*headers[:first], joined, *rest]
 
 
 @dataclass(slots=True)
@@ -77,12 +87,14 @@ class RequestPreparer:
     def prepare(self, method: str, authority: str | None, target: str,
                 raw_headers: Iterable[tuple[bytes, bytes]], content_length: int | None,
                 original_dst: tuple[str, int] | None = None, *,
-                keep_te_trailers: bool = False) -> PreparedRequest:
+                from_h2: bool = False) -> PreparedRequest:
         """Header hygiene, route, body-size check and signing: shared by both inbound paths.
 
         `authority` is the absolute-form authority (HTTP/1.1) or `:authority` (HTTP/2); a Host
-        header must agree with it. `target` is origin-form. `keep_te_trailers` keeps
-        `te: trailers` on the wire (HTTP/2, gRPC); the signer never signs `te`.
+        header must agree with it. `target` is origin-form. `from_h2` (an HTTP/2 request): keeps
+        `te: trailers` on the wire (gRPC; the signer never signs `te`) and joins the cookie crumbs
+        into one field (RFC 9113 §8.2.3), so every upstream protocol gets the value signed.
+        `expect: 100-continue` is passed on (the upstream may refuse before the body is sent).
         """
         if method == "CONNECT":
             raise MethodNotSupported("CONNECT is not supported (VPC Lattice does not tunnel)")
@@ -93,6 +105,7 @@ class RequestPreparer:
         names = self._request_names
         connection_tokens: set[bytes] | None = None
         expect_continue = False
+        cookies = 0
         for name_b, value_b in raw_headers:
             known = names.get(name_b)
             if known is None:
@@ -102,6 +115,9 @@ class RequestPreparer:
                 headers.append((copy_as, value_b))
             if action == _FORWARD:
                 headers.append((lname, value_b))
+            elif action == _COOKIE:
+                headers.append((lname, value_b))
+                cookies += 1
             elif action == _HOST:
                 if host_header is not None:
                     raise BadRequest("more than one Host header")
@@ -115,12 +131,16 @@ class RequestPreparer:
                 tokens = {t.strip().lower() for t in value_b.split(b",")}
                 connection_tokens = (connection_tokens or set()) | tokens
             elif action == _EXPECT:
-                expect_continue = value_b.lower() == b"100-continue"
-            elif action == _TE and keep_te_trailers and value_b.strip().lower() == b"trailers":
+                expect_continue = value_b.strip().lower() == b"100-continue"
+                if expect_continue:
+                    headers.append((b"expect", b"100-continue"))
+            elif action == _TE and from_h2 and value_b.strip().lower() == b"trailers":
                 headers.append((b"te", b"trailers"))
         if connection_tokens:
             connection_tokens -= {b"close", b"keep-alive"}
             headers = [h for h in headers if h[0] not in connection_tokens]
+        if cookies > 1 and from_h2:
+            headers = _join_cookies(headers)
         if self._add:
             headers.extend(self._add)
         if authority is not None:
@@ -157,6 +177,8 @@ class RequestPreparer:
         action = _FORWARD
         if name in self._drop:
             action = _REQUEST_ACTIONS.get(name, _DROP)
+        elif name == "cookie":
+            action = _COOKIE
         copy_as = self._duplicate.get(name)
         known = (name.encode("latin-1"), action, None if copy_as is None else copy_as.encode("latin-1"))
         if len(self._request_names) < _NAME_CACHE_LIMIT:

@@ -56,10 +56,11 @@ def test_forwarded_headers_and_signature_match_botocore():
     prepared = prep.prepare("POST", None, "/orders/1?b=2&a=1", raw, 10)
     assert prepared.route.authority == HOST and prepared.expect_continue
     ours = [(n.decode(), v.decode()) for n, v in prepared.headers]
-    forwarded = ours[:4]
+    forwarded = ours[:5]
     assert forwarded == [("x-tenant", "t-42"), ("content-type", "application/json"),
-                         ("x-tenant", "t-43"), ("accept", "*/*")]
-    added = dict(ours[4:])
+                         ("x-tenant", "t-43"), ("accept", "*/*"),
+                         ("expect", "100-continue")]  # the upstream may refuse before the body
+    added = dict(ours[5:])
     assert list(added) == ["x-amz-date", "x-amz-content-sha256", "x-amz-security-token",
                            "authorization"]
     assert added["x-amz-date"] == "20231114T221320Z" and added["x-amz-security-token"] == TOKEN
@@ -93,8 +94,21 @@ def test_header_options_apply_in_order():
 def test_te_trailers_kept_only_when_asked():
     raw = [(b"host", HOST.encode()), (b"te", b"trailers")]
     assert (b"te", b"trailers") not in preparer().prepare("POST", None, "/", raw, None).headers
-    kept = preparer().prepare("POST", None, "/", raw, None, keep_te_trailers=True).headers
+    kept = preparer().prepare("POST", None, "/", raw, None, from_h2=True).headers
     assert (b"te", b"trailers") in kept
+
+
+def test_h2_cookie_crumbs_are_joined_where_the_first_stood_and_signed_as_joined():
+    raw = [(b"host", HOST.encode()), (b"cookie", b"a=1"), (b"x-tenant", b"t"), (b"cookie", b"b=2"),
+           (b"cookie", b"c=3")]
+    prep = preparer({"extra_signed_headers": ["cookie"]})
+    h2 = prep.prepare("GET", None, "/", raw, None, from_h2=True).headers
+    assert [(n, v) for n, v in h2 if not n.startswith((b"x-amz-", b"authorization"))] == \
+        [(b"cookie", b"a=1; b=2; c=3"), (b"x-tenant", b"t")]
+    authorization = dict(h2)[b"authorization"].decode()
+    assert authorization == botocore_authorization("GET", "/", [("cookie", "a=1; b=2; c=3")])
+    h1 = prep.prepare("GET", None, "/", raw, None).headers  # HTTP/1.1 fields pass as they came
+    assert [v for n, v in h1 if n == b"cookie"] == [b"a=1", b"b=2", b"c=3"]
 
 
 def test_an_h2c_upgrade_offer_is_declined_not_forwarded():

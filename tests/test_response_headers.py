@@ -39,6 +39,7 @@ async def test_names_order_and_repeats_kept_hop_by_hop_dropped(framing, body):
                 assert [(n, v) for n, v in resp.headers if n.lower() in ("x-trace", "set-cookie", "x-mixed-case")] \
                     == [("X-Trace", "one"), ("Set-Cookie", "a=1"), ("x-Mixed-CASE", "Kept"), ("Set-Cookie", "b=2")]
                 lowered = {n.lower() for n in names}
-                assert not lowered & {"keep-alive", "proxy-connection", "trailer", "upgrade"}
+                assert not lowered & {"keep-alive", "proxy-connection", "upgrade"}
+                assert resp.header("trailer") == "X-Never"  # end-to-end (RFC 9110 §6.6.2): kept
                 if framing.startswith(b"Content-Length"):
                     assert resp.header("content-length") == "5"

@@ -54,13 +54,13 @@ def record_upstream_headers(proxy, scanner: SecretScanner) -> list[int]:
     counted: list[int] = []
     original = proxy.pool.request
 
-    async def request(origin, method, target, authority, headers, body=None):
+    async def request(origin, method, target, authority, headers, *rest):
         for name, value in headers:
             if name.lower() == b"authorization":
                 counted.append(scanner.add_signatures_from(value))
             if name.lower() == b"x-amz-security-token":
                 scanner.add_secret("session token on the wire", value)
-        return await original(origin, method, target, authority, headers, body)
+        return await original(origin, method, target, authority, headers, *rest)
 
     proxy.pool.request = request
     return counted

@@ -1,13 +1,16 @@
 """Writing an upstream response back over the inbound HTTP/1.1 connection, bytes of our own.
 
-Owns: the status line and header block (names, values, order and repeats as the upstream sent
-them; hop-by-hop fields and Content-Length dropped), the framing (Content-Length when the upstream
-declared one, chunked to an HTTP/1.1 client otherwise, close-delimited to HTTP/1.0; no body after
-HEAD, 1xx, 204 or 304), Date when the upstream sent none, the keep-alive decision handed back to
-aiohttp, and the transport's write backpressure. aiohttp's StreamResponse did the same in ~15 µs
+Owns: the status line (the upstream's reason phrase kept) and header block (names, values, order
+and repeats as the upstream sent them; hop-by-hop fields and Content-Length dropped), 1xx responses
+forwarded ahead of the final one, the framing (Content-Length when the upstream declared one and
+announced no trailers, chunked to an HTTP/1.1 client otherwise, with the upstream's trailers;
+close-delimited to HTTP/1.0; no body after HEAD, 1xx, 204 or 304), Date when the upstream sent
+none, the keep-alive decision handed back to aiohttp, the write timing (every write carries what
+has arrived; nothing waits for more) and the transport's write backpressure. aiohttp's StreamResponse did the same in ~15 µs
 more a request (a bare `web.Server`: 34 µs a request through it, 19 writing the bytes directly).
 Must never: write a header line holding CR or LF (response splitting), keep writing past the
-transport's high-water mark without waiting, or send a body where the message may have none.
+transport's high-water mark without waiting, send a body where the message may have none, hold a
+received byte back waiting for the next one, or end a broken body as if it were complete.
 """
 
 from __future__ import annotations
@@ -18,11 +21,11 @@ from typing import Callable
 
 from aiohttp import web
 
-from sigv4proxy.errors import UpstreamProtocolError
+from sigv4proxy.errors import ProxyError, UpstreamProtocolError
 from sigv4proxy.header_rules import DROP_RESPONSE
 from sigv4proxy.upstream.base import Response
 
-_FORWARD, _DROP, _LENGTH, _DATE = 0, 1, 2, 3
+_FORWARD, _DROP, _LENGTH, _DATE, _TRAILER = 0, 1, 2, 3, 4
 _CACHE_LIMIT = 1024  # entries per cache: names and status lines come from upstreams
 _EMPTY_BODY_STATUS = frozenset((204, 304, *range(100, 200)))
 _NO_LENGTH_STATUS = frozenset((204, *range(100, 200)))  # RFC 9110 §8.6: no Content-Length at all
@@ -30,19 +33,22 @@ _COLON = b": "
 _CRLF = b"\r\n"
 _LAST_CHUNK = b"0\r\n\r\n"
 _SMALL_WRITE = 16 * 1024  # below this, parts are joined into one buffer; above, a vectored write
+_COALESCE_LIMIT = 256 * 1024  # body bytes already here that one write may gather
 
 
 class Answered:
     """What aiohttp's request loop needs of a response already written: `prepare` and
     `write_eof` (nothing left to do) and `keep_alive` (whether the connection takes another)."""
 
-    __slots__ = ("status", "keep_alive", "started", "body_bytes")
+    __slots__ = ("status", "keep_alive", "started", "body_bytes", "expects", "continued")
 
     def __init__(self, status: int) -> None:
         self.status = status
         self.keep_alive = False  # decided with the framing, before the head is written
         self.started = False  # a byte went out: from here on an error can only cut the connection
         self.body_bytes = 0  # body bytes relayed so far (for the access log)
+        self.expects = False  # the client sent Expect: 100-continue and waits before its body
+        self.continued = False  # a 100 (Continue) went to the client
 
     async def prepare(self, request: web.BaseRequest) -> None:
         return None
@@ -57,20 +63,29 @@ class ResponseWriter:
     def __init__(self, clock: Callable[[], float]) -> None:
         self._clock = clock
         self._names: dict[bytes, int] = {}  # raw name -> _FORWARD/_DROP/_LENGTH/_DATE (bounded)
-        self._status_lines: dict[tuple[int, int, int], bytes] = {}
+        self._status_lines: dict[tuple[int, int, int, bytes | None], bytes] = {}
         self._date_second = -1
         self._date_line = b""
 
     async def relay(self, request: web.BaseRequest, upstream: Response, answered: Answered) -> None:
         """Writes `upstream` to the client, counting body bytes in `answered`. Errors propagate
         (ConnectionError, ProxyError; UpstreamProtocolError for a bad header); `answered.started`
-        says whether the client can still get an error answer instead of a cut connection."""
+        says whether the client can still get an error answer instead of a cut connection.
+
+        Each write carries what has arrived and nothing waits for more: the head leaves at once
+        unless a body chunk is already here to share its write, and a chunk leaves as soon as the
+        next one is not. A body the upstream breaks is cut after every byte it did send."""
         status = upstream.status
         version = request.version
-        keep_alive = request.keep_alive
-        head, length = self._header_lines(upstream.headers)
+        # A client still waiting for 100 sends no body after this answer: the connection cannot
+        # carry another request (RFC 9110 §10.1.1)
+        keep_alive = request.keep_alive and not (answered.expects and not answered.continued)
+        head, length, announced = self._header_lines(upstream.headers)
         empty = status in _EMPTY_BODY_STATUS or request.method == "HEAD"
         chunked = False
+        if announced and length is not None and not empty and version >= (1, 1) \
+                and upstream.http_version == "HTTP/2":
+            length = None  # HTTP/2 trailers after a declared length: only chunked can carry them
         if length is not None:
             if status not in _NO_LENGTH_STATUS:
                 head.append(b"Content-Length: %d" % length)
@@ -85,44 +100,83 @@ class ResponseWriter:
                 head.append(b"Connection: keep-alive")
         elif version == (1, 1):
             head.append(b"Connection: close")
-        block = _CRLF.join(head)
-        if block.count(b"\r") != len(head) - 1 or block.count(b"\n") != len(head) - 1:
-            raise UpstreamProtocolError("upstream sent a header with CR or LF in it")
+        block = _field_block(head)
         answered.keep_alive = keep_alive
-        pending = [self._status_line(version, status), block, b"\r\n\r\n"]
-        pending_size = 0
-        transport = request.transport
-        protocol = request.protocol
-        # Hold the latest chunk back so the last one leaves with the end of the message: one
-        # write for head, body and end when the body is one chunk.
-        async for chunk in upstream:
-            if empty:
-                continue  # nothing may follow this head; the upstream stream is still drained
-            answered.body_bytes += len(chunk)
-            if pending_size:
-                answered.started = True
-                _write(transport, pending, pending_size)
-                if protocol.writing_paused:
-                    await request.writer.drain()
+        pending = [self._status_line(version, status, upstream.reason), block, b"\r\n\r\n"]
+        size = 0  # body bytes in `pending`
+        if not upstream.body_ready:
+            await self._send(request, answered, pending, size)
+            pending = []
+        try:
+            async for chunk in upstream:
+                if empty:
+                    continue  # nothing may follow this head; the upstream stream is still drained
+                answered.body_bytes += len(chunk)
+                size += len(chunk)
+                if chunked:
+                    pending += (b"%x\r\n" % len(chunk), chunk, _CRLF)
+                else:
+                    pending.append(chunk)
+                if upstream.body_ready and size < _COALESCE_LIMIT:
+                    continue  # the next read will not wait: share one write with it
+                if upstream.body_complete:
+                    break  # the end leaves with the last chunk
+                await self._send(request, answered, pending, size)
                 pending = []
-                transport = request.transport
-            pending_size = len(chunk)
-            if chunked:
-                pending += (b"%x\r\n" % pending_size, chunk, _CRLF)
-            else:
-                pending.append(chunk)
+                size = 0
+        except ProxyError:
+            if pending:  # what arrived before the break (the head at least) still goes out
+                await self._send(request, answered, pending, size)
+            raise
         if chunked:
-            pending.append(_LAST_CHUNK)
+            pending.append(self._last_chunk(upstream.trailers))
+        if pending:
+            await self._send(request, answered, pending, size)
+
+    @staticmethod
+    async def _send(request: web.BaseRequest, answered: Answered, parts: list[bytes], size: int) -> None:
+        """One send of the parts (joined when small, vectored otherwise), then the transport's
+        backpressure: a client that pipelines and never reads gets no more."""
+        transport = request.transport
+        if transport is None or transport.is_closing():
+            raise ConnectionResetError("the client connection closed")
         answered.started = True
-        _write(transport, pending, pending_size)
-        if protocol.writing_paused:  # a client that pipelines and never reads gets no more
+        if size < _SMALL_WRITE:
+            transport.write(b"".join(parts))
+        else:
+            transport.writelines(parts)
+        if request.protocol.writing_paused:
             await request.writer.drain()
 
-    def _header_lines(self, headers: list[tuple[bytes, bytes]]) -> tuple[list[bytes], int | None]:
-        """`name: value` lines to forward (Date added when missing) and the declared length."""
+    def _last_chunk(self, trailers: list[tuple[bytes, bytes]]) -> bytes:
+        """The chunked body's end, with the upstream's trailer fields (hop-by-hop ones dropped)."""
+        if not trailers:
+            return _LAST_CHUNK
+        lines, _, _ = self._header_lines(trailers, dated=False)
+        if not lines:
+            return _LAST_CHUNK
+        return b"0\r\n" + _field_block(lines) + b"\r\n\r\n"
+
+    def interim(self, request: web.BaseRequest, status: int, headers: list[tuple[bytes, bytes]]) -> None:
+        """Forwards an upstream 1xx response (RFC 9110 §15.2) ahead of the final one; HTTP/1.0
+        clients get none. Called from the upstream connection's receive path: no await."""
+        transport = request.transport
+        if request.version < (1, 1) or transport is None or transport.is_closing():
+            return
+        lines, _, _ = self._header_lines(headers, dated=False)
+        parts = [self._status_line(request.version, status, None)]
+        if lines:
+            parts += (_field_block(lines), _CRLF)
+        parts.append(_CRLF)
+        transport.write(b"".join(parts))
+
+    def _header_lines(self, headers: list[tuple[bytes, bytes]], dated: bool = True
+                      ) -> tuple[list[bytes], int | None, bool]:
+        """`name: value` lines to forward (Date added when missing and `dated`), the declared
+        length and whether trailers were announced (a `Trailer` field)."""
         lines = []
         length = None
-        dated = False
+        announced = False
         names = self._names
         for name, value in headers:
             kind = names.get(name)
@@ -133,11 +187,14 @@ class ResponseWriter:
             elif kind == _LENGTH:
                 length = int(value)
             elif kind == _DATE:
-                dated = True
+                dated = False
                 lines.append(name + _COLON + value)
-        if not dated:
+            elif kind == _TRAILER:
+                announced = True
+                lines.append(name + _COLON + value)
+        if dated:
             lines.append(self._date())
-        return lines, length
+        return lines, length, announced
 
     def _classify(self, name: bytes) -> int:
         lname = name.decode("latin-1").lower()
@@ -147,21 +204,28 @@ class ResponseWriter:
             kind = _DROP
         elif lname == "date":
             kind = _DATE
+        elif lname == "trailer":
+            kind = _TRAILER
         else:
             kind = _FORWARD
         if len(self._names) < _CACHE_LIMIT:
             self._names[bytes(name)] = kind
         return kind
 
-    def _status_line(self, version: tuple[int, int], status: int) -> bytes:
-        key = (version[0], version[1], status)
+    def _status_line(self, version: tuple[int, int], status: int, reason: bytes | None) -> bytes:
+        """The status line, with the upstream's own reason phrase when it gave one (HTTP/1.1
+        upstreams), else the registered phrase (HTTP/2 has none)."""
+        key = (version[0], version[1], status, reason)
         line = self._status_lines.get(key)
         if line is None:
-            try:
-                reason = HTTPStatus(status).phrase
-            except ValueError:
-                reason = ""
-            line = f"HTTP/{version[0]}.{version[1]} {status} {reason}\r\n".encode("latin-1")
+            if reason is None:
+                try:
+                    reason = HTTPStatus(status).phrase.encode("latin-1")
+                except ValueError:
+                    reason = b""
+            line = b"HTTP/%d.%d %d %s\r\n" % (version[0], version[1], status, reason)
+            if b"\r" in reason or b"\n" in reason or b"\x00" in reason:
+                raise UpstreamProtocolError("upstream sent a reason phrase with CR, LF or NUL")
             if len(self._status_lines) < _CACHE_LIMIT:
                 self._status_lines[key] = line
         return line
@@ -174,11 +238,10 @@ class ResponseWriter:
         return self._date_line
 
 
-def _write(transport, parts: list[bytes], last_size: int) -> None:
-    """One send of the parts: joined when small, vectored (no copy of a big chunk) otherwise."""
-    if transport is None or transport.is_closing():
-        raise ConnectionResetError("the client connection closed")
-    if last_size < _SMALL_WRITE:
-        transport.write(b"".join(parts))
-    else:
-        transport.writelines(parts)
+def _field_block(lines: list[bytes]) -> bytes:
+    """The field lines joined by CRLF; UpstreamProtocolError if a line holds a CR or LF of its
+    own (response splitting)."""
+    block = _CRLF.join(lines)
+    if block.count(b"\r") != len(lines) - 1 or block.count(b"\n") != len(lines) - 1:
+        raise UpstreamProtocolError("upstream sent a header with CR or LF in it")
+    return block

@@ -26,14 +26,15 @@ class SpliceableBody:
     """The chunks of a streamed request body (`async for`), or the rest of it taken off the
     client's socket (`splice_into`, `frames`, `reads`). One of them, once."""
 
-    __slots__ = ("_chunks", "_request", "_length", "_client_timeout")
+    __slots__ = ("_chunks", "_request", "_length", "_client_timeout", "_before_take")
 
     def __init__(self, chunks: AsyncIterator[bytes], request: web.BaseRequest, length: int,
-                 client_timeout: float) -> None:
+                 client_timeout: float, before_take: Callable[[], None] | None = None) -> None:
         self._chunks = chunks
         self._request = request
         self._length = length  # the declared Content-Length
         self._client_timeout = client_timeout  # --read-timeout: the longest client silence
+        self._before_take = before_take  # e.g. the client's 100 (Continue): the body is wanted now
 
     def __aiter__(self) -> AsyncIterator[bytes]:
         return self._chunks
@@ -41,6 +42,9 @@ class SpliceableBody:
     def _detach(self) -> tuple[bytes, int, int] | None:
         """(what aiohttp already read, our descriptor for the client's socket or -1 when the
         body was already read whole, the bytes still in it). None: it cannot be detached."""
+        if self._before_take is not None:
+            self._before_take()
+            self._before_take = None
         request = self._request
         transport = request.transport
         fd = cleartext_fd(transport) if transport is not None else -1

@@ -1,7 +1,8 @@
 """The request path for inbound HTTP/2 streams (h2c, gRPC): stream → prepare/sign → upstream stream.
 
 Owns: mapping each inbound stream one to one onto `ConnectionPool.request`, relaying body chunks
-both ways with backpressure, request and response trailers (`grpc-status`, `grpc-message`),
+both ways with backpressure, 1xx responses (and the client's 100 when the body is first wanted),
+request and response trailers (`grpc-status`, `grpc-message`),
 cancellation both ways, and answering typed errors on HTTP/2: `:status` + `x-sigv4proxy-error`,
 and for gRPC requests a trailers-only answer carrying the mapped gRPC status as well.
 Header hygiene, routing and signing are `ProxyHandler.prepare`, shared with HTTP/1.1.
@@ -14,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from functools import partial
 from urllib.parse import quote
 
 from h2.errors import ErrorCodes
@@ -56,13 +58,16 @@ def _grpc_message(text: str) -> bytes:
 
 
 class _RequestBody:
-    """The inbound stream's body as the upstream's streamed body, with its trailers after it."""
+    """The inbound stream's body as the upstream's streamed body, with its trailers after it. A
+    client that sent `expect: 100-continue` gets its 100 when the body is first wanted (unless the
+    upstream's own 100 was forwarded already)."""
 
-    __slots__ = ("_stream", "_limit")
+    __slots__ = ("_stream", "_limit", "_expect")
 
-    def __init__(self, stream: InboundStream, limit: int | None) -> None:
+    def __init__(self, stream: InboundStream, limit: int | None, expect: bool) -> None:
         self._stream = stream
         self._limit = limit
+        self._expect = expect
 
     @property
     def trailers(self) -> list[tuple[bytes, bytes]]:
@@ -70,6 +75,11 @@ class _RequestBody:
 
     async def __aiter__(self):
         stream, limit, seen = self._stream, self._limit, 0
+        if self._expect and not stream.continued:
+            try:
+                stream.send_informational(100, [])
+            except ClientGone:
+                raise BadRequest("client reset the request stream") from None
         while True:
             try:
                 chunk = await stream.read()  # returns the previous chunk's credit to the client
@@ -95,6 +105,16 @@ def _forwarded_fields(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, b
             fields.append(NeverIndexedHeaderTuple(lname, value)
                           if isinstance(field, NeverIndexedHeaderTuple) else (lname, value))
     return fields
+
+
+def _interim(stream: InboundStream, status: int, headers: list[tuple[bytes, bytes]]) -> None:
+    """An upstream 1xx response, forwarded on the stream (at most one 100)."""
+    if status == 100 and stream.continued:
+        return
+    try:
+        stream.send_informational(status, _forwarded_fields(headers))
+    except ClientGone:
+        pass  # the stream's task is cancelled with it
 
 
 def _response_fields(status: int, headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
@@ -172,19 +192,22 @@ class H2ProxyStreams:
                 content_length = int(value)
         original_dst = self._original_destination(stream) if self._transparent else None
         prepared = self._handler.prepare(method, authority, path, stream.headers, content_length,
-                                         original_dst, keep_te_trailers=True)
+                                         original_dst, from_h2=True)
         route = prepared.route
         body: bytes | _RequestBody | None = None
+        expect = False
         if stream.has_body():
             # all of a small body is usually here with the head: it goes upstream with its
             # HEADERS in one write, with no upload task
             body = stream.whole_body(SMALL_BODY)
             if body is None:
-                body = _RequestBody(stream, self._max_body)
+                expect = prepared.expect_continue
+                body = _RequestBody(stream, self._max_body, expect)
             elif self._max_body is not None and len(body) > self._max_body:
                 raise PayloadTooLarge("request body exceeds --max-body-size")
         upstream = await self._pool.request(
-            route.origin, stream.method, stream.path, route.authority_bytes, prepared.headers, body)
+            route.origin, stream.method, stream.path, route.authority_bytes, prepared.headers, body,
+            partial(_interim, stream), expect)
         first_byte = time.perf_counter()
         status = await self._relay(stream, upstream, grpc)
         self._metrics.observe_request(

@@ -37,7 +37,8 @@ class InboundStream:
 
     __slots__ = ("conn", "id", "method", "path", "authority", "scheme", "headers", "trailers",
                  "chunks", "remote_ended", "closed", "unacked", "waiter", "window_waiter",
-                 "task", "last_activity", "idle_expired", "response_started", "local_ended")
+                 "task", "last_activity", "idle_expired", "response_started", "local_ended",
+                 "continued")
 
     def __init__(self, conn: H2ServerConnection, stream_id: int,
                  fields: list[tuple[bytes, bytes]]) -> None:
@@ -72,6 +73,7 @@ class InboundStream:
         self.last_activity = conn.loop.time()
         self.idle_expired = False
         self.response_started = False
+        self.continued = False  # a 100 (Continue) went to the client
 
     # --- request body ---
     def has_body(self) -> bool:
@@ -149,6 +151,20 @@ class InboundStream:
             self.conn.flush_soon()
         if end_stream:
             self._finish()
+
+    def send_informational(self, status: int, fields: list[tuple[bytes, bytes]]) -> None:
+        """A 1xx response ahead of the final head (RFC 9110 §15.2); the response has not started:
+        an error after it still gets a proper answer."""
+        if self.closed or self.local_ended:
+            raise ClientGone("client stream closed")
+        try:
+            self.conn.h2.send_headers(self.id, [(b":status", b"%d" % status), *fields])
+        except h2.exceptions.StreamClosedError:
+            raise ClientGone("client stream closed") from None
+        if status == 100:
+            self.continued = True
+        self.last_activity = self.conn.loop.time()
+        self.conn.flush_soon()
 
     async def send_data(self, data: bytes, end_stream: bool = False) -> None:
         """Sends within the client's flow-control windows and the transport's write buffer."""

@@ -25,6 +25,9 @@ from sigv4proxy.errors import (
 
 Headers = Sequence[tuple[bytes, bytes]]
 Body = bytes | AsyncIterable[bytes] | None
+# Receives each 1xx response (status, fields) of an exchange as it arrives, before the final one.
+# Called from the connection's receive path: it must not await or raise anything but ProxyError.
+Interim = Callable[[int, list[tuple[bytes, bytes]]], None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,6 +66,9 @@ class Timeouts:
     idle: float = 90.0  # pooled connection with no streams is closed after this
     pool: float = 30.0  # max wait for a free connection/stream slot -> Overloaded (503)
     ping: float = 30.0  # HTTP/2: PING an idle pooled connection this often; no ACK in `connect` s closes it (0: off)
+    # Expect: 100-continue: how long a held upload waits for the upstream's 100 or final answer
+    # before it is sent anyway (curl waits 1 s for the same; RFC 9110 §10.1.1 bounds the wait)
+    expect_continue: float = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,6 +117,22 @@ class EventWait:
                 timer.cancel()
 
 
+async def hold_for_continue(exchange: Any, loop: asyncio.AbstractEventLoop, timeout: float) -> bool:
+    """Expect: 100-continue (RFC 9110 §10.1.1): an upload waits until the upstream sends 100 or a
+    final answer, or for `timeout` of silence. `exchange` has `status`, `error` and a
+    `continue_waiter` slot its connection wakes. False: answered (or failed) on the head alone,
+    so the body is not sent."""
+    if exchange.status is None and exchange.error is None:
+        waiter = exchange.continue_waiter = loop.create_future()
+        timer = loop.call_later(timeout, expire_waiter, waiter)
+        try:
+            await waiter
+        finally:
+            timer.cancel()
+            exchange.continue_waiter = None
+    return exchange.status is None and exchange.error is None
+
+
 class ReceivedBody(EventWait):
     """A response body arriving in `chunks` until `remote_ended` (or `error`): the `complete` and
     `ready` of the `ResponseBody` protocol, for an HTTP/1.1 exchange and an HTTP/2 stream alike."""
@@ -146,8 +168,9 @@ def request_trailers(body: Body) -> list[tuple[bytes, bytes]]:
     """Trailer fields a streamed request body offers once its iteration has ended (gRPC-style).
 
     A body object may carry a `trailers` attribute (a list of (name, value) bytes pairs); it is
-    read only after the last chunk. HTTP/2 sends them as a trailing HEADERS frame; HTTP/1.1 drops
-    them (no chunked trailers are sent upstream). Names and values are checked like headers.
+    read only after the last chunk. HTTP/2 sends them as a trailing HEADERS frame, HTTP/1.1 after
+    the last chunk of a chunked body (a body with a declared length has no room for them). Names
+    and values are checked like headers.
     """
     trailers = getattr(body, "trailers", None)
     if not trailers:
@@ -208,14 +231,15 @@ class _BodyIterator:
 class Response:
     """An upstream response; iterate it for the body, then (or instead) `aclose()` it."""
 
-    __slots__ = ("status", "headers", "http_version", "_body")
+    __slots__ = ("status", "headers", "http_version", "_body", "reason")
 
     def __init__(self, status: int, headers: list[tuple[bytes, bytes]], http_version: str,
-                 body: ResponseBody) -> None:
+                 body: ResponseBody, reason: bytes | None = None) -> None:
         self.status = status
         self.headers = headers  # no pseudo-headers; names as received
         self.http_version = http_version
         self._body = body
+        self.reason = reason  # the HTTP/1.1 reason phrase as received (None: HTTP/2 has none)
 
     @property
     def trailers(self) -> list[tuple[bytes, bytes]]:
@@ -278,7 +302,12 @@ class Connection(Protocol):
         ...
 
     async def handle_request(self, method: bytes, target: bytes, authority: bytes,
-                             headers: Headers, body: Body) -> Response: ...
+                             headers: Headers, body: Body, interim: Interim | None = None,
+                             expect_continue: bool = False) -> Response:
+        """`interim` gets the 1xx responses; `expect_continue` holds a streamed body until the
+        upstream's 100 or final answer, or `Timeouts.expect_continue` (the request carries the
+        `expect: 100-continue` field)."""
+        ...
 
     async def aclose(self) -> None: ...
 

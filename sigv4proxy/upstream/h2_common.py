@@ -22,7 +22,16 @@ from sigv4proxy.errors import (
     UpstreamTimeout,
 )
 from sigv4proxy.h2_window import WindowQueue
-from sigv4proxy.upstream.base import OnChange, Origin, ReceivedBody, Response, Timeouts, wake
+from sigv4proxy.upstream.base import (
+    Interim,
+    OnChange,
+    Origin,
+    ReceivedBody,
+    Response,
+    Timeouts,
+    hold_for_continue,
+    wake,
+)
 from sigv4proxy.upstream.connection_core import ConnectionCore
 
 CANCEL = 0x8  # RFC 9113 error codes used here (h2's ErrorCodes are the same integers)
@@ -41,11 +50,13 @@ class H2StreamBase(ReceivedBody):
 
     __slots__ = ("conn", "id", "status", "headers", "trailers", "chunks", "remote_ended",
                  "local_ended", "sent_at", "error", "retired", "send_task", "unacked", "waiter",
-                 "window_waiter")
+                 "window_waiter", "interim", "continue_waiter")
 
-    def __init__(self, conn: H2ConnectionBase, stream_id: int) -> None:
+    def __init__(self, conn: H2ConnectionBase, stream_id: int, interim: Interim | None = None) -> None:
         self.conn = conn
         self.id = stream_id
+        self.interim = interim  # where 1xx responses go
+        self.continue_waiter: asyncio.Future[bool] | None = None  # an upload held for Expect
         self.status: int | None = None
         self.headers: list[tuple[bytes, bytes]] = []
         self.trailers: list[tuple[bytes, bytes]] = []
@@ -186,6 +197,20 @@ class H2ConnectionBase(ConnectionCore):
         if earliest is not None and not self._closed:
             self._head_timer = self._timer_until(earliest, self._check_heads)
 
+    async def hold_upload(self, stream: H2StreamBase) -> bool:
+        """Expect: 100-continue: False when the upstream answered without wanting the body."""
+        return await hold_for_continue(stream, self._loop, self.timeouts.expect_continue)
+
+    def _interim(self, stream: H2StreamBase, code: int, headers: list[tuple[bytes, bytes]]) -> None:
+        """A 1xx response: a 100 releases a held upload; each goes to the stream's `interim`."""
+        if code == 100:
+            wake(stream.continue_waiter)
+        if stream.interim is not None:
+            try:
+                stream.interim(code, headers)
+            except ProxyError as err:
+                self.fail_stream(stream, err)
+
     # --- stream bookkeeping ---
     def fail_stream(self, stream: H2StreamBase, err: ProxyError, code: int = CANCEL) -> None:
         if stream.error is None and not stream.remote_ended:
@@ -193,6 +218,7 @@ class H2ConnectionBase(ConnectionCore):
         self.reset(stream, code)
         stream.wake()
         wake(stream.window_waiter)
+        wake(stream.continue_waiter)
 
     def _retire(self, stream: H2StreamBase) -> None:
         if stream.retired:
@@ -230,6 +256,7 @@ class H2ConnectionBase(ConnectionCore):
         self._retire(stream)
         stream.wake()
         wake(stream.window_waiter)
+        wake(stream.continue_waiter)
 
     def _peer_goaway(self, last_stream_id: int) -> None:
         """No new streams; those above `last_stream_id` were never processed: retry elsewhere."""
@@ -240,6 +267,7 @@ class H2ConnectionBase(ConnectionCore):
                 self._retire(stream)
                 stream.wake()
                 wake(stream.window_waiter)
+                wake(stream.continue_waiter)
         if not self._ready.done():
             self._ready.set_result(False)
         if not self._streams:
@@ -313,6 +341,7 @@ class H2ConnectionBase(ConnectionCore):
             stream.retired = True
             stream.wake()
             wake(stream.window_waiter)
+            wake(stream.continue_waiter)
         self._streams.clear()
         self._window_queue.clear()
         self._on_change(self)

@@ -27,9 +27,13 @@ from sigv4proxy.upstream.base import (
     Headers,
     OnChange,
     Origin,
+    Interim,
     ReceivedBody,
     Response,
     Timeouts,
+    hold_for_continue,
+    request_trailers,
+    wake,
 )
 from sigv4proxy.upstream.connection_core import ConnectionCore
 from sigv4proxy.upstream.http1_parse import Fields, ResponseParser
@@ -41,7 +45,7 @@ _JOIN_BODY_LIMIT = 64 * 1024  # a bytes body this small goes out in the same wri
 _BAD_LINE = "request line contains CR, LF, NUL or a space"
 _BAD_FIELD = "request line or header contains CR, LF or NUL, or a bad name"
 # Header names already checked, with what framing they declare; bounded (names come from clients).
-_PLAIN, _CONTENT_LENGTH, _TRANSFER_ENCODING = 0, 1, 2
+_PLAIN, _CONTENT_LENGTH, _TRANSFER_ENCODING, _TE = 0, 1, 2, 3
 _FIELD_KINDS: dict[bytes, int] = {}
 _FIELD_KINDS_LIMIT = 4096
 
@@ -53,7 +57,8 @@ def _field_kind(name: bytes) -> int:
         raise BadRequest(_BAD_FIELD)
     lowered = name.lower()
     kind = (_CONTENT_LENGTH if lowered == b"content-length"
-            else _TRANSFER_ENCODING if lowered == b"transfer-encoding" else _PLAIN)
+            else _TRANSFER_ENCODING if lowered == b"transfer-encoding"
+            else _TE if lowered == b"te" else _PLAIN)
     if len(_FIELD_KINDS) < _FIELD_KINDS_LIMIT:
         _FIELD_KINDS[bytes(name)] = kind
     return kind
@@ -62,13 +67,17 @@ def _field_kind(name: bytes) -> int:
 class _Exchange(ReceivedBody):
     """One request/response on the socket; also the `ResponseBody` the Response reads from."""
 
-    __slots__ = ("conn", "is_head", "status", "headers", "trailers", "chunks", "buffered",
-                 "remote_ended", "error", "request_sent", "sent_at", "send_task", "waiter")
+    __slots__ = ("conn", "is_head", "status", "reason", "headers", "trailers", "chunks", "buffered",
+                 "remote_ended", "error", "request_sent", "sent_at", "send_task", "waiter",
+                 "interim", "continue_waiter")
 
-    def __init__(self, conn: HTTP1Connection, is_head: bool) -> None:
+    def __init__(self, conn: HTTP1Connection, is_head: bool, interim: Interim | None) -> None:
         self.conn = conn
         self.is_head = is_head
+        self.interim = interim  # where 1xx responses go
+        self.continue_waiter: asyncio.Future[bool] | None = None  # an upload held for Expect
         self.status: int | None = None
+        self.reason = b""
         self.headers: list[tuple[bytes, bytes]] = []
         self.trailers: list[tuple[bytes, bytes]] = []
         self.chunks: deque[bytes] = deque()
@@ -84,6 +93,7 @@ class _Exchange(ReceivedBody):
         if self.error is None and not self.remote_ended:
             self.error = err
         self.wake()
+        wake(self.continue_waiter)
 
     async def read(self) -> bytes:
         while True:
@@ -123,7 +133,7 @@ class HTTP1Connection(ConnectionCore, asyncio.Protocol):
         self._head_timer: asyncio.TimerHandle | None = None
         self._reading_paused = False
         self._splice_fd = -1
-        self._parser = ResponseParser(self._on_head, self._deliver, self._finish)
+        self._parser = ResponseParser(self._on_head, self._deliver, self._finish, self._on_interim)
 
     # --- the Connection interface ---
     def is_available(self) -> bool:
@@ -142,13 +152,14 @@ class HTTP1Connection(ConnectionCore, asyncio.Protocol):
         return None
 
     async def handle_request(self, method: bytes, target: bytes, authority: bytes,
-                             headers: Headers, body: Body) -> Response:
+                             headers: Headers, body: Body, interim: Interim | None = None,
+                             expect_continue: bool = False) -> Response:
         if not self.is_available():
             raise ConnectionNotAvailable("connection is busy or closed")
         if not method or not target or b" " in method or b" " in target or b" " in authority:
             raise BadRequest(_BAD_LINE)
         lines = [method, b" ", target, b" HTTP/1.1\r\nHost: ", authority, b"\r\n"]
-        has_length = chunked = False
+        has_length = chunked = te = False
         kinds = _FIELD_KINDS
         for name, value in headers:
             kind = kinds.get(name)
@@ -157,10 +168,15 @@ class HTTP1Connection(ConnectionCore, asyncio.Protocol):
             if kind:
                 if kind == _CONTENT_LENGTH:
                     has_length = True
+                elif kind == _TE:
+                    te = True
                 else:
                     chunked = True  # the caller asked for chunked framing; we do the encoding
             lines += (name, b": ", value, b"\r\n")
         line_ends = len(headers) + 3  # request line, Host, the fields, the blank line
+        if te:  # TE is hop-by-hop: its sender names it in Connection (RFC 9110 §10.1.4)
+            lines.append(b"Connection: TE\r\n")
+            line_ends += 1
         is_bytes = isinstance(body, (bytes, bytearray, memoryview))
         if is_bytes and body and not has_length and not chunked:
             lines += (b"Content-Length: ", str(len(body)).encode(), b"\r\n")  # type: ignore[arg-type]
@@ -175,7 +191,7 @@ class HTTP1Connection(ConnectionCore, asyncio.Protocol):
         # one of the line ends we wrote (a value or target carrying its own would split a line).
         if head.count(b"\n") != line_ends or head.count(b"\r") != line_ends or b"\x00" in head:
             raise BadRequest(_BAD_FIELD)
-        exchange = self._exchange = _Exchange(self, method == b"HEAD")
+        exchange = self._exchange = _Exchange(self, method == b"HEAD", interim)
         self._parser.start(method == b"HEAD")
         transport = self._transport
         assert transport is not None
@@ -189,13 +205,15 @@ class HTTP1Connection(ConnectionCore, asyncio.Protocol):
             self._arm_head_deadline()
         else:
             transport.write(head)
-            exchange.send_task = self._loop.create_task(self._send_body(exchange, body, chunked))
+            exchange.send_task = self._loop.create_task(
+                self._send_body(exchange, body, chunked, expect_continue and not is_bytes))
         try:
             await self._await_head(exchange)
         except BaseException:
             await exchange.aclose()
             raise
-        return Response(exchange.status, exchange.headers, self.http_version, exchange)  # type: ignore[arg-type]
+        return Response(exchange.status, exchange.headers, self.http_version, exchange,  # type: ignore[arg-type]
+                        exchange.reason)
 
     async def aclose(self) -> None:
         self.abort()
@@ -229,10 +247,13 @@ class HTTP1Connection(ConnectionCore, asyncio.Protocol):
         self.abort()
 
     async def _send_body(self, exchange: _Exchange, body: bytes | AsyncIterable[bytes],
-                         chunked: bool) -> None:
+                         chunked: bool, expect_continue: bool) -> None:
         transport = self._transport
         assert transport is not None
         try:
+            if expect_continue and not await hold_for_continue(exchange, self._loop,
+                                                               self.timeouts.expect_continue):
+                return  # answered on the head alone: the body is not sent, the socket not reused
             if isinstance(body, (bytes, bytearray, memoryview)):
                 if chunked:
                     transport.writelines([b"%x\r\n" % len(body), body, b"\r\n0\r\n\r\n"])
@@ -254,8 +275,9 @@ class HTTP1Connection(ConnectionCore, asyncio.Protocol):
                     raise
                 except Exception:
                     raise BadRequest("request body could not be read") from None
-                if chunked:
-                    transport.write(b"0\r\n\r\n")
+                if chunked:  # the last chunk, with the body's trailer fields (gRPC-style) if any
+                    trailers = request_trailers(body)
+                    transport.write(b"0\r\n" + b"".join(n + b": " + v + b"\r\n" for n, v in trailers) + b"\r\n")
             exchange.request_sent = True
             exchange.sent_at = self._loop.time()
             self._arm_head_deadline()
@@ -325,10 +347,18 @@ class HTTP1Connection(ConnectionCore, asyncio.Protocol):
         self._fail_connection(UpstreamReset("upstream connection closed"))
 
     # --- parser callbacks ---
-    def _on_head(self, status: int, headers: Fields) -> None:
+    def _on_interim(self, status: int, headers: Fields) -> None:
         exchange: _Exchange = self._exchange  # type: ignore[assignment]
-        exchange.status, exchange.headers = status, headers
+        if status == 100:
+            wake(exchange.continue_waiter)  # the upstream wants the body
+        if exchange.interim is not None:
+            exchange.interim(status, headers)
+
+    def _on_head(self, status: int, reason: bytes, headers: Fields) -> None:
+        exchange: _Exchange = self._exchange  # type: ignore[assignment]
+        exchange.status, exchange.reason, exchange.headers = status, reason, headers
         exchange.wake()
+        wake(exchange.continue_waiter)  # answered on the head alone: the body is not wanted
 
     def _deliver(self, data: bytes) -> None:
         exchange: _Exchange = self._exchange  # type: ignore[assignment]

@@ -1,7 +1,8 @@
 """Sans-IO HTTP/1.1 response parser: bytes in, callbacks out, one response at a time.
 
 Owns: the response grammar the client accepts (status line, header fields, Content-Length,
-chunked with trailers, close-delimited bodies, no body for HEAD/1xx/204/304, interim 1xx skipped),
+chunked with trailers, close-delimited bodies, no body for HEAD/1xx/204/304, interim 1xx handed
+on before the final response),
 the framing decision (how the body ends, whether the socket may be kept alive) and the bounds on
 what it buffers. `http1.HTTP1Connection` feeds it and owns the socket and the exchange. Must
 never: read or write a socket, await, buffer more than one head (or chunk line) past its bound,
@@ -71,16 +72,18 @@ def parse_fields(block: bytes) -> tuple[Fields, list[int]]:
 class ResponseParser:
     """Parses the response to the request last `start`ed; raises UpstreamProtocolError on bad bytes.
 
-    Calls `on_head(status, headers)` for the final response head, `on_body(data)` per body piece
-    and `on_end(trailers)` once the body is complete (then `keep_alive` and `has_leftover` say
-    whether the socket may carry another request).
+    Calls `on_interim(status, headers)` for each 1xx response (not 101), `on_head(status, reason,
+    headers)` for the final response head, `on_body(data)` per body piece and `on_end(trailers)`
+    once the body is complete (then `keep_alive` and `has_leftover` say whether the socket may
+    carry another request).
     """
 
     __slots__ = ("_buf", "_phase", "_remaining", "_is_head", "keep_alive",
-                 "_on_head", "_on_body", "_on_end")
+                 "_on_head", "_on_body", "_on_end", "_on_interim")
 
-    def __init__(self, on_head: Callable[[int, Fields], None], on_body: Callable[[bytes], None],
-                 on_end: Callable[[Fields], None]) -> None:
+    def __init__(self, on_head: Callable[[int, bytes, Fields], None], on_body: Callable[[bytes], None],
+                 on_end: Callable[[Fields], None],
+                 on_interim: Callable[[int, Fields], None] = lambda status, fields: None) -> None:
         self._buf = bytearray()
         self._phase = _DONE
         self._remaining = 0  # body bytes left (Content-Length or current chunk)
@@ -89,6 +92,7 @@ class ResponseParser:
         self._on_head = on_head
         self._on_body = on_body
         self._on_end = on_end
+        self._on_interim = on_interim
 
     def start(self, is_head: bool) -> None:
         """Expect the response to a new request (`is_head`: a HEAD request, so no body)."""
@@ -224,6 +228,7 @@ class ResponseParser:
         if 100 <= status < 200:
             if status == 101:
                 raise UpstreamProtocolError("upstream switched protocols unasked")
+            self._on_interim(status, fields)
             return  # interim response: the final one follows
         length: int | None = None
         transfer_chunked = has_te = False
@@ -252,7 +257,7 @@ class ResponseParser:
                     close = True
                 elif b"keep-alive" in tokens and version == b"HTTP/1.0":
                     close = False
-        self._on_head(status, fields)
+        self._on_head(status, rest[4:], fields)
         self.keep_alive = not close
         if self._is_head or status in _NO_BODY_STATUSES:
             self._finish([])

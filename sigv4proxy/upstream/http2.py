@@ -39,6 +39,7 @@ from sigv4proxy.upstream.base import (
     Body,
     ConnectionNotAvailable,
     Headers,
+    Interim,
     OnChange,
     Origin,
     Response,
@@ -136,12 +137,13 @@ class H2Connection(H2ConnectionBase, asyncio.Protocol):
                           (_MAX_STREAM_ID - 2 - self._h2.highest_outbound_stream_id) // 2))
 
     async def handle_request(self, method: bytes, target: bytes, authority: bytes,
-                             headers: Headers, body: Body) -> Response:
+                             headers: Headers, body: Body, interim: Interim | None = None,
+                             expect_continue: bool = False) -> Response:
         check_request_fields(method, target, authority, headers)
         if not self.is_available():
             raise ConnectionNotAvailable("connection cannot take a new stream")
         stream_id = self._h2.get_next_available_stream_id()
-        stream = _Stream(self, stream_id)
+        stream = _Stream(self, stream_id, interim)
         fields = [(b":method", method), (b":scheme", self._scheme), (b":authority", authority),
                   (b":path", target)]
         fields.extend([(name.lower(), value) for name, value in headers])
@@ -157,7 +159,8 @@ class H2Connection(H2ConnectionBase, asyncio.Protocol):
             stream.local_ended = True
             stream.sent_at = self._loop.time()
         else:
-            stream.send_task = self._loop.create_task(self._send_body(stream, body))
+            stream.send_task = self._loop.create_task(
+                self._send_body(stream, body, expect_continue and not is_bytes))
         return await self._await_response(stream)
 
     def _send_ping(self, payload: bytes) -> None:
@@ -178,8 +181,11 @@ class H2Connection(H2ConnectionBase, asyncio.Protocol):
             pass
 
     # --- request side ---
-    async def _send_body(self, stream: _Stream, body: bytes | AsyncIterable[bytes]) -> None:
+    async def _send_body(self, stream: _Stream, body: bytes | AsyncIterable[bytes],
+                         expect_continue: bool) -> None:
         try:
+            if expect_continue and not await self.hold_upload(stream):
+                return  # answered on the head alone: the body is not sent (the stream is reset)
             await feed_body(body, partial(self._send_chunk, stream))
             if stream.retired or self._closed:
                 return
@@ -297,6 +303,24 @@ class H2Connection(H2ConnectionBase, asyncio.Protocol):
         stream.status = code
         stream.headers = headers
         stream.wake()
+        wake(stream.continue_waiter)  # answered on the head alone: a held upload is not sent
+
+    def _on_informational(self, event: h2.events.InformationalResponseReceived) -> None:
+        stream = self._streams.get(event.stream_id)
+        if stream is None:
+            return
+        status = b""
+        headers = []
+        for name, value in event.headers:
+            if name == b":status":
+                status = value
+            elif name[:1] != b":":
+                headers.append((name, value))
+        code = status_code(status)
+        if code == 101 or not 100 <= code < 200:
+            self.fail_stream(stream, UpstreamProtocolError("upstream sent a bad informational response"))
+            return
+        self._interim(stream, code, headers)
 
     def _on_trailers(self, event: h2.events.TrailersReceived) -> None:
         stream = self._streams.get(event.stream_id)
@@ -366,6 +390,7 @@ class H2Connection(H2ConnectionBase, asyncio.Protocol):
 
 _HANDLERS: dict[type, Callable[[H2Connection, object], None]] = {
     h2.events.ResponseReceived: H2Connection._on_response,
+    h2.events.InformationalResponseReceived: H2Connection._on_informational,
     h2.events.TrailersReceived: H2Connection._on_trailers,
     h2.events.DataReceived: H2Connection._on_data,
     h2.events.StreamEnded: H2Connection._on_stream_ended,

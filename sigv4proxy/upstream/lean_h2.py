@@ -19,6 +19,7 @@ from sigv4proxy.upstream.base import (
     Body,
     ConnectionNotAvailable,
     Headers,
+    Interim,
     OnChange,
     Origin,
     Response,
@@ -97,7 +98,8 @@ class LeanH2Connection(FrameReceiver, H2ConnectionBase, asyncio.Protocol):
                    (w.MAX_STREAM_ID - self._next_stream_id) // 2 + 1)
 
     async def handle_request(self, method: bytes, target: bytes, authority: bytes,
-                             headers: Headers, body: Body) -> Response:
+                             headers: Headers, body: Body, interim: Interim | None = None,
+                             expect_continue: bool = False) -> Response:
         if not self.is_available():
             raise ConnectionNotAvailable("connection cannot take a new stream")
         limit = self._peer_max_header_list
@@ -109,7 +111,7 @@ class LeanH2Connection(FrameReceiver, H2ConnectionBase, asyncio.Protocol):
             raise BadRequest("request method, target or a header is not bytes") from None
         stream_id = self._next_stream_id
         self._next_stream_id += 2
-        stream = LeanStream(self, stream_id, self._peer_initial_window, method == b"HEAD")
+        stream = LeanStream(self, stream_id, self._peer_initial_window, method == b"HEAD", interim)
         self._streams[stream_id] = stream
         frame_size = self._peer_max_frame
         size = len(body) if isinstance(body, (bytes, bytearray, memoryview)) else -1
@@ -133,7 +135,7 @@ class LeanH2Connection(FrameReceiver, H2ConnectionBase, asyncio.Protocol):
         if stream.local_ended:
             stream.sent_at = self._loop.time()
         else:
-            upload = send_body(self, stream, body)  # type: ignore[arg-type]
+            upload = send_body(self, stream, body, expect_continue)  # type: ignore[arg-type]
             stream.send_task = self._loop.create_task(upload)
         return await self._await_response(stream)
 

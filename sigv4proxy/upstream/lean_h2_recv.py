@@ -233,11 +233,14 @@ class FrameReceiver:
             if end_stream or code == 101:
                 self._stream_error(stream, w.PROTOCOL_ERROR,
                                    "upstream sent a bad informational response")
+            else:
+                self._interim(stream, code, headers)
             return
         stream.status = code
         stream.headers = headers
         stream.expected = content_length
         stream.wake()
+        wake(stream.continue_waiter)  # answered on the head alone: a held upload is not sent
         if end_stream:
             self._remote_end(stream)
 

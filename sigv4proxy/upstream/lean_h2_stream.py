@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 from sigv4proxy.errors import ProxyError, UpstreamError, UpstreamTimeout
 from sigv4proxy.upstream import h2_wire as w
-from sigv4proxy.upstream.base import expire_waiter, request_trailers
+from sigv4proxy.upstream.base import Interim, expire_waiter, request_trailers
 from sigv4proxy.upstream.connection_core import feed_body
 from sigv4proxy.upstream.h2_common import H2StreamBase
 from sigv4proxy.upstream.lean_h2_splice import send_frames
@@ -42,8 +42,8 @@ class LeanStream(H2StreamBase):
     chunks: deque[bytes]
 
     def __init__(self, conn: LeanH2Connection, stream_id: int, send_window: int,
-                 head: bool) -> None:
-        super().__init__(conn, stream_id)
+                 head: bool, interim: Interim | None = None) -> None:
+        super().__init__(conn, stream_id, interim)
         self.head = head  # a HEAD response declares a length it never sends
         self.send_window = send_window
         self.recv_window = STREAM_WINDOW
@@ -77,8 +77,10 @@ class LeanStream(H2StreamBase):
 
 # --- the upload ---
 async def send_body(conn: LeanH2Connection, stream: LeanStream,
-                    body: bytes | AsyncIterable[bytes]) -> None:
+                    body: bytes | AsyncIterable[bytes], expect_continue: bool = False) -> None:
     try:
+        if expect_continue and not await conn.hold_upload(stream):
+            return  # answered on the head alone: the body is not sent (the stream is reset)
         ended = False
         taken = _taken(conn, body)
         if taken is None:

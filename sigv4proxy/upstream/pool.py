@@ -21,6 +21,7 @@ from sigv4proxy.upstream.base import (
     Connection,
     ConnectionFactory,
     ConnectionNotAvailable,
+    Interim,
     Origin,
     PoolLimits,
     Response,
@@ -191,7 +192,11 @@ class ConnectionPool:
         self._closed = False
 
     async def request(self, origin: Origin, method: bytes, target: bytes, authority: bytes,
-                      headers: Sequence[tuple[bytes, bytes]], body: Body = None) -> Response:
+                      headers: Sequence[tuple[bytes, bytes]], body: Body = None,
+                      interim: Interim | None = None, expect_continue: bool = False) -> Response:
+        """The upstream's response head (the body streams from it). `interim` receives 1xx
+        responses; `expect_continue` holds a streamed body for the upstream's 100 (the request
+        carries `expect: 100-continue`)."""
         if self._closed:
             raise UpstreamConnectError("connection pool is closed")
         pool = self._pools.get(origin)
@@ -205,7 +210,8 @@ class ConnectionPool:
         while True:
             conn = await self._acquire(pool)
             try:
-                return await conn.handle_request(method, target, authority, headers, body)
+                return await conn.handle_request(method, target, authority, headers, body, interim,
+                                                 expect_continue)
             except ConnectionNotAvailable:
                 refusals += 1
                 if refusals > _MAX_NOT_AVAILABLE:

@@ -37,6 +37,8 @@ class StreamRecord:
     body: bytearray = field(default_factory=bytearray)
     trailers: list[tuple[bytes, bytes]] = field(default_factory=list)
     reset_code: int | None = None
+    informational: list[list[tuple[bytes, bytes]]] = field(default_factory=list)  # 1xx heads, in order
+    data: asyncio.Event = field(default_factory=asyncio.Event)  # set at each DATA frame
     ended: bool = False
     head_end_stream: bool = False  # the head came with END_STREAM (trailers-only / no body)
     done: asyncio.Event = field(default_factory=asyncio.Event)
@@ -171,8 +173,11 @@ class H2TestClient:
                     record.headers.append(header)
             record.head_end_stream = event.stream_ended is not None
             record.head.set()
+        elif isinstance(event, h2.events.InformationalResponseReceived) and record is not None:
+            record.informational.append(list(event.headers))
         elif isinstance(event, h2.events.DataReceived) and record is not None:
             record.body += event.data
+            record.data.set()
             if self.auto_ack:
                 self.h2.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
         elif isinstance(event, h2.events.TrailersReceived) and record is not None:
