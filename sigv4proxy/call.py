@@ -1,8 +1,9 @@
 """`sigv4proxy call`: send one signed request with the proxy's own signer, credentials and pool.
 
 Owns: the one-shot client a user runs to test a signed call and debug a 403 (`--explain` prints
-the canonical request and string to sign, the session token redacted). Must never: print a
-secret key, session token or signing key.
+the canonical request and string to sign, the session token redacted, and both canonical URIs
+when double and single path escaping disagree). Must never: print a secret key, session token or
+signing key.
 """
 
 from __future__ import annotations
@@ -11,13 +12,18 @@ import argparse
 import asyncio
 import sys
 import time
+from typing import TYPE_CHECKING
 from urllib.parse import SplitResult, urlsplit
 
 from sigv4proxy import config as config_mod
 from sigv4proxy.errors import ProxyError
 
+if TYPE_CHECKING:
+    from sigv4proxy.signing import SigV4Signer
+
 CALL_FLAGS = ("region", "service", "upstream", "upstream_protocol", "ca_bundle", "verify_tls",
-              "role_arn", "profile", "extra_signed_headers", "connect_timeout", "first_byte_timeout")
+              "role_arn", "profile", "extra_signed_headers", "connect_timeout", "first_byte_timeout",
+              "uri_path_escaping")
 
 
 def _header(text: str) -> tuple[str, str]:
@@ -44,6 +50,22 @@ def _parse_url(url: str) -> SplitResult | None:
         print("sigv4proxy call: URL must be http:// or https:// with a host", file=sys.stderr)
         return None
     return parts
+
+
+def path_escaping_note(signer: SigV4Signer, path: str) -> str:
+    """The canonical URI under each path escaping, and which one `signer` signs."""
+    from sigv4proxy.signing import canonical_uri
+
+    uris = {mode: canonical_uri(path, normalize=signer.normalize_path, double_encode=mode == "double")
+            for mode in config_mod.URI_PATH_ESCAPINGS}
+    signed = "double" if signer.double_encode_path else "single"
+    if uris["double"] == uris["single"]:
+        return f"Canonical URI: {uris[signed]} (the same with --uri-path-escaping double or single)"
+    other = "single" if signed == "double" else "double"
+    return (f"Canonical URI with --uri-path-escaping {signed}: {uris[signed]}  <- signed\n"
+            f"Canonical URI with --uri-path-escaping {other}: {uris[other]}\n"
+            f"They differ for this path: if the service answers 403 (signature mismatch), try "
+            f"--uri-path-escaping {other}.")
 
 
 async def call(args: argparse.Namespace, out=sys.stdout) -> int:
@@ -84,6 +106,7 @@ async def call(args: argparse.Namespace, out=sys.stdout) -> int:
         if args.explain:
             details = target.signer.explain(method, path, query, signing_headers, creds, now)
             print(details.describe(), file=out)
+            print(path_escaping_note(target.signer, path), file=out)
             print("", file=out)
         added = target.signer.sign(method, path, query, signing_headers, creds, now)
         wire = [(n.encode("latin-1"), v.encode("latin-1")) for n, v in headers + added]

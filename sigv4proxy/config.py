@@ -23,8 +23,10 @@ LATTICE_SERVICE = "vpc-lattice-svcs"
 DEFAULT_ALLOW_HOSTS = ("*.vpc-lattice-svcs.*.on.aws",)
 PROTOCOLS = ("auto", "h2", "http1")
 SIGNING_ALGORITHMS = ("sigv4", "sigv4a")
+URI_PATH_ESCAPINGS = ("double", "single")
 # Options a `--route` flag may carry after the URL (the file form takes every RouteConfig key).
 _ROUTE_FLAG_OPTIONS = ("sign_host", "service", "region", "protocol", "name", "extra_signed_headers",
+                       "uri_path_escaping",
                        "signing_algorithm", "region_set", "connect_timeout", "first_byte_timeout",
                        "read_timeout")
 _ROUTE_TIMEOUTS = ("connect_timeout", "first_byte_timeout", "read_timeout")
@@ -51,6 +53,7 @@ class RouteConfig:
     name: str | None = None
     signing_algorithm: str | None = None  # "sigv4" | "sigv4a"; default: the global setting
     region_set: str | None = None  # SigV4A only, e.g. "*" or "us-east-1,us-west-2"
+    uri_path_escaping: str | None = None  # "double" | "single"; default: the global setting
     # Upstream timeouts for this route's origin; default: the global settings.
     connect_timeout: float | None = None
     first_byte_timeout: float | None = None
@@ -155,6 +158,8 @@ def _parse_route_options(values: dict[str, Any], key: str) -> dict[str, Any]:
         out["signing_algorithm"] = _choice(*SIGNING_ALGORITHMS)(out["signing_algorithm"], f"{key}: signing_algorithm")
     if out.get("region_set") is not None:
         out["region_set"] = _region_set(out["region_set"], f"{key}: region_set")
+    if out.get("uri_path_escaping") is not None:
+        out["uri_path_escaping"] = _choice(*URI_PATH_ESCAPINGS)(out["uri_path_escaping"], f"{key}: uri_path_escaping")
     for name in _ROUTE_TIMEOUTS:
         if out.get(name) is not None:
             out[name] = _positive(float)(out[name], f"{key}: {name}")
@@ -242,13 +247,14 @@ class ProxyConfig:
     service: str = setting(LATTICE_SERVICE, _str, "signing service name")
     signing_algorithm: str = setting("sigv4", _choice(*SIGNING_ALGORITHMS), "sigv4 (one region) or sigv4a (ECDSA, signed for --region-set)")
     region_set: str = setting("*", _region_set, "SigV4A region set: '*' or a comma list such as us-west-2,us-east-1", metavar="REGIONS")
+    uri_path_escaping: str = setting("double", _choice(*URI_PATH_ESCAPINGS), "canonical URI: double (the signed path is the wire path encoded again: the SigV4 rule, botocore, awscrt) or single (the wire path as sent: AWS's Go example for Lattice); they differ only for paths with percent-escapes or non-ASCII")
     upstream: str | None = setting(None, _opt_str, "connect every request to this origin URL; the app's Host is still sent and signed", metavar="URL")
     upstream_protocol: str = setting("auto", _choice(*PROTOCOLS), "auto (ALPN over TLS), h2 (h2c over http://), http1")
     h2_implementation: str = setting("lean", _choice("lean", "h2"), "HTTP/2 client: lean (fast, default) or h2 (the reference library)")
     ca_bundle: str | None = setting(None, _opt_str, "CA bundle for upstream TLS (also AWS_CA_BUNDLE)", metavar="FILE")
     verify_tls: bool = setting(True, _parse_bool, "verify upstream certificates")
     allow_host: tuple[str, ...] = setting(DEFAULT_ALLOW_HOSTS, _parse_list, "host glob the proxy may sign for (repeatable)", repeat=True, metavar="GLOB")
-    route: tuple[RouteConfig, ...] = setting((), _parse_routes, "PATTERN=URL[,sign_host=H,service=S,region=R,protocol=P,signing_algorithm=sigv4a,region_set=A;B,connect_timeout=S,...]; PATTERN is HOST, /PREFIX or HOST/PREFIX (repeatable)", repeat=True)
+    route: tuple[RouteConfig, ...] = setting((), _parse_routes, "PATTERN=URL[,sign_host=H,service=S,region=R,protocol=P,signing_algorithm=sigv4a,region_set=A;B,uri_path_escaping=single,connect_timeout=S,...]; PATTERN is HOST, /PREFIX or HOST/PREFIX (repeatable)", repeat=True)
     extra_signed_headers: tuple[str, ...] = setting((), _parse_list, "extra header names to sign when present (repeatable)", repeat=True)
     strip_header: tuple[str, ...] = setting((), _parse_list, "drop this request header before signing (repeatable)", repeat=True, metavar="NAME")
     add_header: tuple[str, ...] = setting((), _parse_list, "add 'Name=value' to every upstream request (repeatable)", repeat=True, metavar="NAME=VALUE")

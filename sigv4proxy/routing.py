@@ -110,10 +110,13 @@ class Router:
         self._split: dict[str, tuple[str, int | None]] = {}  # raw Host value -> split_host()
 
     # --- start-up ---
-    def _signer(self, service: str, region: str, extra: tuple[str, ...], algorithm: str = "sigv4") -> SigV4Signer:
-        """One signer per (algorithm, service, region or region set, extra headers): they share
-        derived-key caches. For sigv4a, `region` is the region set."""
-        key = (algorithm, service, region, extra)
+    def _signer(self, service: str, region: str, extra: tuple[str, ...], algorithm: str = "sigv4",
+                escaping: str | None = None) -> SigV4Signer:
+        """One signer per (algorithm, service, region or region set, extra headers, path
+        escaping): they share derived-key caches. For sigv4a, `region` is the region set. The
+        path escaping is fixed here, once per route, so no request decides it."""
+        double_encode = (escaping or self._config.uri_path_escaping) == "double"
+        key = (algorithm, service, region, extra, double_encode)
         signer = self._signers.get(key)
         if signer is None:
             if algorithm == "sigv4a":
@@ -122,7 +125,8 @@ class Router:
                 cls = SigV4ASigner
             else:
                 cls = SigV4Signer
-            signer = self._signers[key] = cls(service, region, extra_signed_headers=extra)
+            signer = self._signers[key] = cls(service, region, extra_signed_headers=extra,
+                                              double_encode_path=double_encode)
         return signer
 
     def _default_signer(self, host: str) -> SigV4Signer:
@@ -151,10 +155,11 @@ class Router:
         host_only = split_host(sign_host)[0]
         service = route.service or self._config.service
         extra = tuple(self._config.extra_signed_headers) + tuple(route.extra_signed_headers)
+        escaping = route.uri_path_escaping
         if (route.signing_algorithm or self._config.signing_algorithm) == "sigv4a":
-            signer = self._signer(service, route.region_set or self._config.region_set, extra, "sigv4a")
+            signer = self._signer(service, route.region_set or self._config.region_set, extra, "sigv4a", escaping)
         else:
-            signer = self._signer(service, self._region_for(host_only, route.region), extra)
+            signer = self._signer(service, self._region_for(host_only, route.region), extra, escaping=escaping)
         self._note_timeouts(index, route, origin)
         target = Target(origin, sign_host, signer, route.name or f"route{index}")
         host_re = _glob(route.host) if route.host else None

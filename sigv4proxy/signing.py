@@ -114,8 +114,9 @@ def canonical_uri(raw_path: str, *, normalize: bool, double_encode: bool) -> str
     """The canonical URI of a request path as sent on the wire (already percent-encoded).
 
     Default (non-S3) rule: normalise, then encode the encoded path once more (`%` -> `%25`), as
-    botocore's SigV4Auth and awscrt do. S3 rule (`double_encode=False`): the wire path is already
-    encoded once and signs verbatim (as botocore's S3 signer and awscrt do).
+    botocore's SigV4Auth and awscrt do. Single encoding (`double_encode=False`: the S3 rule, and
+    AWS's Go example for Lattice): the wire path is already encoded once and signs verbatim (as
+    botocore's S3 signer and awscrt with `use_double_uri_encode=False` do).
     """
     if not raw_path.startswith("/") or "?" in raw_path or "#" in raw_path:
         raise BadRequest("request path must be origin-form (start with '/', no query)")
@@ -216,7 +217,9 @@ class SigV4Signer:
         self._kinds.update({name: _OWN for name in _OWN_HEADERS | self._own_header_names()})
         self._name_memo: dict[str, str] = {}  # raw name -> lowercase if signed, else ""
         self._layouts: dict[tuple[str, ...], tuple[list[str], str, list[str]]] = {}
-        self._plain_path_ok = normalize_path and double_encode_path
+        # A normalised path of unreserved characters only is its own canonical URI whether or
+        # not it is encoded again, so single encoding keeps the same fast path.
+        self._plain_path_ok = normalize_path
         self._own_extra = self._extra_own_headers()
         self._usual_shape = content_sha256_header and not self._own_extra
         self._scope_tail = self._scope_suffix()

@@ -2,11 +2,14 @@
 demo identity), against the Lattice simulator (which re-verifies SigV4 and applies the demo auth
 policy) or a capture server on loopback. Checks the printed status/headers/body, exit codes,
 `--explain` (checked against the signature that really arrived), and clear errors for bad input.
+Also the README's way to find the path escaping a service takes: one request with `%20` in its
+path, both ways, against `sigv4proxy sim --uri-path-escaping` run as a user runs it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import hmac
 import json
@@ -248,6 +251,60 @@ async def test_explain_prints_what_was_signed_without_secrets(env):
     assert "Signature=" not in text
     assert f"Credential scope: {scope}" in text
     assert "HTTP/1.1 204" in text and "x-capture: yes" in text
+
+
+# --- which path escaping does the service take? One request with %20 in its path, both ways ---
+
+@contextlib.asynccontextmanager
+async def sim_command(*args: str):
+    """`sigv4proxy sim` as a subprocess on an ephemeral port: yields the port."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "sigv4proxy", "sim", "--listen", "127.0.0.1:0", "--identities",
+        IDENTITIES, "--policy", POLICY, "--service-arn", SERVICE_ARN, *args,
+        stderr=asyncio.subprocess.PIPE)
+    try:
+        banner = await asyncio.wait_for(proc.stderr.readline(), RUN_TIMEOUT_S)
+        match = re.search(rb"http://127\.0\.0\.1:(\d+)", banner)
+        assert match, banner
+        yield int(match.group(1))
+    finally:
+        if proc.returncode is None:
+            proc.terminate()
+        await asyncio.wait_for(proc.communicate(), RUN_TIMEOUT_S)
+
+
+def status_line(result: CallResult) -> str:
+    return next(line for line in result.stdout.splitlines() if re.fullmatch(r"HTTP/\S+ \d{3}", line))
+
+
+PROBE_URIS = {"double": "/probe/a%2520b", "single": "/probe/a%20b"}
+
+
+@pytest.mark.parametrize("service", ["double", "single"])
+async def test_a_percent_20_request_both_ways_shows_which_escaping_the_service_takes(env, service):
+    async with sim_command("--uri-path-escaping", service) as port:
+        upstream = ["--upstream", f"http://127.0.0.1:{port}", "--upstream-protocol", "h2"]
+        results = {mode: await run_call(env, f"http://{HOST}/probe/a%20b", "--explain",
+                                        "--uri-path-escaping", mode, *upstream)
+                   for mode in ("double", "single")}
+        plain = await run_call(env, f"http://{HOST}/probe/plain", "--explain", *upstream)
+    for mode, result in results.items():
+        other = "single" if mode == "double" else "double"
+        text = result.stdout
+        # --explain names both canonical URIs and the one signed, which is the request's.
+        assert f"Canonical URI with --uri-path-escaping {mode}: {PROBE_URIS[mode]}  <- signed\n" in text
+        assert f"Canonical URI with --uri-path-escaping {other}: {PROBE_URIS[other]}\n" in text
+        assert text.split("Canonical request:\n", 1)[1].split("\n")[1] == PROBE_URIS[mode]
+        if mode == service:
+            assert (result.code, status_line(result)) == (0, "HTTP/2 200"), result
+            assert json.loads(text.rsplit("\n\n", 1)[1])["path"] == "/probe/a%20b"
+        else:
+            assert (result.code, status_line(result)) == (1, "HTTP/2 403"), result
+            assert "x-amzn-errortype: InvalidSignatureException" in text
+            assert f"try --uri-path-escaping {other}" in text
+    # A plain path signs the same both ways: the default (double) passes everywhere.
+    assert plain.code == 0 and status_line(plain) == "HTTP/2 200", plain
+    assert "Canonical URI: /probe/plain (the same with --uri-path-escaping double or single)" in plain.stdout
 
 
 # --- errors ---

@@ -120,13 +120,14 @@ def test_region_set_coverage(region_set, covered):
 # --- awscrt-signed requests ---
 
 def crt_sign(method: str, target: str, headers: list[tuple[str, str]], *, region_set: str = "*",
-             secret: str = SECRET_KEY, access_key: str = ACCESS_KEY, when=SIGNED_AT):
+             secret: str = SECRET_KEY, access_key: str = ACCESS_KEY, when=SIGNED_AT,
+             double_encode: bool = True):
     """awscrt's SigV4A signer (not ours): -> a concurrent Future of the signed headers."""
     request = crt_http.HttpRequest(method, target, crt_http.HttpHeaders(headers))
     config = crt_auth.AwsSigningConfig(
         crt_auth.AwsSigningAlgorithm.V4_ASYMMETRIC, crt_auth.AwsSignatureType.HTTP_REQUEST_HEADERS,
         crt_auth.AwsCredentialsProvider.new_static(access_key, secret, SESSION_TOKEN),
-        region_set, SERVICE, date=when,
+        region_set, SERVICE, date=when, use_double_uri_encode=double_encode,
         signed_body_value=crt_auth.AwsSignedBodyValue.UNSIGNED_PAYLOAD,
         signed_body_header_type=crt_auth.AwsSignedBodyHeaderType.X_AMZ_CONTENT_SHA_256)
     return crt_auth.aws_sign_request(request, config)
@@ -258,11 +259,11 @@ async def test_signature_outside_the_clock_skew_is_refused(sim):
 
 # --- malformed SigV4A headers (pure: verify_request without sockets) ---
 
-def _ctx() -> VerifyContext:
+def _ctx(double_encode_path: bool = True) -> VerifyContext:
     store = IdentityStore.from_document({"identities": [{
         "access_key_id": ACCESS_KEY, "secret_access_key": SECRET_KEY, "session_token": SESSION_TOKEN,
         "principal": PRINCIPAL}]})
-    return VerifyContext(store, SIM_REGION, SERVICE, SIGNED_EPOCH)
+    return VerifyContext(store, SIM_REGION, SERVICE, SIGNED_EPOCH, double_encode_path)
 
 
 def _good_headers() -> list[tuple[str, str]]:
@@ -293,6 +294,19 @@ def test_malformed_v4a_authorization(transform, exception, fragment):
     assert info.value.exception == exception
     assert fragment in info.value.message
     assert SECRET_KEY not in str(info.value) and SESSION_TOKEN not in str(info.value)
+
+
+@pytest.mark.parametrize("path, both", [("/plain/42", True), ("/a%20b/%C3%A9", False)])
+def test_each_path_escaping_accepts_awscrts_v4a_signature_made_its_way(path, both):
+    for double_encode in (True, False):
+        signed = crt_sign("GET", path, [("host", HOST)], double_encode=double_encode).result(timeout=10)
+        view = RequestView("GET", path, "", [(n.lower(), v) for n, v in signed.headers])
+        assert verify_request(view, _ctx(double_encode)).identity.principal == PRINCIPAL
+        if both:
+            verify_request(view, _ctx(not double_encode))
+        else:
+            with pytest.raises(AuthFailure, match="does not match"):
+                verify_request(view, _ctx(not double_encode))
 
 
 def test_region_set_header_missing_but_signed():

@@ -33,8 +33,9 @@ STORE = IdentityStore.load({"identities": [
 ]})
 
 
-def ctx(now: float | None = None, region: str = "us-west-2", service: str = "vpc-lattice-svcs") -> VerifyContext:
-    return VerifyContext(STORE, region, service, time.time() if now is None else now)
+def ctx(now: float | None = None, region: str = "us-west-2", service: str = "vpc-lattice-svcs",
+        double_encode_path: bool = True) -> VerifyContext:
+    return VerifyContext(STORE, region, service, time.time() if now is None else now, double_encode_path)
 
 
 # --- the public AWS test suite ---
@@ -106,6 +107,15 @@ def test_canonical_uri(raw, expected):
 
 
 @pytest.mark.parametrize("raw, expected", [
+    ("/a%20b", "/a%20b"),
+    ("/a%2Fb/%C3%A9", "/a%2Fb/%C3%A9"),
+    ("//a/./b/../%2520/", "/a/%2520/"),  # dot and empty segments still go
+])
+def test_canonical_uri_single_encoding_keeps_the_path_as_it_arrived(raw, expected):
+    assert canonical_uri(raw, double_encode=False) == expected
+
+
+@pytest.mark.parametrize("raw, expected", [
     ("", ""),
     ("b=2&a=1", "a=1&b=2"),
     ("a=2&a=1&a=10", "a=1&a=10&a=2"),
@@ -158,12 +168,12 @@ def test_botocore_signed_requests_verify(method, segments, trailing, query, extr
 
 # --- agreement with awscrt, including queries that need re-encoding ---
 
-def crt_sign(method, target, headers=(), token=TOKEN) -> RequestView:
+def crt_sign(method, target, headers=(), token=TOKEN, double_encode: bool = True) -> RequestView:
     creds = crt_auth.AwsCredentialsProvider.new_static(AK, SK, token)
     cfg = crt_auth.AwsSigningConfig(
         algorithm=crt_auth.AwsSigningAlgorithm.V4, signature_type=crt_auth.AwsSignatureType.HTTP_REQUEST_HEADERS,
         credentials_provider=creds, region="us-west-2", service="vpc-lattice-svcs",
-        date=datetime.datetime.now(datetime.timezone.utc),
+        date=datetime.datetime.now(datetime.timezone.utc), use_double_uri_encode=double_encode,
         signed_body_value=crt_auth.AwsSignedBodyValue.UNSIGNED_PAYLOAD,
         signed_body_header_type=crt_auth.AwsSignedBodyHeaderType.X_AMZ_CONTENT_SHA_256)
     req = crt_http.HttpRequest(method, target, crt_http.HttpHeaders([("host", HOST), *headers]))
@@ -185,6 +195,30 @@ def crt_sign(method, target, headers=(), token=TOKEN) -> RequestView:
 def test_awscrt_signed_requests_verify(target):
     view = crt_sign("GET", target, [("x-multi", "one"), ("x-multi", " two  three ")])
     assert verify_request(view, ctx()).identity.access_key_id == AK
+
+
+@pytest.mark.parametrize("target, both", [
+    ("/plain/x?a=1", True),
+    ("/x/./y/../z//w", True),
+    ("/a%20b", False),
+    ("/a%2Fb", False),
+    ("/a%2520b", False),
+    ("/caf%C3%A9", False),
+])
+def test_each_path_escaping_accepts_its_own_signature_and_refuses_the_other(target, both):
+    # awscrt signs both ways; botocore's SigV4Auth double-encodes. A verifier set the other way
+    # refuses exactly the paths whose two canonical URIs differ, with Lattice's mismatch error.
+    for double_encode in (True, False):
+        signed = [crt_sign("GET", target, double_encode=double_encode)]
+        if double_encode:
+            signed.append(botocore_sign("GET", target))
+        for view in signed:
+            assert verify_request(view, ctx(double_encode_path=double_encode)).identity.access_key_id == AK
+            if both:
+                verify_request(view, ctx(double_encode_path=not double_encode))
+            else:
+                _expect(view, "InvalidSignatureException", "does not match",
+                        ctx(double_encode_path=not double_encode))
 
 
 # --- rejections, each with the exception Lattice names ---

@@ -8,6 +8,8 @@ import os
 
 DEFAULT_SERVICE_ARN = "arn:aws:vpc-lattice:us-west-2:111122223333:service/svc-0123456789abcdef0"
 DEFAULT_NETWORK_ARN = "arn:aws:vpc-lattice:us-west-2:111122223333:servicenetwork/sn-0123456789abcdef0"
+# How the canonical URI is built: the path encoded once more (the SigV4 rule) or as it arrived.
+URI_PATH_ESCAPINGS = ("double", "single")
 
 
 def read_json_file(path: "str | os.PathLike[str]", kind: str, error: type[Exception]) -> object:

@@ -130,6 +130,7 @@ class SimApp:
     require_auth: bool
     clock: Callable[[], float]
     log: AccessLogSink
+    double_encode_path: bool = True  # how the canonical URI is built (`--uri-path-escaping`)
     source_vpc_arn: str = "arn:aws:ec2:us-west-2:111122223333:vpc/vpc-0sim0000000000000"
 
     def begin(self, head: RequestHead) -> "Exchange":
@@ -160,7 +161,8 @@ class Exchange:
         if has_auth or app.require_auth:
             view = RequestView(head.method, head.raw_path, head.raw_query, head.headers)
             try:
-                verified = verify_request(view, VerifyContext(app.identities, app.region, app.service, app.clock()))
+                verified = verify_request(view, VerifyContext(app.identities, app.region, app.service, app.clock(),
+                                                              app.double_encode_path))
             except AuthFailure as exc:
                 self.failure, self.denied_reason = exc, exc.exception
                 return

@@ -16,7 +16,7 @@ import sys
 from sigv4proxy.sim.conditions import PolicyError
 from sigv4proxy.sim.identities import IdentitiesError, Identity, IdentityStore
 from sigv4proxy.sim.policy import Policy, RequestFacts, denial_message, evaluate
-from sigv4proxy.sim import DEFAULT_SERVICE_ARN
+from sigv4proxy.sim import DEFAULT_SERVICE_ARN, URI_PATH_ESCAPINGS
 
 
 def _listen(value: str) -> tuple[str, int]:
@@ -40,6 +40,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     sim.add_argument("--policy", help="auth policy JSON file (default: allow every authenticated caller)")
     sim.add_argument("--service-arn", default=DEFAULT_SERVICE_ARN)
     sim.add_argument("--region", default="us-west-2")
+    sim.add_argument("--uri-path-escaping", choices=URI_PATH_ESCAPINGS, default="double",
+                     help="verify with the path encoded once more (double, the SigV4 rule) or as it "
+                          "arrived (single); a request signed the other way gets a 403")
     sim.add_argument("--tls-cert", help="PEM certificate: serve TLS with ALPN h2/http1.1")
     sim.add_argument("--tls-key", help="PEM private key for --tls-cert")
     sim.add_argument("--access-log", help="access-log file, or - for stdout")
@@ -117,7 +120,8 @@ def run_sim(args: argparse.Namespace) -> int:
     host, port = args.listen
     cfg = SimConfig(host=host, port=port, identities=args.identities, policy=args.policy,
                     service_arn=args.service_arn, region=args.region, tls_cert=args.tls_cert,
-                    tls_key=args.tls_key, access_log=args.access_log)
+                    tls_key=args.tls_key, access_log=args.access_log,
+                    uri_path_escaping=args.uri_path_escaping)
     try:
         import uvloop
         runner = uvloop.run

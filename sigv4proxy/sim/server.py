@@ -24,7 +24,7 @@ from sigv4proxy.sim.protocols import H1Handler, H2Handler
 
 H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 
-from sigv4proxy.sim import DEFAULT_NETWORK_ARN, DEFAULT_SERVICE_ARN  # noqa: F401 (re-exported)
+from sigv4proxy.sim import DEFAULT_NETWORK_ARN, DEFAULT_SERVICE_ARN, URI_PATH_ESCAPINGS  # noqa: F401 (ARNs re-exported)
 
 
 @dataclass
@@ -37,6 +37,7 @@ class SimConfig:
     service_network_arn: str = DEFAULT_NETWORK_ARN
     region: str = "us-west-2"
     service: str = "vpc-lattice-svcs"
+    uri_path_escaping: str = "double"  # or "single": the canonical URI is the path as it arrived
     tls_cert: "str | pathlib.Path | None" = None
     tls_key: "str | pathlib.Path | None" = None
     access_log: "str | pathlib.Path | TextIO | None" = None  # path, "-" for stdout, or a stream
@@ -188,6 +189,9 @@ def tls_context(cert: "str | pathlib.Path", key: "str | pathlib.Path") -> ssl.SS
 
 
 def build_app(cfg: SimConfig) -> SimApp:
+    if cfg.uri_path_escaping not in URI_PATH_ESCAPINGS:
+        raise ValueError(f"uri_path_escaping must be one of {', '.join(URI_PATH_ESCAPINGS)}; "
+                         f"got {cfg.uri_path_escaping!r}")
     return SimApp(
         identities=IdentityStore.load(cfg.identities),
         policy=Policy.load(cfg.policy) if cfg.policy is not None else None,
@@ -198,6 +202,7 @@ def build_app(cfg: SimConfig) -> SimApp:
         require_auth=cfg.require_auth,
         clock=cfg.clock,
         log=AccessLogSink.open(cfg.access_log, cfg.max_records),
+        double_encode_path=cfg.uri_path_escaping == "double",
     )
 
 

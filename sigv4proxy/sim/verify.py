@@ -2,8 +2,10 @@
 
 Owns: turning a request as it arrived on the wire (method, raw path, raw query, headers in arrival
 order) into a verdict: which identity signed it, or the Lattice-style exception that rejects it.
-Canonicalization follows the non-S3 rules Lattice uses (dot and empty path segments removed, the
-already-encoded path encoded once more, query decoded then re-encoded, headers trimmed/collapsed).
+Canonicalization follows the non-S3 rules (dot and empty path segments removed, the
+already-encoded path encoded once more, query decoded then re-encoded, headers trimmed/collapsed);
+whether the path is encoded once more is a setting (`VerifyContext.double_encode_path`), since
+Lattice's own documentation does not settle it: single encoding signs the wire path as it arrived.
 
 Must never: import `sigv4proxy.signing` (this is the proxy's independent oracle), read the clock
 itself (callers pass `now`), or put a secret, a session token or a signature in an error message.
@@ -103,8 +105,9 @@ class Verified:
 
 # --- canonicalization (pure) ---
 
-def canonical_uri(raw_path: str) -> str:
-    """Remove dot and empty segments, then URI-encode the (already encoded) path once more."""
+def canonical_uri(raw_path: str, double_encode: bool = True) -> str:
+    """Remove dot and empty segments, then URI-encode the (already encoded) path once more, or
+    with `double_encode=False` keep it as it arrived (it is already encoded once)."""
     segments: list[str] = []
     for seg in raw_path.split("/"):
         if seg in ("", "."):
@@ -117,7 +120,7 @@ def canonical_uri(raw_path: str) -> str:
     path = "/" + "/".join(segments)
     if segments and raw_path.endswith("/"):
         path += "/"
-    return quote(path.encode(*_ENCODING), safe="/~")
+    return quote(path.encode(*_ENCODING), safe="/~") if double_encode else path
 
 
 def canonical_query(raw_query: str) -> str:
@@ -143,7 +146,8 @@ def header_value(headers: Headers, name: str) -> str | None:
 
 
 def canonical_request(
-    req: RequestView, signed_headers: Sequence[str], signed_headers_raw: str, payload_hash: str
+    req: RequestView, signed_headers: Sequence[str], signed_headers_raw: str, payload_hash: str,
+    double_encode: bool = True,
 ) -> str:
     lines = []
     for name in signed_headers:
@@ -152,7 +156,7 @@ def canonical_request(
             raise incomplete(f"'{name}' is named as a SignedHeader, but it does not exist in the HTTP request.")
         lines.append(f"{name}:{value}\n")
     return "\n".join(
-        [req.method, canonical_uri(req.raw_path), canonical_query(req.raw_query), "".join(lines),
+        [req.method, canonical_uri(req.raw_path, double_encode), canonical_query(req.raw_query), "".join(lines),
          signed_headers_raw, payload_hash]
     )
 
@@ -258,6 +262,7 @@ class VerifyContext:
     region: str
     service: str
     now: float
+    double_encode_path: bool = True  # False: the path signs as it arrived (single encoding)
 
 
 def verify_sigv4(req: RequestView, auth_value: str, ctx: VerifyContext) -> Verified:
@@ -267,7 +272,8 @@ def verify_sigv4(req: RequestView, auth_value: str, ctx: VerifyContext) -> Verif
     if auth.region != ctx.region:
         raise invalid(f"Credential should be scoped to a valid region, not '{auth.region}'.")
     identity = check_time_payload_and_key(req, ctx, amz_date, auth.access_key_id)
-    creq = canonical_request(req, auth.signed_headers, auth.signed_headers_raw, UNSIGNED_PAYLOAD)
+    creq = canonical_request(req, auth.signed_headers, auth.signed_headers_raw, UNSIGNED_PAYLOAD,
+                             ctx.double_encode_path)
     expected = compute_signature(identity.secret_access_key, auth, amz_date, creq)
     if not hmac.compare_digest(expected, auth.signature):
         raise invalid(MISMATCH)

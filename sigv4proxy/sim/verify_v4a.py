@@ -178,7 +178,8 @@ def verify_sigv4a(req: RequestView, auth_value: str, ctx: VerifyContext) -> Veri
     if not region_set_covers(region_set, ctx.region):
         raise invalid(f"X-Amz-Region-Set should include the region '{ctx.region}', not '{region_set[:100]}'.")
     identity = check_time_payload_and_key(req, ctx, amz_date, auth.access_key_id)
-    creq = canonical_request(req, auth.signed_headers, auth.signed_headers_raw, UNSIGNED_PAYLOAD)
+    creq = canonical_request(req, auth.signed_headers, auth.signed_headers_raw, UNSIGNED_PAYLOAD,
+                             ctx.double_encode_path)
     sts = string_to_sign_v4a(amz_date, auth.scope, creq)
     public_key = public_key_for(identity.access_key_id, identity.secret_access_key)
     if not signature_matches(public_key, auth.signature, sts):
