@@ -267,6 +267,6 @@ def test_serve_flags_env_and_config_keys_exist(tmp_path):
             capture_output=True, text=True, timeout=60, env={**clean_env, **env})
         assert result.returncode == 0, f"{where}: {result.stderr[-1000:]}"
         effective = yaml.safe_load(result.stdout)
-        assert hostport(effective["listen"])[1] == PROXY_PORT
+        assert {hostport(address)[1] for address in effective["listen"]} == {PROXY_PORT}
         assert hostport(effective["admin"])[1] == ADMIN_PORT
         assert effective["transparent"] is ("--transparent" in argv)
