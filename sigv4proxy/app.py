@@ -1,7 +1,8 @@
 """One worker's proxy: builds the parts from the config, runs the listeners, drains on stop.
 
-Owns: start-up order (credentials, pool, listener, admin), readiness, and graceful drain.
-Must never: start accepting before it can sign, or drop an in-flight request while draining.
+Owns: start-up order (credentials, pool, admin, one listener per listen address), readiness, and
+graceful drain. Must never: start accepting before it can sign, drop an in-flight request while
+draining, or leave a socket bound when start-up fails.
 """
 
 from __future__ import annotations
