@@ -20,7 +20,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_protocol import RequestHandler, RequestPayloadError
 
 from sigv4proxy.admin import AdminHandler
-from sigv4proxy.config import ProxyConfig
+from sigv4proxy.config import ProxyConfig, hostport
 from sigv4proxy.credentials import CredentialStore
 from sigv4proxy.handler import MAX_HEADER_FIELD, MAX_REQUEST_LINE, ProxyHandler
 from sigv4proxy.inbound.sniff import InboundListener
@@ -59,10 +59,6 @@ def pool_from_config(config: ProxyConfig, origin_timeouts: Mapping[Origin, Timeo
 
 class ListenError(OSError):
     """A listen or admin address could not be bound; the message names it."""
-
-
-def _hostport(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def _bind(host: str, port: int, reuse_port: bool, recv_buffer: int | None = None) -> socket.socket:
@@ -112,9 +108,9 @@ def _bind_listeners(addresses: Sequence[tuple[str, int]], reuse_port: bool,
                 socks.append(_bind(host, port, reuse_port, recv_buffer))
             except OSError as exc:
                 if not _host_lacks_ipv6(host, exc):
-                    raise ListenError(exc.errno, f"cannot listen on {_hostport(host, port)}: {exc.strerror}") from None
+                    raise ListenError(exc.errno, f"cannot listen on {hostport(host, port)}: {exc.strerror}") from None
                 log.warning("IPv6 listener skipped: this host has no IPv6",
-                            extra={"listen": _hostport(host, port), "reason": exc.strerror})
+                            extra={"listen": hostport(host, port), "reason": exc.strerror})
         if not socks:
             raise ListenError(errno.EADDRNOTAVAIL, "no listen address could be bound")
     except BaseException:
@@ -323,7 +319,7 @@ class ProxyApp:
         try:
             admin_sock = _bind(admin_host, admin_port, self._reuse_port)
         except OSError as exc:
-            raise ListenError(exc.errno, f"cannot listen on admin {_hostport(admin_host, admin_port)}: "
+            raise ListenError(exc.errno, f"cannot listen on admin {hostport(admin_host, admin_port)}: "
                                          f"{exc.strerror}") from None
         try:
             socks = _bind_listeners(self.config.listen_addrs, self._reuse_port, self.config.recv_buffer)
@@ -347,8 +343,8 @@ class ProxyApp:
             self.addresses.append(sock.getsockname()[:2])
         self.port = self.addresses[0][1]
         self._gauge_task = loop.create_task(self._gauge_loop())
-        log.info("listening", extra={"listen": ",".join(_hostport(*a) for a in self.addresses),
-                                     "admin": _hostport(admin_host, self.admin_port)})
+        log.info("listening", extra={"listen": ",".join(hostport(*a) for a in self.addresses),
+                                     "admin": hostport(admin_host, self.admin_port)})
 
     @property
     def h2_streams(self):

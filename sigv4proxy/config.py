@@ -72,6 +72,11 @@ def _split_hostport(value: str, key: str) -> tuple[str, int]:
     return host, number
 
 
+def hostport(host: str, port: int) -> str:
+    """HOST:PORT as the listen setting writes it (IPv6 in brackets)."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 _LOOPBACKS = ("127.0.0.1", "::1")
 _EVERY_INTERFACE = ("0.0.0.0", "::")
 
@@ -98,7 +103,7 @@ def _listen(value: Any, key: str) -> tuple[str, ...]:
         else:
             hosts = (host,)
         for name in hosts:
-            text = f"[{name}]:{port}" if ":" in name else f"{name}:{port}"
+            text = hostport(name, port)
             if text in out:
                 raise ConfigError(f"{key}: {text} is listed twice")
             out.append(text)
