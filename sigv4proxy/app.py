@@ -1,23 +1,26 @@
 """One worker's proxy: builds the parts from the config, runs the listeners, drains on stop.
 
-Owns: start-up order (credentials, pool, listener, admin), readiness, and graceful drain.
-Must never: start accepting before it can sign, or drop an in-flight request while draining.
+Owns: start-up order (credentials, pool, admin, one listener per listen address), readiness, and
+graceful drain. Must never: start accepting before it can sign, drop an in-flight request while
+draining, or leave a socket bound when start-up fails.
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
+import ipaddress
 import logging
 import socket
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 from aiohttp import StreamReader, web
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_protocol import RequestHandler, RequestPayloadError
 
 from sigv4proxy.admin import AdminHandler
-from sigv4proxy.config import ProxyConfig
+from sigv4proxy.config import ProxyConfig, hostport
 from sigv4proxy.credentials import CredentialStore
 from sigv4proxy.handler import MAX_HEADER_FIELD, MAX_REQUEST_LINE, ProxyHandler
 from sigv4proxy.inbound.sniff import InboundListener
@@ -54,22 +57,67 @@ def pool_from_config(config: ProxyConfig, origin_timeouts: Mapping[Origin, Timeo
     )
 
 
+class ListenError(OSError):
+    """A listen or admin address could not be bound; the message names it."""
+
+
 def _bind(host: str, port: int, reuse_port: bool, recv_buffer: int | None = None) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    if reuse_port:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    if recv_buffer:
-        # Accepted sockets inherit it. The event loop reads up to 256 KiB at a time, and a read
-        # lands in memory before backpressure can pause the socket: with many uploads at once that
-        # overshoot, not the body buffers, sets peak RSS. The peer is local, so a small window
-        # costs no throughput.
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, recv_buffer)
-    sock.bind((host, port))
-    sock.listen(1024)
-    sock.setblocking(False)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if family == socket.AF_INET6:
+            # One family per socket: [::] takes no IPv4, so it binds beside 0.0.0.0 on one port.
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        if recv_buffer:
+            # Accepted sockets inherit it. The event loop reads up to 256 KiB at a time, and a read
+            # lands in memory before backpressure can pause the socket: with many uploads at once
+            # that overshoot, not the body buffers, sets peak RSS. The peer is local, so a small
+            # window costs no throughput.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, recv_buffer)
+        sock.bind((host, port))
+        sock.listen(1024)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
     return sock
+
+
+def _host_lacks_ipv6(host: str, exc: OSError) -> bool:
+    """The bind failed because this host has no IPv6 at all (IPv6 off at boot, or no ::1 on lo):
+    then no client here can reach that listener either."""
+    if ":" not in host:
+        return False
+    if exc.errno == errno.EAFNOSUPPORT:
+        return True
+    return exc.errno == errno.EADDRNOTAVAIL and ipaddress.IPv6Address(host).is_loopback
+
+
+def _bind_listeners(addresses: Sequence[tuple[str, int]], reuse_port: bool,
+                   recv_buffer: int | None) -> list[socket.socket]:
+    """A listening socket per address. An IPv6 one on a host without IPv6 is skipped with a
+    warning; any other failure, or nothing left to listen on, is a ListenError (the sockets bound
+    so far are closed)."""
+    socks: list[socket.socket] = []
+    try:
+        for host, port in addresses:
+            try:
+                socks.append(_bind(host, port, reuse_port, recv_buffer))
+            except OSError as exc:
+                if not _host_lacks_ipv6(host, exc):
+                    raise ListenError(exc.errno, f"cannot listen on {hostport(host, port)}: {exc.strerror}") from None
+                log.warning("IPv6 listener skipped: this host has no IPv6",
+                            extra={"listen": hostport(host, port), "reason": exc.strerror})
+        if not socks:
+            raise ListenError(errno.EADDRNOTAVAIL, "no listen address could be bound")
+    except BaseException:
+        for sock in socks:
+            sock.close()
+        raise
+    return socks
 
 
 _DETACH_PASSES = 4  # parse passes before giving up on taking a body off the socket
@@ -237,19 +285,20 @@ class ProxyApp:
         self._listener: InboundListener | None = None
         self._reuse_port = reuse_port
         self._draining = False
-        self._listening = False
-        self._servers: list[asyncio.AbstractServer] = []
+        self._proxy_servers: list[asyncio.AbstractServer] = []
+        self._admin_listener: asyncio.AbstractServer | None = None
         self._web_server: web.Server | None = None
         self._admin_server: web.Server | None = None
         self._gauge_task: asyncio.Task | None = None
-        self.port = 0
+        self.addresses: list[tuple[str, int]] = []  # (host, port) of every listener, as bound
+        self.port = 0  # the first listener's
         self.admin_port = 0
 
     # --- readiness ---
     def readiness(self) -> tuple[bool, str]:
         if self._draining:
             return False, "draining"
-        if not self._listening:
+        if not self._proxy_servers or not all(s.is_serving() for s in self._proxy_servers):
             return False, "listener not started"
         return self.credentials.ready()
 
@@ -267,12 +316,20 @@ class ProxyApp:
         loop = asyncio.get_running_loop()
         await self.credentials.start()
         admin_host, admin_port = self.config.admin_addr
+        try:
+            admin_sock = _bind(admin_host, admin_port, self._reuse_port)
+        except OSError as exc:
+            raise ListenError(exc.errno, f"cannot listen on admin {hostport(admin_host, admin_port)}: "
+                                         f"{exc.strerror}") from None
+        try:
+            socks = _bind_listeners(self.config.listen_addrs, self._reuse_port, self.config.recv_buffer)
+        except ListenError:
+            admin_sock.close()
+            raise
         self._admin_server = web.Server(AdminHandler(self.metrics, self.readiness, self.refresh_gauges),
                                         access_log=None)
-        admin_sock = _bind(admin_host, admin_port, self._reuse_port)
-        self._servers.append(await loop.create_server(self._admin_server, sock=admin_sock))
+        self._admin_listener = await loop.create_server(self._admin_server, sock=admin_sock)
         self.admin_port = admin_sock.getsockname()[1]
-        host, port = self.config.listen_addr
         self._web_server = _InboundServer(
             self.handler, access_log=None, auto_decompress=False, handler_cancellation=True,
             keepalive_timeout=75, max_field_size=MAX_HEADER_FIELD, max_line_size=MAX_REQUEST_LINE,
@@ -281,12 +338,13 @@ class ProxyApp:
         self._web_server.head_timeout = self.config.header_timeout
         self._listener = InboundListener(self._web_server, self._new_h2_connection,
                                         head_timeout=self.config.header_timeout)
-        sock = _bind(host, port, self._reuse_port, self.config.recv_buffer)
-        self._servers.append(await loop.create_server(self._listener, sock=sock, backlog=1024))
-        self.port = sock.getsockname()[1]
-        self._listening = True
+        for sock in socks:
+            self._proxy_servers.append(await loop.create_server(self._listener, sock=sock, backlog=1024))
+            self.addresses.append(sock.getsockname()[:2])
+        self.port = self.addresses[0][1]
         self._gauge_task = loop.create_task(self._gauge_loop())
-        log.info("listening", extra={"listen": f"{host}:{self.port}", "admin": f"{admin_host}:{self.admin_port}"})
+        log.info("listening", extra={"listen": ",".join(hostport(*a) for a in self.addresses),
+                                     "admin": hostport(admin_host, self.admin_port)})
 
     @property
     def h2_streams(self):
@@ -310,9 +368,8 @@ class ProxyApp:
         """Readiness goes 503, the listener stops accepting, in-flight requests finish (bounded)."""
         timeout = self.config.drain_timeout if drain_timeout is None else drain_timeout
         self._draining = True
-        proxy_server = self._servers[1] if len(self._servers) > 1 else None
-        if proxy_server is not None:
-            proxy_server.close()
+        for server in self._proxy_servers:
+            server.close()
         if self._web_server is not None:
             # Idle keep-alive connections close now; busy ones right after their response.
             self._web_server.pre_shutdown()
@@ -327,8 +384,8 @@ class ProxyApp:
             await self._web_server.shutdown(timeout=1.0)
         if self._listener is not None:
             self._listener.close()
-        for server in self._servers:
-            server.close()
+        if self._admin_listener is not None:
+            self._admin_listener.close()
         if self._admin_server is not None:
             self._admin_server.pre_shutdown()
             await self._admin_server.shutdown(timeout=1.0)
@@ -337,4 +394,3 @@ class ProxyApp:
         self.metrics.flush()  # this worker's last observations, before it exits
         await self.pool.aclose()
         await self.credentials.aclose()
-        self._listening = False

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import ipaddress
 import os
 import re
 from dataclasses import dataclass, field
@@ -72,6 +73,46 @@ def _split_hostport(value: str, key: str) -> tuple[str, int]:
     if not 0 <= number <= 65535:
         raise ConfigError(f"{key}: port out of range in {value!r}")
     return host, number
+
+
+def hostport(host: str, port: int) -> str:
+    """HOST:PORT as the listen setting writes it (IPv6 in brackets)."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+_LOOPBACKS = ("127.0.0.1", "::1")
+_EVERY_INTERFACE = ("0.0.0.0", "::")
+
+
+def _listen(value: Any, key: str) -> tuple[str, ...]:
+    """Listen addresses, each `HOST:PORT` with IPv6 literals in brackets. A bare `PORT` is loopback
+    in both families and `:PORT` (the Go sidecar's form) every interface in both; each becomes
+    two entries, so what `check-config` prints is what is bound."""
+    out: list[str] = []
+    for entry in _parse_list(value, key):
+        host, port = _split_hostport(entry, key)
+        bracketed = entry.startswith("[")
+        if bracketed:
+            try:
+                ipaddress.IPv6Address(host)
+            except ValueError:
+                raise ConfigError(f"{key}: {entry!r}: brackets hold an IPv6 address") from None
+        elif ":" in host:
+            raise ConfigError(f"{key}: an IPv6 address goes in brackets, e.g. [::1]:8080; got {entry!r}")
+        if ":" not in entry:  # a bare port
+            hosts = _LOOPBACKS
+        elif entry.startswith(":"):
+            hosts = _EVERY_INTERFACE
+        else:
+            hosts = (host,)
+        for name in hosts:
+            text = hostport(name, port)
+            if text in out:
+                raise ConfigError(f"{key}: {text} is listed twice")
+            out.append(text)
+    if not out:
+        raise ConfigError(f"{key}: expected at least one HOST:PORT")
+    return tuple(out)
 
 
 def _parse_bool(value: Any, key: str) -> bool:
@@ -241,7 +282,7 @@ def setting(default: Any, parse: Callable[[Any, str], Any], help: str, *, repeat
 
 @dataclass(frozen=True, slots=True)
 class ProxyConfig:
-    listen: str = setting("127.0.0.1:8080", _str, "HOST:PORT the app talks to", metavar="HOST:PORT")
+    listen: tuple[str, ...] = setting(("127.0.0.1:8080", "[::1]:8080"), _listen, "HOST:PORT the app talks to (repeatable; IPv6 in brackets: [::1]:8080); a bare PORT is both loopbacks, :PORT every interface of both families; an IPv6 listener is skipped with a warning on a host without IPv6", repeat=True, metavar="HOST:PORT")
     admin: str = setting("127.0.0.1:9901", _str, "HOST:PORT for /metrics, /healthz, /readyz", metavar="HOST:PORT")
     region: str | None = setting(None, _opt_str, "signing region (default: from a Lattice host, else AWS_REGION)")
     service: str = setting(LATTICE_SERVICE, _str, "signing service name")
@@ -298,8 +339,8 @@ class ProxyConfig:
         return out
 
     @property
-    def listen_addr(self) -> tuple[str, int]:
-        return _split_hostport(self.listen, "listen")
+    def listen_addrs(self) -> tuple[tuple[str, int], ...]:
+        return tuple(_split_hostport(address, "listen") for address in self.listen)
 
     @property
     def admin_addr(self) -> tuple[str, int]:
@@ -375,7 +416,7 @@ def from_sources(flags: Mapping[str, Any] | None = None, env: Mapping[str, str] 
 
 
 def _validate(config: ProxyConfig) -> None:
-    config.listen_addr
+    config.listen_addrs
     config.admin_addr
     for item in config.add_header:
         name, sep, value = item.partition("=")

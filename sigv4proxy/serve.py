@@ -87,7 +87,13 @@ def run_with_flags(flags: dict) -> int:
         from sigv4proxy.workers import supervise
 
         return supervise(config, sys.argv[1:])
-    return asyncio.run(serve_until_signalled(config, reuse_port=bool(os.environ.get("SIGV4PROXY_WORKER_ID"))))
+    from sigv4proxy.app import ListenError
+
+    try:
+        return asyncio.run(serve_until_signalled(config, reuse_port=bool(os.environ.get("SIGV4PROXY_WORKER_ID"))))
+    except ListenError as exc:
+        print(f"sigv4proxy: {exc.strerror}", file=sys.stderr)
+        return 1
 
 
 def check_config(args: argparse.Namespace) -> int:

@@ -32,7 +32,7 @@ def test_translation_of_every_flag():
         "--transport.idle-conn-timeout", "1m30s",
     ])
     c = cfg.from_sources(flags, env={}, file_data={})
-    assert c.listen_addr == ("0.0.0.0", 9000)
+    assert c.listen_addrs == (("0.0.0.0", 9000), ("::", 9000))  # as Go's ":9000": both families
     assert c.service == "execute-api" and c.region == "eu-west-1" and c.role_arn == "arn:aws:iam::1:role/r"
     assert c.strip_header == ("X-A", "x-b") and c.add_header == ("x-team=pay", "x-env=prod")
     assert c.duplicate_header == ("Authorization",) and c.verify_tls is False

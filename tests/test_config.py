@@ -15,7 +15,7 @@ def parse_flags(argv):
 
 def test_defaults():
     c = cfg.from_sources({}, env={}, file_data={})
-    assert c.listen_addr == ("127.0.0.1", 8080)
+    assert c.listen_addrs == (("127.0.0.1", 8080), ("::1", 8080))  # both loopbacks
     assert c.admin_addr == ("127.0.0.1", 9901)
     assert c.service == "vpc-lattice-svcs"
     assert c.allow_host == cfg.DEFAULT_ALLOW_HOSTS
@@ -27,10 +27,42 @@ def test_precedence_flags_over_env_over_file():
     env = {"SIGV4PROXY_LISTEN": "127.0.0.1:2000", "SIGV4PROXY_REGION": "us-east-2"}
     flags = parse_flags(["--listen", "127.0.0.1:3000"])
     c = cfg.from_sources(flags, env=env, file_data=file_data)
-    assert c.listen == "127.0.0.1:3000"  # flag wins
+    assert c.listen == ("127.0.0.1:3000",)  # flag wins
     assert c.region == "us-east-2"  # env beats file
     assert c.upstream_protocol == "http1"  # file beats default
     assert c.connect_timeout == 3.0
+
+
+def test_listen_is_repeatable_from_flags_env_and_file():
+    flags = parse_flags(["--listen", "127.0.0.1:8080", "--listen", "[::1]:8080"])
+    assert cfg.from_sources(flags, env={}, file_data={}).listen_addrs == (("127.0.0.1", 8080), ("::1", 8080))
+    env = {"SIGV4PROXY_LISTEN": "127.0.0.1:9000,[::1]:9000"}
+    assert cfg.from_sources({}, env=env, file_data={}).listen == ("127.0.0.1:9000", "[::1]:9000")
+    from_file = cfg.from_sources({}, env={}, file_data={"listen": ["[fd00:ec2:80::5]:80", "10.0.0.1:80"]})
+    assert from_file.listen_addrs == (("fd00:ec2:80::5", 80), ("10.0.0.1", 80))
+
+
+@pytest.mark.parametrize("value, expected", [
+    ("8080", ("127.0.0.1:8080", "[::1]:8080")),  # a bare port: loopback, both families
+    (":8005", ("0.0.0.0:8005", "[::]:8005")),  # the Go sidecar's form: every interface, both
+    ("[::]:80", ("[::]:80",)),
+    ("localhost:8080", ("localhost:8080",)),
+])
+def test_listen_shorthands_expand_to_what_is_bound(value, expected):
+    assert cfg.from_sources({}, env={}, file_data={"listen": value}).listen == expected
+
+
+@pytest.mark.parametrize("value, message", [
+    ("::1:8080", "IPv6 address goes in brackets"),
+    ("[not-ipv6]:80", "brackets hold an IPv6 address"),
+    ("[::1]", "expected HOST:PORT"),
+    (["127.0.0.1:8080", "8080"], "127.0.0.1:8080 is listed twice"),
+    ([], "at least one"),
+    ("[::1]:70000", "port out of range"),
+])
+def test_bad_listen_values_say_why(value, message):
+    with pytest.raises(cfg.ConfigError, match=rf"^listen: .*{message}"):
+        cfg.from_sources({}, env={}, file_data={"listen": value})
 
 
 def test_aws_region_and_ca_bundle_from_env(tmp_path):

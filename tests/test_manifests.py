@@ -25,6 +25,7 @@ from support.deploy_files import (
     flag,
     healthcheck_argv,
     hostport,
+    listens,
 )
 
 EKS = ROOT / "config" / "eks"
@@ -139,7 +140,7 @@ def test_pod_shape(workload):
         assert {"cpu", "memory"} <= set(sidecar["resources"][kind])
     args = sidecar["args"]
     assert args[0] == "serve" and "--transparent" in args
-    assert hostport(flag(args, "--listen")) == ("127.0.0.1", PROXY_PORT)
+    assert listens(args) == [("127.0.0.1", PROXY_PORT), ("[::1]", PROXY_PORT)]  # where REDIRECT lands
     assert hostport(flag(args, "--admin")) == ("0.0.0.0", ADMIN_PORT)
     ports = {p["name"]: p["containerPort"] for p in sidecar["ports"]}
     assert set(ports.values()) == {PROXY_PORT, ADMIN_PORT}
@@ -172,6 +173,21 @@ def test_pod_shape(workload):
         assert "http://" in text and "vpc-lattice-svcs" in text
 
 
+@pytest.mark.parametrize("workload", ["deployment.yaml:Deployment", "job.yaml:Job"])
+def test_the_init_step_redirects_both_lattice_ranges_to_the_proxy(workload):
+    # What its arguments print without --apply: both families, into the port the sidecar listens on.
+    argv = [a for a in _iptables_init(_workloads()[workload])["args"] if a != "--apply"]
+    script = subprocess.run([sys.executable, "-m", "sigv4proxy", *argv], capture_output=True, text=True, timeout=60)
+    assert script.returncode == 0, script.stderr
+    for tool, cidr in (("iptables", "169.254.171.0/24"), ("ip6tables", "fd00:ec2:80::/64")):
+        rules = [line.strip().partition(" || ")[2] for line in script.stdout.splitlines()
+                 if line.strip().startswith(f"{tool} -t nat -C ")]
+        assert f"{tool} -t nat -A SIGV4PROXY_OUTPUT -m owner --uid-owner {PROXY_UID} -j RETURN" in rules
+        for port in (80, 443):
+            assert (f"{tool} -t nat -A SIGV4PROXY_OUTPUT -p tcp -d {cidr} --dport {port} -j REDIRECT "
+                    f"--to-ports {PROXY_PORT}") in rules
+
+
 def test_job_completes_with_the_native_sidecar():
     (job,) = [d for d in eks_documents()["job.yaml"] if d["kind"] == "Job"]
     pod = job["spec"]["template"]["spec"]
@@ -198,7 +214,7 @@ def test_ecs_task_definition():
     assert proxy["healthCheck"]["command"] == ["CMD", *healthcheck_argv()]
     command = proxy["command"]
     assert command[0] == "serve"
-    assert hostport(flag(command, "--listen")) == ("127.0.0.1", PROXY_PORT)
+    assert listens(command) == [("127.0.0.1", PROXY_PORT), ("[::1]", PROXY_PORT)]
     assert hostport(flag(command, "--admin"))[1] == ADMIN_PORT
     env = {e["name"]: e["value"] for e in proxy["environment"]}
     assert env.get("SIGV4PROXY_REGION")
@@ -267,6 +283,6 @@ def test_serve_flags_env_and_config_keys_exist(tmp_path):
             capture_output=True, text=True, timeout=60, env={**clean_env, **env})
         assert result.returncode == 0, f"{where}: {result.stderr[-1000:]}"
         effective = yaml.safe_load(result.stdout)
-        assert hostport(effective["listen"])[1] == PROXY_PORT
+        assert {hostport(address)[1] for address in effective["listen"]} == {PROXY_PORT}
         assert hostport(effective["admin"])[1] == ADMIN_PORT
         assert effective["transparent"] is ("--transparent" in argv)

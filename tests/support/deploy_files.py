@@ -85,6 +85,11 @@ def hostport(value: str) -> tuple[str, int]:
     return host, int(port)
 
 
+def listens(argv: list[str]) -> list[tuple[str, int]]:
+    """Every `--listen HOST:PORT` in argv, in order."""
+    return [hostport(value) for name, value in zip(argv, argv[1:]) if name == "--listen"]
+
+
 def flag(argv: list[str], name: str, default: str | None = None) -> str | None:
     if name in argv:
         return argv[argv.index(name) + 1]

@@ -1,7 +1,7 @@
 """Throwaway Linux network namespaces for tests that need iptables or non-loopback addresses.
 
-Owns: creating a uniquely named namespace (loopback up), running commands inside it, and always
-deleting it again, including any process still running in it. Must never touch the host's own
+Owns: creating a uniquely named namespace (loopback up, IPv6 on unless asked otherwise), running
+commands inside it, and always deleting it again, including any process still running in it. Must never touch the host's own
 network namespace: every `ip`/`iptables` call made here is scoped to a namespace it created.
 
     ok, reason = have_netns_support()
@@ -81,12 +81,27 @@ def _kill_members(name: str) -> None:
                 os.kill(int(token), signal.SIGKILL)
 
 
+def _set_ipv6(name: str, enabled: bool) -> None:
+    """IPv6 on or off for every interface of the namespace, present and future (off: lo loses ::1
+    and /proc/net/if_inet6 is empty, as in a pod with IPv6 disabled). A namespace may inherit
+    either from the host, so it is always set; written to /proc, which needs no sysctl binary."""
+    value = "0" if enabled else "1"
+    script = " && ".join(f"echo {value} > /proc/sys/net/ipv6/conf/{which}/disable_ipv6"
+                         for which in ("default", "all"))
+    result = run_in_netns(name, ["sh", "-c", script])
+    if result.returncode != 0:
+        raise NetnsError(f"cannot turn IPv6 {'on' if enabled else 'off'} in a namespace: "
+                         f"{result.stderr.strip()[:300]}")
+
+
 @contextlib.contextmanager
-def netns(name_prefix: str = "sigv4t") -> Iterator[str]:
-    """Create a fresh namespace with `lo` up, yield its name, and always delete it."""
+def netns(name_prefix: str = "sigv4t", *, ipv6: bool = True) -> Iterator[str]:
+    """Create a fresh namespace with `lo` up and IPv6 on (or off), yield its name, and always
+    delete it. Give IPv6 addresses `nodad`, so they are usable at once."""
     name = f"{name_prefix}-{os.getpid()}-{secrets.token_hex(3)}"
     _ip("netns", "add", name)
     try:
+        _set_ipv6(name, ipv6)
         _ip("-n", name, "link", "set", "lo", "up")
         yield name
     finally:
@@ -96,7 +111,8 @@ def netns(name_prefix: str = "sigv4t") -> Iterator[str]:
 
 @functools.lru_cache(maxsize=1)
 def have_netns_support() -> tuple[bool, str]:
-    """(True, "") if this process can create a namespace and use the iptables nat table in it."""
+    """(True, "") if this process can create a namespace with IPv6 and use the iptables and
+    ip6tables nat tables in it."""
     if sys.platform != "linux":
         return False, "network namespaces need Linux"
     if os.geteuid() != 0:
@@ -106,9 +122,10 @@ def have_netns_support() -> tuple[bool, str]:
             return False, f"`{name}` not installed (Debian package {package}; scripts/ci-deps.sh)"
     try:
         with netns("sigv4probe") as name:
-            result = run_in_netns(name, ["iptables", "-t", "nat", "-S"])
-            if result.returncode != 0:
-                return False, f"iptables nat table unusable in a namespace: {result.stderr.strip()[:200]}"
+            for command in ("iptables", "ip6tables"):
+                result = run_in_netns(name, [command, "-t", "nat", "-S"])
+                if result.returncode != 0:
+                    return False, f"{command} nat table unusable in a namespace: {result.stderr.strip()[:200]}"
     except (NetnsError, OSError, subprocess.TimeoutExpired) as exc:
         return False, f"cannot create a network namespace here: {exc}"
     return True, ""
