@@ -29,8 +29,8 @@ URI_PATH_ESCAPINGS = ("double", "single")
 _ROUTE_FLAG_OPTIONS = ("sign_host", "service", "region", "protocol", "name", "extra_signed_headers",
                        "uri_path_escaping",
                        "signing_algorithm", "region_set", "connect_timeout", "first_byte_timeout",
-                       "read_timeout")
-_ROUTE_TIMEOUTS = ("connect_timeout", "first_byte_timeout", "read_timeout")
+                       "read_timeout", "max_connection_age")
+_ROUTE_TIMEOUTS = ("connect_timeout", "first_byte_timeout", "read_timeout", "max_connection_age")
 _REGION_SET_ENTRY = re.compile(r"^[a-z0-9*-]+$")
 
 
@@ -59,6 +59,7 @@ class RouteConfig:
     connect_timeout: float | None = None
     first_byte_timeout: float | None = None
     read_timeout: float | None = None
+    max_connection_age: float | None = None
 
 
 def _split_hostport(value: str, key: str) -> tuple[str, int]:
@@ -203,7 +204,8 @@ def _parse_route_options(values: dict[str, Any], key: str) -> dict[str, Any]:
         out["uri_path_escaping"] = _choice(*URI_PATH_ESCAPINGS)(out["uri_path_escaping"], f"{key}: uri_path_escaping")
     for name in _ROUTE_TIMEOUTS:
         if out.get(name) is not None:
-            out[name] = _positive(float)(out[name], f"{key}: {name}")
+            parse = _non_negative if name == "max_connection_age" else _positive(float)  # 0: no limit
+            out[name] = parse(out[name], f"{key}: {name}")
     return out
 
 
@@ -308,7 +310,8 @@ class ProxyConfig:
     connect_timeout: float = setting(5.0, _positive(float), "upstream connect timeout (s)")
     first_byte_timeout: float = setting(30.0, _positive(float), "request sent to response headers (s)")
     read_timeout: float = setting(60.0, _positive(float), "max gap between response body chunks, and between request body chunks from the client (s)")
-    idle_timeout: float = setting(90.0, _positive(float), "close pooled upstream connections idle this long (s)")
+    idle_timeout: float = setting(50.0, _positive(float), "close pooled upstream connections idle this long (s); below VPC Lattice's idle close (60 s by default), so a connection Lattice already closed is never picked")
+    max_connection_age: float = setting(570.0, _non_negative, "an upstream connection this old (s) takes no new requests and closes once its last one ends, each at a random 90-100 %% of it, before VPC Lattice's 10-minute cut (0: no limit)")
     stream_idle_timeout: float = setting(300.0, _positive(float), "inbound HTTP/2 stream with no bytes either way for this long is cut (s); long RPCs are not cut by request timeouts")
     ping_interval: float = setting(30.0, _non_negative, "PING idle upstream HTTP/2 connections this often; no answer within --connect-timeout drops one (0: off)")
     header_timeout: float = setting(30.0, _positive(float), "close a new client connection without a complete request head after this (s)")

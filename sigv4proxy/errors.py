@@ -77,6 +77,13 @@ class UpstreamReset(UpstreamError):
     status, kind = 502, "upstream_reset"
 
 
+class UnansweredReset(UpstreamReset):
+    """A connection that had answered before closed or reset under a request before any byte of
+    its answer arrived: most likely the upstream's idle close racing our reuse (the request may
+    still have reached it). The pool retries it once on a new connection when the method is
+    idempotent and the body can be replayed; otherwise it is the 502 it always was."""
+
+
 class UpstreamTimeout(UpstreamError):
     status, kind = 504, "upstream_timeout"
 
@@ -88,3 +95,7 @@ class RetryableStreamError(UpstreamError):
     """
 
     status, kind = 502, "upstream_refused"
+
+    def __init__(self, reason: str = "", retry_reason: str = "refused_stream") -> None:
+        super().__init__(reason)
+        self.retry_reason = retry_reason  # the label of sigv4proxy_upstream_retries_total

@@ -82,6 +82,9 @@ class Metrics:
             "sigv4proxy_credentials_expiry_timestamp_seconds",
             "Expiry of the current credentials (0: none or no expiry)",
             multiprocess_mode="min", registry=r)
+        self.upstream_retries = Counter(
+            "sigv4proxy_upstream_retries", "Upstream requests sent again on another connection",
+            ["reason"], registry=r)
         self.credential_refresh = Counter(
             "sigv4proxy_credential_refresh", "Credential refresh attempts", ["result"], registry=r)
         self.upstream_connections = Gauge(
@@ -136,6 +139,9 @@ class Metrics:
         if child is None:
             child = self._error_children[kind] = self.errors.labels(kind)
         return child
+
+    def on_upstream_retry(self, reason: str) -> None:
+        self.upstream_retries.labels(reason).inc()
 
     def on_credential_refresh(self, result: str) -> None:
         self.credential_refresh.labels(result).inc()

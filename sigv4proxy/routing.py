@@ -89,9 +89,10 @@ def _origin_from_url(url: str, protocol: str) -> Origin:
 
 
 def timeouts_from_config(config: ProxyConfig) -> Timeouts:
-    """The global upstream timeouts (routes may override connect/first-byte/read)."""
+    """The global upstream timeouts (routes may override connect/first-byte/read/max age)."""
     return Timeouts(connect=config.connect_timeout, first_byte=config.first_byte_timeout,
-                    read=config.read_timeout, idle=config.idle_timeout, ping=config.ping_interval)
+                    read=config.read_timeout, idle=config.idle_timeout, ping=config.ping_interval,
+                    max_age=config.max_connection_age)
 
 
 class Router:
@@ -174,6 +175,7 @@ class Router:
             connect=route.connect_timeout or defaults.connect,
             first_byte=route.first_byte_timeout or defaults.first_byte,
             read=route.read_timeout or defaults.read,
+            max_age=defaults.max_age if route.max_connection_age is None else route.max_connection_age,
         )
         known = self._origin_timeouts.get(origin, defaults if origin == self._upstream_origin else None)
         if known is not None and known != timeouts:
@@ -182,9 +184,8 @@ class Router:
 
     def origin_timeouts(self) -> dict[Origin, Timeouts]:
         """Upstream timeouts per route origin that differ from the global ones (start-up only)."""
-        config = self._config
-        defaults = (config.connect_timeout, config.first_byte_timeout, config.read_timeout)
-        return {o: t for o, t in self._origin_timeouts.items() if (t.connect, t.first_byte, t.read) != defaults}
+        defaults = timeouts_from_config(self._config)
+        return {o: t for o, t in self._origin_timeouts.items() if t != defaults}
 
     # --- per request ---
     def resolve(self, host_header: str | None, path: str, *, original_dst: tuple[str, int] | None = None) -> Target:

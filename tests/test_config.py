@@ -20,6 +20,9 @@ def test_defaults():
     assert c.service == "vpc-lattice-svcs"
     assert c.allow_host == cfg.DEFAULT_ALLOW_HOSTS
     assert c.upstream_protocol == "auto" and c.workers == 1 and c.drain_timeout == 20
+    # VPC Lattice closes idle client connections after 60 s and every one after 10 minutes: ours
+    # retire first (an aged one at 90-100 % of max_connection_age)
+    assert c.idle_timeout == 50 and c.max_connection_age == 570
 
 
 def test_precedence_flags_over_env_over_file():

@@ -209,6 +209,18 @@ def test_origin_timeouts_lists_only_routes_that_override():
     assert [(o.port, t.first_byte, t.connect) for o, t in overrides.items()] == [(9, 2.0, 5.0)]
 
 
+def test_a_route_sets_its_own_connection_age():
+    values = {"max_connection_age": 100, "route": [
+        f"a.local=http://127.0.0.1:9,sign_host={ORDERS_HOST},max_connection_age=30",
+        f"b.local=http://127.0.0.1:10,sign_host={ORDERS_HOST},max_connection_age=0",  # no limit
+        f"c.local=http://127.0.0.1:11,sign_host={ORDERS_HOST}",
+    ]}
+    router = Router(config_mod.from_sources(values, env={}))
+    assert {o.port: t.max_age for o, t in router.origin_timeouts().items()} == {9: 30.0, 10: 0.0}
+    with pytest.raises(config_mod.ConfigError, match="max_connection_age"):
+        config_mod.from_sources({"route": ["a.local=http://127.0.0.1:9,max_connection_age=-1"]}, env={})
+
+
 @pytest.mark.parametrize("option, value", [("first_byte_timeout", "0"), ("read_timeout", "soon"),
                                            ("connect_timeout", "-1")])
 def test_bad_route_timeouts_name_the_key(option, value):

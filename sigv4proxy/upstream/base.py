@@ -63,7 +63,10 @@ class Timeouts:
     connect: float = 5.0  # TCP+TLS+preface
     first_byte: float = 30.0  # request sent -> response headers
     read: float = 60.0  # max gap between response body chunks (and between send-window openings)
-    idle: float = 90.0  # pooled connection with no streams is closed after this
+    idle: float = 50.0  # pooled connection with no streams is closed after this (Lattice: 60 s)
+    # A connection this old takes nothing new and closes once its work is done (Lattice cuts every
+    # connection at 10 minutes); each retires at a random 90-100 % of it (0: no limit)
+    max_age: float = 0.0
     pool: float = 30.0  # max wait for a free connection/stream slot -> Overloaded (503)
     ping: float = 30.0  # HTTP/2: PING an idle pooled connection this often; no ACK in `connect` s closes it (0: off)
     # Expect: 100-continue: how long a held upload waits for the upstream's 100 or final answer

@@ -10,11 +10,15 @@ header values.
 from __future__ import annotations
 
 import asyncio
+import random
 from collections import deque
 from collections.abc import AsyncIterable, Awaitable, Callable
 
 from sigv4proxy.errors import BadRequest, ProxyError, UpstreamTimeout
 from sigv4proxy.upstream.base import OnChange, Origin, Timeouts
+
+
+AGE_JITTER = 0.1  # connections retire at a random 90-100 % of Timeouts.max_age
 
 
 class WriteFlow:
@@ -110,9 +114,28 @@ class ConnectionCore:
         self._closed = False
         self._idle_since = self._loop.time()
         self._idle_timer: asyncio.TimerHandle | None = None
+        # Past its age (Timeouts.max_age) a connection takes nothing new and closes once its work
+        # is done: ours retire before the server's cut, at a spread so workers and pods do not
+        # all reconnect at once.
+        self._retiring = False
+        self._age_timer: asyncio.TimerHandle | None = None
+        if timeouts.max_age:
+            self._age_timer = self._loop.call_later(
+                timeouts.max_age * (1 - AGE_JITTER * random.random()), self._age_reached)
 
     def is_idle(self) -> bool:
         raise NotImplementedError
+
+    def _retire_when_done(self) -> None:
+        """The age was reached: close now if nothing is in flight, else when the last of it ends."""
+        raise NotImplementedError
+
+    def _age_reached(self) -> None:
+        self._age_timer = None
+        if not self._closed:
+            self._retiring = True
+            self._retire_when_done()
+            self._on_change(self)  # the pool stops offering it
 
     def is_closed(self) -> bool:
         return self._closed
@@ -143,6 +166,9 @@ class ConnectionCore:
         if self._idle_timer is not None:
             self._idle_timer.cancel()
             self._idle_timer = None
+        if self._age_timer is not None:
+            self._age_timer.cancel()
+            self._age_timer = None
 
     def _idle_check(self) -> None:
         self._idle_timer = None

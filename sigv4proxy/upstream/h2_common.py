@@ -17,6 +17,7 @@ from collections import deque
 from sigv4proxy.errors import (
     ProxyError,
     RetryableStreamError,
+    UnansweredReset,
     UpstreamConnectError,
     UpstreamReset,
     UpstreamTimeout,
@@ -105,6 +106,7 @@ class H2ConnectionBase(ConnectionCore):
         self._remote_settings_seen = False
         self._local_settings_acked = False
         self._goaway = False
+        self._served = 0  # streams answered in full (a connection that served is a reused one)
         self._ping_timer: asyncio.TimerHandle | None = None
         self._ping_deadline: asyncio.TimerHandle | None = None
         self._ping_payload = b""
@@ -224,16 +226,24 @@ class H2ConnectionBase(ConnectionCore):
         if stream.retired:
             return
         stream.retired = True
+        if stream.remote_ended:
+            self._served += 1
         self._streams.pop(stream.id, None)
         if not self._streams and not self._closed:
             if self._goaway:
                 self._close_transport()
+            elif self._retiring:
+                self.close()  # past its age: our GOAWAY, then the close
             else:
                 self._arm_idle_timer()
         self._on_change(self)
 
     def _idle_expired(self) -> None:
         self.close()
+
+    def _retire_when_done(self) -> None:
+        if not self._streams:
+            self.close()
 
     # --- what the peer tells us ---
     def _check_ready(self) -> None:
@@ -263,7 +273,7 @@ class H2ConnectionBase(ConnectionCore):
         self._goaway = True
         for stream in list(self._streams.values()):
             if stream.id > last_stream_id:
-                stream.error = RetryableStreamError("stream not processed before GOAWAY")
+                stream.error = RetryableStreamError("stream not processed before GOAWAY", "goaway")
                 self._retire(stream)
                 stream.wake()
                 wake(stream.window_waiter)
@@ -335,9 +345,12 @@ class H2ConnectionBase(ConnectionCore):
         self._flow.fail(err)
         if not self._ready.done():
             self._ready.set_result(False)
+        # On a connection that had answered before, a stream with no answer yet met its close
+        # (most likely the upstream's idle close crossing our reuse): retried where that is safe.
+        unanswered = UnansweredReset(err.reason) if type(err) is UpstreamReset and self._served else err
         for stream in list(self._streams.values()):
             if stream.error is None and not stream.remote_ended:
-                stream.error = err
+                stream.error = unanswered if stream.status is None else err
             stream.retired = True
             stream.wake()
             wake(stream.window_waiter)

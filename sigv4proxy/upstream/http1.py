@@ -16,6 +16,7 @@ from collections.abc import AsyncIterable
 from sigv4proxy.errors import (
     BadRequest,
     ProxyError,
+    UnansweredReset,
     UpstreamProtocolError,
     UpstreamReset,
     UpstreamTimeout,
@@ -69,13 +70,14 @@ class _Exchange(ReceivedBody):
 
     __slots__ = ("conn", "is_head", "status", "reason", "headers", "trailers", "chunks", "buffered",
                  "remote_ended", "error", "request_sent", "sent_at", "send_task", "waiter",
-                 "interim", "continue_waiter")
+                 "interim", "continue_waiter", "received")
 
     def __init__(self, conn: HTTP1Connection, is_head: bool, interim: Interim | None) -> None:
         self.conn = conn
         self.is_head = is_head
         self.interim = interim  # where 1xx responses go
         self.continue_waiter: asyncio.Future[bool] | None = None  # an upload held for Expect
+        self.received = False  # a byte of the answer arrived (a loss before that may be retried)
         self.status: int | None = None
         self.reason = b""
         self.headers: list[tuple[bytes, bytes]] = []
@@ -132,12 +134,14 @@ class HTTP1Connection(ConnectionCore, asyncio.Protocol):
         # One lazy timer bounds the wait for response heads (see _arm_head_deadline).
         self._head_timer: asyncio.TimerHandle | None = None
         self._reading_paused = False
+        self._served = 0  # answers completed on this socket (it is a reused one when > 0)
         self._splice_fd = -1
         self._parser = ResponseParser(self._on_head, self._deliver, self._finish, self._on_interim)
 
     # --- the Connection interface ---
     def is_available(self) -> bool:
-        return not self._closed and self._exchange is None and self._transport is not None
+        return not self._closed and self._exchange is None and self._transport is not None \
+            and not self._retiring
 
     def capacity(self) -> int:
         return 1 if self.is_available() else 0
@@ -316,9 +320,11 @@ class HTTP1Connection(ConnectionCore, asyncio.Protocol):
         self._arm_idle_timer()
 
     def data_received(self, data: bytes) -> None:
-        if self._exchange is None or self._parser.done:
+        exchange = self._exchange
+        if exchange is None or self._parser.done:
             self._fail_connection(UpstreamProtocolError("upstream sent bytes without a request"))
             return
+        exchange.received = True
         try:
             self._parser.feed(data)
         except ProxyError as err:
@@ -333,7 +339,11 @@ class HTTP1Connection(ConnectionCore, asyncio.Protocol):
         exchange = self._exchange
         if exchange is not None and not exchange.remote_ended:
             self._parser.feed_eof()
-        self._fail_connection(UpstreamReset("upstream connection lost"))
+        if exchange is not None and not exchange.received and self._served:
+            # the classic keep-alive race: the upstream's idle close crossed our request
+            self._fail_connection(UnansweredReset("upstream closed a reused connection before answering"))
+        else:
+            self._fail_connection(UpstreamReset("upstream connection lost"))
 
     def resume_reading(self) -> None:
         if self._reading_paused and self._transport is not None and not self._closed:
@@ -378,10 +388,11 @@ class HTTP1Connection(ConnectionCore, asyncio.Protocol):
         exchange.remote_ended = True
         exchange.wake()
         leftover = self._parser.has_leftover
-        if leftover or not self._parser.keep_alive or not exchange.request_sent:
+        if leftover or not self._parser.keep_alive or not exchange.request_sent or self._retiring:
             self.abort() if leftover else self._close_quietly()
             return
         self._exchange = None
+        self._served += 1
         self.resume_reading()
         self._arm_idle_timer()
         self._on_change(self)
@@ -389,6 +400,10 @@ class HTTP1Connection(ConnectionCore, asyncio.Protocol):
     # --- plumbing ---
     def _idle_expired(self) -> None:
         self._close_quietly()
+
+    def _retire_when_done(self) -> None:
+        if self._exchange is None:
+            self._close_quietly()
 
     def _close_quietly(self) -> None:
         self._close_transport()

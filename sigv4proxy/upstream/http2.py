@@ -126,7 +126,7 @@ class H2Connection(H2ConnectionBase, asyncio.Protocol):
 
     # --- the Connection interface ---
     def is_available(self) -> bool:
-        return (self._is_ready and not self._closed and not self._goaway
+        return (self._is_ready and not self._closed and not self._goaway and not self._retiring
                 and len(self._streams) < self._h2.remote_settings.max_concurrent_streams
                 and self._h2.highest_outbound_stream_id < _MAX_STREAM_ID - 2)
 

@@ -86,7 +86,7 @@ class LeanH2Connection(FrameReceiver, H2ConnectionBase, asyncio.Protocol):
 
     # --- the Connection interface ---
     def is_available(self) -> bool:
-        return (self._is_ready and not self._closed and not self._goaway
+        return (self._is_ready and not self._closed and not self._goaway and not self._retiring
                 and len(self._streams) < self._peer_max_streams
                 and self._next_stream_id <= w.MAX_STREAM_ID)
 

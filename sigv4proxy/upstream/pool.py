@@ -1,9 +1,12 @@
-"""The upstream connection pool: connections per origin, fair queuing, retries of unprocessed streams.
+"""The upstream connection pool: connections per origin, fair queuing, retries of what was never answered.
 
 Owns: choosing/opening connections (protocol from the origin and ALPN), the per-origin limit,
-the FIFO queue of requests waiting for a slot, retrying RetryableStreamError when the body allows,
+the FIFO queue of requests waiting for a slot, retries (a stream the upstream never processed,
+RetryableStreamError, for any method; a request a reused connection lost before any answer,
+UnansweredReset, once on a new connection for idempotent methods), each counted by its reason,
 and the stats for gauges. Bookkeeping is synchronous; I/O comes after. Must never: touch h2 state,
-retry a request whose streamed body was already pulled, or wait without a bound.
+retry a request whose streamed body was already pulled, retry a non-idempotent request the
+upstream may have processed, or wait without a bound.
 """
 
 from __future__ import annotations
@@ -15,7 +18,13 @@ from collections.abc import AsyncIterable, AsyncIterator, Callable, Mapping, Seq
 from dataclasses import dataclass
 from functools import partial
 
-from sigv4proxy.errors import Overloaded, ProxyError, RetryableStreamError, UpstreamConnectError
+from sigv4proxy.errors import (
+    Overloaded,
+    ProxyError,
+    RetryableStreamError,
+    UnansweredReset,
+    UpstreamConnectError,
+)
 from sigv4proxy.upstream.base import (
     Body,
     Connection,
@@ -32,6 +41,8 @@ from sigv4proxy.upstream.base import (
 from sigv4proxy.upstream.http1 import HTTP1Connection
 from sigv4proxy.upstream.tls import make_client_ssl_context
 
+# RFC 9110 §9.2.2: a request the upstream may have processed is sent again only for these
+IDEMPOTENT_METHODS = frozenset((b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"))
 _MAX_NOT_AVAILABLE = 16  # "available" connections that then refuse: a bug guard, never a spin
 # New connections in a row that could take no request (GOAWAY or a stream limit of 0 straight
 # after setup): the upstream is refusing, and opening more would only spin.
@@ -170,6 +181,7 @@ class ConnectionPool:
                  h2_connection_factory: ConnectionFactory | None = None,
                  ssl_context_factory: Callable[[tuple[str, ...]], ssl.SSLContext] | None = None,
                  origin_timeouts: Mapping[Origin, Timeouts] | None = None,
+                 on_retry: Callable[[str], None] | None = None,
                  ) -> None:
         # `ssl_context` is used for every https origin when given (its ALPN offer then decides:
         # an "http1" origin whose peer picks h2 fails). `ssl_context_factory(alpn)` instead builds
@@ -190,6 +202,7 @@ class ConnectionPool:
         self._h2_factory: ConnectionFactory = h2_connection_factory
         self._pools: dict[Origin, _OriginPool] = {}
         self._closed = False
+        self._on_retry = on_retry or (lambda reason: None)  # counts each retry by its reason
 
     async def request(self, origin: Origin, method: bytes, target: bytes, authority: bytes,
                       headers: Sequence[tuple[bytes, bytes]], body: Body = None,
@@ -207,8 +220,9 @@ class ConnectionPool:
             tracked = _TrackedBody(body)
             body = tracked
         retries = refusals = 0
+        fresh = unanswered_retried = False
         while True:
-            conn = await self._acquire(pool)
+            conn = await self._acquire(pool, fresh)
             try:
                 return await conn.handle_request(method, target, authority, headers, body, interim,
                                                  expect_continue)
@@ -216,10 +230,17 @@ class ConnectionPool:
                 refusals += 1
                 if refusals > _MAX_NOT_AVAILABLE:
                     raise Overloaded("no upstream connection could take the request") from None
-            except RetryableStreamError:
+            except RetryableStreamError as err:  # never processed: safe for any method
                 if retries >= self._limits.max_retries or (tracked is not None and tracked.pulled):
                     raise
                 retries += 1
+                self._on_retry(err.retry_reason)
+            except UnansweredReset:  # maybe processed: once, on a new connection, if idempotent
+                if unanswered_retried or method not in IDEMPOTENT_METHODS or \
+                        (tracked is not None and tracked.pulled):
+                    raise
+                unanswered_retried = fresh = True
+                self._on_retry("unanswered")
 
     def stats(self) -> PoolStats:
         counts = {(p, s): 0 for p in ("h2", "http1") for s in ("active", "idle")}
@@ -249,7 +270,11 @@ class ConnectionPool:
         self._pools.clear()
 
     # --- acquiring a slot ---
-    async def _acquire(self, pool: _OriginPool) -> Connection:
+    async def _acquire(self, pool: _OriginPool, fresh: bool = False) -> Connection:
+        if fresh and pool.can_open(self._limits.max_connections_per_origin):
+            conn = await self._open(pool)  # a retry after a reused connection failed under it
+            if conn.is_available():
+                return conn
         if not (pool.waiters or pool.woken):  # the common case: a free slot, nobody queued first
             conn = pool.pick()
             if conn is not None:

@@ -28,15 +28,20 @@ _TIMEOUT = 10.0  # every wait of a script is bounded
 class Exchange:
     """One request as the scripted upstream saw it, and the script's means to answer it."""
 
-    def __init__(self, protocol: str, method: bytes, path: bytes, headers: Fields) -> None:
+    def __init__(self, protocol: str, connection: int, index: int, method: bytes, path: bytes,
+                 authority: bytes, headers: Fields) -> None:
         self.protocol = protocol
+        self.connection = connection  # which connection it came on (1, 2, ...)
+        self.index = index  # which request on that connection (1, 2, ...)
         self.method = method
         self.path = path
+        self.authority = authority  # Host or :authority
         self.headers = headers  # names lowercased; HTTP/2 pseudo-headers left out
         self.body = bytearray()  # what arrived of the request body so far
         self.trailers: Fields = []
         self.body_done = asyncio.Event()
         self.got_data = asyncio.Event()  # set at each arrival of body bytes
+        self.upstream: ScriptedUpstream  # set when the upstream starts its script
 
     def header(self, name: bytes) -> bytes | None:
         return next((v for n, v in self.headers if n == name), None)
@@ -58,6 +63,9 @@ class Exchange:
     def end(self, trailers: Fields = ()) -> None: ...
     def cut(self) -> None:
         """Break the answer here (HTTP/1.1: close the socket; h2: RST_STREAM INTERNAL_ERROR)."""
+
+    def drop_connection(self) -> None:
+        """Close the whole connection at once, saying nothing (no GOAWAY, no answer)."""
 
 
 Script = Callable[[Exchange], Awaitable[None]]
@@ -89,6 +97,10 @@ class _H1Exchange(Exchange):
 
     def cut(self) -> None:
         self._writer.close()
+
+    def drop_connection(self) -> None:
+        self.upstream.dropped.add(self.connection)
+        self._writer.transport.abort()
 
 
 def _phrase(status: int) -> bytes:
@@ -132,13 +144,18 @@ class _H2Exchange(Exchange):
     def cut(self) -> None:
         self._conn.send(lambda h2c: h2c.reset_stream(self._id, ErrorCodes.INTERNAL_ERROR))
 
+    def drop_connection(self) -> None:
+        self.upstream.dropped.add(self.connection)
+        self._conn.writer.transport.abort()
+
 
 class _H2Connection:
-    def __init__(self, upstream: ScriptedUpstream, writer: asyncio.StreamWriter) -> None:
+    def __init__(self, upstream: ScriptedUpstream, writer: asyncio.StreamWriter, number: int) -> None:
         self.h2 = h2.connection.H2Connection(h2.config.H2Configuration(
             client_side=False, header_encoding=None, validate_inbound_headers=False))
         self.upstream = upstream
         self.writer = writer
+        self.number = number
         self.exchanges: dict[int, _H2Exchange] = {}
 
     def send(self, action: Callable[[h2.connection.H2Connection], object]) -> None:
@@ -152,7 +169,8 @@ class _H2Connection:
         for event in self.h2.receive_data(data):
             if isinstance(event, h2.events.RequestReceived):
                 fields = dict(event.headers)
-                exchange = _H2Exchange(self, event.stream_id, fields[b":method"], fields[b":path"],
+                exchange = _H2Exchange(self, event.stream_id, self.number, len(self.exchanges) + 1,
+                                       fields[b":method"], fields[b":path"], fields.get(b":authority", b""),
                                        [(n, v) for n, v in event.headers if not n.startswith(b":")])
                 self.exchanges[event.stream_id] = exchange
                 self.upstream.start(exchange)
@@ -170,6 +188,8 @@ class _H2Connection:
                 exchange = self.exchanges.get(event.stream_id)
                 if exchange is not None:
                     exchange.body_done.set()
+            elif isinstance(event, h2.events.ConnectionTerminated):
+                self.upstream.goaways.append(self.number)
         self.writer.write(self.h2.data_to_send())
 
 
@@ -182,6 +202,10 @@ class ScriptedUpstream:
         self.protocol = protocol
         self.script = script
         self.port = 0
+        self.connections = 0  # accepted so far
+        self.closed_by_client: list[int] = []  # connections the client (the proxy) closed
+        self.goaways: list[int] = []  # h2 connections the client sent GOAWAY on
+        self.dropped: set[int] = set()  # connections a script dropped
         self.exchanges: list[Exchange] = []
         self.errors: list[BaseException] = []
         self._server: asyncio.Server | None = None
@@ -209,6 +233,7 @@ class ScriptedUpstream:
             raise self.errors[0]
 
     def start(self, exchange: Exchange) -> asyncio.Task[None]:
+        exchange.upstream = self
         self.exchanges.append(exchange)
         task = asyncio.get_running_loop().create_task(self._run(exchange))
         self._tasks.add(task)
@@ -225,29 +250,40 @@ class ScriptedUpstream:
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self._writers.append(writer)
+        self.connections += 1
+        number = self.connections
         try:
             if self.protocol == "h2":
-                conn = _H2Connection(self, writer)
+                conn = _H2Connection(self, writer, number)
                 conn.h2.initiate_connection()
                 writer.write(conn.h2.data_to_send())
                 while data := await reader.read(65536):
                     conn.receive(data)
+                if number not in self.dropped:
+                    self.closed_by_client.append(number)
             else:
-                await self._serve_h1(reader, writer)
-        except (ConnectionError, asyncio.IncompleteReadError, OSError, h2.exceptions.ProtocolError):
+                await self._serve_h1(reader, writer, number)
+        except asyncio.IncompleteReadError as exc:
+            if not exc.partial and number not in self.dropped:  # the client closed between requests
+                self.closed_by_client.append(number)
+        except (ConnectionError, OSError, h2.exceptions.ProtocolError):
             pass
         finally:
             writer.close()
 
-    async def _serve_h1(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _serve_h1(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                        number: int) -> None:
         """Requests one after another; a body is read in the background as it arrives (chunked
         or by length), so the script decides only when it answers."""
+        index = 0
         while True:
             head = await reader.readuntil(b"\r\n\r\n")
             request_line, *lines = head[:-4].split(b"\r\n")
             method, path, _ = request_line.split(b" ", 2)
             headers = [(n.strip().lower(), v.strip()) for n, _, v in (line.partition(b":") for line in lines)]
-            exchange = _H1Exchange(writer, method, path, headers)
+            index += 1
+            host = next((v for n, v in headers if n == b"host"), b"")
+            exchange = _H1Exchange(writer, number, index, method, path, host, headers)
             task = self.start(exchange)
             await self._read_h1_body(reader, exchange)
             await asyncio.wait_for(asyncio.shield(task), _TIMEOUT)  # the answer, then the next request
