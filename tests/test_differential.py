@@ -42,7 +42,9 @@ CLIENTS = ("http1", "h2c")
 UPSTREAMS = ("http1", "h2")
 DIRECT = {"http1": "http1", "h2c": "h2"}  # the baseline: the client's own protocol to the upstream
 
-STREAMING_BOUND = 0.15  # s a streamed part may arrive later through the proxy than straight
+STREAMING_BOUND = 0.3  # s a streamed part may arrive later through the proxy than straight (parts are
+# 0.5 s apart, so a part held back until the next one arrives still fails; a loaded 2-core machine has
+# been seen at 154 ms)
 STREAMED_PAUSE = 0.1  # s: a body part the upstream sends after this long a pause is streamed
 OWN_CONTINUE_BOUND = 1.5  # s within which the proxy sends its own 100 when the upstream is silent
 EXPECT_TIMEOUT = 3.0  # s a client waits for 100 before it sends the body anyway (curl: 1 s)
@@ -203,7 +205,7 @@ def _te_named_in_connection(pair: Pair, expected: UpstreamView, actual: Upstream
 
 def _cookie_crumbs_joined(pair: Pair, expected: UpstreamView, actual: UpstreamView) -> None:
     crumbs = [v for n, v in expected.fields if n == b"cookie"]
-    if pair.client != "h2c" or actual.protocol != "http1" or len(crumbs) < 2:
+    if pair.client != "h2c" or len(crumbs) < 2:
         return
     first = next(i for i, (n, _) in enumerate(expected.fields) if n == b"cookie")
     _drop(expected.fields, lambda n, v: n != b"cookie")
@@ -331,9 +333,11 @@ INTENDED_DIFFERENCES: dict[str, Difference] = {
         "Expect, Trailer and te: trailers are end-to-end and pass", _request_hop_by_hop_dropped),
     "te: trailers named in Connection for HTTP/1.1": Difference(
         "upstream", "RFC 9110 §10.1.4: a sender of TE names it in Connection", _te_named_in_connection),
-    "h2 cookie crumbs joined for HTTP/1.1": Difference(
+    "h2 cookie crumbs joined": Difference(
         "upstream", "RFC 9113 §8.2.3: crumbs MUST become one cookie field joined with '; ' (here at the first "
-        "crumb's place) before going to HTTP/1.1", _cookie_crumbs_joined),
+        "crumb's place) before going to HTTP/1.1; the proxy joins them before signing, so an h2 upstream gets the "
+        "same one field (allowed: crumbs are only a compression aid) and a signed cookie verifies either way",
+        _cookie_crumbs_joined),
     "request framing per hop": Difference(
         "upstream", "Content-Length, chunked coding and DATA frames belong to each hop; body bytes and trailers "
         "are compared", _request_framing_per_hop),
@@ -563,14 +567,24 @@ CASES = [
     Case("expect_upstream_silent", _expect(), Reply(Head(200, (TEXT, DATE)), chunks=((0, b"stored"),))),
     # HTTP/2 only: an HTTP/1.1 client's TE is hop-by-hop (named in its own Connection).
     Case("te_trailers_grpc_style",
-         (Request("POST", "/pkg.Svc/Call", (("Content-Type", "application/grpc"), ("TE", "trailers")),
+         # announced (Trailer), so an HTTP/1.1 upstream gets chunked coding, which has room for them
+         (Request("POST", "/pkg.Svc/Call", (("Content-Type", "application/grpc"), ("TE", "trailers"),
+                                            ("Trailer", "x-request-sum")),
                   body=b"\x00\x00\x00\x00\x05hello", trailers=(("x-request-sum", "5"),)),),
          Reply(Head(200, ((b"Content-Type", b"application/grpc"), DATE)), length=False,
                chunks=((0, b"\x00\x00\x00\x00\x02ok"),), trailers=((b"grpc-status", b"0"), (b"grpc-message", b"OK"))),
          clients=("h2c",)),
 ]
 
-PARAMS = [pytest.param(case, client, upstream, id=f"{case.id}-{client}-to-{upstream}")
+# Not built yet, and shown as such in every run (strict: the day it works, the mark must go).
+KNOWN_GAPS = {
+    ("upload_chunked_with_trailers", "http1"): "the trailers of a chunked HTTP/1.1 upload are lost: aiohttp's "
+    "request parser discards them and exposes no hook (#25 item 5; an inbound parser of our own is #28's lever)",
+}
+
+PARAMS = [pytest.param(case, client, upstream, id=f"{case.id}-{client}-to-{upstream}",
+                       marks=[pytest.mark.xfail(reason=KNOWN_GAPS[(case.id, client)], strict=True)]
+                       if (case.id, client) in KNOWN_GAPS else [])
           for case in CASES for client in case.clients for upstream in UPSTREAMS]
 
 _BASELINES: dict[tuple[str, str], Run] = {}  # (case, client protocol) -> the straight run

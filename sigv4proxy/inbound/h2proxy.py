@@ -25,6 +25,7 @@ from sigv4proxy import accesslog
 from sigv4proxy.errors import BadRequest, Overloaded, PayloadTooLarge, ProxyError, UpstreamReset, UpstreamTimeout
 from sigv4proxy.handler import ERROR_HEADER, SMALL_BODY, ProxyHandler, error_parts
 from sigv4proxy.header_rules import DROP_RESPONSE
+from sigv4proxy.inbound.h1_response import http_date
 from sigv4proxy.inbound.h2stream import ClientGone, InboundStream
 from sigv4proxy.metrics import Metrics
 from sigv4proxy.upstream.base import Response
@@ -94,9 +95,10 @@ class _RequestBody:
             yield chunk
 
 
-def _forwarded_fields(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+def _forwarded_fields(headers: list[tuple[bytes, bytes]], dated: bool = False) -> list[tuple[bytes, bytes]]:
     """Lower-cased, hop-by-hop dropped; a field the upstream sent never-indexed stays never-indexed
-    (RFC 7541 §7.1.3: an intermediary must keep that representation, e.g. for cookies)."""
+    (RFC 7541 §7.1.3: an intermediary must keep that representation, e.g. for cookies). `dated`:
+    a final head, which gets a Date when the upstream sent none (RFC 9110 §6.6.1)."""
     fields: list[tuple[bytes, bytes]] = []
     for field in headers:
         name, value = field
@@ -104,6 +106,10 @@ def _forwarded_fields(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, b
         if lname not in _DROP_H2_RESPONSE:
             fields.append(NeverIndexedHeaderTuple(lname, value)
                           if isinstance(field, NeverIndexedHeaderTuple) else (lname, value))
+            if lname == b"date":
+                dated = False
+    if dated:
+        fields.append((b"date", http_date(time.time)))
     return fields
 
 
@@ -118,7 +124,7 @@ def _interim(stream: InboundStream, status: int, headers: list[tuple[bytes, byte
 
 
 def _response_fields(status: int, headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
-    return [(b":status", str(status).encode("ascii")), *_forwarded_fields(headers)]
+    return [(b":status", str(status).encode("ascii")), *_forwarded_fields(headers, dated=True)]
 
 
 class H2ProxyStreams:

@@ -46,7 +46,7 @@ _JOIN_BODY_LIMIT = 64 * 1024  # a bytes body this small goes out in the same wri
 _BAD_LINE = "request line contains CR, LF, NUL or a space"
 _BAD_FIELD = "request line or header contains CR, LF or NUL, or a bad name"
 # Header names already checked, with what framing they declare; bounded (names come from clients).
-_PLAIN, _CONTENT_LENGTH, _TRANSFER_ENCODING, _TE = 0, 1, 2, 3
+_PLAIN, _CONTENT_LENGTH, _TRANSFER_ENCODING, _TE, _TRAILER = 0, 1, 2, 3, 4
 _FIELD_KINDS: dict[bytes, int] = {}
 _FIELD_KINDS_LIMIT = 4096
 
@@ -59,7 +59,7 @@ def _field_kind(name: bytes) -> int:
     lowered = name.lower()
     kind = (_CONTENT_LENGTH if lowered == b"content-length"
             else _TRANSFER_ENCODING if lowered == b"transfer-encoding"
-            else _TE if lowered == b"te" else _PLAIN)
+            else _TE if lowered == b"te" else _TRAILER if lowered == b"trailer" else _PLAIN)
     if len(_FIELD_KINDS) < _FIELD_KINDS_LIMIT:
         _FIELD_KINDS[bytes(name)] = kind
     return kind
@@ -163,7 +163,8 @@ class HTTP1Connection(ConnectionCore, asyncio.Protocol):
         if not method or not target or b" " in method or b" " in target or b" " in authority:
             raise BadRequest(_BAD_LINE)
         lines = [method, b" ", target, b" HTTP/1.1\r\nHost: ", authority, b"\r\n"]
-        has_length = chunked = te = False
+        has_length = chunked = te = announced = False
+        length_at = 0
         kinds = _FIELD_KINDS
         for name, value in headers:
             kind = kinds.get(name)
@@ -172,16 +173,25 @@ class HTTP1Connection(ConnectionCore, asyncio.Protocol):
             if kind:
                 if kind == _CONTENT_LENGTH:
                     has_length = True
+                    length_at = len(lines)
                 elif kind == _TE:
                     te = True
+                elif kind == _TRAILER:
+                    announced = True
                 else:
                     chunked = True  # the caller asked for chunked framing; we do the encoding
             lines += (name, b": ", value, b"\r\n")
         line_ends = len(headers) + 3  # request line, Host, the fields, the blank line
+        is_bytes = isinstance(body, (bytes, bytearray, memoryview))
+        if announced and has_length and body is not None and not is_bytes:
+            # A streamed body with announced trailers (from HTTP/2): only chunked coding has room
+            # for them after the body, so the declared length gives way.
+            del lines[length_at:length_at + 4]
+            line_ends -= 1
+            has_length = False
         if te:  # TE is hop-by-hop: its sender names it in Connection (RFC 9110 §10.1.4)
             lines.append(b"Connection: TE\r\n")
             line_ends += 1
-        is_bytes = isinstance(body, (bytes, bytearray, memoryview))
         if is_bytes and body and not has_length and not chunked:
             lines += (b"Content-Length: ", str(len(body)).encode(), b"\r\n")  # type: ignore[arg-type]
             line_ends += 1

@@ -3,8 +3,8 @@
 Owns: the response grammar the client accepts (status line, header fields, Content-Length,
 chunked with trailers, close-delimited bodies, no body for HEAD/1xx/204/304, interim 1xx handed
 on before the final response),
-the framing decision (how the body ends, whether the socket may be kept alive) and the bounds on
-what it buffers. `http1.HTTP1Connection` feeds it and owns the socket and the exchange. Must
+the framing decision (how the body ends, whether the socket may be kept alive), dropping the
+fields the response's Connection names (this hop's only), and the bounds on what it buffers. `http1.HTTP1Connection` feeds it and owns the socket and the exchange. Must
 never: read or write a socket, await, buffer more than one head (or chunk line) past its bound,
 let a malformed or truncated response pass as complete, or put a header value in an error message.
 """
@@ -257,6 +257,10 @@ class ResponseParser:
                     close = True
                 elif b"keep-alive" in tokens and version == b"HTTP/1.0":
                     close = False
+                named = [t for t in tokens if t not in (b"close", b"keep-alive")]
+                if named:  # fields Connection names are this hop's only (RFC 9110 §7.6.1)
+                    hop = set(named)
+                    fields = [(n, v) for n, v in fields if n.lower() not in hop]
         self._on_head(status, rest[4:], fields)
         self.keep_alive = not close
         if self._is_head or status in _NO_BODY_STATUSES:
