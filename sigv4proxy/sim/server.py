@@ -102,10 +102,7 @@ class Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.server.connections.discard(self)
-        for timer in (self._idle_timer, self._age_timer):
-            if timer is not None:
-                timer.cancel()
-        self._idle_timer = self._age_timer = None
+        self._cancel_timers()
         self._can_write.set()
         self.closed.set()
         if self.handler is not None:
@@ -164,14 +161,17 @@ class Connection(asyncio.Protocol):
         else:
             self._idle_timer = self._loop.call_at(due, self._idle_check)
 
-    def _limit_reached(self, reason: str) -> None:
-        if self.retiring is not None or self.closed.is_set():
-            return
-        self.retiring = reason
+    def _cancel_timers(self) -> None:
         for timer in (self._idle_timer, self._age_timer):
             if timer is not None:
                 timer.cancel()
         self._idle_timer = self._age_timer = None
+
+    def _limit_reached(self, reason: str) -> None:
+        if self.retiring is not None or self.closed.is_set():
+            return
+        self.retiring = reason
+        self._cancel_timers()
         protocol = self.handler.protocol if self.handler is not None else "none"
         self.server.closes[(protocol, reason)] += 1
         if self.handler is None:
