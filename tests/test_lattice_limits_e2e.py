@@ -37,7 +37,7 @@ AGE = 1.0  # the simulator's maximum connection age
 PAUSES = (0.5, 0.98, 0.99, 1.0, 1.01, 1.02, 1.5, 0.99, 1.0, 1.01, 1.02, 1.03, 2.0, 1.0, 1.01, 1.02, 1.03, 1.04,
           1.0, 0.5)
 WORKERS = 4  # concurrent clients keeping connections busy across the maximum age
-AGE_PHASE = 2.4 * AGE
+AGE_PHASE = 3 * AGE
 UPSTREAMS = [pytest.param("h2", "lean", id="h2-lean"), pytest.param("h2", "h2", id="h2-library"),
              pytest.param("http1", "lean", id="http1")]
 IDEMPOTENT = ("GET", "HEAD", "PUT", "DELETE", "OPTIONS")
@@ -96,7 +96,7 @@ async def traffic(proxy_port: int, methods: tuple[str, ...]) -> Outcomes:
             while time.monotonic() < deadline and n < 1000:
                 await one(session, base, methods[(w + n) % len(methods)], f"/busy/{w}/{n}", outcomes)
                 n += 1
-                await asyncio.sleep(0.02 * (w + 1))  # staggered: some gaps meet the age timer
+                await asyncio.sleep(0.01 * (w + 1))  # staggered: some gaps meet the age timer
 
         await asyncio.gather(*(worker(w) for w in range(WORKERS)))
     return outcomes
