@@ -1,18 +1,28 @@
 """Soak: mixed traffic through a `sigv4proxy serve` process for a bounded time, with credentials
-rotating and upstream GOAWAYs injected; reports counts, failures by reason, RSS and open fds.
+rotating, upstream GOAWAYs injected and Lattice's connection limits shortened; reports counts,
+failures by reason, the simulators' connection closes (the reconnects they forced), RSS and fds.
 
 Set-up (all on 127.0.0.1): the Lattice simulator (re-verifies every signature; keys the
-credentials endpoint issues are registered with it as they are issued), a container-credentials
-endpoint handing out 2-minute keys (the proxy refreshes them on its own schedule, about every
-30-60 s), a tiny h2c upstream that verifies nothing and sends GOAWAY every N streams per
-connection (requests above last_stream_id are ignored: the proxy must retry them), and the proxy
-as a subprocess. Traffic: `--concurrency` workers (default 32) looping over GET (sim), small POST
-(sim), 1 MiB POST (sim) and GET through the GOAWAY upstream. `--tls` puts the simulator behind TLS
-(a throwaway trustme CA), so large uploads are read off the client's socket instead of spliced.
+credentials endpoint issues are registered with it as they are issued) with its idle close and
+maximum connection age shortened (`--sim-idle-timeout`, default 5 s, and
+`--sim-max-connection-age`, default 30 s, against Lattice's 60 and 600; the proxy keeps its own
+defaults, so the simulator closes first), a second "quiet" simulator with the same limits, a
+container-credentials endpoint handing out 2-minute keys (the proxy refreshes them on its own
+schedule, about every 30-60 s), a tiny h2c upstream that verifies nothing and sends GOAWAY every N
+streams per connection (requests above last_stream_id are ignored: the proxy must retry them), and
+the proxy as a subprocess. Traffic: `--concurrency` workers (default 32) looping over GET, small
+POST and 1 MiB POST to the simulator over h2c, GET and PUT to it over HTTP/1.1 (only idempotent
+methods there: a request on a pooled HTTP/1.1 connection the simulator is closing can only be
+replayed if it is idempotent, while over h2 a GOAWAY says what was not processed), and GET
+through the GOAWAY upstream; plus one client per protocol to the quiet simulator, pausing about
+the idle timeout between requests, so requests meet connections closed while idle and being
+closed. `--tls` puts the simulator behind TLS (a throwaway trustme CA), so large uploads are read
+off the client's socket instead of spliced.
 
-Pass: no failure other than ones attributable to an injected fault, RSS growth < 10 % and no fd
-growth (beyond a small pool-churn slack) between the end of warm-up and the end of traffic.
-Exit status 0 on pass, 1 on fail. `make soak` (10 min; SOAK_SECONDS or --seconds to shorten).
+Pass: no failure other than ones attributable to an injected fault, the simulators' limits met at
+least once when they are on, RSS growth < 10 % and no fd growth (beyond a small pool-churn
+slack) between the end of warm-up and the end of traffic. Exit status 0 on pass, 1 on fail.
+`make soak` (10 min; SOAK_SECONDS or --seconds to shorten).
 """
 
 from __future__ import annotations
@@ -49,7 +59,7 @@ from sigv4proxy.sim.server import SimConfig, start_simulator  # noqa: E402
 HOST = "svc-0123456789abcdef0.7d67968.vpc-lattice-svcs.us-west-2.on.aws"
 PRINCIPAL = "arn:aws:sts::111122223333:assumed-role/soak-app/sigv4proxy"
 MiB = 1 << 20
-FD_SLACK = 4  # upstream connections come and go (GOAWAY rotation)
+FD_SLACK = 8  # upstream connections come and go (GOAWAY rotation, the simulators' limits)
 INJECTED = {"upstream_refused"}  # what a GOAWAY may still surface as once retries run out
 
 
@@ -164,35 +174,52 @@ class Tally:
         self.injected: collections.Counter[str] = collections.Counter()
 
 
+async def one(session: aiohttp.ClientSession, base: str, method: str, path: str, body: bytes | None,
+              tally: Tally) -> None:
+    tally.sent += 1
+    try:
+        async with session.request(method, base + path, data=body, headers={"Host": HOST},
+                                   timeout=aiohttp.ClientTimeout(total=30)) as resp:
+            payload = await resp.read()
+            if resp.status == 200:
+                if body is not None and json.loads(payload)["body_length"] != len(body):
+                    tally.failed["body length mismatch"] += 1
+                else:
+                    tally.ok += 1
+                return
+            kind = resp.headers.get("x-sigv4proxy-error") or f"status {resp.status}"
+            bucket = tally.injected if path.startswith("/goaway/") and kind in INJECTED else tally.failed
+            bucket[f"{method} {path} {kind}"] += 1
+    except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+        tally.failed[f"{method} {path} {type(exc).__name__}"] += 1
+
+
 async def worker(session: aiohttp.ClientSession, base: str, deadline: float, tally: Tally, rng: random.Random,
                  big: bytes) -> None:
     small = b"s" * 1024
     while time.monotonic() < deadline:
         pick = rng.random()
-        if pick < 0.5:
+        if pick < 0.4:
             method, path, body = "GET", "/get", None
-        elif pick < 0.75:
+        elif pick < 0.6:
             method, path, body = "POST", "/small", small
-        elif pick < 0.85:
+        elif pick < 0.7:
             method, path, body = "POST", "/big", big
+        elif pick < 0.8:
+            method, path, body = "GET", "/h1/get", None
+        elif pick < 0.85:
+            method, path, body = "PUT", "/h1/put", small
         else:
             method, path, body = "GET", "/goaway/x", None
-        tally.sent += 1
-        try:
-            async with session.request(method, base + path, data=body, headers={"Host": HOST},
-                                       timeout=aiohttp.ClientTimeout(total=30)) as resp:
-                payload = await resp.read()
-                if resp.status == 200:
-                    if body is not None and json.loads(payload)["body_length"] != len(body):
-                        tally.failed["body length mismatch"] += 1
-                    else:
-                        tally.ok += 1
-                    continue
-                kind = resp.headers.get("x-sigv4proxy-error") or f"status {resp.status}"
-                bucket = tally.injected if path.startswith("/goaway/") and kind in INJECTED else tally.failed
-                bucket[f"{path} {kind}"] += 1
-        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
-            tally.failed[f"{path} {type(exc).__name__}"] += 1
+        await one(session, base, method, path, body, tally)
+
+
+async def quiet_worker(session: aiohttp.ClientSession, base: str, prefix: str, deadline: float, idle: float,
+                       tally: Tally, rng: random.Random) -> None:
+    """One request at a time, pausing about the idle timeout: before, on and after the close."""
+    while time.monotonic() < deadline:
+        await one(session, base, "GET", f"{prefix}/get", None, tally)
+        await asyncio.sleep(min(idle * rng.uniform(0.9, 1.1), max(0.0, deadline - time.monotonic())))
 
 
 async def soak(args: argparse.Namespace) -> int:
@@ -201,17 +228,21 @@ async def soak(args: argparse.Namespace) -> int:
     if args.tls and tls_files is None:
         print("--tls needs trustme (make venv installs it)", file=sys.stderr)
         return 1
+    limits = {"idle_timeout": args.sim_idle_timeout, "max_connection_age": args.sim_max_connection_age}
     sim = await start_simulator(SimConfig(host="127.0.0.1", port=0, policy=None, identities={"identities": []},
                                           tls_cert=str(tls_files[0]) if tls_files else None,
-                                          tls_key=str(tls_files[1]) if tls_files else None))
-    by_key = sim.app.identities._by_key  # the simulator learns each key as it is issued
+                                          tls_key=str(tls_files[1]) if tls_files else None, **limits))
+    quiet = await start_simulator(SimConfig(host="127.0.0.1", port=0, policy=None, identities={"identities": []},
+                                            **limits))
+    sims = {"main": sim, "quiet": quiet}
 
     class RegisteringCreds(CredsServer):
         def _new_key(self, *, expired: bool):
             key = super()._new_key(expired=expired)
-            by_key[key.access_key] = identity_from_dict({
-                "access_key_id": key.access_key, "secret_access_key": key.secret_key,
-                "session_token": key.token, "principal": PRINCIPAL}, "soak")
+            for each in sims.values():  # the simulators learn each key as it is issued
+                each.app.identities._by_key[key.access_key] = identity_from_dict({
+                    "access_key_id": key.access_key, "secret_access_key": key.secret_key,
+                    "session_token": key.token, "principal": PRINCIPAL}, "soak")
             return key
 
     creds = await RegisteringCreds(lifetime=args.key_lifetime).start()
@@ -225,7 +256,12 @@ async def soak(args: argparse.Namespace) -> int:
     command = [sys.executable, "-m", "sigv4proxy", "serve", "--listen", f"127.0.0.1:{port}",
                "--admin", f"127.0.0.1:{admin}", "--upstream", f"{'https' if tls_files else 'http'}://127.0.0.1:{sim.port}",
                "--upstream-protocol", "h2", "--log-level", "warning",
-               "--route", f"/goaway=http://127.0.0.1:{goaway.port},protocol=h2,sign_host={HOST},name=goaway"]
+               "--route", f"/goaway=http://127.0.0.1:{goaway.port},protocol=h2,sign_host={HOST},name=goaway",
+               "--route", f"/h1={'https' if tls_files else 'http'}://127.0.0.1:{sim.port},protocol=http1,"
+                          f"sign_host={HOST},name=h1"]
+    for protocol in ("h2", "http1"):
+        command += ["--route", f"/quiet-{protocol}=http://127.0.0.1:{quiet.port},protocol={protocol},"
+                               f"sign_host={HOST},name=quiet-{protocol}"]
     if tls_files:
         command += ["--ca-bundle", str(tls_files[2])]
     log_path = workdir / "proxy.log"
@@ -233,7 +269,8 @@ async def soak(args: argparse.Namespace) -> int:
     tally = Tally()
     verdict = 1
     try:
-        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=args.concurrency)) as session:
+        clients = args.concurrency + 2  # the busy workers and one quiet client per protocol
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=clients)) as session:
             for _ in range(200):  # up to 20 s to become ready
                 try:
                     async with session.get(f"http://127.0.0.1:{admin}/readyz") as resp:
@@ -253,6 +290,10 @@ async def soak(args: argparse.Namespace) -> int:
             rng = random.Random(7)
             workers = [asyncio.create_task(worker(session, base, end, tally, random.Random(rng.random()), big))
                        for _ in range(args.concurrency)]
+            if args.sim_idle_timeout > 0:
+                workers += [asyncio.create_task(quiet_worker(session, base, f"/quiet-{protocol}", end,
+                                                             args.sim_idle_timeout, tally, random.Random(rng.random())))
+                            for protocol in ("h2", "http1")]
             await asyncio.sleep(warmup)
             rss0, fds0 = proc_stats(proxy.pid)
             keys0 = len(creds.issued)
@@ -268,6 +309,8 @@ async def soak(args: argparse.Namespace) -> int:
             "failed": dict(tally.failed), "injected_fault_failures": dict(tally.injected),
             "keys_issued": len(creds.issued), "rotations_after_warmup": rotations,
             "goaways_sent": goaway.goaways, "goaway_upstream_connections": goaway.connections,
+            "sim_limits": limits,
+            "sim_connection_closes": {name: each.close_counts() for name, each in sims.items()},
             "sim_records_kept": len(sim.records),  # the simulator keeps the last 10 000
             "rss_kib": [rss0, rss1], "rss_growth_pct": round(100 * growth, 2), "fds": [fds0, fds1],
         }
@@ -281,6 +324,8 @@ async def soak(args: argparse.Namespace) -> int:
             problems.append(f"open fds grew {fds0} -> {fds1}")
         if goaway.goaways == 0:
             problems.append("no GOAWAY was injected")
+        if any(limits.values()) and not any(each.closes for each in sims.values()):
+            problems.append("the simulators closed no connection at their limits")
         verdict = 1 if problems else 0
         print("FAIL: " + "; ".join(problems) if problems else "PASS")
         return verdict
@@ -292,7 +337,8 @@ async def soak(args: argparse.Namespace) -> int:
             proxy.kill()
         await goaway.stop()
         await creds.stop()
-        await sim.aclose()
+        for each in sims.values():
+            await each.aclose()
 
 
 def main() -> int:
@@ -301,6 +347,10 @@ def main() -> int:
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--key-lifetime", type=float, default=120.0, help="seconds each issued key lives")
     parser.add_argument("--goaway-every", type=int, default=200, help="streams per upstream connection before GOAWAY")
+    parser.add_argument("--sim-idle-timeout", type=float, default=5.0,
+                        help="the simulators close a connection idle this long, s (Lattice: 60; 0: off)")
+    parser.add_argument("--sim-max-connection-age", type=float, default=30.0,
+                        help="the simulators retire every connection this old, s (Lattice: 600; 0: off)")
     parser.add_argument("--tls", action="store_true",
                         help="the simulator over TLS (h2 by ALPN): large uploads take the read-for-TLS path")
     args = parser.parse_args()

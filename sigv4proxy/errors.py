@@ -69,6 +69,12 @@ class UpstreamConnectError(UpstreamError):
     status, kind = 502, "upstream_connect"
 
 
+class UpstreamDnsError(UpstreamConnectError):
+    """The upstream host name did not resolve (it is looked up afresh for each new connection)."""
+
+    status, kind = 502, "upstream_dns"
+
+
 class UpstreamProtocolError(UpstreamError):
     status, kind = 502, "upstream_protocol"
 

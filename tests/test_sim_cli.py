@@ -156,3 +156,37 @@ def test_demo_on_an_ipv6_listener_prints_a_url_that_works():
             proc.kill()
             proc.communicate(timeout=5)
     assert proc.returncode == 0
+
+
+def test_sim_command_limits_flags_close_idle_connections_and_report_them():
+    import socket
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sigv4proxy", "sim", "--listen", "127.0.0.1:0", "--identities", DEMO_IDENTITIES,
+         "--idle-timeout", "0.3", "--max-connection-age", "30"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        banner = proc.stderr.readline()
+        match = re.search(r"http://127\.0\.0\.1:(\d+)", banner)
+        assert match, banner + proc.stderr.read()
+        assert "idle close 0.3 s, max connection age 30 s" in banner
+        with socket.create_connection(("127.0.0.1", int(match.group(1))), timeout=10) as sock:
+            sock.sendall(b"GET /hello HTTP/1.1\r\nHost: demo.example\r\n\r\n")
+            received = b""
+            while chunk := sock.recv(65536):  # the 403, then the idle close ends the loop
+                received += chunk
+        assert received.startswith(b"HTTP/1.1 403 ") and b"connection: close" not in received.lower()
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=15)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate(timeout=5)
+    assert proc.returncode == 0
+    assert 'connections closed at its limits: {"HTTP/1.1":{"idle":1}}' in err
+
+
+@pytest.mark.parametrize("flag, value", [("--idle-timeout", "-1"), ("--max-connection-age", "soon")])
+def test_sim_command_rejects_bad_limits(flag, value):
+    out = cli("sim", "--identities", DEMO_IDENTITIES, flag, value)
+    assert out.returncode == 2 and "expected seconds" in out.stderr

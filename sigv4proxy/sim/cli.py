@@ -1,7 +1,7 @@
 """The `sigv4proxy sim` and `sigv4proxy policy check` subcommands.
 
 Owns: their flags and exit codes. `sim` runs the local Lattice simulator until SIGINT/SIGTERM
-(on uvloop) and then stops cleanly; `policy check` evaluates an auth policy for one described
+(on uvloop) and then stops cleanly, printing how many connections it closed at its limits; `policy check` evaluates an auth policy for one described
 request (no network) and prints ALLOW/DENY with the statement that decided it.
 Must never: print a secret or a session token (only principals, Sids and reasons are printed).
 """
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import signal
 import sys
 
@@ -24,6 +25,16 @@ def _listen(value: str) -> tuple[str, int]:
     if not sep or not port.isdigit() or not host:
         raise argparse.ArgumentTypeError("expected HOST:PORT, e.g. 127.0.0.1:8081 or [::1]:8081")
     return host.strip("[]"), int(port)
+
+
+def _seconds(value: str) -> float:
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = -1.0
+    if not seconds >= 0 or seconds == float("inf"):
+        raise argparse.ArgumentTypeError("expected seconds: 0 (off) or a positive number, e.g. 60 or 0.5")
+    return seconds
 
 
 def _pair(value: str) -> tuple[str, str]:
@@ -46,6 +57,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     sim.add_argument("--tls-cert", help="PEM certificate: serve TLS with ALPN h2/http1.1")
     sim.add_argument("--tls-key", help="PEM private key for --tls-cert")
     sim.add_argument("--access-log", help="access-log file, or - for stdout")
+    sim.add_argument("--idle-timeout", type=_seconds, default=60.0, metavar="SECONDS",
+                     help="close a connection with no request in flight for this long, as Lattice does "
+                          "(default 60; Lattice allows 60-600; 0: off)")
+    sim.add_argument("--max-connection-age", type=_seconds, default=600.0, metavar="SECONDS",
+                     help="retire every connection this long after it opened, as Lattice does after 10 "
+                          "minutes (default 600; 0: off)")
     sim.set_defaults(func=run_sim)
 
     policy = subparsers.add_parser("policy", help="auth-policy tools")
@@ -105,12 +122,15 @@ async def _serve(cfg) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     scheme = "https" if cfg.tls_cert else "http"
-    print(f"sigv4proxy sim listening on {scheme}://{server.host}:{server.port} (HTTP/1.1 + h2)", file=sys.stderr, flush=True)
+    print(f"sigv4proxy sim listening on {scheme}://{server.host}:{server.port} (HTTP/1.1 + h2; "
+          f"idle close {cfg.idle_timeout:g} s, max connection age {cfg.max_connection_age:g} s)",
+          file=sys.stderr, flush=True)
     try:
         await stop.wait()
     finally:
         await server.aclose()
-        print("sigv4proxy sim stopped", file=sys.stderr, flush=True)
+        closes = json.dumps(server.close_counts(), separators=(",", ":"))
+        print(f"sigv4proxy sim stopped; connections closed at its limits: {closes}", file=sys.stderr, flush=True)
 
 
 def run_sim(args: argparse.Namespace) -> int:
@@ -121,7 +141,8 @@ def run_sim(args: argparse.Namespace) -> int:
     cfg = SimConfig(host=host, port=port, identities=args.identities, policy=args.policy,
                     service_arn=args.service_arn, region=args.region, tls_cert=args.tls_cert,
                     tls_key=args.tls_key, access_log=args.access_log,
-                    uri_path_escaping=args.uri_path_escaping)
+                    uri_path_escaping=args.uri_path_escaping, idle_timeout=args.idle_timeout,
+                    max_connection_age=args.max_connection_age)
     try:
         import uvloop
         runner = uvloop.run

@@ -2,7 +2,11 @@
 
 Owns: translating wire events into `sim.app` exchanges and `ResponsePlan`s back into frames,
 with HTTP/2 flow control (request data acknowledged as it is hashed; response data sent only
-within the peer's windows) and write backpressure (`Connection.drain`).
+within the peer's windows) and write backpressure (`Connection.drain`); and how each protocol
+retires a connection at one of Lattice's limits (`retire`): HTTP/1.1 closes an idle socket at
+once (a request already on its way meets a closed connection, as at Lattice) or ends the response
+in progress with `Connection: close`; HTTP/2 sends GOAWAY naming the last stream it took, refuses
+newer ones and closes once the streams it took have finished.
 Must never: buffer a whole body, or let an h11/h2 protocol error escape as a crash: a broken peer
 gets a 400 (HTTP/1.1) or a GOAWAY/RST (HTTP/2) and the connection is closed.
 """
@@ -20,6 +24,7 @@ import h2.connection
 import h2.errors
 import h2.events
 import h2.exceptions
+from hyperframe.frame import GoAwayFrame
 
 from sigv4proxy.sim.app import Exchange, ResponsePlan
 
@@ -51,18 +56,31 @@ def _strip_absolute_form(target: str) -> str:
 
 
 class H1Handler:
+    protocol = "HTTP/1.1"
+
     def __init__(self, conn: "Connection") -> None:
         self.conn = conn
         self.h11 = h11.Connection(h11.SERVER)
         self.exchange: Exchange | None = None
         self.responding = False
+        self.close_after = False  # retiring: the response in progress is the last
 
     def data_received(self, data: bytes) -> None:
+        self.conn.touch()  # bytes of a request: not idle
         self.h11.receive_data(data)
         self._process()
 
     def connection_lost(self) -> None:
         pass
+
+    def busy(self) -> bool:
+        return self.exchange is not None or self.responding
+
+    def retire(self) -> None:
+        if self.busy():
+            self.close_after = True
+        else:
+            self.conn.close()
 
     def _process(self) -> None:
         while not self.responding:
@@ -108,6 +126,8 @@ class H1Handler:
         length = plan.stream_bytes if plan.stream_bytes is not None else len(plan.body)
         headers = [(n, v) for n, v in plan.headers if n not in _HOP_BY_HOP]
         headers.append(("content-length", str(length)))
+        if self.close_after:
+            headers.append(("connection", "close"))  # h11 then closes after this response
         sent, first_byte_at = 0, None
         try:
             self.conn.write(self.h11.send(h11.Response(status_code=plan.status, headers=headers,
@@ -125,7 +145,7 @@ class H1Handler:
             return
         exchange.finish(plan.status, sent, None, first_byte_at)
         self.exchange = None
-        if self.h11.our_state is h11.MUST_CLOSE or self.h11.their_state is h11.MUST_CLOSE:
+        if self.close_after or self.h11.our_state is h11.MUST_CLOSE or self.h11.their_state is h11.MUST_CLOSE:
             self.conn.close()
             return
         try:
@@ -134,20 +154,47 @@ class H1Handler:
             self.conn.close()
             return
         self.responding = False
+        self.conn.touch()
         if self.conn.transport is not None and not self.conn.transport.is_closing():
             self.conn.transport.resume_reading()
         self._process()
 
 
 class H2Handler:
+    protocol = "HTTP/2"
+
     def __init__(self, conn: "Connection") -> None:
         self.conn = conn
         config = h2.config.H2Configuration(client_side=False, header_encoding=None)
         self.h2 = h2.connection.H2Connection(config=config)
         self.exchanges: dict[int, Exchange] = {}
         self.window_open: dict[int, asyncio.Event] = {}
+        self.last_stream_id = 0  # the newest stream taken: what a GOAWAY names
+        self.going_away = False
         self.h2.initiate_connection()
         self._flush()
+
+    def busy(self) -> bool:
+        return bool(self.exchanges)
+
+    def retire(self) -> None:
+        # A GOAWAY frame of our own: h2's close_connection() would also stop the streams we took.
+        self._flush()
+        frame = GoAwayFrame(0)
+        frame.last_stream_id = self.last_stream_id
+        self.conn.write(frame.serialize())
+        self.going_away = True
+        self._finish_going_away()
+
+    def _finish_going_away(self) -> None:
+        if self.going_away and not self.exchanges:
+            self._flush()
+            self.conn.close()
+
+    def _stream_done(self, stream_id: int) -> None:
+        self.exchanges.pop(stream_id, None)
+        self.conn.touch()
+        self._finish_going_away()
 
     def _flush(self) -> None:
         data = self.h2.data_to_send()
@@ -171,6 +218,10 @@ class H2Handler:
 
     def _handle(self, event: h2.events.Event) -> None:
         if isinstance(event, h2.events.RequestReceived):
+            if self.going_away and event.stream_id > self.last_stream_id:
+                # Above the GOAWAY's last stream: never processed, so the client may retry it.
+                self.h2.reset_stream(event.stream_id, h2.errors.ErrorCodes.REFUSED_STREAM)
+                return
             self._request(event.stream_id, event.headers)
             if event.stream_ended is not None:
                 self._ended(event.stream_id)
@@ -185,8 +236,8 @@ class H2Handler:
         elif isinstance(event, h2.events.StreamEnded):
             self._ended(event.stream_id)
         elif isinstance(event, h2.events.StreamReset):
-            self.exchanges.pop(event.stream_id, None)
             self._wake(event.stream_id)
+            self._stream_done(event.stream_id)
         elif isinstance(event, (h2.events.WindowUpdated, h2.events.RemoteSettingsChanged)):
             self._wake(getattr(event, "stream_id", 0) or 0)
         elif isinstance(event, h2.events.ConnectionTerminated):
@@ -214,6 +265,7 @@ class H2Handler:
             authority = next((v for n, v in headers if n == "host"), None)
         head = self.conn.head("HTTP/2", pseudo.get(":method", ""), pseudo.get(":path", "/"), authority, headers)
         self.exchanges[stream_id] = self.conn.server.app.begin(head)
+        self.last_stream_id = max(self.last_stream_id, stream_id)
 
     def _ended(self, stream_id: int) -> None:
         exchange = self.exchanges.get(stream_id)
@@ -245,10 +297,10 @@ class H2Handler:
         except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError, ConnectionError) as exc:
             failure = type(exc).__name__
         finally:
-            self.exchanges.pop(stream_id, None)
             self.window_open.pop(stream_id, None)
             if plan is not None:
                 exchange.finish(plan.status, sent, failure, first_byte_at)
+            self._stream_done(stream_id)
 
     async def _send_data(self, stream_id: int, chunk: bytes) -> int:
         view, offset = memoryview(chunk), 0

@@ -1,7 +1,10 @@
 """The simulator's listener: one port for HTTP/1.1 (h11), h2c (prior knowledge) and TLS (ALPN).
 
 Owns: sockets, protocol sniffing (the 24-byte HTTP/2 preface), the h11/h2 state machines, flow
-control and write backpressure, and the server's lifecycle (`start_simulator`, `SimServer.aclose`).
+control and write backpressure, Lattice's connection limits (an idle close, 60 s by default, and a
+maximum connection age, 600 s; each connection asks its protocol handler to retire, and the closes
+are counted by protocol and reason in `SimServer.closes`), and the server's lifecycle
+(`start_simulator`, `SimServer.aclose`).
 Request semantics live in `sim.app`; this module only moves bytes and events.
 Must never: buffer a whole body (data is hashed as it arrives and acknowledged to the peer),
 leave a task or a connection behind after `aclose()`, or log header values.
@@ -10,6 +13,7 @@ leave a task or a connection behind after `aclose()`, or log header values.
 from __future__ import annotations
 
 import asyncio
+import collections
 import pathlib
 import ssl
 import time
@@ -44,6 +48,10 @@ class SimConfig:
     clock: Callable[[], float] = time.time
     require_auth: bool = True
     max_records: int = 10_000
+    # Lattice closes a connection with no request in flight for 60 s (60-600 s, set by the
+    # service owner) and any connection after 10 minutes. Seconds; 0 turns a limit off.
+    idle_timeout: float = 60.0
+    max_connection_age: float = 600.0
 
 
 class Connection(asyncio.Protocol):
@@ -58,11 +66,23 @@ class Connection(asyncio.Protocol):
         self._can_write.set()
         self.closed = asyncio.Event()
         self.tasks: set[asyncio.Task] = set()
+        self.retiring: str | None = None  # the limit that is closing this connection
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._idle_since = 0.0
+        self._idle_timer: asyncio.TimerHandle | None = None
+        self._age_timer: asyncio.TimerHandle | None = None
 
     # --- asyncio.Protocol ---
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
         self.server.connections.add(self)
+        loop = self._loop = asyncio.get_running_loop()
+        self._idle_since = loop.time()
+        cfg = self.server.cfg
+        if cfg.max_connection_age > 0:
+            self._age_timer = loop.call_later(cfg.max_connection_age, self._limit_reached, "max_age")
+        if cfg.idle_timeout > 0:
+            self._idle_timer = loop.call_later(cfg.idle_timeout, self._idle_check)
         sslobj = transport.get_extra_info("ssl_object")
         if sslobj is not None and sslobj.selected_alpn_protocol() == "h2":
             self._start(H2Handler)
@@ -83,6 +103,7 @@ class Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.server.connections.discard(self)
+        self._cancel_timers()
         self._can_write.set()
         self.closed.set()
         if self.handler is not None:
@@ -118,6 +139,47 @@ class Connection(asyncio.Protocol):
         if self.transport is not None:
             self.transport.close()
 
+    # --- Lattice's connection limits ---
+    def touch(self) -> None:
+        """The handler saw request activity end (or begin): the idle clock starts again from now."""
+        if self._loop is None or self.closed.is_set():
+            return
+        self._idle_since = self._loop.time()
+        idle = self.server.cfg.idle_timeout
+        if self._idle_timer is None and idle > 0 and self.retiring is None:
+            self._idle_timer = self._loop.call_at(self._idle_since + idle, self._idle_check)
+
+    def _idle_check(self) -> None:
+        # One lazy timer: activity only moves `_idle_since`; the timer re-arms itself from it.
+        self._idle_timer = None
+        if self.retiring is not None or self.closed.is_set() or self._loop is None:
+            return
+        if self.handler is not None and self.handler.busy():
+            return  # the handler's `touch()` when the request ends starts the clock again
+        due = self._idle_since + self.server.cfg.idle_timeout
+        if self._loop.time() >= due:
+            self._limit_reached("idle")
+        else:
+            self._idle_timer = self._loop.call_at(due, self._idle_check)
+
+    def _cancel_timers(self) -> None:
+        for timer in (self._idle_timer, self._age_timer):
+            if timer is not None:
+                timer.cancel()
+        self._idle_timer = self._age_timer = None
+
+    def _limit_reached(self, reason: str) -> None:
+        if self.retiring is not None or self.closed.is_set():
+            return
+        self.retiring = reason
+        self._cancel_timers()
+        protocol = self.handler.protocol if self.handler is not None else "none"
+        self.server.closes[(protocol, reason)] += 1
+        if self.handler is None:
+            self.close()
+        else:
+            self.handler.retire()
+
     def head(self, protocol: str, method: str, target: str, authority: str | None,
              headers: list[tuple[str, str]]) -> RequestHead:
         assert self.transport is not None
@@ -135,6 +197,9 @@ class SimServer:
         self.cfg = cfg
         self.app = app
         self.connections: set[Connection] = set()
+        # Connections closed at a limit: (protocol "HTTP/1.1" | "HTTP/2" | "none", reason
+        # "idle" | "max_age") -> count. "none": no request byte had arrived to tell the protocol.
+        self.closes: collections.Counter[tuple[str, str]] = collections.Counter()
         self._server: asyncio.base_events.Server | None = None
 
     @property
@@ -150,6 +215,13 @@ class SimServer:
     def records(self) -> list[dict[str, Any]]:
         """A snapshot of the last access-log records (at most `max_records`), oldest first."""
         return list(self.app.log.records)
+
+    def close_counts(self) -> dict[str, dict[str, int]]:
+        """`closes` as {protocol: {reason: count}}, for reports and JSON."""
+        out: dict[str, dict[str, int]] = {}
+        for (protocol, reason), count in sorted(self.closes.items()):
+            out.setdefault(protocol, {})[reason] = count
+        return out
 
     async def _listen(self, ssl_ctx: ssl.SSLContext | None) -> None:
         loop = asyncio.get_running_loop()
@@ -210,6 +282,9 @@ async def start_simulator(cfg: SimConfig) -> SimServer:
     """Loads identities and policy (raising IdentitiesError/PolicyError on bad input) and listens."""
     if (cfg.tls_cert is None) != (cfg.tls_key is None):
         raise ValueError("TLS needs both a certificate and a key")
+    for name in ("idle_timeout", "max_connection_age"):
+        if not getattr(cfg, name) >= 0:
+            raise ValueError(f"{name} must be 0 (off) or a positive number of seconds")
     ssl_ctx = tls_context(cfg.tls_cert, cfg.tls_key) if cfg.tls_cert and cfg.tls_key else None
     server = SimServer(cfg, build_app(cfg))
     try:

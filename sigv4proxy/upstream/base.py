@@ -9,6 +9,7 @@ routing), touch h2 state, or log header values.
 from __future__ import annotations
 
 import asyncio
+import socket
 import ssl
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ from sigv4proxy.errors import (
     ProxyError,
     RetryableStreamError,
     UpstreamConnectError,
+    UpstreamDnsError,
     UpstreamProtocolError,
     UpstreamTimeout,
 )
@@ -364,9 +366,19 @@ class OpenedTransport:
             protocol.eof_received()
 
 
+# getaddrinfo's failures as fixed reasons (never the name: it may be the client's Host).
+_DNS_REASONS = {
+    socket.EAI_NONAME: "upstream host name not found (DNS)",
+    socket.EAI_AGAIN: "upstream host name lookup failed for now (DNS server failure or no answer)",
+}
+
+
 async def open_transport(origin: Origin, ssl_context: ssl.SSLContext | None,
                          timeout: float) -> OpenedTransport:
-    """TCP connect (+ TLS handshake with SNI/ALPN for https) within `timeout`, as typed errors."""
+    """TCP connect (+ TLS handshake with SNI/ALPN for https) within `timeout`, as typed errors.
+
+    A host name is resolved by the loop's getaddrinfo on every call: nothing here caches an
+    address, so a new connection follows the DNS answer of the moment."""
     loop = asyncio.get_running_loop()
     handover = _HandoverProtocol()
     tls = origin.scheme == "https"
@@ -388,6 +400,8 @@ async def open_transport(origin: Origin, ssl_context: ssl.SSLContext | None,
         raise UpstreamConnectError("TLS handshake failed") from None
     except ConnectionRefusedError:
         raise UpstreamConnectError("connection refused") from None
+    except socket.gaierror as exc:
+        raise UpstreamDnsError(_DNS_REASONS.get(exc.errno, "upstream host name lookup failed")) from None
     except OSError as exc:
         raise UpstreamConnectError(f"connect failed: {type(exc).__name__}") from None
     alpn = None

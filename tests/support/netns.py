@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import pathlib
 import secrets
 import shutil
 import signal
@@ -107,6 +108,23 @@ def netns(name_prefix: str = "sigv4t", *, ipv6: bool = True) -> Iterator[str]:
     finally:
         _kill_members(name)
         _ip("netns", "del", name, check=False)
+
+
+@contextlib.contextmanager
+def netns_etc_file(name: str, filename: str, text: str) -> Iterator[pathlib.Path]:
+    """/etc/netns/<name>/<filename>: `ip netns exec <name>` bind-mounts it over /etc/<filename>
+    for what runs there (e.g. resolv.conf naming a resolver the test controls); always removed."""
+    directory = pathlib.Path("/etc/netns") / name
+    made_root = not directory.parent.exists()
+    directory.mkdir(parents=True, exist_ok=True)
+    try:
+        (directory / filename).write_text(text)
+        yield directory / filename
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+        if made_root:
+            with contextlib.suppress(OSError):
+                directory.parent.rmdir()
 
 
 @functools.lru_cache(maxsize=1)
