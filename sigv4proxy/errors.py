@@ -26,6 +26,13 @@ class BadRequest(ProxyError):
     status, kind = 400, "bad_request"
 
 
+class MalformedRequest(BadRequest):
+    """A request HTTP/2 calls malformed (RFC 9113 §8.1.1): refused on its own stream only, with a
+    400 while the stream can still be answered, else RST_STREAM(PROTOCOL_ERROR)."""
+
+    status, kind = 400, "malformed_request"
+
+
 class HostNotAllowed(ProxyError):
     status, kind = 403, "host_not_allowed"
 

@@ -4,7 +4,8 @@ The proxy (in front of the Lattice simulator) runs on its own event loop in a th
 sent with blocking sockets, each followed by a write shutdown so that an incomplete request ends.
 For every input the proxy must answer 2xx/4xx, or 5xx with a reason (`x-sigv4proxy-error`), or
 close, within a bound, never crash, and then still serve a valid request. After the HTTP/2 preface
-(h2c), random frame sequences must get well-formed HTTP/2 frames back.
+(h2c), random frame sequences must get well-formed HTTP/2 frames back, and a request head the `h2`
+library's validator calls malformed must get a 400 on its own stream, never a GOAWAY.
 
 Bounded in `make test` (SIGV4PROXY_FUZZ_EXAMPLES, default 30 per test); `make fuzz` raises it.
 """
@@ -19,7 +20,10 @@ import string
 import time
 from typing import Iterator
 
+import h2.exceptions
+import hpack
 import pytest
+from h2.utilities import HeaderValidationFlags, validate_headers
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from support.loop_thread import LoopThread
@@ -249,6 +253,119 @@ def test_random_h2_frames(proxy, settings_first, before, request, after):
                      h2_frame(1, 0x5, 1, _request_block("/alive", [])) if request else b"", *after])
     check_answer(exchange_h2(proxy.port, data), data)
     assert_still_serving(proxy.port)
+
+
+# --- inbound HTTP/2: malformed request fields are stream errors (RFC 9113 §8.1.1) --------------
+# The oracle is the `h2` library's own request validator, plus the rules this proxy adds to it
+# (`_stricter_here`). A block either calls malformed gets a 400 `malformed_request` on its stream;
+# any other block never does; the valid requests beside it are answered 200; and no GOAWAY.
+_H2_REQUEST = HeaderValidationFlags(is_client=False, is_trailer=False, is_response_header=False,
+                                    is_push_promise=False)
+_TOKEN_NAME = re.compile(rb"[!#$%&'*+\-.^_`|~0-9a-zA-Z]+")
+FIELD_NAMES = st.sampled_from(["x-a", "X-A", "x a", "x:a", "", "x(a)", "connection", "keep-alive",
+                               "proxy-connection", "transfer-encoding", "upgrade", "te", "host",
+                               ":foo", ":status", ":path", ":authority"])
+FIELD_VALUES = st.sampled_from(["ok", "trailers", "gzip", "100", " lead", "trail\t", "a\r\nb", "nul\x00",
+                                "", "in side", LATTICE_HOST, "other.example"])
+PSEUDO_VALUES = {":method": ["GET", "POST", "CONNECT", "G T", ""], ":scheme": ["http", "https", ""],
+                 ":path": ["/fuzz", "", "/a b", "*"]}
+MUTATIONS = st.one_of(
+    st.tuples(st.just("insert"), st.integers(0, 8), FIELD_NAMES, FIELD_VALUES),
+    st.tuples(st.just("drop"), st.sampled_from(sorted(PSEUDO_VALUES))),
+    st.sampled_from([("set", name, value) for name, values in PSEUDO_VALUES.items() for value in values]),
+    st.tuples(st.just("repeat"), st.sampled_from([*PSEUDO_VALUES, ":authority"])),
+)
+
+
+def _mutated(mutations) -> list[tuple[bytes, bytes]]:
+    fields = [(":method", "GET"), (":scheme", "http"), (":authority", LATTICE_HOST), (":path", "/fuzz")]
+    for mutation in mutations:
+        if mutation[0] == "insert":
+            fields.insert(mutation[1], (mutation[2], mutation[3]))
+        elif mutation[0] == "drop":
+            fields = [f for f in fields if f[0] != mutation[1]]
+        elif mutation[0] == "set":
+            fields = [(n, mutation[2] if n == mutation[1] else v) for n, v in fields]
+        else:
+            fields += [f for f in fields if f[0] == mutation[1]][:1]
+    return [(n.encode("latin-1"), v.encode("latin-1")) for n, v in fields]
+
+
+def _h2_calls_malformed(fields) -> bool:
+    try:
+        list(validate_headers(fields, _H2_REQUEST))
+    except h2.exceptions.ProtocolError:
+        return True
+    return False
+
+
+def _stricter_here(fields) -> bool:
+    """What `sigv4proxy.fields` refuses beyond h2's RFC 9113 minimum: a field name must be an RFC
+    9110 token, and pseudo-header values are request-line parts (no whitespace or control
+    character anywhere, a non-empty :method)."""
+    for name, value in fields:
+        if name[:1] == b":":
+            if re.search(rb"[\x00-\x20\x7f]", value) or (name == b":method" and not value):
+                return True
+        elif not _TOKEN_NAME.fullmatch(name):
+            return True
+    return False
+
+
+def _h2_streams(port: int, blocks: dict[int, bytes]) -> tuple[dict[int, dict], list[int]]:
+    """Sends the preface and one HEADERS frame (END_STREAM) per stream, in one write; reads until
+    every stream has ended or been reset. Returns {stream: {status, headers, reset}} and the error
+    codes of any GOAWAY."""
+    frames = [H2_PREFACE, h2_frame(4, 0, 0, b"")]
+    frames += [h2_frame(1, 0x5, sid, block) for sid, block in blocks.items()]
+    decoder = hpack.Decoder()
+    streams: dict[int, dict] = {}
+    goaways: list[int] = []
+    buffer = b""
+    with socket.create_connection(("127.0.0.1", port), timeout=ANSWER_TIMEOUT) as sock:
+        sock.sendall(b"".join(frames))
+        while len([s for s in streams.values() if s.get("done")]) < len(blocks):
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            buffer += chunk
+            while len(buffer) >= 9 and len(buffer) >= 9 + int.from_bytes(buffer[:3], "big"):
+                length, kind, flags = int.from_bytes(buffer[:3], "big"), buffer[3], buffer[4]
+                sid = int.from_bytes(buffer[5:9], "big") & 0x7FFFFFFF
+                payload, buffer = buffer[9:9 + length], buffer[9 + length:]
+                stream = streams.setdefault(sid, {})
+                if kind == 1:  # HEADERS (the proxy's answers are small: never CONTINUATION)
+                    assert flags & 0x4, "a response head split into CONTINUATION frames"
+                    fields = decoder.decode(payload, raw=True)
+                    stream.setdefault("headers", dict(fields))
+                if kind == 3:  # RST_STREAM
+                    stream["reset"] = int.from_bytes(payload[:4], "big")
+                if kind == 7:  # GOAWAY
+                    goaways.append(int.from_bytes(payload[4:8], "big"))
+                if kind in (0, 1) and flags & 0x1 or kind == 3:
+                    stream["done"] = True
+    return streams, goaways
+
+
+@FUZZ
+@given(mutations=st.lists(MUTATIONS, min_size=1, max_size=3))
+def test_malformed_request_fields_are_refused_on_their_stream_only(proxy, mutations):
+    fields = _mutated(mutations)
+    malformed = _h2_calls_malformed(fields) or _stricter_here(fields)
+    encoder = hpack.Encoder()  # the blocks are encoded in the order they are sent
+    valid = [(b":method", b"GET"), (b":scheme", b"http"), (b":authority", H), (b":path", b"/alive")]
+    blocks = {1: encoder.encode(valid), 3: encoder.encode(fields), 5: encoder.encode(valid)}
+    streams, goaways = _h2_streams(proxy.port, blocks)
+    assert goaways == [], goaways
+    for sid in (1, 5):
+        assert streams[sid]["headers"][b":status"] == b"200", streams[sid]
+    answer = streams[3].get("headers", {})
+    kind = answer.get(b"x-sigv4proxy-error")
+    if malformed:
+        assert answer.get(b":status") == b"400" and kind == b"malformed_request", (fields, streams[3])
+    else:
+        assert kind != b"malformed_request" and streams[3].get("reset") != 1, (fields, streams[3])
+
 
 def test_the_proxy_survived_the_fuzzing(proxy):
     assert_still_serving(proxy.port)

@@ -400,11 +400,13 @@ async def test_unknown_frames_and_priority_are_ignored_and_ping_is_answered(conn
     assert await response.read() == b"ok"
 
 
-async def test_malformed_response_header_resets_only_that_stream(connect):
+@pytest.mark.parametrize("field", [(b"X-Upper", b"1"), (b"content-length", b"9" * 5000)],
+                         ids=["upper_case_name", "content_length_too_long_for_int"])
+async def test_malformed_response_header_resets_only_that_stream(connect, field):
     conn, server = await connect()
     bad = start(conn)
     bad_id, _, _ = await server.request_block()
-    server.respond(bad_id, [(b":status", b"200"), (b"X-Upper", b"1")])
+    server.respond(bad_id, [(b":status", b"200"), field])
     with pytest.raises(UpstreamProtocolError):
         await asyncio.wait_for(bad, FRAME_TIMEOUT)
     reset = await server.next_of(RstStreamFrame)

@@ -186,6 +186,8 @@ class H2ProxyStreams:
                     upstream_protocol=None, bytes_sent=None, failure=failure, protocol="HTTP/2")
 
     async def _proxy(self, stream: InboundStream, method: str, grpc: bool, started: float) -> str:
+        if stream.refusal is not None:  # malformed (RFC 9113 §8.1.1): never forwarded
+            raise stream.refusal
         path = stream.path.decode("latin-1")
         if not path.startswith("/"):
             raise BadRequest("unsupported request target form")

@@ -4,10 +4,22 @@ Owns: the inbound h2 state of one connection (mirroring `upstream/http2.py` on t
 settings and windows, dispatching h2 events to its `InboundStream`s (`h2stream`: body buffering,
 credit returned only as the upstream takes data, sending within windows), RST_STREAM both ways
 (a client reset cancels the stream's task), one idle sweep per connection (a stream with no bytes
-either way for too long is cut), write backpressure, and GOAWAY on shutdown.
+either way for too long is cut), write backpressure, and GOAWAY on shutdown. Also which stream
+a malformed request (RFC 9113 §8.1.1) ends: only its own. Every request head and trailer block is
+judged once, by `fields`; the declared content-length is held against the DATA received.
+  - A malformed head gets a 400 (`malformed_request`, gRPC: trailers-only) from the stream
+    handler, which raises the stream's `refusal` before anything else: nothing of it went
+    upstream, and a reason tells the client what to fix (RFC 9113 §8.2.1 asks for a 400).
+  - A problem found after the head (DATA beyond or short of content-length, malformed trailers,
+    trailers without END_STREAM) gets RST_STREAM(PROTOCOL_ERROR): by then the head may be
+    upstream and an upstream answer on its way, so a reset is the one answer that cannot be taken
+    for the upstream's; the handler's body read raises the refusal, which cancels the upstream
+    stream, and counts and logs it like a 400.
+What RFC 9113 calls a connection error (bad preface, frame sizes, HPACK, stream ids, flow
+control) still gets GOAWAY from h2 and the connection is closed.
 Must never: know about AWS, routing or signing (each stream goes to a `StreamHandler`), buffer a
-body whole, log header values, or let an h2 protocol error escape as a crash (a broken client
-gets GOAWAY and the connection is closed).
+body whole, log header values, end a connection for one stream's malformed request, or let an h2
+protocol error escape as a crash.
 """
 
 from __future__ import annotations
@@ -25,8 +37,11 @@ from h2.connection import ConnectionInputs, ConnectionState
 from h2.errors import ErrorCodes
 
 import sigv4proxy.h2_frame_repr  # noqa: F401  (h2 reprs every received frame)
+from sigv4proxy.errors import MalformedRequest
+from sigv4proxy.fields import request_head, trailers_problem
 from sigv4proxy.h2_window import WindowQueue
-from sigv4proxy.inbound.h2_hpack import H2HeaderDecoder, ResponseHeaderEncoder
+from sigv4proxy.inbound.h2_hpack import ResponseHeaderEncoder
+from sigv4proxy.inbound.h2_stream_errors import ServerH2Connection, UnendedTrailers
 from sigv4proxy.inbound.h2stream import ClientGone, InboundStream, wake
 
 log = logging.getLogger("sigv4proxy.inbound")
@@ -38,9 +53,9 @@ MAX_HEADER_LIST_SIZE = 64 * 1024
 
 _CONFIG = h2.config.H2Configuration(
     client_side=False, header_encoding=None,
-    # Inbound headers come from the app: reject connection-specific fields, te other than
-    # "trailers", bad pseudo-headers and uppercase names here.
-    validate_inbound_headers=True, normalize_inbound_headers=False,
+    # Inbound fields are judged by `fields.request_head` / `trailers_problem` instead, so that a
+    # malformed request is refused on its own stream (h2 would end the connection).
+    validate_inbound_headers=False, normalize_inbound_headers=False,
     # Outbound: names are lowercased by the caller; values pass exactly as the upstream sent them.
     validate_outbound_headers=False, normalize_outbound_headers=False, split_outbound_cookies=False,
 )
@@ -72,10 +87,9 @@ class H2ServerConnection(asyncio.Protocol):
                  max_concurrent_streams: int = MAX_CONCURRENT_STREAMS,
                  on_close: Callable[[H2ServerConnection], None] | None = None) -> None:
         self.loop = asyncio.get_running_loop()
-        self.h2 = h2.connection.H2Connection(config=_CONFIG)
+        self.h2 = ServerH2Connection(_CONFIG, MAX_HEADER_LIST_SIZE)  # with our HPACK decoder
         # our HPACK coder in h2's slots: hpack's was the largest single cost per request
         self.h2.encoder = ResponseHeaderEncoder()  # type: ignore[assignment]
-        self.h2.decoder = H2HeaderDecoder(MAX_HEADER_LIST_SIZE)  # type: ignore[assignment]
         self.h2.state_machine._transitions = _TRANSITIONS  # in-flight streams survive GOAWAY
         self.h2.local_settings = h2.settings.Settings(client=False, initial_values={
             h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: max_concurrent_streams,
@@ -265,7 +279,10 @@ class H2ServerConnection(asyncio.Protocol):
         if self._goaway_sent:
             self.h2.reset_stream(event.stream_id, ErrorCodes.REFUSED_STREAM)
             return
-        stream = InboundStream(self, event.stream_id, event.headers)
+        head = request_head(event.headers)
+        stream = InboundStream(self, event.stream_id, head)
+        if head.problem is not None:  # answered 400 by the handler; its DATA is dropped
+            stream.refusal = MalformedRequest(head.problem)
         self.streams[event.stream_id] = stream
         task = self.loop.create_task(self._run(stream))
         stream.task = task
@@ -285,21 +302,40 @@ class H2ServerConnection(asyncio.Protocol):
 
     def _on_data(self, event: h2.events.DataReceived) -> None:
         stream = self.streams.get(event.stream_id)
-        if stream is None or stream.closed:  # nobody will read it: return the credit now
-            self.acknowledge(event.stream_id, event.flow_controlled_length)
+        if stream is None or stream.closed or stream.refusal is not None:
+            self.acknowledge(event.stream_id, event.flow_controlled_length)  # nobody will read it
             return
+        if stream.content_length >= 0:
+            stream.received += len(event.data)
+            if stream.received > stream.content_length:
+                self._refuse(stream, "more DATA than its content-length")
+                self.acknowledge(event.stream_id, event.flow_controlled_length)
+                return
         stream.chunks.append((event.data, event.flow_controlled_length))
         stream.last_activity = self.loop.time()
         wake(stream.waiter)
 
     def _on_trailers(self, event: h2.events.TrailersReceived) -> None:
         stream = self.streams.get(event.stream_id)
-        if stream is not None:
+        if stream is None or stream.refusal is not None:
+            return
+        problem = trailers_problem(event.headers)
+        if problem is not None:
+            self._refuse(stream, problem)
+        else:
             stream.trailers = list(event.headers)
+
+    def _on_unended_trailers(self, event: UnendedTrailers) -> None:
+        stream = self.streams.get(event.stream_id)
+        if stream is not None:  # even one refused already: h2 took the trailers as its end
+            self._refuse(stream, "trailers without END_STREAM")
 
     def _on_stream_ended(self, event: h2.events.StreamEnded) -> None:
         stream = self.streams.get(event.stream_id)
         if stream is None:
+            return
+        if 0 <= stream.content_length != stream.received and stream.refusal is None:
+            self._refuse(stream, "less DATA than its content-length")
             return
         stream.remote_ended = True
         wake(stream.waiter)
@@ -310,6 +346,14 @@ class H2ServerConnection(asyncio.Protocol):
         stream = self.streams.get(event.stream_id)
         if stream is not None:
             self._drop(stream)
+
+    @staticmethod
+    def _refuse(stream: InboundStream, reason: str) -> None:
+        """A malformed request found after its head: RST_STREAM(PROTOCOL_ERROR) now; the handler
+        raises the refusal where it is (not started yet, or reading the body) and counts it."""
+        if stream.refusal is None:
+            stream.refusal = MalformedRequest(reason)
+        stream.reset(ErrorCodes.PROTOCOL_ERROR)
 
     @staticmethod
     def _drop(stream: InboundStream, code: ErrorCodes | None = None) -> None:
@@ -348,6 +392,7 @@ _HANDLERS: dict[type, Callable[[H2ServerConnection, object], None]] = {
     h2.events.RequestReceived: H2ServerConnection._on_request,
     h2.events.DataReceived: H2ServerConnection._on_data,
     h2.events.TrailersReceived: H2ServerConnection._on_trailers,
+    UnendedTrailers: H2ServerConnection._on_unended_trailers,
     h2.events.StreamEnded: H2ServerConnection._on_stream_ended,
     h2.events.StreamReset: H2ServerConnection._on_stream_reset,
     h2.events.WindowUpdated: H2ServerConnection._on_window_updated,

@@ -3,9 +3,11 @@ and the calls that answer it.
 
 Owns: per-stream request-body buffering with flow control (a chunk's credit goes back to the
 client only when the next chunk is pulled, i.e. once the upstream took it), sending within the
-client's windows and the connection's write buffer, and the stream's close/reset bookkeeping.
+client's windows and the connection's write buffer, the stream's close/reset bookkeeping, and its
+`refusal`: the MalformedRequest the connection found (in the head, the body length or the
+trailers) that the request path raises instead of proxying, and that `read` raises mid-body.
 Must never: touch the socket itself (the connection in `h2server` does), buffer more than the
-stream window, or log header values.
+stream window, hand on a body whose stream was refused, or log header values.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ import h2.exceptions
 from h2.errors import ErrorCodes
 
 if TYPE_CHECKING:
+    from sigv4proxy.errors import MalformedRequest
+    from sigv4proxy.fields import RequestHead
     from sigv4proxy.inbound.h2server import H2ServerConnection
 
 READ_COALESCE = 64 * 1024  # bytes: buffered request frames joined into one chunk up to this
@@ -38,29 +42,19 @@ class InboundStream:
     __slots__ = ("conn", "id", "method", "path", "authority", "scheme", "headers", "trailers",
                  "chunks", "remote_ended", "closed", "unacked", "waiter", "window_waiter",
                  "task", "last_activity", "idle_expired", "response_started", "local_ended",
-                 "continued")
+                 "content_length", "received", "refusal", "continued")
 
-    def __init__(self, conn: H2ServerConnection, stream_id: int,
-                 fields: list[tuple[bytes, bytes]]) -> None:
+    def __init__(self, conn: H2ServerConnection, stream_id: int, head: RequestHead) -> None:
         self.conn = conn
         self.id = stream_id
-        self.method = b""
-        self.path = b""
-        self.authority: bytes | None = None
-        self.scheme = b""
-        self.headers: list[tuple[bytes, bytes]] = []  # regular fields, in arrival order
-        for name, value in fields:
-            if name[:1] == b":":
-                if name == b":method":
-                    self.method = value
-                elif name == b":path":
-                    self.path = value
-                elif name == b":authority":
-                    self.authority = value
-                elif name == b":scheme":
-                    self.scheme = value
-            else:
-                self.headers.append((name, value))
+        self.method = head.method or b""
+        self.path = head.path or b""
+        self.authority = head.authority
+        self.scheme = head.scheme or b""
+        self.headers = head.headers  # regular fields, in arrival order
+        self.content_length = head.content_length  # -1: none declared
+        self.received = 0  # DATA bytes so far, counted while a content-length is declared
+        self.refusal: MalformedRequest | None = None
         self.trailers: list[tuple[bytes, bytes]] = []  # request trailers, once they arrived
         self.chunks: deque[tuple[bytes, int]] = deque()  # (data, flow-controlled length)
         self.remote_ended = False
@@ -101,6 +95,8 @@ class InboundStream:
             conn.acknowledge(self.id, self.unacked)
             self.unacked = 0
         while True:
+            if self.refusal is not None:  # never let a refused body end as if it were whole
+                raise self.refusal
             chunks = self.chunks
             if chunks:
                 data, flow_length = chunks.popleft()

@@ -11,13 +11,13 @@ a socket, send a field it has not checked, or put a header value in an error mes
 
 from __future__ import annotations
 
-import re
 import struct
 from collections.abc import Sequence
 
 from hpack.table import HeaderTable
 
 from sigv4proxy.errors import BadRequest
+from sigv4proxy.fields import BAD_VALUE, VALID_NAMES, MalformedFields, name_problem, parse_content_length
 
 # --- RFC 9113 numbers ---
 DATA, HEADERS, PRIORITY, RST_STREAM, SETTINGS = 0x0, 0x1, 0x2, 0x3, 0x4
@@ -274,19 +274,7 @@ def _check_request_line_part(part: bytes) -> None:
         raise BadRequest(_BAD_LINE)
 
 
-# --- response header checks (RFC 9113 §8.2, §8.3.2): cheap, names cached once seen valid ---
-_BAD_VALUE = re.compile(rb"[\r\n\x00]")
-_NAME = re.compile(rb"[a-z0-9!#$%&'*+\-.^_`|~]+")
-_CONNECTION_SPECIFIC = frozenset({b"connection", b"keep-alive", b"proxy-connection",
-                                  b"transfer-encoding", b"upgrade"})
-_VALID_NAMES: set[bytes] = set()
-_VALID_NAMES_LIMIT = 4096
-
-
-class MalformedFields(Exception):
-    """A response/trailer field section breaks RFC 9113 §8.2/§8.3 (a stream error)."""
-
-
+# --- response header checks (RFC 9113 §8.2, §8.3.2): the rules are in `fields`, shared ---
 def check_fields(fields: Sequence[tuple[bytes, bytes]],
                  trailers: bool) -> tuple[bytes | None, list[tuple[bytes, bytes]], int]:
     """(:status, regular fields, content-length or -1); raises MalformedFields with a fixed reason.
@@ -296,7 +284,7 @@ def check_fields(fields: Sequence[tuple[bytes, bytes]],
     status: bytes | None = None
     regular: list[tuple[bytes, bytes]] = []
     content_length = -1
-    valid_names = _VALID_NAMES
+    valid_names = VALID_NAMES
     for field in fields:
         name, value = field
         if name[:1] == b":":
@@ -304,17 +292,14 @@ def check_fields(fields: Sequence[tuple[bytes, bytes]],
                 raise MalformedFields("misplaced or unknown pseudo-header")
             status = value
             continue
-        if name not in valid_names:
-            if (not _NAME.fullmatch(name) or name in _CONNECTION_SPECIFIC
-                    or (name == b"te" and value != b"trailers")):
-                raise MalformedFields("invalid or connection-specific header name")
-            if name != b"te" and len(valid_names) < _VALID_NAMES_LIMIT:
-                valid_names.add(name)
-        if _BAD_VALUE.search(value):
+        if name not in valid_names and name_problem(name, value) is not None:
+            raise MalformedFields("invalid or connection-specific header name")
+        if BAD_VALUE.search(value):
             raise MalformedFields("CR, LF or NUL in a header value")
         if name == b"content-length":
-            if not value.isdigit() or (content_length >= 0 and int(value) != content_length):
+            length = parse_content_length(value)
+            if length < 0 or 0 <= content_length != length:
                 raise MalformedFields("invalid content-length")
-            content_length = int(value)
+            content_length = length
         regular.append(field)
     return status, regular, content_length

@@ -1,8 +1,10 @@
 """A small scriptable h2c client (prior knowledge) for the inbound HTTP/2 tests.
 
 Owns: one loopback connection driven by the `h2` library, per-stream records of what came back
-(head, body, trailers, RST code) and helpers to send data within the server's windows. Must never:
-connect anywhere but loopback, or outlive its test (`async with`).
+(head, body, trailers, RST code) and helpers to send data within the server's windows. With
+`validate=False` it sends header fields exactly as given (malformed ones too), and `send_raw`
+writes bytes h2 would refuse to frame. Must never: connect anywhere but loopback, or outlive its
+test (`async with`).
 """
 
 from __future__ import annotations
@@ -14,7 +16,9 @@ import h2.config
 import h2.connection
 import h2.events
 import h2.exceptions
+import hpack
 from h2.connection import ConnectionInputs, ConnectionState
+from hyperframe.frame import HeadersFrame
 
 # h2 stops accepting frames once a GOAWAY arrived; streams the server still finishes must not be
 # refused by our own client (the same work-around as the proxy's upstream client).
@@ -28,6 +32,11 @@ _AFTER_GOAWAY = {
               ConnectionInputs.SEND_SETTINGS)
 }
 _TRANSITIONS = {**h2.connection.H2ConnectionStateMachine._transitions, **_AFTER_GOAWAY}
+
+
+def _as_bytes(fields) -> list[tuple[bytes, bytes]]:
+    return [(n.encode() if isinstance(n, str) else n, v.encode() if isinstance(v, str) else v)
+            for n, v in fields]
 
 
 @dataclass
@@ -52,11 +61,12 @@ class StreamRecord:
 
 
 class H2TestClient:
-    def __init__(self, host: str, port: int, *, auto_ack: bool = True) -> None:
+    def __init__(self, host: str, port: int, *, auto_ack: bool = True, validate: bool = True) -> None:
         assert host in ("127.0.0.1", "::1")
         self.host, self.port, self.auto_ack = host, port, auto_ack
         self.h2 = h2.connection.H2Connection(h2.config.H2Configuration(
-            client_side=True, header_encoding=None, validate_inbound_headers=False))
+            client_side=True, header_encoding=None, validate_inbound_headers=False,
+            validate_outbound_headers=validate, normalize_outbound_headers=validate))
         self.h2.state_machine._transitions = _TRANSITIONS
         self.sent: dict[int, int] = {}  # request body bytes handed to the socket per stream
         self.streams: dict[int, StreamRecord] = {}
@@ -97,16 +107,50 @@ class H2TestClient:
         self._writer.write_eof()
 
     # --- sending ---
-    def request(self, method: str, path: str, authority: str, headers=(), *, end_stream=True) -> int:
+    def request(self, method: str, path: str, authority: str, headers=(), *, end_stream=True,
+                body: bytes | None = None) -> int:
+        return self.request_fields([(":method", method), (":scheme", "http"), (":authority", authority),
+                                    (":path", path), *headers], end_stream=end_stream, body=body)
+
+    def request_fields(self, fields, *, end_stream=True, body: bytes | None = None, flush=True) -> int:
+        """A request with exactly these fields (pseudo-headers included, in this order); `body`
+        leaves in the same write as the head, and `flush=False` leaves both for the next write."""
         sid = self.h2.get_next_available_stream_id()
-        fields = [(b":method", method.encode()), (b":scheme", b"http"),
-                  (b":authority", authority.encode()), (b":path", path.encode())]
-        fields += [(n.encode() if isinstance(n, str) else n, v.encode() if isinstance(v, str) else v)
-                   for n, v in headers]
         self.streams[sid] = StreamRecord()
-        self.h2.send_headers(sid, fields, end_stream=end_stream)
-        self.flush()
+        self.h2.send_headers(sid, _as_bytes(fields), end_stream=end_stream and body is None)
+        if body is not None:
+            self.h2.send_data(sid, body, end_stream=end_stream)
+        if flush:
+            self.flush()
         return sid
+
+    def request_raw(self, fields, *, end_stream=True) -> int:
+        """A request head h2 refuses to send (a leading `:status`): h2 opens the stream with a
+        stand-in head that never leaves (encoded apart, so that this connection's HPACK table
+        stays in step with the server's), and the real block goes out instead."""
+        self.flush()
+        sid = self.h2.get_next_available_stream_id()
+        encoder, self.h2.encoder = self.h2.encoder, hpack.Encoder()
+        try:
+            self.h2.send_headers(sid, [(b":method", b"GET"), (b":scheme", b"http"), (b":path", b"/"),
+                                       (b":authority", b"stand-in")], end_stream=end_stream)
+        finally:
+            self.h2.encoder = encoder
+        self.h2.data_to_send()  # the stand-in: dropped
+        self.streams[sid] = StreamRecord()
+        self.send_raw_headers(sid, fields, end_stream=end_stream)
+        return sid
+
+    def send_raw_headers(self, sid: int, fields, *, end_stream: bool) -> None:
+        """A HEADERS frame h2 would refuse to send (e.g. trailers without END_STREAM), encoded with
+        this connection's own HPACK encoder; it leaves in one write with any frames pending."""
+        frame = HeadersFrame(sid, flags=["END_HEADERS", *(["END_STREAM"] if end_stream else [])])
+        frame.data = self.h2.encoder.encode(_as_bytes(fields))
+        self.send_raw(frame.serialize())
+
+    def send_raw(self, data: bytes) -> None:
+        """Frames pending in h2, then `data`, in one write."""
+        self._writer.write(self.h2.data_to_send() + data)
 
     async def send_data(self, sid: int, data: bytes, *, end_stream: bool = False, timeout: float = 10) -> None:
         view, offset = memoryview(data), 0
