@@ -37,7 +37,11 @@ CA_BUNDLES = ("/etc/ssl/certs/ca-certificates.crt", "/etc/pki/tls/certs/ca-bundl
 
 
 class ImageError(RuntimeError):
-    """The image cannot be built here; the message says why (a test skips or fails with it)."""
+    """The image cannot be built; the message says why."""
+
+
+class EngineUnavailable(ImageError):
+    """No engine, client or base-making tool here (the image tests skip with this reason)."""
 
 
 def official_base() -> str:
@@ -66,7 +70,7 @@ def find_client() -> tuple[str, dict[str, str]]:
     for client in candidates:
         if (0,) < _version(client) < (23,):
             return client, {"DOCKER_BUILDKIT": "1"}
-    raise ImageError("no docker client that builds with BuildKit (install docker.io, or buildx)")
+    raise EngineUnavailable("no docker client that builds with BuildKit (install docker.io, or buildx)")
 
 
 @dataclass
@@ -96,7 +100,7 @@ def running_engine(start_timeout: float = 60.0) -> Iterator[Engine]:
     """The running engine, or one started here (root, `dockerd` installed) and stopped on exit by
     its PID; ImageError says why there is none."""
     if not (shutil.which("docker") or Path("/usr/bin/docker").exists()):
-        raise ImageError("no docker client (apt-get install docker.io)")
+        raise EngineUnavailable("no docker client (apt-get install docker.io)")
     client, env = find_client()
     engine = Engine(client, env)
     if engine.reachable():
@@ -104,7 +108,7 @@ def running_engine(start_timeout: float = 60.0) -> Iterator[Engine]:
         return
     dockerd = shutil.which("dockerd") or "/usr/sbin/dockerd"
     if os.geteuid() != 0 or not Path(dockerd).exists():
-        raise ImageError("no engine running, and none can be started here (needs root and dockerd)")
+        raise EngineUnavailable("no engine running, and none can be started here (needs root and dockerd)")
     workdir = Path(tempfile.mkdtemp(prefix="sigv4proxy-dockerd-"))
     engine.log = workdir / "dockerd.log"
     with open(engine.log, "wb") as log:
@@ -153,6 +157,9 @@ def choose_base(engine: Engine, requested: str = "auto") -> str:
         engine.notes.append(f"{official} cannot be pulled here; base made from Debian packages")
     elif requested != "local":
         return requested
+    if not shutil.which("mmdebstrap") and engine.docker("image", "inspect", LOCAL_BASE,
+                                                         check=False).returncode != 0:
+        raise EngineUnavailable(f"{official} cannot be pulled and mmdebstrap is missing to make a base")
     made = subprocess.run(["sh", str(ROOT / "scripts" / "make-base.sh"), LOCAL_BASE],
                           capture_output=True, text=True, timeout=900,
                           env={**os.environ, **engine.env, "DOCKER": engine.client})
