@@ -53,9 +53,12 @@ bench-quick: $(STAMP)
 	$(BIN)/python benchmarks/bench.py --quick $(BENCH_ARGS)
 
 # Headless locust for a bounded time against SIGV4PROXY_TARGET (default: the demo, started here
-# when nothing listens): CSV and HTML reports in loadtest-results/.
+# when nothing listens): CSV and HTML reports in loadtest-results/. WORKERS=N runs locust's
+# distributed mode here (a master and N worker processes, one merged report); for a cluster,
+# config/loadtest/locust.yaml.
+WORKERS ?= 0
 loadtest: $(STAMP)
-	$(BIN)/python loadtests/locustfile.py $(LOADTEST_ARGS)
+	$(BIN)/python loadtests/locustfile.py --workers $(WORKERS) $(LOADTEST_ARGS)
 
 # Soak: mixed traffic through a proxy process with rotating credentials and injected GOAWAYs;
 # fails on unexplained errors, RSS growth >= 10 % or fd growth. SOAK_SECONDS shortens it.

@@ -11,6 +11,7 @@ import copy
 import ipaddress
 import json
 import os
+import pathlib
 import re
 import shlex
 import subprocess
@@ -35,17 +36,23 @@ from support.deploy_files import (
 
 EKS = ROOT / "config" / "eks"
 ECS = ROOT / "config" / "ecs"
+LOADTEST = ROOT / "config" / "loadtest"  # locust's master and workers for a cluster run
 DEFAULT_DRAIN_TIMEOUT = 20.0
 
 
 # --- the manifests ---
 
-def eks_documents() -> dict[str, list[dict]]:
+def eks_documents(directory: pathlib.Path = EKS) -> dict[str, list[dict]]:
     docs = {}
-    for path in sorted(EKS.glob("*.yaml")):
+    for path in sorted(directory.glob("*.yaml")):
         with path.open() as fh:
             docs[path.name] = [d for d in yaml.safe_load_all(fh) if d is not None]
     return docs
+
+
+def kubernetes_documents() -> dict[str, list[dict]]:
+    """Every Kubernetes manifest we ship: config/eks and config/loadtest."""
+    return {f"{d.name}/{name}": docs for d in (EKS, LOADTEST) for name, docs in eks_documents(d).items()}
 
 
 def ecs_task() -> dict:
@@ -128,7 +135,7 @@ def test_kubernetes_schemas_cover_1_29_to_the_newest():
 
 @pytest.mark.parametrize("version", kubernetes_versions())
 def test_eks_manifests_valid_against_kubernetes_schemas(version):
-    for name, docs in eks_documents().items():
+    for name, docs in kubernetes_documents().items():
         for doc in docs:
             error = kubernetes_errors(doc, version)
             assert error is None, f"{name} {doc['kind']}/{doc['metadata']['name']} on {version}: {error}"
@@ -187,6 +194,9 @@ def _all_proxy_images() -> list[str]:
     for pod in _workloads().values():
         images += [_sidecar(pod)["image"], *(c["image"] for c in _iptables_inits(pod))]
     images.append(_ecs_container("sigv4proxy")["image"])
+    for doc in eks_documents(LOADTEST)["locust.yaml"]:
+        if doc["kind"] == "Deployment":
+            images.append(_sidecar(doc["spec"]["template"]["spec"])["image"])
     return images
 
 
