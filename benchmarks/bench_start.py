@@ -25,7 +25,8 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench_procs import LOOPBACK, ManagedProcess, free_port, port_is_listening, tree_rss_kib
+from bench_procs import (CLK_TCK, LOOPBACK, ManagedProcess, TreeSampler, free_port, port_is_listening,
+                         tree_rss_kib)
 
 ROOT = Path(__file__).resolve().parent.parent
 # Fixed keys: the start needs credentials, and nothing is signed for anyone; not secrets.
@@ -48,6 +49,7 @@ MIB = 1024
 class StartRow:
     name: str
     ready_s: list[float] = field(default_factory=list)  # process start to ready, each run
+    cpu_s: list[float] = field(default_factory=list)  # CPU the process tree used until ready
     run_to_ready_s: list[float] = field(default_factory=list)  # containers: `docker run` to ready
     rss_kib: dict[str, int] = field(default_factory=dict)  # role -> RSS (largest of that role)
     problem: str = ""
@@ -59,8 +61,8 @@ class StartRow:
         rss = ", ".join(f"{role} {kib / MIB:.1f}" for role, kib in self.rss_kib.items()) or "–"
         spread = (f"{min(self.ready_s):.3f}–{max(self.ready_s):.3f}" if self.ready_s else "–")
         if self.problem:
-            return f"| {self.name} | FAILED: {self.problem} | | | |"
-        return (f"| {self.name} | {self.median(self.ready_s)} | {spread} | "
+            return f"| {self.name} | FAILED: {self.problem} | | | | |"
+        return (f"| {self.name} | {self.median(self.ready_s)} | {spread} | {self.median(self.cpu_s)} | "
                 f"{self.median(self.run_to_ready_s)} | {rss} |")
 
 
@@ -87,6 +89,10 @@ def wait_ready(ready, alive, timeout_s: float = READY_TIMEOUT_S) -> float:
     raise RuntimeError(f"not ready after {timeout_s:.0f} s")
 
 
+def tree_cpu_s(root_pid: int) -> float:
+    return sum(TreeSampler(root_pid).snapshot_ticks().values()) / CLK_TCK
+
+
 def roles(rss: dict[int, int], root_pid: int, workers: int) -> dict[str, int]:
     """One worker: the process itself. Several: the supervisor (root) and the fullest worker."""
     if workers == 1:
@@ -110,6 +116,7 @@ def measure_process(name: str, argv: list[str], workers: int, runs: int, logs: P
             probe = (lambda: readyz_ok(admin_port)) if readiness == "readyz" else (
                 lambda: port_is_listening(port, timeout=0.2))
             row.ready_s.append(wait_ready(probe, proc.alive) - started)
+            row.cpu_s.append(tree_cpu_s(proc.pid))
             if run == runs - 1:
                 time.sleep(SETTLE_S)
                 rss = tree_rss_kib(proc.pid)
@@ -161,6 +168,7 @@ def measure_image(image: str, workers: int, runs: int, docker: list[str]) -> Sta
                                   capture_output=True, text=True, check=True, timeout=30).stdout.split()
             ready_wall = wall + (ready - started)
             row.ready_s.append(ready_wall - _docker_time(info[0]))
+            row.cpu_s.append(tree_cpu_s(int(info[1])))
             if run == runs - 1:
                 time.sleep(SETTLE_S)
                 pid = int(info[1])
@@ -176,11 +184,12 @@ def measure_image(image: str, workers: int, runs: int, docker: list[str]) -> Sta
 
 
 def markdown(rows: list[StartRow], runs: int) -> str:
-    lines = ["| what | start to ready, s (median) | range | `docker run` to ready, s | idle RSS, MiB |",
-             "|---|---|---|---|---|", *(r.markdown() for r in rows)]
+    lines = ["| what | start to ready, s (median) | range | CPU to ready, s | `docker run` to ready, s "
+             "| idle RSS, MiB |", "|---|---|---|---|---|---|", *(r.markdown() for r in rows)]
     return ("\n".join(lines) + f"\n\n{runs} runs each on {os.cpu_count()} CPUs; ready is /readyz "
             "200 for sigv4proxy (credentials loaded, listener up) and accepting connections for a "
-            "peer; RSS is read 1 s after the last run was ready.")
+            "peer; CPU is the process tree's user + system time at that moment (what a busy "
+            "machine cannot stretch); RSS is read 1 s after the last run was ready.")
 
 
 def sigv4proxy_command() -> list[str]:
@@ -188,8 +197,9 @@ def sigv4proxy_command() -> list[str]:
     return [str(beside)] if beside.exists() else [shutil.which("sigv4proxy") or "sigv4proxy"]
 
 
-def host_rows(runs: int, logs: Path, peers: list[tuple[str, str]]) -> list[StartRow]:
-    serve = [*sigv4proxy_command(), "serve", "--listen", f"{LOOPBACK}:{{port}}",
+def host_rows(runs: int, logs: Path, peers: list[tuple[str, str]],
+              command: list[str] | None = None) -> list[StartRow]:
+    serve = [*(command or sigv4proxy_command()), "serve", "--listen", f"{LOOPBACK}:{{port}}",
              "--admin", f"{LOOPBACK}:{{admin_port}}"]
     rows = [measure_process("process, 1 worker", serve, 1, runs, logs),
             measure_process("process, 2 workers", [*serve, "--workers", "2"], 2, runs, logs)]
@@ -208,6 +218,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--image", help="measure this image in containers instead of processes")
     parser.add_argument("--docker", default="docker", help="the engine's client")
+    parser.add_argument("--command", help="the sigv4proxy command to measure (default: beside this "
+                                          "interpreter), e.g. 'env PYTHONPATH=/old python -m sigv4proxy'")
     parser.add_argument("--peer", action="append", default=[],
                         help="another sidecar's command (shell) with {port}; ready when it accepts")
     parser.add_argument("--peer-name", action="append", default=[])
@@ -219,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.image:
         rows = image_rows(args.image, args.runs, args.docker.split())
     else:
-        rows = host_rows(args.runs, out / "logs", peers)
+        rows = host_rows(args.runs, out / "logs", peers, args.command.split() if args.command else None)
     table = markdown(rows, args.runs)
     out.mkdir(parents=True, exist_ok=True)
     (out / ("start-image.md" if args.image else "start.md")).write_text(table + "\n")
