@@ -120,7 +120,7 @@ def running_engine(start_timeout: float = 60.0) -> Iterator[Engine]:
         while not engine.reachable():
             if proc.poll() is not None or time.monotonic() > deadline:
                 tail = engine.log.read_text(errors="replace")[-800:]
-                raise ImageError(f"dockerd did not start: {tail}")
+                raise EngineUnavailable(f"dockerd did not start here: {tail}")
             time.sleep(0.2)
         yield engine
     finally:
