@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-dev
 
-.PHONY: venv test run bench bench-quick bench-sign loadtest soak fuzz clean
+.PHONY: venv test run image bench bench-quick bench-start bench-sign loadtest soak fuzz clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -23,6 +23,14 @@ test: $(STAMP)
 run: $(STAMP)
 	$(BIN)/sigv4proxy demo
 
+# The container image, tagged sigv4proxy:latest and :VERSION, with a real engine (started here as
+# root when none runs, stopped after); then its size and start-up in containers. The base is the
+# official Python image when it can be pulled, else one made from Debian packages
+# (scripts/make-base.sh); PYTHON_IMAGE=... picks one. Cold here: about 2 minutes; warm: seconds.
+image: $(STAMP)
+	sh scripts/ci-deps.sh
+	$(BIN)/python scripts/image.py $(IMAGE_ARGS)
+
 bench-sign: $(STAMP)
 	$(BIN)/python benchmarks/bench_sign.py
 	$(BIN)/python benchmarks/bench_metrics.py
@@ -36,14 +44,21 @@ bench: $(STAMP)
 	$(BIN)/python -c "import matplotlib" 2>/dev/null || $(BIN)/pip install -q -e '.[bench]'
 	$(BIN)/python benchmarks/bench.py $(BENCH_ARGS)
 
+# Start to /readyz and idle RSS, 1 and 2 workers (make bench runs it too): bench-results/start.md.
+bench-start: $(STAMP)
+	$(BIN)/python benchmarks/bench_start.py $(BENCH_START_ARGS)
+
 bench-quick: $(STAMP)
 	$(BIN)/python -c "import matplotlib" 2>/dev/null || $(BIN)/pip install -q -e '.[bench]'
 	$(BIN)/python benchmarks/bench.py --quick $(BENCH_ARGS)
 
 # Headless locust for a bounded time against SIGV4PROXY_TARGET (default: the demo, started here
-# when nothing listens): CSV and HTML reports in loadtest-results/.
+# when nothing listens): CSV and HTML reports in loadtest-results/. WORKERS=N runs locust's
+# distributed mode here (a master and N worker processes, one merged report); for a cluster,
+# config/loadtest/locust.yaml.
+WORKERS ?= 0
 loadtest: $(STAMP)
-	$(BIN)/python loadtests/locustfile.py $(LOADTEST_ARGS)
+	$(BIN)/python loadtests/locustfile.py --workers $(WORKERS) $(LOADTEST_ARGS)
 
 # Soak: mixed traffic through a proxy process with rotating credentials and injected GOAWAYs;
 # fails on unexplained errors, RSS growth >= 10 % or fd growth. SOAK_SECONDS shortens it.

@@ -32,6 +32,8 @@ from bench_parse import ParseError, cpu_us_per_request
 from bench_procs import (HarnessError, ManagedProcess, TreeSampler, free_port, http_probe,
                          port_is_free, port_is_listening, run_bounded, wait_until)
 from bench_report import Row, compute_ratios, markdown_table, peer_table, write_chart, write_json
+from bench_start import START_RUNS_IN_BENCH, StartRow, host_rows
+from bench_start import markdown as start_markdown
 from bench_upstream import Upstream, ensure_debian_packages, start_upstream
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -120,7 +122,8 @@ def build_targets(args: argparse.Namespace, upstream: Upstream, have_h2load: boo
     return targets
 
 
-def fill_placeholders(argv: list[str], port: int, admin_port: int, upstream: Upstream) -> list[str]:
+def fill_placeholders(argv: list[str], port: int | str, admin_port: int | str,
+                      upstream: Upstream) -> list[str]:
     values = {"port": port, "admin_port": admin_port, "upstream": upstream.h1_url,
               "upstream_h2c": upstream.h2c_url, "upstream_host": "127.0.0.1",
               "upstream_port": upstream.h1_port, "upstream_h2c_port": upstream.h2c_port,
@@ -171,6 +174,7 @@ class Bench:
         self.files = LoadFiles(workdir / "load")
         self.workdir = workdir
         self.rows: list[Row] = []
+        self.start_rows: list[StartRow] = []
 
     def out_of_time(self) -> bool:
         per_run = self.duration + self.warmup + 1.5
@@ -267,6 +271,13 @@ class Bench:
         have_h2load = ensure_debian_packages("h2load", ["nghttp2-client"], not args.no_install)
         upstream = start_upstream(self.workdir, not args.no_install, args.fallback_upstream)
         try:
+            # Start-up first (bench_start.py alone: `make bench-start`): peers with every
+            # placeholder filled but the ports, which each start run picks afresh.
+            names = args.peer_name or []
+            peers = [(names[i] if i < len(names) else f"peer{i + 1}",
+                      fill_placeholders([command], "{port}", "{admin_port}", upstream)[0])
+                     for i, command in enumerate(args.peer or [])]
+            self.start_rows = host_rows(START_RUNS_IN_BENCH, Path(args.out) / "logs", peers)
             targets = build_targets(args, upstream, have_h2load)
             self.run_targets(targets, upstream)
         finally:
@@ -292,6 +303,8 @@ class Bench:
         versus = peer_table(self.rows)
         if versus:
             table += "\n\n" + versus
+        if self.start_rows:
+            table += "\n\n## Start-up\n\n" + start_markdown(self.start_rows, START_RUNS_IN_BENCH)
         (out / "bench.md").write_text(f"# {title}\n\n{table}\n\n{notes}\n")
         meta = {"mode": mode, "upstream": upstream_kind, "duration_s": self.duration,
                 "warmup_s": self.warmup, "cpus": os.cpu_count(), "host_header": LATTICE_HOST,
@@ -303,7 +316,7 @@ class Bench:
         print(f"\nbench: wrote {out}/bench.md, bench.json" +
               (f"; no chart: {chart_problem}" if chart_problem else ", bench.png"), file=sys.stderr)
         failed = [r for r in self.rows if not r.valid and not r.problem.startswith("skipped")]
-        return 1 if failed else 0
+        return 1 if failed or any(r.problem for r in self.start_rows) else 0
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

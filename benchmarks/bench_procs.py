@@ -170,6 +170,18 @@ def _read_all_stats() -> list[ProcStat]:
     return stats
 
 
+def tree_rss_kib(root_pid: int) -> dict[int, int]:
+    """Current RSS (KiB) of `root_pid` and every descendant, by pid."""
+    stats = _read_all_stats()
+    rss = {}
+    for pid in tree_members(stats, root_pid):
+        try:
+            rss[pid] = parse_proc_status_memory(Path(f"/proc/{pid}/status").read_text())[0]
+        except OSError:
+            continue  # exited while we looked
+    return rss
+
+
 class TreeSampler:
     """Samples a process tree's CPU ticks and memory every `interval_s` in a background thread."""
 

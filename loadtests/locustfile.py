@@ -7,6 +7,9 @@ time limit, the ramp ends by itself) and never leave the demo running.
 
 Locust (any options):   locust -f loadtests/locustfile.py --host http://127.0.0.1:8080
 Bounded headless run:   python loadtests/locustfile.py [--ramp] [--users 20] [--run-time 30s]
+Distributed (locust's master and N worker processes on this machine; the master merges their
+stats into one report):  python loadtests/locustfile.py --workers N ...
+For a cluster, config/loadtest/locust.yaml runs the same file as a master and worker pods.
 
 Environment:
   SIGV4PROXY_TARGET       base URL (default http://127.0.0.1:8080, `make run`'s demo proxy)
@@ -172,6 +175,23 @@ def start_demo(bin_dir: Path, log_path: Path) -> subprocess.Popen:
     raise SystemExit(f"loadtest: the demo was not ready on {DEMO_READYZ} within 30 s (see {log_path})")
 
 
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def distributed_argv(locust: list[str], workers: int) -> tuple[list[str], list[list[str]]]:
+    """(master's extra flags, each worker's command) for locust's distributed mode on loopback:
+    the master waits for every worker (30 s at most), spreads the users over them and merges
+    their stats into its reports; workers quit when the master ends the run."""
+    port = free_port()
+    master = ["--master", "--master-bind-host", "127.0.0.1", "--master-bind-port", str(port),
+              "--expect-workers", str(workers), "--expect-workers-max-wait", "30"]
+    worker = [*locust[:3], "--worker", "--master-host", "127.0.0.1", "--master-port", str(port)]
+    return master, [worker] * workers
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="bounded headless locust run against the sidecar")
     parser.add_argument("--target", default=TARGET, help="base URL (env SIGV4PROXY_TARGET)")
@@ -179,6 +199,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--spawn-rate", type=float, default=10)
     parser.add_argument("--run-time", default="30s", help="locust duration, e.g. 30s, 2m")
     parser.add_argument("--ramp", action="store_true", help="use RampShape (its own duration)")
+    parser.add_argument("--workers", type=int, default=0,
+                        help="locust worker processes under a master (0: one process, no master)")
     parser.add_argument("--out", default=str(ROOT / "loadtest-results"))
     args, extra = parser.parse_known_args(argv)
     out = Path(args.out)
@@ -201,9 +223,11 @@ def main(argv: list[str] | None = None) -> int:
               "--only-summary", "--stop-timeout", "5"]
     if not args.ramp:
         locust += ["-u", str(args.users), "-r", str(args.spawn_rate), "-t", args.run_time]
-    proc = subprocess.Popen(locust + extra, env=env, start_new_session=True)
+    master_flags, worker_argvs = distributed_argv(locust, args.workers) if args.workers > 0 else ([], [])
+    proc = subprocess.Popen(locust + master_flags + extra, env=env, start_new_session=True)
+    workers = [subprocess.Popen(w, env=env, start_new_session=True) for w in worker_argvs]
     try:
-        return proc.wait(timeout=bound_s + 60)
+        return proc.wait(timeout=bound_s + 60 + (30 if workers else 0))
     except subprocess.TimeoutExpired:
         print("loadtest: locust overran its time bound and was stopped", file=sys.stderr)
         return 1
@@ -212,6 +236,11 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if proc.poll() is None:
             stop_group(proc, signal.SIGINT)  # SIGINT: locust still writes its reports
+        for worker in workers:  # they quit when the master does; any left are stopped
+            try:
+                worker.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                stop_group(worker)
         if demo is not None:
             stop_group(demo)
         print(f"loadtest: reports in {out}/ (sigv4proxy_*.csv, report.html)", file=sys.stderr)

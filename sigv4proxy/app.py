@@ -38,10 +38,7 @@ METRICS_INTERVAL = 0.5
 
 
 def credentials_from_config(config: ProxyConfig) -> CredentialStore:
-    return CredentialStore.from_botocore(
-        profile=config.profile, role_arn=config.role_arn, role_session_name=config.role_session_name,
-        external_id=config.external_id, duration_seconds=config.role_duration, region=config.region,
-    )
+    return CredentialStore.from_config(config)
 
 
 def pool_from_config(config: ProxyConfig, origin_timeouts: Mapping[Origin, Timeouts] | None = None,

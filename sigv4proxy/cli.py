@@ -1,7 +1,9 @@
 """The `sigv4proxy` command line: one subcommand per module.
 
 Owns: argument dispatch only. Each command module exposes `register(subparsers)`, which adds its
-parser and sets `func` (called with the parsed args; its return value is the exit code).
+parser and sets `func` (called with the parsed args; its return value is the exit code). A
+command line that names a command imports only that command's module: `serve` starting in a pod
+does not pay for the simulator's or `call`'s imports.
 """
 
 from __future__ import annotations
@@ -10,20 +12,25 @@ import argparse
 import importlib
 import sys
 
-# Modules that provide subcommands; each has register(subparsers).
-COMMAND_MODULES: tuple[str, ...] = (
-    "sigv4proxy.serve",
-    "sigv4proxy.call",
-    "sigv4proxy.demo",
-    "sigv4proxy.iptables",
-    "sigv4proxy.sim.cli",
-)
+# Each command and the module whose register(subparsers) adds it (tests/test_cli.py checks this
+# against what the modules register).
+COMMANDS: dict[str, str] = {
+    "serve": "sigv4proxy.serve",
+    "check-config": "sigv4proxy.serve",
+    "call": "sigv4proxy.call",
+    "demo": "sigv4proxy.demo",
+    "iptables": "sigv4proxy.iptables",
+    "sim": "sigv4proxy.sim.cli",
+    "policy": "sigv4proxy.sim.cli",
+}
+COMMAND_MODULES: tuple[str, ...] = tuple(dict.fromkeys(COMMANDS.values()))
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """Every command's parser, or (`command` known) only its module's."""
     parser = argparse.ArgumentParser(prog="sigv4proxy", description=__doc__.splitlines()[0])
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in COMMAND_MODULES:
+    for name in (COMMANDS[command],) if command in COMMANDS else COMMAND_MODULES:
         importlib.import_module(name).register(subparsers)
     return parser
 
@@ -37,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
         from sigv4proxy import serve
 
         return serve.run_with_flags(compat.translate(argv))
-    parser = build_parser()
+    parser = build_parser(argv[0] if argv else None)
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()

@@ -18,11 +18,13 @@ import logging
 import random
 import time
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from sigv4proxy.credential_sources import (  # re-exported: the store's public companions
     THIRD_PARTY_LOGGERS,
     BotocoreProvider,
+    ChainSettings,
+    ChildProcessProvider,
     CredentialFetchError,
     CredentialProvider,
     StaticProvider,
@@ -36,6 +38,9 @@ from sigv4proxy.signing import Credentials
 __all__ = ["THIRD_PARTY_LOGGERS", "BotocoreProvider", "CredentialFetchError", "CredentialProvider",
            "CredentialStore", "RefreshPolicy", "StaticProvider", "checked_credentials", "key_hint",
            "quiet_third_party_loggers"]
+
+if TYPE_CHECKING:
+    from sigv4proxy.config import ProxyConfig
 
 log = logging.getLogger(__name__)
 
@@ -126,18 +131,35 @@ class CredentialStore:
         duration_seconds: int = 3600,
         region: str | None = None,
         sts_endpoint_url: str | None = None,
+        in_child_process: bool = False,
         **kw: Any,
     ) -> "CredentialStore":
         """A store over botocore's default chain, with an optional AssumeRole on top.
 
-        `kw` goes to the constructor (`clock`, `refresh_policy`).
+        `in_child_process`: each fetch in a child interpreter, the first one started now
+        (`serve`: the worker never imports botocore). `kw` goes to the constructor (`clock`,
+        `refresh_policy`).
         """
-        provider = BotocoreProvider(
+        settings = ChainSettings(
             profile=profile, region=region, role_arn=role_arn, role_session_name=role_session_name,
             external_id=external_id, duration_seconds=duration_seconds,
             sts_endpoint_url=sts_endpoint_url,
         )
+        inner = settings.provider()  # checks the settings; imports no botocore
+        if not in_child_process:
+            return cls(inner, **kw)
+        provider = ChildProcessProvider(settings)
+        provider.begin()
         return cls(provider, **kw)
+
+    @classmethod
+    def from_config(cls, config: "ProxyConfig", *, in_child_process: bool = False) -> "CredentialStore":
+        """The store `serve` and `call` use: the chain with the config's profile and AssumeRole."""
+        return cls.from_botocore(
+            profile=config.profile, role_arn=config.role_arn, role_session_name=config.role_session_name,
+            external_id=config.external_id, duration_seconds=config.role_duration, region=config.region,
+            in_child_process=in_child_process,
+        )
 
     @classmethod
     def static(
@@ -214,6 +236,9 @@ class CredentialStore:
                 pass
         if self._executor is not None:
             self._executor.shutdown(wait=False, cancel_futures=True)
+        close = getattr(self._provider, "close", None)  # a child process still fetching
+        if close is not None:
+            close()
 
     # --- refreshing ---
     def _next_delay(self) -> float | None:

@@ -2,7 +2,8 @@
 
 Owns: spawning workers (each its own event loop and upstream pool), restarting a crashed one
 (logged, with backoff), forwarding SIGTERM/SIGINT for a graceful drain, and the shared
-prometheus multiprocess directory. Must never: leave a worker running after it exits.
+prometheus multiprocess directory. Must never: leave a worker running after it exits, or import
+the data plane (the supervisor stays a few MiB; prometheus-client only once a worker died).
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ import tempfile
 import time
 
 from sigv4proxy.config import ProxyConfig
-from sigv4proxy.metrics import mark_process_dead
 
 log = logging.getLogger("sigv4proxy.workers")
 RESTART_BACKOFF_MAX = 10.0
@@ -49,6 +49,8 @@ def supervise(config: ProxyConfig, argv: list[str]) -> int:
                 code = proc.poll()
                 if code is None or stopping:
                     continue
+                from sigv4proxy.metrics import mark_process_dead
+
                 mark_process_dead(proc.pid)
                 log.error("worker exited; restarting", extra={"worker": index, "pid": proc.pid, "exit_code": code})
                 time.sleep(backoff[index])

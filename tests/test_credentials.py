@@ -7,6 +7,9 @@ from __future__ import annotations
 import asyncio
 import datetime
 import logging
+import os
+import subprocess
+import sys
 import threading
 import time
 from typing import Callable
@@ -17,6 +20,8 @@ from hypothesis import strategies as st
 
 from sigv4proxy.credentials import (
     BotocoreProvider,
+    ChainSettings,
+    ChildProcessProvider,
     CredentialFetchError,
     CredentialStore,
     RefreshPolicy,
@@ -533,3 +538,52 @@ async def test_irsa_web_identity_chain_against_local_sts(aws_env, stores, local_
     if expiration.tzinfo is None:
         expiration = expiration.replace(tzinfo=datetime.timezone.utc)
     assert store.expiry == pytest.approx(expiration.timestamp(), abs=1)
+
+
+# --- botocore's chain in a child process (what `serve` uses) ---
+
+async def test_child_process_fetch_resolves_the_chain(aws_env, creds_server):
+    creds_server.apply_env(aws_env)  # the child inherits this environment
+    provider = ChildProcessProvider(ChainSettings(region="us-west-2"))
+    creds = await asyncio.to_thread(provider.fetch)
+    assert creds_server.is_issued(creds.access_key) and creds_server.fetches == 1
+    assert creds.secret_key and creds.token and creds.expiry == pytest.approx(time.time() + 6, abs=3)
+
+
+async def test_child_process_failures_are_safe_reasons(aws_env, creds_server):
+    provider = ChildProcessProvider(ChainSettings())
+    with pytest.raises(CredentialFetchError, match=r"^no credentials in the default chain$"):
+        await asyncio.to_thread(provider.fetch)  # nothing in the isolated environment
+    creds_server.apply_env(aws_env)
+    creds_server.mode = GARBAGE
+    with pytest.raises(CredentialFetchError) as caught:
+        await asyncio.to_thread(provider.fetch)
+    assert caught.value.args[0].startswith("credential chain failed (")  # a type, never the body
+
+
+async def test_child_process_timeout_and_close_end_the_child(aws_env, creds_server):
+    creds_server.apply_env(aws_env)
+    creds_server.slow_seconds = 5.0
+    slow = ChildProcessProvider(ChainSettings(), timeout=1.0)
+    began = time.monotonic()
+    with pytest.raises(CredentialFetchError, match="timed out after 1s"):
+        await asyncio.to_thread(slow.fetch)
+    assert time.monotonic() - began < 4
+    closing = ChildProcessProvider(ChainSettings())
+    closing.begin()
+    child = closing._child
+    closing.close()  # as CredentialStore.aclose does while a fetch runs
+    assert child.wait(timeout=5) != 0
+
+
+def test_a_serving_store_never_imports_botocore(tmp_path):
+    """`serve`'s store (in_child_process) is ready with no botocore in the serving process."""
+    code = ("import asyncio, sys; from sigv4proxy.credentials import CredentialStore; "
+            "store = CredentialStore.from_botocore(in_child_process=True); asyncio.run(store.start()); "
+            "print(store.ready()[0], store.snapshot().access_key, 'botocore' in sys.modules)")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    env.update(AWS_ACCESS_KEY_ID="AKIDCHILDPROCESS0001", AWS_SECRET_ACCESS_KEY="child-secret",
+               AWS_EC2_METADATA_DISABLED="true", AWS_CONFIG_FILE=str(tmp_path / "none"),
+               AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "none"))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
+    assert out.stdout.split() == ["True", "AKIDCHILDPROCESS0001", "False"], out.stderr[-2000:]

@@ -1,11 +1,17 @@
-"""The EKS and ECS manifests agree with each other, with the Dockerfile and with the code: one
-pinned image, ports 8080/9901, uid 101, probe paths, the iptables init step, drain times and the
-serve flags, env and config keys they use."""
+"""The EKS and ECS manifests: valid against the real schemas (Kubernetes' OpenAPI schemas of every
+minor version from 1.29 to the newest that kubernetes-validate ships, strict: no unknown field;
+ECS's RegisterTaskDefinition input model in botocore, with botocore's own parameter validator),
+and in agreement with each other, with the Dockerfile and with the code: one pinned image, ports
+8080/9901, uid 101, probe paths, the iptables init step, drain times and the serve flags, env and
+config keys they use."""
 
 from __future__ import annotations
 
+import copy
+import ipaddress
 import json
 import os
+import pathlib
 import re
 import shlex
 import subprocess
@@ -23,6 +29,7 @@ from support.deploy_files import (
     exec_form,
     final,
     flag,
+    flags,
     healthcheck_argv,
     hostport,
     listens,
@@ -30,17 +37,23 @@ from support.deploy_files import (
 
 EKS = ROOT / "config" / "eks"
 ECS = ROOT / "config" / "ecs"
+LOADTEST = ROOT / "config" / "loadtest"  # locust's master and workers for a cluster run
 DEFAULT_DRAIN_TIMEOUT = 20.0
 
 
 # --- the manifests ---
 
-def eks_documents() -> dict[str, list[dict]]:
+def eks_documents(directory: pathlib.Path = EKS) -> dict[str, list[dict]]:
     docs = {}
-    for path in sorted(EKS.glob("*.yaml")):
+    for path in sorted(directory.glob("*.yaml")):
         with path.open() as fh:
             docs[path.name] = [d for d in yaml.safe_load_all(fh) if d is not None]
     return docs
+
+
+def kubernetes_documents() -> dict[str, list[dict]]:
+    """Every Kubernetes manifest we ship: config/eks and config/loadtest."""
+    return {f"{d.name}/{name}": docs for d in (EKS, LOADTEST) for name, docs in eks_documents(d).items()}
 
 
 def ecs_task() -> dict:
@@ -63,10 +76,20 @@ def _sidecar(pod: dict) -> dict:
     return native[0]
 
 
-def _iptables_init(pod: dict) -> dict:
+def _iptables_inits(pod: dict) -> list[dict]:
+    """The init containers that run `sigv4proxy iptables` (one, or one per address family)."""
     inits = [c for c in pod.get("initContainers", []) if (c.get("args") or [None])[0] == "iptables"]
-    assert len(inits) == 1
-    return inits[0]
+    assert inits, "no iptables init container"
+    return inits
+
+
+def _loopback_listens(argv: list[str]) -> None:
+    """Every --listen is the proxy port on a loopback address (127.0.0.1, [::1], ...)."""
+    listens = flags(argv, "--listen")
+    assert listens, "no --listen"
+    for value in listens:
+        host, port = hostport(value)
+        assert ipaddress.ip_address(host.strip("[]")).is_loopback and port == PROXY_PORT, value
 
 
 def _configmap() -> dict:
@@ -83,16 +106,85 @@ def _drain_timeout(env: dict[str, str]) -> float:
                                                                              DEFAULT_DRAIN_TIMEOUT)))
 
 
-def test_every_manifest_parses_with_required_fields():
+# --- the real schemas ---
+
+MIN_KUBERNETES = (1, 29)  # native sidecars (init containers with restartPolicy: Always) are beta
+
+
+def kubernetes_versions() -> list[str]:
+    """Every minor version from 1.29 to the newest whose schemas kubernetes-validate ships."""
+    from kubernetes_validate.utils import all_versions
+
+    minors = {tuple(int(p) for p in v.split(".")[:2]) for v in all_versions()}
+    return [f"{major}.{minor}" for major, minor in sorted(minors) if (major, minor) >= MIN_KUBERNETES]
+
+
+def kubernetes_errors(doc: dict, version: str) -> str | None:
+    import kubernetes_validate
+
+    try:
+        kubernetes_validate.validate(doc, version, strict=True)
+    except (kubernetes_validate.ValidationError, kubernetes_validate.SchemaNotFoundError) as exc:
+        return f"{getattr(exc, 'message', exc)}"
+    return None
+
+
+def test_kubernetes_schemas_cover_1_29_to_the_newest():
+    versions = kubernetes_versions()
+    assert versions[0] == "1.29" and len(versions) >= 2, versions
+
+
+@pytest.mark.parametrize("version", kubernetes_versions())
+def test_eks_manifests_valid_against_kubernetes_schemas(version):
+    for name, docs in kubernetes_documents().items():
+        for doc in docs:
+            error = kubernetes_errors(doc, version)
+            assert error is None, f"{name} {doc['kind']}/{doc['metadata']['name']} on {version}: {error}"
+
+
+def test_schema_validation_catches_a_typo_and_a_wrong_type():
+    """The validation is not vacuous: a misspelt field and a string port fail on every version."""
+    (deployment,) = [d for d in eks_documents()["deployment.yaml"] if d["kind"] == "Deployment"]
+    typo, wrong_type = copy.deepcopy(deployment), copy.deepcopy(deployment)
+    _sidecar(typo["spec"]["template"]["spec"])["readinesProbe"] = {"httpGet": {"path": "/readyz", "port": 9901}}
+    _sidecar(wrong_type["spec"]["template"]["spec"])["ports"][0]["containerPort"] = "8080"
+    for version in kubernetes_versions():
+        assert kubernetes_errors(typo, version), version
+        assert kubernetes_errors(wrong_type, version), version
+
+
+def ecs_errors(task: dict) -> str:
+    import botocore.session
+    import botocore.validate
+
+    model = botocore.session.get_session().get_service_model("ecs")
+    shape = model.operation_model("RegisterTaskDefinition").input_shape
+    report = botocore.validate.ParamValidator().validate(task, shape)
+    return report.generate_report() if report.has_errors() else ""
+
+
+def test_ecs_task_definition_valid_against_botocores_model():
+    assert ecs_errors(ecs_task()) == ""
+
+
+def test_ecs_validation_catches_an_unknown_key_and_a_wrong_type():
+    unknown, wrong_type = ecs_task(), ecs_task()
+    unknown["containerDefinitions"][0]["healthcheck"] = unknown["containerDefinitions"][0]["healthCheck"]
+    wrong_type["containerDefinitions"][0]["portMappings"][0]["containerPort"] = "8080"
+    assert "Unknown parameter" in ecs_errors(unknown)
+    assert "Invalid type" in ecs_errors(wrong_type)
+
+
+# --- what the schemas cannot say: the files agree ---
+
+def test_every_manifest_is_there_with_the_task_shape_we_ship():
     docs = eks_documents()
     assert {"deployment.yaml", "job.yaml", "configmap.yaml"} <= set(docs)
     for name, items in docs.items():
         assert items, f"{name} is empty"
-        for doc in items:
-            assert doc.get("apiVersion") and doc.get("kind") and doc["metadata"].get("name"), name
     assert set(_workloads()) == {"deployment.yaml:Deployment", "job.yaml:Job"}
     task = ecs_task()
-    for key in ("family", "containerDefinitions", "taskRoleArn", "networkMode", "requiresCompatibilities"):
+    for key in ("taskRoleArn", "networkMode", "requiresCompatibilities"):  # optional in the model
         assert task.get(key), key
     assert re.fullmatch(r"arn:aws:iam::\d{12}:role/[\w+=,.@-]+", task["taskRoleArn"])
     assert task["networkMode"] == "awsvpc" and "FARGATE" in task["requiresCompatibilities"]
@@ -101,8 +193,11 @@ def test_every_manifest_parses_with_required_fields():
 def _all_proxy_images() -> list[str]:
     images = []
     for pod in _workloads().values():
-        images += [_sidecar(pod)["image"], _iptables_init(pod)["image"]]
+        images += [_sidecar(pod)["image"], *(c["image"] for c in _iptables_inits(pod))]
     images.append(_ecs_container("sigv4proxy")["image"])
+    for doc in eks_documents(LOADTEST)["locust.yaml"]:
+        if doc["kind"] == "Deployment":
+            images.append(_sidecar(doc["spec"]["template"]["spec"])["image"])
     return images
 
 
@@ -119,17 +214,18 @@ def test_one_pinned_image_matching_the_package_version():
 def test_pod_shape(workload):
     pod = _workloads()[workload]
     inits = pod["initContainers"]
-    iptables, sidecar = _iptables_init(pod), _sidecar(pod)
-    assert inits.index(iptables) < inits.index(sidecar), "redirect must exist before the proxy starts"
+    sidecar = _sidecar(pod)
     assert pod.get("serviceAccountName")
 
     # iptables init: root with NET_ADMIN, rules pointing at the proxy's port and uid.
-    assert iptables["args"][:2] == ["iptables", "--apply"]
-    assert "restartPolicy" not in iptables
-    assert iptables["securityContext"]["runAsUser"] == 0
-    assert "NET_ADMIN" in iptables["securityContext"]["capabilities"]["add"]
-    assert int(flag(iptables["args"], "--proxy-port", "8080")) == PROXY_PORT
-    assert int(flag(iptables["args"], "--proxy-uid", "101")) == PROXY_UID
+    for iptables in _iptables_inits(pod):
+        assert inits.index(iptables) < inits.index(sidecar), "redirect must exist before the proxy starts"
+        assert iptables["args"][:2] == ["iptables", "--apply"]
+        assert "restartPolicy" not in iptables
+        assert iptables["securityContext"]["runAsUser"] == 0
+        assert "NET_ADMIN" in iptables["securityContext"]["capabilities"]["add"]
+        assert int(flag(iptables["args"], "--proxy-port", "8080")) == PROXY_PORT
+        assert int(flag(iptables["args"], "--proxy-uid", "101")) == PROXY_UID
 
     # sidecar: uid 101, locked down, loopback proxy, admin for probes, transparent mode.
     sc = sidecar["securityContext"]
@@ -140,6 +236,7 @@ def test_pod_shape(workload):
         assert {"cpu", "memory"} <= set(sidecar["resources"][kind])
     args = sidecar["args"]
     assert args[0] == "serve" and "--transparent" in args
+    _loopback_listens(args)
     assert listens(args) == [("127.0.0.1", PROXY_PORT), ("[::1]", PROXY_PORT)]  # where REDIRECT lands
     assert hostport(flag(args, "--admin")) == ("0.0.0.0", ADMIN_PORT)
     ports = {p["name"]: p["containerPort"] for p in sidecar["ports"]}
@@ -176,7 +273,8 @@ def test_pod_shape(workload):
 @pytest.mark.parametrize("workload", ["deployment.yaml:Deployment", "job.yaml:Job"])
 def test_the_init_step_redirects_both_lattice_ranges_to_the_proxy(workload):
     # What its arguments print without --apply: both families, into the port the sidecar listens on.
-    argv = [a for a in _iptables_init(_workloads()[workload])["args"] if a != "--apply"]
+    (init,) = _iptables_inits(_workloads()[workload])
+    argv = [a for a in init["args"] if a != "--apply"]
     script = subprocess.run([sys.executable, "-m", "sigv4proxy", *argv], capture_output=True, text=True, timeout=60)
     assert script.returncode == 0, script.stderr
     for tool, cidr in (("iptables", "169.254.171.0/24"), ("ip6tables", "fd00:ec2:80::/64")):
@@ -214,6 +312,7 @@ def test_ecs_task_definition():
     assert proxy["healthCheck"]["command"] == ["CMD", *healthcheck_argv()]
     command = proxy["command"]
     assert command[0] == "serve"
+    _loopback_listens(command)
     assert listens(command) == [("127.0.0.1", PROXY_PORT), ("[::1]", PROXY_PORT)]
     assert hostport(flag(command, "--admin"))[1] == ADMIN_PORT
     env = {e["name"]: e["value"] for e in proxy["environment"]}

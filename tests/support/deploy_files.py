@@ -94,3 +94,8 @@ def flag(argv: list[str], name: str, default: str | None = None) -> str | None:
     if name in argv:
         return argv[argv.index(name) + 1]
     return default
+
+
+def flags(argv: list[str], name: str) -> list[str]:
+    """Every value of a repeatable flag (`--listen A --listen B`), in order."""
+    return [argv[i + 1] for i, arg in enumerate(argv[:-1]) if arg == name]

@@ -13,3 +13,15 @@ async def eventually(predicate: Callable[[], bool], timeout: float = 5.0, interv
             return True
         await asyncio.sleep(interval)
     return predicate()
+
+
+def eventually_sync(predicate: Callable[[], bool], timeout: float = 5.0, interval: float = 0.1) -> bool:
+    """`eventually` for blocking code (a container's state, a port on the host)."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return predicate()
