@@ -25,8 +25,8 @@ import time
 import hpack
 import uvloop
 
-from sigv4proxy.upstream import h2_wire as w
-from sigv4proxy.upstream.base import Origin
+from sigv4proxy.wire import h2_wire as w
+from sigv4proxy.model import Origin
 from sigv4proxy.upstream.http2 import H2Connection
 from sigv4proxy.upstream.lean_h2 import LeanH2Connection
 from sigv4proxy.upstream.pool import ConnectionPool

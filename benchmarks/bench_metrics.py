@@ -34,7 +34,7 @@ def median_us(fn, after_batch=None) -> float:
 def measure() -> tuple[float, float]:
     from prometheus_client import CollectorRegistry, Histogram
 
-    from sigv4proxy.metrics import Metrics
+    from sigv4proxy.observe.metrics import Metrics
 
     metrics = Metrics()
 

@@ -1,5 +1,5 @@
 """`make bench-sign`: median microseconds per signature, ours vs botocore vs awscrt (SigV4, and
-SigV4A when `sigv4proxy.sigv4a` is present).
+SigV4A when `sigv4proxy.aws.sigv4a` is present).
 
 The same typical Lattice request for everyone: GET with query `a=1&b=two`, 6 headers (host,
 user-agent, accept, content-type, x-forwarded-for, x-request-id), a session token of realistic
@@ -23,7 +23,7 @@ from awscrt import auth as crt_auth
 from awscrt import http as crt_http
 from botocore.awsrequest import AWSRequest
 
-from sigv4proxy.signing import Credentials, SigV4Signer
+from sigv4proxy.aws.signing import Credentials, SigV4Signer
 
 TARGET_US = 6.0
 ROUNDS = 15
@@ -49,7 +49,7 @@ def ours() -> Callable[[], object]:
 
 def ours_sigv4a() -> Callable[[], object] | None:
     try:
-        from sigv4proxy.sigv4a import SigV4ASigner
+        from sigv4proxy.aws.sigv4a import SigV4ASigner
     except ImportError:
         return None
     signer = SigV4ASigner(SERVICE)

@@ -1,5 +1,5 @@
 import sys
 
-from sigv4proxy.cli import main
+from sigv4proxy.tools.cli import main
 
 sys.exit(main())

@@ -1,7 +1,7 @@
 import subprocess
 import sys
 
-from sigv4proxy.cli import build_parser
+from sigv4proxy.tools.cli import build_parser
 
 
 def test_help_lists_commands():
@@ -21,7 +21,7 @@ def test_command_table_names_the_module_that_registers_each_command():
     import argparse
     import importlib
 
-    from sigv4proxy.cli import COMMAND_MODULES, COMMANDS
+    from sigv4proxy.tools.cli import COMMAND_MODULES, COMMANDS
 
     registered = {}
     for module in COMMAND_MODULES:
@@ -33,8 +33,8 @@ def test_command_table_names_the_module_that_registers_each_command():
 
 
 def test_serve_imports_no_other_command():
-    code = ("import sys; from sigv4proxy.cli import build_parser; build_parser('serve'); "
-            "print(sorted(m for m in sys.modules if m.startswith(('sigv4proxy.sim', 'sigv4proxy.call', "
-            "'sigv4proxy.demo', 'sigv4proxy.iptables'))))")
+    code = ("import sys; from sigv4proxy.tools.cli import build_parser; build_parser('serve'); "
+            "print(sorted(m for m in sys.modules if m.startswith(('sigv4proxy.sim', 'sigv4proxy.tools.call', "
+            "'sigv4proxy.tools.demo', 'sigv4proxy.tools.iptables'))))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

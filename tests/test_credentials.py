@@ -1,4 +1,4 @@
-"""Tests for sigv4proxy.credentials: the refresh policy (pure), the store's contract (scripted
+"""Tests for sigv4proxy.aws.credentials: the refresh policy (pure), the store's contract (scripted
 providers in the real worker thread), and botocore's chain against a real local container
 credentials endpoint and a real local STS (moto) over loopback sockets."""
 
@@ -18,7 +18,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from sigv4proxy.credentials import (
+from sigv4proxy.aws.credentials import (
     BotocoreProvider,
     ChainSettings,
     ChildProcessProvider,
@@ -28,7 +28,7 @@ from sigv4proxy.credentials import (
     quiet_third_party_loggers,
 )
 from sigv4proxy.errors import CredentialsUnavailable
-from sigv4proxy.signing import Credentials
+from sigv4proxy.aws.signing import Credentials
 from support.creds_server import (
     ERROR,
     EXPIRED,
@@ -578,7 +578,7 @@ async def test_child_process_timeout_and_close_end_the_child(aws_env, creds_serv
 
 def test_a_serving_store_never_imports_botocore(tmp_path):
     """`serve`'s store (in_child_process) is ready with no botocore in the serving process."""
-    code = ("import asyncio, sys; from sigv4proxy.credentials import CredentialStore; "
+    code = ("import asyncio, sys; from sigv4proxy.aws.credentials import CredentialStore; "
             "store = CredentialStore.from_botocore(in_child_process=True); asyncio.run(store.start()); "
             "print(store.ready()[0], store.snapshot().access_key, 'botocore' in sys.modules)")
     env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}

@@ -167,12 +167,12 @@ def test_builder_stage_builds_a_wheel_that_runs(tmp_path):
                if p.is_file() and "__pycache__" not in p.parts]
     assert "sigv4proxy/demo/identities.json" in package
     assert sorted(set(package) - names) == []
-    assert re.search(r"^sigv4proxy = sigv4proxy\.cli:main$", entry_points, re.M)
+    assert re.search(r"^sigv4proxy = sigv4proxy\.tools\.cli:main$", entry_points, re.M)
 
     installed = subprocess.run([*pip, "install", "--no-deps", "--no-index", "--target", str(site),
                                 str(wheel)], capture_output=True, text=True, timeout=180)
     assert installed.returncode == 0, installed.stdout + installed.stderr
-    probe = ("import json, sigv4proxy, sigv4proxy.demo as d; print(sigv4proxy.__file__); "
+    probe = ("import json, sigv4proxy, sigv4proxy.tools.demo as d; print(sigv4proxy.__file__); "
              "print(len(json.load(open(d.demo_file('identities.json')))))")
     env = {**os.environ, "PYTHONPATH": str(site)}
     ran = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env,

@@ -19,7 +19,7 @@ from support.creds_server import EXPIRED, GARBAGE, OK, CredsServer, isolate_aws_
 from support.proxy import running_proxy
 from test_faults_upstream import Exchange, ScriptedH2Upstream, get, h2_upstream, raw_request, wait_until
 
-from sigv4proxy.credentials import CredentialStore, RefreshPolicy
+from sigv4proxy.aws.credentials import CredentialStore, RefreshPolicy
 
 # Short constants: refresh at half the lifetime, retry failures every ~0.2-1 s.
 FAST = RefreshPolicy(lead=1.0, min_delay=0.05, backoff_initial=0.2, backoff_max=1.0)

@@ -30,7 +30,7 @@ from support.loop_thread import LoopThread
 from support.proxy import LATTICE_HOST, SERVICE_ARN, running_proxy, write_identities
 
 from sigv4proxy.errors import BadRequest
-from sigv4proxy.signing import canonical_query, canonical_uri
+from sigv4proxy.aws.signing import canonical_query, canonical_uri
 from sigv4proxy.sim.server import SimConfig, start_simulator
 
 EXAMPLES = int(os.environ.get("SIGV4PROXY_FUZZ_EXAMPLES", "30"))

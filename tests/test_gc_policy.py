@@ -10,7 +10,7 @@ import weakref
 
 import pytest
 
-from sigv4proxy import gc_policy
+from sigv4proxy.runtime import gc_policy
 
 
 class _Cycle:

@@ -157,7 +157,7 @@ async def test_request_and_response_trailers_pass_through(chain, implementation)
     ("dead", grpc.StatusCode.UNAVAILABLE, "upstream_connect"),
 ])
 async def test_proxy_errors_become_grpc_statuses(chain, case, code, kind):
-    from sigv4proxy.credentials import CredentialStore
+    from sigv4proxy.aws.credentials import CredentialStore
 
     service, forwarder = chain
     options = list(CHANNEL_OPTIONS)

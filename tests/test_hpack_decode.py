@@ -16,8 +16,8 @@ from hpack.huffman_constants import REQUEST_CODES, REQUEST_CODES_LENGTH
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sigv4proxy.upstream import hpack_decode
-from sigv4proxy.upstream.hpack_decode import HeaderBlockDecoder, HpackDecodeError
+from sigv4proxy.wire import hpack_decode
+from sigv4proxy.wire.hpack_decode import HeaderBlockDecoder, HpackDecodeError
 
 LIMIT = 1 << 20  # header list limit for the property tests (both decoders)
 HUFFMAN = HuffmanEncoder(REQUEST_CODES, REQUEST_CODES_LENGTH)

@@ -352,7 +352,7 @@ async def test_no_secret_in_docker_logs(docker, image):
 PROBE = """
 import json
 import botocore.session
-from sigv4proxy.credential_sources import BotocoreProvider
+from sigv4proxy.aws.credential_sources import BotocoreProvider
 found = botocore.session.Session().get_credentials()
 creds = BotocoreProvider(role_arn={role_arn!r}, region="us-west-2").fetch()
 print(json.dumps({{"method": found.method, "access_key": creds.access_key,

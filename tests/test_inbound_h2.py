@@ -13,8 +13,8 @@ import pytest
 from hpack import NeverIndexedHeaderTuple
 
 from grpc_support.h2client import H2TestClient
-from sigv4proxy.app import ProxyApp
-from sigv4proxy.metrics import Metrics
+from sigv4proxy.runtime.app import ProxyApp
+from sigv4proxy.observe.metrics import Metrics
 from support.h2_peers import H2Script, H2TestServer
 from support.polling import eventually
 from support.proxy import LATTICE_HOST, PRINCIPAL, proxy_config, running_proxy, static_credentials

@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from sigv4proxy.iptables import (
+from sigv4proxy.tools.iptables import (
     InvalidRuleSpec,
     IptablesError,
     RuleSpec,
@@ -401,7 +401,7 @@ def test_missing_ip6tables_where_ipv6_is_on_is_an_error_and_changes_nothing(name
 def test_apply_as_non_root_is_refused_clearly(namespace):
     # `ip netns exec` itself needs root, so privileges are dropped inside the namespace, after
     # the imports (the interpreter may live where uid 101 cannot read, e.g. under /root).
-    drop_and_apply = ("import os, sys; from sigv4proxy.cli import build_parser; "
+    drop_and_apply = ("import os, sys; from sigv4proxy.tools.cli import build_parser; "
                       "args = build_parser().parse_args(['iptables', '--apply']); "
                       "os.setgroups([]); os.setgid(101); os.setuid(101); "
                       "sys.exit(args.func(args))")
@@ -415,8 +415,8 @@ def test_apply_as_non_root_is_refused_clearly(namespace):
 # one per family as uid 101 (must not be).
 REDIRECT_SCRIPT = r"""
 import json, os, socket, subprocess, sys
-from sigv4proxy.cli import main
-from sigv4proxy.original_dst import original_destination
+from sigv4proxy.tools.cli import main
+from sigv4proxy.io.original_dst import original_destination
 
 LATTICE = {"4": ("169.254.171.9", 80), "6": ("fd00:ec2:80::9", 80)}
 

@@ -70,7 +70,7 @@ def test_supervisor_loads_no_data_plane_and_workers_no_botocore(tmp_path):
 
 CONTEXTS = """
 import ssl
-from sigv4proxy.serve import import_aiohttp_without_client_trust
+from sigv4proxy.runtime.serve import import_aiohttp_without_client_trust
 import_aiohttp_without_client_trust()
 from aiohttp import connector
 verified = connector._SSL_CONTEXT_VERIFIED

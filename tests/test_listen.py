@@ -19,8 +19,8 @@ import aiohttp
 import pytest
 
 from grpc_support.h2client import H2TestClient
-from sigv4proxy.app import ListenError, ProxyApp
-from sigv4proxy.metrics import Metrics
+from sigv4proxy.runtime.app import ListenError, ProxyApp
+from sigv4proxy.observe.metrics import Metrics
 from support.netns import have_netns_support, netns, run_in_netns
 from support.proxy import (
     ACCESS_KEY,
@@ -217,8 +217,8 @@ async def test_workers_share_both_listeners(sim):
 # loopback; prints what it bound, what each request got, and the warnings it logged.
 IN_NAMESPACE = r"""
 import asyncio, json, logging, sys, urllib.request
-from sigv4proxy.app import ListenError, ProxyApp
-from sigv4proxy.metrics import Metrics
+from sigv4proxy.runtime.app import ListenError, ProxyApp
+from sigv4proxy.observe.metrics import Metrics
 from sigv4proxy.sim.server import SimConfig, start_simulator
 from support.proxy import LATTICE_HOST, SERVICE_ARN, proxy_config, static_credentials
 

@@ -348,7 +348,7 @@ def _serve_invocations() -> dict[str, tuple[list[str], dict[str, str]]]:
 
 
 def _subcommands() -> dict:
-    from sigv4proxy.cli import build_parser
+    from sigv4proxy.tools.cli import build_parser
 
     actions = [a for a in build_parser()._actions if getattr(a, "dest", None) == "command"]
     return dict(actions[0].choices or {}) if actions else {}
@@ -357,7 +357,7 @@ def _subcommands() -> dict:
 def test_serve_flags_env_and_config_keys_exist(tmp_path):
     commands = _subcommands()
     assert "serve" in commands and "check-config" in commands  # the manifests call both
-    from sigv4proxy.cli import build_parser
+    from sigv4proxy.tools.cli import build_parser
 
     serve_dests = {a.dest for a in commands["serve"]._actions}
     config_file = tmp_path / "sidecar.yaml"

@@ -8,7 +8,7 @@ import random
 
 from prometheus_client import CollectorRegistry
 
-from sigv4proxy.metrics import LATENCY_BUCKETS, SIGNING_BUCKETS, Metrics
+from sigv4proxy.observe.metrics import LATENCY_BUCKETS, SIGNING_BUCKETS, Metrics
 
 
 def _samples(metrics: Metrics) -> dict:

@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from sigv4proxy.original_dst import original_destination, parse_sockaddr_in, parse_sockaddr_in6
+from sigv4proxy.io.original_dst import original_destination, parse_sockaddr_in, parse_sockaddr_in6
 from support.netns import have_netns_support, netns, run_in_netns
 
 
@@ -113,7 +113,7 @@ def test_listening_socket_gives_none():
 # connection per case; prints one JSON object. Every wait is bounded.
 IN_NAMESPACE = r"""
 import asyncio, json, socket, subprocess, sys
-from sigv4proxy.original_dst import original_destination
+from sigv4proxy.io.original_dst import original_destination
 
 def nat(tool, *rule):
     subprocess.run([tool, "-t", "nat", "-A", "OUTPUT", "-p", "tcp", *rule], check=True, timeout=20)

@@ -301,8 +301,8 @@ async def test_dead_upstream_is_502_and_stalled_is_504(client):
 
 
 async def test_no_credentials_fails_closed_and_forwards_nothing(sim, client):
-    from sigv4proxy.credentials import CredentialStore
-    from sigv4proxy.signing import Credentials
+    from sigv4proxy.aws.credentials import CredentialStore
+    from sigv4proxy.aws.signing import Credentials
 
     class Broken:
         def fetch(self) -> Credentials:

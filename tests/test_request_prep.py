@@ -15,10 +15,10 @@ import pytest
 from botocore.awsrequest import AWSRequest
 
 from sigv4proxy.config import from_sources
-from sigv4proxy.credentials import CredentialStore
+from sigv4proxy.aws.credentials import CredentialStore
 from sigv4proxy.errors import BadRequest, MethodNotSupported, PayloadTooLarge
-from sigv4proxy.request_prep import RequestPreparer
-from sigv4proxy.routing import Router
+from sigv4proxy.exchange.prepare import RequestPreparer
+from sigv4proxy.aws.routing import Router
 
 HOST = "svc-0123456789abcdef.7d67968.vpc-lattice-svcs.us-west-2.on.aws"
 NOW = 1_700_000_000.0

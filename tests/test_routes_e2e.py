@@ -16,9 +16,9 @@ import aiohttp
 import pytest
 
 from sigv4proxy import config as config_mod
-from sigv4proxy.app import ProxyApp
-from sigv4proxy.metrics import Metrics
-from sigv4proxy.routing import Router
+from sigv4proxy.runtime.app import ProxyApp
+from sigv4proxy.observe.metrics import Metrics
+from sigv4proxy.aws.routing import Router
 from sigv4proxy.sim.server import SimConfig, SimServer, start_simulator
 from support.proxy import PRINCIPAL, SECRET_KEY, static_credentials, write_identities
 

@@ -4,7 +4,7 @@ import pytest
 
 from sigv4proxy import config as cfg
 from sigv4proxy.errors import BadRequest, HostNotAllowed
-from sigv4proxy.routing import Router, split_host
+from sigv4proxy.aws.routing import Router, split_host
 
 LATTICE = "svc-0123456789abcdef0.7d67968.vpc-lattice-svcs.us-west-2.on.aws"
 

@@ -32,9 +32,9 @@ from support.secrets_scan import SecretScanner, capture_logs, signing_key_hex
 from support.upstream_servers import SilentServer, dead_port
 from test_faults_upstream import Exchange, ScriptedH2Upstream, echo, get, raw_request
 
-from sigv4proxy.call import call
-from sigv4proxy.credentials import CredentialStore, RefreshPolicy
-from sigv4proxy.signing import Credentials
+from sigv4proxy.tools.call import call
+from sigv4proxy.aws.credentials import CredentialStore, RefreshPolicy
+from sigv4proxy.aws.signing import Credentials
 from sigv4proxy.sim.server import SimConfig, start_simulator
 
 H = LATTICE_HOST.encode()

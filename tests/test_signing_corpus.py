@@ -36,7 +36,7 @@ from urllib.parse import quote, unquote
 import pytest
 
 from conftest import TESTSUITE, corpus_params
-from sigv4proxy.signing import Credentials, SigV4Signer
+from sigv4proxy.aws.signing import Credentials, SigV4Signer
 
 SUITE = TESTSUITE
 V4_DIR = SUITE / "aws-c-auth-aws-signing-test-suite" / "v4"

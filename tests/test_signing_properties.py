@@ -26,7 +26,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from sigv4proxy.errors import BadRequest, CredentialsUnavailable
-from sigv4proxy.signing import (EMPTY_SHA256, UNSIGNED_PAYLOAD, Credentials, SigV4Signer,
+from sigv4proxy.aws.signing import (EMPTY_SHA256, UNSIGNED_PAYLOAD, Credentials, SigV4Signer,
                                 canonical_query, canonical_uri)
 
 ACCESS_KEY = "AKIDEXAMPLE"

@@ -28,8 +28,8 @@ from hypothesis import strategies as st
 
 from conftest import TESTSUITE, corpus_params
 from sigv4proxy.errors import BadRequest
-from sigv4proxy.signing import Credentials
-from sigv4proxy.sigv4a import SigV4ASigner, derive_ecdsa_key
+from sigv4proxy.aws.signing import Credentials
+from sigv4proxy.aws.sigv4a import SigV4ASigner, derive_ecdsa_key
 from test_signing_corpus import (ESCAPINGS, authorization_from_signed_request, extras_for,
                                  parse_raw_request, single_encoding_vector, split_own_headers)
 

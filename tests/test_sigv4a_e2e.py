@@ -12,8 +12,8 @@ import aiohttp
 import pytest
 
 from sigv4proxy import config as config_mod
-from sigv4proxy.sigv4a import SigV4ASigner
-from sigv4proxy.routing import Router
+from sigv4proxy.aws.sigv4a import SigV4ASigner
+from sigv4proxy.aws.routing import Router
 from sigv4proxy.sim import verify as sim_verify
 from sigv4proxy.sim.server import SimConfig, start_simulator
 from support.proxy import (LATTICE_HOST, PRINCIPAL, SECRET_KEY, SERVICE_ARN, SESSION_TOKEN,

@@ -16,7 +16,7 @@ import time
 import aiohttp
 import pytest
 
-from sigv4proxy.handler import SMALL_BODY
+from sigv4proxy.inbound.h1 import SMALL_BODY
 from support.proxy import LATTICE_HOST, PRINCIPAL, running_proxy
 from test_faults_upstream import IO_TIMEOUT, ScriptedH2Upstream, echo, error_count, h2_upstream, read_response
 

@@ -1,4 +1,4 @@
-"""Request bodies moved client socket to upstream socket inside the kernel (`sigv4proxy.splice`).
+"""Request bodies moved client socket to upstream socket inside the kernel (`sigv4proxy.io.splice`).
 
 The mover on its own over real loopback TCP: exactly the asked bytes (what follows stays for the
 next request), each failure typed, no descriptor kept; so is the reader that takes a body into
@@ -25,7 +25,7 @@ import struct
 
 import pytest
 
-from sigv4proxy import splice
+from sigv4proxy.io import splice
 from sigv4proxy.errors import BadRequest, RequestTimeout, UpstreamReset, UpstreamTimeout
 from support.polling import eventually
 from support.proxy import LATTICE_HOST, PRINCIPAL, running_proxy

@@ -19,7 +19,7 @@ from sigv4proxy.errors import (
     UpstreamReset,
     UpstreamTimeout,
 )
-from sigv4proxy.upstream.base import Origin, PoolLimits, Timeouts
+from sigv4proxy.model import Origin, PoolLimits, Timeouts
 from sigv4proxy.upstream.pool import ConnectionPool
 
 MiB = 1 << 20

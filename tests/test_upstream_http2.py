@@ -23,7 +23,7 @@ from sigv4proxy.errors import (
     UpstreamReset,
     UpstreamTimeout,
 )
-from sigv4proxy.upstream.base import Origin, PoolLimits, Timeouts
+from sigv4proxy.model import Origin, PoolLimits, Timeouts
 from sigv4proxy.upstream.http2 import H2Connection
 from sigv4proxy.upstream.lean_h2 import LeanH2Connection
 from sigv4proxy.upstream.pool import ConnectionPool

@@ -35,8 +35,8 @@ from sigv4proxy.errors import (
     UpstreamProtocolError,
     UpstreamReset,
 )
-from sigv4proxy.upstream import h2_wire
-from sigv4proxy.upstream.base import Origin, Timeouts
+from sigv4proxy.wire import h2_wire
+from sigv4proxy.model import Origin, Timeouts
 from sigv4proxy.upstream.lean_h2 import LeanH2Connection
 from support.wire_spy import RecordingTransport, frames_in
 

@@ -11,7 +11,7 @@ import h2.connection
 import h2.events
 import pytest
 
-from sigv4proxy.upstream.base import Origin, Timeouts
+from sigv4proxy.model import Origin, Timeouts
 from sigv4proxy.upstream.http2 import H2Connection
 from sigv4proxy.upstream.lean_h2 import LeanH2Connection
 from sigv4proxy.upstream.pool import ConnectionPool

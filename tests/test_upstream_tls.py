@@ -13,7 +13,7 @@ from support.h2_peers import H2Script, H2TestServer
 from support.upstream_servers import H1TestServer, SilentServer, make_pki
 
 from sigv4proxy.errors import UpstreamConnectError, UpstreamProtocolError, UpstreamTimeout
-from sigv4proxy.upstream.base import Origin, Timeouts
+from sigv4proxy.model import Origin, Timeouts
 from sigv4proxy.upstream.http2 import H2Connection
 from sigv4proxy.upstream.lean_h2 import LeanH2Connection
 from sigv4proxy.upstream.pool import ConnectionPool

@@ -11,7 +11,7 @@ import asyncio
 import pytest
 
 from sigv4proxy.errors import UpstreamReset, UpstreamTimeout
-from sigv4proxy.upstream.base import Origin, Timeouts
+from sigv4proxy.model import Origin, Timeouts
 from sigv4proxy.upstream.connection_core import ConnectionCore, SerialWriteFlow, WriteFlow
 
 

@@ -2,7 +2,7 @@
 
 Owns: `SpliceableBody`, the streamed body handed to the upstream when the inbound request has a
 declared length on a cleartext socket: iterated like any body, or taken off the socket
-(`sigv4proxy.splice`) with the inbound connection detached from aiohttp's parser meanwhile:
+(`sigv4proxy.io.splice`) with the inbound connection detached from aiohttp's parser meanwhile:
 moved in the kernel whole into a cleartext HTTP/1.1 socket (`splice_into`) or as HTTP/2 DATA
 frames (`frames`), or read into the process for a TLS upstream (`reads`). What the upstream
 stopped taking is read and dropped, as aiohttp does for a body left unread. Must never: let the
@@ -19,7 +19,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from aiohttp import web
 
 from sigv4proxy.errors import Overloaded, ProxyError, UpstreamError
-from sigv4proxy.splice import FrameSource, ReadSource, Taken, cleartext_fd, discard_target, move_body
+from sigv4proxy.io.splice import FrameSource, ReadSource, Taken, cleartext_fd, discard_target, move_body
 
 
 class SpliceableBody:

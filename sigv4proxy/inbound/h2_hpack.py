@@ -18,8 +18,8 @@ from hpack.exceptions import HPACKDecodingError, OversizedHeaderListError
 from hpack.struct import HeaderTuple
 from hpack.table import HeaderTable
 
-from sigv4proxy.upstream.h2_wire import NEVER_INDEXED, WITHOUT_INDEXING, hpack_string, literal_name
-from sigv4proxy.upstream.hpack_decode import HeaderBlockDecoder, HpackDecodeError
+from sigv4proxy.wire.h2_wire import NEVER_INDEXED, WITHOUT_INDEXING, hpack_string, literal_name
+from sigv4proxy.wire.hpack_decode import HeaderBlockDecoder, HpackDecodeError
 
 _SIZE_UPDATE_ZERO = b"\x20"  # §6.3: dynamic table size 0
 _NAMES_LIMIT = 512  # name prefixes remembered per connection (names come from the upstream)

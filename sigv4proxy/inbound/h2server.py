@@ -36,10 +36,10 @@ import h2.settings
 from h2.connection import ConnectionInputs, ConnectionState
 from h2.errors import ErrorCodes
 
-import sigv4proxy.h2_frame_repr  # noqa: F401  (h2 reprs every received frame)
+import sigv4proxy.compat.hyperframe  # noqa: F401  (h2 reprs every received frame)
 from sigv4proxy.errors import MalformedRequest
 from sigv4proxy.fields import request_head, trailers_problem
-from sigv4proxy.h2_window import WindowQueue
+from sigv4proxy.wire.h2_window import WindowQueue
 from sigv4proxy.inbound.h2_hpack import ResponseHeaderEncoder
 from sigv4proxy.inbound.h2_stream_errors import ServerH2Connection, UnendedTrailers
 from sigv4proxy.inbound.h2stream import ClientGone, InboundStream, wake
@@ -220,7 +220,7 @@ class H2ServerConnection(asyncio.Protocol):
     def original_destination(self) -> tuple[str, int] | None:
         """SO_ORIGINAL_DST of this connection (transparent mode), looked up once."""
         if self._original_dst is False:
-            from sigv4proxy.original_dst import original_destination
+            from sigv4proxy.io.original_dst import original_destination
 
             sock = self.transport.get_extra_info("socket") if self.transport is not None else None
             self._original_dst = original_destination(sock) if sock is not None else None

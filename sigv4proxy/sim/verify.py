@@ -7,7 +7,7 @@ already-encoded path encoded once more, query decoded then re-encoded, headers t
 whether the path is encoded once more is a setting (`VerifyContext.double_encode_path`), since
 Lattice's own documentation does not settle it: single encoding signs the wire path as it arrived.
 
-Must never: import `sigv4proxy.signing` (this is the proxy's independent oracle), read the clock
+Must never: import `sigv4proxy.aws.signing` (this is the proxy's independent oracle), read the clock
 itself (callers pass `now`), or put a secret, a session token or a signature in an error message.
 """
 

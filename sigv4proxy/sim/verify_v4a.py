@@ -6,7 +6,7 @@ it), parsing the region-less Authorization header, checking that the signed `X-A
 covers the simulator's region, and verifying the DER ECDSA signature with `cryptography`.
 Canonicalisation is the simulator's own (`sim.verify`), shared with its SigV4 verifier.
 
-Must never: import `sigv4proxy.sigv4a` or `sigv4proxy.signing` (this is the independent oracle
+Must never: import `sigv4proxy.aws.sigv4a` or `sigv4proxy.aws.signing` (this is the independent oracle
 the proxy's signer is tested against), read the clock (callers pass `now`), or put a secret, a
 session token, a private key or a signature in an error message or a repr.
 """

@@ -1,4 +1,5 @@
-"""The upstream vocabulary: origins, limits, timeouts, the response object and the connection shape.
+"""The upstream vocabulary: the response object and the connection shape (origins, limits and
+timeouts are plain data in `sigv4proxy.model`).
 
 Owns: the small interface every upstream connection implements (httpcore's shape), the `Response`
 handed back to callers, and opening a transport (TCP, TLS with SNI/ALPN) before the pool decides
@@ -24,64 +25,13 @@ from sigv4proxy.errors import (
     UpstreamProtocolError,
     UpstreamTimeout,
 )
+from sigv4proxy.model import Origin, Timeouts
 
 Headers = Sequence[tuple[bytes, bytes]]
 Body = bytes | AsyncIterable[bytes] | None
 # Receives each 1xx response (status, fields) of an exchange as it arrives, before the final one.
 # Called from the connection's receive path: it must not await or raise anything but ProxyError.
 Interim = Callable[[int, list[tuple[bytes, bytes]]], None]
-
-
-@dataclass(frozen=True, slots=True)
-class Origin:
-    scheme: str  # "http" | "https"
-    host: str  # where to connect (name or IP literal)
-    port: int
-    # "auto": https -> ALPN ["h2", "http/1.1"], http -> HTTP/1.1;
-    # "h2": https -> ALPN h2 only, http -> h2c with prior knowledge; "http1": HTTP/1.1 always.
-    protocol: str = "auto"
-    server_hostname: str | None = None  # SNI + certificate name; default: host
-
-    def __post_init__(self) -> None:
-        if self.scheme not in ("http", "https"):
-            raise ValueError(f"unsupported scheme {self.scheme!r}")
-        if self.protocol not in ("auto", "h2", "http1"):
-            raise ValueError(f"unsupported protocol {self.protocol!r}")
-        if not 0 < self.port < 65536:
-            raise ValueError(f"port out of range: {self.port}")
-
-    @property
-    def alpn(self) -> tuple[str, ...]:
-        """The ALPN offer for this origin (TLS only)."""
-        if self.protocol == "h2":
-            return ("h2",)
-        if self.protocol == "http1":
-            return ("http/1.1",)
-        return ("h2", "http/1.1")
-
-
-@dataclass(frozen=True, slots=True)
-class Timeouts:
-    connect: float = 5.0  # TCP+TLS+preface
-    first_byte: float = 30.0  # request sent -> response headers
-    read: float = 60.0  # max gap between response body chunks (and between send-window openings)
-    idle: float = 50.0  # pooled connection with no streams is closed after this (Lattice: 60 s)
-    # A connection this old takes nothing new and closes once its work is done (Lattice cuts every
-    # connection at 10 minutes); each retires at a random 90-100 % of it (0: no limit)
-    max_age: float = 0.0
-    pool: float = 30.0  # max wait for a free connection/stream slot -> Overloaded (503)
-    ping: float = 30.0  # HTTP/2: PING an idle pooled connection this often; no ACK in `connect` s closes it (0: off)
-    # Expect: 100-continue: how long a held upload waits for the upstream's 100 or final answer
-    # before it is sent anyway (curl waits 1 s for the same; RFC 9110 §10.1.1 bounds the wait)
-    expect_continue: float = 1.0
-
-
-@dataclass(frozen=True, slots=True)
-class PoolLimits:
-    # HTTP/2: open another only when all are at their peer's MAX_CONCURRENT_STREAMS;
-    # HTTP/1.1: max concurrent sockets, so also max concurrent requests (beyond it they queue).
-    max_connections_per_origin: int = 128
-    max_retries: int = 2  # for RetryableStreamError
 
 
 def wake(waiter: asyncio.Future[bool] | None) -> None:

@@ -15,7 +15,8 @@ from collections import deque
 from collections.abc import AsyncIterable, Awaitable, Callable
 
 from sigv4proxy.errors import BadRequest, ProxyError, UpstreamTimeout
-from sigv4proxy.upstream.base import OnChange, Origin, Timeouts
+from sigv4proxy.model import Origin, Timeouts
+from sigv4proxy.upstream.base import OnChange
 
 
 AGE_JITTER = 0.1  # connections retire at a random 90-100 % of Timeouts.max_age

@@ -22,14 +22,13 @@ from sigv4proxy.errors import (
     UpstreamReset,
     UpstreamTimeout,
 )
-from sigv4proxy.h2_window import WindowQueue
+from sigv4proxy.wire.h2_window import WindowQueue
+from sigv4proxy.model import Origin, Timeouts
 from sigv4proxy.upstream.base import (
     Interim,
     OnChange,
-    Origin,
     ReceivedBody,
     Response,
-    Timeouts,
     hold_for_continue,
     wake,
 )

@@ -21,23 +21,22 @@ from sigv4proxy.errors import (
     UpstreamReset,
     UpstreamTimeout,
 )
-from sigv4proxy.splice import cleartext_fd
+from sigv4proxy.io.splice import cleartext_fd
+from sigv4proxy.model import Origin, Timeouts
 from sigv4proxy.upstream.base import (
     Body,
     ConnectionNotAvailable,
     Headers,
     OnChange,
-    Origin,
     Interim,
     ReceivedBody,
     Response,
-    Timeouts,
     hold_for_continue,
     request_trailers,
     wake,
 )
 from sigv4proxy.upstream.connection_core import ConnectionCore
-from sigv4proxy.upstream.http1_parse import Fields, ResponseParser
+from sigv4proxy.wire.http1_parse import Fields, ResponseParser
 
 READ_HIGH_WATER = 256 * 1024  # buffered body bytes before we stop reading the socket
 READ_LOW_WATER = 64 * 1024

@@ -33,17 +33,16 @@ import h2.settings
 from h2.connection import ConnectionInputs, ConnectionState
 from h2.errors import ErrorCodes
 
-import sigv4proxy.h2_frame_repr  # noqa: F401  (h2 reprs every received frame)
+import sigv4proxy.compat.hyperframe  # noqa: F401  (h2 reprs every received frame)
 from sigv4proxy.errors import ProxyError, UpstreamProtocolError, UpstreamTimeout
+from sigv4proxy.model import Origin, Timeouts
 from sigv4proxy.upstream.base import (
     Body,
     ConnectionNotAvailable,
     Headers,
     Interim,
     OnChange,
-    Origin,
     Response,
-    Timeouts,
     check_request_fields,
     request_trailers,
     wake,

@@ -13,20 +13,19 @@ from __future__ import annotations
 import asyncio
 
 from sigv4proxy.errors import BadRequest, HeadersTooLarge, ProxyError, UpstreamProtocolError
-from sigv4proxy.splice import cleartext_fd
-from sigv4proxy.upstream import h2_wire as w
+from sigv4proxy.io.splice import cleartext_fd
+from sigv4proxy.wire import h2_wire as w
+from sigv4proxy.model import Origin, Timeouts
 from sigv4proxy.upstream.base import (
     Body,
     ConnectionNotAvailable,
     Headers,
     Interim,
     OnChange,
-    Origin,
     Response,
-    Timeouts,
 )
 from sigv4proxy.upstream.h2_common import H2ConnectionBase
-from sigv4proxy.upstream.hpack_decode import HeaderBlockDecoder
+from sigv4proxy.wire.hpack_decode import HeaderBlockDecoder
 from sigv4proxy.upstream.lean_h2_recv import FRAME_HANDLERS, FrameReceiver, ProtocolViolation
 from sigv4proxy.upstream.lean_h2_stream import STREAM_WINDOW, LeanStream, send_body
 

@@ -15,10 +15,10 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from sigv4proxy.errors import ProxyError, UpstreamProtocolError
-from sigv4proxy.upstream import h2_wire as w
+from sigv4proxy.wire import h2_wire as w
 from sigv4proxy.upstream.base import OnChange, wake
 from sigv4proxy.upstream.h2_common import status_code
-from sigv4proxy.upstream.hpack_decode import (BLOCK_CACHE_ENTRIES, HeaderBlockDecoder,
+from sigv4proxy.wire.hpack_decode import (BLOCK_CACHE_ENTRIES, HeaderBlockDecoder,
                                                HpackDecodeError, decodes_alike)
 
 if TYPE_CHECKING:

@@ -16,11 +16,11 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 from sigv4proxy.errors import ProxyError, UpstreamReset, UpstreamTimeout
-from sigv4proxy.splice import wait_writable
-from sigv4proxy.upstream import h2_wire as w
+from sigv4proxy.io.splice import wait_writable
+from sigv4proxy.wire import h2_wire as w
 
 if TYPE_CHECKING:
-    from sigv4proxy.splice import FrameSource
+    from sigv4proxy.io.splice import FrameSource
     from sigv4proxy.upstream.lean_h2 import LeanH2Connection
     from sigv4proxy.upstream.lean_h2_stream import LeanStream
 

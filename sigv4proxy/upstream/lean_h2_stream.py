@@ -17,7 +17,7 @@ from functools import partial
 from typing import TYPE_CHECKING
 
 from sigv4proxy.errors import ProxyError, UpstreamError, UpstreamTimeout
-from sigv4proxy.upstream import h2_wire as w
+from sigv4proxy.wire import h2_wire as w
 from sigv4proxy.upstream.base import Interim, expire_waiter, request_trailers
 from sigv4proxy.upstream.connection_core import feed_body
 from sigv4proxy.upstream.h2_common import H2StreamBase

@@ -25,16 +25,14 @@ from sigv4proxy.errors import (
     UnansweredReset,
     UpstreamConnectError,
 )
+from sigv4proxy.model import Origin, PoolLimits, Timeouts
 from sigv4proxy.upstream.base import (
     Body,
     Connection,
     ConnectionFactory,
     ConnectionNotAvailable,
     Interim,
-    Origin,
-    PoolLimits,
     Response,
-    Timeouts,
     choose_protocol,
     open_transport,
 )

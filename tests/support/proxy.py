@@ -8,9 +8,9 @@ import pathlib
 from typing import AsyncIterator
 
 from sigv4proxy import config as config_mod
-from sigv4proxy.app import ProxyApp
-from sigv4proxy.credentials import CredentialStore
-from sigv4proxy.metrics import Metrics
+from sigv4proxy.runtime.app import ProxyApp
+from sigv4proxy.aws.credentials import CredentialStore
+from sigv4proxy.observe.metrics import Metrics
 
 LATTICE_HOST = "svc-0123456789abcdef0.7d67968.vpc-lattice-svcs.us-west-2.on.aws"
 SERVICE_ARN = "arn:aws:vpc-lattice:us-west-2:111122223333:service/svc-0123456789abcdef0"

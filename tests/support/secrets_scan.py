@@ -19,7 +19,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Iterator
 
-from sigv4proxy.logs import JsonFormatter, setup_logging
+from sigv4proxy.runtime.logs import JsonFormatter, setup_logging
 
 _SIGNATURE = re.compile(r"Signature=([0-9a-f]{64})")
 MIN_SECRET_LENGTH = 8  # shorter strings would match by accident

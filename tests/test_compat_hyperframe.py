@@ -9,7 +9,7 @@ import hyperframe.frame
 import pytest
 from hyperframe.frame import DataFrame, HeadersFrame, PushPromiseFrame
 
-from sigv4proxy import h2_frame_repr
+from sigv4proxy.compat import hyperframe as h2_frame_repr
 
 
 def library_repr(data):

@@ -17,7 +17,7 @@ from collections.abc import Iterable
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from sigv4proxy.signing import Credentials, SigV4Signer
+from sigv4proxy.aws.signing import Credentials, SigV4Signer
 
 ALGORITHM_V4A = "AWS4-ECDSA-P256-SHA256"
 # Order of the P-256 group.

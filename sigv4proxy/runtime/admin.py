@@ -10,7 +10,7 @@ from typing import Callable
 
 from aiohttp import web
 
-from sigv4proxy.metrics import CONTENT_TYPE, Metrics
+from sigv4proxy.observe.metrics import CONTENT_TYPE, Metrics
 
 
 class AdminHandler:

@@ -15,7 +15,7 @@ import signal
 import sys
 
 from sigv4proxy import config as config_mod
-from sigv4proxy.logs import setup_logging
+from sigv4proxy.runtime.logs import setup_logging
 
 log = logging.getLogger("sigv4proxy")
 
@@ -71,8 +71,8 @@ async def serve_until_signalled(config: config_mod.ProxyConfig, *, reuse_port: b
     import asyncio
     import gc
 
-    from sigv4proxy import gc_policy
-    from sigv4proxy.app import ProxyApp
+    from sigv4proxy.runtime import gc_policy
+    from sigv4proxy.runtime.app import ProxyApp
 
     app = ProxyApp(config, reuse_port=reuse_port, credentials=credentials)
     loop = asyncio.get_running_loop()
@@ -112,13 +112,13 @@ def run_with_flags(flags: dict) -> int:
         return 2
     setup_logging(config.log_level)
     if config.workers > 1 and not os.environ.get("SIGV4PROXY_WORKER_ID"):
-        from sigv4proxy.workers import supervise
+        from sigv4proxy.runtime.workers import supervise
 
         return supervise(config, sys.argv[1:])
     import asyncio
     import gc
 
-    from sigv4proxy.credentials import CredentialStore
+    from sigv4proxy.aws.credentials import CredentialStore
 
     # Start-up only allocates what lives until exit, and freeze_startup_objects() collects once
     # it is built: no cyclic collection while modules load (-10 % of a worker's start-up CPU).
@@ -129,7 +129,7 @@ def run_with_flags(flags: dict) -> int:
     credentials = CredentialStore.from_config(config, in_child_process=True)
     import_aiohttp_without_client_trust()
     install_uvloop()
-    from sigv4proxy.app import ListenError
+    from sigv4proxy.runtime.app import ListenError
 
     try:
         return asyncio.run(serve_until_signalled(config, reuse_port=bool(os.environ.get("SIGV4PROXY_WORKER_ID")),

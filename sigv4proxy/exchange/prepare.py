@@ -12,10 +12,10 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
-from sigv4proxy.credentials import CredentialStore
+from sigv4proxy.aws.credentials import CredentialStore
 from sigv4proxy.errors import BadRequest, MethodNotSupported, PayloadTooLarge
 from sigv4proxy.header_rules import DROP_REQUEST
-from sigv4proxy.routing import Router, Target
+from sigv4proxy.aws.routing import Router, Target
 
 _NAME_CACHE_LIMIT = 1024
 # What prepare() does with a request header, learned once per raw name spelling (bounded).

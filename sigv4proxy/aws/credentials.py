@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
-from sigv4proxy.credential_sources import (  # re-exported: the store's public companions
+from sigv4proxy.aws.credential_sources import (  # re-exported: the store's public companions
     THIRD_PARTY_LOGGERS,
     BotocoreProvider,
     ChainSettings,
@@ -33,7 +33,7 @@ from sigv4proxy.credential_sources import (  # re-exported: the store's public c
     quiet_third_party_loggers,
 )
 from sigv4proxy.errors import CredentialsUnavailable
-from sigv4proxy.signing import Credentials
+from sigv4proxy.aws.signing import Credentials
 
 __all__ = ["THIRD_PARTY_LOGGERS", "BotocoreProvider", "CredentialFetchError", "CredentialProvider",
            "CredentialStore", "RefreshPolicy", "StaticProvider", "checked_credentials", "key_hint",

@@ -13,9 +13,9 @@ import time
 import aiohttp
 import pytest
 
-from sigv4proxy import compat
+from sigv4proxy.tools import go_flags
 from sigv4proxy import config as cfg
-from sigv4proxy.routing import Router
+from sigv4proxy.aws.routing import Router
 from sigv4proxy.sim.server import SimConfig, start_simulator
 from support.proxy import ACCESS_KEY, PRINCIPAL, SECRET_KEY, SERVICE_ARN, SESSION_TOKEN, write_identities
 
@@ -24,7 +24,7 @@ ADMISSION_LINE = ["--name", "vpc-lattice-svcs", "--region", "us-west-2", "--host
 
 
 def test_translation_of_every_flag():
-    flags = compat.translate([
+    flags = go_flags.translate([
         "-v", "--log-failed-requests", "--unsigned-payload", "--port", ":9000", "-s", "X-A", "--strip", "x-b",
         "--custom-headers", "x-team=pay,x-env=prod", "--duplicate-headers", "Authorization", "--role-arn",
         "arn:aws:iam::1:role/r", "--name", "execute-api", "--sign-host", "api.example.com", "--host",
@@ -47,11 +47,11 @@ def test_translation_of_every_flag():
 @pytest.mark.parametrize("bad", [["--transport.idle-conn-timeout", "forever"], ["--upstream-url-scheme", "ftp"]])
 def test_bad_go_flags_are_rejected(bad):
     with pytest.raises(SystemExit):
-        compat.translate(bad)
+        go_flags.translate(bad)
 
 
 def test_go_duration():
-    assert compat._duration("40s") == 40 and compat._duration("500ms") == 0.5 and compat._duration("2h1m") == 7260
+    assert go_flags._duration("40s") == 40 and go_flags._duration("500ms") == 0.5 and go_flags._duration("2h1m") == 7260
 
 
 async def test_admission_controller_argument_line_runs_unchanged(tmp_path):

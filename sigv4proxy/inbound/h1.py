@@ -19,8 +19,8 @@ from typing import AsyncIterator, Awaitable, Callable, Iterable
 from aiohttp import StreamReader, web
 from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
 
-from sigv4proxy import accesslog
-from sigv4proxy.credentials import CredentialStore
+from sigv4proxy.observe import accesslog
+from sigv4proxy.aws.credentials import CredentialStore
 from sigv4proxy.errors import (
     BadRequest,
     HeadersTooLarge,
@@ -32,14 +32,14 @@ from sigv4proxy.errors import (
 )
 from sigv4proxy.inbound.h1_response import Answered, ResponseWriter
 from sigv4proxy.inbound.h1_splice import SpliceableBody
-from sigv4proxy.metrics import Metrics
-from sigv4proxy.request_prep import RequestPreparer, split_target
-from sigv4proxy.routing import Router
-from sigv4proxy.splice import AVAILABLE as splice_available
-from sigv4proxy.splice import CLIENT_STALLED, SHORT_BODY
+from sigv4proxy.observe.metrics import Metrics
+from sigv4proxy.exchange.prepare import RequestPreparer, split_target
+from sigv4proxy.aws.routing import Router
+from sigv4proxy.io.splice import AVAILABLE as splice_available
+from sigv4proxy.io.splice import CLIENT_STALLED, SHORT_BODY
 from sigv4proxy.upstream.pool import ConnectionPool
 
-log = logging.getLogger("sigv4proxy.handler")
+log = logging.getLogger("sigv4proxy.inbound.h1")
 
 ERROR_HEADER = "x-sigv4proxy-error"
 # Inbound parser limits (bytes). A header line over MAX_HEADER_FIELD is 431; the request line has
@@ -253,7 +253,7 @@ class ProxyHandler:
             yield chunk
 
     def _original_destination(self, request: web.BaseRequest) -> tuple[str, int] | None:
-        from sigv4proxy.original_dst import original_destination
+        from sigv4proxy.io.original_dst import original_destination
 
         protocol = request.protocol
         if protocol in self._original_dst:

@@ -15,11 +15,11 @@ import sys
 # Each command and the module whose register(subparsers) adds it (tests/test_cli.py checks this
 # against what the modules register).
 COMMANDS: dict[str, str] = {
-    "serve": "sigv4proxy.serve",
-    "check-config": "sigv4proxy.serve",
-    "call": "sigv4proxy.call",
-    "demo": "sigv4proxy.demo",
-    "iptables": "sigv4proxy.iptables",
+    "serve": "sigv4proxy.runtime.serve",
+    "check-config": "sigv4proxy.runtime.serve",
+    "call": "sigv4proxy.tools.call",
+    "demo": "sigv4proxy.tools.demo",
+    "iptables": "sigv4proxy.tools.iptables",
     "sim": "sigv4proxy.sim.cli",
     "policy": "sigv4proxy.sim.cli",
 }
@@ -37,13 +37,13 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    from sigv4proxy import compat
+    from sigv4proxy.tools import go_flags
 
-    if compat.looks_like_go_flags(argv):
+    if go_flags.looks_like_go_flags(argv):
         # A manifest written for the Go aws-sigv4-proxy: run `serve` with translated flags.
-        from sigv4proxy import serve
+        from sigv4proxy.runtime import serve
 
-        return serve.run_with_flags(compat.translate(argv))
+        return serve.run_with_flags(go_flags.translate(argv))
     parser = build_parser(argv[0] if argv else None)
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):

@@ -17,8 +17,8 @@ from urllib.parse import urlsplit
 
 from sigv4proxy.config import ConfigError, ProxyConfig, RouteConfig
 from sigv4proxy.errors import BadRequest, HostNotAllowed
-from sigv4proxy.signing import SigV4Signer
-from sigv4proxy.upstream.base import Origin, Timeouts
+from sigv4proxy.aws.signing import SigV4Signer
+from sigv4proxy.model import Origin, Timeouts
 
 _LATTICE_REGION = re.compile(r"\.vpc-lattice-svcs\.([a-z0-9-]+)\.on\.aws$")
 # A DNS name or IPv4 literal: no userinfo, no slashes, no percent-escapes, no spaces.
@@ -121,7 +121,7 @@ class Router:
         signer = self._signers.get(key)
         if signer is None:
             if algorithm == "sigv4a":
-                from sigv4proxy.sigv4a import SigV4ASigner  # cryptography costs ~7 MB RSS: only when used
+                from sigv4proxy.aws.sigv4a import SigV4ASigner  # cryptography costs ~7 MB RSS: only when used
 
                 cls = SigV4ASigner
             else:

@@ -1,6 +1,6 @@
 """Where credentials come from: botocore's default chain (optionally AssumeRole on top) or fixed
 keys, each fetch checked before anyone can sign with it; botocore's chain either in this process
-or in a short-lived child interpreter (`python -m sigv4proxy.credential_sources`), so that a
+or in a short-lived child interpreter (`python -m sigv4proxy.aws.credential_sources`), so that a
 serving process never imports botocore.
 
 Owns: the only calls into botocore's credential code, turning its errors into secret-free
@@ -23,7 +23,7 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any, Iterator, Protocol
 
-from sigv4proxy.signing import Credentials
+from sigv4proxy.aws.signing import Credentials
 
 # Third-party loggers that print header values (x-amz-security-token) or credential payloads at
 # debug level.
@@ -255,7 +255,7 @@ class ChildProcessProvider:
         finally:
             os.close(write_end)
         try:
-            return subprocess.Popen([sys.executable, "-m", "sigv4proxy.credential_sources"],
+            return subprocess.Popen([sys.executable, "-m", "sigv4proxy.aws.credential_sources"],
                                     stdin=read_end, stdout=subprocess.PIPE,
                                     stderr=subprocess.DEVNULL)
         finally:

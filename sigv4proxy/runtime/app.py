@@ -19,14 +19,14 @@ from aiohttp import StreamReader, web
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_protocol import RequestHandler, RequestPayloadError
 
-from sigv4proxy.admin import AdminHandler
+from sigv4proxy.runtime.admin import AdminHandler
 from sigv4proxy.config import ProxyConfig, hostport
-from sigv4proxy.credentials import CredentialStore
-from sigv4proxy.handler import MAX_HEADER_FIELD, MAX_REQUEST_LINE, ProxyHandler
-from sigv4proxy.inbound.sniff import InboundListener
-from sigv4proxy.metrics import Metrics
-from sigv4proxy.routing import Router, timeouts_from_config
-from sigv4proxy.upstream.base import Origin, PoolLimits, Timeouts
+from sigv4proxy.aws.credentials import CredentialStore
+from sigv4proxy.inbound.h1 import MAX_HEADER_FIELD, MAX_REQUEST_LINE, ProxyHandler
+from sigv4proxy.inbound.listener import InboundListener
+from sigv4proxy.observe.metrics import Metrics
+from sigv4proxy.aws.routing import Router, timeouts_from_config
+from sigv4proxy.model import Origin, PoolLimits, Timeouts
 from sigv4proxy.upstream.lean_h2 import LeanH2Connection
 from sigv4proxy.upstream.pool import ConnectionPool
 from sigv4proxy.upstream.tls import make_client_ssl_context
@@ -169,7 +169,7 @@ class _InboundRequestHandler(RequestHandler):
             if self._reading_paused:
                 super().resume_reading()
 
-    # --- a body taken straight off the socket (sigv4proxy.splice) ---
+    # --- a body taken straight off the socket (sigv4proxy.io.splice) ---
     def detach_body(self, content: StreamReader) -> tuple[bytes, bool] | None:
         """Everything of the current body that aiohttp has read, and whether the socket is now
         ours until `reattach_body` (False: the body was already read whole). None: not possible
@@ -349,7 +349,7 @@ class ProxyApp:
     @property
     def h2_streams(self):
         if self._h2_streams is None:
-            from sigv4proxy.inbound.h2proxy import H2ProxyStreams
+            from sigv4proxy.inbound.h2 import H2ProxyStreams
 
             config = self.config
             self._h2_streams = H2ProxyStreams(

@@ -21,13 +21,13 @@ from urllib.parse import quote
 from h2.errors import ErrorCodes
 from hpack import NeverIndexedHeaderTuple
 
-from sigv4proxy import accesslog
+from sigv4proxy.observe import accesslog
 from sigv4proxy.errors import BadRequest, Overloaded, PayloadTooLarge, ProxyError, UpstreamReset, UpstreamTimeout
-from sigv4proxy.handler import ERROR_HEADER, SMALL_BODY, ProxyHandler, error_parts
+from sigv4proxy.inbound.h1 import ERROR_HEADER, SMALL_BODY, ProxyHandler, error_parts
 from sigv4proxy.header_rules import DROP_RESPONSE
 from sigv4proxy.inbound.h1_response import http_date
 from sigv4proxy.inbound.h2stream import ClientGone, InboundStream
-from sigv4proxy.metrics import Metrics
+from sigv4proxy.observe.metrics import Metrics
 from sigv4proxy.upstream.base import Response
 from sigv4proxy.upstream.pool import ConnectionPool
 

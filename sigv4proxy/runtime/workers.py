@@ -19,7 +19,7 @@ import time
 
 from sigv4proxy.config import ProxyConfig
 
-log = logging.getLogger("sigv4proxy.workers")
+log = logging.getLogger("sigv4proxy.runtime.workers")
 RESTART_BACKOFF_MAX = 10.0
 
 
@@ -49,7 +49,7 @@ def supervise(config: ProxyConfig, argv: list[str]) -> int:
                 code = proc.poll()
                 if code is None or stopping:
                     continue
-                from sigv4proxy.metrics import mark_process_dead
+                from sigv4proxy.observe.metrics import mark_process_dead
 
                 mark_process_dead(proc.pid)
                 log.error("worker exited; restarting", extra={"worker": index, "pid": proc.pid, "exit_code": code})

@@ -17,11 +17,11 @@ import sys
 from importlib import resources
 
 from sigv4proxy import config as config_mod
-from sigv4proxy.logs import setup_logging
+from sigv4proxy.runtime.logs import setup_logging
 
 DEMO_HOST = "demo-svc-0123456789abcdef0.7d67968.vpc-lattice-svcs.us-west-2.on.aws"
 DEMO_SERVICE_ARN = "arn:aws:vpc-lattice:us-west-2:111122223333:service/svc-0123456789abcdef0"
-log = logging.getLogger("sigv4proxy.demo")
+log = logging.getLogger("sigv4proxy.tools.demo")
 
 
 def demo_file(name: str) -> str:
@@ -39,8 +39,8 @@ def demo_config(listen: str, admin: str, sim_port: int, protocol: str = "h2") ->
 
 
 async def run_demo(args: argparse.Namespace, stop: asyncio.Event | None = None) -> int:
-    from sigv4proxy.app import ProxyApp
-    from sigv4proxy.credentials import CredentialStore
+    from sigv4proxy.runtime.app import ProxyApp
+    from sigv4proxy.aws.credentials import CredentialStore
     from sigv4proxy.sim.server import SimConfig, start_simulator
 
     sim_host, _, sim_port = args.sim_listen.rpartition(":")
@@ -80,7 +80,7 @@ async def run_demo(args: argparse.Namespace, stop: asyncio.Event | None = None) 
 
 
 def run(args: argparse.Namespace) -> int:
-    from sigv4proxy.serve import install_uvloop
+    from sigv4proxy.runtime.serve import install_uvloop
 
     setup_logging(args.log_level)
     install_uvloop()

@@ -19,7 +19,7 @@ from sigv4proxy import config as config_mod
 from sigv4proxy.errors import ProxyError
 
 if TYPE_CHECKING:
-    from sigv4proxy.signing import SigV4Signer
+    from sigv4proxy.aws.signing import SigV4Signer
 
 CALL_FLAGS = ("region", "service", "upstream", "upstream_protocol", "ca_bundle", "verify_tls",
               "role_arn", "profile", "extra_signed_headers", "connect_timeout", "first_byte_timeout",
@@ -54,7 +54,7 @@ def _parse_url(url: str) -> SplitResult | None:
 
 def path_escaping_note(signer: SigV4Signer, path: str) -> str:
     """The canonical URI under each path escaping, and which one `signer` signs."""
-    from sigv4proxy.signing import canonical_uri
+    from sigv4proxy.aws.signing import canonical_uri
 
     uris = {mode: canonical_uri(path, normalize=signer.normalize_path, double_encode=mode == "double")
             for mode in config_mod.URI_PATH_ESCAPINGS}
@@ -69,8 +69,8 @@ def path_escaping_note(signer: SigV4Signer, path: str) -> str:
 
 
 async def call(args: argparse.Namespace, out=sys.stdout) -> int:
-    from sigv4proxy.app import credentials_from_config, pool_from_config
-    from sigv4proxy.routing import Router
+    from sigv4proxy.runtime.app import credentials_from_config, pool_from_config
+    from sigv4proxy.aws.routing import Router
 
     parts = _parse_url(args.url)
     if parts is None:
@@ -138,7 +138,7 @@ async def call(args: argparse.Namespace, out=sys.stdout) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    from sigv4proxy.credentials import quiet_third_party_loggers
+    from sigv4proxy.aws.credentials import quiet_third_party_loggers
 
     quiet_third_party_loggers()
     try:

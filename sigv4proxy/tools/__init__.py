@@ -1,0 +1,1 @@
+"""Command-line tools: the CLI, `call`, the demo, the Go sidecar's flags, the iptables rules."""
