@@ -17,7 +17,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping
 
-from sigv4proxy.header_rules import NOT_ADDABLE
+from sigv4proxy.fields import NOT_ADDABLE
 
 ENV_PREFIX = "SIGV4PROXY_"
 LATTICE_SERVICE = "vpc-lattice-svcs"

@@ -1,7 +1,9 @@
-"""HTTP field validity in one place: what makes a field name or value valid (RFC 9110 §5, RFC 9113
-§8.2) and the checks of an HTTP/2 request's field block and trailers (RFC 9113 §8.1-§8.3).
+"""HTTP fields in one place: which names the proxy owns (hop-by-hop, signing), what makes a field
+name or value valid (RFC 9110 §5, RFC 9113 §8.2) and the checks of an HTTP/2 request's field block
+and trailers (RFC 9113 §8.1-§8.3).
 
-Owns: the field-name and field-value rules, the connection-specific names, a bounded cache of names
+Owns: the hop-by-hop set and the signing headers only the proxy may set (read by the request path
+and by config checks), the field-name and field-value rules, the connection-specific names, a bounded cache of names
 already found valid (shared by both directions: the HTTP/2 response checks in `upstream.h2_wire`
 use it too), and `request_head` / `trailers_problem`, which split and judge a request's fields.
 A problem is reported as a short fixed reason, never raised: the caller decides how the stream is
@@ -13,6 +15,25 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
+
+# RFC 9110 §7.6.1 hop-by-hop headers, plus proxy-only ones; never forwarded as received in either
+# direction. `expect: 100-continue` and `te: trailers` are passed on by the request path itself
+# (the proxy takes part in both); `Trailer` is end-to-end (RFC 9110 §6.6.2) and passes.
+HOP_BY_HOP = frozenset(
+    {
+        "connection", "keep-alive", "proxy-connection", "proxy-authenticate", "proxy-authorization",
+        "te", "transfer-encoding", "upgrade", "http2-settings", "expect",
+    }
+)
+# The proxy is the only signer: whatever the client sent for these is dropped.
+SIGNING_HEADERS = frozenset(
+    {"authorization", "x-amz-date", "x-amz-security-token", "x-amz-content-sha256", "x-amz-region-set"}
+)
+DROP_REQUEST = HOP_BY_HOP | SIGNING_HEADERS | {"host"}
+# Response fields not passed on as received: hop-by-hop, and the length the framing decides.
+DROP_RESPONSE = HOP_BY_HOP | {"content-length"}
+# What --add-header may not set: all of the above, and the framing the proxy computes itself.
+NOT_ADDABLE = DROP_REQUEST | {"content-length"}
 
 # RFC 9110 §5.1: a field name is a token; RFC 9113 §8.2: lower-case only on HTTP/2.
 TOKEN_NAME = re.compile(rb"[a-z0-9!#$%&'*+\-.^_`|~]+")

@@ -369,7 +369,7 @@ def test_malformed_request_fields_are_refused_on_their_stream_only(proxy, mutati
 
 def test_the_proxy_survived_the_fuzzing(proxy):
     assert_still_serving(proxy.port)
-    assert proxy.proxy.handler.inflight == 0
+    assert proxy.proxy.exchange.inflight == 0
 
 
 # --- the canonicalizer ---------------------------------------------------------------------------

@@ -114,7 +114,7 @@ async def test_client_cancellation_cancels_the_upstream_stream(chain):
         await asyncio.wait_for(service.cancelled.wait(), 10)  # reached the real server
         assert await call.code() == grpc.StatusCode.CANCELLED
         # The proxy's in-flight count returns to zero.
-        assert await eventually(lambda: proxy.handler.inflight == 0, timeout=2)
+        assert await eventually(lambda: proxy.exchange.inflight == 0, timeout=2)
     [stream] = forwarder.streams
     assert stream.reset_by_proxy  # the proxy sent RST_STREAM upstream
 

@@ -253,5 +253,5 @@ async def test_more_than_max_inflight_gets_fast_503_with_retry_after(sim):
                 assert resp.header("x-sigv4proxy-error") == "overloaded"
                 assert resp.header("retry-after") == "1"
                 assert took < 0.6, took  # shed at once, not queued behind the 800 ms requests
-        assert proxy.handler.inflight == 0
+        assert proxy.exchange.inflight == 0
     assert len(sim.records) == statuses.count(200)

@@ -95,7 +95,7 @@ async def test_client_reset_cancels_the_upstream_stream():
         assert await eventually(lambda: upstream.stats.active == 1)
         client.reset(sid)
         assert await eventually(lambda: upstream.stats.active == 0)  # upstream saw RST_STREAM
-        assert await eventually(lambda: proxy.handler.inflight == 0)
+        assert await eventually(lambda: proxy.exchange.inflight == 0)
         # the connection stays usable
         sid2 = client.request("GET", "/again", LATTICE_HOST)
         assert await eventually(lambda: upstream.stats.active == 1)
@@ -173,7 +173,7 @@ async def test_graceful_stop_sends_goaway_and_finishes_in_flight_streams():
         try:
             async with H2TestClient("127.0.0.1", app.port) as client:
                 sid = client.request("GET", "/delay/400", LATTICE_HOST)
-                assert await eventually(lambda: app.handler.inflight == 1)
+                assert await eventually(lambda: app.exchange.inflight == 1)
                 stopping = asyncio.get_running_loop().create_task(app.stop(drain_timeout=5))
                 record = await client.wait(sid)
                 await asyncio.wait_for(stopping, 10)

@@ -94,7 +94,7 @@ async def _beside_a_slow_stream(sim, proxy, client: H2TestClient, send_malformed
     connection serves on. Returns the malformed stream's record."""
     slow = client.request("POST", "/slow", LATTICE_HOST, [("x-sim-delay-ms", "50")], body=b"abc",
                           end_stream=False)
-    assert await eventually(lambda: proxy.handler.inflight == 1)
+    assert await eventually(lambda: proxy.exchange.inflight == 1)
     record = await client.wait(send_malformed())
     assert not client.streams[slow].done.is_set()  # refused while its neighbour was in flight
     await client.send_data(slow, b"def", end_stream=True)
@@ -142,7 +142,7 @@ async def test_a_malformed_body_or_trailers_get_rst_stream_on_its_stream_only(si
         record = await _beside_a_slow_stream(sim, proxy, client, send)
         assert record.status is None and record.reset_code == ErrorCodes.PROTOCOL_ERROR, (case, record)
         assert await eventually(lambda: _errors(proxy) == 1)
-        assert proxy.handler.inflight == 0
+        assert proxy.exchange.inflight == 0
 
 
 async def test_a_body_found_too_long_after_its_head_went_upstream_is_cut_there_too():
@@ -157,7 +157,7 @@ async def test_a_body_found_too_long_after_its_head_went_upstream_is_cut_there_t
         assert record.reset_code == ErrorCodes.PROTOCOL_ERROR and record.status is None
         assert await eventually(lambda: upstream.stats.active == 0)  # the upstream stream is reset
         assert upstream.stats.request_bytes_received == 4  # the excess never left
-        assert await eventually(lambda: _errors(proxy) == 1 and proxy.handler.inflight == 0)
+        assert await eventually(lambda: _errors(proxy) == 1 and proxy.exchange.inflight == 0)
         assert client.goaway is None and not client.closed.is_set()
 
 

@@ -1,4 +1,4 @@
-"""Small request bodies (declared Content-Length up to handler.SMALL_BODY) are read whole before
+"""Small request bodies (declared Content-Length up to limits.SMALL_BODY) are read whole before
 the upstream request starts, larger ones stream. What must hold either side of that line: the
 bytes arrive intact and the signature verifies at the simulator; a body that arrives slowly is
 still forwarded; a body that stops arriving is a 408 after --read-timeout and nothing reaches the
@@ -16,7 +16,7 @@ import time
 import aiohttp
 import pytest
 
-from sigv4proxy.inbound.h1 import SMALL_BODY
+from sigv4proxy.limits import SMALL_BODY
 from support.proxy import LATTICE_HOST, PRINCIPAL, running_proxy
 from test_faults_upstream import IO_TIMEOUT, ScriptedH2Upstream, echo, error_count, h2_upstream, read_response
 

@@ -529,7 +529,7 @@ async def test_a_client_gone_mid_upload_leaves_the_h2c_connection_working(sim, s
         conns = [c for pool in proxy.pool._pools.values() for c in pool.connections]
         assert len(conns) == 1 and not conns[0].is_closed()  # the one connection, still up
         # The uploads of the clients gone end too.
-        assert await eventually(lambda: proxy.handler.inflight == 0, timeout=5)
+        assert await eventually(lambda: proxy.exchange.inflight == 0, timeout=5)
 
 
 async def test_a_frame_source_released_while_its_frame_is_being_finished_keeps_the_pipe_until_then():

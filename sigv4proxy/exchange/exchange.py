@@ -28,6 +28,10 @@ from sigv4proxy.observe.metrics import Metrics
 from sigv4proxy.upstream.base import Body, Response
 from sigv4proxy.upstream.pool import ConnectionPool
 
+# What an inbound adapter hands in (the body kinds) and gets to relay (the upstream's response):
+# part of this module's interface, so that the inbound layer needs no import from upstream.
+__all__ = ["ERROR_HEADER", "Body", "Exchange", "ExchangeSettings", "Inbound", "Response", "error_parts"]
+
 log = logging.getLogger("sigv4proxy.exchange")
 
 ERROR_HEADER = "x-sigv4proxy-error"

@@ -14,7 +14,7 @@ from typing import Callable, Iterable
 
 from sigv4proxy.aws.credentials import CredentialStore
 from sigv4proxy.errors import BadRequest, MethodNotSupported, PayloadTooLarge
-from sigv4proxy.header_rules import DROP_REQUEST
+from sigv4proxy.fields import DROP_REQUEST
 from sigv4proxy.aws.routing import Router, Target
 
 _NAME_CACHE_LIMIT = 1024

@@ -1,6 +1,6 @@
-"""Inbound protocols beyond aiohttp's HTTP/1.1 parser: the preface-sniffing listener, h2c (gRPC),
-and the HTTP/1.1 response written as our own bytes.
+"""The inbound adapters: one port, two protocols, each request handed to the exchange.
 
-Owns nothing itself; see `sniff` (one port, two protocols), `h2server` (the h2 server side),
-`h2proxy` (the request path for HTTP/2 streams) and `h1_response` (HTTP/1.1 response framing).
+Owns nothing itself; see `listener` (one port: HTTP/1.1 or h2c by the preface), `h1` (aiohttp's
+request in, `h1_response` bytes out, `h1_splice` bodies taken off the socket) and `h2` (inbound
+streams from `h2server`/`h2stream`). May import leaves, wire, io, compat and the exchange only.
 """

@@ -1,56 +1,46 @@
-"""The request path: inbound request → route → sign → upstream → streamed response.
+"""The HTTP/1.1 inbound adapter: aiohttp's parsed request in, the exchange in between, our own bytes
+out.
 
-Owns: the HTTP/1.1 request's path (hygiene, routing and signing via `request_prep`), reading the
-request body, streaming the response back (framed by `inbound.h1_response`), the one place where
-typed errors become HTTP responses, and per-request stage timings handed to metrics. Must never:
-forward a request unsigned, put a secret or header value in an error body or log, buffer a body
-whole, or log per request above debug.
+Owns: turning one aiohttp request into the exchange's `Inbound` (`H1Exchange`): the target's form,
+the request body as the upstream's body kinds (a small declared body read whole, a larger one
+taken off the socket when it can be, otherwise streamed with a client-silence bound), the client's
+100 (Continue) when its body is first wanted, the original destination in transparent mode, the
+answer written by `h1_response`, the proxy's own error answers as aiohttp responses, and the
+answer to a request aiohttp's parser refused. Must never: forward anything the exchange did not
+prepare, buffer a body whole, or put a header value or a request byte in an error.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import time
 import weakref
-from functools import partial
-from typing import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable
+from typing import Callable
 
 from aiohttp import StreamReader, web
 from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
 
-from sigv4proxy.observe import accesslog
-from sigv4proxy.aws.credentials import CredentialStore
 from sigv4proxy.errors import (
     BadRequest,
     HeadersTooLarge,
     MethodNotSupported,
-    Overloaded,
     PayloadTooLarge,
     ProxyError,
     RequestTimeout,
 )
-from sigv4proxy.inbound.h1_response import Answered, ResponseWriter
+from sigv4proxy.exchange.exchange import Body, Exchange, Response, error_parts
+from sigv4proxy.exchange.prepare import split_target
+from sigv4proxy.inbound.h1_response import ResponseWriter
 from sigv4proxy.inbound.h1_splice import SpliceableBody
-from sigv4proxy.observe.metrics import Metrics
-from sigv4proxy.exchange.prepare import RequestPreparer, split_target
-from sigv4proxy.aws.routing import Router
+from sigv4proxy.inbound.settings import InboundSettings
 from sigv4proxy.io.splice import AVAILABLE as splice_available
 from sigv4proxy.io.splice import CLIENT_STALLED, SHORT_BODY
-from sigv4proxy.upstream.pool import ConnectionPool
+from sigv4proxy.limits import MAX_HEADER_FIELD, SMALL_BODY
 
 log = logging.getLogger("sigv4proxy.inbound.h1")
 
-ERROR_HEADER = "x-sigv4proxy-error"
-# Inbound parser limits (bytes). A header line over MAX_HEADER_FIELD is 431; the request line has
-# a different limit so that the parser's LineTooLong tells the two apart (by its limit).
-MAX_HEADER_FIELD = 16384
-MAX_REQUEST_LINE = 16384 + 1024
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
-# A declared body up to this size is read whole (bounded memory: at most this per request) and
-# handed on as bytes: the upstream then sends head and body in one write, with no send task, and
-# can replay it on a refused stream. Larger or chunked bodies stream.
-SMALL_BODY = 64 * 1024
 
 
 class _BodyStalled(TimeoutError):
@@ -63,141 +53,110 @@ def _stall(content: StreamReader) -> None:
     content.set_exception(_BodyStalled())
 
 
-class ProxyHandler:
-    """The aiohttp low-level request handler. One instance per worker."""
+class H1Handler:
+    """aiohttp's low-level request handler: each request through the exchange. One per worker."""
 
-    def __init__(
-        self,
-        router: Router,
-        credentials: CredentialStore,
-        pool: ConnectionPool,
-        metrics: Metrics,
-        *,
-        max_body_size: int | None = None,
-        max_inflight: int | None = None,
-        transparent: bool = False,
-        strip_headers: Iterable[str] = (),
-        add_headers: Iterable[tuple[str, str]] = (),
-        duplicate_headers: Iterable[str] = (),
-        access_log: bool = False,
-        body_timeout: float = 60.0,
-        splice: bool = False,
-        clock: Callable[[], float] = time.time,
-    ) -> None:
-        self._pool = pool
-        self._metrics = metrics
-        self._max_body = max_body_size
-        self._max_inflight = max_inflight
-        self._transparent = transparent
-        self._body_timeout = body_timeout  # longest client silence mid-body (408 after)
-        self._splice = splice and splice_available  # large declared-length bodies may skip the process
-        self._clock = clock
-        self._writer = ResponseWriter(clock)  # the response head and body, as bytes of our own
-        # Hygiene, routing and signing, shared with the HTTP/2 inbound path.
-        self.prepare = RequestPreparer(
-            router, credentials, max_body_size=max_body_size, strip_headers=strip_headers,
-            add_headers=add_headers, duplicate_headers=duplicate_headers, clock=clock).prepare
-        self._access_log = access_log
-        self.inflight = 0
+    def __init__(self, exchange: Exchange, settings: InboundSettings, clock: Callable[[], float]) -> None:
+        self.exchange = exchange
+        self.settings = settings
+        self.splice = settings.splice and splice_available  # large declared bodies may skip the process
+        self.writer = ResponseWriter(clock)  # the response head and body, as bytes of our own
         # Original destination per inbound connection (transparent mode), read once.
-        self._original_dst: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        self.original_dst: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
-    async def __call__(self, request: web.BaseRequest) -> web.StreamResponse | Answered:
-        started = time.perf_counter()
-        self.inflight += 1
-        route_name = "none"
+    async def __call__(self, request: web.BaseRequest) -> web.StreamResponse | H1Exchange:
+        inbound = H1Exchange(self, request)
         try:
-            if self._max_inflight is not None and self.inflight > self._max_inflight:
-                raise Overloaded("too many requests in flight")
-            response, route_name = await self._proxy(request, started)
-            return response
-        except ProxyError as exc:
-            if self._access_log:
-                self._log_access(request, started, exc.status, route_name, None, None, None, exc.kind)
-            return self._error(exc, request.method, route_name, started)
+            await self.exchange.run(inbound)
         finally:
-            self.inflight -= 1
             if request.protocol.reads_held:  # a streamed body: aiohttp reads what we left of it
                 request.protocol.hold_reading(False)
+        return inbound.error_response or inbound
 
-    async def _proxy(self, request: web.BaseRequest, started: float) -> tuple[Answered, str]:
-        method = request.method
-        if method == "CONNECT":  # before the target parse: its authority-form target is not a path
-            raise MethodNotSupported("CONNECT is not supported (VPC Lattice does not tunnel)")
-        authority, target = split_target(request.raw_path)
-        original_dst = self._original_destination(request) if self._transparent else None
-        prepared = self.prepare(method, authority, target, request.raw_headers, request.content_length,
-                                original_dst)
-        route = prepared.route
-        route_name = route.name
-        has_body = request.body_exists
+    def malformed_request(self, exc: BaseException) -> web.Response:
+        """The answer to a request aiohttp's parser refused: typed, counted, no request bytes echoed
+        (aiohttp's own page quotes the offending line)."""
+        error = parse_error(exc)
+        self.exchange.refused(error)
+        response = _error_response(error)
+        response.force_close()
+        return response
 
-        response = Answered(0)
-        # Expect: 100-continue goes upstream with the request: the client's 100 is the upstream's
-        # own, or ours when its body is first wanted; a refusal on the head alone comes first.
-        expect = prepared.expect_continue and has_body
-        response.expects = expect
-        body: bytes | AsyncIterator[bytes] | None = None
-        if has_body:
-            length = request.content_length
-            if length is not None and length <= SMALL_BODY and not expect:
-                body = await self._small_body(request, length)
-            elif length is not None and self._splice:
-                body = SpliceableBody(self._body(request, response), request, length, self._body_timeout,
-                                      partial(_send_continue, request, response) if expect else None)
-            else:
-                body = self._body(request, response)
-        upstream = await self._pool.request(
-            route.origin, method.encode("ascii"), target.encode("latin-1"), route.authority_bytes,
-            prepared.headers, body, partial(self._interim, request, response), expect,
-        )
-        first_byte = time.perf_counter()
-        response.status = upstream.status
-        complete = False
+
+class H1Exchange:
+    """One HTTP/1.1 request as the exchange's `Inbound`; once answered, also what aiohttp's request
+    loop needs of a response already written (`prepare`, `write_eof`, `keep_alive`)."""
+
+    __slots__ = ("_handler", "request", "method", "authority", "target", "raw_headers", "content_length",
+                 "has_body", "refusal", "status", "keep_alive", "started", "body_bytes", "expects",
+                 "continued", "error_response")
+
+    from_h2 = False
+    protocol = "HTTP/1.1"
+
+    def __init__(self, handler: H1Handler, request: web.BaseRequest) -> None:
+        self._handler = handler
+        self.request = request
+        self.method = method = request.method
+        self.raw_headers = request.raw_headers
+        self.content_length = request.content_length
+        self.has_body = request.body_exists
+        self.refusal: ProxyError | None = None
         try:
-            await self._writer.relay(request, upstream, response)
-            complete = True
-        except (ConnectionError, ProxyError) as exc:
-            if isinstance(exc, ProxyError) and not response.started:
-                raise  # nothing written yet: the client gets the typed error answer
-            # The head is out: the only honest signal left is a cut connection, after every byte
-            # the upstream did send (a close flushes them; a client gone gets an abort).
-            log.debug("response aborted mid-body: %s", type(exc).__name__)
-            self._metrics.errors_for(getattr(exc, "kind", "client_disconnect")).inc()
-            response.keep_alive = False
-            if request.transport is not None:
-                if isinstance(exc, ProxyError):
-                    request.transport.close()
-                else:
-                    request.transport.abort()
-        finally:
-            await upstream.aclose()
-        self._metrics.observe_request(
-            method, upstream.status if complete else 0, route_name, time.perf_counter() - started,
-            prepared.sign_done - prepared.sign_started, first_byte - prepared.sign_done, upstream.http_version,
-        )
-        if self._access_log:
-            self._log_access(request, started, upstream.status, route_name, first_byte - prepared.sign_done,
-                             upstream.http_version, response.body_bytes, None if complete else "response_aborted")
-        return response, route_name
+            if method == "CONNECT":  # before the target parse: its authority-form target is not a path
+                raise MethodNotSupported("CONNECT is not supported (VPC Lattice does not tunnel)")
+            self.authority, self.target = split_target(request.raw_path)
+        except ProxyError as exc:
+            self.refusal = exc
+            self.authority, self.target = None, request.raw_path
+        self.status = 0
+        self.keep_alive = False  # decided with the framing, before the head is written
+        self.started = False  # a byte went out: from here on an error can only cut the connection
+        self.body_bytes = 0  # body bytes relayed so far (for the access log)
+        self.expects = False  # the client sent Expect: 100-continue and waits before its body
+        self.continued = False  # a 100 (Continue) went to the client
+        self.error_response: web.Response | None = None
 
-    def _log_access(self, request: web.BaseRequest, started: float, status: int, route: str,
-                    to_target: float | None, upstream_protocol: str | None, sent: int | None,
-                    failure: str | None) -> None:
-        elapsed = time.perf_counter() - started
-        headers = request.headers
-        accesslog.record(
-            start=self._clock() - elapsed, method=request.method, path=request.raw_path,
-            host=headers.get("Host"), peer=request.transport.get_extra_info("peername") if request.transport else None,
-            user_agent=headers.get("User-Agent"), status=status, duration=elapsed, to_target=to_target,
-            route=route, upstream_protocol=upstream_protocol, bytes_sent=sent, failure=failure,
-        )
+    # --- what aiohttp's request loop asks of a response already written ---
+    async def prepare(self, request: web.BaseRequest) -> None:
+        return None
+
+    async def write_eof(self, data: bytes = b"") -> None:
+        return None
+
+    # --- the request ---
+    def original_destination(self) -> tuple[str, int] | None:
+        if not self._handler.settings.transparent:
+            return None
+        from sigv4proxy.io.original_dst import original_destination
+
+        protocol = self.request.protocol
+        cache = self._handler.original_dst
+        if protocol not in cache:
+            transport = self.request.transport
+            sock = transport.get_extra_info("socket") if transport else None
+            cache[protocol] = original_destination(sock) if sock is not None else None
+        return cache[protocol]
+
+    async def body(self, expect_continue: bool) -> Body:
+        """A declared body up to SMALL_BODY read whole (one upstream write, replayable), a larger
+        one taken off the socket where it can be, anything else streamed. A client waiting for
+        100 (Continue) gets it when its body is first wanted."""
+        self.expects = expect_continue
+        handler = self._handler
+        length = self.content_length
+        if length is not None and length <= SMALL_BODY and not expect_continue:
+            return await self._small_body(length)
+        if length is not None and handler.splice:
+            return SpliceableBody(self._streamed(), self.request, length, handler.settings.read_timeout,
+                                  self._send_continue if expect_continue else None)
+        return self._streamed()
 
     async def _client_read(self, content: StreamReader, read: Awaitable[bytes],
                            loop: asyncio.AbstractEventLoop) -> bytes:
         """`read` of the request body, failed with 408 after --read-timeout of client silence: a
         plain timer poisons the stream (cheaper per chunk than asyncio.timeout)."""
-        timer = loop.call_later(self._body_timeout, _stall, content)
+        timer = loop.call_later(self._handler.settings.read_timeout, _stall, content)
         try:
             return await read
         except _BodyStalled:
@@ -205,9 +164,9 @@ class ProxyHandler:
         finally:
             timer.cancel()
 
-    async def _small_body(self, request: web.BaseRequest, length: int) -> bytes:
+    async def _small_body(self, length: int) -> bytes:
         """A declared body of at most SMALL_BODY bytes, whole; usually already buffered."""
-        content = request.content
+        content = self.request.content
         data = content.read_nowait(length)
         if len(data) < length:
             try:
@@ -217,28 +176,19 @@ class ProxyHandler:
                 raise BadRequest(SHORT_BODY) from None
         return data
 
-    def _interim(self, request: web.BaseRequest, response: Answered, status: int,
-                 headers: list[tuple[bytes, bytes]]) -> None:
-        """An upstream 1xx response, forwarded (at most one 100)."""
-        if status == 100:
-            if response.continued:
-                return
-            response.continued = True
-        self._writer.interim(request, status, headers)
-
-    async def _body(self, request: web.BaseRequest, response: Answered) -> AsyncIterator[bytes]:
+    async def _streamed(self) -> AsyncIterator[bytes]:
         """A streamed request body. A client that stops sending for --read-timeout while we wait
         for it fails the request (408, the upstream stream cancelled); time spent waiting for
-        the upstream to take what we have does not count. A client waiting for 100 (Continue)
-        gets it when the body is first wanted."""
-        if response.expects:
-            _send_continue(request, response)
-        limit = self._max_body
+        the upstream to take what we have does not count."""
+        if self.expects:
+            self._send_continue()
+        limit = self._handler.settings.max_body_size
         seen = 0
+        request = self.request
         content = request.content
         loop = asyncio.get_running_loop()  # once: in Python 3.11 each call is a getpid() syscall
-        # The socket is read only when the next chunk is wanted (released in __call__: an upload
-        # cut short upstream leaves this generator suspended, not closed).
+        # The socket is read only when the next chunk is wanted (released by the handler: an
+        # upload cut short upstream leaves this generator suspended, not closed).
         protocol = request.protocol
         protocol.hold_reading(True)
         while True:
@@ -252,48 +202,57 @@ class ProxyHandler:
                     raise PayloadTooLarge("request body exceeds --max-body-size")
             yield chunk
 
-    def _original_destination(self, request: web.BaseRequest) -> tuple[str, int] | None:
-        from sigv4proxy.io.original_dst import original_destination
+    def _send_continue(self) -> None:
+        """Our own 100 (Continue), unless the upstream's was forwarded: the body is wanted now."""
+        transport = self.request.transport
+        if not self.continued and transport is not None:
+            self.continued = True
+            transport.write(_CONTINUE)
 
-        protocol = request.protocol
-        if protocol in self._original_dst:
-            return self._original_dst[protocol]
-        sock = request.transport.get_extra_info("socket") if request.transport else None
-        dst = original_destination(sock) if sock is not None else None
-        self._original_dst[protocol] = dst
-        return dst
+    # --- the answer ---
+    def interim(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
+        """An upstream 1xx response, forwarded (at most one 100)."""
+        if status == 100:
+            if self.continued:
+                return
+            self.continued = True
+        self._handler.writer.interim(self.request, status, headers)
 
-    def record_failure(self, exc: ProxyError, method: str, route_name: str, started: float) -> None:
-        """Metrics and debug log for a request answered with a typed error (both inbound paths)."""
-        self._metrics.errors_for(exc.kind).inc()
-        self._metrics.observe_request(method, exc.status, route_name, time.perf_counter() - started)
-        log.debug("request failed: %s (%s)", exc.kind, exc.reason)
+    async def relay(self, upstream: Response) -> None:
+        self.status = upstream.status
+        await self._handler.writer.relay(self.request, upstream, self)
 
-    def malformed_request(self, exc: BaseException) -> web.Response:
-        """The answer to a request aiohttp's parser refused: typed, counted, no request bytes echoed
-        (aiohttp's own page quotes the offending line) and logged at debug only (clients cause it)."""
-        error = parse_error(exc)
-        self._metrics.errors_for(error.kind).inc()
-        log.debug("malformed request: %s (%s)", error.kind, type(exc).__name__)
-        headers, text = error_parts(error)
-        response = web.Response(status=error.status, text=text, headers=headers)
-        response.force_close()
-        return response
-
-    def _error(self, exc: ProxyError, method: str, route_name: str, started: float) -> web.Response:
-        self.record_failure(exc, method, route_name, started)
-        headers, text = error_parts(exc)
-        response = web.Response(status=exc.status, text=text, headers=headers)
+    async def answer_error(self, exc: ProxyError) -> None:
+        self.status = exc.status
+        self.error_response = response = _error_response(exc)
         if exc.closes_connection:
             response.force_close()
-        return response
+
+    def cut(self, exc: ProxyError | None) -> None:
+        """The head is out: the only honest signal left is a cut connection, after every byte the
+        upstream did send (a close flushes them); a client gone gets an abort."""
+        self.keep_alive = False
+        transport = self.request.transport
+        if transport is not None:
+            if exc is not None:
+                transport.close()
+            else:
+                transport.abort()
+
+    def own_cancellation(self) -> ProxyError | None:
+        return None  # aiohttp cancels a request's task only when its client went away
+
+    def log_fields(self) -> tuple[str, str | None, object, str | None]:
+        request = self.request
+        headers = request.headers
+        transport = request.transport
+        return (request.raw_path, headers.get("Host"), transport.get_extra_info("peername") if transport else None,
+                headers.get("User-Agent"))
 
 
-def _send_continue(request: web.BaseRequest, response: Answered) -> None:
-    """Our own 100 (Continue), unless the upstream's was forwarded: the body is wanted now."""
-    if not response.continued and request.transport is not None:
-        response.continued = True
-        request.transport.write(_CONTINUE)
+def _error_response(exc: ProxyError) -> web.Response:
+    headers, text = error_parts(exc)
+    return web.Response(status=exc.status, text=text, headers=headers)
 
 
 def parse_error(exc: BaseException) -> ProxyError:
@@ -306,12 +265,3 @@ def parse_error(exc: BaseException) -> ProxyError:
     if isinstance(exc, BadHttpMessage) and "Too many headers" in str(exc):
         return HeadersTooLarge("too many request headers")
     return BadRequest("malformed HTTP request")
-
-
-def error_parts(exc: ProxyError) -> tuple[dict[str, str], str]:
-    """Headers and body text of the proxy's own answer to a typed error (fixed reason, no secret)."""
-    # Server names the answerer without aiohttp's default, which gives away Python and aiohttp versions
-    headers = {ERROR_HEADER: exc.kind, "Content-Type": "text/plain; charset=utf-8", "Server": "sigv4proxy"}
-    if exc.status == 503:
-        headers["Retry-After"] = "1"
-    return headers, f"sigv4proxy: {exc.reason}\n"

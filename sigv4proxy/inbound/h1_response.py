@@ -22,8 +22,8 @@ from typing import Callable
 from aiohttp import web
 
 from sigv4proxy.errors import ProxyError, UpstreamProtocolError
-from sigv4proxy.header_rules import DROP_RESPONSE
-from sigv4proxy.upstream.base import Response
+from sigv4proxy.fields import DROP_RESPONSE
+from sigv4proxy.exchange.exchange import Response
 
 _FORWARD, _DROP, _LENGTH, _DATE, _TRAILER = 0, 1, 2, 3, 4
 _CACHE_LIMIT = 1024  # entries per cache: names and status lines come from upstreams

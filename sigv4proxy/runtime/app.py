@@ -15,18 +15,21 @@ import socket
 import time
 from collections.abc import Callable, Mapping, Sequence
 
-from aiohttp import StreamReader, web
-from aiohttp.http_exceptions import HttpProcessingError
-from aiohttp.web_protocol import RequestHandler, RequestPayloadError
+from aiohttp import web
 
-from sigv4proxy.runtime.admin import AdminHandler
-from sigv4proxy.config import ProxyConfig, hostport
 from sigv4proxy.aws.credentials import CredentialStore
-from sigv4proxy.inbound.h1 import MAX_HEADER_FIELD, MAX_REQUEST_LINE, ProxyHandler
-from sigv4proxy.inbound.listener import InboundListener
-from sigv4proxy.observe.metrics import Metrics
 from sigv4proxy.aws.routing import Router, timeouts_from_config
+from sigv4proxy.compat.aiohttp import InboundServer
+from sigv4proxy.config import ProxyConfig, hostport
+from sigv4proxy.exchange.exchange import Exchange, ExchangeSettings
+from sigv4proxy.exchange.prepare import RequestPreparer
+from sigv4proxy.inbound.h1 import H1Handler
+from sigv4proxy.inbound.listener import InboundListener
+from sigv4proxy.inbound.settings import InboundSettings
+from sigv4proxy.limits import MAX_HEADER_FIELD, MAX_REQUEST_LINE
 from sigv4proxy.model import Origin, PoolLimits, Timeouts
+from sigv4proxy.observe.metrics import Metrics
+from sigv4proxy.runtime.admin import AdminHandler
 from sigv4proxy.upstream.lean_h2 import LeanH2Connection
 from sigv4proxy.upstream.pool import ConnectionPool
 from sigv4proxy.upstream.tls import make_client_ssl_context
@@ -120,142 +123,6 @@ def _bind_listeners(addresses: Sequence[tuple[str, int]], reuse_port: bool,
     return socks
 
 
-_DETACH_PASSES = 4  # parse passes before giving up on taking a body off the socket
-
-
-class _InboundRequestHandler(RequestHandler):
-    """aiohttp's per-connection protocol, with parse errors answered by the proxy handler, a
-    deadline for a new connection's first request head (aiohttp has none: slowloris) and a
-    streamed body's socket read only when the proxy wants its next chunk."""
-
-    head_timeout: float | None = None
-
-    def connection_made(self, transport) -> None:  # type: ignore[override]
-        super().connection_made(transport)
-        if self.head_timeout:
-            self._loop.call_later(self.head_timeout, self._head_deadline)
-
-    def _head_deadline(self) -> None:
-        if self.transport is not None and self._request_count == 0:
-            self.force_close()  # not even one complete request head in time
-
-    # While the proxy streams a request body it reads the socket only when it wants the next
-    # chunk: aiohttp resumes as soon as a chunk is taken, so every upload waiting on its upstream
-    # would hold a second read (up to uvloop's 256 KiB) in memory instead of in the kernel.
-    reads_held = False
-    _resume_held = False  # a resume asked for while held: done at the next `read_more`
-
-    def resume_reading(self, resume_parser: bool = True) -> None:
-        """aiohttp's body stream calls this on every read below its low-water mark, paused or
-        not, and each call re-runs the parser on b"" (a wasted parse per request with a body).
-        Nothing was held back unless reading was paused: only then is there work to resume."""
-        if self._reading_paused:
-            if self.reads_held:
-                self._resume_held = True
-            else:
-                super().resume_reading(resume_parser)
-
-    def hold_reading(self, hold: bool) -> None:
-        """Defer (True) or allow again (False, doing any deferred resume) resumes of the socket."""
-        self.reads_held = hold
-        if not hold:
-            self.read_more()
-
-    def read_more(self) -> None:
-        """The body's reader wants its next chunk: do the resume held back since the last one
-        (with a parse of anything aiohttp kept unparsed while paused)."""
-        if self._resume_held:
-            self._resume_held = False
-            if self._reading_paused:
-                super().resume_reading()
-
-    # --- a body taken straight off the socket (sigv4proxy.io.splice) ---
-    def detach_body(self, content: StreamReader) -> tuple[bytes, bool] | None:
-        """Everything of the current body that aiohttp has read, and whether the socket is now
-        ours until `reattach_body` (False: the body was already read whole). None: not possible
-        (the socket is closing, or aiohttp kept reading past several passes)."""
-        transport = self.transport
-        if transport is None or self._parser is None:
-            return None
-        parts = []
-        for _ in range(_DETACH_PASSES):
-            # Taking what is buffered also resumes a paused parser (aiohttp's low-water mark):
-            # anything it held back unparsed is body, or comes after a body now complete.
-            parts.append(content.read_nowait(-1))
-            if content.is_eof():
-                return b"".join(parts), False
-            if not self._reading_paused:  # mid-body, every byte read so far parsed
-                try:
-                    self._next_parser = self._fresh_parser()
-                except Exception:  # a parser this aiohttp does not build as we expect: no splice
-                    return None
-                transport.pause_reading()
-                return b"".join(parts), True
-        return None
-
-    def reattach_body(self, content: StreamReader, complete: bool) -> None:
-        """The detached body has ended: `complete`, the next request is parsed from the socket
-        by a fresh parser (the old one still counts the body's bytes); otherwise the socket sits
-        mid-body, so the connection closes after this answer."""
-        content.feed_eof()
-        if complete and self.transport is not None:
-            self._parser, self._next_parser = self._next_parser, None
-            self.transport.resume_reading()
-        else:
-            self._next_parser = None
-            self.close()  # after the current answer (aiohttp resets keep-alive from the response)
-
-    _next_parser = None
-
-    @property
-    def lingering_time(self) -> float:
-        """How long aiohttp reads and drops a body its handler left unread (then closes)."""
-        return self._lingering_time
-
-    def _fresh_parser(self):
-        # Built as aiohttp's RequestHandler.__init__ builds it, for the messages after the body.
-        return type(self._parser)(
-            self, self._loop, self._read_bufsize, max_line_size=self.max_line_size,
-            max_field_size=self.max_field_size, max_headers=self.max_headers,
-            payload_exception=RequestPayloadError, auto_decompress=False,
-            max_msg_queue_size=self._max_msg_queue_size)
-
-    def handle_error(self, request, status=500, exc=None, message=None):  # type: ignore[override]
-        if isinstance(exc, HttpProcessingError) and request.writer.output_size == 0:
-            return self._manager.request_handler.malformed_request(exc)  # type: ignore[union-attr]
-        return super().handle_error(request, status, exc, message)
-
-    def eof_received(self) -> bool:
-        """A client may half-close once its request is sent (RFC 9112 §9.6): answer what arrived
-        whole, then close. aiohttp closed at once, which cancelled such requests unanswered.
-        Decided one loop step later: a request just taken off the queue is then current."""
-        self._loop.call_soon(self._after_client_eof)
-        return True  # keep the transport open for writing meanwhile
-
-    def _after_client_eof(self) -> None:
-        if self.transport is None:
-            return
-        messages = getattr(self, "_messages", ())
-        bodies = [payload for _, payload in messages]
-        current = getattr(self, "_current_request", None)
-        if current is not None:
-            bodies.append(current.content)
-        idle = current is None and not messages
-        if idle or not all(body.is_eof() for body in bodies):
-            self.force_close()  # nothing to answer, or a body cut short: close (cancels it)
-        else:
-            self.close()  # answer what arrived, accept nothing more, then close
-
-
-class _InboundServer(web.Server):
-    head_timeout: float | None = None
-
-    def __call__(self) -> RequestHandler:
-        handler = _InboundRequestHandler(self, loop=self._loop, **self._kwargs)
-        handler.head_timeout = self.head_timeout
-        return handler
-
-
 class ProxyApp:
     """A running proxy worker. `start()`, then `port`/`admin_port`; `stop()` drains and closes."""
 
@@ -268,15 +135,18 @@ class ProxyApp:
         self.metrics = metrics or Metrics()
         self.pool = pool or pool_from_config(config, self.router.origin_timeouts(), self.metrics.on_upstream_retry)
         self.credentials.on_refresh = self.metrics.on_credential_refresh
-        self.handler = ProxyHandler(
-            self.router, self.credentials, self.pool, self.metrics,
-            max_body_size=config.max_body_size, max_inflight=config.max_inflight,
-            transparent=config.transparent, strip_headers=config.strip_header,
-            add_headers=[tuple(h.split("=", 1)) for h in config.add_header],
-            duplicate_headers=config.duplicate_header, access_log=config.access_log,
-            body_timeout=config.read_timeout, splice=config.splice,
-        )
-        # HTTP/2 (h2c prior knowledge, gRPC) on the same port: same prepare/sign, same pool.
+        # One request path for both inbound protocols, built from typed settings derived once.
+        self.exchange = Exchange(
+            RequestPreparer(self.router, self.credentials, max_body_size=config.max_body_size,
+                            strip_headers=config.strip_header,
+                            add_headers=[tuple(h.split("=", 1)) for h in config.add_header],
+                            duplicate_headers=config.duplicate_header),
+            self.pool, self.metrics,
+            ExchangeSettings(max_inflight=config.max_inflight, access_log=config.access_log))
+        self.inbound_settings = InboundSettings(max_body_size=config.max_body_size, read_timeout=config.read_timeout,
+                                                splice=config.splice, transparent=config.transparent)
+        self.handler = H1Handler(self.exchange, self.inbound_settings, time.time)
+        # HTTP/2 (h2c prior knowledge, gRPC) on the same port, through the same exchange.
         # Built at the first h2c connection: the h2 library costs ~4 MB RSS an HTTP/1.1-only
         # sidecar never needs.
         self._h2_streams = None
@@ -303,7 +173,7 @@ class ProxyApp:
         return self.credentials.ready()
 
     def refresh_gauges(self) -> None:
-        self.metrics.update_gauges(self.credentials.expiry, self.pool.stats(), self.handler.inflight)
+        self.metrics.update_gauges(self.credentials.expiry, self.pool.stats(), self.exchange.inflight)
 
     async def _gauge_loop(self) -> None:
         while True:
@@ -330,7 +200,7 @@ class ProxyApp:
                                         access_log=None)
         self._admin_listener = await loop.create_server(self._admin_server, sock=admin_sock)
         self.admin_port = admin_sock.getsockname()[1]
-        self._web_server = _InboundServer(
+        self._web_server = InboundServer(
             self.handler, access_log=None, auto_decompress=False, handler_cancellation=True,
             keepalive_timeout=75, max_field_size=MAX_HEADER_FIELD, max_line_size=MAX_REQUEST_LINE,
             read_bufsize=16384,
@@ -349,13 +219,9 @@ class ProxyApp:
     @property
     def h2_streams(self):
         if self._h2_streams is None:
-            from sigv4proxy.inbound.h2 import H2ProxyStreams
+            from sigv4proxy.inbound.h2 import H2Streams
 
-            config = self.config
-            self._h2_streams = H2ProxyStreams(
-                self.handler, self.pool, self.metrics, max_body_size=config.max_body_size,
-                max_inflight=config.max_inflight, transparent=config.transparent,
-                access_log=config.access_log)
+            self._h2_streams = H2Streams(self.exchange, self.inbound_settings)
         return self._h2_streams
 
     def _new_h2_connection(self, on_close):
@@ -376,10 +242,10 @@ class ProxyApp:
         if self._listener is not None:
             self._listener.begin_shutdown()  # HTTP/2: GOAWAY, open streams finish
         deadline = time.monotonic() + timeout
-        while self.handler.inflight > 0 and time.monotonic() < deadline:
+        while self.exchange.inflight > 0 and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
-        if self.handler.inflight:
-            log.warning("drain timeout with requests in flight", extra={"inflight": self.handler.inflight})
+        if self.exchange.inflight:
+            log.warning("drain timeout with requests in flight", extra={"inflight": self.exchange.inflight})
         if self._web_server is not None:
             await self._web_server.shutdown(timeout=1.0)
         if self._listener is not None:

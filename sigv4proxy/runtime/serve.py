@@ -87,7 +87,7 @@ async def serve_until_signalled(config: config_mod.ProxyConfig, *, reuse_port: b
               extra={"objects": gc.get_freeze_count(), "gen0_threshold": gc.get_threshold()[0],
                      "collect_every_s": gc_policy.YOUNG_EVERY_S})
     await stop.wait()
-    log.info("draining", extra={"inflight": app.handler.inflight, "drain_timeout": config.drain_timeout})
+    log.info("draining", extra={"inflight": app.exchange.inflight, "drain_timeout": config.drain_timeout})
     collector.cancel()
     await app.stop()
     # Stopping already: a repeated SIGTERM/SIGINT (kubelet, docker stop, Ctrl-C twice) during
