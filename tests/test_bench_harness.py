@@ -617,3 +617,167 @@ def test_bare_relay_moves_every_byte_and_passes_the_half_close_on(start_relay):
                 reply += chunk
         thread.join(10)
         assert reply == hashlib.sha256(payload).hexdigest().encode()
+
+
+# ---- the constant-rate loader -------------------------------------------------------------------
+
+
+def test_rate_loader_schedule():
+    from rate_loader import due_count, request_bytes
+
+    assert [due_count(t, 100.0, 50) for t in (-0.1, 0.0, 0.0099, 0.01, 0.25, 9.0)] == [
+        0, 1, 1, 2, 26, 50]  # the k-th request is due at k / rate, never more than the total
+    assert request_bytes("GET", "/hello", "h.example", b"") == (
+        b"GET /hello HTTP/1.1\r\nHost: h.example\r\n\r\n")
+    assert request_bytes("POST", "/p", "h", b"abc").endswith(
+        b"Content-Length: 3\r\n\r\nabc")
+
+
+def test_rate_loader_reads_responses_in_pieces():
+    from rate_loader import ResponseReader
+
+    stream = (b"HTTP/1.1 100 Continue\r\n\r\n"
+              b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello"
+              b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\n\r\n"
+              b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+              b"3\r\nabc\r\n10;ext=1\r\n0123456789abcdef\r\n0\r\nx-trailer: 1\r\n\r\n"
+              b"HTTP/1.1 204 No Content\r\nConnection: close\r\n\r\n")
+    for size in (1, 7, len(stream)):  # byte by byte, in odd pieces, all at once
+        reader = ResponseReader()
+        statuses = []
+        for i in range(0, len(stream), size):
+            statuses += reader.feed(stream[i:i + size])
+        assert statuses == [200, 503, 200, 204] and reader.close and not reader.buffer
+    with pytest.raises(ValueError):
+        ResponseReader().feed(b"SSH-2.0-OpenSSH\r\n\r\n")
+
+
+class _StallingServer:
+    """HTTP/1.1 on loopback: answers 200 'ok'; from `stall_at` seconds after its first request
+    every answer waits until `stall_at + stall_s`; the request numbered `fail_status_every`
+    (1, 2, ...) gets a 503 and the one numbered `drop_nth` a closed connection, no answer."""
+
+    def __init__(self, stall_at: float = 0.0, stall_s: float = 0.0, fail_status_every: int = 0,
+                 drop_nth: int = 0) -> None:
+        self.stall_at, self.stall_s = stall_at, stall_s
+        self.fail_status_every, self.drop_nth = fail_status_every, drop_nth
+        self.count = 0
+        self.first = None
+        self.lock = threading.Lock()
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.sock.settimeout(0.2)
+        self.port = self.sock.getsockname()[1]
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self.accept, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.thread.join(5)
+        self.sock.close()
+
+    def accept(self) -> None:
+        while not self.stop.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                continue
+            threading.Thread(target=self.serve, args=(conn,), daemon=True).start()
+
+    def serve(self, conn: socket.socket) -> None:
+        conn.settimeout(10)
+        buffer = b""
+        with conn:
+            while not self.stop.is_set():
+                while b"\r\n\r\n" not in buffer:
+                    try:
+                        data = conn.recv(4096)
+                    except OSError:
+                        return
+                    if not data:
+                        return
+                    buffer += data
+                buffer = buffer.split(b"\r\n\r\n", 1)[1]
+                with self.lock:
+                    self.count += 1
+                    n = self.count
+                    self.first = self.first or time.monotonic()
+                    stall_end = self.first + self.stall_at + self.stall_s
+                    stalled = self.stall_s and time.monotonic() >= self.first + self.stall_at
+                if stalled and time.monotonic() < stall_end:
+                    time.sleep(stall_end - time.monotonic())
+                if n == self.drop_nth:
+                    return
+                status = b"503 Busy" if self.fail_status_every and n % self.fail_status_every == 0 else b"200 OK"
+                conn.sendall(b"HTTP/1.1 " + status + b"\r\nContent-Length: 2\r\n\r\nok")
+
+
+def run_rate_loader(port: int, *args: str) -> dict:
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "rate_loader.py"),
+                          "--port", str(port), *args], capture_output=True, timeout=60,
+                         check=False)
+    assert out.returncode == 0, out.stderr.decode()[-2000:]
+    return json.loads(out.stdout.decode().strip().splitlines()[-1])
+
+
+def test_rate_loader_holds_its_rate_and_charges_a_stall_to_every_request_due_in_it():
+    """300 requests at 200/s on 2 connections; the server stops answering for 0.3 s. Timed
+    from when each request was due, the ~60 requests due in the stall all wait (p99 near the
+    stall); timed from when each went out, only the 2 in flight would have."""
+    with _StallingServer(stall_at=0.5, stall_s=0.3) as server:
+        result = run_rate_loader(server.port, "--rate", "200", "--duration", "1.5",
+                                 "--connections", "2", "--path", "/x")
+    assert result["requests"] == 300 == server.count
+    assert (result["non_2xx"], result["socket_errors"]) == (0, 0)
+    assert 170 <= result["rps"] <= 210  # the schedule held, stall included
+    assert 200_000 <= result["p99_us"] <= 900_000
+    assert result["p50_us"] < 100_000
+
+
+def test_rate_loader_counts_error_statuses_and_a_dropped_connection_and_carries_on():
+    with _StallingServer(fail_status_every=10, drop_nth=55) as server:
+        result = run_rate_loader(server.port, "--rate", "200", "--duration", "0.5",
+                                 "--connections", "4", "--drain", "3")
+    assert result["socket_errors"] == 1  # request 55: its connection closed, no answer
+    assert result["requests"] == 99  # the other 99 of 100 answered, on a new connection too
+    assert result["non_2xx"] == 10  # requests 10, 20, ... 100 answered 503
+
+
+def test_json_results_parse_and_garbage_is_a_parse_error():
+    line = json.dumps({"offered_rps": 10.0, "requests": 9, "duration_s": 1.0, "rps": 9.0,
+                       "p50_us": 10.0, "p99_us": 20.0, "non_2xx": 1, "socket_errors": 0})
+    result = bench_parse.parse_json_result("warming up\n" + line + "\n", "rate_loader")
+    assert (result.requests, result.rps, result.p99_us, result.non_2xx) == (9, 9.0, 20.0, 1)
+    assert not result.valid
+    with pytest.raises(ParseError, match="rate_loader printed no result: 'Traceback"):
+        bench_parse.parse_json_result("Traceback (most recent call last):\n  boom\n", "rate_loader")
+    with pytest.raises(ParseError):
+        bench_parse.parse_json_result("", "the gRPC loop")
+
+
+# ---- the gRPC loop ------------------------------------------------------------------------------
+
+
+async def test_grpc_loop_counts_answered_calls_against_a_real_server():
+    from bench_grpc import listening_port, unary_loop
+    from grpc_support.echo_service import EchoService
+
+    async with EchoService() as service:
+        result = await unary_loop(service.port, "127.0.0.1", seconds=10, max_calls=25,
+                                  concurrency=4, timeout_s=5)
+    assert result["requests"] == 25 and (result["non_2xx"], result["socket_errors"]) == (0, 0)
+    assert 0 < result["p50_us"] <= result["p99_us"]
+    assert len(service.metadata) == 25
+    assert listening_port("starting\nlistening 50123\n") == 50123 and listening_port("") is None
+
+
+async def test_grpc_loop_counts_failed_calls():
+    from bench_grpc import unary_loop
+
+    result = await unary_loop(free_port(), "127.0.0.1", seconds=10, max_calls=3, concurrency=1,
+                              timeout_s=2)  # nothing listens there
+    assert result["requests"] == 3 == result["socket_errors"] and result["rps"] == 0
+
