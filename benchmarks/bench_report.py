@@ -170,8 +170,8 @@ def _ms(us: float) -> str:
 
 def summary_table(rows: list[Row], cases: list[str]) -> str:
     """The few rows that define the field, for `cases`: the floor, Go as shipped and pooled, ours
-    over HTTP/1.1, h2c and TLS; each with RPS against the pooled Go sidecar and CPU against the
-    floor ('' when none of them ran)."""
+    over HTTP/1.1, h2c and TLS; each with RPS against the pooled Go sidecar (not ours over TLS:
+    that Go goes over HTTP/1.1) and CPU against the floor ('' when none of them ran)."""
     valid = {(r.target, r.case): r for r in rows if r.valid}
     order = (FLOOR, "peer:go", POOLED_GO, "proxy-w2-h1", "proxy-w2-h2", "proxy-w2-h2tls")
     lines = []
@@ -180,7 +180,8 @@ def summary_table(rows: list[Row], cases: list[str]) -> str:
             row = valid.get((target, case))
             if row is None:
                 continue
-            go = ratios_between(row, valid.get((POOLED_GO, case))).get("rps")
+            go = (None if target.endswith("h2tls") else
+                  ratios_between(row, valid.get((POOLED_GO, case))).get("rps"))
             floor = row.ratios_to_floor.get("cpu_us_per_req")
             lines.append(f"| {target} | {case} | {row.rps:,.0f} | {_ms(row.p99_us)} | "
                          f"{_num(row.cpu_us_per_req, '.0f')} | "

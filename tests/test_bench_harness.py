@@ -1038,6 +1038,11 @@ def test_floor_and_summary_tables():
     assert summary[2] == "| nginx-proxy | GET c128 | 40,000 | 10.00 | 20 | ×2.50 | — |"
     assert summary[3] == "| peer:go | GET c128 | 8,000 | 10.00 | 160 | ×0.50 | ×8.00 |"
     assert summary[6] == "| proxy-w2-h2 | GET c128 | 20,000 | 10.00 | 60 | ×1.25 | ×3.00 |"
+    rows.append(Row("proxy-w2-h2tls", "GET c128", "wrk", "direct-h1", requests=9, rps=12000.0,
+                    cpu_us_per_req=70.0))
+    compute_ratios(rows)  # Go runs over HTTP/1.1: no yardstick for ours over TLS
+    assert summary_table(rows, ["GET c128"]).splitlines()[-1] == (
+        "| proxy-w2-h2tls | GET c128 | 12,000 | 0.00 | 70 | — | ×3.50 |")
     assert summary_table(rows, ["POST 4KiB c128"]) == ""
 
 
