@@ -803,8 +803,7 @@ def test_pinned_tree_moves_a_running_tree_and_puts_it_back():
     proc = subprocess.Popen(["sh", "-c", "sleep 30 & wait"], start_new_session=True)
     try:
         time.sleep(0.3)
-        child = int(subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True,
-                                   text=True, check=True).stdout.split()[0])
+        child = int(Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()[0])
         with PinnedTree(proc.pid, (cpus[0],)):
             assert os.sched_getaffinity(proc.pid) == {cpus[0]} == os.sched_getaffinity(child)
         assert os.sched_getaffinity(proc.pid) == set(cpus) == os.sched_getaffinity(child)
