@@ -38,11 +38,14 @@ bench-sign: $(STAMP)
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis build *.egg-info
 
-# The benchmark matrix (< 10 min; bench-quick < 2 min): bench-results/bench.md, .json, .png.
-# Extra flags: make bench BENCH_ARGS="--peer 'aws-sigv4-proxy --port :{port} ...' --peer-name go"
+# The benchmark matrix (< 15 min; bench-quick < 3 min): bench-results/bench.md, .json, .png.
+# GO_PEERS: where the Go aws-sigv4-proxy builds are (docs/performance.md says how to build them;
+# their rows are flagged "not built" until then). Extra flags: make bench BENCH_ARGS="--peer
+# 'CMD --port {port} ...' --peer-name NAME" (python benchmarks/bench.py --help).
+GO_PEERS ?= $(or $(TMPDIR),/tmp)/peers
 bench: $(STAMP)
 	$(BIN)/python -c "import matplotlib" 2>/dev/null || $(BIN)/pip install -q -e '.[bench]'
-	$(BIN)/python benchmarks/bench.py $(BENCH_ARGS)
+	$(BIN)/python benchmarks/bench.py --go-peers $(GO_PEERS) $(BENCH_ARGS)
 
 # Start to /readyz and idle RSS, 1 and 2 workers (make bench runs it too): bench-results/start.md.
 bench-start: $(STAMP)
@@ -50,7 +53,7 @@ bench-start: $(STAMP)
 
 bench-quick: $(STAMP)
 	$(BIN)/python -c "import matplotlib" 2>/dev/null || $(BIN)/pip install -q -e '.[bench]'
-	$(BIN)/python benchmarks/bench.py --quick $(BENCH_ARGS)
+	$(BIN)/python benchmarks/bench.py --quick --go-peers $(GO_PEERS) $(BENCH_ARGS)
 
 # Headless locust for a bounded time against SIGV4PROXY_TARGET (default: the demo, started here
 # when nothing listens): CSV and HTML reports in loadtest-results/. WORKERS=N runs locust's

@@ -1,18 +1,21 @@
-"""Load generation for `make bench`: the workloads and cases, and wrk / h2load runs.
+"""Load generation for `make bench`: the workloads and cases, and the load generators' runs.
 
-Owns: what a case is (method, body size, concurrency), the wrk Lua script for bodies, and the
-command lines of wrk and h2load. It must never aim a load generator anywhere but 127.0.0.1 and
-never run one without a time bound.
+Owns: what a case is (method, body size, concurrency, or a rate as a share of a measured maximum),
+the wrk Lua script for bodies, and the command lines of wrk, h2load, the constant-rate loader
+(rate_loader.py) and the gRPC loop (bench_grpc.py). It must never aim a load generator anywhere
+but 127.0.0.1 and never run one without a time bound.
 """
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench_parse import LoadResult, parse_h2load, parse_wrk
-from bench_procs import run_bounded
+from bench_parse import LoadResult, parse_h2load, parse_json_result, parse_wrk
+from bench_procs import run_bounded, taskset_prefix
 
+HERE = Path(__file__).resolve().parent
 # The Host an app would send through the sidecar (the proxy's default allow-list admits it).
 LATTICE_HOST = "svc-0123456789abcdef.7d67968.vpc-lattice-svcs.us-west-2.on.aws"
 REQUEST_PATH = "/hello"
@@ -30,20 +33,36 @@ GET = Workload("GET", "GET", 0)
 POST_4K = Workload("POST 4KiB", "POST", 4096)
 POST_1M = Workload("POST 1MiB", "POST", 1 << 20)
 WORKLOADS = (GET, POST_4K, POST_1M)
+GRPC_UNARY = Workload("gRPC unary", "POST", 0)  # 64-byte messages, bench_grpc.PAYLOAD
 
 
 @dataclass(frozen=True)
 class Case:
     workload: Workload
-    concurrency: int
+    concurrency: int  # requests in flight (closed loop), or connections at a rate
+    rate_of_max: float = 0.0  # > 0: a constant rate, this share of the same target's closed-loop
+    # maximum in the case (workload, concurrency) without a rate
 
     @property
     def label(self) -> str:
+        if self.rate_of_max:
+            return f"{self.workload.name} at {self.rate_of_max:.0%} of max"
         return f"{self.workload.name} c{self.concurrency}"
+
+    @property
+    def max_case(self) -> "Case":
+        """The closed-loop case whose rate this one takes a share of."""
+        return Case(self.workload, self.concurrency)
 
 
 FULL_CASES = tuple(Case(w, c) for w in WORKLOADS for c in (1, 32, 128))
 QUICK_CASES = (Case(GET, 1), Case(GET, 32), Case(POST_4K, 32), Case(POST_1M, 32))
+# HTTP/2 clients into the proxy: the same requests as its HTTP/1.1 rows, at the same concurrency.
+INBOUND_CASES = (Case(GET, 32), Case(GET, 128), Case(POST_4K, 128))
+QUICK_INBOUND_CASES = (Case(GET, 32),)
+GRPC_CASES = (Case(GRPC_UNARY, 16),)
+# A sidecar limited to one CPU: its closed-loop maximum, then p99 at constant rates below it.
+ONE_CPU_CASES = (Case(GET, 64), Case(GET, 64, 0.5), Case(GET, 64, 0.9))
 
 
 class LoadFiles:
@@ -92,12 +111,14 @@ def wrk_argv(port: int, case: Case, duration_s: float, files: LoadFiles,
 
 
 def h2load_argv(port: int, case: Case, duration_s: float, files: LoadFiles,
-                log_file: Path | None, requests: int | None = None, tls: bool = False) -> list[str]:
+                log_file: Path | None, requests: int | None = None, tls: bool = False,
+                streams: int = 1) -> list[str]:
     """h2c prior knowledge (or h2 over TLS, ALPN; h2load does not verify the certificate); `c`
-    concurrent requests = c connections of one stream each (as wrk). Timed by `duration_s`, or a
-    fixed count of `requests` when given."""
+    concurrent requests = c / streams connections of `streams` streams each (one each: as wrk).
+    Timed by `duration_s`, or a fixed count of `requests` when given."""
     bound = ["-n", str(requests)] if requests else ["-D", str(max(1, round(duration_s)))]
-    argv = ["h2load", *bound, "-c", str(case.concurrency), "-m", "1", "-t", "1",
+    connections = max(1, case.concurrency // streams)
+    argv = ["h2load", *bound, "-c", str(connections), "-m", str(streams), "-t", "1",
             "-H", "content-type: application/octet-stream",
             "-H", f":authority: {LATTICE_HOST}"]  # as wrk's Host: the proxy routes on it
     body = files.body(case.workload)
@@ -109,17 +130,54 @@ def h2load_argv(port: int, case: Case, duration_s: float, files: LoadFiles,
     return argv + [f"{scheme}://127.0.0.1:{port}{REQUEST_PATH}"]
 
 
-def run_wrk(port: int, case: Case, duration_s: float, files: LoadFiles) -> tuple[LoadResult, str]:
-    output = run_bounded(wrk_argv(port, case, duration_s, files), timeout_s=duration_s + 30)
+def rate_loader_argv(port: int, case: Case, duration_s: float, files: LoadFiles,
+                     rate: float) -> list[str]:
+    argv = [sys.executable, str(HERE / "rate_loader.py"), "--port", str(port),
+            "--rate", f"{rate:.1f}", "--duration", str(duration_s),
+            "--connections", str(case.concurrency), "--host-header", LATTICE_HOST,
+            "--path", REQUEST_PATH, "--method", case.workload.method]
+    body = files.body(case.workload)
+    if body is not None:
+        argv += ["--body-file", str(body)]
+    return argv
+
+
+def grpc_loop_argv(port: int, case: Case, duration_s: float, max_calls: int | None = None) -> list[str]:
+    argv = [sys.executable, str(HERE / "bench_grpc.py"), "loop", "--port", str(port),
+            "--authority", LATTICE_HOST, "--seconds", str(duration_s),
+            "--concurrency", str(case.concurrency)]
+    return argv + (["--max-calls", str(max_calls)] if max_calls else [])
+
+
+def run_wrk(port: int, case: Case, duration_s: float, files: LoadFiles,
+            cpus: tuple[int, ...] = ()) -> tuple[LoadResult, str]:
+    output = run_bounded(taskset_prefix(cpus) + wrk_argv(port, case, duration_s, files),
+                         timeout_s=duration_s + 30)
     return parse_wrk(output), output
 
 
+def run_rate(port: int, case: Case, duration_s: float, files: LoadFiles, rate: float,
+             cpus: tuple[int, ...] = ()) -> tuple[LoadResult, str]:
+    """`case` at a constant `rate` (requests per second) from the rate loader."""
+    argv = taskset_prefix(cpus) + rate_loader_argv(port, case, duration_s, files, rate)
+    output = run_bounded(argv, timeout_s=duration_s + 30)
+    return parse_json_result(output, "rate_loader"), output
+
+
+def run_grpc(port: int, case: Case, duration_s: float,
+             max_calls: int | None = None) -> tuple[LoadResult, str]:
+    output = run_bounded(grpc_loop_argv(port, case, duration_s, max_calls),
+                         timeout_s=duration_s + 30)
+    return parse_json_result(output, "the gRPC loop"), output
+
+
 def run_h2load(port: int, case: Case, duration_s: float, files: LoadFiles,
-               tls: bool = False) -> tuple[LoadResult, str]:
+               tls: bool = False, streams: int = 1) -> tuple[LoadResult, str]:
     log_file = files.workdir / "h2load.log"
     log_file.unlink(missing_ok=True)
     try:
-        output = run_bounded(h2load_argv(port, case, duration_s, files, log_file, tls=tls),
+        output = run_bounded(h2load_argv(port, case, duration_s, files, log_file, tls=tls,
+                                         streams=streams),
                              timeout_s=duration_s + 30)
         lines = log_file.read_text().splitlines() if log_file.exists() else []
         return parse_h2load(output, lines), output

@@ -7,6 +7,7 @@ can feed it captured output.
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
 
@@ -125,6 +126,21 @@ def parse_h2load(text: str, log_lines: list[str]) -> LoadResult:
         non_2xx=max(0, done - two_xx),
         socket_errors=max(failed, errored + timeout),
     )
+
+
+def parse_json_result(text: str, tool: str) -> LoadResult:
+    """The one JSON line that rate_loader.py and `bench_grpc.py loop` print last (the same keys
+    as LoadResult; the rate loader adds `offered_rps`, which the caller already knows)."""
+    lines = text.strip().splitlines()
+    try:
+        record = json.loads(lines[-1])
+        return LoadResult(requests=int(record["requests"]), duration_s=float(record["duration_s"]),
+                          rps=float(record["rps"]), p50_us=float(record["p50_us"]),
+                          p99_us=float(record["p99_us"]), non_2xx=int(record["non_2xx"]),
+                          socket_errors=int(record["socket_errors"]))
+    except (IndexError, ValueError, KeyError, TypeError) as exc:
+        first = lines[0] if lines else "no output"
+        raise ParseError(f"{tool} printed no result: {first!r}") from exc
 
 
 # ---- /proc accounting -------------------------------------------------------------------------

@@ -107,6 +107,44 @@ class ManagedProcess:
             pass
 
 
+def taskset_prefix(cpus: tuple[int, ...]) -> list[str]:
+    """`taskset -c LIST` to run a command on those CPUs only ([] for no limit)."""
+    return ["taskset", "-c", ",".join(map(str, cpus))] if cpus else []
+
+
+def split_cpus(available: set[int]) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
+    """(one CPU for the measured server, the rest for load generator and upstream), or None with
+    fewer than two CPUs."""
+    cpus = sorted(available)
+    return ((cpus[-1],), tuple(cpus[:-1])) if len(cpus) >= 2 else None
+
+
+class PinnedTree:
+    """`with PinnedTree(root_pid, cpus):` keeps a running process tree (the upstream) on `cpus`,
+    restoring each process's own CPU set afterwards (processes that left meanwhile are skipped)."""
+
+    def __init__(self, root_pid: int, cpus: tuple[int, ...]) -> None:
+        self.root_pid, self.cpus = root_pid, cpus
+        self.saved: dict[int, set[int]] = {}
+
+    def __enter__(self) -> "PinnedTree":
+        if self.cpus:
+            for pid in tree_members(_read_all_stats(), self.root_pid):
+                try:
+                    self.saved[pid] = os.sched_getaffinity(pid)
+                    os.sched_setaffinity(pid, self.cpus)
+                except OSError:
+                    continue
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        for pid, cpus in self.saved.items():
+            try:
+                os.sched_setaffinity(pid, cpus)
+            except OSError:
+                continue
+
+
 def group_has_live_members(pgid: int) -> bool:
     """True while any non-zombie process is left in the process group."""
     return any(s.pgrp == pgid and s.state != "Z" for s in _read_all_stats())

@@ -1,8 +1,9 @@
-"""Results of `make bench`: one row per (target, case), ratios to the direct baseline, outputs.
+"""Results of `make bench`: one row per (target, case), ratios, the tables, the outputs.
 
-Owns: the Row record, ratio arithmetic, the Markdown table, bench.json and the PNG chart. It must
-never present a run with errors (non-2xx, socket errors, failed preflight) as a number to compare:
-such rows are flagged and their figures are kept out of the table's ratios and the chart.
+Owns: the Row record, ratio arithmetic (to the direct baseline, to the `nginx-proxy` floor, to
+each peer, inbound h2c to inbound HTTP/1.1), the Markdown tables, bench.json and the PNG chart.
+It must never present a run with errors (non-2xx, socket errors, failed preflight) as a number to
+compare: such rows are flagged and their figures are kept out of every ratio and the chart.
 """
 
 from __future__ import annotations
@@ -28,7 +29,9 @@ class Row:
     peak_rss_kib: int | None = None  # the process tree's, summed
     largest_process_rss_kib: int | None = None  # one process's (the fullest worker)
     problem: str = ""  # why this row is not a valid measurement ("" when it is)
+    offered_rps: float | None = None  # a constant-rate run: the rate asked for
     ratios: dict[str, float | None] = field(default_factory=dict)
+    ratios_to_floor: dict[str, float | None] = field(default_factory=dict)
 
     @property
     def valid(self) -> bool:
@@ -47,6 +50,17 @@ class Row:
 
 
 RATIO_FIELDS = ("rps", "p99_us", "cpu_us_per_req", "peak_rss_kib")
+FLOOR = "nginx-proxy"  # nginx as a plain keep-alive reverse proxy: the floor of a proxy hop
+POOLED_GO = "peer:go-pooled"
+H1_INBOUND = "proxy-w2-h2"  # HTTP/1.1 clients (wrk) into two workers with an h2c upstream
+H2C_INBOUND = (("proxy-w2-h2in", 1), ("proxy-w2-h2in-m16", 16))  # the same, h2c clients (h2load)
+GRPC_TARGETS = ("direct-grpc", "proxy-w2-grpc")
+INBOUND_TARGET = 1.2  # h2c CPU per request at most this multiple of HTTP/1.1's
+ONE_CPU_MARK = "-1cpu"  # in the name of a target limited to one CPU
+
+
+def is_proxy(target: str) -> bool:
+    return target.startswith(("proxy-", "peer:"))
 
 
 def ratio(value: float | None, base: float | None) -> float | None:
@@ -55,16 +69,21 @@ def ratio(value: float | None, base: float | None) -> float | None:
     return value / base
 
 
+def ratios_between(row: Row, base: Row | None) -> dict[str, float | None]:
+    """RATIO_FIELDS of `row` over `base`; {} unless both are valid measurements."""
+    if base is None or not base.valid or not row.valid:
+        return {}
+    return {name: ratio(getattr(row, name), getattr(base, name)) for name in RATIO_FIELDS}
+
+
 def compute_ratios(rows: list[Row]) -> None:
-    """Fill each row's ratios against its baseline row of the same case (both must be valid)."""
+    """Fill each row's ratios against its baseline row of the same case, and each proxy's (ours
+    and the peers') against the floor's row of the same case (both rows must be valid)."""
     index = {(r.target, r.case): r for r in rows}
     for row in rows:
-        row.ratios = {}
-        base = index.get((row.baseline, row.case)) if row.baseline else None
-        if base is None or not base.valid or not row.valid:
-            continue
-        for name in RATIO_FIELDS:
-            row.ratios[name] = ratio(getattr(row, name), getattr(base, name))
+        row.ratios = ratios_between(row, index.get((row.baseline, row.case))) if row.baseline else {}
+        row.ratios_to_floor = (ratios_between(row, index.get((FLOOR, row.case)))
+                               if is_proxy(row.target) else {})
 
 
 def _num(value: float | None, fmt: str) -> str:
@@ -111,7 +130,9 @@ def peer_comparisons(rows: list[Row]) -> list[dict]:
     for peer in peers:
         for row in rows:
             other = valid.get((peer, row.case))
-            if not row.target.startswith("proxy-") or other is None or not row.valid:
+            # Constant-rate rows ran at each target's own rate: no yardstick for each other.
+            if (not row.target.startswith("proxy-") or other is None or not row.valid
+                    or row.offered_rps is not None):
                 continue
             ratios = {name: ratio(getattr(row, name), getattr(other, name))
                       for name in RATIO_FIELDS}
@@ -143,6 +164,137 @@ def peer_table(rows: list[Row]) -> str:
     return "\n\n".join(blocks)
 
 
+def _ms(us: float) -> str:
+    return f"{us / 1000:.2f}"
+
+
+def summary_table(rows: list[Row], cases: list[str]) -> str:
+    """The few rows that define the field, for `cases`: the floor, Go as shipped and pooled, ours
+    over HTTP/1.1, h2c and TLS; each with RPS against the pooled Go sidecar (not ours over TLS:
+    that Go goes over HTTP/1.1) and CPU against the floor ('' when none of them ran)."""
+    valid = {(r.target, r.case): r for r in rows if r.valid}
+    order = (FLOOR, "peer:go", POOLED_GO, "proxy-w2-h1", "proxy-w2-h2", "proxy-w2-h2tls")
+    lines = []
+    for case in cases:
+        for target in order:
+            row = valid.get((target, case))
+            if row is None:
+                continue
+            go = (None if target.endswith("h2tls") else
+                  ratios_between(row, valid.get((POOLED_GO, case))).get("rps"))
+            floor = row.ratios_to_floor.get("cpu_us_per_req")
+            lines.append(f"| {target} | {case} | {row.rps:,.0f} | {_ms(row.p99_us)} | "
+                         f"{_num(row.cpu_us_per_req, '.0f')} | "
+                         f"{'—' if go is None or target == POOLED_GO else f'×{go:.2f}'} | "
+                         f"{'—' if floor is None else f'×{floor:.2f}'} |")
+    if not lines:
+        return ""
+    return "\n".join(["| target | case | RPS | p99 ms | CPU µs/req | RPS vs pooled Go "
+                      "| CPU vs nginx-proxy |", "|---|---|---|---|---|---|---|", *lines])
+
+
+def floor_table(rows: list[Row]) -> str:
+    """Cases down, every proxy (ours and peers) across: 'RPS ×r, CPU ×c' against nginx-proxy."""
+    mine = [r for r in rows if r.ratios_to_floor]
+    if not mine:
+        return ""
+    targets = list(dict.fromkeys(r.target for r in mine))
+    cell = {(r.target, r.case): r.ratios_to_floor for r in mine}
+    lines = [f"Against `{FLOOR}`, nginx as a plain keep-alive reverse proxy (no signing), the "
+             "floor of a proxy hop (same run; RPS and CPU µs per request as multiples of its):", "",
+             "| case | " + " | ".join(targets) + " |", "|---|" + "---|" * len(targets)]
+    for case in dict.fromkeys(r.case for r in mine):
+        cells = []
+        for target in targets:
+            c = cell.get((target, case))
+            cells.append("—" if c is None else
+                         f"RPS ×{_num(c['rps'], '.2f')}, CPU ×{_num(c['cpu_us_per_req'], '.2f')}")
+        lines.append(f"| {case} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def inbound_comparisons(rows: list[Row]) -> list[dict]:
+    """Per case that both ran: CPU per request of h2c clients into the proxy (1 and 16 streams
+    per connection) over that of HTTP/1.1 clients for the same requests."""
+    valid = {(r.target, r.case): r for r in rows if r.valid}
+    out = []
+    for case in dict.fromkeys(r.case for r in rows if r.target == H1_INBOUND):
+        h1 = valid.get((H1_INBOUND, case))
+        if h1 is None or h1.cpu_us_per_req is None:
+            continue
+        for target, streams in H2C_INBOUND:
+            h2c = valid.get((target, case))
+            if h2c is None:
+                continue
+            out.append({"case": case, "target": target, "streams_per_connection": streams,
+                        "h1_rps": h1.rps, "h1_cpu_us_per_req": h1.cpu_us_per_req,
+                        "h2c_rps": h2c.rps, "h2c_cpu_us_per_req": h2c.cpu_us_per_req,
+                        "cpu_ratio": ratio(h2c.cpu_us_per_req, h1.cpu_us_per_req)})
+    return out
+
+
+def inbound_table(rows: list[Row]) -> str:
+    """h2c into the proxy beside HTTP/1.1 into it, and the gRPC loop ('' when neither ran)."""
+    blocks = []
+    comparisons = inbound_comparisons(rows)
+    if comparisons:
+        lines = [f"Inbound h2c against inbound HTTP/1.1 (`{H1_INBOUND}`: wrk into two workers, h2c "
+                 f"upstream; the h2c rows send the same requests at the same concurrency with "
+                 f"h2load; target: CPU per request within ×{INBOUND_TARGET:.1f}):", "",
+                 "| case | HTTP/1.1 in: RPS | CPU µs/req | h2c in | streams/conn | RPS | CPU µs/req "
+                 "| CPU vs HTTP/1.1 in | within target |",
+                 "|---|---|---|---|---|---|---|---|---|"]
+        for c in comparisons:
+            r = c["cpu_ratio"]
+            lines.append(f"| {c['case']} | {c['h1_rps']:,.0f} | {c['h1_cpu_us_per_req']:.0f} | "
+                         f"{c['target']} | {c['streams_per_connection']} | {c['h2c_rps']:,.0f} | "
+                         f"{_num(c['h2c_cpu_us_per_req'], '.0f')} | "
+                         f"{'—' if r is None else f'×{r:.2f}'} | "
+                         f"{'—' if r is None else ('yes' if r <= INBOUND_TARGET else 'no')} |")
+        blocks.append("\n".join(lines))
+    grpc = [r for r in rows if r.target in GRPC_TARGETS]
+    if grpc:
+        lines = ["gRPC unary loop (grpcio client, one channel, calls in flight as the case says; "
+                 "CPU per call of the measured server: the gRPC server for direct-grpc, the proxy "
+                 "for proxy-w2-grpc):", "",
+                 "| target | case | calls/s | p50 ms | p99 ms | CPU µs/call | check |",
+                 "|---|---|---|---|---|---|---|"]
+        for r in grpc:
+            figures = ([f"{r.rps:,.0f}", _ms(r.p50_us), _ms(r.p99_us), _num(r.cpu_us_per_req, ".0f")]
+                       if r.valid else ["✗", "—", "—", "—"])
+            lines.append("| " + " | ".join([r.target, r.case, *figures, r.check]) + " |")
+        blocks.append("\n".join(lines))
+    return "\n\n".join(blocks)
+
+
+def one_cpu_table(rows: list[Row]) -> str:
+    """Per target limited to one CPU: its closed-loop maximum, then offered and achieved rate and
+    p99 at each constant rate ('' when none ran)."""
+    mine = [r for r in rows if ONE_CPU_MARK in r.target]
+    if not mine:
+        return ""
+    rated = list(dict.fromkeys(r.case for r in mine if r.offered_rps is not None))
+    head = ["target", "max: case", "RPS", "p99 ms", "CPU µs/req"]
+    for case in rated:
+        head += [f"{case}: offered → achieved RPS", "p99 ms"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for target in dict.fromkeys(r.target for r in mine):
+        closed = next((r for r in mine if r.target == target and r.offered_rps is None), None)
+        if closed is None:
+            continue
+        cells = ([closed.case, f"{closed.rps:,.0f}", _ms(closed.p99_us),
+                  _num(closed.cpu_us_per_req, ".0f")] if closed.valid
+                 else [closed.case, "✗", closed.check, "—"])
+        for case in rated:
+            r = next((x for x in mine if x.target == target and x.case == case), None)
+            if r is None or not r.valid:
+                cells += ["✗" if r is None else r.check, "—"]
+            else:
+                cells += [f"{r.offered_rps:,.0f} → {r.rps:,.0f}", _ms(r.p99_us)]
+        lines.append("| " + " | ".join([target, *cells]) + " |")
+    return "\n".join(lines)
+
+
 def write_json(path: Path, meta: dict, rows: list[Row]) -> None:
     records = []
     for row in rows:
@@ -150,12 +302,14 @@ def write_json(path: Path, meta: dict, rows: list[Row]) -> None:
         record["valid"] = row.valid
         record["check"] = row.check
         records.append(record)
-    path.write_text(json.dumps({"meta": meta, "rows": records, "vs_peers": peer_comparisons(rows)},
+    path.write_text(json.dumps({"meta": meta, "rows": records, "vs_peers": peer_comparisons(rows),
+                                "inbound_h2c_vs_h1": inbound_comparisons(rows)},
                                indent=2) + "\n")
 
 
-def write_chart(path: Path, rows: list[Row], title: str) -> str | None:
-    """RPS and p99 per case, one bar per target; returns why no chart was drawn, or None."""
+def write_chart(path: Path, rows: list[Row], title: str, cases: list[str]) -> str | None:
+    """RPS and p99 per case of `cases` (the matrix every main target runs), one bar per target
+    that ran them; returns why no chart was drawn, or None."""
     try:
         import matplotlib
 
@@ -163,10 +317,10 @@ def write_chart(path: Path, rows: list[Row], title: str) -> str | None:
         import matplotlib.pyplot as plt
     except ImportError:
         return "matplotlib is not installed (pip install matplotlib, or the `bench` extra)"
+    rows = [r for r in rows if r.case in cases]
     valid = [r for r in rows if r.valid]
     if not valid:
         return "no valid rows to chart"
-    cases = list(dict.fromkeys(r.case for r in rows))
     targets = list(dict.fromkeys(r.target for r in rows))
     index = {(r.target, r.case): r for r in valid}
     width = 0.8 / max(1, len(targets))

@@ -1,9 +1,11 @@
 """The local upstream for `make bench`: nginx (HTTP/1.1 + h2c) or the built-in Python fallback.
 
 Owns: finding or installing Debian tools (nginx with njs, wrk, h2load), rendering
-benchmarks/nginx.conf.tmpl into a private prefix, and starting the upstream. It must never listen
-on anything but 127.0.0.1, never touch the system nginx (own prefix, own pid file, own config) and
-never install anything unless running as root with installs allowed.
+benchmarks/nginx.conf.tmpl into a private prefix, and starting the upstream; also rendering
+benchmarks/nginx-proxy.conf.tmpl, nginx as a plain reverse proxy in front of it (the
+`nginx-proxy` target). It must never listen on anything but 127.0.0.1, never touch the system
+nginx (own prefix, own pid file, own config) and never install anything unless running as root
+with installs allowed.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ from bench_procs import HarnessError, ManagedProcess, free_port, http_probe, wai
 
 HERE = Path(__file__).resolve().parent
 NGINX_TEMPLATE = HERE / "nginx.conf.tmpl"
+NGINX_PROXY_TEMPLATE = HERE / "nginx-proxy.conf.tmpl"
+NGINX_TEMP_DIRS = ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
 NJS_MODULE = Path("/usr/lib/nginx/modules/ngx_http_js_module.so")
 # njs reads the whole request body before answering: `return` would discard it, and over h2
 # nginx then resets big uploads mid-stream (measured: 1 MiB h2c POSTs failed), so POSTs go here.
@@ -76,17 +80,32 @@ class Upstream:
         return f"https://127.0.0.1:{self.h2tls_port}"
 
 
+def render_template(template: Path, values: dict[str, str]) -> str:
+    """`template` with each @NAME@ replaced; an @NAME@ left outside comments is an error."""
+    text = template.read_text()
+    for key, value in values.items():
+        text = text.replace(key, value)
+    code = "\n".join(line.split("#", 1)[0] for line in text.splitlines())
+    unknown = re.findall(r"@[A-Z0-9_]+@", code)
+    if unknown:
+        raise HarnessError(f"{template.name} has unknown placeholders: {sorted(set(unknown))}")
+    return text
+
+
+def _user_line() -> str:
+    return "user root;" if os.geteuid() == 0 else ""
+
+
 def render_nginx_conf(prefix: Path, h1_port: int, h2c_port: int, body: str, workers: int,
                       h2tls_port: int = 0, cert: Path | None = None, key: Path | None = None) -> str:
     """The template with our prefix, ports and body; `user root` only when we are root; an h2
     over TLS listener when given a port and a certificate."""
-    user_line = "user root;" if os.geteuid() == 0 else ""
     tls_listen = ""
     if h2tls_port and cert and key:
         tls_listen = (f"listen 127.0.0.1:{h2tls_port} ssl http2;\n"
                       f"        ssl_certificate {cert};\n        ssl_certificate_key {key};")
-    values = {
-        "@USER_LINE@": user_line,
+    return render_template(NGINX_TEMPLATE, {
+        "@USER_LINE@": _user_line(),
         "@NJS_MODULE@": str(NJS_MODULE),
         "@NJS_SCRIPT@": str(prefix / "bench_reply.js"),
         "@WORKERS@": str(workers),
@@ -95,15 +114,22 @@ def render_nginx_conf(prefix: Path, h1_port: int, h2c_port: int, body: str, work
         "@H2C_PORT@": str(h2c_port),
         "@BODY@": body,
         "@TLS_LISTEN@": tls_listen,
-    }
-    text = NGINX_TEMPLATE.read_text()
-    for key, value in values.items():
-        text = text.replace(key, value)
-    code = "\n".join(line.split("#", 1)[0] for line in text.splitlines())
-    unknown = re.findall(r"@[A-Z0-9_]+@", code)
-    if unknown:
-        raise HarnessError(f"nginx template has unknown placeholders: {sorted(set(unknown))}")
-    return text
+    })
+
+
+def render_nginx_proxy_conf(prefix: Path, port: int, upstream_port: int, workers: int) -> str:
+    return render_template(NGINX_PROXY_TEMPLATE, {
+        "@USER_LINE@": _user_line(), "@WORKERS@": str(workers), "@PREFIX@": str(prefix),
+        "@PORT@": str(port), "@UPSTREAM_PORT@": str(upstream_port)})
+
+
+def nginx_proxy_argv(prefix: Path, upstream_port: int, workers: int, port: int) -> list[str]:
+    """Writes the `nginx-proxy` config for `port` into `prefix`; the command that runs it."""
+    for sub in NGINX_TEMP_DIRS:
+        (prefix / sub).mkdir(parents=True, exist_ok=True)
+    conf = prefix / "nginx.conf"
+    conf.write_text(render_nginx_proxy_conf(prefix, port, upstream_port, workers))
+    return ["nginx", "-p", str(prefix), "-c", str(conf)]
 
 
 def _wait_ready(process: ManagedProcess, h1_port: int, h2c_port: int) -> None:
@@ -116,7 +142,7 @@ def _wait_ready(process: ManagedProcess, h1_port: int, h2c_port: int) -> None:
 def start_nginx(workdir: Path, body_bytes: int, workers: int) -> Upstream:
     prefix = workdir / "nginx"
     prefix.mkdir(parents=True, exist_ok=True)
-    for sub in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"):
+    for sub in NGINX_TEMP_DIRS:
         (prefix / sub).mkdir(exist_ok=True)
     (prefix / "bench_reply.js").write_text(NJS_REPLY)
     h1_port, h2c_port = free_port(), free_port()

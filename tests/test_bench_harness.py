@@ -12,6 +12,7 @@ import http.client
 import json
 import math
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -34,8 +35,8 @@ import bench_parse  # noqa: E402
 from bench_parse import ParseError, ProcStat  # noqa: E402
 from bench_procs import (HarnessError, ManagedProcess, TreeSampler, free_port,  # noqa: E402
                          group_has_live_members, port_is_free, run_bounded, wait_until)
-from bench_report import (Row, compute_ratios, markdown_table, peer_comparisons,  # noqa: E402
-                          peer_table)
+from bench_report import (Row, compute_ratios, floor_table, markdown_table,  # noqa: E402
+                          peer_comparisons, peer_table, summary_table)
 
 
 def fixture(name: str) -> str:
@@ -542,10 +543,11 @@ def test_full_matrix_has_an_h2_tls_target_and_only_narrows_it(monkeypatch):
     assert "proxy-w2-h2tls" not in quick and "direct-h2tls" not in quick
     only = targets(with_tls, "--only", "proxy-w2-h2tls")
     assert sorted(only) == ["direct-h1", "direct-h2c", "direct-h2tls", "proxy-w2-h2tls"]
-    assert "proxy-w2-h2in" not in full  # opt-in: HTTP/2 clients into the proxy
-    inbound = targets(with_tls, "--inbound-h2")["proxy-w2-h2in"]
+    inbound = full["proxy-w2-h2in"]  # HTTP/2 clients into the proxy: their own few cases
     assert (inbound.tool, inbound.baseline, inbound.skip_reason) == ("h2load", "direct-h2c", "")
     assert inbound.argv[inbound.argv.index("--upstream") + 1] == "http://127.0.0.1:1002"
+    assert inbound.cases == bench.INBOUND_CASES
+    assert targets(with_tls, "--inbound-h2")["proxy-w2-h2in"].cases is None  # the whole matrix
 
 
 def test_h2load_speaks_tls_only_when_asked(tmp_path):
@@ -617,3 +619,471 @@ def test_bare_relay_moves_every_byte_and_passes_the_half_close_on(start_relay):
                 reply += chunk
         thread.join(10)
         assert reply == hashlib.sha256(payload).hexdigest().encode()
+
+
+# ---- the field: nginx-proxy, the Go peers, inbound h2c, gRPC, one CPU ----------------------------
+
+
+def _targets(monkeypatch, upstream, *argv, grpc=None):
+    import bench
+
+    monkeypatch.setattr(bench, "find_proxy_command", lambda explicit: [explicit])
+    args = bench.parse_args(["--proxy-cmd", "/bin/true", *argv])
+    return {t.name: t for t in bench.build_targets(args, upstream, True, grpc)}
+
+
+def _fake_go(path: Path, help_text: str = "usage: aws-sigv4-proxy [<flags>]") -> Path:
+    """A stand-in for a Go build: prints `help_text` on stderr for --help, as kingpin does."""
+    path.write_text(f"#!/bin/sh\necho '{help_text}' >&2\n")
+    path.chmod(0o755)
+    return path
+
+
+def test_the_field_joins_the_matrix_with_its_own_cases(monkeypatch, tmp_path):
+    import bench
+    from bench_load import GRPC_CASES, ONE_CPU_CASES
+    from bench_peers import POOLED_BINARY, SHIPPED_BINARY
+    from bench_upstream import Upstream
+
+    _fake_go(tmp_path / SHIPPED_BINARY)
+    _fake_go(tmp_path / POOLED_BINARY)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
+    upstream = Upstream("nginx", 1001, 1002, None, 1003, "/tmp/ca.pem")  # type: ignore[arg-type]
+    full = _targets(monkeypatch, upstream, "--go-peers", str(tmp_path), "--out", str(tmp_path),
+                    grpc=bench.GrpcServer(1004, 4242))
+    floor = full["nginx-proxy"]  # the floor, started from a config that names its port
+    assert (floor.tool, floor.baseline, floor.cases, floor.argv) == ("wrk", "direct-h1", None, None)
+    m16 = full["proxy-w2-h2in-m16"]
+    assert (m16.streams, m16.cases, m16.tool) == (16, bench.INBOUND_CASES, "h2load")
+    assert (full["direct-grpc"].upstream_port, full["direct-grpc"].server_pid) == (1004, 4242)
+    grpc = full["proxy-w2-grpc"]
+    assert grpc.cases == GRPC_CASES and grpc.baseline == "direct-grpc"
+    assert grpc.argv[grpc.argv.index("--upstream") + 1] == "http://127.0.0.1:1004"
+    shipped, pooled = full["peer:go"], full["peer:go-pooled"]
+    assert shipped.argv[0] == str(tmp_path / SHIPPED_BINARY) and not shipped.skip_reason
+    assert pooled.argv[0] == str(tmp_path / POOLED_BINARY)
+    assert "{upstream_port}" in " ".join(pooled.argv) and pooled.cases is None
+    for name in ("proxy-1cpu-h1", "proxy-1cpu-h2", "peer:go-pooled-1cpu"):
+        one = full[name]
+        assert one.argv[:3] == ["taskset", "-c", "1"] and one.loader_cpus == (0,), name
+        assert one.cases == ONE_CPU_CASES and not one.skip_reason
+    assert "--workers" in full["proxy-1cpu-h1"].argv
+    assert full["proxy-1cpu-h1"].argv[full["proxy-1cpu-h1"].argv.index("--workers") + 1] == "1"
+    assert "peer:go-1cpu" not in full  # the pooled sidecar is the one a user would run
+    quick = _targets(monkeypatch, upstream, "--quick")
+    assert "proxy-1cpu-h2" not in quick and "peer:go" not in quick  # no --go-peers, no Go rows
+    assert quick["proxy-w2-h2in-m16"].cases == bench.QUICK_INBOUND_CASES
+    assert "needs grpcio" in quick["direct-grpc"].skip_reason  # no gRPC server was started
+    only = _targets(monkeypatch, upstream, "--only", "proxy-w2-grpc", grpc=bench.GrpcServer(1, 2))
+    assert sorted(only) == ["direct-grpc", "direct-h1", "direct-h2c", "direct-h2tls", "proxy-w2-grpc"]
+
+
+def test_one_cpu_targets_need_two_cpus(monkeypatch):
+    from bench_upstream import Upstream
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {3})
+    one = _targets(monkeypatch, Upstream("nginx", 1001, 1002, None))["proxy-1cpu-h1"]  # type: ignore[arg-type]
+    assert one.skip_reason == "needs two CPUs"
+
+
+def test_go_peers_use_the_upstream_pool_flag_where_the_build_has_it(tmp_path):
+    from bench_peers import POOL_FLAG, POOLED_BINARY, SHIPPED_BINARY, go_peers
+
+    missing = go_peers(tmp_path)
+    assert [p.name for p in missing] == ["peer:go", "peer:go-pooled"]
+    assert all("not built" in p.skip_reason and "docs/performance.md" in p.skip_reason
+               for p in missing)
+    _fake_go(tmp_path / SHIPPED_BINARY, f"  {POOL_FLAG}=2  Idle connections per upstream host")
+    shipped, pooled = go_peers(tmp_path)  # no tuned build needed: the flag does it
+    assert not pooled.skip_reason and pooled.argv[0] == str(tmp_path / SHIPPED_BINARY)
+    assert pooled.argv[-1] == f"{POOL_FLAG}=1024" and shipped.argv == pooled.argv[:-1]
+    assert "--unsigned-payload" in shipped.argv
+    assert shipped.argv[shipped.argv.index("--name") + 1] == "vpc-lattice-svcs"
+    _fake_go(tmp_path / SHIPPED_BINARY)  # a build without the flag: the one patched in main()
+    assert "not built" in go_peers(tmp_path)[1].skip_reason
+    _fake_go(tmp_path / POOLED_BINARY)
+    _, pooled = go_peers(tmp_path)
+    assert pooled.argv == [str(tmp_path / POOLED_BINARY), *shipped.argv[1:]]
+
+
+def test_nginx_proxy_config_proxies_to_the_upstream_on_loopback_with_a_keepalive_pool(tmp_path):
+    from bench_upstream import nginx_proxy_argv
+
+    argv = nginx_proxy_argv(tmp_path, 41001, 2, 41005)
+    text = (tmp_path / "nginx.conf").read_text()
+    assert argv == ["nginx", "-p", str(tmp_path), "-c", str(tmp_path / "nginx.conf")]
+    listens = [line.split()[1] for line in text.splitlines() if line.strip().startswith("listen")]
+    assert listens == ["127.0.0.1:41005"]
+    assert "server 127.0.0.1:41001;" in text and "keepalive 1024;" in text
+    assert 'proxy_set_header Connection "";' in text and "proxy_http_version 1.1;" in text
+    assert "worker_processes 2;" in text and "@" not in text.split("daemon off;")[1]
+
+
+@pytest.mark.skipif(shutil.which("nginx") is None,
+                    reason="needs nginx (Debian package nginx; make bench installs it)")
+def test_nginx_proxy_really_proxies_keepalive_requests(fallback_upstream, tmp_path):
+    from bench_upstream import nginx_proxy_argv
+
+    port = free_port()
+    proc = ManagedProcess("nginx-proxy", nginx_proxy_argv(tmp_path, fallback_upstream[0], 1, port),
+                          tmp_path / "nginx-proxy.log").start()
+    try:
+        wait_until(lambda: not port_is_free(port), proc, 20, "nginx-proxy")
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        for method, body in [("GET", None), ("POST", b"p" * 70000), ("GET", None)]:
+            conn.request(method, "/hello", body=body)
+            response = conn.getresponse()
+            assert (response.status, response.read()) == (200, b"x" * 64)
+        conn.close()
+    finally:
+        proc.stop()
+
+
+def test_h2load_puts_16_streams_on_each_connection_at_the_same_concurrency(tmp_path):
+    from bench_load import GET, Case, LoadFiles, h2load_argv
+
+    argv = h2load_argv(41002, Case(GET, 128), 5, LoadFiles(tmp_path), None, streams=16)
+    assert argv[argv.index("-c") + 1] == "8" and argv[argv.index("-m") + 1] == "16"
+    argv = h2load_argv(41002, Case(GET, 128), 5, LoadFiles(tmp_path), None)
+    assert argv[argv.index("-c") + 1] == "128" and argv[argv.index("-m") + 1] == "1"
+
+
+def test_a_rate_case_takes_its_share_of_the_same_targets_maximum(tmp_path):
+    import bench
+    from bench_load import GET, ONE_CPU_CASES, Case
+
+    runner = bench.Bench(bench.parse_args(["--quick", "--out", str(tmp_path)]), tmp_path)
+    target = bench.Target("proxy-1cpu-h1", "wrk", "direct-h1", cases=ONE_CPU_CASES,
+                          loader_cpus=(0,))
+    top, half, most = ONE_CPU_CASES
+    assert (top.label, half.label, most.label) == ("GET c64", "GET at 50% of max", "GET at 90% of max")
+    assert half.max_case == top and most.concurrency == 64
+    row = Row(target.name, half.label, "wrk", "direct-h1")
+    assert runner.runner(target, half, row) is None and "no valid GET c64 run" in row.problem
+    runner.rows = [Row("other", top.label, "wrk", None, requests=5, rps=9000.0),
+                   Row(target.name, top.label, "wrk", None, requests=5, rps=8000.0)]
+    row = Row(target.name, most.label, "wrk", "direct-h1")
+    run = runner.runner(target, most, row)
+    assert row.offered_rps == pytest.approx(7200.0) and not row.problem
+    assert run.keywords == {"rate": pytest.approx(7200.0), "cpus": (0,)}
+    assert runner.runner(target, Case(GET, 64), Row(target.name, "x", "wrk", None)).keywords == {
+        "cpus": (0,)}  # the maximum itself: wrk, on the loader's CPUs
+
+
+def test_targets_run_only_their_own_cases_and_rates_follow_their_maximum(monkeypatch, tmp_path):
+    import bench
+    from bench_load import ONE_CPU_CASES
+    from bench_upstream import Upstream
+
+    args = bench.parse_args(["--quick", "--out", str(tmp_path)])
+    runner = bench.Bench(args, tmp_path)
+    upstream = Upstream("nginx", 41001, 41002, process=type("P", (), {"pid": 4242})())
+    targets = [bench.Target("direct-h1", "wrk", None, upstream_port=41001),
+               bench.Target("proxy-1cpu-h1", "wrk", "direct-h1", upstream_port=41001,
+                            cases=ONE_CPU_CASES)]
+    monkeypatch.setattr(bench, "preflight", lambda port, files, cases: "")
+    ran = []
+    monkeypatch.setattr(runner, "run_case", lambda t, c, port, pid: ran.append((t.name, c.label))
+                        or Row(t.name, c.label, "wrk", t.baseline, requests=1, rps=1.0))
+    runner.run_targets(targets, upstream)
+    quick = [("direct-h1", c.label) for c in bench.QUICK_CASES]
+    assert ran == quick + [("proxy-1cpu-h1", c.label) for c in ONE_CPU_CASES]
+    assert runner.budget == pytest.approx((4 + 3) * runner.per_run_s * 1.2 + 60)
+
+
+def test_pinned_tree_moves_a_running_tree_and_puts_it_back():
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        pytest.skip("needs two CPUs")
+    from bench_procs import PinnedTree, split_cpus, taskset_prefix
+
+    assert split_cpus(set(cpus)) == ((cpus[-1],), tuple(cpus[:-1]))
+    assert split_cpus({5}) is None
+    assert taskset_prefix((0, 2)) == ["taskset", "-c", "0,2"] and taskset_prefix(()) == []
+    proc = subprocess.Popen(["sh", "-c", "sleep 30 & wait"], start_new_session=True)
+    try:
+        time.sleep(0.3)
+        child = int(Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()[0])
+        with PinnedTree(proc.pid, (cpus[0],)):
+            assert os.sched_getaffinity(proc.pid) == {cpus[0]} == os.sched_getaffinity(child)
+        assert os.sched_getaffinity(proc.pid) == set(cpus) == os.sched_getaffinity(child)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=5)
+
+
+# ---- the constant-rate loader -------------------------------------------------------------------
+
+
+def test_rate_loader_schedule():
+    from rate_loader import due_count, request_bytes
+
+    assert [due_count(t, 100.0, 50) for t in (-0.1, 0.0, 0.0099, 0.01, 0.25, 9.0)] == [
+        0, 1, 1, 2, 26, 50]  # the k-th request is due at k / rate, never more than the total
+    assert request_bytes("GET", "/hello", "h.example", b"") == (
+        b"GET /hello HTTP/1.1\r\nHost: h.example\r\n\r\n")
+    assert request_bytes("POST", "/p", "h", b"abc").endswith(
+        b"Content-Length: 3\r\n\r\nabc")
+
+
+def test_rate_loader_reads_responses_in_pieces():
+    from rate_loader import ResponseReader
+
+    stream = (b"HTTP/1.1 100 Continue\r\n\r\n"
+              b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello"
+              b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\n\r\n"
+              b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+              b"3\r\nabc\r\n10;ext=1\r\n0123456789abcdef\r\n0\r\nx-trailer: 1\r\n\r\n"
+              b"HTTP/1.1 204 No Content\r\nConnection: close\r\n\r\n")
+    for size in (1, 7, len(stream)):  # byte by byte, in odd pieces, all at once
+        reader = ResponseReader()
+        statuses = []
+        for i in range(0, len(stream), size):
+            statuses += reader.feed(stream[i:i + size])
+        assert statuses == [200, 503, 200, 204] and reader.close and not reader.buffer
+    with pytest.raises(ValueError):
+        ResponseReader().feed(b"SSH-2.0-OpenSSH\r\n\r\n")
+
+
+class _StallingServer:
+    """HTTP/1.1 on loopback: answers 200 'ok'; from `stall_at` seconds after its first request
+    every answer waits until `stall_at + stall_s`; the request numbered `fail_status_every`
+    (1, 2, ...) gets a 503 and the one numbered `drop_nth` a closed connection, no answer."""
+
+    def __init__(self, stall_at: float = 0.0, stall_s: float = 0.0, fail_status_every: int = 0,
+                 drop_nth: int = 0) -> None:
+        self.stall_at, self.stall_s = stall_at, stall_s
+        self.fail_status_every, self.drop_nth = fail_status_every, drop_nth
+        self.count = 0
+        self.first = None
+        self.lock = threading.Lock()
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.sock.settimeout(0.2)
+        self.port = self.sock.getsockname()[1]
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self.accept, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.thread.join(5)
+        self.sock.close()
+
+    def accept(self) -> None:
+        while not self.stop.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                continue
+            threading.Thread(target=self.serve, args=(conn,), daemon=True).start()
+
+    def serve(self, conn: socket.socket) -> None:
+        conn.settimeout(10)
+        buffer = b""
+        with conn:
+            while not self.stop.is_set():
+                while b"\r\n\r\n" not in buffer:
+                    try:
+                        data = conn.recv(4096)
+                    except OSError:
+                        return
+                    if not data:
+                        return
+                    buffer += data
+                buffer = buffer.split(b"\r\n\r\n", 1)[1]
+                with self.lock:
+                    self.count += 1
+                    n = self.count
+                    self.first = self.first or time.monotonic()
+                    stall_end = self.first + self.stall_at + self.stall_s
+                    stalled = self.stall_s and time.monotonic() >= self.first + self.stall_at
+                if stalled and time.monotonic() < stall_end:
+                    time.sleep(stall_end - time.monotonic())
+                if n == self.drop_nth:
+                    return
+                status = b"503 Busy" if self.fail_status_every and n % self.fail_status_every == 0 else b"200 OK"
+                conn.sendall(b"HTTP/1.1 " + status + b"\r\nContent-Length: 2\r\n\r\nok")
+
+
+def run_rate_loader(port: int, *args: str) -> dict:
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "rate_loader.py"),
+                          "--port", str(port), *args], capture_output=True, timeout=60,
+                         check=False)
+    assert out.returncode == 0, out.stderr.decode()[-2000:]
+    return json.loads(out.stdout.decode().strip().splitlines()[-1])
+
+
+def test_rate_loader_holds_its_rate_and_charges_a_stall_to_every_request_due_in_it():
+    """300 requests at 200/s on 2 connections; the server stops answering for 0.3 s. Timed
+    from when each request was due, the ~60 requests due in the stall all wait (p99 near the
+    stall); timed from when each went out, only the 2 in flight would have."""
+    with _StallingServer(stall_at=0.5, stall_s=0.3) as server:
+        result = run_rate_loader(server.port, "--rate", "200", "--duration", "1.5",
+                                 "--connections", "2", "--path", "/x")
+    assert result["requests"] == 300 == server.count
+    assert (result["non_2xx"], result["socket_errors"]) == (0, 0)
+    assert 170 <= result["rps"] <= 210  # the schedule held, stall included
+    assert 200_000 <= result["p99_us"] <= 900_000
+    assert result["p50_us"] < 100_000
+
+
+def test_rate_loader_counts_error_statuses_and_a_dropped_connection_and_carries_on():
+    with _StallingServer(fail_status_every=10, drop_nth=55) as server:
+        result = run_rate_loader(server.port, "--rate", "200", "--duration", "0.5",
+                                 "--connections", "4", "--drain", "3")
+    assert result["socket_errors"] == 1  # request 55: its connection closed, no answer
+    assert result["requests"] == 99  # the other 99 of 100 answered, on a new connection too
+    assert result["non_2xx"] == 10  # requests 10, 20, ... 100 answered 503
+
+
+def test_json_results_parse_and_garbage_is_a_parse_error():
+    line = json.dumps({"offered_rps": 10.0, "requests": 9, "duration_s": 1.0, "rps": 9.0,
+                       "p50_us": 10.0, "p99_us": 20.0, "non_2xx": 1, "socket_errors": 0})
+    result = bench_parse.parse_json_result("warming up\n" + line + "\n", "rate_loader")
+    assert (result.requests, result.rps, result.p99_us, result.non_2xx) == (9, 9.0, 20.0, 1)
+    assert not result.valid
+    with pytest.raises(ParseError, match="rate_loader printed no result: 'Traceback"):
+        bench_parse.parse_json_result("Traceback (most recent call last):\n  boom\n", "rate_loader")
+    with pytest.raises(ParseError):
+        bench_parse.parse_json_result("", "the gRPC loop")
+
+
+# ---- the gRPC loop ------------------------------------------------------------------------------
+
+
+async def test_grpc_loop_counts_answered_calls_against_a_real_server():
+    from bench_grpc import listening_port, unary_loop
+    from grpc_support.echo_service import EchoService
+
+    async with EchoService() as service:
+        result = await unary_loop(service.port, "127.0.0.1", seconds=10, max_calls=25,
+                                  concurrency=4, timeout_s=5)
+    assert result["requests"] == 25 and (result["non_2xx"], result["socket_errors"]) == (0, 0)
+    assert 0 < result["p50_us"] <= result["p99_us"]
+    assert len(service.metadata) == 25
+    assert listening_port("starting\nlistening 50123\n") == 50123 and listening_port("") is None
+
+
+async def test_grpc_loop_counts_failed_calls():
+    from bench_grpc import unary_loop
+
+    result = await unary_loop(free_port(), "127.0.0.1", seconds=10, max_calls=3, concurrency=1,
+                              timeout_s=2)  # nothing listens there
+    assert result["requests"] == 3 == result["socket_errors"] and result["rps"] == 0
+
+
+# ---- the report's new tables --------------------------------------------------------------------
+
+
+def _field_rows() -> list[Row]:
+    def row(target, case, rps, cpu, p99=10_000.0, baseline="direct-h1", **extra):
+        return Row(target, case, "wrk", baseline, requests=100, rps=rps, p50_us=1000.0,
+                   p99_us=p99, cpu_us_per_req=cpu, peak_rss_kib=1024, **extra)
+
+    return [
+        row("direct-h1", "GET c128", 80000.0, 10.0, baseline=None),
+        row("nginx-proxy", "GET c128", 40000.0, 20.0),
+        row("proxy-w2-h1", "GET c128", 16000.0, 80.0),
+        row("proxy-w2-h2", "GET c128", 20000.0, 60.0),
+        row("proxy-w2-h2in", "GET c128", 8000.0, 150.0, baseline="direct-h2c"),
+        row("proxy-w2-h2in-m16", "GET c128", 12000.0, 66.0, baseline="direct-h2c"),
+        row("peer:go", "GET c128", 8000.0, 160.0),
+        row("peer:go-pooled", "GET c128", 16000.0, 80.0),
+        row("proxy-w2-h1", "POST 1MiB c1", 500.0, 700.0),  # no floor row for this case
+        row("proxy-1cpu-h1", "GET c64", 10000.0, 90.0, p99=5000.0),
+        row("proxy-1cpu-h1", "GET at 50% of max", 4990.0, 95.0, p99=2000.0, offered_rps=5000.0),
+        row("proxy-1cpu-h1", "GET at 90% of max", 8000.0, 99.0, p99=90_000.0, offered_rps=9000.0),
+        row("peer:go-pooled-1cpu", "GET c64", 8000.0, 100.0),
+        row("peer:go-pooled-1cpu", "GET at 50% of max", 4000.0, 100.0, offered_rps=4000.0),
+        row("peer:go-pooled-1cpu", "GET at 90% of max", 0.0, None, non_2xx=3,
+            offered_rps=7200.0),
+        Row("direct-grpc", "gRPC unary c16", "grpc", None, requests=50, rps=2500.0,
+            p50_us=5000.0, p99_us=15000.0, cpu_us_per_req=280.0),
+        Row("proxy-w2-grpc", "gRPC unary c16", "grpc", "direct-grpc", requests=50, rps=2000.0,
+            p50_us=7000.0, p99_us=18000.0, cpu_us_per_req=300.0),
+    ]
+
+
+def test_every_proxy_gets_ratios_to_the_floor_of_the_same_case():
+    rows = _field_rows()
+    compute_ratios(rows)
+    by = {(r.target, r.case): r for r in rows}
+    assert by[("proxy-w2-h1", "GET c128")].ratios_to_floor == {
+        "rps": 0.4, "cpu_us_per_req": 4.0, "p99_us": 1.0, "peak_rss_kib": 1.0}
+    assert by[("peer:go", "GET c128")].ratios_to_floor["cpu_us_per_req"] == 8.0
+    assert by[("proxy-w2-h2in", "GET c128")].ratios_to_floor["cpu_us_per_req"] == 7.5
+    assert by[("nginx-proxy", "GET c128")].ratios_to_floor == {}  # the floor itself
+    assert by[("direct-h1", "GET c128")].ratios_to_floor == {}
+    assert by[("proxy-w2-h1", "POST 1MiB c1")].ratios_to_floor == {}  # no floor in that case
+    rows[1].non_2xx = 1  # a floor with errors is no floor
+    compute_ratios(rows)
+    assert all(not r.ratios_to_floor for r in rows)
+
+
+def test_floor_and_summary_tables():
+    rows = _field_rows()
+    compute_ratios(rows)
+    floor = floor_table(rows).splitlines()
+    assert floor[2].startswith("| case | proxy-w2-h1 | proxy-w2-h2 | proxy-w2-h2in |")
+    assert floor[4].startswith("| GET c128 | RPS ×0.40, CPU ×4.00 | RPS ×0.50, CPU ×3.00 |")
+    summary = summary_table(rows, ["GET c128", "POST 4KiB c128"]).splitlines()
+    assert summary[0] == ("| target | case | RPS | p99 ms | CPU µs/req | RPS vs pooled Go "
+                          "| CPU vs nginx-proxy |")
+    assert [line.split(" | ")[0] for line in summary[2:]] == [
+        "| nginx-proxy", "| peer:go", "| peer:go-pooled", "| proxy-w2-h1", "| proxy-w2-h2"]
+    assert summary[2] == "| nginx-proxy | GET c128 | 40,000 | 10.00 | 20 | ×2.50 | — |"
+    assert summary[3] == "| peer:go | GET c128 | 8,000 | 10.00 | 160 | ×0.50 | ×8.00 |"
+    assert summary[6] == "| proxy-w2-h2 | GET c128 | 20,000 | 10.00 | 60 | ×1.25 | ×3.00 |"
+    rows.append(Row("proxy-w2-h2tls", "GET c128", "wrk", "direct-h1", requests=9, rps=12000.0,
+                    cpu_us_per_req=70.0))
+    compute_ratios(rows)  # Go runs over HTTP/1.1: no yardstick for ours over TLS
+    assert summary_table(rows, ["GET c128"]).splitlines()[-1] == (
+        "| proxy-w2-h2tls | GET c128 | 12,000 | 0.00 | 70 | — | ×3.50 |")
+    assert summary_table(rows, ["POST 4KiB c128"]) == ""
+
+
+def test_inbound_h2c_beside_inbound_http1_for_the_same_requests():
+    from bench_report import inbound_comparisons, inbound_table
+
+    rows = _field_rows()
+    assert inbound_comparisons(rows) == [
+        {"case": "GET c128", "target": "proxy-w2-h2in", "streams_per_connection": 1,
+         "h1_rps": 20000.0, "h1_cpu_us_per_req": 60.0, "h2c_rps": 8000.0,
+         "h2c_cpu_us_per_req": 150.0, "cpu_ratio": 2.5},
+        {"case": "GET c128", "target": "proxy-w2-h2in-m16", "streams_per_connection": 16,
+         "h1_rps": 20000.0, "h1_cpu_us_per_req": 60.0, "h2c_rps": 12000.0,
+         "h2c_cpu_us_per_req": 66.0, "cpu_ratio": pytest.approx(1.1)}]
+    table = inbound_table(rows)
+    assert "| GET c128 | 20,000 | 60 | proxy-w2-h2in | 1 | 8,000 | 150 | ×2.50 | no |" in table
+    assert "| GET c128 | 20,000 | 60 | proxy-w2-h2in-m16 | 16 | 12,000 | 66 | ×1.10 | yes |" in table
+    assert "| proxy-w2-grpc | gRPC unary c16 | 2,000 | 7.00 | 18.00 | 300 | ok |" in table
+    rows[3].socket_errors = 2  # the HTTP/1.1 row failed: nothing to compare with
+    assert inbound_comparisons(rows) == [] and "gRPC unary" in inbound_table(rows)
+
+
+def test_one_cpu_table_shows_offered_and_achieved_rates_and_flags_failures():
+    from bench_report import one_cpu_table
+
+    rows = _field_rows()
+    table = one_cpu_table(rows).splitlines()
+    assert table[0] == ("| target | max: case | RPS | p99 ms | CPU µs/req | GET at 50% of max: "
+                        "offered → achieved RPS | p99 ms | GET at 90% of max: offered → "
+                        "achieved RPS | p99 ms |")
+    assert table[2] == ("| proxy-1cpu-h1 | GET c64 | 10,000 | 5.00 | 90 | 5,000 → 4,990 | 2.00 "
+                        "| 9,000 → 8,000 | 90.00 |")
+    assert table[3].startswith("| peer:go-pooled-1cpu | GET c64 | 8,000 | 10.00 | 100 | "
+                               "4,000 → 4,000 | 10.00 | FLAGGED: 3 non-2xx")
+    assert one_cpu_table(rows[:9]) == ""
+
+
+def test_rate_rows_are_no_yardstick_between_targets():
+    rows = _field_rows()
+    rows.append(Row("proxy-1cpu-h2", "GET at 50% of max", "wrk", "direct-h1", requests=9,
+                    rps=6000.0, offered_rps=6000.0))
+    rows.append(Row("proxy-1cpu-h2", "GET c64", "wrk", "direct-h1", requests=9, rps=12000.0))
+    pairs = {(c["peer"], c["target"], c["case"]) for c in peer_comparisons(rows)}
+    assert ("peer:go-pooled-1cpu", "proxy-1cpu-h2", "GET c64") in pairs
+    assert not any("of max" in case for _, _, case in pairs)
