@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -26,11 +26,13 @@ from sigv4proxy.exchange.prepare import RequestPreparer
 from sigv4proxy.observe import accesslog
 from sigv4proxy.observe.metrics import Metrics
 from sigv4proxy.upstream.base import Body, Response
+from sigv4proxy.upstream.body import IteratedBody, SocketBody, StreamedBody
 from sigv4proxy.upstream.pool import ConnectionPool
 
-# What an inbound adapter hands in (the body kinds) and gets to relay (the upstream's response):
-# part of this module's interface, so that the inbound layer needs no import from upstream.
-__all__ = ["ERROR_HEADER", "Body", "Exchange", "ExchangeSettings", "Inbound", "Response", "error_parts"]
+# What an inbound adapter hands in (the body kinds the upstream declares) and gets to relay (the
+# upstream's response): part of this module's interface, so the inbound layer needs no upstream.
+__all__ = ["ERROR_HEADER", "Body", "Exchange", "ExchangeSettings", "Inbound", "IteratedBody", "Response",
+           "SocketBody", "StreamedBody", "error_parts"]
 
 log = logging.getLogger("sigv4proxy.exchange")
 
@@ -64,8 +66,9 @@ class Inbound(Protocol):
 
     def original_destination(self) -> tuple[str, int] | None: ...
 
-    async def body(self, expect_continue: bool) -> Body:
-        """The request body as a kind the pool takes (bytes, streamed, or off the socket)."""
+    def body(self, expect_continue: bool) -> Body | Awaitable[Body]:
+        """The request body as a kind the pool takes (bytes, streamed, or off the socket), or
+        an awaitable of it when some of it must be waited for."""
         ...
 
     def interim(self, status: int, headers: Fields) -> None:
@@ -129,12 +132,13 @@ class Exchange:
                 if inbound.refusal is not None:
                     raise inbound.refusal
                 prepared = self._prepare(inbound.method, inbound.authority, inbound.target, inbound.raw_headers,
-                                         inbound.content_length, inbound.original_destination(),
-                                         from_h2=inbound.from_h2)
+                                         inbound.content_length, inbound.original_destination(), inbound.from_h2)
                 target = prepared.route
                 route = target.name
-                body = await inbound.body(prepared.expect_continue) if inbound.has_body else None
-                expect = prepared.expect_continue and body is not None and not isinstance(body, bytes)
+                body = inbound.body(prepared.expect_continue) if inbound.has_body else None
+                if body is not None and not isinstance(body, (bytes, StreamedBody)):
+                    body = await body  # a small body's rest still on its way
+                expect = prepared.expect_continue and isinstance(body, StreamedBody)
                 upstream = await self._pool.request(
                     target.origin, inbound.method.encode("ascii"), inbound.target.encode("latin-1"),
                     target.authority_bytes, prepared.headers, body, inbound.interim, expect)

@@ -86,8 +86,7 @@ class RequestPreparer:
 
     def prepare(self, method: str, authority: str | None, target: str,
                 raw_headers: Iterable[tuple[bytes, bytes]], content_length: int | None,
-                original_dst: tuple[str, int] | None = None, *,
-                from_h2: bool = False) -> PreparedRequest:
+                original_dst: tuple[str, int] | None = None, from_h2: bool = False) -> PreparedRequest:
         """Header hygiene, route, body-size check and signing: shared by both inbound paths.
 
         `authority` is the absolute-form authority (HTTP/1.1) or `:authority` (HTTP/2); a Host

@@ -29,9 +29,9 @@ from sigv4proxy.errors import (
     ProxyError,
     RequestTimeout,
 )
-from sigv4proxy.exchange.exchange import Body, Exchange, Response, error_parts
+from sigv4proxy.exchange.exchange import Body, Exchange, IteratedBody, Response, error_parts
 from sigv4proxy.exchange.prepare import split_target
-from sigv4proxy.inbound.h1_response import ResponseWriter
+from sigv4proxy.inbound.h1_response import Answered, ResponseWriter
 from sigv4proxy.inbound.h1_splice import SpliceableBody
 from sigv4proxy.inbound.settings import InboundSettings
 from sigv4proxy.io.splice import AVAILABLE as splice_available
@@ -83,16 +83,14 @@ class H1Handler:
         return response
 
 
-class H1Exchange:
+class H1Exchange(Answered):
     """One HTTP/1.1 request as the exchange's `Inbound`; once answered, also what aiohttp's request
-    loop needs of a response already written (`prepare`, `write_eof`, `keep_alive`)."""
-
-    __slots__ = ("_handler", "request", "method", "authority", "target", "raw_headers", "content_length",
-                 "has_body", "refusal", "status", "keep_alive", "started", "body_bytes", "expects",
-                 "continued", "error_response")
+    loop needs of a response already written (`Answered`)."""
 
     from_h2 = False
     protocol = "HTTP/1.1"
+    refusal: ProxyError | None = None  # set when the target cannot be taken (never forwarded)
+    error_response: web.Response | None = None  # the proxy's own answer, for aiohttp to write
 
     def __init__(self, handler: H1Handler, request: web.BaseRequest) -> None:
         self._handler = handler
@@ -101,7 +99,6 @@ class H1Exchange:
         self.raw_headers = request.raw_headers
         self.content_length = request.content_length
         self.has_body = request.body_exists
-        self.refusal: ProxyError | None = None
         try:
             if method == "CONNECT":  # before the target parse: its authority-form target is not a path
                 raise MethodNotSupported("CONNECT is not supported (VPC Lattice does not tunnel)")
@@ -109,20 +106,6 @@ class H1Exchange:
         except ProxyError as exc:
             self.refusal = exc
             self.authority, self.target = None, request.raw_path
-        self.status = 0
-        self.keep_alive = False  # decided with the framing, before the head is written
-        self.started = False  # a byte went out: from here on an error can only cut the connection
-        self.body_bytes = 0  # body bytes relayed so far (for the access log)
-        self.expects = False  # the client sent Expect: 100-continue and waits before its body
-        self.continued = False  # a 100 (Continue) went to the client
-        self.error_response: web.Response | None = None
-
-    # --- what aiohttp's request loop asks of a response already written ---
-    async def prepare(self, request: web.BaseRequest) -> None:
-        return None
-
-    async def write_eof(self, data: bytes = b"") -> None:
-        return None
 
     # --- the request ---
     def original_destination(self) -> tuple[str, int] | None:
@@ -138,19 +121,21 @@ class H1Exchange:
             cache[protocol] = original_destination(sock) if sock is not None else None
         return cache[protocol]
 
-    async def body(self, expect_continue: bool) -> Body:
-        """A declared body up to SMALL_BODY read whole (one upstream write, replayable), a larger
-        one taken off the socket where it can be, anything else streamed. A client waiting for
-        100 (Continue) gets it when its body is first wanted."""
+    def body(self, expect_continue: bool) -> Body | Awaitable[Body]:
+        """A declared body up to SMALL_BODY read whole (one upstream write, replayable; usually
+        all here already, then no await), a larger one taken off the socket where it can be,
+        anything else streamed. A client waiting for 100 (Continue) gets it when its body is
+        first wanted."""
         self.expects = expect_continue
         handler = self._handler
         length = self.content_length
         if length is not None and length <= SMALL_BODY and not expect_continue:
-            return await self._small_body(length)
+            data = self.request.content.read_nowait(length)
+            return data if len(data) == length else self._rest_of_small_body(data, length)
         if length is not None and handler.splice:
             return SpliceableBody(self._streamed(), self.request, length, handler.settings.read_timeout,
                                   self._send_continue if expect_continue else None)
-        return self._streamed()
+        return IteratedBody(self._streamed())
 
     async def _client_read(self, content: StreamReader, read: Awaitable[bytes],
                            loop: asyncio.AbstractEventLoop) -> bytes:
@@ -164,17 +149,14 @@ class H1Exchange:
         finally:
             timer.cancel()
 
-    async def _small_body(self, length: int) -> bytes:
-        """A declared body of at most SMALL_BODY bytes, whole; usually already buffered."""
+    async def _rest_of_small_body(self, data: bytes, length: int) -> bytes:
+        """The rest of a small declared body that had not all arrived with its head."""
         content = self.request.content
-        data = content.read_nowait(length)
-        if len(data) < length:
-            try:
-                data += await self._client_read(content, content.readexactly(length - len(data)),
-                                                asyncio.get_running_loop())
-            except asyncio.IncompleteReadError:
-                raise BadRequest(SHORT_BODY) from None
-        return data
+        try:
+            return data + await self._client_read(content, content.readexactly(length - len(data)),
+                                                  asyncio.get_running_loop())
+        except asyncio.IncompleteReadError:
+            raise BadRequest(SHORT_BODY) from None
 
     async def _streamed(self) -> AsyncIterator[bytes]:
         """A streamed request body. A client that stops sending for --read-timeout while we wait
@@ -218,9 +200,9 @@ class H1Exchange:
             self.continued = True
         self._handler.writer.interim(self.request, status, headers)
 
-    async def relay(self, upstream: Response) -> None:
+    def relay(self, upstream: Response) -> Awaitable[None]:
         self.status = upstream.status
-        await self._handler.writer.relay(self.request, upstream, self)
+        return self._handler.writer.relay(self.request, upstream, self)  # no coroutine of our own
 
     async def answer_error(self, exc: ProxyError) -> None:
         self.status = exc.status

@@ -38,17 +38,19 @@ _COALESCE_LIMIT = 256 * 1024  # body bytes already here that one write may gathe
 
 class Answered:
     """What aiohttp's request loop needs of a response already written: `prepare` and
-    `write_eof` (nothing left to do) and `keep_alive` (whether the connection takes another)."""
+    `write_eof` (nothing left to do) and `keep_alive` (whether the connection takes another);
+    and the answer's state the writer keeps. Class-level defaults, no slots: a request sets only
+    what changes (one object per request; its subclass `inbound.h1.H1Exchange` is the hot one)."""
 
-    __slots__ = ("status", "keep_alive", "started", "body_bytes", "expects", "continued")
+    status = 0
+    keep_alive = False  # decided with the framing, before the head is written
+    started = False  # a byte went out: from here on an error can only cut the connection
+    body_bytes = 0  # body bytes relayed so far (for the access log)
+    expects = False  # the client sent Expect: 100-continue and waits before its body
+    continued = False  # a 100 (Continue) went to the client
 
-    def __init__(self, status: int) -> None:
+    def __init__(self, status: int = 0) -> None:
         self.status = status
-        self.keep_alive = False  # decided with the framing, before the head is written
-        self.started = False  # a byte went out: from here on an error can only cut the connection
-        self.body_bytes = 0  # body bytes relayed so far (for the access log)
-        self.expects = False  # the client sent Expect: 100-continue and waits before its body
-        self.continued = False  # a 100 (Continue) went to the client
 
     async def prepare(self, request: web.BaseRequest) -> None:
         return None
@@ -98,12 +100,17 @@ class ResponseWriter:
                 head.append(b"Connection: keep-alive")
         elif version == (1, 1):
             head.append(b"Connection: close")
-        block = _field_block(head)
+        block = _CRLF.join(head)
+        if block.count(b"\r") != len(head) - 1 or block.count(b"\n") != len(head) - 1:
+            raise UpstreamProtocolError("upstream sent a header with CR or LF in it")
         answered.keep_alive = keep_alive
         pending = [self._status_line(version, status, upstream.reason), block, b"\r\n\r\n"]
         size = 0  # body bytes in `pending`
+        protocol = request.protocol
         if not upstream.body_ready:
-            await self._send(request, answered, pending, size)
+            _write(request, answered, pending, size)
+            if protocol.writing_paused:
+                await request.writer.drain()
             pending = []
         try:
             async for chunk in upstream:
@@ -119,32 +126,21 @@ class ResponseWriter:
                     continue  # the next read will not wait: share one write with it
                 if upstream.body_complete:
                     break  # the end leaves with the last chunk
-                await self._send(request, answered, pending, size)
+                _write(request, answered, pending, size)
+                if protocol.writing_paused:  # a client that pipelines and never reads gets no more
+                    await request.writer.drain()
                 pending = []
                 size = 0
         except ProxyError:
             if pending:  # what arrived before the break (the head at least) still goes out
-                await self._send(request, answered, pending, size)
+                _write(request, answered, pending, size)
             raise
         if chunked:
             pending.append(self._last_chunk(upstream.trailers))
         if pending:
-            await self._send(request, answered, pending, size)
-
-    @staticmethod
-    async def _send(request: web.BaseRequest, answered: Answered, parts: list[bytes], size: int) -> None:
-        """One send of the parts (joined when small, vectored otherwise), then the transport's
-        backpressure: a client that pipelines and never reads gets no more."""
-        transport = request.transport
-        if transport is None or transport.is_closing():
-            raise ConnectionResetError("the client connection closed")
-        answered.started = True
-        if size < _SMALL_WRITE:
-            transport.write(b"".join(parts))
-        else:
-            transport.writelines(parts)
-        if request.protocol.writing_paused:
-            await request.writer.drain()
+            _write(request, answered, pending, size)
+            if protocol.writing_paused:
+                await request.writer.drain()
 
     def _last_chunk(self, trailers: list[tuple[bytes, bytes]]) -> bytes:
         """The chunked body's end, with the upstream's trailer fields (hop-by-hop ones dropped)."""
@@ -244,6 +240,18 @@ def http_date(clock: Callable[[], float]) -> bytes:
         value = formatdate(second, usegmt=True).encode("ascii")
         _date_cache[:] = [second, value, b"Date: " + value]
     return _date_cache[1]
+
+
+def _write(request: web.BaseRequest, answered: Answered, parts: list[bytes], size: int) -> None:
+    """One send of the parts: joined when small, vectored (no copy of a big body) otherwise."""
+    transport = request.transport
+    if transport is None or transport.is_closing():
+        raise ConnectionResetError("the client connection closed")
+    answered.started = True
+    if size < _SMALL_WRITE:
+        transport.write(b"".join(parts))
+    else:
+        transport.writelines(parts)
 
 
 def _field_block(lines: list[bytes]) -> bytes:

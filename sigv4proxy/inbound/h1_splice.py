@@ -19,10 +19,11 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from aiohttp import web
 
 from sigv4proxy.errors import Overloaded, ProxyError, UpstreamError
+from sigv4proxy.exchange.exchange import SocketBody
 from sigv4proxy.io.splice import FrameSource, ReadSource, Taken, cleartext_fd, discard_target, move_body
 
 
-class SpliceableBody:
+class SpliceableBody(SocketBody):
     """The chunks of a streamed request body (`async for`), or the rest of it taken off the
     client's socket (`splice_into`, `frames`, `reads`). One of them, once."""
 
@@ -30,13 +31,14 @@ class SpliceableBody:
 
     def __init__(self, chunks: AsyncIterator[bytes], request: web.BaseRequest, length: int,
                  client_timeout: float, before_take: Callable[[], None] | None = None) -> None:
+        super().__init__()
         self._chunks = chunks
         self._request = request
         self._length = length  # the declared Content-Length
         self._client_timeout = client_timeout  # --read-timeout: the longest client silence
         self._before_take = before_take  # e.g. the client's 100 (Continue): the body is wanted now
 
-    def __aiter__(self) -> AsyncIterator[bytes]:
+    def chunks(self) -> AsyncIterator[bytes]:
         return self._chunks
 
     def _detach(self) -> tuple[bytes, int, int] | None:
@@ -77,7 +79,7 @@ class SpliceableBody:
         os.close(src)
         self._request.protocol.reattach_body(self._request.content, complete)
 
-    async def splice_into(self, dst: int, dst_timeout: float) -> bool:
+    async def _splice_into(self, dst: int, dst_timeout: float) -> bool:
         """Sends the rest of the body to the cleartext socket `dst` (the caller has nothing
         unsent on it). False, with nothing taken, when the client's side cannot be detached:
         the caller then iterates the chunks instead."""
@@ -101,7 +103,7 @@ class SpliceableBody:
             self._finish(src, count - taken.count, complete, upstream_gave_up)
         return True
 
-    def frames(self) -> tuple[bytes, BodyFrames | None] | None:
+    def _frames(self) -> tuple[bytes, BodyFrames | None] | None:
         """For an HTTP/2 upstream: (what aiohttp already read, to send as usual; the rest as
         spliced DATA frames, None if there is no rest). None: iterate the chunks instead."""
         detached = self._detach()
@@ -117,7 +119,7 @@ class SpliceableBody:
             raise Overloaded("out of file descriptors") from None
         return prefix, BodyFrames(self, source)
 
-    def reads(self) -> BodyReads | None:
+    def _reads(self) -> BodyReads | None:
         """For a TLS upstream, which needs the bytes: the body read straight off the client's
         socket (see `BodyReads`). None: iterate the chunks instead."""
         detached = self._detach()

@@ -21,7 +21,7 @@ from h2.errors import ErrorCodes
 from hpack import NeverIndexedHeaderTuple
 
 from sigv4proxy.errors import BadRequest, PayloadTooLarge, ProxyError, UpstreamReset, UpstreamTimeout
-from sigv4proxy.exchange.exchange import ERROR_HEADER, Body, Exchange, Response, error_parts
+from sigv4proxy.exchange.exchange import ERROR_HEADER, Body, Exchange, Response, StreamedBody, error_parts
 from sigv4proxy.fields import DROP_RESPONSE
 from sigv4proxy.inbound.h1_response import http_date
 from sigv4proxy.inbound.h2stream import ClientGone, InboundStream
@@ -59,7 +59,7 @@ def _grpc_error_fields(exc: ProxyError) -> list[tuple[bytes, bytes]]:
             (ERROR_HEADER.encode("ascii"), exc.kind.encode("ascii"))]
 
 
-class _RequestBody:
+class _RequestBody(StreamedBody):
     """The inbound stream's body as the upstream's streamed body, with its trailers after it. A
     client that sent `expect: 100-continue` gets its 100 when the body is first wanted (unless the
     upstream's own 100 was forwarded already)."""
@@ -67,6 +67,7 @@ class _RequestBody:
     __slots__ = ("_stream", "_limit", "_expect")
 
     def __init__(self, stream: InboundStream, limit: int | None, expect: bool) -> None:
+        super().__init__()
         self._stream = stream
         self._limit = limit
         self._expect = expect
@@ -75,7 +76,7 @@ class _RequestBody:
     def trailers(self) -> list[tuple[bytes, bytes]]:
         return self._stream.trailers
 
-    async def __aiter__(self) -> AsyncIterator[bytes]:
+    async def chunks(self) -> AsyncIterator[bytes]:
         stream, limit, seen = self._stream, self._limit, 0
         if self._expect and not stream.continued:
             try:
@@ -166,7 +167,7 @@ class H2Exchange:
     def original_destination(self) -> tuple[str, int] | None:
         return self.stream.conn.original_destination() if self._settings.transparent else None
 
-    async def body(self, expect_continue: bool) -> Body:
+    def body(self, expect_continue: bool) -> Body:
         """All of a small body is usually here with the head: it goes upstream with its HEADERS in
         one write, with no upload task. Otherwise it streams, trailers after it."""
         stream, limit = self.stream, self._settings.max_body_size

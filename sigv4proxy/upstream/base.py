@@ -26,9 +26,12 @@ from sigv4proxy.errors import (
     UpstreamTimeout,
 )
 from sigv4proxy.model import Origin, Timeouts
+from sigv4proxy.upstream.body import StreamedBody
 
 Headers = Sequence[tuple[bytes, bytes]]
-Body = bytes | AsyncIterable[bytes] | None
+# A request body: whole bytes, a declared streamed kind (`upstream.body`), or None. The pool also
+# takes any async iterable and wraps it (`IteratedBody`).
+Body = bytes | StreamedBody | None
 # Receives each 1xx response (status, fields) of an exchange as it arrives, before the final one.
 # Called from the connection's receive path: it must not await or raise anything but ProxyError.
 Interim = Callable[[int, list[tuple[bytes, bytes]]], None]
@@ -120,14 +123,11 @@ def check_request_fields(method: bytes, target: bytes, authority: bytes, headers
 
 
 def request_trailers(body: Body) -> list[tuple[bytes, bytes]]:
-    """Trailer fields a streamed request body offers once its iteration has ended (gRPC-style).
-
-    A body object may carry a `trailers` attribute (a list of (name, value) bytes pairs); it is
-    read only after the last chunk. HTTP/2 sends them as a trailing HEADERS frame, HTTP/1.1 after
-    the last chunk of a chunked body (a body with a declared length has no room for them). Names
-    and values are checked like headers.
-    """
-    trailers = getattr(body, "trailers", None)
+    """Trailer fields a streamed request body offers once its iteration has ended (gRPC-style):
+    HTTP/2 sends them as a trailing HEADERS frame, HTTP/1.1 after the last chunk of a chunked
+    body (a body with a declared length has no room for them). Names and values are checked like
+    headers."""
+    trailers = body.trailers if isinstance(body, StreamedBody) else None
     if not trailers:
         return []
     fields = [(name.lower(), value) for name, value in trailers]

@@ -35,6 +35,7 @@ from sigv4proxy.upstream.base import (
     request_trailers,
     wake,
 )
+from sigv4proxy.upstream.body import SocketBody
 from sigv4proxy.upstream.connection_core import ConnectionCore
 from sigv4proxy.wire.http1_parse import Fields, ResponseParser
 
@@ -302,17 +303,15 @@ class HTTP1Connection(ConnectionCore, asyncio.Protocol):
             self.abort()
 
     async def _send_off_socket(self, body: AsyncIterable[bytes]) -> bool:
-        """A body that can be taken straight off the client's socket is (see SpliceableBody),
-        once this socket has nothing of ours unsent: moved in the kernel into a cleartext
-        socket, read into the process for TLS. False: iterate it."""
+        """A body that can be taken straight off the client's socket is (a `SocketBody`), once
+        this socket has nothing of ours unsent: moved in the kernel into a cleartext socket, read
+        into the process for TLS. False: iterate it."""
         transport = self._transport
-        if transport is None or transport.get_write_buffer_size():
+        if not isinstance(body, SocketBody) or transport is None or transport.get_write_buffer_size():
             return False
         if self._splice_fd >= 0:
-            splice_into = getattr(body, "splice_into", None)
-            return splice_into is not None and await splice_into(self._splice_fd, self.timeouts.read)
-        reads = getattr(body, "reads", None)
-        taken = reads() if reads is not None else None
+            return await body.splice_into(self._splice_fd, self.timeouts.read)
+        taken = body.reads()
         if taken is None:
             return False
         await taken.send(self._write_chunk)
@@ -369,7 +368,8 @@ class HTTP1Connection(ConnectionCore, asyncio.Protocol):
     def _on_interim(self, status: int, headers: Fields) -> None:
         exchange: _Exchange = self._exchange  # type: ignore[assignment]
         if status == 100:
-            wake(exchange.continue_waiter)  # the upstream wants the body
+            if exchange.continue_waiter is not None:
+                wake(exchange.continue_waiter)  # the upstream wants the body
         if exchange.interim is not None:
             exchange.interim(status, headers)
 
@@ -377,7 +377,8 @@ class HTTP1Connection(ConnectionCore, asyncio.Protocol):
         exchange: _Exchange = self._exchange  # type: ignore[assignment]
         exchange.status, exchange.reason, exchange.headers = status, reason, headers
         exchange.wake()
-        wake(exchange.continue_waiter)  # answered on the head alone: the body is not wanted
+        if exchange.continue_waiter is not None:  # answered on the head alone: the body is not wanted
+            wake(exchange.continue_waiter)
 
     def _deliver(self, data: bytes) -> None:
         exchange: _Exchange = self._exchange  # type: ignore[assignment]

@@ -302,7 +302,8 @@ class H2Connection(H2ConnectionBase, asyncio.Protocol):
         stream.status = code
         stream.headers = headers
         stream.wake()
-        wake(stream.continue_waiter)  # answered on the head alone: a held upload is not sent
+        if stream.continue_waiter is not None:  # answered on the head alone: a held upload is not sent
+            wake(stream.continue_waiter)
 
     def _on_informational(self, event: h2.events.InformationalResponseReceived) -> None:
         stream = self._streams.get(event.stream_id)

@@ -240,7 +240,8 @@ class FrameReceiver:
         stream.headers = headers
         stream.expected = content_length
         stream.wake()
-        wake(stream.continue_waiter)  # answered on the head alone: a held upload is not sent
+        if stream.continue_waiter is not None:  # answered on the head alone: a held upload is not sent
+            wake(stream.continue_waiter)
         if end_stream:
             self._remote_end(stream)
 

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 from sigv4proxy.errors import ProxyError, UpstreamError, UpstreamTimeout
 from sigv4proxy.wire import h2_wire as w
 from sigv4proxy.upstream.base import Interim, expire_waiter, request_trailers
+from sigv4proxy.upstream.body import SocketBody
 from sigv4proxy.upstream.connection_core import feed_body
 from sigv4proxy.upstream.h2_common import H2StreamBase
 from sigv4proxy.upstream.lean_h2_splice import send_frames
@@ -120,11 +121,12 @@ def _end_stream(conn: LeanH2Connection, stream: LeanStream,
 
 
 def _taken(conn: LeanH2Connection, body: bytes | AsyncIterable[bytes]):
-    """The body taken straight off the client's socket, if it allows that (`inbound.h1_splice`):
-    into a cleartext connection (bytes already read, the rest as spliced frames or None); for
-    TLS, which needs the bytes, a `BodyReads`. None: send its chunks."""
-    take = getattr(body, "frames" if conn._splice_fd >= 0 else "reads", None)
-    return None if take is None else take()
+    """The body taken straight off the client's socket, if it is a `SocketBody`: into a cleartext
+    connection (bytes already read, the rest as spliced frames or None); for TLS, which needs the
+    bytes, its reads. None: send its chunks."""
+    if not isinstance(body, SocketBody):
+        return None
+    return body.frames() if conn._splice_fd >= 0 else body.reads()
 
 
 async def _send_spliced(conn: LeanH2Connection, stream: LeanStream, prefix: bytes, frames) -> bool:

@@ -36,6 +36,7 @@ from sigv4proxy.upstream.base import (
     choose_protocol,
     open_transport,
 )
+from sigv4proxy.upstream.body import IteratedBody, StreamedBody
 from sigv4proxy.upstream.http1 import HTTP1Connection
 from sigv4proxy.upstream.tls import make_client_ssl_context
 
@@ -52,52 +53,6 @@ class PoolStats:
     connections: dict[tuple[str, str], int]  # (protocol "h2"/"http1", state "active"/"idle") -> n
     streams_active: int
     requests_waiting: int
-
-
-class _TrackedBody:
-    """A streamed request body that remembers whether anything pulled from it yet."""
-
-    __slots__ = ("_source", "pulled")
-
-    def __init__(self, source: AsyncIterable[bytes]) -> None:
-        self._source = source
-        self.pulled = False
-
-    def __aiter__(self) -> AsyncIterator[bytes]:
-        return self._iterate()
-
-    @property
-    def trailers(self) -> list[tuple[bytes, bytes]] | None:
-        """The source's request trailers (see `base.request_trailers`), read after the body."""
-        return getattr(self._source, "trailers", None)
-
-    async def splice_into(self, dst: int, timeout: float) -> bool:
-        """The source's kernel-to-kernel move (see `inbound.h1_splice`), if it has one."""
-        splice_into = getattr(self._source, "splice_into", None)
-        if splice_into is None:
-            return False
-        self.pulled = True  # whatever it returns, treat the body as started: never replayed
-        return await splice_into(dst, timeout)
-
-    def frames(self):
-        """The source's rest as spliced HTTP/2 frames (see `inbound.h1_splice`), if it has that."""
-        return self._taken("frames")
-
-    def reads(self):
-        """The source read straight off the client's socket (see `inbound.h1_splice`), if it can be."""
-        return self._taken("reads")
-
-    def _taken(self, how: str):
-        take = getattr(self._source, how, None)
-        if take is None:
-            return None
-        self.pulled = True  # whatever it returns, treat the body as started: never replayed
-        return take()
-
-    async def _iterate(self) -> AsyncIterator[bytes]:
-        self.pulled = True
-        async for chunk in self._source:
-            yield chunk
 
 
 class _OriginPool:
@@ -213,10 +168,9 @@ class ConnectionPool:
         pool = self._pools.get(origin)
         if pool is None:
             pool = self._pools[origin] = _OriginPool(origin)
-        tracked: _TrackedBody | None = None
+        tracked: StreamedBody | None = None  # a streamed body: retried only while nothing was pulled
         if body is not None and not isinstance(body, (bytes, bytearray, memoryview)):
-            tracked = _TrackedBody(body)
-            body = tracked
+            tracked = body = body if isinstance(body, StreamedBody) else IteratedBody(body)
         retries = refusals = 0
         fresh = unanswered_retried = False
         while True:

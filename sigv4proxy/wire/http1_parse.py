@@ -31,6 +31,7 @@ Fields = list[tuple[bytes, bytes]]
 _OTHER, _CONTENT_LENGTH, _TRANSFER_ENCODING, _CONNECTION = range(4)
 _SPECIAL = {b"content-length": _CONTENT_LENGTH, b"transfer-encoding": _TRANSFER_ENCODING,
             b"connection": _CONNECTION}
+_PLAIN_CONNECTION = (b"close", b"keep-alive")  # the Connection values that name no field
 _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # RFC 9110 field-name
 _NAME_KINDS: dict[bytes, int] = {}
 _NAME_KINDS_LIMIT = 4096
@@ -257,10 +258,10 @@ class ResponseParser:
                     close = True
                 elif b"keep-alive" in tokens and version == b"HTTP/1.0":
                     close = False
-                named = [t for t in tokens if t not in (b"close", b"keep-alive")]
-                if named:  # fields Connection names are this hop's only (RFC 9110 §7.6.1)
-                    hop = set(named)
-                    fields = [(n, v) for n, v in fields if n.lower() not in hop]
+                if lowered not in _PLAIN_CONNECTION:  # it names fields: this hop's only (RFC 9110 §7.6.1)
+                    hop = {t for t in tokens if t not in _PLAIN_CONNECTION}
+                    if hop:
+                        fields = [(n, v) for n, v in fields if n.lower() not in hop]
         self._on_head(status, rest[4:], fields)
         self.keep_alive = not close
         if self._is_head or status in _NO_BODY_STATUSES:
