@@ -16,8 +16,10 @@ $(STAMP): $(BIN)/python pyproject.toml
 
 venv: $(STAMP)
 
+# The layers' import contracts (pyproject's [tool.importlinter]) first: seconds, before the suite.
 test: $(STAMP)
 	sh scripts/ci-deps.sh
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 run: $(STAMP)
