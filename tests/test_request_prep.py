@@ -17,7 +17,7 @@ from botocore.awsrequest import AWSRequest
 from sigv4proxy.config import from_sources
 from sigv4proxy.aws.credentials import CredentialStore
 from sigv4proxy.errors import BadRequest, MethodNotSupported, PayloadTooLarge
-from sigv4proxy.exchange.prepare import RequestPreparer
+from sigv4proxy.exchange.prepare import HeaderRules, RequestPreparer
 from sigv4proxy.aws.routing import Router
 
 HOST = "svc-0123456789abcdef.7d67968.vpc-lattice-svcs.us-west-2.on.aws"
@@ -28,7 +28,7 @@ ACCESS_KEY, SECRET_KEY, TOKEN = "AKIDEXAMPLE", "wJalrXUtnFEMI/K7MDENG+bPxRfiCYEX
 def preparer(config: dict | None = None, **kw) -> RequestPreparer:
     settings = from_sources({"region": "us-west-2", **(config or {})}, env={})
     store = CredentialStore.static(ACCESS_KEY, SECRET_KEY, TOKEN)
-    return RequestPreparer(Router(settings), store, clock=lambda: NOW, **kw)
+    return RequestPreparer(Router(settings), store, HeaderRules(**kw), clock=lambda: NOW)
 
 
 def botocore_authorization(method: str, target: str, signed: list[tuple[str, str]]) -> str:

@@ -66,23 +66,39 @@ class PreparedRequest:
     sign_done: float
 
 
+@dataclass(frozen=True, slots=True)
+class HeaderRules:
+    """What prepare takes from the config (derived once, at start): the body-size limit and the
+    header options (the Go sidecar's drop-in ones among them)."""
+
+    max_body_size: int | None = None  # a declared body over this: 413 before anything is sent
+    strip_headers: tuple[str, ...] = ()  # dropped from every request
+    add_headers: tuple[tuple[str, str], ...] = ()  # added to every request
+    duplicate_headers: tuple[str, ...] = ()  # forwarded as x-original-<name> before we replace it
+
+    @classmethod
+    def from_options(cls, max_body_size: int | None, strip: Iterable[str], add: Iterable[str],
+                     duplicate: Iterable[str]) -> HeaderRules:
+        """From the config's forms (`add` as NAME=VALUE strings)."""
+        return cls(max_body_size, tuple(strip), tuple(tuple(h.split("=", 1)) for h in add),  # type: ignore[misc]
+                   tuple(duplicate))
+
+
 class RequestPreparer:
     """Header rules precomputed once (the Go sidecar's drop-in options included); one per worker."""
 
-    def __init__(self, router: Router, credentials: CredentialStore, *,
-                 max_body_size: int | None = None, strip_headers: Iterable[str] = (),
-                 add_headers: Iterable[tuple[str, str]] = (), duplicate_headers: Iterable[str] = (),
+    def __init__(self, router: Router, credentials: CredentialStore, rules: HeaderRules = HeaderRules(),
                  clock: Callable[[], float] = time.time) -> None:
         self._router = router
         self._credentials = credentials
-        self._max_body = max_body_size
+        self._max_body = rules.max_body_size
         self._clock = clock
         self._request_names: dict[bytes, tuple[bytes, int, bytes | None]] = {}
         self._signed_names: dict[object, frozenset[bytes]] = {}  # per signer
-        self._drop = DROP_REQUEST | {h.lower() for h in strip_headers}
+        self._drop = DROP_REQUEST | {h.lower() for h in rules.strip_headers}
         self._add = [(n.strip().lower().encode("latin-1"), v.strip().encode("latin-1"))
-                     for n, v in add_headers]
-        self._duplicate = {h.lower(): "x-original-" + h.lower() for h in duplicate_headers}
+                     for n, v in rules.add_headers]
+        self._duplicate = {h.lower(): "x-original-" + h.lower() for h in rules.duplicate_headers}
 
     def prepare(self, method: str, authority: str | None, target: str,
                 raw_headers: Iterable[tuple[bytes, bytes]], content_length: int | None,

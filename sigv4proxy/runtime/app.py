@@ -22,7 +22,7 @@ from sigv4proxy.aws.routing import Router, timeouts_from_config
 from sigv4proxy.compat.aiohttp import InboundServer
 from sigv4proxy.config import ProxyConfig, hostport
 from sigv4proxy.exchange.exchange import Exchange, ExchangeSettings
-from sigv4proxy.exchange.prepare import RequestPreparer
+from sigv4proxy.exchange.prepare import HeaderRules, RequestPreparer
 from sigv4proxy.inbound.h1 import H1Handler
 from sigv4proxy.inbound.listener import InboundListener
 from sigv4proxy.inbound.settings import InboundSettings
@@ -137,10 +137,8 @@ class ProxyApp:
         self.credentials.on_refresh = self.metrics.on_credential_refresh
         # One request path for both inbound protocols, built from typed settings derived once.
         self.exchange = Exchange(
-            RequestPreparer(self.router, self.credentials, max_body_size=config.max_body_size,
-                            strip_headers=config.strip_header,
-                            add_headers=[tuple(h.split("=", 1)) for h in config.add_header],
-                            duplicate_headers=config.duplicate_header),
+            RequestPreparer(self.router, self.credentials, HeaderRules.from_options(
+                config.max_body_size, config.strip_header, config.add_header, config.duplicate_header)),
             self.pool, self.metrics,
             ExchangeSettings(max_inflight=config.max_inflight, access_log=config.access_log))
         self.inbound_settings = InboundSettings(max_body_size=config.max_body_size, read_timeout=config.read_timeout,
