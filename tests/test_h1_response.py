@@ -19,7 +19,8 @@ from support.proxy import LATTICE_HOST, running_proxy
 from support.upstream_servers import H1TestServer, RawResponseServer
 
 from sigv4proxy.errors import ProxyError
-from sigv4proxy.inbound.h1_response import Answered, ResponseWriter
+from sigv4proxy.inbound.h1 import AiohttpAnswer
+from sigv4proxy.inbound.h1_response import ResponseWriter
 from sigv4proxy.upstream.base import Response
 
 HOST = LATTICE_HOST.encode()
@@ -192,13 +193,13 @@ async def test_a_header_with_cr_or_lf_is_refused_before_anything_is_written():
     writer = ResponseWriter(time.time)
     outcomes = []
 
-    async def handler(request: web.BaseRequest) -> web.StreamResponse | Answered:
+    async def handler(request: web.BaseRequest) -> web.StreamResponse | AiohttpAnswer:
         bad = request.path == "/bad"
         value = b"a\r\nInjected: yes" if bad else b"fine"
         upstream = Response(200, [(b"x-v", value)], "HTTP/1.1", _Body(b"body"))
-        answered = Answered(200)
+        answered = AiohttpAnswer(request, 200)
         try:
-            await writer.relay(request, upstream, answered)
+            await writer.relay(answered, upstream)
         except ProxyError as exc:
             outcomes.append((exc.kind, answered.started))
             return web.Response(status=exc.status, text="refused")

@@ -31,7 +31,7 @@ from sigv4proxy.errors import (
 )
 from sigv4proxy.exchange.exchange import Body, Exchange, IteratedBody, Response, error_parts
 from sigv4proxy.exchange.prepare import split_target
-from sigv4proxy.inbound.h1_response import Answered, ResponseWriter
+from sigv4proxy.inbound.h1_response import Answer, ResponseWriter
 from sigv4proxy.inbound.h1_splice import SpliceableBody
 from sigv4proxy.inbound.settings import InboundSettings
 from sigv4proxy.io.splice import AVAILABLE as splice_available
@@ -83,9 +83,45 @@ class H1Handler:
         return response
 
 
-class H1Exchange(Answered):
+class AiohttpAnswer(Answer):
+    """An answer written over an aiohttp request's connection; once written, also what aiohttp's
+    request loop needs of a response already sent (`prepare` and `write_eof`: nothing left to do;
+    `keep_alive`: whether the connection takes another)."""
+
+    def __init__(self, request: web.BaseRequest, status: int = 0) -> None:
+        self.request = request
+        self.method = request.method
+        self.status = status
+
+    @property
+    def transport(self) -> asyncio.Transport | None:  # type: ignore[override]
+        return self.request.transport  # type: ignore[return-value]
+
+    @property
+    def version(self) -> tuple[int, int]:  # type: ignore[override]
+        return self.request.version
+
+    @property
+    def client_keep_alive(self) -> bool:  # type: ignore[override]
+        return self.request.keep_alive
+
+    @property
+    def writing_paused(self) -> bool:
+        return self.request.protocol.writing_paused
+
+    def drain(self) -> Awaitable[None]:  # type: ignore[override]
+        return self.request.writer.drain()  # type: ignore[union-attr]
+
+    async def prepare(self, request: web.BaseRequest) -> None:
+        return None
+
+    async def write_eof(self, data: bytes = b"") -> None:
+        return None
+
+
+class H1Exchange(AiohttpAnswer):
     """One HTTP/1.1 request as the exchange's `Inbound`; once answered, also what aiohttp's request
-    loop needs of a response already written (`Answered`)."""
+    loop needs of a response already written (`AiohttpAnswer`)."""
 
     from_h2 = False
     protocol = "HTTP/1.1"
@@ -198,11 +234,11 @@ class H1Exchange(Answered):
             if self.continued:
                 return
             self.continued = True
-        self._handler.writer.interim(self.request, status, headers)
+        self._handler.writer.interim(self, status, headers)
 
     def relay(self, upstream: Response) -> Awaitable[None]:
         self.status = upstream.status
-        return self._handler.writer.relay(self.request, upstream, self)  # no coroutine of our own
+        return self._handler.writer.relay(self, upstream)  # no coroutine of our own
 
     async def answer_error(self, exc: ProxyError) -> None:
         self.status = exc.status

@@ -5,8 +5,10 @@ and repeats as the upstream sent them; hop-by-hop fields and Content-Length drop
 forwarded ahead of the final one, the framing (Content-Length when the upstream declared one and
 announced no trailers, chunked to an HTTP/1.1 client otherwise, with the upstream's trailers;
 close-delimited to HTTP/1.0; no body after HEAD, 1xx, 204 or 304), Date when the upstream sent
-none, the keep-alive decision handed back to aiohttp, the write timing (every write carries what
-has arrived; nothing waits for more) and the transport's write backpressure. aiohttp's StreamResponse did the same in ~15 µs
+none, the keep-alive decision handed back to the inbound adapter (`Answer.keep_alive`), the write
+timing (every write carries what has arrived; nothing waits for more) and the transport's write
+backpressure; and `Answer`, what the writer needs of the client's connection, which each HTTP/1.1
+adapter (`h1` over aiohttp, `h1_lean`) provides. aiohttp's StreamResponse did the same in ~15 µs
 more a request (a bare `web.Server`: 34 µs a request through it, 19 writing the bytes directly).
 Must never: write a header line holding CR or LF (response splitting), keep writing past the
 transport's high-water mark without waiting, send a body where the message may have none, hold a
@@ -15,11 +17,10 @@ received byte back waiting for the next one, or end a broken body as if it were 
 
 from __future__ import annotations
 
+import asyncio
 from email.utils import formatdate
 from http import HTTPStatus
 from typing import Callable
-
-from aiohttp import web
 
 from sigv4proxy.errors import ProxyError, UpstreamProtocolError
 from sigv4proxy.fields import DROP_RESPONSE
@@ -36,11 +37,12 @@ _SMALL_WRITE = 16 * 1024  # below this, parts are joined into one buffer; above,
 _COALESCE_LIMIT = 256 * 1024  # body bytes already here that one write may gather
 
 
-class Answered:
-    """What aiohttp's request loop needs of a response already written: `prepare` and
-    `write_eof` (nothing left to do) and `keep_alive` (whether the connection takes another);
-    and the answer's state the writer keeps. Class-level defaults, no slots: a request sets only
-    what changes (one object per request; its subclass `inbound.h1.H1Exchange` is the hot one)."""
+class Answer:
+    """One HTTP/1.1 answer: the state the writer keeps, and what it needs of the client's
+    connection (the transport, the request's version and method, whether the client's request
+    lets the connection take another, the write backpressure), which each inbound adapter
+    provides. Class-level defaults, no slots: a request sets only what changes (one object per
+    request; the adapters' subclasses are the hot ones)."""
 
     status = 0
     keep_alive = False  # decided with the framing, before the head is written
@@ -49,14 +51,20 @@ class Answered:
     expects = False  # the client sent Expect: 100-continue and waits before its body
     continued = False  # a 100 (Continue) went to the client
 
-    def __init__(self, status: int = 0) -> None:
-        self.status = status
+    # --- the client's connection, as each adapter provides it ---
+    transport: asyncio.Transport | None
+    version: tuple[int, int]  # the request's HTTP version
+    method: str
+    client_keep_alive: bool  # the request allows another on this connection (version, Connection)
 
-    async def prepare(self, request: web.BaseRequest) -> None:
-        return None
+    @property
+    def writing_paused(self) -> bool:
+        """The transport is over its high-water mark: `drain` before writing more."""
+        raise NotImplementedError
 
-    async def write_eof(self, data: bytes = b"") -> None:
-        return None
+    async def drain(self) -> None:
+        """Returns once the transport is below its low-water mark (or the client is gone)."""
+        raise NotImplementedError
 
 
 class ResponseWriter:
@@ -67,7 +75,7 @@ class ResponseWriter:
         self._names: dict[bytes, int] = {}  # raw name -> _FORWARD/_DROP/_LENGTH/_DATE (bounded)
         self._status_lines: dict[tuple[int, int, int, bytes | None], bytes] = {}
 
-    async def relay(self, request: web.BaseRequest, upstream: Response, answered: Answered) -> None:
+    async def relay(self, answered: Answer, upstream: Response) -> None:
         """Writes `upstream` to the client, counting body bytes in `answered`. Errors propagate
         (ConnectionError, ProxyError; UpstreamProtocolError for a bad header); `answered.started`
         says whether the client can still get an error answer instead of a cut connection.
@@ -76,12 +84,12 @@ class ResponseWriter:
         unless a body chunk is already here to share its write, and a chunk leaves as soon as the
         next one is not. A body the upstream breaks is cut after every byte it did send."""
         status = upstream.status
-        version = request.version
+        version = answered.version
         # A client still waiting for 100 sends no body after this answer: the connection cannot
         # carry another request (RFC 9110 §10.1.1)
-        keep_alive = request.keep_alive and not (answered.expects and not answered.continued)
+        keep_alive = answered.client_keep_alive and not (answered.expects and not answered.continued)
         head, length, announced = self._header_lines(upstream.headers)
-        empty = status in _EMPTY_BODY_STATUS or request.method == "HEAD"
+        empty = status in _EMPTY_BODY_STATUS or answered.method == "HEAD"
         chunked = False
         if announced and length is not None and not empty and version >= (1, 1) \
                 and upstream.http_version == "HTTP/2":
@@ -106,11 +114,10 @@ class ResponseWriter:
         answered.keep_alive = keep_alive
         pending = [self._status_line(version, status, upstream.reason), block, b"\r\n\r\n"]
         size = 0  # body bytes in `pending`
-        protocol = request.protocol
         if not upstream.body_ready:
-            _write(request, answered, pending, size)
-            if protocol.writing_paused:
-                await request.writer.drain()
+            _write(answered, pending, size)
+            if answered.writing_paused:
+                await answered.drain()
             pending = []
         try:
             async for chunk in upstream:
@@ -126,21 +133,21 @@ class ResponseWriter:
                     continue  # the next read will not wait: share one write with it
                 if upstream.body_complete:
                     break  # the end leaves with the last chunk
-                _write(request, answered, pending, size)
-                if protocol.writing_paused:  # a client that pipelines and never reads gets no more
-                    await request.writer.drain()
+                _write(answered, pending, size)
+                if answered.writing_paused:  # a client that pipelines and never reads gets no more
+                    await answered.drain()
                 pending = []
                 size = 0
         except ProxyError:
             if pending:  # what arrived before the break (the head at least) still goes out
-                _write(request, answered, pending, size)
+                _write(answered, pending, size)
             raise
         if chunked:
             pending.append(self._last_chunk(upstream.trailers))
         if pending:
-            _write(request, answered, pending, size)
-            if protocol.writing_paused:
-                await request.writer.drain()
+            _write(answered, pending, size)
+            if answered.writing_paused:
+                await answered.drain()
 
     def _last_chunk(self, trailers: list[tuple[bytes, bytes]]) -> bytes:
         """The chunked body's end, with the upstream's trailer fields (hop-by-hop ones dropped)."""
@@ -151,14 +158,14 @@ class ResponseWriter:
             return _LAST_CHUNK
         return b"0\r\n" + _field_block(lines) + b"\r\n\r\n"
 
-    def interim(self, request: web.BaseRequest, status: int, headers: list[tuple[bytes, bytes]]) -> None:
+    def interim(self, answered: Answer, status: int, headers: list[tuple[bytes, bytes]]) -> None:
         """Forwards an upstream 1xx response (RFC 9110 §15.2) ahead of the final one; HTTP/1.0
         clients get none. Called from the upstream connection's receive path: no await."""
-        transport = request.transport
-        if request.version < (1, 1) or transport is None or transport.is_closing():
+        transport = answered.transport
+        if answered.version < (1, 1) or transport is None or transport.is_closing():
             return
         lines, _, _ = self._header_lines(headers, dated=False)
-        parts = [self._status_line(request.version, status, None)]
+        parts = [self._status_line(answered.version, status, None)]
         if lines:
             parts += (_field_block(lines), _CRLF)
         parts.append(_CRLF)
@@ -242,9 +249,9 @@ def http_date(clock: Callable[[], float]) -> bytes:
     return _date_cache[1]
 
 
-def _write(request: web.BaseRequest, answered: Answered, parts: list[bytes], size: int) -> None:
+def _write(answered: Answer, parts: list[bytes], size: int) -> None:
     """One send of the parts: joined when small, vectored (no copy of a big body) otherwise."""
-    transport = request.transport
+    transport = answered.transport
     if transport is None or transport.is_closing():
         raise ConnectionResetError("the client connection closed")
     answered.started = True
