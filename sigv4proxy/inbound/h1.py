@@ -169,7 +169,8 @@ class H1Exchange(AiohttpAnswer):
             data = self.request.content.read_nowait(length)
             return data if len(data) == length else self._rest_of_small_body(data, length)
         if length is not None and handler.splice:
-            return SpliceableBody(self._streamed(), self.request, length, handler.settings.read_timeout,
+            return SpliceableBody(self._streamed(), _AiohttpBodySocket(self.request), length,
+                                  handler.settings.read_timeout,
                                   self._send_continue if expect_continue else None)
         return IteratedBody(self._streamed())
 
@@ -266,6 +267,31 @@ class H1Exchange(AiohttpAnswer):
         transport = request.transport
         return (request.raw_path, headers.get("Host"), transport.get_extra_info("peername") if transport else None,
                 headers.get("User-Agent"))
+
+
+class _AiohttpBodySocket:
+    """The request's connection as `h1_splice` takes a body off it (aiohttp's parser detached)."""
+
+    __slots__ = ("_request",)
+
+    def __init__(self, request: web.BaseRequest) -> None:
+        self._request = request
+
+    @property
+    def transport(self) -> asyncio.Transport | None:
+        return self._request.transport  # type: ignore[return-value]
+
+    @property
+    def lingering_time(self) -> float:
+        return self._request.protocol.lingering_time
+
+    def detach_body(self) -> tuple[bytes, bool, int] | None:
+        content = self._request.content
+        got = self._request.protocol.detach_body(content)
+        return None if got is None else (*got, content.total_bytes)
+
+    def reattach_body(self, complete: bool) -> None:
+        self._request.protocol.reattach_body(self._request.content, complete)
 
 
 def _error_response(exc: ProxyError) -> web.Response:

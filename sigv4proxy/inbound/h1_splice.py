@@ -2,10 +2,11 @@
 
 Owns: `SpliceableBody`, the streamed body handed to the upstream when the inbound request has a
 declared length on a cleartext socket: iterated like any body, or taken off the socket
-(`sigv4proxy.io.splice`) with the inbound connection detached from aiohttp's parser meanwhile:
+(`sigv4proxy.io.splice`) with the inbound connection detached from its parser meanwhile (a
+`BodySocket`, which each HTTP/1.1 adapter provides):
 moved in the kernel whole into a cleartext HTTP/1.1 socket (`splice_into`) or as HTTP/2 DATA
 frames (`frames`), or read into the process for a TLS upstream (`reads`). What the upstream
-stopped taking is read and dropped, as aiohttp does for a body left unread. Must never: let the
+stopped taking is read and dropped, as for a body left unread. Must never: let the
 client's next request be read as body or the body as a request, or keep a connection whose
 parser lost count of the body.
 """
@@ -15,25 +16,47 @@ from __future__ import annotations
 import asyncio
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable
-
-from aiohttp import web
+from typing import Protocol
 
 from sigv4proxy.errors import Overloaded, ProxyError, UpstreamError
 from sigv4proxy.exchange.exchange import SocketBody
 from sigv4proxy.io.splice import FrameSource, ReadSource, Taken, cleartext_fd, discard_target, move_body
 
 
+class BodySocket(Protocol):
+    """The inbound connection a request body is taken off, as an HTTP/1.1 adapter provides it."""
+
+    @property
+    def transport(self) -> asyncio.Transport | None: ...
+
+    @property
+    def lingering_time(self) -> float:
+        """How long a body left unread is read and dropped before the connection closes."""
+        ...
+
+    def detach_body(self) -> tuple[bytes, bool, int] | None:
+        """(what was already read of the current body; whether the socket is now ours until
+        `reattach_body`, False when the body was already read whole; the body bytes read so far).
+        None: not possible (the socket is closing, or the parser is not where it can stop)."""
+        ...
+
+    def reattach_body(self, complete: bool) -> None:
+        """The detached body has ended: `complete`, the next request is read from the socket;
+        otherwise the socket sits mid-body and the connection closes after this answer."""
+        ...
+
+
 class SpliceableBody(SocketBody):
     """The chunks of a streamed request body (`async for`), or the rest of it taken off the
     client's socket (`splice_into`, `frames`, `reads`). One of them, once."""
 
-    __slots__ = ("_chunks", "_request", "_length", "_client_timeout", "_before_take")
+    __slots__ = ("_chunks", "_socket", "_length", "_client_timeout", "_before_take")
 
-    def __init__(self, chunks: AsyncIterator[bytes], request: web.BaseRequest, length: int,
+    def __init__(self, chunks: AsyncIterator[bytes], socket: BodySocket, length: int,
                  client_timeout: float, before_take: Callable[[], None] | None = None) -> None:
         super().__init__()
         self._chunks = chunks
-        self._request = request
+        self._socket = socket
         self._length = length  # the declared Content-Length
         self._client_timeout = client_timeout  # --read-timeout: the longest client silence
         self._before_take = before_take  # e.g. the client's 100 (Continue): the body is wanted now
@@ -42,22 +65,20 @@ class SpliceableBody(SocketBody):
         return self._chunks
 
     def _detach(self) -> tuple[bytes, int, int] | None:
-        """(what aiohttp already read, our descriptor for the client's socket or -1 when the
+        """(what the parser already read, our descriptor for the client's socket or -1 when the
         body was already read whole, the bytes still in it). None: it cannot be detached."""
         if self._before_take is not None:
             self._before_take()
             self._before_take = None
-        request = self._request
-        transport = request.transport
+        socket = self._socket
+        transport = socket.transport
         fd = cleartext_fd(transport) if transport is not None else -1
         if fd < 0:
             return None
-        protocol = request.protocol
-        content = request.content
-        got = protocol.detach_body(content)
+        got = socket.detach_body()
         if got is None:
             return None
-        prefix, detached = got
+        prefix, detached, read = got
         if not detached:
             return prefix, -1, 0
         # Our own descriptor for the client's socket: its transport may close (and its number be
@@ -65,9 +86,9 @@ class SpliceableBody(SocketBody):
         try:
             src = os.dup(fd)
         except OSError:
-            protocol.reattach_body(content, False)
+            socket.reattach_body(False)
             raise Overloaded("out of file descriptors") from None
-        return prefix, src, self._length - content.total_bytes
+        return prefix, src, self._length - read
 
     def _finish(self, src: int, left: int, complete: bool, upstream_gave_up: bool) -> None:
         """The move ended: the connection goes on (`complete`), or the rest of the body is read
@@ -77,7 +98,7 @@ class SpliceableBody(SocketBody):
             _start(self._discard_rest(src, left))
             return
         os.close(src)
-        self._request.protocol.reattach_body(self._request.content, complete)
+        self._socket.reattach_body(complete)
 
     async def _splice_into(self, dst: int, dst_timeout: float) -> bool:
         """Sends the rest of the body to the cleartext socket `dst` (the caller has nothing
@@ -87,7 +108,7 @@ class SpliceableBody(SocketBody):
         if detached is None:
             return False
         prefix, src, count = detached
-        if src < 0:  # aiohttp had read it all: no socket work beyond writing it
+        if src < 0:  # the parser had read it all: no socket work beyond writing it
             await move_body(-1, dst, prefix, 0, src_timeout=self._client_timeout, dst_timeout=dst_timeout)
             return True
         taken = Taken()
@@ -104,7 +125,7 @@ class SpliceableBody(SocketBody):
         return True
 
     def _frames(self) -> tuple[bytes, BodyFrames | None] | None:
-        """For an HTTP/2 upstream: (what aiohttp already read, to send as usual; the rest as
+        """For an HTTP/2 upstream: (what the parser already read, to send as usual; the rest as
         spliced DATA frames, None if there is no rest). None: iterate the chunks instead."""
         detached = self._detach()
         if detached is None:
@@ -129,14 +150,14 @@ class SpliceableBody(SocketBody):
         return BodyReads(self, prefix, ReadSource(src, count, self._client_timeout) if src >= 0 else None)
 
     async def _discard_rest(self, src: int, left: int) -> None:
-        """The rest of a body its upstream no longer takes, read and dropped as aiohttp does for
-        a body left unread (for its lingering time at most, the client silent for --read-timeout
-        at most), so that the client can finish sending and read the answer; the connection is
-        kept if the body ends in that time. Closes `src`."""
-        protocol = self._request.protocol
+        """The rest of a body its upstream no longer takes, read and dropped as for a body left
+        unread (for the lingering time at most, the client silent for --read-timeout at most), so
+        that the client can finish sending and read the answer; the connection is kept if the
+        body ends in that time. Closes `src`."""
+        socket = self._socket
         drained = False
         try:
-            async with asyncio.timeout(protocol.lingering_time):
+            async with asyncio.timeout(socket.lingering_time):
                 await move_body(src, discard_target(), b"", left, src_timeout=self._client_timeout,
                                 dst_timeout=self._client_timeout)
             drained = True
@@ -144,7 +165,7 @@ class SpliceableBody(SocketBody):
             pass
         finally:
             os.close(src)
-            protocol.reattach_body(self._request.content, drained)
+            socket.reattach_body(drained)
 
 
 class BodyFrames:
@@ -164,7 +185,7 @@ class BodyFrames:
 
 
 class BodyReads:
-    """A body for an upstream that needs its bytes: what aiohttp had already read, then the rest
+    """A body for an upstream that needs its bytes: what the parser had already read, then the rest
     read off the client's socket (`source`, None when there is no rest). `send` once."""
 
     __slots__ = ("_body", "_prefix", "_source")
