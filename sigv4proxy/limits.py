@@ -13,6 +13,8 @@ SMALL_BODY = 64 * 1024
 # a different limit so that the parser's LineTooLong tells the two apart (by its limit).
 MAX_HEADER_FIELD = 16 * 1024
 MAX_REQUEST_LINE = MAX_HEADER_FIELD + 1024
+# More header fields than this in one request head (or its trailers) is 431 (aiohttp's default).
+MAX_HEADERS = 128
 
 # A header list (names + values + 32 per field, RFC 9113 §6.5.2) or HTTP/1.1 response head larger
 # than this is refused, both ways and for both protocols (h2's default).

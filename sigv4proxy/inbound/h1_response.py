@@ -149,6 +149,23 @@ class ResponseWriter:
             if answered.writing_paused:
                 await answered.drain()
 
+    def own_answer(self, answered: Answer, status: int, headers: dict[str, str], text: str) -> None:
+        """The proxy's own answer (an error): `headers` and `text` as given (fixed text, never a
+        request byte), with Content-Length, Date and, unless `answered.keep_alive`, Connection:
+        close. No body after a HEAD request."""
+        body = text.encode("utf-8")
+        parts = [self._status_line(answered.version, status, None)]
+        parts += [b"%s: %s\r\n" % (n.encode("latin-1"), v.encode("latin-1")) for n, v in headers.items()]
+        parts.append(b"Content-Length: %d\r\n%s\r\n" % (len(body), self._date()))
+        if not answered.keep_alive:
+            parts.append(b"Connection: close\r\n")
+        elif answered.version == (1, 0):
+            parts.append(b"Connection: keep-alive\r\n")
+        parts.append(_CRLF)
+        if answered.method != "HEAD":
+            parts.append(body)
+        _write(answered, parts, 0)
+
     def _last_chunk(self, trailers: list[tuple[bytes, bytes]]) -> bytes:
         """The chunked body's end, with the upstream's trailer fields (hop-by-hop ones dropped)."""
         if not trailers:

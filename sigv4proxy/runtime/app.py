@@ -14,6 +14,7 @@ import logging
 import socket
 import time
 from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 
@@ -26,13 +27,16 @@ from sigv4proxy.exchange.prepare import HeaderRules, RequestPreparer
 from sigv4proxy.inbound.h1 import H1Handler
 from sigv4proxy.inbound.listener import InboundListener
 from sigv4proxy.inbound.settings import InboundSettings
-from sigv4proxy.limits import MAX_HEADER_FIELD, MAX_REQUEST_LINE
+from sigv4proxy.limits import MAX_HEADER_FIELD, MAX_HEADERS, MAX_REQUEST_LINE
 from sigv4proxy.model import Origin, PoolLimits, Timeouts
 from sigv4proxy.observe.metrics import Metrics
 from sigv4proxy.runtime.admin import AdminHandler
 from sigv4proxy.upstream.lean_h2 import LeanH2Connection
 from sigv4proxy.upstream.pool import ConnectionPool
 from sigv4proxy.upstream.tls import make_client_ssl_context
+
+if TYPE_CHECKING:  # httptools loads only where the lean HTTP/1.1 server is chosen
+    from sigv4proxy.inbound.h1_lean import LeanH1Server
 
 log = logging.getLogger("sigv4proxy")
 # Gauges copied and (with workers) batched histograms flushed this often: how late a scrape may
@@ -143,7 +147,16 @@ class ProxyApp:
             ExchangeSettings(max_inflight=config.max_inflight, access_log=config.access_log))
         self.inbound_settings = InboundSettings(max_body_size=config.max_body_size, read_timeout=config.read_timeout,
                                                 splice=config.splice, transparent=config.transparent)
-        self.handler = H1Handler(self.exchange, self.inbound_settings, time.time)
+        # HTTP/1.1: our own protocol over llhttp, or aiohttp's server (the reference); both pass
+        # the same inbound tests.
+        self.handler: H1Handler | LeanH1Server
+        if config.h1_implementation == "lean":
+            from sigv4proxy.inbound.h1_lean import LeanH1Server
+
+            self.handler = LeanH1Server(self.exchange, self.inbound_settings, time.time,
+                                        head_timeout=config.header_timeout)
+        else:
+            self.handler = H1Handler(self.exchange, self.inbound_settings, time.time)
         # HTTP/2 (h2c prior knowledge, gRPC) on the same port, through the same exchange.
         # Built at the first h2c connection: the h2 library costs ~4 MB RSS an HTTP/1.1-only
         # sidecar never needs.
@@ -155,7 +168,7 @@ class ProxyApp:
         self._draining = False
         self._proxy_servers: list[asyncio.AbstractServer] = []
         self._admin_listener: asyncio.AbstractServer | None = None
-        self._web_server: web.Server | None = None
+        self._web_server: InboundServer | LeanH1Server | None = None
         self._admin_server: web.Server | None = None
         self._gauge_task: asyncio.Task | None = None
         self.addresses: list[tuple[str, int]] = []  # (host, port) of every listener, as bound
@@ -198,12 +211,15 @@ class ProxyApp:
                                         access_log=None)
         self._admin_listener = await loop.create_server(self._admin_server, sock=admin_sock)
         self.admin_port = admin_sock.getsockname()[1]
-        self._web_server = InboundServer(
-            self.handler, access_log=None, auto_decompress=False, handler_cancellation=True,
-            keepalive_timeout=75, max_field_size=MAX_HEADER_FIELD, max_line_size=MAX_REQUEST_LINE,
-            read_bufsize=16384,
-        )
-        self._web_server.head_timeout = self.config.header_timeout
+        if isinstance(self.handler, H1Handler):
+            self._web_server = InboundServer(
+                self.handler, access_log=None, auto_decompress=False, handler_cancellation=True,
+                keepalive_timeout=75, max_field_size=MAX_HEADER_FIELD, max_line_size=MAX_REQUEST_LINE,
+                max_headers=MAX_HEADERS, read_bufsize=16384,
+            )
+            self._web_server.head_timeout = self.config.header_timeout
+        else:
+            self._web_server = self.handler
         self._listener = InboundListener(self._web_server, self._new_h2_connection,
                                         head_timeout=self.config.header_timeout)
         for sock in socks:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import pathlib
 from typing import AsyncIterator
 
@@ -39,7 +40,14 @@ def static_credentials() -> CredentialStore:
     return CredentialStore.static(ACCESS_KEY, SECRET_KEY, SESSION_TOKEN)
 
 
+# The inbound HTTP/1.1 server of every proxy the tests start, taken from the variable that sets it
+# for the proxy itself (the config here reads no environment): `make test` runs the modules that
+# exercise the inbound side under both implementations.
+H1_IMPLEMENTATION = os.environ.get("SIGV4PROXY_H1_IMPLEMENTATION") or config_mod.ProxyConfig().h1_implementation
+
+
 def proxy_config(**values) -> config_mod.ProxyConfig:
+    values.setdefault("h1_implementation", H1_IMPLEMENTATION)
     values.setdefault("listen", "127.0.0.1:0")
     values.setdefault("admin", "127.0.0.1:0")
     values.setdefault("connect_timeout", 2)
