@@ -17,10 +17,18 @@ $(STAMP): $(BIN)/python pyproject.toml
 venv: $(STAMP)
 
 # The layers' import contracts (pyproject's [tool.importlinter]) first: seconds, before the suite.
+# Then the modules that exercise the inbound HTTP/1.1 side once more under the other server
+# (--h1-implementation): the reference and the lean one pass the same tests.
+H1_OTHER ?= lean
+H1_TESTS ?= tests/test_differential.py tests/test_faithful_relay.py tests/test_hostile_input.py tests/test_fuzz.py \
+	tests/test_inbound_limits.py tests/test_small_bodies.py tests/test_splice.py tests/test_faults_client.py \
+	tests/test_proxy_e2e.py tests/test_secrets.py tests/test_h1_response.py tests/test_write_flow.py \
+	tests/test_faults_upstream.py tests/test_listen.py tests/test_metrics.py tests/test_transparent_e2e.py
 test: $(STAMP)
 	sh scripts/ci-deps.sh
 	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	SIGV4PROXY_H1_IMPLEMENTATION=$(H1_OTHER) $(BIN)/python -m pytest -q $(H1_TESTS) $(PYTEST_ARGS)
 
 run: $(STAMP)
 	$(BIN)/sigv4proxy demo

@@ -255,7 +255,7 @@ class LeanH1Connection(asyncio.Protocol):
             # What follows its head would be a tunnel: answer, then close.
             request.refuse(MethodNotSupported("CONNECT is not supported (VPC Lattice does not tunnel)"))
             self._stop_parsing()
-        elif parser.should_upgrade() and request.has_body:
+        elif request.has_body and parser.should_upgrade():
             # llhttp skips the body of an upgrade offer: the connection cannot go on after it.
             request.refuse(BadRequest("protocol upgrade is not supported"))
             self._stop_parsing()
