@@ -19,7 +19,7 @@ venv: $(STAMP)
 # The layers' import contracts (pyproject's [tool.importlinter]) first: seconds, before the suite.
 # Then the modules that exercise the inbound HTTP/1.1 side once more under the other server
 # (--h1-implementation): the reference and the lean one pass the same tests.
-H1_OTHER ?= lean
+H1_OTHER ?= aiohttp
 H1_TESTS ?= tests/test_differential.py tests/test_faithful_relay.py tests/test_hostile_input.py tests/test_fuzz.py \
 	tests/test_inbound_limits.py tests/test_small_bodies.py tests/test_splice.py tests/test_faults_client.py \
 	tests/test_proxy_e2e.py tests/test_secrets.py tests/test_h1_response.py tests/test_write_flow.py \

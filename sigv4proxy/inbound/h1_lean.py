@@ -1,5 +1,5 @@
 """The lean HTTP/1.1 inbound protocol: an asyncio.Protocol of our own driving llhttp (httptools)
-directly, each request through the exchange. Selected by --h1-implementation=lean; the aiohttp
+directly, each request through the exchange. The default (--h1-implementation=lean); the aiohttp
 adapter (`inbound.h1`) is the reference it passes the same tests as.
 
 Owns: the connection's parse (request line, fields and trailers with their size limits, answered

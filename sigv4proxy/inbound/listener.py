@@ -2,9 +2,9 @@
 
 Owns: the protocol factory given to `loop.create_server` for the proxy port. A connection whose
 first bytes are the HTTP/2 client preface (h2c with prior knowledge) goes to an h2 server
-connection; anything else goes to aiohttp's `RequestHandler` (HTTP/1.1, unchanged: after the
-hand-over the transport talks to aiohttp directly, so the HTTP/1.1 path costs nothing extra per
-request). Also tracks the h2 connections for a graceful shutdown.
+connection; anything else goes to the HTTP/1.1 server's protocol (`h1_lean`, or aiohttp's
+`RequestHandler`; unchanged: after the hand-over the transport talks to it directly, so the
+HTTP/1.1 path costs nothing extra per request). Also tracks the h2 connections for a graceful shutdown.
 Must never: read past the first packet(s) needed to decide, or keep a connection nobody owns.
 """
 
@@ -80,7 +80,7 @@ class InboundListener:
                  h2_factory: Callable[[Callable[[H2ServerConnection], None]], H2ServerConnection],
                  head_timeout: float | None = None) -> None:
         self.head_timeout = head_timeout  # seconds to decide the protocol; None: no limit
-        self.http1_factory = http1_factory  # e.g. aiohttp's `web.Server` instance
+        self.http1_factory = http1_factory  # `LeanH1Server`, or aiohttp's `web.Server` instance
         self._h2_factory = h2_factory  # called with the on-close callback
         self.undecided: set[_Sniffer] = set()
         self.h2_connections: set[H2ServerConnection] = set()
