@@ -164,8 +164,12 @@ class LeanH1Connection(asyncio.Protocol):
         requests = list(self._queue)
         if self.active is not None:
             requests.append(self.active)
-        if not requests or not all(r.body_done for r in requests):
-            self.abort()
+        if not requests:
+            if self.transport is not None:
+                self.transport.close()  # nothing to answer (what was written still goes out)
+            return True
+        if not all(r.body_done for r in requests):
+            self.abort()  # a body cut short: its request is abandoned
             return True
         self._closing = True
         return True  # keep the transport open to write the answers
