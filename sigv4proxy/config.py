@@ -371,7 +371,7 @@ def add_arguments(parser: argparse.ArgumentParser, names: Iterable[str] | None =
 
 
 def load_file(path: str) -> dict[str, Any]:
-    import yaml  # only with a config file: a worker run from flags never loads it (0.9 MiB)
+    import yaml  # only with a config file: a worker run from flags never loads it
 
     try:
         with open(path, encoding="utf-8") as fh:

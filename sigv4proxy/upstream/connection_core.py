@@ -70,7 +70,7 @@ class SerialWriteFlow(WriteFlow):
     """Writers get past a resume one at a time: the first waiter is woken, the next only after it
     has written and the transport is still not paused. For TLS, where a write is encrypted and
     buffered at once: waking every waiter let each HTTP/2 stream add a chunk (64 uploads on one
-    connection, megabytes per resume; the fullest worker 76-90 -> 73-78 MiB at c128)."""
+    connection, megabytes per resume; the memory this saves: docs/performance.md)."""
 
     __slots__ = ()
 
