@@ -24,7 +24,8 @@ from sigv4proxy.upstream.base import (
     OnChange,
     Response,
 )
-from sigv4proxy.upstream.h2_common import H2ConnectionBase
+from sigv4proxy.upstream.connection_core import CLOSED, READY
+from sigv4proxy.upstream.h2_common import HALF_CLOSED_LOCAL, OPEN, H2ConnectionBase
 from sigv4proxy.wire.hpack_decode import HeaderBlockDecoder
 from sigv4proxy.upstream.lean_h2_recv import FRAME_HANDLERS, FrameReceiver, ProtocolViolation
 from sigv4proxy.upstream.lean_h2_stream import STREAM_WINDOW, LeanStream, send_body
@@ -85,8 +86,7 @@ class LeanH2Connection(FrameReceiver, H2ConnectionBase, asyncio.Protocol):
 
     # --- the Connection interface ---
     def is_available(self) -> bool:
-        return (self._is_ready and not self._closed and not self._goaway and not self._retiring
-                and len(self._streams) < self._peer_max_streams
+        return (self.state is READY and len(self._streams) < self._peer_max_streams
                 and self._next_stream_id <= w.MAX_STREAM_ID)
 
     def capacity(self) -> int:
@@ -110,32 +110,34 @@ class LeanH2Connection(FrameReceiver, H2ConnectionBase, asyncio.Protocol):
             raise BadRequest("request method, target or a header is not bytes") from None
         stream_id = self._next_stream_id
         self._next_stream_id += 2
-        stream = LeanStream(self, stream_id, self._peer_initial_window, method == b"HEAD", interim)
-        self._streams[stream_id] = stream
         frame_size = self._peer_max_frame
+        send_window = self._peer_initial_window
         size = len(body) if isinstance(body, (bytes, bytearray, memoryview)) else -1
         if body is None or size == 0:
             parts = w.header_frames(stream_id, block, True, frame_size)
-            stream.local_ended = True
-        elif 0 < size <= INLINE_BODY_LIMIT and size <= min(stream.send_window, self._send_window) \
+            state = HALF_CLOSED_LOCAL
+        elif 0 < size <= INLINE_BODY_LIMIT and size <= min(send_window, self._send_window) \
                 and not self._window_queue:  # never ahead of uploads waiting for window
             parts = w.header_frames(stream_id, block, False, frame_size)
             view = memoryview(body)  # type: ignore[arg-type]
             w.data_frames(parts, stream_id, view, True, frame_size)
-            stream.send_window -= size
+            send_window -= size
             self._send_window -= size
-            stream.local_ended = True
+            state = HALF_CLOSED_LOCAL
         else:
             parts = w.header_frames(stream_id, block, False, frame_size)
+            state = OPEN
+        stream = LeanStream(self, stream_id, send_window, method == b"HEAD", interim, state)
+        self._streams[stream_id] = stream
         if len(self._streams) > 1:
             self._queue_headers(parts)
         else:  # nothing else in flight, so likely nothing to share a send with: no extra pass
             self._write(b"".join(parts))
-        if stream.local_ended:
-            stream.sent_at = self._loop.time()
+        if state is HALF_CLOSED_LOCAL:
+            stream.sent_at = self.loop.time()
         else:
             upload = send_body(self, stream, body, expect_continue)  # type: ignore[arg-type]
-            stream.send_task = self._loop.create_task(upload)
+            stream.send_task = self.loop.create_task(upload)
         return await self._await_response(stream)
 
     def _send_goaway(self) -> None:
@@ -149,9 +151,10 @@ class LeanH2Connection(FrameReceiver, H2ConnectionBase, asyncio.Protocol):
     # --- stream bookkeeping (called by LeanStream too) ---
     def consumed(self, stream: LeanStream, size: int) -> None:
         """The consumer took `size` bytes: return receive credit, batched, as WINDOW_UPDATEs."""
-        if self._closed:
+        if self.state is CLOSED:
             return
-        if not stream.retired and not stream.remote_ended:
+        state = stream.state
+        if state is HALF_CLOSED_LOCAL or state is OPEN:  # the peer may still send on it
             stream.credit += size
             if stream.credit >= _STREAM_CREDIT_BATCH:
                 self._out.append(w.window_update_frame(stream.id, stream.credit))
@@ -160,7 +163,7 @@ class LeanH2Connection(FrameReceiver, H2ConnectionBase, asyncio.Protocol):
         self._connection_consumed(size)
 
     def _connection_consumed(self, size: int) -> None:
-        if self._closed:
+        if self.state is CLOSED:
             return
         self._credit += size
         # in batches; but all of it when the peer is nearly out (stalled streams hold the rest)
@@ -173,7 +176,7 @@ class LeanH2Connection(FrameReceiver, H2ConnectionBase, asyncio.Protocol):
             self._flush()
 
     def reset(self, stream: LeanStream, code: int) -> None:
-        if not self._closed and not stream.retired:
+        if self.state is not CLOSED and not stream.state.closed:
             self._out.append(w.rst_stream_frame(stream.id, code))
             if not self._receiving:
                 self._flush()
@@ -186,7 +189,7 @@ class LeanH2Connection(FrameReceiver, H2ConnectionBase, asyncio.Protocol):
         self._write(_OPENING)
 
     def data_received(self, data: bytes) -> None:
-        if self._closed:
+        if self.state is CLOSED:
             return
         if self._rest:
             data = self._rest + data
@@ -219,7 +222,7 @@ class LeanH2Connection(FrameReceiver, H2ConnectionBase, asyncio.Protocol):
                     handler = FRAME_HANDLERS.get(frame_type)
                     if handler is not None:  # unknown frame types are ignored (RFC 9113 §5.5)
                         handler(self, flags, stream_id, data[start:stop])
-                if self._closed:
+                if self.state is CLOSED:
                     return
         except ProtocolViolation as err:
             self._connection_error(err.code, err.reason)
@@ -238,7 +241,7 @@ class LeanH2Connection(FrameReceiver, H2ConnectionBase, asyncio.Protocol):
         self._out += parts
         if not self._flush_scheduled:
             self._flush_scheduled = True
-            self._loop.call_soon(self._scheduled_flush)
+            self.loop.call_soon(self._scheduled_flush)
 
     def _scheduled_flush(self) -> None:
         self._flush_scheduled = False
@@ -278,7 +281,7 @@ class LeanH2Connection(FrameReceiver, H2ConnectionBase, asyncio.Protocol):
         self._lost(UpstreamProtocolError(reason))
 
     def _lost(self, err: ProxyError) -> None:
-        if not self._closed:
+        if self.state is not CLOSED:
             self._out.clear()  # control frames for a dead socket
         super()._lost(err)
 

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 from sigv4proxy.errors import ProxyError, UpstreamProtocolError
 from sigv4proxy.wire import h2_wire as w
 from sigv4proxy.upstream.base import OnChange, wake
-from sigv4proxy.upstream.h2_common import status_code
+from sigv4proxy.upstream.h2_common import HALF_CLOSED_REMOTE, StreamState, status_code
 from sigv4proxy.wire.hpack_decode import (BLOCK_CACHE_ENTRIES, HeaderBlockDecoder,
                                                HpackDecodeError, decodes_alike)
 
@@ -70,7 +70,7 @@ class FrameReceiver:
         def _connection_consumed(self, size: int) -> None: ...
         def reset(self, stream: _Stream, code: int) -> None: ...
         def fail_stream(self, stream: _Stream, err: ProxyError, code: int = ...) -> None: ...
-        def _retire(self, stream: _Stream) -> None: ...
+        def _move(self, stream: _Stream, state: StreamState) -> None: ...
         def _check_ready(self) -> None: ...
         def _peer_reset(self, stream: _Stream, code: int, code_name: object) -> None: ...
         def _peer_goaway(self, last_stream_id: int) -> None: ...
@@ -95,9 +95,7 @@ class FrameReceiver:
             self._stream_error(stream, w.PROTOCOL_ERROR,
                                "upstream body length differs from content-length")
             return
-        stream.remote_ended = True
-        if stream.local_ended:
-            self._retire(stream)
+        self._move(stream, stream.state.on_remote_end)
         stream.wake()
 
     # --- DATA ---
@@ -128,7 +126,7 @@ class FrameReceiver:
             self._return_connection_credit(length)
             self._stream_error(stream, w.FLOW_CONTROL_ERROR, "upstream overran the stream window")
             return
-        if stream.status is None or stream.remote_ended:
+        if stream.status is None or stream.state is HALF_CLOSED_REMOTE:
             self._return_connection_credit(length)
             self._stream_error(stream, w.PROTOCOL_ERROR,
                                "upstream sent DATA outside a response body")
@@ -199,7 +197,7 @@ class FrameReceiver:
         stream = self._streams.get(stream_id)
         if stream is None:
             return
-        if stream.remote_ended:
+        if stream.state is HALF_CLOSED_REMOTE:
             self._stream_error(stream, w.STREAM_CLOSED, "upstream sent HEADERS after the end")
             return
         head = stream.status is None  # not trailers

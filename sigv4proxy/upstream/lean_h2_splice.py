@@ -53,7 +53,7 @@ async def _wire_free(conn: LeanH2Connection, timeout: float, gone: type[Exceptio
     """Returns when nothing of the connection's is waiting to be written: no frame being
     finished, our queued frames handed to the transport, the transport's buffer empty."""
     while True:
-        if conn._closed:
+        if conn.is_closed():
             raise gone
         finisher = conn.frame_finisher
         if finisher is not None and not finisher.done():
@@ -76,7 +76,7 @@ async def _finish_frame(conn: LeanH2Connection, source: FrameSource, timeout: fl
     failure here ends the connection."""
     try:
         while not source.emit(conn._splice_fd):
-            if conn._closed:
+            if conn.is_closed():
                 raise UpstreamReset("upstream connection closed")
             if not await _writable(conn, timeout):
                 raise UpstreamTimeout("upstream stopped reading")

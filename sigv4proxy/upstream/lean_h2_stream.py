@@ -21,7 +21,7 @@ from sigv4proxy.wire import h2_wire as w
 from sigv4proxy.upstream.base import Interim, expire_waiter, request_trailers
 from sigv4proxy.upstream.body import SocketBody
 from sigv4proxy.upstream.connection_core import feed_body
-from sigv4proxy.upstream.h2_common import H2StreamBase
+from sigv4proxy.upstream.h2_common import OPEN, H2StreamBase, StreamState
 from sigv4proxy.upstream.lean_h2_splice import send_frames
 
 if TYPE_CHECKING:
@@ -43,8 +43,8 @@ class LeanStream(H2StreamBase):
     chunks: deque[bytes]
 
     def __init__(self, conn: LeanH2Connection, stream_id: int, send_window: int,
-                 head: bool, interim: Interim | None = None) -> None:
-        super().__init__(conn, stream_id, interim)
+                 head: bool, interim: Interim | None = None, state: StreamState = OPEN) -> None:
+        super().__init__(conn, stream_id, interim, state)
         self.head = head  # a HEAD response declares a length it never sends
         self.send_window = send_window
         self.recv_window = STREAM_WINDOW
@@ -64,7 +64,7 @@ class LeanStream(H2StreamBase):
                 return data
             if self.error is not None:
                 raise self.error
-            if self.remote_ended:
+            if self.state.remote_ended:
                 return b""
             if not await self.wait_event(conn.timeouts.read):
                 conn.fail_stream(self, UpstreamTimeout("upstream response body stalled"))
@@ -90,19 +90,15 @@ async def send_body(conn: LeanH2Connection, stream: LeanStream,
             await taken.send(partial(_send_chunk, conn, stream))
         else:
             ended = await _send_spliced(conn, stream, *taken)  # its last frame ended it
-        if stream.retired or conn._closed:
+        if stream.state.closed or conn.is_closed():
             return
         if not ended:
             _end_stream(conn, stream, request_trailers(body))
-        stream.local_ended = True
-        stream.sent_at = conn._loop.time()
-        if stream.remote_ended:
-            conn._retire(stream)
-        stream.wake()
+        conn.end_local(stream)
     except StreamGone:
         pass  # the peer reset the stream (its RST_STREAM recorded why) or the connection died
     except ProxyError as err:
-        if stream.remote_ended:  # the response is complete; only the upload stops
+        if stream.state.remote_ended:  # the response is complete; only the upload stops
             conn.reset(stream, w.CANCEL)
         else:
             conn.fail_stream(stream, err)
@@ -174,7 +170,7 @@ async def _window(conn: LeanH2Connection, stream: LeanStream) -> int:
         await conn._flow.drain(conn.timeouts.read)
         if stream.error is not None:
             raise stream.error
-        if stream.retired or conn._closed:
+        if stream.state.closed or conn.is_closed():
             raise StreamGone
         window = min(stream.send_window, conn._send_window)
         if conn._window_queue.may_send(stream, window, conn._send_window):
@@ -184,9 +180,9 @@ async def _window(conn: LeanH2Connection, stream: LeanStream) -> int:
 
 
 async def _wait_window(conn: LeanH2Connection, stream: LeanStream) -> bool:
-    waiter = stream.window_waiter = conn._loop.create_future()
+    waiter = stream.window_waiter = conn.loop.create_future()
     conn._window_blocked.add(stream)
-    timer = conn._loop.call_later(conn.timeouts.read, expire_waiter, waiter)
+    timer = conn.loop.call_later(conn.timeouts.read, expire_waiter, waiter)
     try:
         return await waiter
     finally:
