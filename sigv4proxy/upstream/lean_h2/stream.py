@@ -1,11 +1,13 @@
 """One stream of the lean HTTP/2 connection: the response body the caller reads, and the upload.
 
-Owns: a stream's state record, handing received chunks to the consumer while returning receive
-credit only as it reads (backpressure), and sending a request body under both send windows and
-the transport's write backpressure, every wait bounded by the read timeout. The connection
-(`lean_h2.LeanH2Connection`) owns the windows and the socket; this module only asks it. Must
-never: buffer a request body whole, pull the body iterator faster than the windows open, or turn
-a broken body into a clean end.
+Owns: a stream's record (its windows, content-length accounting and received chunks beside the
+shared `h2_common.H2StreamBase` state), handing received chunks to the consumer while returning
+receive credit only as it reads (backpressure), and the upload: which way a request body goes
+(chunks, a `SocketBody`'s reads for TLS, or its spliced frames for cleartext), Expect: 100-continue,
+and how an upload ends or fails. The connection (`connection.LeanH2Connection`) owns the windows,
+the frames and the socket; this module only calls its public methods. Must never: buffer a
+request body whole, pull the body iterator faster than the windows open, or turn a broken body
+into a clean end.
 """
 
 from __future__ import annotations
@@ -17,15 +19,13 @@ from functools import partial
 from typing import TYPE_CHECKING
 
 from sigv4proxy.errors import ProxyError, UpstreamError, UpstreamTimeout
-from sigv4proxy.wire import h2_wire as w
-from sigv4proxy.upstream.base import Interim, expire_waiter, request_trailers
-from sigv4proxy.upstream.body import SocketBody
+from sigv4proxy.upstream.base import Interim, request_trailers
+from sigv4proxy.upstream.body import SocketBody, SplicedFrames
 from sigv4proxy.upstream.connection_core import feed_body
-from sigv4proxy.upstream.h2_common import OPEN, H2StreamBase, StreamState
-from sigv4proxy.upstream.lean_h2_splice import send_frames
+from sigv4proxy.upstream.h2_common import CANCEL, OPEN, H2StreamBase, StreamState
 
 if TYPE_CHECKING:
-    from sigv4proxy.upstream.lean_h2 import LeanH2Connection
+    from sigv4proxy.upstream.lean_h2.connection import LeanH2Connection
 
 STREAM_WINDOW = 1 << 20  # per-stream receive window: what one slow consumer may have buffered
 
@@ -35,7 +35,8 @@ class StreamGone(Exception):
 
 
 class LeanStream(H2StreamBase):
-    """One request/response exchange; also the `ResponseBody` the Response reads from."""
+    """One request/response exchange; also the `ResponseBody` the Response reads from. The
+    connection updates the windows and counts declared here as frames come and go."""
 
     __slots__ = ("head", "send_window", "recv_window", "credit", "expected", "received")
 
@@ -83,37 +84,29 @@ async def send_body(conn: LeanH2Connection, stream: LeanStream,
         if expect_continue and not await conn.hold_upload(stream):
             return  # answered on the head alone: the body is not sent (the stream is reset)
         ended = False
+        send_chunk = partial(conn.send_data, stream)
         taken = _taken(conn, body)
         if taken is None:
-            await feed_body(body, partial(_send_chunk, conn, stream))
-        elif conn._splice_fd < 0:  # TLS: `BodyReads`
-            await taken.send(partial(_send_chunk, conn, stream))
+            await feed_body(body, send_chunk)
+        elif conn.splice_fd < 0:  # TLS: the body's reads
+            await taken.send(send_chunk)
         else:
             ended = await _send_spliced(conn, stream, *taken)  # its last frame ended it
         if stream.state.closed or conn.is_closed():
             return
-        if not ended:
-            _end_stream(conn, stream, request_trailers(body))
-        conn.end_local(stream)
+        if ended:
+            conn.end_local(stream)
+        else:
+            conn.finish_request(stream, request_trailers(body))
     except StreamGone:
         pass  # the peer reset the stream (its RST_STREAM recorded why) or the connection died
     except ProxyError as err:
         if stream.state.remote_ended:  # the response is complete; only the upload stops
-            conn.reset(stream, w.CANCEL)
+            conn.reset(stream, CANCEL)
         else:
             conn.fail_stream(stream, err)
     finally:
-        conn._window_queue.leave(stream, conn._send_window)
-
-
-def _end_stream(conn: LeanH2Connection, stream: LeanStream,
-                trailers: list[tuple[bytes, bytes]]) -> None:
-    """Request trailers (gRPC) end the stream if there are any, else an empty DATA frame."""
-    if trailers:
-        block = b"".join([w.never_indexed_name(n) + w.hpack_string(v) for n, v in trailers])
-        conn._write(b"".join(w.header_frames(stream.id, block, True, conn._peer_max_frame)))
-    else:
-        conn._write(w.frame_header(w.DATA, w.FLAG_END_STREAM, stream.id, 0))
+        conn.upload_done(stream)
 
 
 def _taken(conn: LeanH2Connection, body: bytes | AsyncIterable[bytes]):
@@ -122,22 +115,23 @@ def _taken(conn: LeanH2Connection, body: bytes | AsyncIterable[bytes]):
     bytes, its reads. None: send its chunks."""
     if not isinstance(body, SocketBody):
         return None
-    return body.frames() if conn._splice_fd >= 0 else body.reads()
+    return body.frames() if conn.splice_fd >= 0 else body.reads()
 
 
-async def _send_spliced(conn: LeanH2Connection, stream: LeanStream, prefix: bytes, frames) -> bool:
+async def _send_spliced(conn: LeanH2Connection, stream: LeanStream, prefix: bytes,
+                        frames: SplicedFrames | None) -> bool:
     """What aiohttp had already read, as usual; then the spliced rest, if any, its last frame
     ending the stream (True). `frames.end()` whatever happens: the client's connection is
     detached until then."""
     if frames is None:
         if prefix:
-            await _send_chunk(conn, stream, prefix)
+            await conn.send_data(stream, prefix)
         return False
     complete = upstream_gave_up = False
     try:
         if prefix:
-            await _send_chunk(conn, stream, prefix)
-        await send_frames(conn, stream, frames.source, partial(_window, conn, stream), StreamGone)
+            await conn.send_data(stream, prefix)
+        await conn.send_spliced(stream, frames.source)
         complete = True
         return True
     except (StreamGone, UpstreamError, asyncio.CancelledError):
@@ -145,47 +139,3 @@ async def _send_spliced(conn: LeanH2Connection, stream: LeanStream, prefix: byte
         raise
     finally:
         frames.end(complete, upstream_gave_up)
-
-
-async def _send_chunk(conn: LeanH2Connection, stream: LeanStream,
-                      data: bytes | bytearray | memoryview) -> None:
-    view = memoryview(data)
-    offset, total = 0, len(view)
-    while offset < total:
-        window = await _window(conn, stream)
-        step = min(window, total - offset)
-        parts: list[bytes] = []
-        w.data_frames(parts, stream.id, view[offset:offset + step], False, conn._peer_max_frame)
-        stream.send_window -= step
-        conn._send_window -= step
-        offset += step
-        conn._writelines(parts)
-        conn._window_queue.sent(conn._send_window)
-
-
-async def _window(conn: LeanH2Connection, stream: LeanStream) -> int:
-    """Waits until `stream` may send (write backpressure, both windows open, its turn for the
-    connection window) and returns how much; StreamGone or a typed error if it cannot."""
-    while True:
-        await conn._flow.drain(conn.timeouts.read)
-        if stream.error is not None:
-            raise stream.error
-        if stream.state.closed or conn.is_closed():
-            raise StreamGone
-        window = min(stream.send_window, conn._send_window)
-        if conn._window_queue.may_send(stream, window, conn._send_window):
-            return window
-        if not await _wait_window(conn, stream):
-            raise UpstreamTimeout("upstream flow-control window stayed closed")
-
-
-async def _wait_window(conn: LeanH2Connection, stream: LeanStream) -> bool:
-    waiter = stream.window_waiter = conn.loop.create_future()
-    conn._window_blocked.add(stream)
-    timer = conn.loop.call_later(conn.timeouts.read, expire_waiter, waiter)
-    try:
-        return await waiter
-    finally:
-        stream.window_waiter = None
-        conn._window_blocked.discard(stream)
-        timer.cancel()
