@@ -5,8 +5,10 @@ failures by reason, the simulators' connection closes (the reconnects they force
 Set-up (all on 127.0.0.1): the Lattice simulator (re-verifies every signature; keys the
 credentials endpoint issues are registered with it as they are issued) with its idle close and
 maximum connection age shortened (`--sim-idle-timeout`, default 5 s, and
-`--sim-max-connection-age`, default 30 s, against Lattice's 60 and 600; the proxy keeps its own
-defaults, so the simulator closes first), a second "quiet" simulator with the same limits, a
+`--sim-max-connection-age`, default 30 s, against Lattice's 60 and 600; the proxy's own idle timeout
+and connection age scaled the same way below them, as its defaults of 50 and 570 s sit below
+Lattice's: `--proxy-defaults` keeps the proxy's defaults instead, so the simulator closes first),
+a second "quiet" simulator with the same limits, a
 container-credentials endpoint handing out 2-minute keys (the proxy refreshes them on its own
 schedule, about every 30-60 s), a tiny h2c upstream that verifies nothing and sends GOAWAY every N
 streams per connection (requests above last_stream_id are ignored: the proxy must retry them), and
@@ -264,6 +266,11 @@ async def soak(args: argparse.Namespace) -> int:
                                f"sign_host={HOST},name=quiet-{protocol}"]
     if tls_files:
         command += ["--ca-bundle", str(tls_files[2])]
+    if not args.proxy_defaults:  # ours below Lattice's, as 50 s and 570 s are below 60 s and 600 s
+        if args.sim_idle_timeout > 0:
+            command += ["--idle-timeout", f"{args.sim_idle_timeout * 50 / 60:.3f}"]
+        if args.sim_max_connection_age > 0:
+            command += ["--max-connection-age", f"{args.sim_max_connection_age * 570 / 600:.3f}"]
     log_path = workdir / "proxy.log"
     proxy = subprocess.Popen(command, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=open(log_path, "w"))
     tally = Tally()
@@ -311,6 +318,9 @@ async def soak(args: argparse.Namespace) -> int:
             "goaways_sent": goaway.goaways, "goaway_upstream_connections": goaway.connections,
             "sim_limits": limits,
             "sim_connection_closes": {name: each.close_counts() for name, each in sims.items()},
+            # every connection after the first per route and protocol is a reconnect, whoever
+            # closed the one before (the simulator at its limits, or the proxy retiring first)
+            "sim_connections_accepted": {name: each.accepted for name, each in sims.items()},
             "sim_records_kept": len(sim.records),  # the simulator keeps the last 10 000
             "rss_kib": [rss0, rss1], "rss_growth_pct": round(100 * growth, 2), "fds": [fds0, fds1],
         }
@@ -324,8 +334,8 @@ async def soak(args: argparse.Namespace) -> int:
             problems.append(f"open fds grew {fds0} -> {fds1}")
         if goaway.goaways == 0:
             problems.append("no GOAWAY was injected")
-        if any(limits.values()) and not any(each.closes for each in sims.values()):
-            problems.append("the simulators closed no connection at their limits")
+        if any(limits.values()) and sum(each.accepted for each in sims.values()) <= len(sims) * 2:
+            problems.append("no reconnect: the connection limits were never met")
         verdict = 1 if problems else 0
         print("FAIL: " + "; ".join(problems) if problems else "PASS")
         return verdict
@@ -349,6 +359,9 @@ def main() -> int:
     parser.add_argument("--goaway-every", type=int, default=200, help="streams per upstream connection before GOAWAY")
     parser.add_argument("--sim-idle-timeout", type=float, default=5.0,
                         help="the simulators close a connection idle this long, s (Lattice: 60; 0: off)")
+    parser.add_argument("--proxy-defaults", action="store_true",
+                        help="keep the proxy's own idle timeout and connection age (50 s, 570 s) instead of "
+                             "scaling them below the simulator's: the simulator then closes first")
     parser.add_argument("--sim-max-connection-age", type=float, default=30.0,
                         help="the simulators retire every connection this old, s (Lattice: 600; 0: off)")
     parser.add_argument("--tls", action="store_true",

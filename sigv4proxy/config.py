@@ -294,7 +294,7 @@ class ProxyConfig:
     upstream: str | None = setting(None, _opt_str, "connect every request to this origin URL; the app's Host is still sent and signed", metavar="URL")
     upstream_protocol: str = setting("auto", _choice(*PROTOCOLS), "auto (ALPN over TLS), h2 (h2c over http://), http1")
     h2_implementation: str = setting("lean", _choice("lean", "h2"), "HTTP/2 client: lean (fast, default) or h2 (the reference library)")
-    h1_implementation: str = setting("lean", _choice("lean", "aiohttp"), "inbound HTTP/1.1 server: lean (llhttp through httptools, driven by the proxy's own protocol: ~20 %% less CPU a request, forwards request trailers; default) or aiohttp (the reference)")
+    h1_implementation: str = setting("lean", _choice("lean", "aiohttp"), "inbound HTTP/1.1 server: lean (llhttp through httptools, driven by the proxy's own protocol: less CPU a request, forwards request trailers; default) or aiohttp (the reference)")
     ca_bundle: str | None = setting(None, _opt_str, "CA bundle for upstream TLS (also AWS_CA_BUNDLE)", metavar="FILE")
     verify_tls: bool = setting(True, _parse_bool, "verify upstream certificates")
     allow_host: tuple[str, ...] = setting(DEFAULT_ALLOW_HOSTS, _parse_list, "host glob the proxy may sign for (repeatable)", repeat=True, metavar="GLOB")
@@ -372,7 +372,7 @@ def add_arguments(parser: argparse.ArgumentParser, names: Iterable[str] | None =
 
 
 def load_file(path: str) -> dict[str, Any]:
-    import yaml  # only with a config file: a worker run from flags never loads it (0.9 MiB)
+    import yaml  # only with a config file: a worker run from flags never loads it
 
     try:
         with open(path, encoding="utf-8") as fh:

@@ -2,8 +2,9 @@
 demo identity), against the Lattice simulator (which re-verifies SigV4 and applies the demo auth
 policy) or a capture server on loopback. Checks the printed status/headers/body, exit codes,
 `--explain` (checked against the signature that really arrived), and clear errors for bad input.
-Also the README's way to find the path escaping a service takes: one request with `%20` in its
-path, both ways, against `sigv4proxy sim --uri-path-escaping` run as a user runs it.
+Also the user guide's way (docs/guide.md, "Path escaping") to find the path escaping a service
+takes: one request with `%20` in its path, both ways, against `sigv4proxy sim --uri-path-escaping`
+run as a user runs it.
 """
 
 from __future__ import annotations

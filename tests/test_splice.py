@@ -504,15 +504,15 @@ async def test_a_client_gone_mid_upload_leaves_the_h2c_connection_working(sim, s
     """A client that disconnects while its upload's frames are being part-written (the upstream
     socket made slow to become writable): its stream is reset, and uploads on the same upstream
     connection keep verifying."""
-    from sigv4proxy.upstream import lean_h2_splice
+    from sigv4proxy.upstream.lean_h2 import connection as lean_connection
 
-    real_wait = lean_h2_splice.wait_writable
+    real_wait = lean_connection.wait_writable
 
     async def slow_writable(fd, timeout):
         await asyncio.sleep(0.005)
         return await real_wait(fd, timeout)
 
-    monkeypatch.setattr(lean_h2_splice, "wait_writable", slow_writable)
+    monkeypatch.setattr(lean_connection, "wait_writable", slow_writable)
     async with running_proxy(upstream=f"http://127.0.0.1:{sim.port}", upstream_protocol="h2") as proxy:
         gone = []
         for _ in range(3):

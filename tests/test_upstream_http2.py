@@ -24,6 +24,8 @@ from sigv4proxy.errors import (
     UpstreamTimeout,
 )
 from sigv4proxy.model import Origin, PoolLimits, Timeouts
+from sigv4proxy.upstream.base import open_transport
+from sigv4proxy.upstream.connection_core import ConnState
 from sigv4proxy.upstream.http2 import H2Connection
 from sigv4proxy.upstream.lean_h2 import LeanH2Connection
 from sigv4proxy.upstream.pool import ConnectionPool
@@ -504,6 +506,48 @@ async def test_stats_count_active_streams(make_pool):
             assert len(await response.read()) == 4 * MiB
         assert pool.stats().streams_active == 0
         assert pool.stats().connections[("h2", "idle")] == 1
+
+
+async def open_reporting(h2_impl, origin: Origin, timeouts: Timeouts = Timeouts()):
+    """A connection opened as the pool opens one, and the states it reported, without repeats."""
+    reported: list[ConnState] = []
+
+    def on_change(conn) -> None:
+        if not reported or reported[-1] is not conn.state:
+            reported.append(conn.state)
+
+    conn = h2_impl(origin, timeouts, on_change)
+    (await open_transport(origin, None, 5)).attach(conn)
+    return conn, reported
+
+
+async def test_a_connection_goes_from_opening_to_ready_to_going_away_to_closed(h2_impl):
+    async with H2TestServer(H2Script(goaway_after=1)) as server:
+        conn, reported = await open_reporting(h2_impl, h2c(server))
+        assert conn.state is ConnState.OPENING and not conn.is_available()  # SETTINGS pending
+        await conn.wait_ready(5)
+        assert conn.state is ConnState.READY and conn.is_available()
+        response = await conn.handle_request(b"GET", b"/", b"h", [], None)
+        assert response.status == 200 and await response.read()
+        # the GOAWAY kept our one stream; once it ended, the connection closes
+        await wait_until(lambda: conn.is_closed())
+    assert conn.state is ConnState.CLOSED and not conn.is_available()
+    assert reported[-3:] == [ConnState.READY, ConnState.GOING_AWAY, ConnState.CLOSED]
+    assert set(reported[:-3]) <= {ConnState.OPENING}
+
+
+async def test_a_connection_past_its_age_is_retiring_until_its_stream_ends_then_closed(h2_impl):
+    async with H2TestServer() as server:
+        conn, reported = await open_reporting(h2_impl, h2c(server), Timeouts(max_age=0.3))
+        await conn.wait_ready(5)
+        request = asyncio.ensure_future(conn.handle_request(b"GET", b"/delay/800", b"h", [], None))
+        await wait_until(lambda: conn.state is ConnState.RETIRING)
+        assert not conn.is_available() and conn.active_streams() == 1
+        response = await asyncio.wait_for(request, 5)
+        assert response.status == 200 and json.loads(await response.read())["path"] == "/delay/800"
+        await wait_until(lambda: conn.is_closed())  # by us, once its stream ended
+    assert reported[-3:] == [ConnState.READY, ConnState.RETIRING, ConnState.CLOSED]
+    assert server.stats.streams == 1
 
 
 @pytest.mark.parametrize("target,headers", [

@@ -230,7 +230,7 @@ class ChainSettings:
 
 class ChildProcessProvider:
     """botocore's default chain, each fetch in a fresh child interpreter with this process's
-    environment: a worker that never imports botocore holds about 15 MiB less, and `begin()`
+    environment: a worker that never imports botocore holds less memory, and `begin()`
     starts the first fetch before the worker imports its web stack, so the two use two cores.
     The child answers one JSON line on stdout: the keys, or a reason that is safe to show."""
 

@@ -121,7 +121,7 @@ class Router:
         signer = self._signers.get(key)
         if signer is None:
             if algorithm == "sigv4a":
-                from sigv4proxy.aws.sigv4a import SigV4ASigner  # cryptography costs ~7 MB RSS: only when used
+                from sigv4proxy.aws.sigv4a import SigV4ASigner  # cryptography's RSS only when used
 
                 cls = SigV4ASigner
             else:

@@ -76,7 +76,7 @@ class SigV4ASigner(SigV4Signer):
 
     def _derive_key(self, creds: Credentials, datestamp: str) -> object:
         # The key does not depend on the date: derive once per credentials (the KDF and the
-        # scalar multiplication cost ~100 us), reuse across days.
+        # scalar multiplication are costly: docs/performance.md), reuse across days.
         cache_key = (creds.access_key, creds.secret_key)
         key = self._ecdsa_keys.get(cache_key)
         if key is None:

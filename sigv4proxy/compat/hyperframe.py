@@ -3,8 +3,8 @@
 Owns: replacements for `hyperframe.frame._raw_data_repr` and `DataFrame._body_repr`. h2 builds
 `repr(frame)` for every frame it receives, for a trace log line that is off (the argument is
 computed before the logger drops it); hyperframe re-serializes a DATA frame's body (a copy of the
-payload) and hexlifies all of it only to keep its first 20 hex digits: a 16 KiB DATA frame cost
-~13 µs, a 1 MiB upload through the inbound HTTP/2 server ~1 ms of CPU. The replacements read only
+payload) and hexlifies all of it only to keep its first 20 hex digits: a cost that grows with
+every DATA payload (docs/performance.md). The replacements read only
 the 10 bytes they show; their output is identical. Must never: change what a frame's repr says,
 or touch anything in h2 beyond these two functions.
 """

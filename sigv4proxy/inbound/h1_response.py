@@ -8,8 +8,8 @@ close-delimited to HTTP/1.0; no body after HEAD, 1xx, 204 or 304), Date when the
 none, the keep-alive decision handed back to the inbound adapter (`Answer.keep_alive`), the write
 timing (every write carries what has arrived; nothing waits for more) and the transport's write
 backpressure; and `Answer`, what the writer needs of the client's connection, which each HTTP/1.1
-adapter (`h1` over aiohttp, `h1_lean`) provides. aiohttp's StreamResponse did the same in ~15 µs
-more a request (a bare `web.Server`: 34 µs a request through it, 19 writing the bytes directly).
+adapter (`h1` over aiohttp, `h1_lean`) provides. aiohttp's StreamResponse did the same at a much
+higher cost per request (docs/performance.md).
 Must never: write a header line holding CR or LF (response splitting), keep writing past the
 transport's high-water mark without waiting, send a body where the message may have none, hold a
 received byte back waiting for the next one, or end a broken body as if it were complete.
@@ -253,7 +253,7 @@ class ResponseWriter:
         return _date_cache[2]
 
 
-# (second, its IMF-fixdate, the field line): formatting costs ~3 µs, once a second will do
+# (second, its IMF-fixdate, the field line): formatting is costly, once a second will do
 _date_cache: list = [-1, b"", b""]
 
 

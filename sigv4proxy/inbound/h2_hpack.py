@@ -4,10 +4,10 @@ Owns: `ResponseHeaderEncoder` (response and trailer blocks to the app: static-ta
 literals without indexing and without Huffman, never-indexed fields kept never-indexed) and
 `H2HeaderDecoder` (h2's decoder interface on `upstream.hpack_decode.HeaderBlockDecoder`, which the
 lean upstream client already uses). Why: `hpack.Encoder` and `hpack.Decoder` were the largest
-single cost of an inbound HTTP/2 request (cProfile, h2load -m16: ~37 and ~55 µs of ~500 profiled),
-in per-field Python calls and debug-log calls that are off. Must never: insert into the dynamic
-table (so the peer's SETTINGS_HEADER_TABLE_SIZE can never be exceeded), turn a never-indexed
-field into an indexable one, or accept a block `hpack.Decoder` would reject.
+single cost of an inbound HTTP/2 request (docs/performance.md), in per-field Python calls and
+debug-log calls that are off. Must never: insert into the dynamic table (so the peer's
+SETTINGS_HEADER_TABLE_SIZE can never be exceeded), turn a never-indexed field into an indexable
+one, or accept a block `hpack.Decoder` would reject.
 """
 
 from __future__ import annotations

@@ -30,8 +30,8 @@ AVAILABLE = sys.platform.startswith("linux") and hasattr(os, "splice")
 # What a pipe holds between the two sockets: enough to take a whole receive buffer while the
 # upstream's send buffer is full. Kernel memory (page references), not the process's.
 PIPE_SIZE = 256 * 1024
-# One read of a body for TLS. Measured (1 MiB uploads over TLS, two workers, c128): 64 KiB reads
-# 7 % fewer requests a second; 256 KiB as many as 128 KiB, with 2.4 MiB more per worker.
+# One read of a body for TLS: smaller reads were slower, larger ones no faster and used more memory
+# per worker (measured: docs/performance.md).
 READ_SIZE = 128 * 1024
 _FLAGS = getattr(os, "SPLICE_F_MOVE", 0) | getattr(os, "SPLICE_F_NONBLOCK", 0)
 _FREE_LIMIT = 64  # idle pipes kept for reuse (two descriptors each)

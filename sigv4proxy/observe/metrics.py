@@ -27,8 +27,8 @@ def multiprocess_dir() -> str | None:
 
 class _LocalHistogram:
     """One labelled histogram child accumulated in this worker and written to the shared
-    multiprocess files by `flush()`. Each write there takes a lock and an mmap store (~1 µs) and a
-    request records six of them: 7.8 µs per request, against 2.5 µs in one process. Scrapes see a
+    multiprocess files by `flush()`. Each write there takes a lock and an mmap store, and a request
+    records six of them: several times the cost of one process (docs/performance.md). Scrapes see a
     worker's observations at its next flush (at most app.METRICS_INTERVAL late)."""
 
     __slots__ = ("_child", "_bounds", "_counts", "_sum", "_pending")
@@ -149,7 +149,7 @@ class Metrics:
     def update_gauges(self, credentials_expiry: float | None, pool_stats: object | None,
                       inflight: int = 0) -> None:
         """Owners' state copied into gauges; called periodically and before each scrape.
-        (In-flight is copied too rather than inc/dec per request: that cost ~1 us a request.)"""
+        (In-flight is copied too rather than inc/dec per request, which cost CPU on every request.)"""
         self.credentials_expiry.set(credentials_expiry or 0)
         self.inflight.set(inflight)
         if pool_stats is None:

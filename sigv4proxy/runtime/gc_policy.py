@@ -13,11 +13,11 @@ import gc
 
 # CPython counts tracked allocations minus deallocations and collects generation 0 when the count
 # passes 700: 64-128 requests in flight hold more than that, so under load a young collection ran
-# every few milliseconds, walked live requests and promoted them (2.7 % of a worker's CPU at c64,
-# measured with gc.callbacks). At 20,000 steady load never gets there.
+# every few milliseconds, walked live requests and promoted them (a measurable share of a worker's
+# CPU: docs/performance.md). At 20,000 steady load never gets there.
 GEN0_THRESHOLD = 20_000
 # ...so cycles left by error paths are collected on a clock instead: the young generations every
-# second (about 1 ms with 128 requests in flight), everything every 30 s (start-up is frozen).
+# second (a short pause, docs/performance.md), everything every 30 s (start-up is frozen).
 YOUNG_EVERY_S = 1.0
 FULL_EVERY = 30
 
@@ -25,8 +25,8 @@ FULL_EVERY = 30
 def freeze_startup_objects() -> None:
     """What start-up built (modules, botocore's endpoint tables, config, the running app) lives
     until exit: take it out of the cyclic collector's view. Otherwise every full collection walks
-    all of it (~55,000 objects): 22-38 ms stalls every couple of seconds under load, which were
-    the p99 at c128. Then raise the young threshold (see GEN0_THRESHOLD)."""
+    all of it: stalls every couple of seconds under load that set the tail latency
+    (docs/performance.md). Then raise the young threshold (see GEN0_THRESHOLD)."""
     gc.collect()
     gc.freeze()
     gc.set_threshold(GEN0_THRESHOLD, *gc.get_threshold()[1:])

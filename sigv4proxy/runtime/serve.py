@@ -27,19 +27,19 @@ def config_from_args(args: argparse.Namespace) -> config_mod.ProxyConfig:
 
 def keep_awscrt_unloaded() -> None:
     """botocore imports awscrt whenever it is installed, to offer CRT signing and checksums; the
-    proxy signs by itself and never calls it, and loading it costs a worker ~6 MiB of RSS (a
-    third of what botocore adds). A None entry makes botocore's guarded import fail as if it
+    proxy signs by itself and never calls it, and loading it costs a worker RSS for nothing
+    (docs/performance.md). A None entry makes botocore's guarded import fail as if it
     were absent. Serving processes only: one that already loaded it (a test run) keeps it."""
     sys.modules.setdefault("awscrt", None)
 
 
 def import_aiohttp_without_client_trust() -> None:
     """aiohttp builds two client TLS contexts when it is imported, each parsing the system CA
-    bundle: 130 ms of a 0.5 s start in the image. The proxy never uses aiohttp's client (upstream
-    TLS has its own contexts, sigv4proxy.upstream.tls), so a serving process imports aiohttp with
-    CA loading switched off for that moment: those two contexts are left with no trust anchor and
-    still require verification, so any use of them fails closed. A process that already imported
-    aiohttp (a test run) keeps it as it is."""
+    bundle: a large share of a worker's start (docs/performance.md). The proxy never uses
+    aiohttp's client (upstream TLS has its own contexts, sigv4proxy.upstream.tls), so a serving
+    process imports aiohttp with CA loading switched off for that moment: those two contexts are
+    left with no trust anchor and still require verification, so any use of them fails closed. A
+    process that already imported aiohttp (a test run) keeps it as it is."""
     if "aiohttp" in sys.modules:
         return
     import ssl
@@ -121,11 +121,11 @@ def run_with_flags(flags: dict) -> int:
     from sigv4proxy.aws.credentials import CredentialStore
 
     # Start-up only allocates what lives until exit, and freeze_startup_objects() collects once
-    # it is built: no cyclic collection while modules load (-10 % of a worker's start-up CPU).
+    # it is built: no cyclic collection while modules load (less start-up CPU).
     gc.disable()
     keep_awscrt_unloaded()
     # botocore's chain runs in a child interpreter, started before the imports below so the two
-    # overlap on two cores; this process never imports botocore (15 MiB less per worker).
+    # overlap on two cores; this process never imports botocore (its memory stays out of workers).
     credentials = CredentialStore.from_config(config, in_child_process=True)
     import_aiohttp_without_client_trust()
     install_uvloop()

@@ -76,6 +76,7 @@ class Connection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
         self.server.connections.add(self)
+        self.server.accepted += 1
         loop = self._loop = asyncio.get_running_loop()
         self._idle_since = loop.time()
         cfg = self.server.cfg
@@ -200,6 +201,7 @@ class SimServer:
         # Connections closed at a limit: (protocol "HTTP/1.1" | "HTTP/2" | "none", reason
         # "idle" | "max_age") -> count. "none": no request byte had arrived to tell the protocol.
         self.closes: collections.Counter[tuple[str, str]] = collections.Counter()
+        self.accepted = 0  # connections accepted so far (how often clients connected)
         self._server: asyncio.base_events.Server | None = None
 
     @property

@@ -103,7 +103,7 @@ def private_scalar(access_key_id: str, secret_access_key: str) -> int:
 
 @lru_cache(maxsize=64)
 def public_key_for(access_key_id: str, secret_access_key: str) -> ec.EllipticCurvePublicKey:
-    """The identity's SigV4A public key (cached: the scalar multiplication costs ~0.1 ms)."""
+    """The identity's SigV4A public key (cached: the scalar multiplication is costly)."""
     scalar = private_scalar(access_key_id, secret_access_key)
     return ec.derive_private_key(scalar, ec.SECP256R1()).public_key()
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import re
 
-# Go flag → our setting (documented in the README's drop-in table).
+# Go flag → our setting (documented in docs/guide.md's drop-in table).
 GO_FLAGS = {
     "--name": "service", "--region": "region", "--host": "route (catch-all to the host)",
     "--sign-host": "route sign_host", "--port": "listen", "--upstream-url-scheme": "route scheme",

@@ -18,7 +18,6 @@ from typing import Any, Protocol, runtime_checkable
 
 from sigv4proxy.errors import (
     BadRequest,
-    ProxyError,
     RetryableStreamError,
     UpstreamConnectError,
     UpstreamDnsError,
@@ -53,7 +52,7 @@ def expire_waiter(waiter: asyncio.Future[bool]) -> None:
 
 class EventWait:
     """One task waits (`wait_event`) for a callback's `wake`, bounded by a plain loop timer.
-    A mixin: the class has a `waiter` slot and a `conn` whose `_loop` runs it."""
+    A mixin: the class has a `waiter` slot and a `conn` whose `loop` runs it."""
 
     __slots__ = ()
     waiter: asyncio.Future[bool] | None
@@ -64,7 +63,7 @@ class EventWait:
 
     async def wait_event(self, timeout: float | None) -> bool:
         """False when `timeout` passed first."""
-        loop = self.conn._loop
+        loop = self.conn.loop
         waiter = self.waiter = loop.create_future()
         timer = None if timeout is None else loop.call_later(timeout, expire_waiter, waiter)
         try:
@@ -89,24 +88,6 @@ async def hold_for_continue(exchange: Any, loop: asyncio.AbstractEventLoop, time
             timer.cancel()
             exchange.continue_waiter = None
     return exchange.status is None and exchange.error is None
-
-
-class ReceivedBody(EventWait):
-    """A response body arriving in `chunks` until `remote_ended` (or `error`): the `complete` and
-    `ready` of the `ResponseBody` protocol, for an HTTP/1.1 exchange and an HTTP/2 stream alike."""
-
-    __slots__ = ()
-    chunks: Any
-    remote_ended: bool
-    error: ProxyError | None
-
-    @property
-    def complete(self) -> bool:
-        return self.remote_ended and not self.chunks and self.error is None
-
-    @property
-    def ready(self) -> bool:
-        return bool(self.chunks) or self.remote_ended or self.error is not None
 
 
 def check_request_fields(method: bytes, target: bytes, authority: bytes, headers: Headers) -> None:

@@ -1,10 +1,10 @@
-"""What every upstream connection class shares: write backpressure, the closed flag, the idle clock.
+"""What every upstream connection class shares: write backpressure, the life-cycle state, the idle clock.
 
-Owns: `WriteFlow` (transport pause/resume_writing as an awaitable with a bound), `ConnectionCore`
-(identity, transport, closed flag, idle timer and the Connection answers that follow from them,
-for HTTP/1.1 and both HTTP/2 classes) and `feed_body` (a request body handed to a sender chunk by
-chunk, failures as typed errors). Must never: parse or frame a protocol, touch h2 state, or log
-header values.
+Owns: `WriteFlow` (transport pause/resume_writing as an awaitable with a bound), `ConnState` (a
+connection's life cycle and its allowed transitions), `ConnectionCore` (identity, transport,
+state, idle and age timers and the Connection answers that follow from them, for HTTP/1.1 and
+both HTTP/2 classes) and `feed_body` (a request body handed to a sender chunk by chunk, failures
+as typed errors). Must never: parse or frame a protocol, touch h2 state, or log header values.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import asyncio
 import random
 from collections import deque
 from collections.abc import AsyncIterable, Awaitable, Callable
+from enum import Enum
 
 from sigv4proxy.errors import BadRequest, ProxyError, UpstreamTimeout
 from sigv4proxy.model import Origin, Timeouts
@@ -70,7 +71,7 @@ class SerialWriteFlow(WriteFlow):
     """Writers get past a resume one at a time: the first waiter is woken, the next only after it
     has written and the transport is still not paused. For TLS, where a write is encrypted and
     buffered at once: waking every waiter let each HTTP/2 stream add a chunk (64 uploads on one
-    connection, megabytes per resume; the fullest worker 76-90 -> 73-78 MiB at c128)."""
+    connection, megabytes per resume; the memory this saves: docs/performance.md)."""
 
     __slots__ = ()
 
@@ -99,30 +100,59 @@ class SerialWriteFlow(WriteFlow):
             loop.call_soon(self._wake_next)
 
 
-class ConnectionCore:
-    """What every upstream connection shares: identity, write flow, the closed flag, idle clock.
+class ConnState(Enum):
+    """Where an upstream connection is in its life. Only READY takes new requests; the state
+    changes in `ConnectionCore._enter` alone, along the arrows in `_NEXT` (anything else is
+    ignored: a connection going away stays so when its age comes, a closed one stays closed)."""
 
-    Subclasses define `is_idle()` and `_idle_expired()`; they also subclass asyncio.Protocol.
+    OPENING = "opening"  # the transport is up; HTTP/2: SETTINGS not yet exchanged both ways
+    READY = "ready"
+    RETIRING = "retiring"  # past its max age: takes nothing new, we close it once its work is done
+    GOING_AWAY = "going away"  # HTTP/2: the peer's GOAWAY; closes once the streams it kept end
+    CLOSED = "closed"
+
+
+OPENING, READY, RETIRING, GOING_AWAY, CLOSED = ConnState
+_NEXT: dict[ConnState, frozenset[ConnState]] = {
+    OPENING: frozenset((READY, RETIRING, GOING_AWAY, CLOSED)),
+    READY: frozenset((RETIRING, GOING_AWAY, CLOSED)),
+    RETIRING: frozenset((GOING_AWAY, CLOSED)),
+    GOING_AWAY: frozenset((CLOSED,)),
+    CLOSED: frozenset(),
+}
+
+
+class ConnectionCore:
+    """What every upstream connection shares: identity, loop, write flow, state, idle clock.
+
+    `state` and `loop` are read by anyone; `state` is written by `_enter` only. Subclasses define
+    `is_idle()`, `_idle_expired()` and `_retire_when_done()`; they also subclass asyncio.Protocol.
     """
 
     def __init__(self, origin: Origin, timeouts: Timeouts, on_change: OnChange) -> None:
         self.origin = origin
         self.timeouts = timeouts
         self._on_change = on_change
-        self._loop = asyncio.get_running_loop()
+        self.loop = asyncio.get_running_loop()
+        self.state = OPENING
         self._transport: asyncio.Transport | None = None
         self._flow = SerialWriteFlow() if origin.scheme == "https" else WriteFlow()
-        self._closed = False
-        self._idle_since = self._loop.time()
+        self._idle_since = self.loop.time()
         self._idle_timer: asyncio.TimerHandle | None = None
         # Past its age (Timeouts.max_age) a connection takes nothing new and closes once its work
         # is done: ours retire before the server's cut, at a spread so workers and pods do not
         # all reconnect at once.
-        self._retiring = False
         self._age_timer: asyncio.TimerHandle | None = None
         if timeouts.max_age:
-            self._age_timer = self._loop.call_later(
+            self._age_timer = self.loop.call_later(
                 timeouts.max_age * (1 - AGE_JITTER * random.random()), self._age_reached)
+
+    def _enter(self, state: ConnState) -> bool:
+        """The one place `state` changes; False (and no change) if `_NEXT` has no such arrow."""
+        if state not in _NEXT[self.state]:
+            return False
+        self.state = state
+        return True
 
     def is_idle(self) -> bool:
         raise NotImplementedError
@@ -133,13 +163,12 @@ class ConnectionCore:
 
     def _age_reached(self) -> None:
         self._age_timer = None
-        if not self._closed:
-            self._retiring = True
+        if self._enter(RETIRING):
             self._retire_when_done()
             self._on_change(self)  # the pool stops offering it
 
     def is_closed(self) -> bool:
-        return self._closed
+        return self.state is CLOSED
 
     def has_expired(self, now: float) -> bool:
         return self.is_idle() and now - self._idle_since > self.timeouts.idle
@@ -158,9 +187,9 @@ class ConnectionCore:
     # pending; going busy leaves it. When it fires it closes a connection idle long enough, or
     # waits out the rest. Per request that is a store, not a timer created and cancelled.
     def _arm_idle_timer(self) -> None:
-        self._idle_since = self._loop.time()
+        self._idle_since = self.loop.time()
         if self._idle_timer is None:
-            self._idle_timer = self._loop.call_later(self.timeouts.idle, self._idle_check)
+            self._idle_timer = self.loop.call_later(self.timeouts.idle, self._idle_check)
 
     def _stop_idle_timer(self) -> None:
         """Closing: no timer outlives the connection."""
@@ -173,7 +202,7 @@ class ConnectionCore:
 
     def _idle_check(self) -> None:
         self._idle_timer = None
-        if self._closed or not self.is_idle():
+        if self.state is CLOSED or not self.is_idle():
             return  # busy: arming again when it next goes idle
         self._idle_timer = self._timer_until(self._idle_since + self.timeouts.idle, self._idle_check)
         if self._idle_timer is None:
@@ -181,8 +210,8 @@ class ConnectionCore:
 
     def _timer_until(self, deadline: float, callback: Callable[[], None]) -> asyncio.TimerHandle | None:
         """A lazy timer's re-arm: `callback` at loop time `deadline`, or None if that has passed."""
-        left = deadline - self._loop.time()
-        return self._loop.call_later(left, callback) if left > 0 else None
+        left = deadline - self.loop.time()
+        return self.loop.call_later(left, callback) if left > 0 else None
 
     def _close_transport(self) -> None:
         if self._transport is not None and not self._transport.is_closing():

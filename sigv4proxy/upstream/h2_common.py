@@ -1,18 +1,22 @@
-"""The connection and stream bookkeeping both HTTP/2 clients share (h2-based and lean).
+"""What an HTTP/2 client connection means to the pool, whichever engine speaks the protocol.
 
-Owns: the stream table and what follows from it (idle, active streams, retiring a stream, the idle
-timer), the ready/closed life cycle (SETTINGS exchanged, GOAWAY, connection lost), waiting for a
-response head within the first-byte timeout, what a valid `:status` is, and how a peer's
-RST_STREAM or GOAWAY maps to our typed errors. Subclasses (`http2.H2Connection`,
-`lean_h2.LeanH2Connection`) own the protocol state and the bytes: `is_available`,
-`handle_request`, `reset`, `_send_goaway` and the receiving side. Must never: touch h2 state or
-frame bytes, write to the socket, or log header values.
+Owns: the stream states (`StreamState`, RFC 9113 §5.1, and the one place they change), the stream
+table and what follows from it (idle, active streams, the served count, the idle timer), the
+connection's HTTP/2 life cycle (SETTINGS exchanged, GOAWAY, retiring, connection lost), waiting
+for a response head within the first-byte timeout, 1xx and Expect: 100-continue, keep-alive
+PINGs, what a valid `:status` is, and how a peer's RST_STREAM or GOAWAY maps to our typed errors
+(which the pool's retries read). The engines (`lean_h2.LeanH2Connection`, our own framing;
+`http2.H2Connection`, the `h2` library) own the protocol state and the bytes: `is_available`,
+`handle_request`, `reset`, `_send_ping`, `_send_goaway` and the receiving side, and report what
+the peer did through `_move`, `_peer_reset`, `_peer_goaway`, `_interim`, `_check_ready`.
+Must never: touch h2 state or frame bytes, write to the socket, or log header values.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections import deque
+from enum import Enum
 
 from sigv4proxy.errors import (
     ProxyError,
@@ -25,14 +29,20 @@ from sigv4proxy.errors import (
 from sigv4proxy.wire.h2_window import WindowQueue
 from sigv4proxy.model import Origin, Timeouts
 from sigv4proxy.upstream.base import (
+    EventWait,
     Interim,
     OnChange,
-    ReceivedBody,
     Response,
     hold_for_continue,
     wake,
 )
-from sigv4proxy.upstream.connection_core import ConnectionCore
+from sigv4proxy.upstream.connection_core import (
+    CLOSED as CONNECTION_CLOSED,
+    GOING_AWAY,
+    READY,
+    RETIRING,
+    ConnectionCore,
+)
 
 CANCEL = 0x8  # RFC 9113 error codes used here (h2's ErrorCodes are the same integers)
 REFUSED_STREAM = 0x7
@@ -45,31 +55,79 @@ def status_code(value: bytes | None) -> int:
     return code if 100 <= code <= 599 else 0
 
 
-class H2StreamBase(ReceivedBody):
-    """The state one request/response exchange has on either HTTP/2 client, and its event wait."""
+class StreamState(Enum):
+    """A stream's state as RFC 9113 §5.1 names it, for a client that never enables push: our
+    HEADERS open it (OPEN, or HALF_CLOSED_LOCAL when they also end the request), so "idle" and
+    the reserved states never show. Closed comes in two kinds a reader must tell apart: CLOSED
+    once the response had ended (what it sent stays readable) and ABORTED before that (reset by
+    either side, not processed before a GOAWAY, cut with the connection: `error` says which,
+    unless the consumer closed it itself). Each member carries the answers the hot path asks
+    (`remote_ended`, `closed`) and its successors (`_TABLE`), so a check or a move is one
+    attribute read, as the booleans were."""
 
-    __slots__ = ("conn", "id", "status", "headers", "trailers", "chunks", "remote_ended",
-                 "local_ended", "sent_at", "error", "retired", "send_task", "unacked", "waiter",
-                 "window_waiter", "interim", "continue_waiter")
+    OPEN = ("open", False, False)
+    HALF_CLOSED_LOCAL = ("half-closed (local)", False, False)
+    HALF_CLOSED_REMOTE = ("half-closed (remote)", True, False)
+    CLOSED = ("closed", True, True)
+    ABORTED = ("closed before its response ended", False, True)
 
-    def __init__(self, conn: H2ConnectionBase, stream_id: int, interim: Interim | None = None) -> None:
+    def __init__(self, label: str, remote_ended: bool, closed: bool) -> None:
+        self.label = label
+        self.remote_ended = remote_ended  # the response ended: no more of it will come
+        self.closed = closed  # out of the connection's stream table
+        self.on_local_end = self  # filled in from _TABLE
+        self.on_remote_end = self
+        self.on_cut = self
+
+
+OPEN, HALF_CLOSED_LOCAL, HALF_CLOSED_REMOTE, CLOSED, ABORTED = StreamState
+# state: (our END_STREAM went out, the peer's END_STREAM came, reset / refused / connection lost).
+# Closed is final; a half-closed side cannot end twice (the engines refuse such a frame first).
+_TABLE = {
+    OPEN: (HALF_CLOSED_LOCAL, HALF_CLOSED_REMOTE, ABORTED),
+    HALF_CLOSED_LOCAL: (HALF_CLOSED_LOCAL, CLOSED, ABORTED),
+    HALF_CLOSED_REMOTE: (CLOSED, HALF_CLOSED_REMOTE, CLOSED),
+    CLOSED: (CLOSED, CLOSED, CLOSED),
+    ABORTED: (ABORTED, ABORTED, ABORTED),
+}
+for _state, (_local, _remote, _cut) in _TABLE.items():
+    _state.on_local_end, _state.on_remote_end, _state.on_cut = _local, _remote, _cut
+
+
+class H2StreamBase(EventWait):
+    """One request/response exchange on either HTTP/2 client: its state, the response as it
+    arrives, and its event wait. Also the `ResponseBody` the Response reads from (the engine's
+    subclass defines `read`)."""
+
+    __slots__ = ("conn", "id", "state", "status", "headers", "trailers", "chunks", "sent_at",
+                 "error", "send_task", "unacked", "waiter", "window_waiter", "interim",
+                 "continue_waiter")
+
+    def __init__(self, conn: H2ConnectionBase, stream_id: int, interim: Interim | None = None,
+                 state: StreamState = OPEN) -> None:
         self.conn = conn
         self.id = stream_id
+        self.state = state  # moved by `H2ConnectionBase._move` only
         self.interim = interim  # where 1xx responses go
         self.continue_waiter: asyncio.Future[bool] | None = None  # an upload held for Expect
         self.status: int | None = None
         self.headers: list[tuple[bytes, bytes]] = []
         self.trailers: list[tuple[bytes, bytes]] = []
         self.chunks: deque = deque()  # received body parts, in the subclass's unit
-        self.remote_ended = False
-        self.local_ended = False
         self.sent_at = 0.0
         self.error: ProxyError | None = None
-        self.retired = False  # no longer counts against the connection's streams
         self.send_task: asyncio.Task[None] | None = None
         self.unacked = 0  # handed to the consumer, credit not yet returned
         self.waiter: asyncio.Future[bool] | None = None
         self.window_waiter: asyncio.Future[bool] | None = None
+
+    @property
+    def complete(self) -> bool:
+        return self.state.remote_ended and not self.chunks and self.error is None
+
+    @property
+    def ready(self) -> bool:
+        return bool(self.chunks) or self.state.remote_ended or self.error is not None
 
     # --- the subclass's part: receive credit in its own unit ---
     def _buffered_credit(self) -> int:
@@ -83,7 +141,7 @@ class H2StreamBase(ReceivedBody):
         """Stop the upload, reset the stream if still open, return credit for unread data."""
         if self.send_task is not None and not self.send_task.done():
             self.send_task.cancel()
-        if not self.retired:
+        if not self.state.closed:
             self.conn.reset(self, CANCEL)
         pending = self.unacked + (self._buffered_credit() if self.chunks else 0)
         self.chunks.clear()
@@ -93,18 +151,18 @@ class H2StreamBase(ReceivedBody):
 
 
 class H2ConnectionBase(ConnectionCore):
-    """Stream table, life cycle and error mapping shared by both HTTP/2 client connections."""
+    """Stream table, stream and connection states, and error mapping shared by both HTTP/2
+    client connections (the connection's `state` is `connection_core.ConnState`)."""
 
     http_version = "HTTP/2"
 
     def __init__(self, origin: Origin, timeouts: Timeouts, on_change: OnChange) -> None:
         super().__init__(origin, timeouts, on_change)
         self._streams: dict[int, H2StreamBase] = {}
-        self._ready: asyncio.Future[bool] = self._loop.create_future()
-        self._is_ready = False
+        self._ready: asyncio.Future[bool] = self.loop.create_future()
+        # the two halves of the SETTINGS exchange that take the connection from OPENING to READY
         self._remote_settings_seen = False
         self._local_settings_acked = False
-        self._goaway = False
         self._served = 0  # streams answered in full (a connection that served is a reused one)
         self._ping_timer: asyncio.TimerHandle | None = None
         self._ping_deadline: asyncio.TimerHandle | None = None
@@ -121,6 +179,7 @@ class H2ConnectionBase(ConnectionCore):
         raise NotImplementedError
 
     def reset(self, stream: H2StreamBase, code: int) -> None:
+        """RST_STREAM(code) if the stream is still open, then `_retire` it."""
         raise NotImplementedError
 
     def _send_goaway(self) -> None:
@@ -129,7 +188,7 @@ class H2ConnectionBase(ConnectionCore):
 
     # --- the Connection interface ---
     def is_idle(self) -> bool:
-        return not self._closed and not self._streams
+        return self.state is not CONNECTION_CLOSED and not self._streams
 
     def active_streams(self) -> int:
         return len(self._streams)
@@ -149,11 +208,47 @@ class H2ConnectionBase(ConnectionCore):
 
     def close(self) -> None:
         """GOAWAY(NO_ERROR), close the socket, fail whatever is still open."""
-        if self._closed:
+        if self.state is CONNECTION_CLOSED:
             return
         self._send_goaway()
         self._close_transport()
         self._lost(UpstreamReset("upstream connection closed"))
+
+    # --- stream states: every move of `H2StreamBase.state` is `_move`, along `_TABLE` ---
+    def _move(self, stream: H2StreamBase, state: StreamState) -> None:
+        """`stream` takes `state` (closed is final). A stream that closes leaves the table, counted
+        as served if its response had ended; the connection's last one idles it, or closes it
+        when it is retiring or going away."""
+        if stream.state.closed:
+            return
+        stream.state = state
+        if not state.closed:
+            return
+        if state is CLOSED:
+            self._served += 1
+        streams = self._streams
+        streams.pop(stream.id, None)
+        connection = self.state
+        if connection is CONNECTION_CLOSED:
+            return  # `_lost` is closing them all, and reports once
+        if not streams:
+            if connection is GOING_AWAY:
+                self._close_transport()
+            elif connection is RETIRING:
+                self.close()  # past its age: our GOAWAY, then the close
+            else:
+                self._arm_idle_timer()
+        self._on_change(self)
+
+    def end_local(self, stream: H2StreamBase) -> None:
+        """Our END_STREAM went out (the request is whole): the first-byte clock starts."""
+        stream.sent_at = self.loop.time()
+        self._move(stream, stream.state.on_local_end)
+        stream.wake()
+
+    def _retire(self, stream: H2StreamBase) -> None:
+        """Reset (either way) or refused: the stream leaves the table now."""
+        self._move(stream, stream.state.on_cut)
 
     # --- request side ---
     async def _await_response(self, stream: H2StreamBase) -> Response:
@@ -164,7 +259,7 @@ class H2ConnectionBase(ConnectionCore):
                     raise stream.error
                 # While uploading, the send task bounds every network wait; once the request is
                 # sent, the connection's head timer does.
-                if stream.local_ended and self._head_timer is None:
+                if stream.state is HALF_CLOSED_LOCAL and self._head_timer is None:
                     self._head_timer = self._timer_until(
                         stream.sent_at + self.timeouts.first_byte, self._check_heads)
                     if self._head_timer is None:
@@ -183,24 +278,25 @@ class H2ConnectionBase(ConnectionCore):
         timeout, so a pending timer fires no later than a newer stream's deadline: per request
         that is no timer made and cancelled."""
         self._head_timer = None
-        if self._closed:
+        if self.state is CONNECTION_CLOSED:
             return
-        now = self._loop.time()
+        now = self.loop.time()
         earliest = None
         for stream in list(self._streams.values()):
-            if stream.status is not None or not stream.local_ended or stream.error is not None:
+            if stream.status is not None or stream.state is not HALF_CLOSED_LOCAL \
+                    or stream.error is not None:
                 continue
             deadline = stream.sent_at + self.timeouts.first_byte
             if deadline <= now:
                 self.fail_stream(stream, UpstreamTimeout("no upstream response in time"))
             elif earliest is None or deadline < earliest:
                 earliest = deadline
-        if earliest is not None and not self._closed:
+        if earliest is not None and self.state is not CONNECTION_CLOSED:
             self._head_timer = self._timer_until(earliest, self._check_heads)
 
     async def hold_upload(self, stream: H2StreamBase) -> bool:
         """Expect: 100-continue: False when the upstream answered without wanting the body."""
-        return await hold_for_continue(stream, self._loop, self.timeouts.expect_continue)
+        return await hold_for_continue(stream, self.loop, self.timeouts.expect_continue)
 
     def _interim(self, stream: H2StreamBase, code: int, headers: list[tuple[bytes, bytes]]) -> None:
         """A 1xx response: a 100 releases a held upload; each goes to the stream's `interim`."""
@@ -212,30 +308,14 @@ class H2ConnectionBase(ConnectionCore):
             except ProxyError as err:
                 self.fail_stream(stream, err)
 
-    # --- stream bookkeeping ---
     def fail_stream(self, stream: H2StreamBase, err: ProxyError, code: int = CANCEL) -> None:
-        if stream.error is None and not stream.remote_ended:
+        """Our end of a stream: `err` is its outcome (unless its response had ended), RST_STREAM."""
+        if stream.error is None and not stream.state.remote_ended:
             stream.error = err
         self.reset(stream, code)
         stream.wake()
         wake(stream.window_waiter)
         wake(stream.continue_waiter)
-
-    def _retire(self, stream: H2StreamBase) -> None:
-        if stream.retired:
-            return
-        stream.retired = True
-        if stream.remote_ended:
-            self._served += 1
-        self._streams.pop(stream.id, None)
-        if not self._streams and not self._closed:
-            if self._goaway:
-                self._close_transport()
-            elif self._retiring:
-                self.close()  # past its age: our GOAWAY, then the close
-            else:
-                self._arm_idle_timer()
-        self._on_change(self)
 
     def _idle_expired(self) -> None:
         self.close()
@@ -246,8 +326,7 @@ class H2ConnectionBase(ConnectionCore):
 
     # --- what the peer tells us ---
     def _check_ready(self) -> None:
-        if self._remote_settings_seen and self._local_settings_acked and not self._ready.done():
-            self._is_ready = True
+        if self._remote_settings_seen and self._local_settings_acked and self._enter(READY):
             self._ready.set_result(True)
             self._on_change(self)
 
@@ -256,7 +335,7 @@ class H2ConnectionBase(ConnectionCore):
         err: ProxyError | None
         if code == REFUSED_STREAM:
             err = RetryableStreamError("upstream refused the stream")
-        elif stream.remote_ended:
+        elif stream.state.remote_ended:
             err = None  # response complete; the peer only stops our upload
         else:
             err = UpstreamReset(f"upstream reset the stream ({code_name})")
@@ -269,7 +348,7 @@ class H2ConnectionBase(ConnectionCore):
 
     def _peer_goaway(self, last_stream_id: int) -> None:
         """No new streams; those above `last_stream_id` were never processed: retry elsewhere."""
-        self._goaway = True
+        self._enter(GOING_AWAY)
         for stream in list(self._streams.values()):
             if stream.id > last_stream_id:
                 stream.error = RetryableStreamError("stream not processed before GOAWAY", "goaway")
@@ -287,7 +366,7 @@ class H2ConnectionBase(ConnectionCore):
     def _arm_idle_timer(self) -> None:
         super()._arm_idle_timer()
         if self.timeouts.ping and self._ping_timer is None:
-            self._ping_timer = self._loop.call_later(self.timeouts.ping, self._keepalive_ping)
+            self._ping_timer = self.loop.call_later(self.timeouts.ping, self._keepalive_ping)
 
     def _stop_idle_timer(self) -> None:
         super()._stop_idle_timer()
@@ -299,7 +378,7 @@ class H2ConnectionBase(ConnectionCore):
         """Lazy, like the idle timer: busy means streams prove liveness (an ACK still awaited
         stays awaited); idle for less than the interval waits out the rest."""
         self._ping_timer = None
-        if self._closed or self._streams:
+        if self.state is CONNECTION_CLOSED or self._streams:
             return
         self._ping_timer = self._timer_until(self._idle_since + self.timeouts.ping, self._keepalive_ping)
         if self._ping_timer is not None:
@@ -308,8 +387,8 @@ class H2ConnectionBase(ConnectionCore):
         self._ping_payload = self._pings_sent.to_bytes(8, "big")
         self._send_ping(self._ping_payload)
         if self._ping_deadline is None:
-            self._ping_deadline = self._loop.call_later(self.timeouts.connect, self._ping_unanswered)
-        self._ping_timer = self._loop.call_later(self.timeouts.ping, self._keepalive_ping)
+            self._ping_deadline = self.loop.call_later(self.timeouts.connect, self._ping_unanswered)
+        self._ping_timer = self.loop.call_later(self.timeouts.ping, self._keepalive_ping)
 
     def _on_ping_ack(self, payload: bytes) -> None:
         if payload == self._ping_payload and self._ping_deadline is not None:
@@ -318,7 +397,7 @@ class H2ConnectionBase(ConnectionCore):
 
     def _ping_unanswered(self) -> None:
         self._ping_deadline = None
-        if not self._closed:
+        if self.state is not CONNECTION_CLOSED:
             self._close_transport()
             self._lost(UpstreamReset("upstream did not answer PING"))
 
@@ -330,10 +409,8 @@ class H2ConnectionBase(ConnectionCore):
         self._lost(UpstreamReset("upstream connection lost"))
 
     def _lost(self, err: ProxyError) -> None:
-        if self._closed:
+        if not self._enter(CONNECTION_CLOSED):
             return
-        self._closed = True
-        self._is_ready = False
         self._stop_idle_timer()
         if self._head_timer is not None:
             self._head_timer.cancel()
@@ -348,12 +425,11 @@ class H2ConnectionBase(ConnectionCore):
         # (most likely the upstream's idle close crossing our reuse): retried where that is safe.
         unanswered = UnansweredReset(err.reason) if type(err) is UpstreamReset and self._served else err
         for stream in list(self._streams.values()):
-            if stream.error is None and not stream.remote_ended:
+            if stream.error is None and not stream.state.remote_ended:
                 stream.error = unanswered if stream.status is None else err
-            stream.retired = True
+            self._retire(stream)
             stream.wake()
             wake(stream.window_waiter)
             wake(stream.continue_waiter)
-        self._streams.clear()
         self._window_queue.clear()
         self._on_change(self)

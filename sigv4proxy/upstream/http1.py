@@ -26,17 +26,17 @@ from sigv4proxy.model import Origin, Timeouts
 from sigv4proxy.upstream.base import (
     Body,
     ConnectionNotAvailable,
+    EventWait,
     Headers,
     OnChange,
     Interim,
-    ReceivedBody,
     Response,
     hold_for_continue,
     request_trailers,
     wake,
 )
 from sigv4proxy.upstream.body import SocketBody
-from sigv4proxy.upstream.connection_core import ConnectionCore
+from sigv4proxy.upstream.connection_core import CLOSED, READY, RETIRING, ConnectionCore
 from sigv4proxy.wire.http1_parse import Fields, ResponseParser
 
 READ_HIGH_WATER = 256 * 1024  # buffered body bytes before we stop reading the socket
@@ -65,7 +65,7 @@ def _field_kind(name: bytes) -> int:
     return kind
 
 
-class _Exchange(ReceivedBody):
+class _Exchange(EventWait):
     """One request/response on the socket; also the `ResponseBody` the Response reads from."""
 
     __slots__ = ("conn", "is_head", "status", "reason", "headers", "trailers", "chunks", "buffered",
@@ -90,6 +90,14 @@ class _Exchange(ReceivedBody):
         self.sent_at = 0.0
         self.send_task: asyncio.Task[None] | None = None
         self.waiter: asyncio.Future[bool] | None = None
+
+    @property
+    def complete(self) -> bool:
+        return self.remote_ended and not self.chunks and self.error is None
+
+    @property
+    def ready(self) -> bool:
+        return bool(self.chunks) or self.remote_ended or self.error is not None
 
     def fail(self, err: ProxyError) -> None:
         if self.error is None and not self.remote_ended:
@@ -140,8 +148,7 @@ class HTTP1Connection(ConnectionCore, asyncio.Protocol):
 
     # --- the Connection interface ---
     def is_available(self) -> bool:
-        return not self._closed and self._exchange is None and self._transport is not None \
-            and not self._retiring
+        return self.state is READY and self._exchange is None
 
     def capacity(self) -> int:
         return 1 if self.is_available() else 0
@@ -215,11 +222,11 @@ class HTTP1Connection(ConnectionCore, asyncio.Protocol):
             else:
                 transport.write(head)
             exchange.request_sent = True
-            exchange.sent_at = self._loop.time()
+            exchange.sent_at = self.loop.time()
             self._arm_head_deadline()
         else:
             transport.write(head)
-            exchange.send_task = self._loop.create_task(
+            exchange.send_task = self.loop.create_task(
                 self._send_body(exchange, body, chunked, expect_continue and not is_bytes))
         try:
             await self._await_head(exchange)
@@ -246,12 +253,12 @@ class HTTP1Connection(ConnectionCore, asyncio.Protocol):
         pending from an earlier request fires no later than this one's deadline and re-arms.
         Per request that is no timer made and cancelled."""
         if self._head_timer is None:
-            self._head_timer = self._loop.call_later(self.timeouts.first_byte, self._check_head)
+            self._head_timer = self.loop.call_later(self.timeouts.first_byte, self._check_head)
 
     def _check_head(self) -> None:
         self._head_timer = None
         exchange = self._exchange
-        if self._closed or exchange is None or exchange.status is not None \
+        if self.state is CLOSED or exchange is None or exchange.status is not None \
                 or not exchange.request_sent:
             return  # nothing awaited: armed again when the next request is sent
         self._head_timer = self._timer_until(exchange.sent_at + self.timeouts.first_byte, self._check_head)
@@ -265,7 +272,7 @@ class HTTP1Connection(ConnectionCore, asyncio.Protocol):
         transport = self._transport
         assert transport is not None
         try:
-            if expect_continue and not await hold_for_continue(exchange, self._loop,
+            if expect_continue and not await hold_for_continue(exchange, self.loop,
                                                                self.timeouts.expect_continue):
                 return  # answered on the head alone: the body is not sent, the socket not reused
             if isinstance(body, (bytes, bytearray, memoryview)):
@@ -293,7 +300,7 @@ class HTTP1Connection(ConnectionCore, asyncio.Protocol):
                     trailers = request_trailers(body)
                     transport.write(b"0\r\n" + b"".join(n + b": " + v + b"\r\n" for n, v in trailers) + b"\r\n")
             exchange.request_sent = True
-            exchange.sent_at = self._loop.time()
+            exchange.sent_at = self.loop.time()
             self._arm_head_deadline()
             if exchange.remote_ended:  # the response finished first: the socket is not reusable
                 self.abort()
@@ -325,6 +332,7 @@ class HTTP1Connection(ConnectionCore, asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = transport  # type: ignore[assignment]
         self._splice_fd = cleartext_fd(transport)  # a request body may be spliced into it
+        self._enter(READY)
         self._arm_idle_timer()
 
     def data_received(self, data: bytes) -> None:
@@ -354,7 +362,7 @@ class HTTP1Connection(ConnectionCore, asyncio.Protocol):
             self._fail_connection(UpstreamReset("upstream connection lost"))
 
     def resume_reading(self) -> None:
-        if self._reading_paused and self._transport is not None and not self._closed:
+        if self._reading_paused and self._transport is not None and self.state is not CLOSED:
             self._reading_paused = False
             self._transport.resume_reading()
 
@@ -398,7 +406,8 @@ class HTTP1Connection(ConnectionCore, asyncio.Protocol):
         exchange.remote_ended = True
         exchange.wake()
         leftover = self._parser.has_leftover
-        if leftover or not self._parser.keep_alive or not exchange.request_sent or self._retiring:
+        if leftover or not self._parser.keep_alive or not exchange.request_sent \
+                or self.state is RETIRING:
             self.abort() if leftover else self._close_quietly()
             return
         self._exchange = None
@@ -422,9 +431,8 @@ class HTTP1Connection(ConnectionCore, asyncio.Protocol):
     def _fail_connection(self, err: ProxyError) -> None:
         if self._exchange is not None:
             self._exchange.fail(err)
-        if self._closed:
+        if not self._enter(CLOSED):
             return
-        self._closed = True
         if self._transport is not None and not self._transport.is_closing():
             self._transport.abort()
         self._stop_idle_timer()

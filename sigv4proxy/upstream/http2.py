@@ -48,6 +48,7 @@ from sigv4proxy.upstream.base import (
     wake,
 )
 from sigv4proxy.upstream.connection_core import feed_body
+from sigv4proxy.upstream.connection_core import CLOSED, READY
 from sigv4proxy.upstream.h2_common import H2ConnectionBase, H2StreamBase, status_code
 
 STREAM_WINDOW = 1 << 20  # per-stream receive window: what one slow consumer may have buffered
@@ -96,7 +97,7 @@ class _Stream(H2StreamBase):
                 return data
             if self.error is not None:
                 raise self.error
-            if self.remote_ended:
+            if self.state.remote_ended:
                 return b""
             if not await self.wait_event(conn.timeouts.read):
                 conn.fail_stream(self, UpstreamTimeout("upstream response body stalled"))
@@ -125,7 +126,7 @@ class H2Connection(H2ConnectionBase, asyncio.Protocol):
 
     # --- the Connection interface ---
     def is_available(self) -> bool:
-        return (self._is_ready and not self._closed and not self._goaway and not self._retiring
+        return (self.state is READY
                 and len(self._streams) < self._h2.remote_settings.max_concurrent_streams
                 and self._h2.highest_outbound_stream_id < _MAX_STREAM_ID - 2)
 
@@ -155,10 +156,9 @@ class H2Connection(H2ConnectionBase, asyncio.Protocol):
         self._streams[stream_id] = stream
         self._flush()
         if end_stream:
-            stream.local_ended = True
-            stream.sent_at = self._loop.time()
+            self.end_local(stream)
         else:
-            stream.send_task = self._loop.create_task(
+            stream.send_task = self.loop.create_task(
                 self._send_body(stream, body, expect_continue and not is_bytes))
         return await self._await_response(stream)
 
@@ -186,7 +186,7 @@ class H2Connection(H2ConnectionBase, asyncio.Protocol):
             if expect_continue and not await self.hold_upload(stream):
                 return  # answered on the head alone: the body is not sent (the stream is reset)
             await feed_body(body, partial(self._send_chunk, stream))
-            if stream.retired or self._closed:
+            if stream.state.closed or self.state is CLOSED:
                 return
             trailers = request_trailers(body)
             if trailers:  # request trailers end the stream instead of an empty DATA frame
@@ -194,15 +194,11 @@ class H2Connection(H2ConnectionBase, asyncio.Protocol):
             else:
                 self._h2.end_stream(stream.id)
             self._flush()
-            stream.local_ended = True
-            stream.sent_at = self._loop.time()
-            if stream.remote_ended:
-                self._retire(stream)
-            stream.wake()
+            self.end_local(stream)
         except h2.exceptions.StreamClosedError:
             pass  # the peer reset the stream; its StreamReset event already recorded why
         except ProxyError as err:
-            if stream.remote_ended:  # the response is complete; only the upload stops
+            if stream.state.remote_ended:  # the response is complete; only the upload stops
                 self.reset(stream, ErrorCodes.CANCEL)
             else:
                 self.fail_stream(stream, err)
@@ -215,7 +211,7 @@ class H2Connection(H2ConnectionBase, asyncio.Protocol):
         while offset < total:
             if stream.error is not None:
                 raise stream.error
-            if stream.retired:
+            if stream.state.closed:
                 raise h2.exceptions.StreamClosedError(stream.id)
             await self._flow.drain(self.timeouts.read)
             window = self._h2.local_flow_control_window(stream.id)  # min(stream, connection)
@@ -232,7 +228,7 @@ class H2Connection(H2ConnectionBase, asyncio.Protocol):
             self._window_queue.sent(self._h2.outbound_flow_control_window)
 
     async def _wait_window(self, stream: _Stream) -> None:
-        waiter = stream.window_waiter = self._loop.create_future()
+        waiter = stream.window_waiter = self.loop.create_future()
         try:
             async with asyncio.timeout(self.timeouts.read):
                 await waiter
@@ -243,7 +239,7 @@ class H2Connection(H2ConnectionBase, asyncio.Protocol):
 
     # --- stream bookkeeping (called by _Stream too) ---
     def acknowledge(self, stream_id: int, size: int) -> None:
-        if self._closed:
+        if self.state is CLOSED:
             return
         try:
             self._h2.acknowledge_received_data(size, stream_id)
@@ -252,7 +248,7 @@ class H2Connection(H2ConnectionBase, asyncio.Protocol):
         self._flush()
 
     def reset(self, stream: _Stream, code: int) -> None:
-        if not self._closed and not stream.retired:
+        if self.state is not CLOSED and not stream.state.closed:
             try:
                 self._h2.reset_stream(stream.id, code)
             except h2.exceptions.ProtocolError:  # includes StreamClosedError
@@ -343,9 +339,7 @@ class H2Connection(H2ConnectionBase, asyncio.Protocol):
         if stream.status is None:
             self.fail_stream(stream, UpstreamProtocolError("upstream ended a stream without a response"))
             return
-        stream.remote_ended = True
-        if stream.local_ended:
-            self._retire(stream)
+        self._move(stream, stream.state.on_remote_end)
         stream.wake()
 
     def _on_stream_reset(self, event: h2.events.StreamReset) -> None:
