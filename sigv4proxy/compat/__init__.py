@@ -1,1 +1,8 @@
-"""Every use of a third-party library's private API, one module per library, each checked against the installed version at start."""
+"""Every use of a third-party library's private API, one module per library: `aiohttp` (the
+inbound HTTP/1.1 protocol; `aiohttp_import` for how a serving process first imports it),
+`botocore` (awscrt kept out, the refresh schedule of fetched credentials), `h2` (state machine
+after GOAWAY, HPACK slots, request errors kept to their stream), `hpack` (static table, Huffman
+decoder), `hyperframe` (frame reprs), `prometheus_client` (batched histogram writes).
+
+A leaf layer: every layer may import it; it imports nothing of ours outside this package.
+"""

@@ -6,7 +6,7 @@ computed before the logger drops it); hyperframe re-serializes a DATA frame's bo
 payload) and hexlifies all of it only to keep its first 20 hex digits: a 16 KiB DATA frame cost
 ~13 µs, a 1 MiB upload through the inbound HTTP/2 server ~1 ms of CPU. The replacements read only
 the 10 bytes they show; their output is identical. Must never: change what a frame's repr says,
-or touch anything in h2 beyond these two functions.
+or touch anything in h2 beyond these two functions, or import anything of ours outside `compat`.
 """
 
 from __future__ import annotations

@@ -21,6 +21,7 @@ from typing import Callable
 
 from aiohttp import web
 
+from sigv4proxy.compat.aiohttp import WrittenResponse
 from sigv4proxy.errors import ProxyError, UpstreamProtocolError
 from sigv4proxy.fields import DROP_RESPONSE
 from sigv4proxy.exchange.exchange import Response
@@ -36,11 +37,10 @@ _SMALL_WRITE = 16 * 1024  # below this, parts are joined into one buffer; above,
 _COALESCE_LIMIT = 256 * 1024  # body bytes already here that one write may gather
 
 
-class Answered:
-    """What aiohttp's request loop needs of a response already written: `prepare` and
-    `write_eof` (nothing left to do) and `keep_alive` (whether the connection takes another);
-    and the answer's state the writer keeps. Class-level defaults, no slots: a request sets only
-    what changes (one object per request; its subclass `inbound.h1.H1Exchange` is the hot one)."""
+class Answered(WrittenResponse):
+    """A response already written, as aiohttp's request loop takes it, and the answer's state the
+    writer keeps. Class-level defaults, no slots: a request sets only what changes (one object
+    per request; its subclass `inbound.h1.H1Exchange` is the hot one)."""
 
     status = 0
     keep_alive = False  # decided with the framing, before the head is written
@@ -51,12 +51,6 @@ class Answered:
 
     def __init__(self, status: int = 0) -> None:
         self.status = status
-
-    async def prepare(self, request: web.BaseRequest) -> None:
-        return None
-
-    async def write_eof(self, data: bytes = b"") -> None:
-        return None
 
 
 class ResponseWriter:
