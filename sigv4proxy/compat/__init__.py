@@ -4,5 +4,7 @@ inbound HTTP/1.1 protocol; `aiohttp_import` for how a serving process first impo
 after GOAWAY, HPACK slots, request errors kept to their stream), `hpack` (static table, Huffman
 decoder), `hyperframe` (frame reprs), `prometheus_client` (batched histogram writes).
 
-A leaf layer: every layer may import it; it imports nothing of ours outside this package.
+Each module refuses to load with a release outside the range it was written and tested against
+(`versions`), and `sigv4proxy` checks them all at start without importing them. A leaf layer:
+every layer may import it; it imports nothing of ours outside this package.
 """

@@ -14,6 +14,10 @@ from __future__ import annotations
 
 import sys
 
+from sigv4proxy.compat.versions import AIOHTTP as SUPPORTED
+
+SUPPORTED.check()  # the code below was written and tested for this range only
+
 
 def import_without_client_trust() -> None:
     """Imports aiohttp as described above; a process that already imported it (a test run) keeps

@@ -15,6 +15,10 @@ from __future__ import annotations
 import sys
 from typing import Any
 
+from sigv4proxy.compat.versions import BOTOCORE as SUPPORTED
+
+SUPPORTED.check()  # the code below was written and tested for this range only
+
 
 def keep_awscrt_unloaded() -> None:
     """Before botocore loads: it never imports awscrt (~6 MiB of RSS for code the proxy never

@@ -28,12 +28,16 @@ place), or import anything of ours outside `compat`.
 
 from __future__ import annotations
 
-import h2.config
-import h2.connection
-import h2.events
-from h2.connection import ConnectionInputs, ConnectionState
-from h2.stream import StreamState
-from hyperframe.frame import HeadersFrame
+from sigv4proxy.compat.versions import H2 as SUPPORTED
+
+SUPPORTED.check()  # before h2 loads: the code below was written and tested for this range only
+
+import h2.config  # noqa: E402
+import h2.connection  # noqa: E402
+import h2.events  # noqa: E402
+from h2.connection import ConnectionInputs, ConnectionState  # noqa: E402
+from h2.stream import StreamState  # noqa: E402
+from hyperframe.frame import HeadersFrame  # noqa: E402
 
 # Frames either side still exchanges on the streams open at GOAWAY; besides these, a server sends
 # response heads and trailers, and a client receives ALTSVC (a frame only servers send).

@@ -10,8 +10,12 @@ them. Must never: be imported for anything but these, or import anything of ours
 
 from __future__ import annotations
 
-from hpack.huffman_table import decode_huffman
-from hpack.table import HeaderTable
+from sigv4proxy.compat.versions import HPACK as SUPPORTED
+
+SUPPORTED.check()  # before hpack loads: the code below was written and tested for this range only
+
+from hpack.huffman_table import decode_huffman  # noqa: E402
+from hpack.table import HeaderTable  # noqa: E402
 
 STATIC_TABLE: tuple[tuple[bytes, bytes], ...] = HeaderTable.STATIC_TABLE
 

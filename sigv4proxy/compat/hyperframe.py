@@ -13,7 +13,11 @@ from __future__ import annotations
 
 import binascii
 
-import hyperframe.frame
+from sigv4proxy.compat.versions import HYPERFRAME as SUPPORTED
+
+SUPPORTED.check()  # before hyperframe loads: the code below was written and tested for this range only
+
+import hyperframe.frame  # noqa: E402
 
 _SHOWN = 10  # bytes: hyperframe keeps 20 hex digits and marks the rest with "..."
 

@@ -13,7 +13,11 @@ from __future__ import annotations
 
 from bisect import bisect_left
 
-from prometheus_client import Histogram
+from sigv4proxy.compat.versions import PROMETHEUS_CLIENT as SUPPORTED
+
+SUPPORTED.check()  # before prometheus_client loads: the code below was written and tested for this range only
+
+from prometheus_client import Histogram  # noqa: E402
 
 
 class LocalHistogram:
