@@ -16,9 +16,23 @@ $(STAMP): $(BIN)/python pyproject.toml
 
 venv: $(STAMP)
 
-test: $(STAMP)
+# The lowest supported release of every runtime dependency (constraints/lowest.txt, the floors in
+# pyproject.toml), in a second virtualenv: `make test` runs the suite against both.
+LOWEST ?= .venv-lowest
+LOWEST_STAMP := $(LOWEST)/.installed-dev
+$(LOWEST_STAMP): pyproject.toml constraints/lowest.txt
+	rm -rf $(LOWEST)
+	$(PY) -m venv $(LOWEST)
+	$(LOWEST)/bin/pip install -q --upgrade pip
+	$(LOWEST)/bin/pip install -q -c constraints/lowest.txt -e '.[dev]'
+	touch $(LOWEST_STAMP)
+
+# Newest releases in range, then the lowest (without the container image tests: they build the
+# image from the newest releases, which the first run covers).
+test: $(STAMP) $(LOWEST_STAMP)
 	sh scripts/ci-deps.sh
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	$(LOWEST)/bin/python -m pytest -q -p no:cacheprovider --ignore=tests/test_image.py $(PYTEST_ARGS)
 
 run: $(STAMP)
 	$(BIN)/sigv4proxy demo
@@ -36,7 +50,7 @@ bench-sign: $(STAMP)
 	$(BIN)/python benchmarks/bench_metrics.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache .hypothesis build *.egg-info
+	rm -rf $(VENV) $(LOWEST) .pytest_cache .hypothesis build *.egg-info
 
 # The benchmark matrix (< 15 min; bench-quick < 3 min): bench-results/bench.md, .json, .png.
 # GO_PEERS: where the Go aws-sigv4-proxy builds are (docs/performance.md says how to build them;
