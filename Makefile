@@ -16,19 +16,33 @@ $(STAMP): $(BIN)/python pyproject.toml
 
 venv: $(STAMP)
 
+# The lowest supported release of every runtime dependency (constraints/lowest.txt, the floors in
+# pyproject.toml), in a second virtualenv: `make test` runs the suite against both.
+LOWEST ?= .venv-lowest
+LOWEST_STAMP := $(LOWEST)/.installed-dev
+$(LOWEST_STAMP): pyproject.toml constraints/lowest.txt
+	rm -rf $(LOWEST)
+	$(PY) -m venv $(LOWEST)
+	$(LOWEST)/bin/pip install -q --upgrade pip
+	$(LOWEST)/bin/pip install -q -c constraints/lowest.txt -e '.[dev]'
+	touch $(LOWEST_STAMP)
+
 # The layers' import contracts (pyproject's [tool.importlinter]) first: seconds, before the suite.
-# Then the modules that exercise the inbound HTTP/1.1 side once more under the other server
-# (--h1-implementation): the reference and the lean one pass the same tests.
+# Then the suite with the newest releases in range; the modules that exercise the inbound HTTP/1.1
+# side once more under the other server (--h1-implementation): the reference and the lean one pass
+# the same tests; then the suite with the lowest releases (without the container image tests: they
+# build the image from the newest releases, which the first run covers).
 H1_OTHER ?= aiohttp
 H1_TESTS ?= tests/test_differential.py tests/test_faithful_relay.py tests/test_hostile_input.py tests/test_fuzz.py \
 	tests/test_inbound_limits.py tests/test_small_bodies.py tests/test_splice.py tests/test_faults_client.py \
 	tests/test_proxy_e2e.py tests/test_secrets.py tests/test_h1_response.py tests/test_write_flow.py \
 	tests/test_faults_upstream.py tests/test_listen.py tests/test_metrics.py tests/test_transparent_e2e.py
-test: $(STAMP)
+test: $(STAMP) $(LOWEST_STAMP)
 	sh scripts/ci-deps.sh
 	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 	SIGV4PROXY_H1_IMPLEMENTATION=$(H1_OTHER) $(BIN)/python -m pytest -q $(H1_TESTS) $(PYTEST_ARGS)
+	$(LOWEST)/bin/python -m pytest -q -p no:cacheprovider --ignore=tests/test_image.py $(PYTEST_ARGS)
 
 run: $(STAMP)
 	$(BIN)/sigv4proxy demo
@@ -46,7 +60,7 @@ bench-sign: $(STAMP)
 	$(BIN)/python benchmarks/bench_metrics.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache .hypothesis build *.egg-info
+	rm -rf $(VENV) $(LOWEST) .pytest_cache .hypothesis build *.egg-info
 
 # The benchmark matrix (< 15 min; bench-quick < 3 min): bench-results/bench.md, .json, .png.
 # GO_PEERS: where the Go aws-sigv4-proxy builds are (docs/performance.md says how to build them;

@@ -70,8 +70,8 @@ def test_supervisor_loads_no_data_plane_and_workers_no_botocore(tmp_path):
 
 CONTEXTS = """
 import ssl
-from sigv4proxy.runtime.serve import import_aiohttp_without_client_trust
-import_aiohttp_without_client_trust()
+from sigv4proxy.compat.aiohttp_import import import_without_client_trust
+import_without_client_trust()
 from aiohttp import connector
 verified = connector._SSL_CONTEXT_VERIFIED
 print(verified.verify_mode == ssl.CERT_REQUIRED, verified.check_hostname,

@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, Iterator, Protocol
 
 from sigv4proxy.aws.signing import Credentials
+from sigv4proxy.compat import botocore as botocore_compat
 
 # Third-party loggers that print header values (x-amz-security-token) or credential payloads at
 # debug level.
@@ -158,25 +159,20 @@ class BotocoreProvider:
         return session
 
     def _resolve_chain(self, session: Any) -> Credentials:
-        from botocore.credentials import RefreshableCredentials
-
         found = session.get_credentials()
         if found is None:
             raise CredentialFetchError("no credentials in the default chain")
-        if isinstance(found, RefreshableCredentials):
-            # These were fetched just now and we own the schedule: stop botocore from refetching
-            # inside get_frozen_credentials() because they fall in its 15/10-minute windows.
-            found._advisory_refresh_timeout = 0
-            found._mandatory_refresh_timeout = 0
-            if found._expiry_time is not None and found._expiry_time.timestamp() <= time.time():
-                raise CredentialFetchError("fetched credentials are already expired")
+        # These were fetched just now and we own the schedule.
+        botocore_compat.stop_refreshing(found)
+        expiry = botocore_compat.expiry(found)
+        if expiry is not None and expiry <= time.time():
+            raise CredentialFetchError("fetched credentials are already expired")
         try:
             frozen = found.get_frozen_credentials()
         except RuntimeError:  # botocore: "refreshed credentials are still expired"
             raise CredentialFetchError("fetched credentials are already expired") from None
-        expiry_time = getattr(found, "_expiry_time", None)  # botocore has no public accessor
-        expiry = expiry_time.timestamp() if expiry_time is not None else None
-        return checked_credentials(frozen.access_key, frozen.secret_key, frozen.token, expiry)
+        return checked_credentials(frozen.access_key, frozen.secret_key, frozen.token,
+                                   botocore_compat.expiry(found))
 
     def _assume_role(self, session: Any, base: Credentials) -> Credentials:
         import botocore.config
@@ -290,7 +286,7 @@ class ChildProcessProvider:
 
 def _child_main() -> int:
     """The child's side: settings on stdin, one JSON line on stdout, nothing on stderr."""
-    sys.modules.setdefault("awscrt", None)  # botocore's optional CRT: never used here
+    botocore_compat.keep_awscrt_unloaded()
     quiet_third_party_loggers()
     try:
         settings = ChainSettings(**json.loads(sys.stdin.read()))

@@ -5,16 +5,21 @@ protocol with what the proxy needs beyond its public API: parse errors answered 
 handler (`malformed_request`), a deadline for a new connection's first request head (slowloris),
 a streamed body's socket read only when the proxy wants its next chunk (`hold_reading`,
 `read_more`), a body taken off the socket and given back (`detach_body`, `reattach_body`), and a
-client's half-close answered before closing; and `check`, which refuses an aiohttp outside the
-range these were written and tested against. Must never: be imported for anything but these, or
-import anything of ours.
+client's half-close answered before closing; and `WrittenResponse`, what aiohttp's request loop
+uses of a handler's answer that the handler wrote itself. Refuses to load with an aiohttp outside
+the range these were written and tested against (`versions.AIOHTTP`). Must never: be imported for
+anything but these, or import anything of ours outside `compat`.
 """
 
 from __future__ import annotations
 
-from aiohttp import StreamReader, web
-from aiohttp.http_exceptions import HttpProcessingError
-from aiohttp.web_protocol import RequestHandler, RequestPayloadError
+from sigv4proxy.compat.versions import AIOHTTP as SUPPORTED
+
+SUPPORTED.check()  # before aiohttp loads: the code below was written and tested for this range only
+
+from aiohttp import StreamReader, web  # noqa: E402
+from aiohttp.http_exceptions import HttpProcessingError  # noqa: E402
+from aiohttp.web_protocol import RequestHandler, RequestPayloadError  # noqa: E402
 
 _DETACH_PASSES = 4  # parse passes before giving up on taking a body off the socket
 
@@ -141,6 +146,21 @@ class InboundRequestHandler(RequestHandler):
             self.force_close()  # nothing to answer, or a body cut short: close (cancels it)
         else:
             self.close()  # answer what arrived, accept nothing more, then close
+
+
+class WrittenResponse:
+    """A handler's answer that it wrote to the transport itself, for aiohttp's request loop
+    (`RequestHandler.finish_response`, then `start`), which takes any object with `prepare` and
+    `write_eof` (here: nothing left to do) and reads `keep_alive` (whether the connection takes
+    another request) where it expects a `web.StreamResponse`."""
+
+    keep_alive = False
+
+    async def prepare(self, request: web.BaseRequest) -> None:
+        return None
+
+    async def write_eof(self, data: bytes = b"") -> None:
+        return None
 
 
 class InboundServer(web.Server):

@@ -6,14 +6,18 @@ computed before the logger drops it); hyperframe re-serializes a DATA frame's bo
 payload) and hexlifies all of it only to keep its first 20 hex digits: a cost that grows with
 every DATA payload (docs/performance.md). The replacements read only
 the 10 bytes they show; their output is identical. Must never: change what a frame's repr says,
-or touch anything in h2 beyond these two functions.
+or touch anything in h2 beyond these two functions, or import anything of ours outside `compat`.
 """
 
 from __future__ import annotations
 
 import binascii
 
-import hyperframe.frame
+from sigv4proxy.compat.versions import HYPERFRAME as SUPPORTED
+
+SUPPORTED.check()  # before hyperframe loads: the code below was written and tested for this range only
+
+import hyperframe.frame  # noqa: E402
 
 _SHOWN = 10  # bytes: hyperframe keeps 20 hex digits and marks the rest with "..."
 

@@ -21,6 +21,7 @@ from typing import Callable
 from aiohttp import StreamReader, web
 from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
 
+from sigv4proxy.compat.aiohttp import WrittenResponse
 from sigv4proxy.errors import (
     BadRequest,
     HeadersTooLarge,
@@ -83,10 +84,9 @@ class H1Handler:
         return response
 
 
-class AiohttpAnswer(Answer):
+class AiohttpAnswer(Answer, WrittenResponse):
     """An answer written over an aiohttp request's connection; once written, also what aiohttp's
-    request loop needs of a response already sent (`prepare` and `write_eof`: nothing left to do;
-    `keep_alive`: whether the connection takes another)."""
+    request loop needs of a response already sent (`WrittenResponse`)."""
 
     def __init__(self, request: web.BaseRequest, status: int = 0) -> None:
         self.request = request
@@ -111,12 +111,6 @@ class AiohttpAnswer(Answer):
 
     def drain(self) -> Awaitable[None]:  # type: ignore[override]
         return self.request.writer.drain()  # type: ignore[union-attr]
-
-    async def prepare(self, request: web.BaseRequest) -> None:
-        return None
-
-    async def write_eof(self, data: bytes = b"") -> None:
-        return None
 
 
 class H1Exchange(AiohttpAnswer):

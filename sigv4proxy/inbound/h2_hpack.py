@@ -1,8 +1,9 @@
-"""HPACK for the inbound HTTP/2 server: our own coder in the `h2` library's encoder/decoder slots.
+"""HPACK for the inbound HTTP/2 server: our own coder, which `compat.h2.ServerConnection` puts in
+the `h2` library's encoder/decoder slots.
 
 Owns: `ResponseHeaderEncoder` (response and trailer blocks to the app: static-table indices,
 literals without indexing and without Huffman, never-indexed fields kept never-indexed) and
-`H2HeaderDecoder` (h2's decoder interface on `upstream.hpack_decode.HeaderBlockDecoder`, which the
+`H2HeaderDecoder` (h2's decoder interface on `wire.hpack_decode.HeaderBlockDecoder`, which the
 lean upstream client already uses). Why: `hpack.Encoder` and `hpack.Decoder` were the largest
 single cost of an inbound HTTP/2 request (docs/performance.md), in per-field Python calls and
 debug-log calls that are off. Must never: insert into the dynamic table (so the peer's
@@ -14,17 +15,16 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from hpack.exceptions import HPACKDecodingError, OversizedHeaderListError
-from hpack.struct import HeaderTuple
-from hpack.table import HeaderTable
+from hpack import HeaderTuple, HPACKDecodingError, OversizedHeaderListError
 
+from sigv4proxy.compat.hpack import STATIC_TABLE
 from sigv4proxy.wire.h2_wire import NEVER_INDEXED, WITHOUT_INDEXING, hpack_string, literal_name
 from sigv4proxy.wire.hpack_decode import HeaderBlockDecoder, HpackDecodeError
 
 _SIZE_UPDATE_ZERO = b"\x20"  # §6.3: dynamic table size 0
 _NAMES_LIMIT = 512  # name prefixes remembered per connection (names come from the upstream)
 _STATIC_FIELDS = {(name, value): bytes((0x80 | index,))  # §6.1 indexed field, all indices < 128
-                  for index, (name, value) in enumerate(HeaderTable.STATIC_TABLE, start=1) if value}
+                  for index, (name, value) in enumerate(STATIC_TABLE, start=1) if value}
 
 
 class ResponseHeaderEncoder:

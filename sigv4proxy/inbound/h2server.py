@@ -29,19 +29,17 @@ import logging
 from collections.abc import Awaitable, Callable
 
 import h2.config
-import h2.connection
 import h2.events
 import h2.exceptions
 import h2.settings
-from h2.connection import ConnectionInputs, ConnectionState
 from h2.errors import ErrorCodes
 
 import sigv4proxy.compat.hyperframe  # noqa: F401  (h2 reprs every received frame)
+from sigv4proxy.compat.h2 import ServerConnection, UnendedTrailers, keep_streams_after_goaway
 from sigv4proxy.errors import MalformedRequest
 from sigv4proxy.fields import request_head, trailers_problem
 from sigv4proxy.wire.h2_window import WindowQueue
-from sigv4proxy.inbound.h2_hpack import ResponseHeaderEncoder
-from sigv4proxy.inbound.h2_stream_errors import ServerH2Connection, UnendedTrailers
+from sigv4proxy.inbound.h2_hpack import H2HeaderDecoder, ResponseHeaderEncoder
 from sigv4proxy.inbound.h2stream import ClientGone, InboundStream, wake
 
 log = logging.getLogger("sigv4proxy.inbound")
@@ -61,22 +59,6 @@ _CONFIG = h2.config.H2Configuration(
 )
 
 
-# h2 moves to CLOSED once a GOAWAY is sent or received and then refuses every frame, so streams
-# still open during a graceful shutdown could never finish: keep frames flowing after GOAWAY (new
-# streams are refused with REFUSED_STREAM by `_on_request`).
-_AFTER_GOAWAY = {
-    (ConnectionState.CLOSED, i): (None, ConnectionState.CLOSED)
-    for i in (ConnectionInputs.RECV_HEADERS, ConnectionInputs.RECV_DATA,
-              ConnectionInputs.RECV_WINDOW_UPDATE, ConnectionInputs.RECV_PING,
-              ConnectionInputs.RECV_SETTINGS, ConnectionInputs.RECV_RST_STREAM,
-              ConnectionInputs.RECV_PRIORITY, ConnectionInputs.SEND_HEADERS,
-              ConnectionInputs.SEND_DATA, ConnectionInputs.SEND_WINDOW_UPDATE,
-              ConnectionInputs.SEND_RST_STREAM, ConnectionInputs.SEND_PING,
-              ConnectionInputs.SEND_SETTINGS)
-}
-_TRANSITIONS = {**h2.connection.H2ConnectionStateMachine._transitions, **_AFTER_GOAWAY}
-
-
 StreamHandler = Callable[[InboundStream], Awaitable[None]]
 
 
@@ -87,10 +69,11 @@ class H2ServerConnection(asyncio.Protocol):
                  max_concurrent_streams: int = MAX_CONCURRENT_STREAMS,
                  on_close: Callable[[H2ServerConnection], None] | None = None) -> None:
         self.loop = asyncio.get_running_loop()
-        self.h2 = ServerH2Connection(_CONFIG, MAX_HEADER_LIST_SIZE)  # with our HPACK decoder
         # our HPACK coder in h2's slots: hpack's was the largest single cost per request
-        self.h2.encoder = ResponseHeaderEncoder()  # type: ignore[assignment]
-        self.h2.state_machine._transitions = _TRANSITIONS  # in-flight streams survive GOAWAY
+        self.h2 = ServerConnection(_CONFIG, encoder=ResponseHeaderEncoder(),
+                                   decoder=H2HeaderDecoder(MAX_HEADER_LIST_SIZE))
+        # streams open at a GOAWAY finish (new ones are refused with REFUSED_STREAM by `_on_request`)
+        keep_streams_after_goaway(self.h2)
         self.h2.local_settings = h2.settings.Settings(client=False, initial_values={
             h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: max_concurrent_streams,
             h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: STREAM_WINDOW,

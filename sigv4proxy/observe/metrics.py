@@ -9,10 +9,11 @@ header value as a label, or hold a secret.
 from __future__ import annotations
 
 import os
-from bisect import bisect_left
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from sigv4proxy.compat.prometheus_client import LocalHistogram
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 SIGNING_BUCKETS = (2e-6, 5e-6, 1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 1e-3)
@@ -23,39 +24,6 @@ CONTENT_TYPE = CONTENT_TYPE_LATEST
 
 def multiprocess_dir() -> str | None:
     return os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
-
-
-class _LocalHistogram:
-    """One labelled histogram child accumulated in this worker and written to the shared
-    multiprocess files by `flush()`. Each write there takes a lock and an mmap store, and a request
-    records six of them: several times the cost of one process (docs/performance.md). Scrapes see a
-    worker's observations at its next flush (at most app.METRICS_INTERVAL late)."""
-
-    __slots__ = ("_child", "_bounds", "_counts", "_sum", "_pending")
-
-    def __init__(self, child: Histogram) -> None:
-        self._child = child
-        self._bounds = tuple(child._upper_bounds)  # prometheus_client keeps +Inf last
-        self._counts = [0] * len(self._bounds)
-        self._sum = 0.0
-        self._pending = False
-
-    def observe(self, amount: float) -> None:
-        self._counts[bisect_left(self._bounds, amount)] += 1  # first bound >= amount, as observe()
-        self._sum += amount
-        self._pending = True
-
-    def flush(self) -> None:
-        if not self._pending:
-            return
-        counts, self._counts = self._counts, [0] * len(self._bounds)
-        total, self._sum = self._sum, 0.0
-        self._pending = False
-        child = self._child
-        child._sum.inc(total)
-        for bucket, n in zip(child._buckets, counts):
-            if n:
-                bucket.inc(n)
 
 
 class Metrics:
@@ -94,19 +62,20 @@ class Metrics:
             "sigv4proxy_upstream_streams_active", "Upstream requests/streams in progress",
             multiprocess_mode="livesum", registry=r)
         # Labelled children cached: `.labels()` takes a lock and builds a tuple on every call.
-        self._request_children: dict[tuple[str, int, str], Histogram | _LocalHistogram] = {}
-        self._upstream_children: dict[str, Histogram | _LocalHistogram] = {}
+        self._request_children: dict[tuple[str, int, str], Histogram | LocalHistogram] = {}
+        self._upstream_children: dict[str, Histogram | LocalHistogram] = {}
         self._error_children: dict[str, Counter] = {}
-        # With workers (multiprocess files), histograms accumulate locally until flush().
+        # With workers (multiprocess files), histograms accumulate locally until flush(): each
+        # write to the files takes a lock; scrapes see them at most app.METRICS_INTERVAL late.
         if batch is None:
             batch = multiprocess_dir() is not None
-        self._local: list[_LocalHistogram] | None = [] if batch else None
+        self._local: list[LocalHistogram] | None = [] if batch else None
         self._sign_observe = self._histogram(self.signing_duration).observe
 
-    def _histogram(self, child: Histogram) -> Histogram | _LocalHistogram:
+    def _histogram(self, child: Histogram) -> Histogram | LocalHistogram:
         if self._local is None:
             return child
-        local = _LocalHistogram(child)
+        local = LocalHistogram(child)
         self._local.append(local)
         return local
 
@@ -149,7 +118,7 @@ class Metrics:
     def update_gauges(self, credentials_expiry: float | None, pool_stats: object | None,
                       inflight: int = 0) -> None:
         """Owners' state copied into gauges; called periodically and before each scrape.
-        (In-flight is copied too rather than inc/dec per request, which cost CPU on every request.)"""
+        (In-flight is copied too rather than inc/dec per request: that cost ~1 us a request.)"""
         self.credentials_expiry.set(credentials_expiry or 0)
         self.inflight.set(inflight)
         if pool_stats is None:

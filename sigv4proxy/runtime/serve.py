@@ -25,37 +25,6 @@ def config_from_args(args: argparse.Namespace) -> config_mod.ProxyConfig:
     return config_mod.from_sources(flags)
 
 
-def keep_awscrt_unloaded() -> None:
-    """botocore imports awscrt whenever it is installed, to offer CRT signing and checksums; the
-    proxy signs by itself and never calls it, and loading it costs a worker RSS for nothing
-    (docs/performance.md). A None entry makes botocore's guarded import fail as if it
-    were absent. Serving processes only: one that already loaded it (a test run) keeps it."""
-    sys.modules.setdefault("awscrt", None)
-
-
-def import_aiohttp_without_client_trust() -> None:
-    """aiohttp builds two client TLS contexts when it is imported, each parsing the system CA
-    bundle: a large share of a worker's start (docs/performance.md). The proxy never uses
-    aiohttp's client (upstream TLS has its own contexts, sigv4proxy.upstream.tls), so a serving
-    process imports aiohttp with CA loading switched off for that moment: those two contexts are
-    left with no trust anchor and still require verification, so any use of them fails closed. A
-    process that already imported aiohttp (a test run) keeps it as it is."""
-    if "aiohttp" in sys.modules:
-        return
-    import ssl
-
-    shadowed = "set_default_verify_paths" in vars(ssl.SSLContext)
-    saved = vars(ssl.SSLContext).get("set_default_verify_paths")
-    ssl.SSLContext.set_default_verify_paths = lambda self: None  # type: ignore[method-assign]
-    try:
-        import aiohttp  # noqa: F401
-    finally:
-        if shadowed:
-            ssl.SSLContext.set_default_verify_paths = saved  # type: ignore[method-assign]
-        else:
-            del ssl.SSLContext.set_default_verify_paths
-
-
 def install_uvloop() -> None:
     import asyncio
 
@@ -119,15 +88,17 @@ def run_with_flags(flags: dict) -> int:
     import gc
 
     from sigv4proxy.aws.credentials import CredentialStore
+    from sigv4proxy.compat import botocore as botocore_compat
+    from sigv4proxy.compat.aiohttp_import import import_without_client_trust
 
     # Start-up only allocates what lives until exit, and freeze_startup_objects() collects once
     # it is built: no cyclic collection while modules load (less start-up CPU).
     gc.disable()
-    keep_awscrt_unloaded()
+    botocore_compat.keep_awscrt_unloaded()
     # botocore's chain runs in a child interpreter, started before the imports below so the two
     # overlap on two cores; this process never imports botocore (its memory stays out of workers).
     credentials = CredentialStore.from_config(config, in_child_process=True)
-    import_aiohttp_without_client_trust()
+    import_without_client_trust()  # aiohttp's client contexts, never used, cost start-up time
     install_uvloop()
     from sigv4proxy.runtime.app import ListenError
 

@@ -1,9 +1,10 @@
 """The `sigv4proxy` command line: one subcommand per module.
 
-Owns: argument dispatch only. Each command module exposes `register(subparsers)`, which adds its
-parser and sets `func` (called with the parsed args; its return value is the exit code). A
-command line that names a command imports only that command's module: `serve` starting in a pod
-does not pay for the simulator's or `call`'s imports.
+Owns: argument dispatch, after refusing libraries outside the ranges the compat modules were
+tested against (exit 2, as for a bad config). Each command module exposes `register(subparsers)`,
+which adds its parser and sets `func` (called with the parsed args; its return value is the exit
+code). A command line that names a command imports only that command's module: `serve` starting
+in a pod does not pay for the simulator's or `call`'s imports.
 """
 
 from __future__ import annotations
@@ -37,6 +38,13 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    from sigv4proxy.compat import versions
+
+    try:
+        versions.check_all()
+    except versions.UnsupportedVersion as exc:
+        print(f"sigv4proxy: {exc}", file=sys.stderr)
+        return 2
     from sigv4proxy.tools import go_flags
 
     if go_flags.looks_like_go_flags(argv):

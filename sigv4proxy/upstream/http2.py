@@ -14,8 +14,8 @@ h2 configuration, chosen deliberately:
   connection-specific headers and bad pseudo-headers here (costs CPU; the lean path may differ).
 - normalize_inbound_headers=False: response headers as received.
 - h2 moves to CLOSED on receiving GOAWAY and then refuses every frame, so streams at or below
-  last_stream_id could never finish; each connection gets its own transition table that keeps
-  receiving (and sending data/window updates/resets) after GOAWAY. New streams stay refused.
+  last_stream_id could never finish: `compat.h2.keep_streams_after_goaway` lets them (receiving,
+  and sending data/window updates/resets) on each connection. New streams stay refused.
 """
 
 from __future__ import annotations
@@ -30,10 +30,10 @@ import h2.connection
 import h2.events
 import h2.exceptions
 import h2.settings
-from h2.connection import ConnectionInputs, ConnectionState
 from h2.errors import ErrorCodes
 
 import sigv4proxy.compat.hyperframe  # noqa: F401  (h2 reprs every received frame)
+from sigv4proxy.compat.h2 import keep_streams_after_goaway
 from sigv4proxy.errors import ProxyError, UpstreamProtocolError, UpstreamTimeout
 from sigv4proxy.model import Origin, Timeouts
 from sigv4proxy.upstream.base import (
@@ -60,19 +60,6 @@ _CONFIG = h2.config.H2Configuration(
     validate_outbound_headers=False, normalize_outbound_headers=False, split_outbound_cookies=False,
     validate_inbound_headers=True, normalize_inbound_headers=False,
 )
-
-_AFTER_GOAWAY = {
-    (ConnectionState.CLOSED, i): (None, ConnectionState.CLOSED)
-    for i in (ConnectionInputs.RECV_HEADERS, ConnectionInputs.RECV_DATA,
-              ConnectionInputs.RECV_WINDOW_UPDATE, ConnectionInputs.RECV_PING,
-              ConnectionInputs.RECV_SETTINGS, ConnectionInputs.RECV_RST_STREAM,
-              ConnectionInputs.RECV_PRIORITY, ConnectionInputs.RECV_ALTERNATIVE_SERVICE,
-              ConnectionInputs.SEND_DATA, ConnectionInputs.SEND_WINDOW_UPDATE,
-              ConnectionInputs.SEND_RST_STREAM, ConnectionInputs.SEND_PING,
-              ConnectionInputs.SEND_SETTINGS)
-}
-_TRANSITIONS = {**h2.connection.H2ConnectionStateMachine._transitions, **_AFTER_GOAWAY}
-
 
 class _Stream(H2StreamBase):
     """One request/response exchange; also the `ResponseBody` the Response reads from."""
@@ -117,7 +104,7 @@ class H2Connection(H2ConnectionBase, asyncio.Protocol):
     def __init__(self, origin: Origin, timeouts: Timeouts, on_change: OnChange) -> None:
         super().__init__(origin, timeouts, on_change)
         self._h2 = h2.connection.H2Connection(config=_CONFIG)
-        self._h2.state_machine._transitions = _TRANSITIONS  # keep streams alive after GOAWAY
+        keep_streams_after_goaway(self._h2)
         self._h2.local_settings = h2.settings.Settings(client=True, initial_values={
             h2.settings.SettingCodes.ENABLE_PUSH: 0,
             h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: STREAM_WINDOW,

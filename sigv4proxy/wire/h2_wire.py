@@ -14,8 +14,7 @@ from __future__ import annotations
 import struct
 from collections.abc import Sequence
 
-from hpack.table import HeaderTable
-
+from sigv4proxy.compat.hpack import STATIC_TABLE
 from sigv4proxy.errors import BadRequest
 from sigv4proxy.fields import BAD_VALUE, VALID_NAMES, MalformedFields, name_problem, parse_content_length
 
@@ -159,7 +158,7 @@ def hpack_string(data: bytes) -> bytes:
 WITHOUT_INDEXING = 0x00  # literal header field without indexing: 0000xxxx, 4-bit name index (§6.2.2)
 NEVER_INDEXED = 0x10  # literal header field never indexed: 0001xxxx, 4-bit name index (§6.2.3)
 STATIC_NAME_INDEX: dict[bytes, int] = {}
-for _index, (_name, _value) in enumerate(HeaderTable.STATIC_TABLE, start=1):
+for _index, (_name, _value) in enumerate(STATIC_TABLE, start=1):
     STATIC_NAME_INDEX.setdefault(_name, _index)
 
 

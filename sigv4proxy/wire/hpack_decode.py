@@ -8,17 +8,16 @@ bounded process-wide cache of whole self-contained blocks (nginx sends the same 
 response within a second: literals against the static table only). Literals
 the peer marked never-indexed come back as `hpack.NeverIndexedHeaderTuple`, as `hpack` returns them.
 The `hpack` library stays the test oracle and supplies the static table and the Huffman state
-machine; `hpack.Encoder` is not used. Must never: accept a block `hpack.Decoder` rejects, return
+machine (`compat.hpack`); `hpack.Encoder` is not used. Must never: accept a block `hpack.Decoder` rejects, return
 fields after an error, keep decoding once an error has put the table out of step with the peer's,
 grow a table or cache without bound, or put a header name or value in an error message.
 """
 
 from __future__ import annotations
 
-from hpack.exceptions import HPACKDecodingError
-from hpack.huffman_table import decode_huffman
-from hpack.struct import NeverIndexedHeaderTuple
-from hpack.table import HeaderTable
+from hpack import HPACKDecodingError, NeverIndexedHeaderTuple
+
+from sigv4proxy.compat.hpack import STATIC_TABLE, decode_huffman
 
 DEFAULT_TABLE_SIZE = 4096  # SETTINGS_HEADER_TABLE_SIZE: we never advertise another value
 DEFAULT_MAX_HEADER_LIST_SIZE = 64 << 10
@@ -29,7 +28,7 @@ HUFFMAN_CACHE_MAX_KEY = 64  # longer encoded strings are decoded every time, nev
 BLOCK_CACHE_ENTRIES = 256
 BLOCK_CACHE_MAX_KEY = 1024  # longer blocks are decoded every time, never cached
 
-_STATIC = ((b"", b""), *HeaderTable.STATIC_TABLE)  # index 0 is rejected before any lookup
+_STATIC = ((b"", b""), *STATIC_TABLE)  # index 0 is rejected before any lookup
 _STATIC_LAST = len(_STATIC) - 1  # 61
 
 _huffman_cache: dict[bytes, bytes] = {}
