@@ -27,7 +27,8 @@ $(LOWEST_STAMP): pyproject.toml constraints/lowest.txt
 	$(LOWEST)/bin/pip install -q -c constraints/lowest.txt -e '.[dev]'
 	touch $(LOWEST_STAMP)
 
-# The layers' import contracts (pyproject's [tool.importlinter]) first: seconds, before the suite.
+# The layers' import contracts (pyproject's [tool.importlinter]), ruff (lint and format) and mypy
+# on the package first: seconds, before the suite.
 # Then the suite with the newest releases in range; the modules that exercise the inbound HTTP/1.1
 # side once more under the other server (--h1-implementation): the reference and the lean one pass
 # the same tests; then the suite with the lowest releases (without the container image tests: they
@@ -40,6 +41,9 @@ H1_TESTS ?= tests/test_differential.py tests/test_faithful_relay.py tests/test_h
 test: $(STAMP) $(LOWEST_STAMP)
 	sh scripts/ci-deps.sh
 	$(BIN)/lint-imports
+	$(BIN)/ruff check sigv4proxy
+	$(BIN)/ruff format --check sigv4proxy
+	$(BIN)/mypy
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 	SIGV4PROXY_H1_IMPLEMENTATION=$(H1_OTHER) $(BIN)/python -m pytest -q $(H1_TESTS) $(PYTEST_ARGS)
 	$(LOWEST)/bin/python -m pytest -q -p no:cacheprovider --ignore=tests/test_image.py $(PYTEST_ARGS)

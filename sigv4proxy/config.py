@@ -14,8 +14,9 @@ import dataclasses
 import ipaddress
 import os
 import re
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any
 
 from sigv4proxy.fields import NOT_ADDABLE
 
@@ -26,10 +27,21 @@ PROTOCOLS = ("auto", "h2", "http1")
 SIGNING_ALGORITHMS = ("sigv4", "sigv4a")
 URI_PATH_ESCAPINGS = ("double", "single")
 # Options a `--route` flag may carry after the URL (the file form takes every RouteConfig key).
-_ROUTE_FLAG_OPTIONS = ("sign_host", "service", "region", "protocol", "name", "extra_signed_headers",
-                       "uri_path_escaping",
-                       "signing_algorithm", "region_set", "connect_timeout", "first_byte_timeout",
-                       "read_timeout", "max_connection_age")
+_ROUTE_FLAG_OPTIONS = (
+    "sign_host",
+    "service",
+    "region",
+    "protocol",
+    "name",
+    "extra_signed_headers",
+    "uri_path_escaping",
+    "signing_algorithm",
+    "region_set",
+    "connect_timeout",
+    "first_byte_timeout",
+    "read_timeout",
+    "max_connection_age",
+)
 _ROUTE_TIMEOUTS = ("connect_timeout", "first_byte_timeout", "read_timeout", "max_connection_age")
 _REGION_SET_ENTRY = re.compile(r"^[a-z0-9*-]+$")
 
@@ -81,8 +93,8 @@ def hostport(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-_LOOPBACKS = ("127.0.0.1", "::1")
-_EVERY_INTERFACE = ("0.0.0.0", "::")
+_LOOPBACKS: tuple[str, ...] = ("127.0.0.1", "::1")
+_EVERY_INTERFACE: tuple[str, ...] = ("0.0.0.0", "::")
 
 
 def _listen(value: Any, key: str) -> tuple[str, ...]:
@@ -184,7 +196,9 @@ def _parse_route(value: Any, key: str) -> RouteConfig:
             if ok not in _ROUTE_FLAG_OPTIONS:
                 raise ConfigError(f"{key}: unknown route option {ok!r}")
             # ',' separates options, so list values use ';' (extra_signed_headers, region_set).
-            kwargs[ok] = _parse_list(ov.replace(";", ","), key) if ok == "extra_signed_headers" else ov.replace(";", ",")
+            kwargs[ok] = (
+                _parse_list(ov.replace(";", ","), key) if ok == "extra_signed_headers" else ov.replace(";", ",")
+            )
         route = RouteConfig(**_parse_route_options(kwargs, key))
     if not route.upstream.startswith(("http://", "https://")):
         raise ConfigError(f"{key}: route upstream must be an http:// or https:// URL")
@@ -252,8 +266,11 @@ def _non_negative(value: Any, key: str) -> float:
 
 def _optional(parse: Callable[[Any, str], Any]) -> Callable[[Any, str], Any]:
     def inner(value: Any, key: str) -> Any:
-        if value is None or (isinstance(value, int) and value == 0) or \
-                (isinstance(value, str) and value.strip().lower() in ("", "none", "0")):
+        if (
+            value is None
+            or (isinstance(value, int) and value == 0)
+            or (isinstance(value, str) and value.strip().lower() in ("", "none", "0"))
+        ):
             return None
         return parse(value, key)
 
@@ -274,8 +291,16 @@ def _opt_str(value: Any, key: str) -> str | None:
     return None if value in (None, "") else str(value)
 
 
-def setting(default: Any, parse: Callable[[Any, str], Any], help: str, *, repeat: bool = False,
-            flag: bool = True, secret: bool = False, metavar: str | None = None) -> Any:
+def setting(
+    default: Any,
+    parse: Callable[[Any, str], Any],
+    help: str,
+    *,
+    repeat: bool = False,
+    flag: bool = True,
+    secret: bool = False,
+    metavar: str | None = None,
+) -> Any:
     meta = {"parse": parse, "help": help, "repeat": repeat, "flag": flag, "secret": secret, "metavar": metavar}
     if isinstance(default, (list, dict)):
         raise TypeError("use tuples for defaults")
@@ -284,25 +309,70 @@ def setting(default: Any, parse: Callable[[Any, str], Any], help: str, *, repeat
 
 @dataclass(frozen=True, slots=True)
 class ProxyConfig:
-    listen: tuple[str, ...] = setting(("127.0.0.1:8080", "[::1]:8080"), _listen, "HOST:PORT the app talks to (repeatable; IPv6 in brackets: [::1]:8080); a bare PORT is both loopbacks, :PORT every interface of both families; an IPv6 listener is skipped with a warning on a host without IPv6", repeat=True, metavar="HOST:PORT")
+    listen: tuple[str, ...] = setting(
+        ("127.0.0.1:8080", "[::1]:8080"),
+        _listen,
+        "HOST:PORT the app talks to (repeatable; IPv6 in brackets: [::1]:8080); a bare PORT is both loopbacks, :PORT "
+        "every interface of both families; an IPv6 listener is skipped with a warning on a host without IPv6",
+        repeat=True,
+        metavar="HOST:PORT",
+    )
     admin: str = setting("127.0.0.1:9901", _str, "HOST:PORT for /metrics, /healthz, /readyz", metavar="HOST:PORT")
     region: str | None = setting(None, _opt_str, "signing region (default: from a Lattice host, else AWS_REGION)")
     service: str = setting(LATTICE_SERVICE, _str, "signing service name")
-    signing_algorithm: str = setting("sigv4", _choice(*SIGNING_ALGORITHMS), "sigv4 (one region) or sigv4a (ECDSA, signed for --region-set)")
-    region_set: str = setting("*", _region_set, "SigV4A region set: '*' or a comma list such as us-west-2,us-east-1", metavar="REGIONS")
-    uri_path_escaping: str = setting("double", _choice(*URI_PATH_ESCAPINGS), "canonical URI: double (the signed path is the wire path encoded again: the SigV4 rule, botocore, awscrt) or single (the wire path as sent: AWS's Go example for Lattice); they differ only for paths with percent-escapes or non-ASCII")
-    upstream: str | None = setting(None, _opt_str, "connect every request to this origin URL; the app's Host is still sent and signed", metavar="URL")
+    signing_algorithm: str = setting(
+        "sigv4", _choice(*SIGNING_ALGORITHMS), "sigv4 (one region) or sigv4a (ECDSA, signed for --region-set)"
+    )
+    region_set: str = setting(
+        "*", _region_set, "SigV4A region set: '*' or a comma list such as us-west-2,us-east-1", metavar="REGIONS"
+    )
+    uri_path_escaping: str = setting(
+        "double",
+        _choice(*URI_PATH_ESCAPINGS),
+        "canonical URI: double (the signed path is the wire path encoded again: the SigV4 rule, botocore, awscrt) or "
+        "single (the wire path as sent: AWS's Go example for Lattice); they differ only for paths with "
+        "percent-escapes or non-ASCII",
+    )
+    upstream: str | None = setting(
+        None,
+        _opt_str,
+        "connect every request to this origin URL; the app's Host is still sent and signed",
+        metavar="URL",
+    )
     upstream_protocol: str = setting("auto", _choice(*PROTOCOLS), "auto (ALPN over TLS), h2 (h2c over http://), http1")
-    h2_implementation: str = setting("lean", _choice("lean", "h2"), "HTTP/2 client: lean (fast, default) or h2 (the reference library)")
-    h1_implementation: str = setting("lean", _choice("lean", "aiohttp"), "inbound HTTP/1.1 server: lean (llhttp through httptools, driven by the proxy's own protocol: less CPU a request, forwards request trailers; default) or aiohttp (the reference)")
+    h2_implementation: str = setting(
+        "lean", _choice("lean", "h2"), "HTTP/2 client: lean (fast, default) or h2 (the reference library)"
+    )
+    h1_implementation: str = setting(
+        "lean",
+        _choice("lean", "aiohttp"),
+        "inbound HTTP/1.1 server: lean (llhttp through httptools, driven by the proxy's own protocol: less CPU a "
+        "request, forwards request trailers; default) or aiohttp (the reference)",
+    )
     ca_bundle: str | None = setting(None, _opt_str, "CA bundle for upstream TLS (also AWS_CA_BUNDLE)", metavar="FILE")
     verify_tls: bool = setting(True, _parse_bool, "verify upstream certificates")
-    allow_host: tuple[str, ...] = setting(DEFAULT_ALLOW_HOSTS, _parse_list, "host glob the proxy may sign for (repeatable)", repeat=True, metavar="GLOB")
-    route: tuple[RouteConfig, ...] = setting((), _parse_routes, "PATTERN=URL[,sign_host=H,service=S,region=R,protocol=P,signing_algorithm=sigv4a,region_set=A;B,uri_path_escaping=single,connect_timeout=S,...]; PATTERN is HOST, /PREFIX or HOST/PREFIX (repeatable)", repeat=True)
-    extra_signed_headers: tuple[str, ...] = setting((), _parse_list, "extra header names to sign when present (repeatable)", repeat=True)
-    strip_header: tuple[str, ...] = setting((), _parse_list, "drop this request header before signing (repeatable)", repeat=True, metavar="NAME")
-    add_header: tuple[str, ...] = setting((), _parse_list, "add 'Name=value' to every upstream request (repeatable)", repeat=True, metavar="NAME=VALUE")
-    duplicate_header: tuple[str, ...] = setting((), _parse_list, "copy this request header to X-Original-<Name> (repeatable)", repeat=True, metavar="NAME")
+    allow_host: tuple[str, ...] = setting(
+        DEFAULT_ALLOW_HOSTS, _parse_list, "host glob the proxy may sign for (repeatable)", repeat=True, metavar="GLOB"
+    )
+    route: tuple[RouteConfig, ...] = setting(
+        (),
+        _parse_routes,
+        "PATTERN=URL[,sign_host=H,service=S,region=R,protocol=P,signing_algorithm=sigv4a,region_set=A;B,uri_path_escaping=single,connect_timeout=S,...];"
+        " PATTERN is HOST, /PREFIX or HOST/PREFIX (repeatable)",
+        repeat=True,
+    )
+    extra_signed_headers: tuple[str, ...] = setting(
+        (), _parse_list, "extra header names to sign when present (repeatable)", repeat=True
+    )
+    strip_header: tuple[str, ...] = setting(
+        (), _parse_list, "drop this request header before signing (repeatable)", repeat=True, metavar="NAME"
+    )
+    add_header: tuple[str, ...] = setting(
+        (), _parse_list, "add 'Name=value' to every upstream request (repeatable)", repeat=True, metavar="NAME=VALUE"
+    )
+    duplicate_header: tuple[str, ...] = setting(
+        (), _parse_list, "copy this request header to X-Original-<Name> (repeatable)", repeat=True, metavar="NAME"
+    )
     role_arn: str | None = setting(None, _opt_str, "assume this role on top of the default credential chain")
     role_session_name: str = setting("sigv4proxy", _str, "AssumeRole session name")
     external_id: str | None = setting(None, _opt_str, "AssumeRole external id")
@@ -310,17 +380,61 @@ class ProxyConfig:
     profile: str | None = setting(None, _opt_str, "botocore profile for the default chain")
     connect_timeout: float = setting(5.0, _positive(float), "upstream connect timeout (s)")
     first_byte_timeout: float = setting(30.0, _positive(float), "request sent to response headers (s)")
-    read_timeout: float = setting(60.0, _positive(float), "max gap between response body chunks, and between request body chunks from the client (s)")
-    idle_timeout: float = setting(50.0, _positive(float), "close pooled upstream connections idle this long (s); below VPC Lattice's idle close (60 s by default), so a connection Lattice already closed is never picked")
-    max_connection_age: float = setting(570.0, _non_negative, "an upstream connection this old (s) takes no new requests and closes once its last one ends, each at a random 90-100 %% of it, before VPC Lattice's 10-minute cut (0: no limit)")
-    stream_idle_timeout: float = setting(300.0, _positive(float), "inbound HTTP/2 stream with no bytes either way for this long is cut (s); long RPCs are not cut by request timeouts")
-    ping_interval: float = setting(30.0, _non_negative, "PING idle upstream HTTP/2 connections this often; no answer within --connect-timeout drops one (0: off)")
-    header_timeout: float = setting(30.0, _positive(float), "close a new client connection without a complete request head after this (s)")
-    max_connections: int = setting(128, _positive(int), "upstream connections per origin and worker; over HTTP/1.1 also the cap on concurrent upstream requests")
-    recv_buffer: int | None = setting(65536, _optional(_positive(int)), "inbound socket receive buffer (bytes): bounds what one read takes in, so memory per upload stays flat (0: kernel default)")
-    splice: bool = setting(True, _parse_bool, "take HTTP/1.1 request bodies over 64 KiB of declared length straight off the client's socket: to a cleartext upstream (HTTP/1.1, or h2c with the lean client) moved inside the kernel (Linux splice), never through the process; to a TLS upstream read without aiohttp's parser and stream buffer")
-    max_body_size: int | None = setting(None, _optional(_positive(int)), "reject request bodies larger than this (bytes)")
-    max_inflight: int | None = setting(None, _optional(_positive(int)), "answer 503 beyond this many in-flight requests per worker")
+    read_timeout: float = setting(
+        60.0,
+        _positive(float),
+        "max gap between response body chunks, and between request body chunks from the client (s)",
+    )
+    idle_timeout: float = setting(
+        50.0,
+        _positive(float),
+        "close pooled upstream connections idle this long (s); below VPC Lattice's idle close (60 s by default), so a"
+        " connection Lattice already closed is never picked",
+    )
+    max_connection_age: float = setting(
+        570.0,
+        _non_negative,
+        "an upstream connection this old (s) takes no new requests and closes once its last one ends, each at a "
+        "random 90-100 %% of it, before VPC Lattice's 10-minute cut (0: no limit)",
+    )
+    stream_idle_timeout: float = setting(
+        300.0,
+        _positive(float),
+        "inbound HTTP/2 stream with no bytes either way for this long is cut (s); long RPCs are not cut by request "
+        "timeouts",
+    )
+    ping_interval: float = setting(
+        30.0,
+        _non_negative,
+        "PING idle upstream HTTP/2 connections this often; no answer within --connect-timeout drops one (0: off)",
+    )
+    header_timeout: float = setting(
+        30.0, _positive(float), "close a new client connection without a complete request head after this (s)"
+    )
+    max_connections: int = setting(
+        128,
+        _positive(int),
+        "upstream connections per origin and worker; over HTTP/1.1 also the cap on concurrent upstream requests",
+    )
+    recv_buffer: int | None = setting(
+        65536,
+        _optional(_positive(int)),
+        "inbound socket receive buffer (bytes): bounds what one read takes in, so memory per upload stays flat (0: "
+        "kernel default)",
+    )
+    splice: bool = setting(
+        True,
+        _parse_bool,
+        "take HTTP/1.1 request bodies over 64 KiB of declared length straight off the client's socket: to a cleartext"
+        " upstream (HTTP/1.1, or h2c with the lean client) moved inside the kernel (Linux splice), never through the "
+        "process; to a TLS upstream read without aiohttp's parser and stream buffer",
+    )
+    max_body_size: int | None = setting(
+        None, _optional(_positive(int)), "reject request bodies larger than this (bytes)"
+    )
+    max_inflight: int | None = setting(
+        None, _optional(_positive(int)), "answer 503 beyond this many in-flight requests per worker"
+    )
     workers: int = setting(1, _workers, "worker processes sharing the port (N or auto)")
     drain_timeout: float = setting(20.0, _positive(float), "on SIGTERM, wait this long for in-flight requests (s)")
     transparent: bool = setting(False, _parse_bool, "accept iptables-redirected connections (SO_ORIGINAL_DST)")
@@ -386,8 +500,11 @@ def load_file(path: str) -> dict[str, Any]:
     return {str(k).replace("-", "_"): v for k, v in data.items()}
 
 
-def from_sources(flags: Mapping[str, Any] | None = None, env: Mapping[str, str] | None = None,
-                 file_data: Mapping[str, Any] | None = None) -> ProxyConfig:
+def from_sources(
+    flags: Mapping[str, Any] | None = None,
+    env: Mapping[str, str] | None = None,
+    file_data: Mapping[str, Any] | None = None,
+) -> ProxyConfig:
     """Merge flags > environment > file > defaults into a validated `ProxyConfig`."""
     flags = dict(flags or {})
     env = os.environ if env is None else env
@@ -420,15 +537,14 @@ def from_sources(flags: Mapping[str, Any] | None = None, env: Mapping[str, str] 
 
 
 def _validate(config: ProxyConfig) -> None:
-    config.listen_addrs
-    config.admin_addr
+    config.listen_addrs  # noqa: B018 - parsing them raises ConfigError for a bad value
+    config.admin_addr  # noqa: B018
     for item in config.add_header:
         name, sep, value = item.partition("=")
         if not sep or not name.strip():
             raise ConfigError(f"add_header: expected NAME=VALUE, got {item!r}")
         if name.strip().lower() in NOT_ADDABLE:
-            raise ConfigError(f"add_header: {name.strip()!r} is set by the proxy or per hop; it "
-                              "cannot be added")
+            raise ConfigError(f"add_header: {name.strip()!r} is set by the proxy or per hop; it cannot be added")
         try:
             (name + value).encode("latin-1")
         except UnicodeEncodeError:

@@ -21,8 +21,16 @@ from collections.abc import Iterable
 # (the proxy takes part in both); `Trailer` is end-to-end (RFC 9110 §6.6.2) and passes.
 HOP_BY_HOP = frozenset(
     {
-        "connection", "keep-alive", "proxy-connection", "proxy-authenticate", "proxy-authorization",
-        "te", "transfer-encoding", "upgrade", "http2-settings", "expect",
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "transfer-encoding",
+        "upgrade",
+        "http2-settings",
+        "expect",
     }
 )
 # The proxy is the only signer: whatever the client sent for these is dropped.
@@ -42,8 +50,7 @@ _EDGE_SPACE = b" \t"  # ... nor at either end of one (§8.2.1)
 _CRLF_NUL = "CR, LF or NUL in a field value"
 _EDGE = "whitespace around a field value"
 # RFC 9113 §8.2.2 (RFC 9110 §7.6.1): never in an HTTP/2 message; `te` is allowed as "trailers" only
-CONNECTION_SPECIFIC = frozenset({b"connection", b"keep-alive", b"proxy-connection",
-                                 b"transfer-encoding", b"upgrade"})
+CONNECTION_SPECIFIC = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade"})
 # Names already found valid and neither connection-specific nor `te` (whose value matters).
 VALID_NAMES: set[bytes] = set()
 VALID_NAMES_LIMIT = 4096
@@ -102,7 +109,7 @@ def _without_port(authority: bytes, default: bytes | None) -> bytes:
     if authority.endswith(b":"):
         return authority[:-1]
     if default is not None and authority.endswith(default):
-        return authority[:-len(default)]
+        return authority[: -len(default)]
     return authority
 
 
@@ -114,9 +121,16 @@ class RequestHead:
 
     __slots__ = ("method", "scheme", "authority", "path", "headers", "content_length", "problem")
 
-    def __init__(self, method: bytes | None, scheme: bytes | None, authority: bytes | None,
-                 path: bytes | None, headers: list[tuple[bytes, bytes]], content_length: int,
-                 problem: str | None) -> None:
+    def __init__(
+        self,
+        method: bytes | None,
+        scheme: bytes | None,
+        authority: bytes | None,
+        path: bytes | None,
+        headers: list[tuple[bytes, bytes]],
+        content_length: int,
+        problem: str | None,
+    ) -> None:
         self.method = method
         self.scheme = scheme
         self.authority = authority
@@ -194,8 +208,9 @@ def parse_content_length(value: bytes) -> int:
         return -1
 
 
-def _pseudo_problem(method: bytes | None, scheme: bytes | None, authority: bytes | None,
-                    path: bytes | None) -> str | None:
+def _pseudo_problem(
+    method: bytes | None, scheme: bytes | None, authority: bytes | None, path: bytes | None
+) -> str | None:
     """RFC 9113 §8.3.1 (and §8.5 for CONNECT, which the proxy then refuses with 405)."""
     joined = b"".join([part for part in (method, scheme, authority, path) if part])
     if len(joined.translate(None, _CONTROL_OR_SPACE)) != len(joined):  # one was deleted

@@ -20,8 +20,9 @@ import re
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
-from typing import Any, Iterator, Protocol
+from typing import Any, Protocol
 
 from sigv4proxy.aws.signing import Credentials
 from sigv4proxy.compat import botocore as botocore_compat
@@ -62,9 +63,7 @@ class CredentialProvider(Protocol):
     def fetch(self) -> Credentials: ...
 
 
-def checked_credentials(
-    access_key: Any, secret_key: Any, token: Any, expiry: float | None
-) -> Credentials:
+def checked_credentials(access_key: Any, secret_key: Any, token: Any, expiry: float | None) -> Credentials:
     """Build a snapshot from untrusted parts, rejecting anything unusable as a header value."""
     if not isinstance(access_key, str) or not _HEADER_SAFE.fullmatch(access_key):
         raise CredentialFetchError("malformed access key id")
@@ -171,23 +170,26 @@ class BotocoreProvider:
             frozen = found.get_frozen_credentials()
         except RuntimeError:  # botocore: "refreshed credentials are still expired"
             raise CredentialFetchError("fetched credentials are already expired") from None
-        return checked_credentials(frozen.access_key, frozen.secret_key, frozen.token,
-                                   botocore_compat.expiry(found))
+        return checked_credentials(frozen.access_key, frozen.secret_key, frozen.token, botocore_compat.expiry(found))
 
     def _assume_role(self, session: Any, base: Credentials) -> Credentials:
         import botocore.config
 
         region = self.region or session.get_config_variable("region") or "us-east-1"
         client = session.create_client(
-            "sts", region_name=region, endpoint_url=self.sts_endpoint_url,
-            aws_access_key_id=base.access_key, aws_secret_access_key=base.secret_key,
+            "sts",
+            region_name=region,
+            endpoint_url=self.sts_endpoint_url,
+            aws_access_key_id=base.access_key,
+            aws_secret_access_key=base.secret_key,
             aws_session_token=base.token,
             config=botocore.config.Config(
                 connect_timeout=5, read_timeout=10, retries={"mode": "standard", "max_attempts": 3}
             ),
         )
         params: dict[str, Any] = {
-            "RoleArn": self.role_arn, "RoleSessionName": self.role_session_name,
+            "RoleArn": self.role_arn,
+            "RoleSessionName": self.role_session_name,
             "DurationSeconds": self.duration_seconds,
         }
         if self._external_id is not None:
@@ -196,8 +198,12 @@ class BotocoreProvider:
             issued = client.assume_role(**params)["Credentials"]
         finally:
             client.close()
-        return checked_credentials(issued.get("AccessKeyId"), issued.get("SecretAccessKey"),
-                                   issued.get("SessionToken"), issued["Expiration"].timestamp())
+        return checked_credentials(
+            issued.get("AccessKeyId"),
+            issued.get("SecretAccessKey"),
+            issued.get("SessionToken"),
+            issued["Expiration"].timestamp(),
+        )
 
 
 # --- botocore's chain in a child process ---
@@ -251,9 +257,12 @@ class ChildProcessProvider:
         finally:
             os.close(write_end)
         try:
-            return subprocess.Popen([sys.executable, "-m", "sigv4proxy.aws.credential_sources"],
-                                    stdin=read_end, stdout=subprocess.PIPE,
-                                    stderr=subprocess.DEVNULL)
+            return subprocess.Popen(
+                [sys.executable, "-m", "sigv4proxy.aws.credential_sources"],
+                stdin=read_end,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.DEVNULL,
+            )
         finally:
             os.close(read_end)
 
@@ -274,8 +283,9 @@ class ChildProcessProvider:
         if "error" in answer:
             raise CredentialFetchError(str(answer["error"])[:200])
         keys = answer.get("credentials") or {}
-        return checked_credentials(keys.get("access_key"), keys.get("secret_key"), keys.get("token"),
-                                   keys.get("expiry"))
+        return checked_credentials(
+            keys.get("access_key"), keys.get("secret_key"), keys.get("token"), keys.get("expiry")
+        )
 
     def close(self) -> None:
         """Ends a fetch still running (the store is closing); its `fetch` then fails."""
@@ -291,8 +301,14 @@ def _child_main() -> int:
     try:
         settings = ChainSettings(**json.loads(sys.stdin.read()))
         creds = settings.provider().fetch()
-        answer: dict[str, Any] = {"credentials": {"access_key": creds.access_key, "secret_key": creds.secret_key,
-                                                  "token": creds.token, "expiry": creds.expiry}}
+        answer: dict[str, Any] = {
+            "credentials": {
+                "access_key": creds.access_key,
+                "secret_key": creds.secret_key,
+                "token": creds.token,
+                "expiry": creds.expiry,
+            }
+        }
     except CredentialFetchError as exc:
         answer = {"error": str(exc)}
     except Exception as exc:  # noqa: BLE001 - a type only: a message may quote a response

@@ -17,8 +17,9 @@ import concurrent.futures
 import logging
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 from sigv4proxy.aws.credential_sources import (  # re-exported: the store's public companions
     THIRD_PARTY_LOGGERS,
@@ -32,17 +33,27 @@ from sigv4proxy.aws.credential_sources import (  # re-exported: the store's publ
     key_hint,
     quiet_third_party_loggers,
 )
-from sigv4proxy.errors import CredentialsUnavailable
 from sigv4proxy.aws.signing import Credentials
+from sigv4proxy.errors import CredentialsUnavailable
 
-__all__ = ["THIRD_PARTY_LOGGERS", "BotocoreProvider", "CredentialFetchError", "CredentialProvider",
-           "CredentialStore", "RefreshPolicy", "StaticProvider", "checked_credentials", "key_hint",
-           "quiet_third_party_loggers"]
+__all__ = [
+    "THIRD_PARTY_LOGGERS",
+    "BotocoreProvider",
+    "CredentialFetchError",
+    "CredentialProvider",
+    "CredentialStore",
+    "RefreshPolicy",
+    "StaticProvider",
+    "checked_credentials",
+    "key_hint",
+    "quiet_third_party_loggers",
+]
 
 if TYPE_CHECKING:
     from sigv4proxy.config import ProxyConfig
 
 log = logging.getLogger(__name__)
+
 
 @dataclass(frozen=True, slots=True)
 class RefreshPolicy:
@@ -133,7 +144,7 @@ class CredentialStore:
         sts_endpoint_url: str | None = None,
         in_child_process: bool = False,
         **kw: Any,
-    ) -> "CredentialStore":
+    ) -> CredentialStore:
         """A store over botocore's default chain, with an optional AssumeRole on top.
 
         `in_child_process`: each fetch in a child interpreter, the first one started now
@@ -141,8 +152,12 @@ class CredentialStore:
         `refresh_policy`).
         """
         settings = ChainSettings(
-            profile=profile, region=region, role_arn=role_arn, role_session_name=role_session_name,
-            external_id=external_id, duration_seconds=duration_seconds,
+            profile=profile,
+            region=region,
+            role_arn=role_arn,
+            role_session_name=role_session_name,
+            external_id=external_id,
+            duration_seconds=duration_seconds,
             sts_endpoint_url=sts_endpoint_url,
         )
         inner = settings.provider()  # checks the settings; imports no botocore
@@ -153,18 +168,20 @@ class CredentialStore:
         return cls(provider, **kw)
 
     @classmethod
-    def from_config(cls, config: "ProxyConfig", *, in_child_process: bool = False) -> "CredentialStore":
+    def from_config(cls, config: ProxyConfig, *, in_child_process: bool = False) -> CredentialStore:
         """The store `serve` and `call` use: the chain with the config's profile and AssumeRole."""
         return cls.from_botocore(
-            profile=config.profile, role_arn=config.role_arn, role_session_name=config.role_session_name,
-            external_id=config.external_id, duration_seconds=config.role_duration, region=config.region,
+            profile=config.profile,
+            role_arn=config.role_arn,
+            role_session_name=config.role_session_name,
+            external_id=config.external_id,
+            duration_seconds=config.role_duration,
+            region=config.region,
             in_child_process=in_child_process,
         )
 
     @classmethod
-    def static(
-        cls, access_key: str, secret_key: str, token: str | None = None
-    ) -> "CredentialStore":
+    def static(cls, access_key: str, secret_key: str, token: str | None = None) -> CredentialStore:
         """Fixed credentials: usable at once (no start() needed) and never refreshed."""
         try:
             creds = checked_credentials(access_key, secret_key, token, None)
@@ -220,9 +237,7 @@ class CredentialStore:
             max_workers=1, thread_name_prefix="sigv4proxy-credentials"
         )
         await self._refresh_once()
-        self._task = asyncio.get_running_loop().create_task(
-            self._run(), name="sigv4proxy-credentials-refresh"
-        )
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="sigv4proxy-credentials-refresh")
 
     async def aclose(self) -> None:
         """Stops the background task at once; a fetch in flight finishes in its thread, unused."""
@@ -300,8 +315,11 @@ class CredentialStore:
         self.refresh_failure += 1
         ok, _ = self.ready()
         log.warning(
-            "credential refresh failed (%d in a row, %.2fs): %s; %s", self._failures_in_row, took,
-            reason, "keeping the last good ones" if ok else "none valid: failing closed",
+            "credential refresh failed (%d in a row, %.2fs): %s; %s",
+            self._failures_in_row,
+            took,
+            reason,
+            "keeping the last good ones" if ok else "none valid: failing closed",
         )
         self._notify("failure")
 

@@ -15,9 +15,9 @@ import re
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
+from sigv4proxy.aws.signing import SigV4Signer
 from sigv4proxy.config import ConfigError, ProxyConfig, RouteConfig
 from sigv4proxy.errors import BadRequest, HostNotAllowed
-from sigv4proxy.aws.signing import SigV4Signer
 from sigv4proxy.model import Origin, Timeouts
 
 _LATTICE_REGION = re.compile(r"\.vpc-lattice-svcs\.([a-z0-9-]+)\.on\.aws$")
@@ -90,9 +90,14 @@ def _origin_from_url(url: str, protocol: str) -> Origin:
 
 def timeouts_from_config(config: ProxyConfig) -> Timeouts:
     """The global upstream timeouts (routes may override connect/first-byte/read/max age)."""
-    return Timeouts(connect=config.connect_timeout, first_byte=config.first_byte_timeout,
-                    read=config.read_timeout, idle=config.idle_timeout, ping=config.ping_interval,
-                    max_age=config.max_connection_age)
+    return Timeouts(
+        connect=config.connect_timeout,
+        first_byte=config.first_byte_timeout,
+        read=config.read_timeout,
+        idle=config.idle_timeout,
+        ping=config.ping_interval,
+        max_age=config.max_connection_age,
+    )
 
 
 class Router:
@@ -102,17 +107,16 @@ class Router:
         self._config = config
         self._signers: dict[tuple, SigV4Signer] = {}
         self._allow = [_glob(p) for p in config.allow_host]
-        self._upstream_origin = (
-            _origin_from_url(config.upstream, config.upstream_protocol) if config.upstream else None
-        )
+        self._upstream_origin = _origin_from_url(config.upstream, config.upstream_protocol) if config.upstream else None
         self._origin_timeouts: dict[Origin, Timeouts] = {}
         self._routes = [self._compile_route(i, r) for i, r in enumerate(config.route)]
         self._by_host: dict[tuple[str, int | None], Target] = {}
         self._split: dict[str, tuple[str, int | None]] = {}  # raw Host value -> split_host()
 
     # --- start-up ---
-    def _signer(self, service: str, region: str, extra: tuple[str, ...], algorithm: str = "sigv4",
-                escaping: str | None = None) -> SigV4Signer:
+    def _signer(
+        self, service: str, region: str, extra: tuple[str, ...], algorithm: str = "sigv4", escaping: str | None = None
+    ) -> SigV4Signer:
         """One signer per (algorithm, service, region or region set, extra headers, path
         escaping): they share derived-key caches. For sigv4a, `region` is the region set. The
         path escaping is fixed here, once per route, so no request decides it."""
@@ -123,11 +127,12 @@ class Router:
             if algorithm == "sigv4a":
                 from sigv4proxy.aws.sigv4a import SigV4ASigner  # cryptography's RSS only when used
 
-                cls = SigV4ASigner
+                cls: type[SigV4Signer] = SigV4ASigner
             else:
                 cls = SigV4Signer
-            signer = self._signers[key] = cls(service, region, extra_signed_headers=extra,
-                                              double_encode_path=double_encode)
+            signer = self._signers[key] = cls(
+                service, region, extra_signed_headers=extra, double_encode_path=double_encode
+            )
         return signer
 
     def _default_signer(self, host: str) -> SigV4Signer:
@@ -150,9 +155,7 @@ class Router:
     def _compile_route(self, index: int, route: RouteConfig):
         protocol = route.protocol or self._config.upstream_protocol
         origin = _origin_from_url(route.upstream, protocol)
-        sign_host = route.sign_host or (
-            origin.host if origin.port in (80, 443) else f"{origin.host}:{origin.port}"
-        )
+        sign_host = route.sign_host or (origin.host if origin.port in (80, 443) else f"{origin.host}:{origin.port}")
         host_only = split_host(sign_host)[0]
         service = route.service or self._config.service
         extra = tuple(self._config.extra_signed_headers) + tuple(route.extra_signed_headers)
@@ -199,7 +202,7 @@ class Router:
             return target
         if host is None:
             raise BadRequest("missing Host header")
-        key = (host, port) if original_dst is None else (host, port, original_dst)
+        key: tuple = (host, port) if original_dst is None else (host, port, original_dst)
         target = self._by_host.get(key)
         if target is None:
             target = self._target_for_host(host, port, original_dst)
@@ -229,9 +232,13 @@ class Router:
             origin, name = self._upstream_origin, "upstream"
         elif original_dst is not None:
             scheme = "https" if original_dst[1] == 443 else "http"
-            origin, name = Origin(scheme, original_dst[0], original_dst[1], self._config.upstream_protocol, host), "transparent"
+            origin, name = (
+                Origin(scheme, original_dst[0], original_dst[1], self._config.upstream_protocol, host),
+                "transparent",
+            )
         else:
-            origin = Origin("https", host.strip("[]"), port if port not in (None, 80) else 443,
-                            self._config.upstream_protocol)
+            origin = Origin(
+                "https", host.strip("[]"), port if port not in (None, 80) else 443, self._config.upstream_protocol
+            )
             name = "default"
         return Target(origin, authority, self._default_signer(host), name)

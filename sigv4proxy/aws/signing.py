@@ -17,6 +17,7 @@ import re
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any
 from urllib.parse import quote_from_bytes, unquote_to_bytes
 
 from sigv4proxy.errors import BadRequest, CredentialsUnavailable
@@ -28,13 +29,23 @@ LATTICE_SERVICE = "vpc-lattice-svcs"
 
 # Headers the signer itself adds; a request must not already carry them (they would go on the
 # wire twice). `authorization` is the output, never an input.
-_OWN_HEADERS = frozenset({"x-amz-date", "x-amz-content-sha256", "x-amz-security-token",
-                          "authorization"})
+_OWN_HEADERS = frozenset({"x-amz-date", "x-amz-content-sha256", "x-amz-security-token", "authorization"})
 # Never signed, even if configured: hop-by-hop headers change per hop, and Lattice or the client
 # stack rewrites the rest.
-_HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy-authorization",
-                         "proxy-connection", "te", "trailer", "trailers", "transfer-encoding",
-                         "upgrade"})
+_HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "trailers",
+        "transfer-encoding",
+        "upgrade",
+    }
+)
 _NEVER_SIGNED = _HOP_BY_HOP | {"user-agent", "expect", "forwarded"}
 _NEVER_SIGNED_PREFIXES = ("x-forwarded-", "x-amzn-", ":")
 
@@ -89,8 +100,10 @@ class SigningDetails:
         creq = self.canonical_request
         if self.session_token:
             creq = creq.replace(self.session_token, "<redacted session token>")
-        return (f"Canonical request:\n{creq}\n\nString to sign:\n{self.string_to_sign}\n\n"
-                f"Signed headers: {self.signed_headers}\nCredential scope: {self.credential_scope}")
+        return (
+            f"Canonical request:\n{creq}\n\nString to sign:\n{self.string_to_sign}\n\n"
+            f"Signed headers: {self.signed_headers}\nCredential scope: {self.credential_scope}"
+        )
 
 
 def _remove_dot_segments(path: str) -> str:
@@ -180,8 +193,7 @@ def _validated_extra_names(names: Iterable[str]) -> frozenset[str]:
         if not name:
             continue
         if name in _NEVER_SIGNED or name.startswith(_NEVER_SIGNED_PREFIXES):
-            raise ValueError(f"header {name!r} can never be signed (hop-by-hop or rewritten "
-                             "by Lattice/proxies)")
+            raise ValueError(f"header {name!r} can never be signed (hop-by-hop or rewritten by Lattice/proxies)")
         if name in _OWN_HEADERS:
             continue  # already signed by the signer itself
         result.add(name)
@@ -193,9 +205,17 @@ class SigV4Signer:
 
     algorithm = ALGORITHM
 
-    def __init__(self, service: str, region: str, *, extra_signed_headers: Iterable[str] = (),
-                 unsigned_payload: bool | None = None, normalize_path: bool = True,
-                 double_encode_path: bool = True, content_sha256_header: bool = True) -> None:
+    def __init__(
+        self,
+        service: str,
+        region: str,
+        *,
+        extra_signed_headers: Iterable[str] = (),
+        unsigned_payload: bool | None = None,
+        normalize_path: bool = True,
+        double_encode_path: bool = True,
+        content_sha256_header: bool = True,
+    ) -> None:
         if not service or not region or "/" in service or "/" in region:
             raise ValueError("service and region must be non-empty and contain no '/'")
         is_lattice = service == LATTICE_SERVICE
@@ -249,8 +269,8 @@ class SigV4Signer:
         key = key.ljust(64, b"\0")
         return (hashlib.sha256(key.translate(_XOR_IPAD)), hashlib.sha256(key.translate(_XOR_OPAD)))
 
-    def _signature(self, key: object, string_to_sign: bytes) -> str:
-        inner_state, outer_state = key  # type: ignore[misc]
+    def _signature(self, key: Any, string_to_sign: bytes) -> str:
+        inner_state, outer_state = key
         inner = inner_state.copy()
         inner.update(string_to_sign)
         outer = outer_state.copy()
@@ -298,10 +318,16 @@ class SigV4Signer:
             self._name_memo[name] = signed_name
         return signed_name
 
-    def _canonicalize(self, method: str, raw_path: str, raw_query: str,
-                      headers: Iterable[tuple[str, str]], creds: Credentials, now: float,
-                      payload_hash: str | None
-                      ) -> tuple[str, str, str, str, list[tuple[str, str]]]:
+    def _canonicalize(
+        self,
+        method: str,
+        raw_path: str,
+        raw_query: str,
+        headers: Iterable[tuple[str, str]],
+        creds: Credentials,
+        now: float,
+        payload_hash: str | None,
+    ) -> tuple[str, str, str, str, list[tuple[str, str]]]:
         """-> (canonical request, signed header names, x-amz-date, scope, headers to add)."""
         if creds.expiry is not None and creds.expiry <= now:
             raise CredentialsUnavailable("credentials expired")
@@ -318,8 +344,7 @@ class SigV4Signer:
 
         token = creds.token
         if token and self.content_sha256_header:  # the usual case, built in one go
-            added = [("x-amz-date", amz_date), ("x-amz-content-sha256", payload_hash),
-                     ("x-amz-security-token", token)]
+            added = [("x-amz-date", amz_date), ("x-amz-content-sha256", payload_hash), ("x-amz-security-token", token)]
         else:
             added = [("x-amz-date", amz_date)]
             if self.content_sha256_header:
@@ -351,25 +376,29 @@ class SigV4Signer:
 
         if len(collected) == 1 and token and self._usual_shape:
             # The usual Lattice request: host plus our own three, in their sorted order.
-            canon_headers = (f"host:{host}\nx-amz-content-sha256:{payload_hash}\n"
-                             f"x-amz-date:{amz_date}\nx-amz-security-token:{token}")
+            canon_headers = (
+                f"host:{host}\nx-amz-content-sha256:{payload_hash}\nx-amz-date:{amz_date}\nx-amz-security-token:{token}"
+            )
             signed = _USUAL_SIGNED_HEADERS
         else:
             collected.update(added)
             arrival = tuple(collected)
             layout = self._layouts.get(arrival) or self._layout(arrival)
             names, signed, prefixes = layout
-            canon_headers = "\n".join(map(operator.add, prefixes,
-                                          map(collected.__getitem__, names)))
+            canon_headers = "\n".join(map(operator.add, prefixes, map(collected.__getitem__, names)))
 
-        if self._plain_path_ok and raw_path[:1] == "/" and raw_path.isascii() \
-                and not raw_path.strip(_PATH_CHARS) and "//" not in raw_path \
-                and "/." not in raw_path:
+        if (
+            self._plain_path_ok
+            and raw_path[:1] == "/"
+            and raw_path.isascii()
+            and not raw_path.strip(_PATH_CHARS)
+            and "//" not in raw_path
+            and "/." not in raw_path
+        ):
             # Unreserved characters only, no empty or dot segment: already canonical.
             uri = raw_path
         else:
-            uri = canonical_uri(raw_path, normalize=self.normalize_path,
-                                double_encode=self.double_encode_path)
+            uri = canonical_uri(raw_path, normalize=self.normalize_path, double_encode=self.double_encode_path)
         query = canonical_query(raw_query) if raw_query else ""
         creq = f"{method}\n{uri}\n{query}\n{canon_headers}\n\n{signed}\n{payload_hash}"
         return creq, signed, amz_date, scope, added
@@ -378,30 +407,54 @@ class SigV4Signer:
         digest = hashlib.sha256(creq.encode("utf-8", "surrogateescape")).hexdigest()
         return f"{self.algorithm}\n{amz_date}\n{scope}\n{digest}"
 
-    def sign(self, method: str, raw_path: str, raw_query: str,
-             headers: Iterable[tuple[str, str]], creds: Credentials, now: float,
-             payload_hash: str | None = None) -> list[tuple[str, str]]:
+    def sign(
+        self,
+        method: str,
+        raw_path: str,
+        raw_query: str,
+        headers: Iterable[tuple[str, str]],
+        creds: Credentials,
+        now: float,
+        payload_hash: str | None = None,
+    ) -> list[tuple[str, str]]:
         """Return the headers to add (lowercase names): x-amz-date, x-amz-content-sha256,
         [x-amz-security-token], authorization."""
         creq, signed, amz_date, scope, added = self._canonicalize(
-            method, raw_path, raw_query, headers, creds, now, payload_hash)
+            method, raw_path, raw_query, headers, creds, now, payload_hash
+        )
         digest = hashlib.sha256(creq.encode("utf-8", "surrogateescape")).hexdigest()
         sts = f"{self.algorithm}\n{amz_date}\n{scope}\n{digest}"
         key = self._keys.get((creds.access_key, creds.secret_key, amz_date[:8]))
         if key is None:
             key = self._key(creds, amz_date[:8])
         signature = self._signature(key, sts.encode())
-        added.append(("authorization", f"{self.algorithm} Credential={creds.access_key}/{scope}, "
-                                       f"SignedHeaders={signed}, Signature={signature}"))
+        added.append(
+            (
+                "authorization",
+                f"{self.algorithm} Credential={creds.access_key}/{scope}, "
+                f"SignedHeaders={signed}, Signature={signature}",
+            )
+        )
         return added
 
-    def explain(self, method: str, raw_path: str, raw_query: str,
-                headers: Iterable[tuple[str, str]], creds: Credentials, now: float,
-                payload_hash: str | None = None) -> SigningDetails:
+    def explain(
+        self,
+        method: str,
+        raw_path: str,
+        raw_query: str,
+        headers: Iterable[tuple[str, str]],
+        creds: Credentials,
+        now: float,
+        payload_hash: str | None = None,
+    ) -> SigningDetails:
         """What `sign` would sign, without computing a key or a signature."""
         creq, signed, amz_date, scope, _ = self._canonicalize(
-            method, raw_path, raw_query, headers, creds, now, payload_hash)
-        return SigningDetails(canonical_request=creq,
-                              string_to_sign=self._string_to_sign(amz_date, scope, creq),
-                              signed_headers=signed, credential_scope=scope,
-                              session_token=creds.token)
+            method, raw_path, raw_query, headers, creds, now, payload_hash
+        )
+        return SigningDetails(
+            canonical_request=creq,
+            string_to_sign=self._string_to_sign(amz_date, scope, creq),
+            signed_headers=signed,
+            credential_scope=scope,
+            session_token=creds.token,
+        )

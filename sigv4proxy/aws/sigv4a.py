@@ -49,18 +49,30 @@ class SigV4ASigner(SigV4Signer):
 
     algorithm = ALGORITHM_V4A
 
-    def __init__(self, service: str, region_set: str = "*", *,
-                 extra_signed_headers: Iterable[str] = (), unsigned_payload: bool | None = None,
-                 normalize_path: bool = True, double_encode_path: bool = True,
-                 content_sha256_header: bool = True) -> None:
+    def __init__(
+        self,
+        service: str,
+        region_set: str = "*",
+        *,
+        extra_signed_headers: Iterable[str] = (),
+        unsigned_payload: bool | None = None,
+        normalize_path: bool = True,
+        double_encode_path: bool = True,
+        content_sha256_header: bool = True,
+    ) -> None:
         if not region_set or any(c.isspace() for c in region_set):
             raise ValueError("region_set must be non-empty, e.g. '*' or 'us-east-1,us-west-2'")
         self.region_set = region_set
         self._ecdsa_keys: dict[tuple[str, str], ec.EllipticCurvePrivateKey] = {}
-        super().__init__(service, region_set, extra_signed_headers=extra_signed_headers,
-                         unsigned_payload=unsigned_payload, normalize_path=normalize_path,
-                         double_encode_path=double_encode_path,
-                         content_sha256_header=content_sha256_header)
+        super().__init__(
+            service,
+            region_set,
+            extra_signed_headers=extra_signed_headers,
+            unsigned_payload=unsigned_payload,
+            normalize_path=normalize_path,
+            double_encode_path=double_encode_path,
+            content_sha256_header=content_sha256_header,
+        )
 
     def __repr__(self) -> str:
         return f"SigV4ASigner(service={self.service!r}, region_set={self.region_set!r})"

@@ -31,7 +31,7 @@ class InboundRequestHandler(RequestHandler):
 
     head_timeout: float | None = None
 
-    def connection_made(self, transport) -> None:  # type: ignore[override]
+    def connection_made(self, transport) -> None:
         super().connection_made(transport)
         if self.head_timeout:
             self._loop.call_later(self.head_timeout, self._head_deadline)
@@ -116,17 +116,23 @@ class InboundRequestHandler(RequestHandler):
     def _fresh_parser(self):
         # Built as aiohttp's RequestHandler.__init__ builds it, for the messages after the body.
         return type(self._parser)(
-            self, self._loop, self._read_bufsize, max_line_size=self.max_line_size,
-            max_field_size=self.max_field_size, max_headers=self.max_headers,
-            payload_exception=RequestPayloadError, auto_decompress=False,
-            max_msg_queue_size=self._max_msg_queue_size)
+            self,
+            self._loop,
+            self._read_bufsize,
+            max_line_size=self.max_line_size,
+            max_field_size=self.max_field_size,
+            max_headers=self.max_headers,
+            payload_exception=RequestPayloadError,
+            auto_decompress=False,
+            max_msg_queue_size=self._max_msg_queue_size,
+        )
 
-    def handle_error(self, request, status=500, exc=None, message=None):  # type: ignore[override]
+    def handle_error(self, request, status=500, exc=None, message=None):
         if isinstance(exc, HttpProcessingError) and request.writer.output_size == 0:
-            return self._manager.request_handler.malformed_request(exc)  # type: ignore[union-attr]
+            return self._manager.request_handler.malformed_request(exc)
         return super().handle_error(request, status, exc, message)
 
-    def eof_received(self) -> bool:
+    def eof_received(self) -> bool:  # type: ignore[override]
         """A client may half-close once its request is sent (RFC 9112 §9.6): answer what arrived
         whole, then close. aiohttp closed at once, which cancelled such requests unanswered.
         Decided one loop step later: a request just taken off the queue is then current."""

@@ -33,6 +33,6 @@ def import_without_client_trust() -> None:
         import aiohttp  # noqa: F401
     finally:
         if shadowed:
-            ssl.SSLContext.set_default_verify_paths = saved  # type: ignore[method-assign]
+            ssl.SSLContext.set_default_verify_paths = saved  # type: ignore[method-assign,assignment]
         else:
             del ssl.SSLContext.set_default_verify_paths

@@ -41,23 +41,35 @@ from hyperframe.frame import HeadersFrame  # noqa: E402
 
 # Frames either side still exchanges on the streams open at GOAWAY; besides these, a server sends
 # response heads and trailers, and a client receives ALTSVC (a frame only servers send).
-_AFTER_GOAWAY = (ConnectionInputs.RECV_HEADERS, ConnectionInputs.RECV_DATA,
-                 ConnectionInputs.RECV_WINDOW_UPDATE, ConnectionInputs.RECV_PING,
-                 ConnectionInputs.RECV_SETTINGS, ConnectionInputs.RECV_RST_STREAM,
-                 ConnectionInputs.RECV_PRIORITY, ConnectionInputs.SEND_DATA,
-                 ConnectionInputs.SEND_WINDOW_UPDATE, ConnectionInputs.SEND_RST_STREAM,
-                 ConnectionInputs.SEND_PING, ConnectionInputs.SEND_SETTINGS)
+_AFTER_GOAWAY = (
+    ConnectionInputs.RECV_HEADERS,
+    ConnectionInputs.RECV_DATA,
+    ConnectionInputs.RECV_WINDOW_UPDATE,
+    ConnectionInputs.RECV_PING,
+    ConnectionInputs.RECV_SETTINGS,
+    ConnectionInputs.RECV_RST_STREAM,
+    ConnectionInputs.RECV_PRIORITY,
+    ConnectionInputs.SEND_DATA,
+    ConnectionInputs.SEND_WINDOW_UPDATE,
+    ConnectionInputs.SEND_RST_STREAM,
+    ConnectionInputs.SEND_PING,
+    ConnectionInputs.SEND_SETTINGS,
+)
 _TRANSITIONS = {
-    client_side: {**h2.connection.H2ConnectionStateMachine._transitions,
-                  **{(ConnectionState.CLOSED, i): (None, ConnectionState.CLOSED) for i in _AFTER_GOAWAY + extra}}
-    for client_side, extra in ((True, (ConnectionInputs.RECV_ALTERNATIVE_SERVICE,)),
-                               (False, (ConnectionInputs.SEND_HEADERS,)))
+    client_side: {
+        **h2.connection.H2ConnectionStateMachine._transitions,
+        **{(ConnectionState.CLOSED, i): (None, ConnectionState.CLOSED) for i in _AFTER_GOAWAY + extra},
+    }
+    for client_side, extra in (
+        (True, (ConnectionInputs.RECV_ALTERNATIVE_SERVICE,)),
+        (False, (ConnectionInputs.SEND_HEADERS,)),
+    )
 }
 
 
 def keep_streams_after_goaway(conn: h2.connection.H2Connection) -> None:
     """Lets the streams open at a GOAWAY (sent or received) on `conn` finish."""
-    conn.state_machine._transitions = _TRANSITIONS[conn.config.client_side]  # type: ignore[attr-defined]
+    conn.state_machine._transitions = _TRANSITIONS[conn.config.client_side]
 
 
 _H2_MUST_NOT_SEE = frozenset({b"content-length", b":status"})
@@ -80,7 +92,7 @@ class _RequestBlockDecoder:
 
     __slots__ = ("decoder", "whole")
 
-    def __init__(self, decoder) -> None:  # type: ignore[no-untyped-def]
+    def __init__(self, decoder) -> None:
         self.decoder = decoder
         self.whole: list[tuple[bytes, bytes]] | None = None  # the last block, if h2 got less
 
@@ -115,12 +127,12 @@ class ServerConnection(h2.connection.H2Connection):
     interfaces) in its slots, whose header events carry every decoded field, unvalidated, and that
     never ends the connection over a request's content-length, `:status` or unended trailers."""
 
-    def __init__(self, config: h2.config.H2Configuration, *, encoder, decoder) -> None:  # type: ignore[no-untyped-def]
+    def __init__(self, config: h2.config.H2Configuration, *, encoder, decoder) -> None:
         super().__init__(config=config)
         self.encoder = encoder
         self.decoder = _RequestBlockDecoder(decoder)  # type: ignore[assignment]
 
-    def _receive_frame(self, frame):  # type: ignore[no-untyped-def]
+    def _receive_frame(self, frame):
         if frame.__class__ is not HeadersFrame:
             return super()._receive_frame(frame)
         unended = "END_STREAM" not in frame.flags and self._expects_trailers(frame.stream_id)

@@ -44,8 +44,8 @@ def data_body_repr(frame: hyperframe.frame.DataFrame) -> str:
 
 def install() -> None:
     """Idempotent; the frames look `_raw_data_repr` up in their module."""
-    hyperframe.frame._raw_data_repr = raw_data_repr  # type: ignore[attr-defined]
-    hyperframe.frame.DataFrame._body_repr = data_body_repr  # type: ignore[method-assign]
+    hyperframe.frame._raw_data_repr = raw_data_repr
+    hyperframe.frame.DataFrame._body_repr = data_body_repr  # type: ignore[method-assign,assignment]
 
 
 install()

@@ -27,7 +27,7 @@ class LocalHistogram:
 
     def __init__(self, child: Histogram) -> None:
         self._child = child
-        self._bounds = tuple(child._upper_bounds)  # type: ignore[attr-defined]  # +Inf last
+        self._bounds = tuple(child._upper_bounds)  # +Inf last
         self._counts = [0] * len(self._bounds)
         self._sum = 0.0
         self._pending = False
@@ -44,7 +44,7 @@ class LocalHistogram:
         total, self._sum = self._sum, 0.0
         self._pending = False
         child = self._child
-        child._sum.inc(total)  # type: ignore[attr-defined]
-        for bucket, n in zip(child._buckets, counts):  # type: ignore[attr-defined]
+        child._sum.inc(total)
+        for bucket, n in zip(child._buckets, counts, strict=True):
             if n:
                 bucket.inc(n)

@@ -43,7 +43,8 @@ class Supported:
         if not _release(self.floor) <= _release(installed) < _release(self.ceiling):
             raise UnsupportedVersion(
                 f"{self.distribution} {installed} is installed; this sigv4proxy was tested with {self} "
-                f"only (it uses {self.distribution}'s internals): install a release in that range")
+                f"only (it uses {self.distribution}'s internals): install a release in that range"
+            )
 
 
 AIOHTTP = Supported("aiohttp", "aiohttp", "3.14.4", "3.15")  # compat.aiohttp
@@ -78,10 +79,15 @@ def installed_version(distribution: str, module: str) -> str | None:
         return None
     if spec.origin and spec.submodule_search_locations is not None:  # a package in site-packages
         wanted = _normalized(distribution)
-        found = [version for name, _, version in
-                 (entry[:-len(".dist-info")].partition("-") for entry in
-                  _entries(os.path.dirname(os.path.dirname(spec.origin))) if entry.endswith(".dist-info"))
-                 if _normalized(name) == wanted]
+        found = [
+            version
+            for name, _, version in (
+                entry[: -len(".dist-info")].partition("-")
+                for entry in _entries(os.path.dirname(os.path.dirname(spec.origin)))
+                if entry.endswith(".dist-info")
+            )
+            if _normalized(name) == wanted
+        ]
         if len(found) == 1:
             return found[0]
     from importlib import metadata

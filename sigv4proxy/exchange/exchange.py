@@ -31,8 +31,18 @@ from sigv4proxy.upstream.pool import ConnectionPool
 
 # What an inbound adapter hands in (the body kinds the upstream declares) and gets to relay (the
 # upstream's response): part of this module's interface, so the inbound layer needs no upstream.
-__all__ = ["ERROR_HEADER", "Body", "Exchange", "ExchangeSettings", "Inbound", "IteratedBody", "Response",
-           "SocketBody", "StreamedBody", "error_parts"]
+__all__ = [
+    "ERROR_HEADER",
+    "Body",
+    "Exchange",
+    "ExchangeSettings",
+    "Inbound",
+    "IteratedBody",
+    "Response",
+    "SocketBody",
+    "StreamedBody",
+    "error_parts",
+]
 
 log = logging.getLogger("sigv4proxy.exchange")
 
@@ -51,18 +61,42 @@ class ExchangeSettings:
 class Inbound(Protocol):
     """One request as an inbound adapter received it, and the means to answer it."""
 
-    method: str
-    authority: str | None  # absolute-form authority (HTTP/1.1) or :authority (HTTP/2)
-    target: str  # origin-form path?query
-    raw_headers: Sequence[tuple[bytes, bytes]]
-    content_length: int | None
-    has_body: bool
-    from_h2: bool  # HTTP/2 field rules apply (cookie crumbs, te: trailers)
-    protocol: str  # "HTTP/1.1" | "HTTP/2", for the access log
-    refusal: ProxyError | None  # refused by the inbound parser (malformed): answered, never forwarded
-    # The answer so far: a byte went out (from then on an error can only cut it), body bytes sent.
-    started: bool
-    body_bytes: int
+    # Read-only to the exchange: an adapter may keep each as an attribute or a property.
+    @property
+    def method(self) -> str: ...
+    @property
+    def authority(self) -> str | None:
+        """The absolute-form authority (HTTP/1.1) or :authority (HTTP/2)."""
+
+    @property
+    def target(self) -> str:
+        """Origin-form path?query."""
+
+    @property
+    def raw_headers(self) -> Sequence[tuple[bytes, bytes]]: ...
+    @property
+    def content_length(self) -> int | None: ...
+    @property
+    def has_body(self) -> bool: ...
+    @property
+    def from_h2(self) -> bool:
+        """HTTP/2 field rules apply (cookie crumbs, te: trailers)."""
+
+    @property
+    def protocol(self) -> str:
+        """ "HTTP/1.1" | "HTTP/2", for the access log."""
+
+    @property
+    def refusal(self) -> ProxyError | None:
+        """Refused by the inbound parser (malformed): answered, never forwarded."""
+
+    @property
+    def started(self) -> bool:
+        """A byte of the answer went out: from then on an error can only cut it."""
+
+    @property
+    def body_bytes(self) -> int:
+        """Body bytes of the answer sent so far."""
 
     def original_destination(self) -> tuple[str, int] | None: ...
 
@@ -75,7 +109,7 @@ class Inbound(Protocol):
         """An upstream 1xx response, forwarded (called from the upstream's receive path)."""
         ...
 
-    async def relay(self, upstream: Response) -> None:
+    def relay(self, upstream: Response) -> Awaitable[None]:
         """Writes the answer; raises ProxyError if the upstream breaks it, ConnectionError if the
         client is gone."""
         ...
@@ -110,8 +144,9 @@ def error_parts(exc: ProxyError) -> tuple[dict[str, str], str]:
 class Exchange:
     """The request path; one per worker, shared by every inbound connection."""
 
-    def __init__(self, preparer: RequestPreparer, pool: ConnectionPool, metrics: Metrics,
-                 settings: ExchangeSettings) -> None:
+    def __init__(
+        self, preparer: RequestPreparer, pool: ConnectionPool, metrics: Metrics, settings: ExchangeSettings
+    ) -> None:
         self._prepare = preparer.prepare
         self._pool = pool
         self._metrics = metrics
@@ -131,8 +166,15 @@ class Exchange:
                     raise Overloaded("too many requests in flight")
                 if inbound.refusal is not None:
                     raise inbound.refusal
-                prepared = self._prepare(inbound.method, inbound.authority, inbound.target, inbound.raw_headers,
-                                         inbound.content_length, inbound.original_destination(), inbound.from_h2)
+                prepared = self._prepare(
+                    inbound.method,
+                    inbound.authority,
+                    inbound.target,
+                    inbound.raw_headers,
+                    inbound.content_length,
+                    inbound.original_destination(),
+                    inbound.from_h2,
+                )
                 target = prepared.route
                 route = target.name
                 body = inbound.body(prepared.expect_continue) if inbound.has_body else None
@@ -140,8 +182,15 @@ class Exchange:
                     body = await body  # a small body's rest still on its way
                 expect = prepared.expect_continue and isinstance(body, StreamedBody)
                 upstream = await self._pool.request(
-                    target.origin, inbound.method.encode("ascii"), inbound.target.encode("latin-1"),
-                    target.authority_bytes, prepared.headers, body, inbound.interim, expect)
+                    target.origin,
+                    inbound.method.encode("ascii"),
+                    inbound.target.encode("latin-1"),
+                    target.authority_bytes,
+                    prepared.headers,
+                    body,
+                    inbound.interim,
+                    expect,
+                )
             except asyncio.CancelledError:
                 own = inbound.own_cancellation()
                 if own is None:
@@ -168,8 +217,15 @@ class Exchange:
                 inbound.cut(None)
             finally:
                 await upstream.aclose()  # resets the upstream stream unless it completed
-            self._metrics.observe_request(inbound.method, status, route, time.perf_counter() - started,
-                                          prepared.sign_done - prepared.sign_started, to_target, upstream_protocol)
+            self._metrics.observe_request(
+                inbound.method,
+                status,
+                route,
+                time.perf_counter() - started,
+                prepared.sign_done - prepared.sign_started,
+                to_target,
+                upstream_protocol,
+            )
         except ProxyError as exc:
             status, failure = exc.status, exc.kind
             self.refused(exc)
@@ -184,10 +240,21 @@ class Exchange:
                 elapsed = time.perf_counter() - started
                 path, host, peer, user_agent = inbound.log_fields()
                 accesslog.record(
-                    start=time.time() - elapsed, method=inbound.method, path=path, host=host, peer=peer,
-                    user_agent=user_agent, status=status, duration=elapsed, to_target=to_target, route=route,
-                    upstream_protocol=upstream_protocol, bytes_sent=inbound.body_bytes, failure=failure,
-                    protocol=inbound.protocol)
+                    start=time.time() - elapsed,
+                    method=inbound.method,
+                    path=path,
+                    host=host,
+                    peer=peer,
+                    user_agent=user_agent,
+                    status=status,
+                    duration=elapsed,
+                    to_target=to_target,
+                    route=route,
+                    upstream_protocol=upstream_protocol,
+                    bytes_sent=inbound.body_bytes,
+                    failure=failure,
+                    protocol=inbound.protocol,
+                )
 
     def refused(self, exc: ProxyError) -> None:
         """Counts a request answered with a typed error (also one an inbound parser refused

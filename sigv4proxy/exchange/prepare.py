@@ -9,19 +9,18 @@ client's own signing headers through, or put a header value in an error message.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Callable, Iterable
 
 from sigv4proxy.aws.credentials import CredentialStore
+from sigv4proxy.aws.routing import Router, Target
 from sigv4proxy.errors import BadRequest, MethodNotSupported, PayloadTooLarge
 from sigv4proxy.fields import DROP_REQUEST
-from sigv4proxy.aws.routing import Router, Target
 
 _NAME_CACHE_LIMIT = 1024
 # What prepare() does with a request header, learned once per raw name spelling (bounded).
 _FORWARD, _DROP, _HOST, _UPGRADE, _CONNECTION, _EXPECT, _TE, _COOKIE = range(8)
-_REQUEST_ACTIONS = {"host": _HOST, "upgrade": _UPGRADE, "connection": _CONNECTION,
-                    "expect": _EXPECT, "te": _TE}
+_REQUEST_ACTIONS = {"host": _HOST, "upgrade": _UPGRADE, "connection": _CONNECTION, "expect": _EXPECT, "te": _TE}
 
 
 def split_target(raw: str) -> tuple[str | None, str]:
@@ -51,7 +50,7 @@ def _join_cookies(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes
     crumbs = [value for name, value in headers if name == b"cookie"]
     joined = (b"cookie", b"; ".join(crumbs))
     first = next(i for i, (name, _) in enumerate(headers) if name == b"cookie")
-    rest = [h for h in headers[first + 1:] if h[0] != b"cookie"]
+    rest = [h for h in headers[first + 1 :] if h[0] != b"cookie"]
     return [*headers[:first], joined, *rest]
 
 
@@ -77,18 +76,28 @@ class HeaderRules:
     duplicate_headers: tuple[str, ...] = ()  # forwarded as x-original-<name> before we replace it
 
     @classmethod
-    def from_options(cls, max_body_size: int | None, strip: Iterable[str], add: Iterable[str],
-                     duplicate: Iterable[str]) -> HeaderRules:
+    def from_options(
+        cls, max_body_size: int | None, strip: Iterable[str], add: Iterable[str], duplicate: Iterable[str]
+    ) -> HeaderRules:
         """From the config's forms (`add` as NAME=VALUE strings)."""
-        return cls(max_body_size, tuple(strip), tuple(tuple(h.split("=", 1)) for h in add),  # type: ignore[misc]
-                   tuple(duplicate))
+        return cls(
+            max_body_size,
+            tuple(strip),
+            tuple(tuple(h.split("=", 1)) for h in add),  # type: ignore[misc]
+            tuple(duplicate),
+        )
 
 
 class RequestPreparer:
     """Header rules precomputed once (the Go sidecar's drop-in options included); one per worker."""
 
-    def __init__(self, router: Router, credentials: CredentialStore, rules: HeaderRules = HeaderRules(),
-                 clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        router: Router,
+        credentials: CredentialStore,
+        rules: HeaderRules = HeaderRules(),
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self._router = router
         self._credentials = credentials
         self._max_body = rules.max_body_size
@@ -96,13 +105,19 @@ class RequestPreparer:
         self._request_names: dict[bytes, tuple[bytes, int, bytes | None]] = {}
         self._signed_names: dict[object, frozenset[bytes]] = {}  # per signer
         self._drop = DROP_REQUEST | {h.lower() for h in rules.strip_headers}
-        self._add = [(n.strip().lower().encode("latin-1"), v.strip().encode("latin-1"))
-                     for n, v in rules.add_headers]
+        self._add = [(n.strip().lower().encode("latin-1"), v.strip().encode("latin-1")) for n, v in rules.add_headers]
         self._duplicate = {h.lower(): "x-original-" + h.lower() for h in rules.duplicate_headers}
 
-    def prepare(self, method: str, authority: str | None, target: str,
-                raw_headers: Iterable[tuple[bytes, bytes]], content_length: int | None,
-                original_dst: tuple[str, int] | None = None, from_h2: bool = False) -> PreparedRequest:
+    def prepare(
+        self,
+        method: str,
+        authority: str | None,
+        target: str,
+        raw_headers: Iterable[tuple[bytes, bytes]],
+        content_length: int | None,
+        original_dst: tuple[str, int] | None = None,
+        from_h2: bool = False,
+    ) -> PreparedRequest:
         """Header hygiene, route, body-size check and signing: shared by both inbound paths.
 
         `authority` is the absolute-form authority (HTTP/1.1) or `:authority` (HTTP/2); a Host
@@ -173,8 +188,7 @@ class RequestPreparer:
         signer = route.signer
         signed = self._signed_names.get(signer)
         if signed is None:
-            signed = self._signed_names[signer] = frozenset(
-                n.encode("latin-1") for n in signer.signed_header_names)
+            signed = self._signed_names[signer] = frozenset(n.encode("latin-1") for n in signer.signed_header_names)
         # host travels as :authority / Host (never in `headers`); the rest only if signed
         to_sign = [("host", route.authority)]
         if len(signed) > 1:

@@ -15,13 +15,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import weakref
-from collections.abc import AsyncIterator, Awaitable
-from typing import Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 from aiohttp import StreamReader, web
 from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
 
-from sigv4proxy.compat.aiohttp import WrittenResponse
+from sigv4proxy.compat.aiohttp import InboundRequestHandler, WrittenResponse
 from sigv4proxy.errors import (
     BadRequest,
     HeadersTooLarge,
@@ -70,8 +69,9 @@ class H1Handler:
         try:
             await self.exchange.run(inbound)
         finally:
-            if request.protocol.reads_held:  # a streamed body: aiohttp reads what we left of it
-                request.protocol.hold_reading(False)
+            protocol = _handler_of(request)
+            if protocol.reads_held:  # a streamed body: aiohttp reads what we left of it
+                protocol.hold_reading(False)
         return inbound.error_response or inbound
 
     def malformed_request(self, exc: BaseException) -> web.Response:
@@ -95,7 +95,7 @@ class AiohttpAnswer(Answer, WrittenResponse):
 
     @property
     def transport(self) -> asyncio.Transport | None:  # type: ignore[override]
-        return self.request.transport  # type: ignore[return-value]
+        return self.request.transport
 
     @property
     def version(self) -> tuple[int, int]:  # type: ignore[override]
@@ -110,7 +110,7 @@ class AiohttpAnswer(Answer, WrittenResponse):
         return self.request.protocol.writing_paused
 
     def drain(self) -> Awaitable[None]:  # type: ignore[override]
-        return self.request.writer.drain()  # type: ignore[union-attr]
+        return self.request.writer.drain()
 
 
 class H1Exchange(AiohttpAnswer):
@@ -163,13 +163,18 @@ class H1Exchange(AiohttpAnswer):
             data = self.request.content.read_nowait(length)
             return data if len(data) == length else self._rest_of_small_body(data, length)
         if length is not None and handler.splice:
-            return SpliceableBody(self._streamed(), _AiohttpBodySocket(self.request), length,
-                                  handler.settings.read_timeout,
-                                  self._send_continue if expect_continue else None)
+            return SpliceableBody(
+                self._streamed(),
+                _AiohttpBodySocket(self.request),
+                length,
+                handler.settings.read_timeout,
+                self._send_continue if expect_continue else None,
+            )
         return IteratedBody(self._streamed())
 
-    async def _client_read(self, content: StreamReader, read: Awaitable[bytes],
-                           loop: asyncio.AbstractEventLoop) -> bytes:
+    async def _client_read(
+        self, content: StreamReader, read: Awaitable[bytes], loop: asyncio.AbstractEventLoop
+    ) -> bytes:
         """`read` of the request body, failed with 408 after --read-timeout of client silence: a
         plain timer poisons the stream (cheaper per chunk than asyncio.timeout)."""
         timer = loop.call_later(self._handler.settings.read_timeout, _stall, content)
@@ -184,8 +189,9 @@ class H1Exchange(AiohttpAnswer):
         """The rest of a small declared body that had not all arrived with its head."""
         content = self.request.content
         try:
-            return data + await self._client_read(content, content.readexactly(length - len(data)),
-                                                  asyncio.get_running_loop())
+            return data + await self._client_read(
+                content, content.readexactly(length - len(data)), asyncio.get_running_loop()
+            )
         except asyncio.IncompleteReadError:
             raise BadRequest(SHORT_BODY) from None
 
@@ -202,7 +208,7 @@ class H1Exchange(AiohttpAnswer):
         loop = asyncio.get_running_loop()  # once: in Python 3.11 each call is a getpid() syscall
         # The socket is read only when the next chunk is wanted (released by the handler: an
         # upload cut short upstream leaves this generator suspended, not closed).
-        protocol = request.protocol
+        protocol = _handler_of(request)
         protocol.hold_reading(True)
         while True:
             protocol.read_more()
@@ -259,8 +265,12 @@ class H1Exchange(AiohttpAnswer):
         request = self.request
         headers = request.headers
         transport = request.transport
-        return (request.raw_path, headers.get("Host"), transport.get_extra_info("peername") if transport else None,
-                headers.get("User-Agent"))
+        return (
+            request.raw_path,
+            headers.get("Host"),
+            transport.get_extra_info("peername") if transport else None,
+            headers.get("User-Agent"),
+        )
 
 
 class _AiohttpBodySocket:
@@ -273,19 +283,24 @@ class _AiohttpBodySocket:
 
     @property
     def transport(self) -> asyncio.Transport | None:
-        return self._request.transport  # type: ignore[return-value]
+        return self._request.transport
 
     @property
     def lingering_time(self) -> float:
-        return self._request.protocol.lingering_time
+        return _handler_of(self._request).lingering_time
 
     def detach_body(self) -> tuple[bytes, bool, int] | None:
         content = self._request.content
-        got = self._request.protocol.detach_body(content)
+        got = _handler_of(self._request).detach_body(content)
         return None if got is None else (*got, content.total_bytes)
 
     def reattach_body(self, complete: bool) -> None:
-        self._request.protocol.reattach_body(self._request.content, complete)
+        _handler_of(self._request).reattach_body(self._request.content, complete)
+
+
+def _handler_of(request: web.BaseRequest) -> InboundRequestHandler:
+    """The request's connection protocol: ours (`compat.aiohttp`), whatever aiohttp's types say."""
+    return request.protocol  # type: ignore[return-value]
 
 
 def _error_response(exc: ProxyError) -> web.Response:

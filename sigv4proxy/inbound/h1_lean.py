@@ -62,8 +62,13 @@ class _Refused(Exception):
 class LeanH1Server:
     """The protocol factory for HTTP/1.1 connections (one per worker) and their shutdown."""
 
-    def __init__(self, exchange: Exchange, settings: InboundSettings, clock: Callable[[], float],
-                 head_timeout: float | None = None) -> None:
+    def __init__(
+        self,
+        exchange: Exchange,
+        settings: InboundSettings,
+        clock: Callable[[], float],
+        head_timeout: float | None = None,
+    ) -> None:
         self.exchange = exchange
         self.settings = settings
         self.splice = settings.splice and splice_available  # large declared bodies may skip the process
@@ -138,7 +143,7 @@ class LeanH1Connection(asyncio.Protocol):
         except httptools.HttpParserUpgrade as upgrade:
             # An h2c offer without a body, declined by answering it in HTTP/1.1: what follows its
             # head is the next request (an offer with a body, or CONNECT, never gets here).
-            rest = data[upgrade.args[0]:]
+            rest = data[upgrade.args[0] :]
             if rest:
                 self.data_received(rest)
                 return
@@ -152,8 +157,11 @@ class LeanH1Connection(asyncio.Protocol):
             end = data.rfind(b"\n")
             self._line = self._line + len(data) if end < 0 else len(data) - end - 1
             if self._line > MAX_REQUEST_LINE:
-                self._fail(HeadersTooLarge("request header field too large") if parsing.headers
-                           else BadRequest("request line too long"))
+                self._fail(
+                    HeadersTooLarge("request header field too large")
+                    if parsing.headers
+                    else BadRequest("request line too long")
+                )
                 return
         self._hold_reads()
 
@@ -300,8 +308,13 @@ class LeanH1Connection(asyncio.Protocol):
     def read_more(self) -> None:
         """A body's reader wants its next chunk (or a turn ended): read the socket again, unless
         the connection is done reading or a body is off the socket."""
-        if not self._reading and not self._broken and not self._detached and self.transport is not None \
-                and len(self._queue) < _QUEUE_LIMIT:
+        if (
+            not self._reading
+            and not self._broken
+            and not self._detached
+            and self.transport is not None
+            and len(self._queue) < _QUEUE_LIMIT
+        ):
             self._reading = True
             self.transport.resume_reading()
 
@@ -662,8 +675,13 @@ class LeanRequest(Answer):
                     raise BadRequest(SHORT_BODY)
                 return self._rest_of_small_body(length)
             if self._conn.server.splice:
-                return SpliceableBody(self._streamed(), self, length, self._conn.server.settings.read_timeout,
-                                      self._send_continue if expect_continue else None)
+                return SpliceableBody(
+                    self._streamed(),
+                    self,
+                    length,
+                    self._conn.server.settings.read_timeout,
+                    self._send_continue if expect_continue else None,
+                )
         return _LeanBody(self)
 
     def interim(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
@@ -681,8 +699,9 @@ class LeanRequest(Answer):
     async def answer_error(self, exc: ProxyError) -> None:
         self.status = exc.status
         # A client still waiting for 100 sends no body after this: the connection cannot go on.
-        self.keep_alive = self.client_keep_alive and not exc.closes_connection \
-            and not (self.expects and not self.continued)
+        self.keep_alive = (
+            self.client_keep_alive and not exc.closes_connection and not (self.expects and not self.continued)
+        )
         headers, text = error_parts(exc)
         self._conn.server.writer.own_answer(self, exc.status, headers, text)
 

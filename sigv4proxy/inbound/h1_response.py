@@ -18,13 +18,13 @@ received byte back waiting for the next one, or end a broken body as if it were 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from email.utils import formatdate
 from http import HTTPStatus
-from typing import Callable
 
 from sigv4proxy.errors import ProxyError, UpstreamProtocolError
-from sigv4proxy.fields import DROP_RESPONSE
 from sigv4proxy.exchange.exchange import Response
+from sigv4proxy.fields import DROP_RESPONSE
 
 _FORWARD, _DROP, _LENGTH, _DATE, _TRAILER = 0, 1, 2, 3, 4
 _CACHE_LIMIT = 1024  # entries per cache: names and status lines come from upstreams
@@ -91,8 +91,7 @@ class ResponseWriter:
         head, length, announced = self._header_lines(upstream.headers)
         empty = status in _EMPTY_BODY_STATUS or answered.method == "HEAD"
         chunked = False
-        if announced and length is not None and not empty and version >= (1, 1) \
-                and upstream.http_version == "HTTP/2":
+        if announced and length is not None and not empty and version >= (1, 1) and upstream.http_version == "HTTP/2":
             length = None  # HTTP/2 trailers after a declared length: only chunked can carry them
         if length is not None:
             if status not in _NO_LENGTH_STATUS:
@@ -188,8 +187,9 @@ class ResponseWriter:
         parts.append(_CRLF)
         transport.write(b"".join(parts))
 
-    def _header_lines(self, headers: list[tuple[bytes, bytes]], dated: bool = True
-                      ) -> tuple[list[bytes], int | None, bool]:
+    def _header_lines(
+        self, headers: list[tuple[bytes, bytes]], dated: bool = True
+    ) -> tuple[list[bytes], int | None, bool]:
         """`name: value` lines to forward (Date added when missing and `dated`), the declared
         length and whether trailers were announced (a `Trailer` field)."""
         lines = []

@@ -52,8 +52,14 @@ class SpliceableBody(SocketBody):
 
     __slots__ = ("_chunks", "_socket", "_length", "_client_timeout", "_before_take")
 
-    def __init__(self, chunks: AsyncIterator[bytes], socket: BodySocket, length: int,
-                 client_timeout: float, before_take: Callable[[], None] | None = None) -> None:
+    def __init__(
+        self,
+        chunks: AsyncIterator[bytes],
+        socket: BodySocket,
+        length: int,
+        client_timeout: float,
+        before_take: Callable[[], None] | None = None,
+    ) -> None:
         super().__init__()
         self._chunks = chunks
         self._socket = socket
@@ -114,8 +120,9 @@ class SpliceableBody(SocketBody):
         taken = Taken()
         complete = upstream_gave_up = False
         try:
-            await move_body(src, dst, prefix, count, src_timeout=self._client_timeout,
-                            dst_timeout=dst_timeout, taken=taken)
+            await move_body(
+                src, dst, prefix, count, src_timeout=self._client_timeout, dst_timeout=dst_timeout, taken=taken
+            )
             complete = True
         except (UpstreamError, asyncio.CancelledError):
             upstream_gave_up = True  # answered, reset or stalled: the client may still be sending
@@ -158,8 +165,9 @@ class SpliceableBody(SocketBody):
         drained = False
         try:
             async with asyncio.timeout(socket.lingering_time):
-                await move_body(src, discard_target(), b"", left, src_timeout=self._client_timeout,
-                                dst_timeout=self._client_timeout)
+                await move_body(
+                    src, discard_target(), b"", left, src_timeout=self._client_timeout, dst_timeout=self._client_timeout
+                )
             drained = True
         except (ProxyError, TimeoutError):
             pass

@@ -30,8 +30,7 @@ from sigv4proxy.limits import SMALL_BODY
 
 # gRPC status codes for the proxy's own HTTP errors (grpc/doc/http-grpc-status-mapping.md, except
 # that our 504 is a timeout we measured, so DEADLINE_EXCEEDED rather than UNAVAILABLE).
-GRPC_STATUS = {400: 13, 401: 16, 403: 7, 404: 12, 405: 12, 413: 8, 429: 14, 431: 8,
-               502: 14, 503: 14, 504: 4}
+GRPC_STATUS = {400: 13, 401: 16, 403: 7, 404: 12, 405: 12, 413: 8, 429: 14, 431: 8, 502: 14, 503: 14, 504: 4}
 GRPC_UNKNOWN = 2
 # The response head also drops what HTTP/2 forbids; content-length stays (bytes pass unchanged).
 _DROP_H2_RESPONSE = frozenset(n.encode("ascii") for n in (DROP_RESPONSE - {"content-length"}) | {"host"})
@@ -54,9 +53,11 @@ def _grpc_message(text: str) -> bytes:
 
 
 def _grpc_error_fields(exc: ProxyError) -> list[tuple[bytes, bytes]]:
-    return [(b"grpc-status", str(grpc_status_for(exc.status)).encode("ascii")),
-            (b"grpc-message", _grpc_message(f"sigv4proxy: {exc.reason}")),
-            (ERROR_HEADER.encode("ascii"), exc.kind.encode("ascii"))]
+    return [
+        (b"grpc-status", str(grpc_status_for(exc.status)).encode("ascii")),
+        (b"grpc-message", _grpc_message(f"sigv4proxy: {exc.reason}")),
+        (ERROR_HEADER.encode("ascii"), exc.kind.encode("ascii")),
+    ]
 
 
 class _RequestBody(StreamedBody):
@@ -106,8 +107,9 @@ def _forwarded_fields(headers: list[tuple[bytes, bytes]], dated: bool = False) -
         name, value = field
         lname = name.lower()
         if lname not in _DROP_H2_RESPONSE:
-            fields.append(NeverIndexedHeaderTuple(lname, value)
-                          if isinstance(field, NeverIndexedHeaderTuple) else (lname, value))
+            fields.append(
+                NeverIndexedHeaderTuple(lname, value) if isinstance(field, NeverIndexedHeaderTuple) else (lname, value)
+            )
             if lname == b"date":
                 dated = False
     if dated:
@@ -129,8 +131,19 @@ class H2Streams:
 class H2Exchange:
     """One inbound HTTP/2 stream as the exchange's `Inbound`."""
 
-    __slots__ = ("stream", "_settings", "method", "authority", "target", "raw_headers", "content_length",
-                 "has_body", "refusal", "grpc", "body_bytes")
+    __slots__ = (
+        "stream",
+        "_settings",
+        "method",
+        "authority",
+        "target",
+        "raw_headers",
+        "content_length",
+        "has_body",
+        "refusal",
+        "grpc",
+        "body_bytes",
+    )
 
     from_h2 = True
     protocol = "HTTP/2"
@@ -148,8 +161,9 @@ class H2Exchange:
         self.content_length: int | None = None
         self.refusal: ProxyError | None = stream.refusal  # malformed (RFC 9113 §8.1.1): never forwarded
         if self.refusal is None:
-            self.refusal = self._content_length() if self.target.startswith("/") \
-                else BadRequest("unsupported request target form")
+            self.refusal = (
+                self._content_length() if self.target.startswith("/") else BadRequest("unsupported request target form")
+            )
 
     def _content_length(self) -> ProxyError | None:
         for name, value in self.raw_headers:
@@ -264,5 +278,9 @@ class H2Exchange:
     def log_fields(self) -> tuple[str, str | None, object, str | None]:
         stream = self.stream
         user_agent = next((v for n, v in stream.headers if n == b"user-agent"), None)
-        return (self.target, self.authority, stream.conn.peername,
-                user_agent.decode("latin-1") if user_agent is not None else None)
+        return (
+            self.target,
+            self.authority,
+            stream.conn.peername,
+            user_agent.decode("latin-1") if user_agent is not None else None,
+        )

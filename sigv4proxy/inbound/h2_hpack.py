@@ -23,8 +23,11 @@ from sigv4proxy.wire.hpack_decode import HeaderBlockDecoder, HpackDecodeError
 
 _SIZE_UPDATE_ZERO = b"\x20"  # §6.3: dynamic table size 0
 _NAMES_LIMIT = 512  # name prefixes remembered per connection (names come from the upstream)
-_STATIC_FIELDS = {(name, value): bytes((0x80 | index,))  # §6.1 indexed field, all indices < 128
-                  for index, (name, value) in enumerate(STATIC_TABLE, start=1) if value}
+_STATIC_FIELDS = {
+    (name, value): bytes((0x80 | index,))  # §6.1 indexed field, all indices < 128
+    for index, (name, value) in enumerate(STATIC_TABLE, start=1)
+    if value
+}
 
 
 class ResponseHeaderEncoder:

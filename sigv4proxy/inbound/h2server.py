@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import h2.config
 import h2.events
@@ -38,9 +39,9 @@ import sigv4proxy.compat.hyperframe  # noqa: F401  (h2 reprs every received fram
 from sigv4proxy.compat.h2 import ServerConnection, UnendedTrailers, keep_streams_after_goaway
 from sigv4proxy.errors import MalformedRequest
 from sigv4proxy.fields import request_head, trailers_problem
-from sigv4proxy.wire.h2_window import WindowQueue
 from sigv4proxy.inbound.h2_hpack import H2HeaderDecoder, ResponseHeaderEncoder
 from sigv4proxy.inbound.h2stream import ClientGone, InboundStream, wake
+from sigv4proxy.wire.h2_window import WindowQueue
 
 log = logging.getLogger("sigv4proxy.inbound")
 
@@ -50,12 +51,16 @@ MAX_CONCURRENT_STREAMS = 256
 MAX_HEADER_LIST_SIZE = 64 * 1024
 
 _CONFIG = h2.config.H2Configuration(
-    client_side=False, header_encoding=None,
+    client_side=False,
+    header_encoding=None,
     # Inbound fields are judged by `fields.request_head` / `trailers_problem` instead, so that a
     # malformed request is refused on its own stream (h2 would end the connection).
-    validate_inbound_headers=False, normalize_inbound_headers=False,
+    validate_inbound_headers=False,
+    normalize_inbound_headers=False,
     # Outbound: names are lowercased by the caller; values pass exactly as the upstream sent them.
-    validate_outbound_headers=False, normalize_outbound_headers=False, split_outbound_cookies=False,
+    validate_outbound_headers=False,
+    normalize_outbound_headers=False,
+    split_outbound_cookies=False,
 )
 
 
@@ -65,21 +70,30 @@ StreamHandler = Callable[[InboundStream], Awaitable[None]]
 class H2ServerConnection(asyncio.Protocol):
     """One inbound h2c connection; each request stream runs `handler(stream)` in its own task."""
 
-    def __init__(self, handler: StreamHandler, *, idle_timeout: float = 60.0,
-                 max_concurrent_streams: int = MAX_CONCURRENT_STREAMS,
-                 on_close: Callable[[H2ServerConnection], None] | None = None) -> None:
+    def __init__(
+        self,
+        handler: StreamHandler,
+        *,
+        idle_timeout: float = 60.0,
+        max_concurrent_streams: int = MAX_CONCURRENT_STREAMS,
+        on_close: Callable[[H2ServerConnection], None] | None = None,
+    ) -> None:
         self.loop = asyncio.get_running_loop()
         # our HPACK coder in h2's slots: hpack's was the largest single cost per request
-        self.h2 = ServerConnection(_CONFIG, encoder=ResponseHeaderEncoder(),
-                                   decoder=H2HeaderDecoder(MAX_HEADER_LIST_SIZE))
+        self.h2 = ServerConnection(
+            _CONFIG, encoder=ResponseHeaderEncoder(), decoder=H2HeaderDecoder(MAX_HEADER_LIST_SIZE)
+        )
         # streams open at a GOAWAY finish (new ones are refused with REFUSED_STREAM by `_on_request`)
         keep_streams_after_goaway(self.h2)
-        self.h2.local_settings = h2.settings.Settings(client=False, initial_values={
-            h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: max_concurrent_streams,
-            h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: STREAM_WINDOW,
-            h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: MAX_HEADER_LIST_SIZE,
-            h2.settings.SettingCodes.ENABLE_PUSH: 0,
-        })
+        self.h2.local_settings = h2.settings.Settings(
+            client=False,
+            initial_values={
+                h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: max_concurrent_streams,
+                h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: STREAM_WINDOW,
+                h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: MAX_HEADER_LIST_SIZE,
+                h2.settings.SettingCodes.ENABLE_PUSH: 0,
+            },
+        )
         self._handler = handler
         self._idle_timeout = idle_timeout
         self._on_close = on_close
@@ -351,8 +365,8 @@ class H2ServerConnection(asyncio.Protocol):
 
     def _on_window_updated(self, event: h2.events.WindowUpdated) -> None:
         if event.stream_id == 0:
-            for stream in self.streams.values():
-                wake(stream.window_waiter)
+            for each in self.streams.values():
+                wake(each.window_waiter)
         else:
             stream = self.streams.get(event.stream_id)
             if stream is not None:
@@ -371,7 +385,7 @@ class H2ServerConnection(asyncio.Protocol):
             self._goaway_sent = True  # close once the open streams finish
 
 
-_HANDLERS: dict[type, Callable[[H2ServerConnection, object], None]] = {
+_HANDLERS: dict[type, Callable[[H2ServerConnection, Any], None]] = {
     h2.events.RequestReceived: H2ServerConnection._on_request,
     h2.events.DataReceived: H2ServerConnection._on_data,
     h2.events.TrailersReceived: H2ServerConnection._on_trailers,
@@ -381,4 +395,4 @@ _HANDLERS: dict[type, Callable[[H2ServerConnection, object], None]] = {
     h2.events.WindowUpdated: H2ServerConnection._on_window_updated,
     h2.events.RemoteSettingsChanged: H2ServerConnection._on_settings,
     h2.events.ConnectionTerminated: H2ServerConnection._on_goaway,
-}  # type: ignore[dict-item]
+}

@@ -39,10 +39,31 @@ def wake(waiter: asyncio.Future[None] | None) -> None:
 class InboundStream:
     """One request stream from the app; iterate `body` for its data, answer with the send methods."""
 
-    __slots__ = ("conn", "id", "method", "path", "authority", "scheme", "headers", "trailers",
-                 "chunks", "remote_ended", "closed", "unacked", "waiter", "window_waiter",
-                 "task", "last_activity", "idle_expired", "response_started", "local_ended",
-                 "content_length", "received", "refusal", "continued")
+    __slots__ = (
+        "conn",
+        "id",
+        "method",
+        "path",
+        "authority",
+        "scheme",
+        "headers",
+        "trailers",
+        "chunks",
+        "remote_ended",
+        "closed",
+        "unacked",
+        "waiter",
+        "window_waiter",
+        "task",
+        "last_activity",
+        "idle_expired",
+        "response_started",
+        "local_ended",
+        "content_length",
+        "received",
+        "refusal",
+        "continued",
+    )
 
     def __init__(self, conn: H2ServerConnection, stream_id: int, head: RequestHead) -> None:
         self.conn = conn
@@ -129,8 +150,7 @@ class InboundStream:
         return b"".join(parts), flow_length
 
     # --- response ---
-    def send_headers(self, fields: list[tuple[bytes, bytes]], end_stream: bool = False,
-                     flush: bool = True) -> None:
+    def send_headers(self, fields: list[tuple[bytes, bytes]], end_stream: bool = False, flush: bool = True) -> None:
         """Response head (with `:status` first) or, once started, trailers (then end_stream).
         `flush=False` leaves the frame for the next send's write (data that is already here)."""
         if self.closed or self.local_ended:
@@ -181,7 +201,7 @@ class InboundStream:
             step = min(window, total - offset, conn.h2.max_outbound_frame_size)
             last = end_stream and offset + step >= total
             try:
-                conn.h2.send_data(self.id, view[offset:offset + step], end_stream=last)
+                conn.h2.send_data(self.id, view[offset : offset + step], end_stream=last)
             except h2.exceptions.StreamClosedError:
                 raise ClientGone("client stream closed") from None
             offset += step

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # the h2 server (and the h2 library) load at the first h2c connection
@@ -76,9 +75,12 @@ class _Sniffer(asyncio.Protocol):
 class InboundListener:
     """The protocol factory of the proxy port: `loop.create_server(listener, sock=...)`."""
 
-    def __init__(self, http1_factory: Callable[[], asyncio.Protocol],
-                 h2_factory: Callable[[Callable[[H2ServerConnection], None]], H2ServerConnection],
-                 head_timeout: float | None = None) -> None:
+    def __init__(
+        self,
+        http1_factory: Callable[[], asyncio.Protocol],
+        h2_factory: Callable[[Callable[[H2ServerConnection], None]], H2ServerConnection],
+        head_timeout: float | None = None,
+    ) -> None:
         self.head_timeout = head_timeout  # seconds to decide the protocol; None: no limit
         self.http1_factory = http1_factory  # `LeanH1Server`, or aiohttp's `web.Server` instance
         self._h2_factory = h2_factory  # called with the on-close callback

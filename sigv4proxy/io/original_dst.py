@@ -73,17 +73,13 @@ def original_destination(sock: socket.socket | Any) -> tuple[str, int] | None:
         family = sock.family
         local = sock.getsockname()
         if family == socket.AF_INET:
-            original = parse_sockaddr_in(
-                sock.getsockopt(socket.IPPROTO_IP, SO_ORIGINAL_DST, _SOCKADDR_IN_SIZE)
-            )
+            original = parse_sockaddr_in(sock.getsockopt(socket.IPPROTO_IP, SO_ORIGINAL_DST, _SOCKADDR_IN_SIZE))
             local_host, local_port = local[0], local[1]
         elif family == socket.AF_INET6:
             local_v4 = _mapped_ipv4(local[0])
             if local_v4 is not None:
                 # An IPv4 connection accepted on a dual-stack socket: conntrack holds an IPv4 entry.
-                original = parse_sockaddr_in(
-                    sock.getsockopt(socket.IPPROTO_IP, SO_ORIGINAL_DST, _SOCKADDR_IN_SIZE)
-                )
+                original = parse_sockaddr_in(sock.getsockopt(socket.IPPROTO_IP, SO_ORIGINAL_DST, _SOCKADDR_IN_SIZE))
                 local_host, local_port = local_v4, local[1]
             else:
                 original = parse_sockaddr_in6(

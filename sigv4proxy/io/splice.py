@@ -71,8 +71,7 @@ def _give_back(pipe: tuple[int, int, int], empty: bool) -> None:
         os.close(pipe[1])
 
 
-async def _ready(loop: asyncio.AbstractEventLoop, read_fd: int | None, write_fd: int | None,
-                 timeout: float) -> bool:
+async def _ready(loop: asyncio.AbstractEventLoop, read_fd: int | None, write_fd: int | None, timeout: float) -> bool:
     """Waits until `read_fd` is readable or `write_fd` writable; False after `timeout`."""
     waiter = loop.create_future()
 
@@ -123,11 +122,14 @@ async def wait_writable(fd: int, timeout: float) -> bool:
 
 
 def _upstream_gone(exc: OSError) -> UpstreamReset:
-    return UpstreamReset(f"upstream connection lost while sending the body ({errno.errorcode.get(exc.errno, 'error')})")
+    return UpstreamReset(
+        f"upstream connection lost while sending the body ({errno.errorcode.get(exc.errno or 0, 'error')})"
+    )
 
 
-async def move_body(src: int, dst: int, prefix: bytes, count: int, *,
-                    src_timeout: float, dst_timeout: float, taken: Taken | None = None) -> None:
+async def move_body(
+    src: int, dst: int, prefix: bytes, count: int, *, src_timeout: float, dst_timeout: float, taken: Taken | None = None
+) -> None:
     """Writes `prefix`, then exactly `count` bytes taken from socket `src`, to socket `dst`
     (`taken`, if given, counts the bytes taken from `src` as they go).
 
@@ -155,7 +157,7 @@ async def move_body(src: int, dst: int, prefix: bytes, count: int, *,
         view = memoryview(prefix)
         while view:
             try:
-                view = view[os.write(dst, view):]
+                view = view[os.write(dst, view) :]
             except BlockingIOError:
                 if not await _ready(loop, None, dst, dst_timeout):
                     raise UpstreamTimeout("upstream stopped reading") from None

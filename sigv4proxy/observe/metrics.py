@@ -33,34 +33,51 @@ class Metrics:
         self.registry = registry or CollectorRegistry(auto_describe=True)
         r = self.registry
         self.request_duration = Histogram(
-            "sigv4proxy_request_duration_seconds", "Whole request through the proxy",
-            ["method", "code_class", "route"], buckets=LATENCY_BUCKETS, registry=r)
+            "sigv4proxy_request_duration_seconds",
+            "Whole request through the proxy",
+            ["method", "code_class", "route"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
         self.signing_duration = Histogram(
-            "sigv4proxy_signing_duration_seconds", "Time to sign one request",
-            buckets=SIGNING_BUCKETS, registry=r)
+            "sigv4proxy_signing_duration_seconds", "Time to sign one request", buckets=SIGNING_BUCKETS, registry=r
+        )
         self.upstream_duration = Histogram(
-            "sigv4proxy_upstream_duration_seconds", "Request sent to upstream response headers",
-            ["protocol"], buckets=LATENCY_BUCKETS, registry=r)
+            "sigv4proxy_upstream_duration_seconds",
+            "Request sent to upstream response headers",
+            ["protocol"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
         self.inflight = Gauge(
-            "sigv4proxy_requests_inflight", "Requests being proxied now",
-            multiprocess_mode="livesum", registry=r)
-        self.errors = Counter(
-            "sigv4proxy_errors", "Failed requests by kind", ["kind"], registry=r)
+            "sigv4proxy_requests_inflight", "Requests being proxied now", multiprocess_mode="livesum", registry=r
+        )
+        self.errors = Counter("sigv4proxy_errors", "Failed requests by kind", ["kind"], registry=r)
         self.credentials_expiry = Gauge(
             "sigv4proxy_credentials_expiry_timestamp_seconds",
             "Expiry of the current credentials (0: none or no expiry)",
-            multiprocess_mode="min", registry=r)
+            multiprocess_mode="min",
+            registry=r,
+        )
         self.upstream_retries = Counter(
-            "sigv4proxy_upstream_retries", "Upstream requests sent again on another connection",
-            ["reason"], registry=r)
+            "sigv4proxy_upstream_retries", "Upstream requests sent again on another connection", ["reason"], registry=r
+        )
         self.credential_refresh = Counter(
-            "sigv4proxy_credential_refresh", "Credential refresh attempts", ["result"], registry=r)
+            "sigv4proxy_credential_refresh", "Credential refresh attempts", ["result"], registry=r
+        )
         self.upstream_connections = Gauge(
-            "sigv4proxy_upstream_connections", "Pooled upstream connections",
-            ["protocol", "state"], multiprocess_mode="livesum", registry=r)
+            "sigv4proxy_upstream_connections",
+            "Pooled upstream connections",
+            ["protocol", "state"],
+            multiprocess_mode="livesum",
+            registry=r,
+        )
         self.upstream_streams = Gauge(
-            "sigv4proxy_upstream_streams_active", "Upstream requests/streams in progress",
-            multiprocess_mode="livesum", registry=r)
+            "sigv4proxy_upstream_streams_active",
+            "Upstream requests/streams in progress",
+            multiprocess_mode="livesum",
+            registry=r,
+        )
         # Labelled children cached: `.labels()` takes a lock and builds a tuple on every call.
         self._request_children: dict[tuple[str, int, str], Histogram | LocalHistogram] = {}
         self._upstream_children: dict[str, Histogram | LocalHistogram] = {}
@@ -84,23 +101,30 @@ class Metrics:
         for local in self._local or ():
             local.flush()
 
-    def observe_request(self, method: str, status: int, route: str, total: float,
-                        signing: float | None = None, upstream: float | None = None,
-                        protocol: str | None = None) -> None:
+    def observe_request(
+        self,
+        method: str,
+        status: int,
+        route: str,
+        total: float,
+        signing: float | None = None,
+        upstream: float | None = None,
+        protocol: str | None = None,
+    ) -> None:
         key = (method, status // 100, route)
         child = self._request_children.get(key)
         if child is None:
             label = method if method in METHODS else "OTHER"
-            child = self._request_children[key] = self._histogram(self.request_duration.labels(
-                label, CODE_CLASSES.get(status // 100, "other"), route))
+            child = self._request_children[key] = self._histogram(
+                self.request_duration.labels(label, CODE_CLASSES.get(status // 100, "other"), route)
+            )
         child.observe(total)
         if signing is not None:
             self._sign_observe(signing)
         if upstream is not None and protocol is not None:
             up = self._upstream_children.get(protocol)
             if up is None:
-                up = self._upstream_children[protocol] = self._histogram(
-                    self.upstream_duration.labels(protocol))
+                up = self._upstream_children[protocol] = self._histogram(self.upstream_duration.labels(protocol))
             up.observe(upstream)
 
     def errors_for(self, kind: str) -> Counter:
@@ -115,8 +139,7 @@ class Metrics:
     def on_credential_refresh(self, result: str) -> None:
         self.credential_refresh.labels(result).inc()
 
-    def update_gauges(self, credentials_expiry: float | None, pool_stats: object | None,
-                      inflight: int = 0) -> None:
+    def update_gauges(self, credentials_expiry: float | None, pool_stats: object | None, inflight: int = 0) -> None:
         """Owners' state copied into gauges; called periodically and before each scrape.
         (In-flight is copied too rather than inc/dec per request: that cost ~1 us a request.)"""
         self.credentials_expiry.set(credentials_expiry or 0)
@@ -146,4 +169,3 @@ def mark_process_dead(pid: int) -> None:
         from prometheus_client import multiprocess
 
         multiprocess.mark_process_dead(pid)
-

@@ -1,1 +1,3 @@
-"""The composition root and process life: the app that wires the layers, serving, workers, admin, logging."""
+"""The composition root and process life: the app that wires the layers, serving, workers, admin,
+logging.
+"""

@@ -6,7 +6,7 @@ Owns: those three endpoints only; never mixed with proxied paths. Must never: re
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from aiohttp import web
 
@@ -14,8 +14,9 @@ from sigv4proxy.observe.metrics import CONTENT_TYPE, Metrics
 
 
 class AdminHandler:
-    def __init__(self, metrics: Metrics, readiness: Callable[[], tuple[bool, str]],
-                 refresh_gauges: Callable[[], None]) -> None:
+    def __init__(
+        self, metrics: Metrics, readiness: Callable[[], tuple[bool, str]], refresh_gauges: Callable[[], None]
+    ) -> None:
         self._metrics = metrics
         self._readiness = readiness
         self._refresh_gauges = refresh_gauges

@@ -48,8 +48,11 @@ def credentials_from_config(config: ProxyConfig) -> CredentialStore:
     return CredentialStore.from_config(config)
 
 
-def pool_from_config(config: ProxyConfig, origin_timeouts: Mapping[Origin, Timeouts] | None = None,
-                     on_retry: Callable[[str], None] | None = None) -> ConnectionPool:
+def pool_from_config(
+    config: ProxyConfig,
+    origin_timeouts: Mapping[Origin, Timeouts] | None = None,
+    on_retry: Callable[[str], None] | None = None,
+) -> ConnectionPool:
     """`origin_timeouts`: per-origin overrides from routes (`Router.origin_timeouts()`);
     `on_retry(reason)`: each upstream retry (the metric)."""
     return ConnectionPool(
@@ -104,8 +107,9 @@ def _host_lacks_ipv6(host: str, exc: OSError) -> bool:
     return exc.errno == errno.EADDRNOTAVAIL and ipaddress.IPv6Address(host).is_loopback
 
 
-def _bind_listeners(addresses: Sequence[tuple[str, int]], reuse_port: bool,
-                   recv_buffer: int | None) -> list[socket.socket]:
+def _bind_listeners(
+    addresses: Sequence[tuple[str, int]], reuse_port: bool, recv_buffer: int | None
+) -> list[socket.socket]:
     """A listening socket per address. An IPv6 one on a host without IPv6 is skipped with a
     warning; any other failure, or nothing left to listen on, is a ListenError (the sockets bound
     so far are closed)."""
@@ -117,8 +121,10 @@ def _bind_listeners(addresses: Sequence[tuple[str, int]], reuse_port: bool,
             except OSError as exc:
                 if not _host_lacks_ipv6(host, exc):
                     raise ListenError(exc.errno, f"cannot listen on {hostport(host, port)}: {exc.strerror}") from None
-                log.warning("IPv6 listener skipped: this host has no IPv6",
-                            extra={"listen": hostport(host, port), "reason": exc.strerror})
+                log.warning(
+                    "IPv6 listener skipped: this host has no IPv6",
+                    extra={"listen": hostport(host, port), "reason": exc.strerror},
+                )
         if not socks:
             raise ListenError(errno.EADDRNOTAVAIL, "no listen address could be bound")
     except BaseException:
@@ -131,9 +137,15 @@ def _bind_listeners(addresses: Sequence[tuple[str, int]], reuse_port: bool,
 class ProxyApp:
     """A running proxy worker. `start()`, then `port`/`admin_port`; `stop()` drains and closes."""
 
-    def __init__(self, config: ProxyConfig, *, credentials: CredentialStore | None = None,
-                 pool: ConnectionPool | None = None, metrics: Metrics | None = None,
-                 reuse_port: bool = False) -> None:
+    def __init__(
+        self,
+        config: ProxyConfig,
+        *,
+        credentials: CredentialStore | None = None,
+        pool: ConnectionPool | None = None,
+        metrics: Metrics | None = None,
+        reuse_port: bool = False,
+    ) -> None:
         self.config = config
         self.credentials = credentials or credentials_from_config(config)
         self.router = Router(config)
@@ -142,20 +154,32 @@ class ProxyApp:
         self.credentials.on_refresh = self.metrics.on_credential_refresh
         # One request path for both inbound protocols, built from typed settings derived once.
         self.exchange = Exchange(
-            RequestPreparer(self.router, self.credentials, HeaderRules.from_options(
-                config.max_body_size, config.strip_header, config.add_header, config.duplicate_header)),
-            self.pool, self.metrics,
-            ExchangeSettings(max_inflight=config.max_inflight, access_log=config.access_log))
-        self.inbound_settings = InboundSettings(max_body_size=config.max_body_size, read_timeout=config.read_timeout,
-                                                splice=config.splice, transparent=config.transparent)
+            RequestPreparer(
+                self.router,
+                self.credentials,
+                HeaderRules.from_options(
+                    config.max_body_size, config.strip_header, config.add_header, config.duplicate_header
+                ),
+            ),
+            self.pool,
+            self.metrics,
+            ExchangeSettings(max_inflight=config.max_inflight, access_log=config.access_log),
+        )
+        self.inbound_settings = InboundSettings(
+            max_body_size=config.max_body_size,
+            read_timeout=config.read_timeout,
+            splice=config.splice,
+            transparent=config.transparent,
+        )
         # HTTP/1.1: our own protocol over llhttp, or aiohttp's server (the reference); both pass
         # the same inbound tests.
         self.handler: H1Handler | LeanH1Server
         if config.h1_implementation == "lean":
             from sigv4proxy.inbound.h1_lean import LeanH1Server
 
-            self.handler = LeanH1Server(self.exchange, self.inbound_settings, time.time,
-                                        head_timeout=config.header_timeout)
+            self.handler = LeanH1Server(
+                self.exchange, self.inbound_settings, time.time, head_timeout=config.header_timeout
+            )
         else:
             self.handler = H1Handler(self.exchange, self.inbound_settings, time.time)
         # HTTP/2 (h2c prior knowledge, gRPC) on the same port, through the same exchange.
@@ -201,35 +225,49 @@ class ProxyApp:
         try:
             admin_sock = _bind(admin_host, admin_port, self._reuse_port)
         except OSError as exc:
-            raise ListenError(exc.errno, f"cannot listen on admin {hostport(admin_host, admin_port)}: "
-                                         f"{exc.strerror}") from None
+            raise ListenError(
+                exc.errno, f"cannot listen on admin {hostport(admin_host, admin_port)}: {exc.strerror}"
+            ) from None
         try:
             socks = _bind_listeners(self.config.listen_addrs, self._reuse_port, self.config.recv_buffer)
         except ListenError:
             admin_sock.close()
             raise
-        self._admin_server = web.Server(AdminHandler(self.metrics, self.readiness, self.refresh_gauges),
-                                        access_log=None)
+        self._admin_server = web.Server(
+            AdminHandler(self.metrics, self.readiness, self.refresh_gauges), access_log=None
+        )
         self._admin_listener = await loop.create_server(self._admin_server, sock=admin_sock)
         self.admin_port = admin_sock.getsockname()[1]
         if isinstance(self.handler, H1Handler):
             self._web_server = InboundServer(
-                self.handler, access_log=None, auto_decompress=False, handler_cancellation=True,
-                keepalive_timeout=75, max_field_size=MAX_HEADER_FIELD, max_line_size=MAX_REQUEST_LINE,
-                max_headers=MAX_HEADERS, read_bufsize=16384,
+                self.handler,  # type: ignore[arg-type]  # answers it wrote itself are WrittenResponses
+                access_log=None,
+                auto_decompress=False,
+                handler_cancellation=True,
+                keepalive_timeout=75,
+                max_field_size=MAX_HEADER_FIELD,
+                max_line_size=MAX_REQUEST_LINE,
+                max_headers=MAX_HEADERS,
+                read_bufsize=16384,
             )
             self._web_server.head_timeout = self.config.header_timeout
         else:
             self._web_server = self.handler
-        self._listener = InboundListener(self._web_server, self._new_h2_connection,
-                                        head_timeout=self.config.header_timeout)
+        self._listener = InboundListener(
+            self._web_server, self._new_h2_connection, head_timeout=self.config.header_timeout
+        )
         for sock in socks:
             self._proxy_servers.append(await loop.create_server(self._listener, sock=sock, backlog=1024))
             self.addresses.append(sock.getsockname()[:2])
         self.port = self.addresses[0][1]
         self._gauge_task = loop.create_task(self._gauge_loop())
-        log.info("listening", extra={"listen": ",".join(hostport(*a) for a in self.addresses),
-                                     "admin": hostport(admin_host, self.admin_port)})
+        log.info(
+            "listening",
+            extra={
+                "listen": ",".join(hostport(*a) for a in self.addresses),
+                "admin": hostport(admin_host, self.admin_port),
+            },
+        )
 
     @property
     def h2_streams(self):
@@ -242,8 +280,7 @@ class ProxyApp:
     def _new_h2_connection(self, on_close):
         from sigv4proxy.inbound.h2server import H2ServerConnection
 
-        return H2ServerConnection(self.h2_streams, idle_timeout=self.stream_idle_timeout,
-                                  on_close=on_close)
+        return H2ServerConnection(self.h2_streams, idle_timeout=self.stream_idle_timeout, on_close=on_close)
 
     async def stop(self, drain_timeout: float | None = None) -> None:
         """Readiness goes 503, the listener stops accepting, in-flight requests finish (bounded)."""

@@ -35,8 +35,7 @@ def install_uvloop() -> None:
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
 
 
-async def serve_until_signalled(config: config_mod.ProxyConfig, *, reuse_port: bool = False,
-                                credentials=None) -> int:
+async def serve_until_signalled(config: config_mod.ProxyConfig, *, reuse_port: bool = False, credentials=None) -> int:
     import asyncio
     import gc
 
@@ -52,9 +51,14 @@ async def serve_until_signalled(config: config_mod.ProxyConfig, *, reuse_port: b
     gc_policy.freeze_startup_objects()
     gc.enable()  # off while start-up imported (see run_with_flags)
     collector = loop.create_task(gc_policy.collect_periodically())
-    log.debug("start-up objects frozen out of cyclic GC",
-              extra={"objects": gc.get_freeze_count(), "gen0_threshold": gc.get_threshold()[0],
-                     "collect_every_s": gc_policy.YOUNG_EVERY_S})
+    log.debug(
+        "start-up objects frozen out of cyclic GC",
+        extra={
+            "objects": gc.get_freeze_count(),
+            "gen0_threshold": gc.get_threshold()[0],
+            "collect_every_s": gc_policy.YOUNG_EVERY_S,
+        },
+    )
     await stop.wait()
     log.info("draining", extra={"inflight": app.exchange.inflight, "drain_timeout": config.drain_timeout})
     collector.cancel()
@@ -103,8 +107,11 @@ def run_with_flags(flags: dict) -> int:
     from sigv4proxy.runtime.app import ListenError
 
     try:
-        return asyncio.run(serve_until_signalled(config, reuse_port=bool(os.environ.get("SIGV4PROXY_WORKER_ID")),
-                                                 credentials=credentials))
+        return asyncio.run(
+            serve_until_signalled(
+                config, reuse_port=bool(os.environ.get("SIGV4PROXY_WORKER_ID")), credentials=credentials
+            )
+        )
     except ListenError as exc:
         print(f"sigv4proxy: {exc.strerror}", file=sys.stderr)
         return 1

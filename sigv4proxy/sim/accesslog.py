@@ -14,16 +14,39 @@ import json
 import pathlib
 import sys
 from dataclasses import dataclass
-from typing import Any, Deque, TextIO
+from typing import Any, TextIO
 
 # The fields of a Lattice service access log record, in the order the simulator writes them.
 FIELDS: tuple[str, ...] = (
-    "startTime", "serviceNetworkArn", "serviceArn", "targetGroupArn", "resolvedUser",
-    "listenerType", "sourceVpcArn", "sourceVpcId", "destinationVpcId", "sourceIpPort",
-    "targetIpPort", "hostHeader", "serverNameIndication", "requestMethod", "requestPath",
-    "protocol", "responseCode", "bytesReceived", "bytesSent", "duration",
-    "requestToTargetDuration", "responseFromTargetDuration", "userAgent", "sslCipher",
-    "tlsVersion", "callerPrincipal", "callerPrincipalTags", "authDeniedReason", "failureReason",
+    "startTime",
+    "serviceNetworkArn",
+    "serviceArn",
+    "targetGroupArn",
+    "resolvedUser",
+    "listenerType",
+    "sourceVpcArn",
+    "sourceVpcId",
+    "destinationVpcId",
+    "sourceIpPort",
+    "targetIpPort",
+    "hostHeader",
+    "serverNameIndication",
+    "requestMethod",
+    "requestPath",
+    "protocol",
+    "responseCode",
+    "bytesReceived",
+    "bytesSent",
+    "duration",
+    "requestToTargetDuration",
+    "responseFromTargetDuration",
+    "userAgent",
+    "sslCipher",
+    "tlsVersion",
+    "callerPrincipal",
+    "callerPrincipalTags",
+    "authDeniedReason",
+    "failureReason",
 )
 
 
@@ -31,13 +54,13 @@ FIELDS: tuple[str, ...] = (
 class AccessLogSink:
     """Keeps the last `max_records` records and writes each one as a JSON line to `stream`."""
 
-    records: Deque[dict[str, Any]]
+    records: collections.deque[dict[str, Any]]
     stream: TextIO | None
     owns_stream: bool
 
     @classmethod
-    def open(cls, target: "str | pathlib.Path | TextIO | None", max_records: int) -> "AccessLogSink":
-        records: Deque[dict[str, Any]] = collections.deque(maxlen=max_records)
+    def open(cls, target: str | pathlib.Path | TextIO | None, max_records: int) -> AccessLogSink:
+        records: collections.deque[dict[str, Any]] = collections.deque(maxlen=max_records)
         if target is None:
             return cls(records, None, False)
         if target == "-":

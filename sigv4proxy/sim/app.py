@@ -23,9 +23,10 @@ import hashlib
 import json
 import time
 import uuid
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Any, Callable, Iterator
+from typing import Any
 from urllib.parse import unquote
 
 from sigv4proxy.sim.accesslog import AccessLogSink, new_record
@@ -133,7 +134,7 @@ class SimApp:
     double_encode_path: bool = True  # how the canonical URI is built (`--uri-path-escaping`)
     source_vpc_arn: str = "arn:aws:ec2:us-west-2:111122223333:vpc/vpc-0sim0000000000000"
 
-    def begin(self, head: RequestHead) -> "Exchange":
+    def begin(self, head: RequestHead) -> Exchange:
         return Exchange(self, head)
 
 
@@ -161,8 +162,9 @@ class Exchange:
         if has_auth or app.require_auth:
             view = RequestView(head.method, head.raw_path, head.raw_query, head.headers)
             try:
-                verified = verify_request(view, VerifyContext(app.identities, app.region, app.service, app.clock(),
-                                                              app.double_encode_path))
+                verified = verify_request(
+                    view, VerifyContext(app.identities, app.region, app.service, app.clock(), app.double_encode_path)
+                )
             except AuthFailure as exc:
                 self.failure, self.denied_reason = exc, exc.exception
                 return
@@ -182,9 +184,14 @@ class Exchange:
                 k, _, v = piece.partition("=")
                 query.append((unquote(k), unquote(v)))
         return RequestFacts(
-            method=head.method, path=head.raw_path, headers=head.headers, query=query,
-            port=head.local_port, service_arn=self.app.service_arn,
-            service_network_arn=self.app.service_network_arn, source_ip=head.peer[0],
+            method=head.method,
+            path=head.raw_path,
+            headers=head.headers,
+            query=query,
+            port=head.local_port,
+            service_arn=self.app.service_arn,
+            service_network_arn=self.app.service_network_arn,
+            source_ip=head.peer[0],
             source_vpc=self.app.source_vpc_arn.rpartition("/")[2],
             source_vpc_owner_account=self.app.source_vpc_arn.split(":")[4],
         )
@@ -198,15 +205,17 @@ class Exchange:
         common = [("x-amzn-requestid", self.request_id)]
         if self.failure is not None:
             f = self.failure
-            return _json_response(f.status, {"Message": f"{f.exception}: {f.message}"},
-                                  [("x-amzn-errortype", f.exception), *common])
+            return _json_response(
+                f.status, {"Message": f"{f.exception}: {f.message}"}, [("x-amzn-errortype", f.exception), *common]
+            )
         try:
             n_bytes = _int_hook(self.head, "x-sim-response-bytes", 0, MAX_SIM_RESPONSE_BYTES)
             status = _int_hook(self.head, "x-sim-status", 200, 599) or 200
             delay_ms = _int_hook(self.head, "x-sim-delay-ms", 0, MAX_SIM_DELAY_MS)
         except HookError as exc:
-            return _json_response(400, {"Message": f"ValidationException: {exc}"},
-                                  [("x-amzn-errortype", "ValidationException"), *common])
+            return _json_response(
+                400, {"Message": f"ValidationException: {exc}"}, [("x-amzn-errortype", "ValidationException"), *common]
+            )
         if delay_ms:
             await asyncio.sleep(delay_ms / 1000)
         headers = [*common, *self.lattice_headers()]
@@ -229,8 +238,10 @@ class Exchange:
         return [
             ("x-amzn-lattice-identity", "; ".join(parts)),
             ("x-amzn-lattice-network", f"SourceVpcArn={self.app.source_vpc_arn}"),
-            ("x-amzn-lattice-target", f"ServiceArn={self.app.service_arn}; "
-                                      f"ServiceNetworkArn={self.app.service_network_arn}"),
+            (
+                "x-amzn-lattice-target",
+                f"ServiceArn={self.app.service_arn}; ServiceNetworkArn={self.app.service_network_arn}",
+            ),
         ]
 
     def echo(self) -> dict[str, Any]:
@@ -248,33 +259,36 @@ class Exchange:
             "body_length": self.body_length,
         }
 
-    def finish(self, status: int, bytes_sent: int, failure_reason: str | None = None,
-               first_byte_at: float | None = None) -> None:
+    def finish(
+        self, status: int, bytes_sent: int, failure_reason: str | None = None, first_byte_at: float | None = None
+    ) -> None:
         """Writes the access-log record (explicit fields only: never a header dump)."""
         head, ident, now = self.head, self.identity, time.time()
         rec = new_record()
-        rec.update({
-            "startTime": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.started)),
-            "serviceNetworkArn": self.app.service_network_arn,
-            "serviceArn": self.app.service_arn,
-            "sourceVpcArn": self.app.source_vpc_arn,
-            "sourceVpcId": self.app.source_vpc_arn.rpartition("/")[2],
-            "sourceIpPort": f"{head.peer[0]}:{head.peer[1]}",
-            "hostHeader": head.authority or "-",
-            "requestMethod": head.method,
-            "requestPath": head.raw_path,
-            "protocol": head.protocol,
-            "responseCode": status,
-            "bytesReceived": self.body_length,
-            "bytesSent": bytes_sent,
-            "duration": int((now - self.started) * 1000),
-            "requestToTargetDuration": int(((first_byte_at or now) - self.started) * 1000),
-            "userAgent": header_value(head.headers, "user-agent") or "-",
-            "callerPrincipal": ident.principal if ident else "-",
-            "callerPrincipalTags": dict(ident.principal_tags) if ident and ident.principal_tags else "-",
-            "authDeniedReason": self.denied_reason,
-            "failureReason": failure_reason or "-",
-        })
+        rec.update(
+            {
+                "startTime": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.started)),
+                "serviceNetworkArn": self.app.service_network_arn,
+                "serviceArn": self.app.service_arn,
+                "sourceVpcArn": self.app.source_vpc_arn,
+                "sourceVpcId": self.app.source_vpc_arn.rpartition("/")[2],
+                "sourceIpPort": f"{head.peer[0]}:{head.peer[1]}",
+                "hostHeader": head.authority or "-",
+                "requestMethod": head.method,
+                "requestPath": head.raw_path,
+                "protocol": head.protocol,
+                "responseCode": status,
+                "bytesReceived": self.body_length,
+                "bytesSent": bytes_sent,
+                "duration": int((now - self.started) * 1000),
+                "requestToTargetDuration": int(((first_byte_at or now) - self.started) * 1000),
+                "userAgent": header_value(head.headers, "user-agent") or "-",
+                "callerPrincipal": ident.principal if ident else "-",
+                "callerPrincipalTags": dict(ident.principal_tags) if ident and ident.principal_tags else "-",
+                "authDeniedReason": self.denied_reason,
+                "failureReason": failure_reason or "-",
+            }
+        )
         if head.tls is not None:
             rec.update({"sslCipher": head.tls.cipher, "tlsVersion": head.tls.version, "listenerType": "HTTPS"})
         else:

@@ -1,9 +1,10 @@
 """The `sigv4proxy sim` and `sigv4proxy policy check` subcommands.
 
-Owns: their flags and exit codes. `sim` runs the local Lattice simulator until SIGINT/SIGTERM
-(on uvloop) and then stops cleanly, printing how many connections it closed at its limits; `policy check` evaluates an auth policy for one described
-request (no network) and prints ALLOW/DENY with the statement that decided it.
-Must never: print a secret or a session token (only principals, Sids and reasons are printed).
+Owns: their flags and exit codes. `sim` runs the local Lattice simulator until SIGINT/SIGTERM (on
+uvloop) and then stops cleanly, printing how many connections it closed at its limits; `policy
+check` evaluates an auth policy for one described request (no network) and prints ALLOW/DENY with
+the statement that decided it. Must never: print a secret or a session token (only principals, Sids
+and reasons are printed).
 """
 
 from __future__ import annotations
@@ -14,10 +15,10 @@ import json
 import signal
 import sys
 
+from sigv4proxy.sim import DEFAULT_SERVICE_ARN, URI_PATH_ESCAPINGS
 from sigv4proxy.sim.conditions import PolicyError
 from sigv4proxy.sim.identities import IdentitiesError, Identity, IdentityStore
 from sigv4proxy.sim.policy import Policy, RequestFacts, denial_message, evaluate
-from sigv4proxy.sim import DEFAULT_SERVICE_ARN, URI_PATH_ESCAPINGS
 
 
 def _listen(value: str) -> tuple[str, int]:
@@ -51,18 +52,32 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     sim.add_argument("--policy", help="auth policy JSON file (default: allow every authenticated caller)")
     sim.add_argument("--service-arn", default=DEFAULT_SERVICE_ARN)
     sim.add_argument("--region", default="us-west-2")
-    sim.add_argument("--uri-path-escaping", choices=URI_PATH_ESCAPINGS, default="double",
-                     help="verify with the path encoded once more (double, the SigV4 rule) or as it "
-                          "arrived (single); a request signed the other way gets a 403")
+    sim.add_argument(
+        "--uri-path-escaping",
+        choices=URI_PATH_ESCAPINGS,
+        default="double",
+        help="verify with the path encoded once more (double, the SigV4 rule) or as it "
+        "arrived (single); a request signed the other way gets a 403",
+    )
     sim.add_argument("--tls-cert", help="PEM certificate: serve TLS with ALPN h2/http1.1")
     sim.add_argument("--tls-key", help="PEM private key for --tls-cert")
     sim.add_argument("--access-log", help="access-log file, or - for stdout")
-    sim.add_argument("--idle-timeout", type=_seconds, default=60.0, metavar="SECONDS",
-                     help="close a connection with no request in flight for this long, as Lattice does "
-                          "(default 60; Lattice allows 60-600; 0: off)")
-    sim.add_argument("--max-connection-age", type=_seconds, default=600.0, metavar="SECONDS",
-                     help="retire every connection this long after it opened, as Lattice does after 10 "
-                          "minutes (default 600; 0: off)")
+    sim.add_argument(
+        "--idle-timeout",
+        type=_seconds,
+        default=60.0,
+        metavar="SECONDS",
+        help="close a connection with no request in flight for this long, as Lattice does "
+        "(default 60; Lattice allows 60-600; 0: off)",
+    )
+    sim.add_argument(
+        "--max-connection-age",
+        type=_seconds,
+        default=600.0,
+        metavar="SECONDS",
+        help="retire every connection this long after it opened, as Lattice does after 10 "
+        "minutes (default 600; 0: off)",
+    )
     sim.set_defaults(func=run_sim)
 
     policy = subparsers.add_parser("policy", help="auth-policy tools")
@@ -91,6 +106,7 @@ def _caller(principal: str, identities_file: str | None) -> Identity | None:
             return found
     # A bare principal: role ARN and account are derived from the ARN.
     from sigv4proxy.sim.identities import identity_from_dict
+
     return identity_from_dict({"access_key_id": "-", "secret_access_key": "-", "principal": principal}, "--principal")
 
 
@@ -101,8 +117,15 @@ def run_policy_check(args: argparse.Namespace) -> int:
     except (PolicyError, IdentitiesError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    facts = RequestFacts(method=args.method, path=args.path, headers=args.header, query=args.query,
-                         port=args.port, service_arn=args.service_arn, source_ip=args.source_ip)
+    facts = RequestFacts(
+        method=args.method,
+        path=args.path,
+        headers=args.header,
+        query=args.query,
+        port=args.port,
+        service_arn=args.service_arn,
+        source_ip=args.source_ip,
+    )
     decision = evaluate(policy, identity, facts)
     where = f"statement {decision.statement}" if decision.statement else "no statement"
     if decision.allowed:
@@ -122,9 +145,12 @@ async def _serve(cfg) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     scheme = "https" if cfg.tls_cert else "http"
-    print(f"sigv4proxy sim listening on {scheme}://{server.host}:{server.port} (HTTP/1.1 + h2; "
-          f"idle close {cfg.idle_timeout:g} s, max connection age {cfg.max_connection_age:g} s)",
-          file=sys.stderr, flush=True)
+    print(
+        f"sigv4proxy sim listening on {scheme}://{server.host}:{server.port} (HTTP/1.1 + h2; "
+        f"idle close {cfg.idle_timeout:g} s, max connection age {cfg.max_connection_age:g} s)",
+        file=sys.stderr,
+        flush=True,
+    )
     try:
         await stop.wait()
     finally:
@@ -138,16 +164,26 @@ def run_sim(args: argparse.Namespace) -> int:
     from sigv4proxy.sim.server import SimConfig
 
     host, port = args.listen
-    cfg = SimConfig(host=host, port=port, identities=args.identities, policy=args.policy,
-                    service_arn=args.service_arn, region=args.region, tls_cert=args.tls_cert,
-                    tls_key=args.tls_key, access_log=args.access_log,
-                    uri_path_escaping=args.uri_path_escaping, idle_timeout=args.idle_timeout,
-                    max_connection_age=args.max_connection_age)
+    cfg = SimConfig(
+        host=host,
+        port=port,
+        identities=args.identities,
+        policy=args.policy,
+        service_arn=args.service_arn,
+        region=args.region,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        access_log=args.access_log,
+        uri_path_escaping=args.uri_path_escaping,
+        idle_timeout=args.idle_timeout,
+        max_connection_age=args.max_connection_age,
+    )
     try:
         import uvloop
+
         runner = uvloop.run
     except ImportError:  # pragma: no cover - uvloop is a runtime dependency
-        runner = asyncio.run
+        runner = asyncio.run  # type: ignore[assignment]
     try:
         runner(_serve(cfg))
     except (PolicyError, IdentitiesError, ValueError, OSError) as exc:

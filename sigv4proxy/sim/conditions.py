@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import ipaddress
 import re
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Callable, Mapping, Sequence
 
 
 class PolicyError(ValueError):
@@ -38,7 +38,7 @@ def _arn_like(pattern: str, value: str) -> bool:
     p_parts, v_parts = pattern.split(":", 5), value.split(":", 5)
     if len(p_parts) != 6 or len(v_parts) != 6:
         return False
-    return all(glob_match(p, v) for p, v in zip(p_parts, v_parts))
+    return all(glob_match(p, v) for p, v in zip(p_parts, v_parts, strict=True))
 
 
 def _number(text: str) -> float | None:
@@ -52,6 +52,7 @@ def _numeric(cmp: Callable[[float, float], bool]) -> Callable[[str, str], bool]:
     def match(policy_value: str, value: str) -> bool:
         a, b = _number(value), _number(policy_value)
         return a is not None and b is not None and cmp(a, b)
+
     return match
 
 
@@ -94,9 +95,9 @@ class Operator:
     if_exists: bool
 
     @classmethod
-    def parse(cls, name: str) -> "Operator":
-        qualifier, _, rest = name.rpartition(":")
-        qualifier = qualifier.lower() or None
+    def parse(cls, name: str) -> Operator:
+        prefix, _, rest = name.rpartition(":")
+        qualifier = prefix.lower() or None
         if qualifier not in (None, "foranyvalue", "forallvalues"):
             raise PolicyError(f"unknown condition set qualifier in '{name}'")
         base = rest.lower()

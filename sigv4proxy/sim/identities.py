@@ -10,13 +10,14 @@ from __future__ import annotations
 import hmac
 import pathlib
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
+
+from sigv4proxy.sim import read_json_file
 
 _ASSUMED_ROLE = re.compile(r"^arn:(aws[\w-]*):sts::(\d{12}):assumed-role/([^/]+)/(.+)$")
 _ARN_ACCOUNT = re.compile(r"^arn:aws[\w-]*:(?:iam|sts)::(\d{12}):")
-
-from sigv4proxy.sim import read_json_file
 
 
 class IdentitiesError(ValueError):
@@ -106,13 +107,13 @@ class IdentityStore:
         return f"IdentityStore({len(self)} identities)"
 
     @classmethod
-    def from_document(cls, doc: Any) -> "IdentityStore":
+    def from_document(cls, doc: Any) -> IdentityStore:
         if not isinstance(doc, Mapping) or not isinstance(doc.get("identities"), list):
             raise IdentitiesError("identities document must be an object with an 'identities' list")
         return cls([identity_from_dict(raw, f"identities[{i}]") for i, raw in enumerate(doc["identities"])])
 
     @classmethod
-    def load(cls, source: "str | pathlib.Path | Mapping[str, Any] | IdentityStore | None") -> "IdentityStore":
+    def load(cls, source: str | pathlib.Path | Mapping[str, Any] | IdentityStore | None) -> IdentityStore:
         """Accepts a path, an already-parsed document, a store, or None (no identities)."""
         if source is None:
             return cls([])

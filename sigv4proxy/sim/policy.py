@@ -9,8 +9,9 @@ Must never: let a malformed policy through silently (it raises PolicyError when 
 from __future__ import annotations
 
 import pathlib
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 from sigv4proxy.sim import read_json_file
 from sigv4proxy.sim.conditions import ConditionClause, Context, PolicyError, glob_match, parse_condition_block
@@ -19,8 +20,16 @@ from sigv4proxy.sim.identities import Identity
 INVOKE_ACTION = "vpc-lattice-svcs:Invoke"
 ANONYMOUS = "anonymous"
 
-__all__ = ["Decision", "Policy", "PolicyError", "RequestFacts", "Statement", "build_context",
-           "evaluate", "denial_message"]
+__all__ = [
+    "Decision",
+    "Policy",
+    "PolicyError",
+    "RequestFacts",
+    "Statement",
+    "build_context",
+    "evaluate",
+    "denial_message",
+]
 
 
 @dataclass(frozen=True)
@@ -61,7 +70,7 @@ def _parse_principal(raw: Any, where: str) -> PrincipalSpec:
     if raw == "*":
         return PrincipalSpec(any=True)
     if not isinstance(raw, Mapping):
-        raise PolicyError(f"{where}: Principal must be \"*\" or an object like {{\"AWS\": ...}}")
+        raise PolicyError(f'{where}: Principal must be "*" or an object like {{"AWS": ...}}')
     aws = raw.get("AWS")
     entries = aws if isinstance(aws, list) else ([] if aws is None else [aws])
     if not all(isinstance(e, str) for e in entries):
@@ -126,7 +135,7 @@ def parse_statement(raw: Any, index: int) -> Statement:
         raise PolicyError(f"{where} must be an object")
     effect = raw.get("Effect")
     if effect not in ("Allow", "Deny"):
-        raise PolicyError(f"{where}: Effect must be \"Allow\" or \"Deny\"")
+        raise PolicyError(f'{where}: Effect must be "Allow" or "Deny"')
     principal, not_principal = _pair(raw, "Principal", "NotPrincipal", where, True)
     actions, not_actions = _pair(raw, "Action", "NotAction", where, True)
     resources, not_resources = _pair(raw, "Resource", "NotResource", where, True)
@@ -152,7 +161,7 @@ class Policy:
     statements: tuple[Statement, ...]
 
     @classmethod
-    def from_document(cls, doc: Any) -> "Policy":
+    def from_document(cls, doc: Any) -> Policy:
         if not isinstance(doc, Mapping):
             raise PolicyError("policy must be a JSON object")
         raw = doc.get("Statement")
@@ -162,7 +171,7 @@ class Policy:
         return cls(tuple(parse_statement(s, i) for i, s in enumerate(items)))
 
     @classmethod
-    def load(cls, source: "str | pathlib.Path | Mapping[str, Any] | Policy") -> "Policy":
+    def load(cls, source: str | pathlib.Path | Mapping[str, Any] | Policy) -> Policy:
         if isinstance(source, Policy):
             return source
         if isinstance(source, Mapping):
@@ -197,7 +206,7 @@ def build_context(facts: RequestFacts, identity: Identity | None) -> dict[str, l
         ctx.setdefault(f"vpc-lattice-svcs:requestheader/{name.lower()}", []).append(value)
     for key, value in facts.query:
         ctx.setdefault(f"vpc-lattice-svcs:requestquerystring/{key.lower()}", []).append(value)
-    optional = {
+    optional: dict[str, str | None] = {
         "vpc-lattice-svcs:port": str(facts.port) if facts.port is not None else None,
         "vpc-lattice-svcs:servicenetworkarn": facts.service_network_arn,
         "vpc-lattice-svcs:sourcevpc": facts.source_vpc,
@@ -205,21 +214,24 @@ def build_context(facts: RequestFacts, identity: Identity | None) -> dict[str, l
         "aws:sourceip": facts.source_ip,
     }
     if identity is not None:
-        optional.update({
-            "aws:principalarn": identity.role_arn or identity.principal,
-            "aws:principalaccount": identity.account,
-            "aws:principalorgid": identity.org_id,
-        })
+        optional.update(
+            {
+                "aws:principalarn": identity.role_arn or identity.principal,
+                "aws:principalaccount": identity.account,
+                "aws:principalorgid": identity.org_id,
+            }
+        )
         for tag, value in identity.principal_tags.items():
             ctx[f"aws:principaltag/{tag.lower()}"] = [value]
-    for key, value in optional.items():
-        if value is not None:
-            ctx[key] = [value]
+    for key, known in optional.items():
+        if known is not None:
+            ctx[key] = [known]
     return ctx
 
 
-def evaluate(policy: Policy | None, identity: Identity | None, facts: RequestFacts,
-             action: str = INVOKE_ACTION) -> Decision:
+def evaluate(
+    policy: Policy | None, identity: Identity | None, facts: RequestFacts, action: str = INVOKE_ACTION
+) -> Decision:
     """IAM logic: an applicable Deny wins; else the first applicable Allow; else default deny.
 
     `policy=None` means no auth policy: every authenticated caller is allowed, anonymous is not.
@@ -243,7 +255,9 @@ def evaluate(policy: Policy | None, identity: Identity | None, facts: RequestFac
 
 def denial_message(decision: Decision, principal: str | None, resource: str) -> str:
     # IAM's wording: "... with an explicit deny in ..." has no "because".
-    why = ("with an explicit deny in a service-based policy" if decision.reason == "explicit_deny"
-           else "because no service-based policy allows the vpc-lattice-svcs:Invoke action")
-    return (f"User: {principal or ANONYMOUS} is not authorized to perform: {INVOKE_ACTION} "
-            f"on resource: {resource} {why}")
+    why = (
+        "with an explicit deny in a service-based policy"
+        if decision.reason == "explicit_deny"
+        else "because no service-based policy allows the vpc-lattice-svcs:Invoke action"
+    )
+    return f"User: {principal or ANONYMOUS} is not authorized to perform: {INVOKE_ACTION} on resource: {resource} {why}"

@@ -18,12 +18,12 @@ import time
 from http import HTTPStatus
 from typing import TYPE_CHECKING
 
-import h11
 import h2.config
 import h2.connection
 import h2.errors
 import h2.events
 import h2.exceptions
+import h11
 from hyperframe.frame import GoAwayFrame
 
 from sigv4proxy.sim.app import Exchange, ResponsePlan
@@ -58,7 +58,7 @@ def _strip_absolute_form(target: str) -> str:
 class H1Handler:
     protocol = "HTTP/1.1"
 
-    def __init__(self, conn: "Connection") -> None:
+    def __init__(self, conn: Connection) -> None:
         self.conn = conn
         self.h11 = h11.Connection(h11.SERVER)
         self.exchange: Exchange | None = None
@@ -130,8 +130,9 @@ class H1Handler:
             headers.append(("connection", "close"))  # h11 then closes after this response
         sent, first_byte_at = 0, None
         try:
-            self.conn.write(self.h11.send(h11.Response(status_code=plan.status, headers=headers,
-                                                       reason=_reason(plan.status))))
+            self.conn.write(
+                self.h11.send(h11.Response(status_code=plan.status, headers=headers, reason=_reason(plan.status)))
+            )
             first_byte_at = time.time()
             if not head_only:
                 for chunk in plan.chunks():
@@ -163,7 +164,7 @@ class H1Handler:
 class H2Handler:
     protocol = "HTTP/2"
 
-    def __init__(self, conn: "Connection") -> None:
+    def __init__(self, conn: Connection) -> None:
         self.conn = conn
         config = h2.config.H2Configuration(client_side=False, header_encoding=None)
         self.h2 = h2.connection.H2Connection(config=config)
@@ -280,8 +281,11 @@ class H2Handler:
             plan = await exchange.respond()
             head_only = exchange.head.method == "HEAD"
             length = plan.stream_bytes if plan.stream_bytes is not None else len(plan.body)
-            headers = [(":status", str(plan.status)), *((n, v) for n, v in plan.headers if n not in _HOP_BY_HOP),
-                       ("content-length", str(length))]
+            headers = [
+                (":status", str(plan.status)),
+                *((n, v) for n, v in plan.headers if n not in _HOP_BY_HOP),
+                ("content-length", str(length)),
+            ]
             no_body = head_only or length == 0
             self.h2.send_headers(stream_id, headers, end_stream=no_body and not plan.trailers)
             self._flush()
@@ -316,7 +320,7 @@ class H2Handler:
                 await event.wait()
                 continue
             n = min(window, len(chunk) - offset)
-            self.h2.send_data(stream_id, bytes(view[offset:offset + n]))
+            self.h2.send_data(stream_id, bytes(view[offset : offset + n]))
             self._flush()
             offset += n
             await self.conn.drain()

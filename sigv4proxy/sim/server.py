@@ -17,9 +17,11 @@ import collections
 import pathlib
 import ssl
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, TextIO
+from typing import Any, TextIO
 
+from sigv4proxy.sim import DEFAULT_NETWORK_ARN, DEFAULT_SERVICE_ARN, URI_PATH_ESCAPINGS  # noqa: F401 (re-exported)
 from sigv4proxy.sim.accesslog import AccessLogSink
 from sigv4proxy.sim.app import RequestHead, SimApp, TlsInfo
 from sigv4proxy.sim.identities import IdentityStore
@@ -28,23 +30,21 @@ from sigv4proxy.sim.protocols import H1Handler, H2Handler
 
 H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 
-from sigv4proxy.sim import DEFAULT_NETWORK_ARN, DEFAULT_SERVICE_ARN, URI_PATH_ESCAPINGS  # noqa: F401 (ARNs re-exported)
-
 
 @dataclass
 class SimConfig:
     host: str = "127.0.0.1"
     port: int = 0
-    identities: "str | pathlib.Path | Mapping[str, Any] | IdentityStore | None" = None
-    policy: "str | pathlib.Path | Mapping[str, Any] | Policy | None" = None  # None: allow all authenticated
+    identities: str | pathlib.Path | Mapping[str, Any] | IdentityStore | None = None
+    policy: str | pathlib.Path | Mapping[str, Any] | Policy | None = None  # None: allow all authenticated
     service_arn: str = DEFAULT_SERVICE_ARN
     service_network_arn: str = DEFAULT_NETWORK_ARN
     region: str = "us-west-2"
     service: str = "vpc-lattice-svcs"
     uri_path_escaping: str = "double"  # or "single": the canonical URI is the path as it arrived
-    tls_cert: "str | pathlib.Path | None" = None
-    tls_key: "str | pathlib.Path | None" = None
-    access_log: "str | pathlib.Path | TextIO | None" = None  # path, "-" for stdout, or a stream
+    tls_cert: str | pathlib.Path | None = None
+    tls_key: str | pathlib.Path | None = None
+    access_log: str | pathlib.Path | TextIO | None = None  # path, "-" for stdout, or a stream
     clock: Callable[[], float] = time.time
     require_auth: bool = True
     max_records: int = 10_000
@@ -57,7 +57,7 @@ class SimConfig:
 class Connection(asyncio.Protocol):
     """One accepted connection: sniffs the protocol, then hands bytes to the h11 or h2 handler."""
 
-    def __init__(self, server: "SimServer") -> None:
+    def __init__(self, server: SimServer) -> None:
         self.server = server
         self.transport: asyncio.Transport | None = None
         self.handler: H1Handler | H2Handler | None = None
@@ -181,8 +181,9 @@ class Connection(asyncio.Protocol):
         else:
             self.handler.retire()
 
-    def head(self, protocol: str, method: str, target: str, authority: str | None,
-             headers: list[tuple[str, str]]) -> RequestHead:
+    def head(
+        self, protocol: str, method: str, target: str, authority: str | None, headers: list[tuple[str, str]]
+    ) -> RequestHead:
         assert self.transport is not None
         peer = self.transport.get_extra_info("peername") or ("-", 0)
         sock = self.transport.get_extra_info("sockname") or ("-", 0)
@@ -227,8 +228,7 @@ class SimServer:
 
     async def _listen(self, ssl_ctx: ssl.SSLContext | None) -> None:
         loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(lambda: Connection(self), self.cfg.host, self.cfg.port,
-                                                ssl=ssl_ctx)
+        self._server = await loop.create_server(lambda: Connection(self), self.cfg.host, self.cfg.port, ssl=ssl_ctx)
 
     async def aclose(self) -> None:
         if self._server is not None:
@@ -248,14 +248,14 @@ class SimServer:
             self._server = None
         self.app.log.close()
 
-    async def __aenter__(self) -> "SimServer":
+    async def __aenter__(self) -> SimServer:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
         await self.aclose()
 
 
-def tls_context(cert: "str | pathlib.Path", key: "str | pathlib.Path") -> ssl.SSLContext:
+def tls_context(cert: str | pathlib.Path, key: str | pathlib.Path) -> ssl.SSLContext:
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     ctx.load_cert_chain(str(cert), str(key))
     ctx.set_alpn_protocols(["h2", "http/1.1"])
@@ -264,8 +264,9 @@ def tls_context(cert: "str | pathlib.Path", key: "str | pathlib.Path") -> ssl.SS
 
 def build_app(cfg: SimConfig) -> SimApp:
     if cfg.uri_path_escaping not in URI_PATH_ESCAPINGS:
-        raise ValueError(f"uri_path_escaping must be one of {', '.join(URI_PATH_ESCAPINGS)}; "
-                         f"got {cfg.uri_path_escaping!r}")
+        raise ValueError(
+            f"uri_path_escaping must be one of {', '.join(URI_PATH_ESCAPINGS)}; got {cfg.uri_path_escaping!r}"
+        )
     return SimApp(
         identities=IdentityStore.load(cfg.identities),
         policy=Policy.load(cfg.policy) if cfg.policy is not None else None,

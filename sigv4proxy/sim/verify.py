@@ -17,9 +17,10 @@ import hashlib
 import hmac
 import re
 from calendar import timegm
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from time import gmtime, strftime, strptime
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import TYPE_CHECKING
 from urllib.parse import quote, quote_from_bytes, unquote_to_bytes
 
 from sigv4proxy.sim.identities import Identity, IdentityStore
@@ -105,6 +106,7 @@ class Verified:
 
 # --- canonicalization (pure) ---
 
+
 def canonical_uri(raw_path: str, double_encode: bool = True) -> str:
     """Remove dot and empty segments, then URI-encode the (already encoded) path once more, or
     with `double_encode=False` keep it as it arrived (it is already encoded once)."""
@@ -146,7 +148,10 @@ def header_value(headers: Headers, name: str) -> str | None:
 
 
 def canonical_request(
-    req: RequestView, signed_headers: Sequence[str], signed_headers_raw: str, payload_hash: str,
+    req: RequestView,
+    signed_headers: Sequence[str],
+    signed_headers_raw: str,
+    payload_hash: str,
     double_encode: bool = True,
 ) -> str:
     lines = []
@@ -156,8 +161,14 @@ def canonical_request(
             raise incomplete(f"'{name}' is named as a SignedHeader, but it does not exist in the HTTP request.")
         lines.append(f"{name}:{value}\n")
     return "\n".join(
-        [req.method, canonical_uri(req.raw_path, double_encode), canonical_query(req.raw_query), "".join(lines),
-         signed_headers_raw, payload_hash]
+        [
+            req.method,
+            canonical_uri(req.raw_path, double_encode),
+            canonical_query(req.raw_query),
+            "".join(lines),
+            signed_headers_raw,
+            payload_hash,
+        ]
     )
 
 
@@ -180,6 +191,7 @@ def compute_signature(secret: str, auth: AuthorizationHeader, amz_date: str, cre
 
 # --- the Authorization header ---
 
+
 def parse_authorization(value: str) -> AuthorizationHeader:
     algorithm, _, rest = value.strip().partition(" ")
     params: dict[str, str] = {}
@@ -192,15 +204,18 @@ def parse_authorization(value: str) -> AuthorizationHeader:
             raise incomplete(f"Authorization header requires '{required}' parameter.")
     cred = params["Credential"].split("/")
     if len(cred) != 5 or not all(cred):
-        raise incomplete("Credential must have exactly 5 slash-delimited elements, e.g. keyid/date/region/service/term.")
+        raise incomplete(
+            "Credential must have exactly 5 slash-delimited elements, e.g. keyid/date/region/service/term."
+        )
     signed = params["SignedHeaders"]
     names = tuple(signed.split(";"))
     if not all(names) or any(n != n.lower() for n in names):
         raise incomplete("SignedHeaders must be a ';'-separated list of lowercase header names.")
     if not re.fullmatch(r"[0-9a-f]{64}", params["Signature"]):
         raise incomplete("Signature must be 64 lowercase hex characters.")
-    return AuthorizationHeader(algorithm, cred[0], cred[1], cred[2], cred[3], cred[4], names, signed,
-                               params["Signature"])
+    return AuthorizationHeader(
+        algorithm, cred[0], cred[1], cred[2], cred[3], cred[4], names, signed, params["Signature"]
+    )
 
 
 def check_date_and_host(req: RequestView, auth) -> str:
@@ -220,7 +235,10 @@ def check_scope(auth, amz_date: str, ctx: VerifyContext) -> None:
     if auth.terminator != "aws4_request":
         raise invalid("Credential should be scoped with a valid terminator: 'aws4_request'.")
     if auth.date != amz_date[:8]:
-        raise invalid(f"Date in Credential scope does not match YYYYMMDD from ISO-8601 version of date from HTTP: '{auth.date}' != '{amz_date[:8]}'.")
+        raise invalid(
+            f"Date in Credential scope does not match YYYYMMDD from ISO-8601 version of date from HTTP: '{auth.date}'"
+            f" != '{amz_date[:8]}'."
+        )
     if auth.service != ctx.service:
         raise invalid(f"Credential should be scoped to correct service: '{ctx.service}'.")
 
@@ -230,9 +248,15 @@ def check_time_payload_and_key(req: RequestView, ctx: VerifyContext, amz_date: s
     and its session token. Returns the identity."""
     signed_at = _amz_epoch(amz_date)
     if signed_at < ctx.now - MAX_SKEW_SECONDS:
-        raise invalid(f"Signature expired: {amz_date} is now earlier than {_fmt(ctx.now - MAX_SKEW_SECONDS)} ({_fmt(ctx.now)} - 5 min.)")
+        raise invalid(
+            f"Signature expired: {amz_date} is now earlier than {_fmt(ctx.now - MAX_SKEW_SECONDS)} ({_fmt(ctx.now)} -"
+            f" 5 min.)"
+        )
     if signed_at > ctx.now + MAX_SKEW_SECONDS:
-        raise invalid(f"Signature not yet current: {amz_date} is still later than {_fmt(ctx.now + MAX_SKEW_SECONDS)} ({_fmt(ctx.now)} + 5 min.)")
+        raise invalid(
+            f"Signature not yet current: {amz_date} is still later than {_fmt(ctx.now + MAX_SKEW_SECONDS)} "
+            f"({_fmt(ctx.now)} + 5 min.)"
+        )
     payload_hash = header_value(req.headers, "x-amz-content-sha256")
     if payload_hash is None:
         raise incomplete("Missing required header: x-amz-content-sha256 (use UNSIGNED-PAYLOAD).")
@@ -256,6 +280,7 @@ def _fmt(epoch: float) -> str:
 
 # --- verification ---
 
+
 @dataclass(frozen=True)
 class VerifyContext:
     identities: IdentityStore
@@ -272,8 +297,9 @@ def verify_sigv4(req: RequestView, auth_value: str, ctx: VerifyContext) -> Verif
     if auth.region != ctx.region:
         raise invalid(f"Credential should be scoped to a valid region, not '{auth.region}'.")
     identity = check_time_payload_and_key(req, ctx, amz_date, auth.access_key_id)
-    creq = canonical_request(req, auth.signed_headers, auth.signed_headers_raw, UNSIGNED_PAYLOAD,
-                             ctx.double_encode_path)
+    creq = canonical_request(
+        req, auth.signed_headers, auth.signed_headers_raw, UNSIGNED_PAYLOAD, ctx.double_encode_path
+    )
     expected = compute_signature(identity.secret_access_key, auth, amz_date, creq)
     if not hmac.compare_digest(expected, auth.signature):
         raise invalid(MISMATCH)

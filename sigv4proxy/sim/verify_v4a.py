@@ -73,17 +73,20 @@ class V4AAuthorization:
 
 # --- key derivation (pure) ---
 
+
 def _kdf_input(access_key_id: str, counter: int) -> bytes:
     # SP 800-108 fixed input: i (32-bit, always 1: one 256-bit block) || Label || 0x00 ||
     # Context (access key id || the external counter byte) || L (32-bit, 256 bits wanted).
-    return b"".join((
-        (1).to_bytes(4, "big"),
-        SIGV4A_ALGORITHM.encode("ascii"),
-        b"\x00",
-        access_key_id.encode("utf-8"),
-        counter.to_bytes(1, "big"),
-        (256).to_bytes(4, "big"),
-    ))
+    return b"".join(
+        (
+            (1).to_bytes(4, "big"),
+            SIGV4A_ALGORITHM.encode("ascii"),
+            b"\x00",
+            access_key_id.encode("utf-8"),
+            counter.to_bytes(1, "big"),
+            (256).to_bytes(4, "big"),
+        )
+    )
 
 
 def private_scalar(access_key_id: str, secret_access_key: str) -> int:
@@ -110,6 +113,7 @@ def public_key_for(access_key_id: str, secret_access_key: str) -> ec.EllipticCur
 
 # --- string to sign and signature (pure) ---
 
+
 def string_to_sign_v4a(amz_date: str, scope: str, creq: str) -> str:
     digest = hashlib.sha256(creq.encode("utf-8", "surrogateescape")).hexdigest()
     return f"{SIGV4A_ALGORITHM}\n{amz_date}\n{scope}\n{digest}"
@@ -134,6 +138,7 @@ def region_set_covers(region_set: str, region: str) -> bool:
 
 # --- the Authorization header ---
 
+
 def parse_authorization_v4a(value: str) -> V4AAuthorization:
     algorithm, _, rest = value.strip().partition(" ")
     if algorithm != SIGV4A_ALGORITHM:
@@ -149,8 +154,10 @@ def parse_authorization_v4a(value: str) -> V4AAuthorization:
         raise incomplete("Authorization header requires 'Credential' parameter.")
     cred = params["Credential"].split("/")
     if len(cred) != 4 or not all(cred):
-        raise incomplete("Credential must have exactly 4 slash-delimited elements for SigV4A "
-                         "(AWS4-ECDSA-P256-SHA256), e.g. keyid/date/service/term.")
+        raise incomplete(
+            "Credential must have exactly 4 slash-delimited elements for SigV4A "
+            "(AWS4-ECDSA-P256-SHA256), e.g. keyid/date/service/term."
+        )
     for required in ("SignedHeaders", "Signature"):
         if required not in params:
             raise incomplete(f"Authorization header requires '{required}' parameter.")
@@ -165,6 +172,7 @@ def parse_authorization_v4a(value: str) -> V4AAuthorization:
 
 # --- verification ---
 
+
 def verify_sigv4a(req: RequestView, auth_value: str, ctx: VerifyContext) -> Verified:
     """Verify a SigV4A-signed request; raises AuthFailure with the Lattice exception name."""
     auth = parse_authorization_v4a(auth_value)
@@ -178,8 +186,9 @@ def verify_sigv4a(req: RequestView, auth_value: str, ctx: VerifyContext) -> Veri
     if not region_set_covers(region_set, ctx.region):
         raise invalid(f"X-Amz-Region-Set should include the region '{ctx.region}', not '{region_set[:100]}'.")
     identity = check_time_payload_and_key(req, ctx, amz_date, auth.access_key_id)
-    creq = canonical_request(req, auth.signed_headers, auth.signed_headers_raw, UNSIGNED_PAYLOAD,
-                             ctx.double_encode_path)
+    creq = canonical_request(
+        req, auth.signed_headers, auth.signed_headers_raw, UNSIGNED_PAYLOAD, ctx.double_encode_path
+    )
     sts = string_to_sign_v4a(amz_date, auth.scope, creq)
     public_key = public_key_for(identity.access_key_id, identity.secret_access_key)
     if not signature_matches(public_key, auth.signature, sts):

@@ -21,9 +21,20 @@ from sigv4proxy.errors import ProxyError
 if TYPE_CHECKING:
     from sigv4proxy.aws.signing import SigV4Signer
 
-CALL_FLAGS = ("region", "service", "upstream", "upstream_protocol", "ca_bundle", "verify_tls",
-              "role_arn", "profile", "extra_signed_headers", "connect_timeout", "first_byte_timeout",
-              "uri_path_escaping")
+CALL_FLAGS = (
+    "region",
+    "service",
+    "upstream",
+    "upstream_protocol",
+    "ca_bundle",
+    "verify_tls",
+    "role_arn",
+    "profile",
+    "extra_signed_headers",
+    "connect_timeout",
+    "first_byte_timeout",
+    "uri_path_escaping",
+)
 
 
 def _header(text: str) -> tuple[str, str]:
@@ -37,12 +48,11 @@ def _parse_url(url: str) -> SplitResult | None:
     """The split URL, or None after printing why it cannot be sent (exit status 2)."""
     # Whitespace or control characters would end up in the request line or :path as sent.
     if any(ch.isspace() or ord(ch) < 0x20 or ord(ch) == 0x7F for ch in url):
-        print("sigv4proxy call: bad URL: whitespace or control characters (percent-encode them)",
-              file=sys.stderr)
+        print("sigv4proxy call: bad URL: whitespace or control characters (percent-encode them)", file=sys.stderr)
         return None
     try:
         parts = urlsplit(url)
-        parts.port  # raises ValueError for a non-numeric or out-of-range port
+        parts.port  # noqa: B018 - raises ValueError for a non-numeric or out-of-range port
     except ValueError as exc:
         print(f"sigv4proxy call: bad URL: {exc}", file=sys.stderr)
         return None
@@ -56,21 +66,25 @@ def path_escaping_note(signer: SigV4Signer, path: str) -> str:
     """The canonical URI under each path escaping, and which one `signer` signs."""
     from sigv4proxy.aws.signing import canonical_uri
 
-    uris = {mode: canonical_uri(path, normalize=signer.normalize_path, double_encode=mode == "double")
-            for mode in config_mod.URI_PATH_ESCAPINGS}
+    uris = {
+        mode: canonical_uri(path, normalize=signer.normalize_path, double_encode=mode == "double")
+        for mode in config_mod.URI_PATH_ESCAPINGS
+    }
     signed = "double" if signer.double_encode_path else "single"
     if uris["double"] == uris["single"]:
         return f"Canonical URI: {uris[signed]} (the same with --uri-path-escaping double or single)"
     other = "single" if signed == "double" else "double"
-    return (f"Canonical URI with --uri-path-escaping {signed}: {uris[signed]}  <- signed\n"
-            f"Canonical URI with --uri-path-escaping {other}: {uris[other]}\n"
-            f"They differ for this path: if the service answers 403 (signature mismatch), try "
-            f"--uri-path-escaping {other}.")
+    return (
+        f"Canonical URI with --uri-path-escaping {signed}: {uris[signed]}  <- signed\n"
+        f"Canonical URI with --uri-path-escaping {other}: {uris[other]}\n"
+        f"They differ for this path: if the service answers 403 (signature mismatch), try "
+        f"--uri-path-escaping {other}."
+    )
 
 
 async def call(args: argparse.Namespace, out=sys.stdout) -> int:
-    from sigv4proxy.runtime.app import credentials_from_config, pool_from_config
     from sigv4proxy.aws.routing import Router
+    from sigv4proxy.runtime.app import credentials_from_config, pool_from_config
 
     parts = _parse_url(args.url)
     if parts is None:
@@ -111,8 +125,9 @@ async def call(args: argparse.Namespace, out=sys.stdout) -> int:
         added = target.signer.sign(method, path, query, signing_headers, creds, now)
         wire = [(n.encode("latin-1"), v.encode("latin-1")) for n, v in headers + added]
         started = time.perf_counter()
-        response = await pool.request(target.origin, method.encode(), raw_target.encode("latin-1"),
-                                       target.authority_bytes, wire, body)
+        response = await pool.request(
+            target.origin, method.encode(), raw_target.encode("latin-1"), target.authority_bytes, wire, body
+        )
         first_byte = time.perf_counter()
         chunks = []
         async for chunk in response:
@@ -122,8 +137,7 @@ async def call(args: argparse.Namespace, out=sys.stdout) -> int:
         print(f"{response.http_version} {response.status}", file=out)
         for name, value in response.headers:
             print(f"{name.decode('latin-1')}: {value.decode('latin-1')}", file=out)
-        print(f"# first byte {1000 * (first_byte - started):.1f} ms, total {1000 * (done - started):.1f} ms",
-              file=out)
+        print(f"# first byte {1000 * (first_byte - started):.1f} ms, total {1000 * (done - started):.1f} ms", file=out)
         print("", file=out)
         out.write(b"".join(chunks).decode("utf-8", "replace"))
         if chunks and not chunks[-1].endswith(b"\n"):
@@ -154,7 +168,8 @@ def register(subparsers) -> None:
     parser.add_argument("-X", "--request", dest="method", help="method (default GET, or POST with -d)")
     parser.add_argument("-H", "--header", action="append", type=_header, help="'Name: value' (repeatable)")
     parser.add_argument("-d", "--data", help="request body")
-    parser.add_argument("--explain", action="store_true",
-                        help="print the canonical request and string to sign (no secrets)")
+    parser.add_argument(
+        "--explain", action="store_true", help="print the canonical request and string to sign (no secrets)"
+    )
     config_mod.add_arguments(parser, CALL_FLAGS)
     parser.set_defaults(func=run)

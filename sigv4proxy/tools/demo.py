@@ -39,19 +39,25 @@ def demo_config(listen: str, admin: str, sim_port: int, protocol: str = "h2") ->
 
 
 async def run_demo(args: argparse.Namespace, stop: asyncio.Event | None = None) -> int:
-    from sigv4proxy.runtime.app import ProxyApp
     from sigv4proxy.aws.credentials import CredentialStore
+    from sigv4proxy.runtime.app import ProxyApp
     from sigv4proxy.sim.server import SimConfig, start_simulator
 
     sim_host, _, sim_port = args.sim_listen.rpartition(":")
-    sim = await start_simulator(SimConfig(
-        host=sim_host, port=int(sim_port), identities=demo_file("identities.json"),
-        policy=demo_file("auth-policy.json"), service_arn=DEMO_SERVICE_ARN,
-        access_log=sys.stdout if args.access_log else None,
-    ))
+    sim = await start_simulator(
+        SimConfig(
+            host=sim_host,
+            port=int(sim_port),
+            identities=demo_file("identities.json"),
+            policy=demo_file("auth-policy.json"),
+            service_arn=DEMO_SERVICE_ARN,
+            access_log=sys.stdout if args.access_log else None,
+        )
+    )
     identity = demo_identity()
-    credentials = CredentialStore.static(identity["access_key_id"], identity["secret_access_key"],
-                                         identity.get("session_token"))
+    credentials = CredentialStore.static(
+        identity["access_key_id"], identity["secret_access_key"], identity.get("session_token")
+    )
     app = ProxyApp(demo_config(args.listen, args.admin, sim.port, args.protocol), credentials=credentials)
     try:
         await app.start()
@@ -59,7 +65,8 @@ async def run_demo(args: argparse.Namespace, stop: asyncio.Event | None = None) 
         hello = f"{proxy}/hello" if proxy.startswith("http") else f"'http://{proxy}/hello'"  # [::1] globs
         print(
             "sigv4proxy demo is running (Ctrl-C to stop):\n"
-            f"  proxy      {args.listen}  -> simulator {sim.host}:{sim.port} over {args.protocol}, signing for {DEMO_HOST}\n"
+            f"  proxy      {args.listen}  -> simulator {sim.host}:{sim.port} over {args.protocol}, signing for "
+            f"{DEMO_HOST}\n"
             f"  admin      http://127.0.0.1:{app.admin_port}/metrics  /healthz  /readyz\n"
             "Try:\n"
             f"  curl {hello}                       # signed by the proxy: 200 with what the simulator verified\n"
@@ -87,8 +94,9 @@ def run(args: argparse.Namespace) -> int:
     try:
         return asyncio.run(run_demo(args))
     except OSError as exc:
-        print(f"sigv4proxy demo: cannot start: {exc.strerror or exc} (is something already on the port?)",
-              file=sys.stderr)
+        print(
+            f"sigv4proxy demo: cannot start: {exc.strerror or exc} (is something already on the port?)", file=sys.stderr
+        )
         return 1
 
 
@@ -97,8 +105,9 @@ def register(subparsers) -> None:
     parser.add_argument("--listen", default="127.0.0.1:8080")
     parser.add_argument("--admin", default="127.0.0.1:9901")
     parser.add_argument("--sim-listen", default="127.0.0.1:8081")
-    parser.add_argument("--protocol", choices=config_mod.PROTOCOLS, default="h2",
-                        help="proxy to simulator protocol (default h2c)")
+    parser.add_argument(
+        "--protocol", choices=config_mod.PROTOCOLS, default="h2", help="proxy to simulator protocol (default h2c)"
+    )
     parser.add_argument("--access-log", action="store_true", help="print the simulator's access log")
     parser.add_argument("--log-level", default="warning")
     parser.set_defaults(func=run)

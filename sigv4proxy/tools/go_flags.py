@@ -13,12 +13,20 @@ import re
 
 # Go flag → our setting (documented in docs/guide.md's drop-in table).
 GO_FLAGS = {
-    "--name": "service", "--region": "region", "--host": "route (catch-all to the host)",
-    "--sign-host": "route sign_host", "--port": "listen", "--upstream-url-scheme": "route scheme",
-    "--unsigned-payload": "(always on: bodies stream unsigned)", "--role-arn": "role_arn",
-    "--strip/-s": "strip_header", "--custom-headers": "add_header",
-    "--duplicate-headers": "duplicate_header", "--no-verify-ssl": "verify_tls=false",
-    "-v/--verbose": "log_level=debug", "--log-failed-requests": "access_log",
+    "--name": "service",
+    "--region": "region",
+    "--host": "route (catch-all to the host)",
+    "--sign-host": "route sign_host",
+    "--port": "listen",
+    "--upstream-url-scheme": "route scheme",
+    "--unsigned-payload": "(always on: bodies stream unsigned)",
+    "--role-arn": "role_arn",
+    "--strip/-s": "strip_header",
+    "--custom-headers": "add_header",
+    "--duplicate-headers": "duplicate_header",
+    "--no-verify-ssl": "verify_tls=false",
+    "-v/--verbose": "log_level=debug",
+    "--log-failed-requests": "access_log",
     "--transport.idle-conn-timeout": "idle_timeout",
 }
 
@@ -38,8 +46,7 @@ def _duration(text: str) -> float:
 
 
 def go_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="sigv4proxy", add_help=False,
-                                description="aws-sigv4-proxy compatible flags")
+    p = argparse.ArgumentParser(prog="sigv4proxy", add_help=False, description="aws-sigv4-proxy compatible flags")
     p.add_argument("-v", "--verbose", action="store_true")
     p.add_argument("--log-failed-requests", action="store_true")
     p.add_argument("--log-signing-process", action="store_true")

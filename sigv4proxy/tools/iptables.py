@@ -31,8 +31,8 @@ import shlex
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 # Lattice's data plane: AWS-managed prefix lists com.amazonaws.<region>.vpc-lattice and
 # com.amazonaws.<region>.ipv6.vpc-lattice.
@@ -88,8 +88,10 @@ class RuleSpec:
             raise InvalidRuleSpec(f"duplicate destination in {list(self.destinations)}")
         for network in self.networks:
             if ipaddress.ip_network(network).version != self.family:
-                raise InvalidRuleSpec(f"destination {network} is not IPv{self.family} "
-                                      f"({DEFAULT_TOOLS[self.family]} takes IPv{self.family} only)")
+                raise InvalidRuleSpec(
+                    f"destination {network} is not IPv{self.family} "
+                    f"({DEFAULT_TOOLS[self.family]} takes IPv{self.family} only)"
+                )
         if not _CHAIN_NAME.match(self.chain) or self.chain in ("OUTPUT", "PREROUTING", "INPUT"):
             raise InvalidRuleSpec(f"chain name must be 1-28 of [A-Za-z0-9_-] and not built in: {self.chain!r}")
         if not self.tool or any(ch.isspace() for ch in self.tool):
@@ -107,10 +109,16 @@ def _network(cidr: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
         raise InvalidRuleSpec(f"destination is not a valid CIDR: {exc}") from None
 
 
-def family_specs(destinations: Sequence[str] = LATTICE_DESTINATIONS, *, proxy_port: int = 8080,
-                 proxy_uid: int = 101, ports: Sequence[int] = DEFAULT_PORTS,
-                 chain: str = DEFAULT_CHAIN, iptables: str = "iptables",
-                 ip6tables: str = "ip6tables") -> list[RuleSpec]:
+def family_specs(
+    destinations: Sequence[str] = LATTICE_DESTINATIONS,
+    *,
+    proxy_port: int = 8080,
+    proxy_uid: int = 101,
+    ports: Sequence[int] = DEFAULT_PORTS,
+    chain: str = DEFAULT_CHAIN,
+    iptables: str = "iptables",
+    ip6tables: str = "ip6tables",
+) -> list[RuleSpec]:
     """One spec per address family among `destinations` (IPv4 first), each CIDR going to the
     tool of its family."""
     if not destinations:
@@ -119,9 +127,10 @@ def family_specs(destinations: Sequence[str] = LATTICE_DESTINATIONS, *, proxy_po
     by_family: dict[int, list[str]] = {}
     for cidr in destinations:
         by_family.setdefault(_network(cidr).version, []).append(cidr)
-    return [RuleSpec(proxy_port, proxy_uid, tuple(by_family[family]), tuple(ports), chain,
-                     tools[family], family)
-            for family in sorted(by_family)]
+    return [
+        RuleSpec(proxy_port, proxy_uid, tuple(by_family[family]), tuple(ports), chain, tools[family], family)
+        for family in sorted(by_family)
+    ]
 
 
 def _check_port(port: object, what: str) -> None:
@@ -144,8 +153,23 @@ def nat_rules(spec: RuleSpec) -> list[list[str]]:
     ]
     for network in spec.networks:
         for port in spec.ports:
-            rules.append(nat + ["-A", spec.chain, "-p", "tcp", "-d", network, "--dport", str(port),
-                                "-j", "REDIRECT", "--to-ports", str(spec.proxy_port)])
+            rules.append(
+                nat
+                + [
+                    "-A",
+                    spec.chain,
+                    "-p",
+                    "tcp",
+                    "-d",
+                    network,
+                    "--dport",
+                    str(port),
+                    "-j",
+                    "REDIRECT",
+                    "--to-ports",
+                    str(spec.proxy_port),
+                ]
+            )
     for network in spec.networks:
         rules.append(nat + ["-A", "OUTPUT", "-p", "tcp", "-d", network, "-j", spec.chain])
     return rules
@@ -203,8 +227,10 @@ def ipv6_enabled(if_inet6: str = IF_INET6) -> bool:
 
 
 def _ipv6_off_warning(spec: RuleSpec) -> str:
-    return (f"warning: IPv6 is off in this network namespace (no address in {IF_INET6}): "
-            f"{spec.tool} rules for {', '.join(spec.networks)} skipped; nothing here can reach them")
+    return (
+        f"warning: IPv6 is off in this network namespace (no address in {IF_INET6}): "
+        f"{spec.tool} rules for {', '.join(spec.networks)} skipped; nothing here can reach them"
+    )
 
 
 def _ipv4_only_hint(spec: RuleSpec) -> str:
@@ -213,8 +239,10 @@ def _ipv4_only_hint(spec: RuleSpec) -> str:
 
 def _missing_tool(spec: RuleSpec) -> str:
     flag = "--ip6tables" if spec.family == 6 else "--iptables"
-    return (f"{spec.tool} not found: install iptables (Debian: apt-get install iptables) "
-            f"or name it with {flag} PATH{_ipv4_only_hint(spec)}")
+    return (
+        f"{spec.tool} not found: install iptables (Debian: apt-get install iptables) "
+        f"or name it with {flag} PATH{_ipv4_only_hint(spec)}"
+    )
 
 
 def _shell_step(step: Step) -> str:
@@ -235,8 +263,9 @@ def render_shell(sections: list[Section], header: str) -> str:
     for spec, _ in sections:
         only_with_ipv6 = '[ -z "$ipv6" ] || ' if spec.family == 6 else ""
         error = shlex.quote(f"sigv4proxy iptables: error: {_missing_tool(spec)}")
-        lines.append(f"{only_with_ipv6}command -v {shlex.quote(spec.tool)} >/dev/null 2>&1 "
-                     f"|| {{ echo {error} >&2; exit 1; }}")
+        lines.append(
+            f"{only_with_ipv6}command -v {shlex.quote(spec.tool)} >/dev/null 2>&1 || {{ echo {error} >&2; exit 1; }}"
+        )
     for spec, steps in sections:
         if spec.family == 6:
             lines += ['if [ -n "$ipv6" ]; then', *(f"  {_shell_step(step)}" for step in steps), "fi"]
@@ -265,9 +294,7 @@ def _failure(argv: list[str], result: subprocess.CompletedProcess[str]) -> Iptab
     detail = (result.stderr or result.stdout or "").strip().splitlines()
     reason = detail[-1][:300] if detail else f"exit status {result.returncode}"
     if any(hint in reason.lower() for hint in _PERMISSION_HINTS):
-        return IptablesError(
-            f"not permitted to change nat rules ({reason}): run as root with CAP_NET_ADMIN"
-        )
+        return IptablesError(f"not permitted to change nat rules ({reason}): run as root with CAP_NET_ADMIN")
     return IptablesError(f"{shlex.join(argv)} failed: {reason}")
 
 
@@ -325,31 +352,48 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "http://<service>.vpc-lattice-svcs.<region>.on.aws (plain HTTP); the proxy signs "
         "and forwards to the original destination (port 443 over TLS). Needs root with CAP_NET_ADMIN to --apply.",
     )
-    parser.add_argument("--proxy-port", type=_arg(_port), default=8080,
-                        help="port the proxy listens on (default 8080)")
-    parser.add_argument("--proxy-uid", type=_arg(int), default=101,
-                        help="uid the proxy runs as; its traffic is exempt (default 101)")
-    parser.add_argument("--destination", action="append", metavar="CIDR",
-                        help="CIDR to redirect, repeatable; IPv4 ones go to iptables, IPv6 ones to "
-                        f"ip6tables (default {LATTICE_IPV4} and {LATTICE_IPV6}, Lattice's ranges)")
-    parser.add_argument("--ports", type=_arg(_ports), default=DEFAULT_PORTS,
-                        help="comma-separated destination ports to redirect (default 80,443)")
+    parser.add_argument("--proxy-port", type=_arg(_port), default=8080, help="port the proxy listens on (default 8080)")
+    parser.add_argument(
+        "--proxy-uid", type=_arg(int), default=101, help="uid the proxy runs as; its traffic is exempt (default 101)"
+    )
+    parser.add_argument(
+        "--destination",
+        action="append",
+        metavar="CIDR",
+        help="CIDR to redirect, repeatable; IPv4 ones go to iptables, IPv6 ones to "
+        f"ip6tables (default {LATTICE_IPV4} and {LATTICE_IPV6}, Lattice's ranges)",
+    )
+    parser.add_argument(
+        "--ports",
+        type=_arg(_ports),
+        default=DEFAULT_PORTS,
+        help="comma-separated destination ports to redirect (default 80,443)",
+    )
     parser.add_argument("--chain", default=DEFAULT_CHAIN, help=f"chain name (default {DEFAULT_CHAIN})")
-    parser.add_argument("--iptables", default="iptables",
-                        help="iptables binary, e.g. iptables-legacy (default iptables)")
-    parser.add_argument("--ip6tables", default="ip6tables",
-                        help="ip6tables binary, e.g. ip6tables-legacy (default ip6tables)")
+    parser.add_argument(
+        "--iptables", default="iptables", help="iptables binary, e.g. iptables-legacy (default iptables)"
+    )
+    parser.add_argument(
+        "--ip6tables", default="ip6tables", help="ip6tables binary, e.g. ip6tables-legacy (default ip6tables)"
+    )
     parser.add_argument("--apply", action="store_true", help="run the commands instead of printing")
-    parser.add_argument("--remove", action="store_true",
-                        help="delete the rules and chain instead (printed unless --apply)")
+    parser.add_argument(
+        "--remove", action="store_true", help="delete the rules and chain instead (printed unless --apply)"
+    )
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     try:
-        specs = family_specs(args.destination or LATTICE_DESTINATIONS, proxy_port=args.proxy_port,
-                             proxy_uid=args.proxy_uid, ports=args.ports, chain=args.chain,
-                             iptables=args.iptables, ip6tables=args.ip6tables)
+        specs = family_specs(
+            args.destination or LATTICE_DESTINATIONS,
+            proxy_port=args.proxy_port,
+            proxy_uid=args.proxy_uid,
+            ports=args.ports,
+            chain=args.chain,
+            iptables=args.iptables,
+            ip6tables=args.ip6tables,
+        )
     except InvalidRuleSpec as exc:
         print(f"sigv4proxy iptables: error: {exc}", file=sys.stderr)
         return 2
@@ -357,8 +401,10 @@ def run(args: argparse.Namespace) -> int:
     if not args.apply:
         action = "remove" if args.remove else "apply"
         networks = ", ".join(n for spec in specs for n in spec.networks)
-        header = (f"sigv4proxy transparent-mode nat rules ({action}) for {networks}; idempotent; "
-                  f"`sigv4proxy iptables{' --remove' if args.remove else ''} --apply` runs them")
+        header = (
+            f"sigv4proxy transparent-mode nat rules ({action}) for {networks}; idempotent; "
+            f"`sigv4proxy iptables{' --remove' if args.remove else ''} --apply` runs them"
+        )
         sys.stdout.write(render_shell(sections, header))
         return 0
     ipv6 = [spec for spec in specs if spec.family == 6]

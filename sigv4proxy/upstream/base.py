@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import ssl
-from collections.abc import AsyncIterable, AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
@@ -64,12 +64,12 @@ class EventWait:
     async def wait_event(self, timeout: float | None) -> bool:
         """False when `timeout` passed first."""
         loop = self.conn.loop
-        waiter = self.waiter = loop.create_future()
+        waiter = self.waiter = loop.create_future()  # type: ignore[misc]  # the subclass has the slot
         timer = None if timeout is None else loop.call_later(timeout, expire_waiter, waiter)
         try:
             return await waiter
         finally:
-            self.waiter = None
+            self.waiter = None  # type: ignore[misc]
             if timer is not None:
                 timer.cancel()
 
@@ -98,12 +98,20 @@ def check_request_fields(method: bytes, target: bytes, authority: bytes, headers
     if not target or not method:
         raise BadRequest("request method or target is empty")
     for name, value in headers:
-        if b"\r" in value or b"\n" in value or b"\x00" in value or \
-                b"\r" in name or b"\n" in name or b"\x00" in name or b":" in name or not name:
+        if (
+            b"\r" in value
+            or b"\n" in value
+            or b"\x00" in value
+            or b"\r" in name
+            or b"\n" in name
+            or b"\x00" in name
+            or b":" in name
+            or not name
+        ):
             raise BadRequest("request header contains CR, LF or NUL, or a bad name")
 
 
-def request_trailers(body: Body) -> list[tuple[bytes, bytes]]:
+def request_trailers(body: object) -> list[tuple[bytes, bytes]]:
     """Trailer fields a streamed request body offers once its iteration has ended (gRPC-style):
     HTTP/2 sends them as a trailing HEADERS frame, HTTP/1.1 after the last chunk of a chunked
     body (a body with a declared length has no room for them). Names and values are checked like
@@ -113,8 +121,16 @@ def request_trailers(body: Body) -> list[tuple[bytes, bytes]]:
         return []
     fields = [(name.lower(), value) for name, value in trailers]
     for name, value in fields:
-        if b"\r" in value or b"\n" in value or b"\x00" in value or \
-                b"\r" in name or b"\n" in name or b"\x00" in name or b":" in name or not name:
+        if (
+            b"\r" in value
+            or b"\n" in value
+            or b"\x00" in value
+            or b"\r" in name
+            or b"\n" in name
+            or b"\x00" in name
+            or b":" in name
+            or not name
+        ):
             raise BadRequest("request trailer contains CR, LF or NUL, or a bad name")
     return fields
 
@@ -169,8 +185,14 @@ class Response:
 
     __slots__ = ("status", "headers", "http_version", "_body", "reason")
 
-    def __init__(self, status: int, headers: list[tuple[bytes, bytes]], http_version: str,
-                 body: ResponseBody, reason: bytes | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        headers: list[tuple[bytes, bytes]],
+        http_version: str,
+        body: ResponseBody,
+        reason: bytes | None = None,
+    ) -> None:
         self.status = status
         self.headers = headers  # no pseudo-headers; names as received
         self.http_version = http_version
@@ -228,6 +250,7 @@ class Connection(Protocol):
     def capacity(self) -> int:
         """How many more requests it could take right now (0 when not available)."""
         ...
+
     def is_idle(self) -> bool: ...
     def is_closed(self) -> bool: ...
     def has_expired(self, now: float) -> bool: ...
@@ -237,9 +260,16 @@ class Connection(Protocol):
         """Returns once the connection can take requests (h2: the peer's SETTINGS arrived)."""
         ...
 
-    async def handle_request(self, method: bytes, target: bytes, authority: bytes,
-                             headers: Headers, body: Body, interim: Interim | None = None,
-                             expect_continue: bool = False) -> Response:
+    async def handle_request(
+        self,
+        method: bytes,
+        target: bytes,
+        authority: bytes,
+        headers: Headers,
+        body: Body,
+        interim: Interim | None = None,
+        expect_continue: bool = False,
+    ) -> Response:
         """`interim` gets the 1xx responses; `expect_continue` holds a streamed body until the
         upstream's 100 or final answer, or `Timeouts.expect_continue` (the request carries the
         `expect: 100-continue` field)."""
@@ -249,7 +279,7 @@ class Connection(Protocol):
 
 
 # `on_change(connection)` is called when a slot frees, the connection becomes ready, or it closes.
-OnChange = Callable[[Connection], None]
+OnChange = Callable[[Any], None]  # called with the Connection (implemented structurally by its classes)
 # Builds a connection object for an already open transport; the pool attaches it as the protocol.
 ConnectionFactory = Callable[[Origin, Timeouts, OnChange], Connection]
 
@@ -304,8 +334,7 @@ _DNS_REASONS = {
 }
 
 
-async def open_transport(origin: Origin, ssl_context: ssl.SSLContext | None,
-                         timeout: float) -> OpenedTransport:
+async def open_transport(origin: Origin, ssl_context: ssl.SSLContext | None, timeout: float) -> OpenedTransport:
     """TCP connect (+ TLS handshake with SNI/ALPN for https) within `timeout`, as typed errors.
 
     A host name is resolved by the loop's getaddrinfo on every call: nothing here caches an
@@ -317,12 +346,14 @@ async def open_transport(origin: Origin, ssl_context: ssl.SSLContext | None,
     if tls:
         if ssl_context is None:
             raise UpstreamConnectError("https origin without a TLS context")
-        kwargs = {"ssl": ssl_context, "server_hostname": origin.server_hostname or origin.host,
-                  "ssl_handshake_timeout": timeout}
+        kwargs = {
+            "ssl": ssl_context,
+            "server_hostname": origin.server_hostname or origin.host,
+            "ssl_handshake_timeout": timeout,
+        }
     try:
         async with asyncio.timeout(timeout):
-            transport, _ = await loop.create_connection(lambda: handover, origin.host, origin.port,
-                                                        **kwargs)
+            transport, _ = await loop.create_connection(lambda: handover, origin.host, origin.port, **kwargs)
     except TimeoutError:
         raise UpstreamTimeout("connect timed out") from None
     except ssl.SSLCertVerificationError:
@@ -332,18 +363,18 @@ async def open_transport(origin: Origin, ssl_context: ssl.SSLContext | None,
     except ConnectionRefusedError:
         raise UpstreamConnectError("connection refused") from None
     except socket.gaierror as exc:
-        raise UpstreamDnsError(_DNS_REASONS.get(exc.errno, "upstream host name lookup failed")) from None
+        raise UpstreamDnsError(_DNS_REASONS.get(exc.errno or 0, "upstream host name lookup failed")) from None
     except OSError as exc:
         raise UpstreamConnectError(f"connect failed: {type(exc).__name__}") from None
     alpn = None
     if tls:
         ssl_object = transport.get_extra_info("ssl_object")
         alpn = ssl_object.selected_alpn_protocol() if ssl_object is not None else None
-    return OpenedTransport(transport, alpn, handover)  # type: ignore[arg-type]
+    return OpenedTransport(transport, alpn, handover)
 
 
 def choose_protocol(origin: Origin, alpn: str | None) -> str:
-    """"h2" or "http1" for an opened transport, or UpstreamProtocolError if ALPN contradicts."""
+    """ "h2" or "http1" for an opened transport, or UpstreamProtocolError if ALPN contradicts."""
     if origin.scheme == "http":
         return "h2" if origin.protocol == "h2" else "http1"
     if origin.protocol == "h2":

@@ -19,7 +19,6 @@ from sigv4proxy.errors import BadRequest, ProxyError, UpstreamTimeout
 from sigv4proxy.model import Origin, Timeouts
 from sigv4proxy.upstream.base import OnChange
 
-
 AGE_JITTER = 0.1  # connections retire at a random 90-100 % of Timeouts.max_age
 
 
@@ -145,7 +144,8 @@ class ConnectionCore:
         self._age_timer: asyncio.TimerHandle | None = None
         if timeouts.max_age:
             self._age_timer = self.loop.call_later(
-                timeouts.max_age * (1 - AGE_JITTER * random.random()), self._age_reached)
+                timeouts.max_age * (1 - AGE_JITTER * random.random()), self._age_reached
+            )
 
     def _enter(self, state: ConnState) -> bool:
         """The one place `state` changes; False (and no change) if `_NEXT` has no such arrow."""
@@ -218,8 +218,10 @@ class ConnectionCore:
             self._transport.close()
 
 
-async def feed_body(body: bytes | bytearray | memoryview | AsyncIterable[bytes],
-                    send: Callable[[bytes | bytearray | memoryview], Awaitable[None]]) -> None:
+async def feed_body(
+    body: bytes | bytearray | memoryview | AsyncIterable[bytes],
+    send: Callable[[bytes | bytearray | memoryview], Awaitable[None]],
+) -> None:
     """Passes a request body to `send` chunk by chunk (empty chunks skipped), as typed errors.
 
     A body that cannot be iterated or whose iterator fails becomes BadRequest; a ProxyError from

@@ -26,7 +26,6 @@ from sigv4proxy.errors import (
     UpstreamReset,
     UpstreamTimeout,
 )
-from sigv4proxy.wire.h2_window import WindowQueue
 from sigv4proxy.model import Origin, Timeouts
 from sigv4proxy.upstream.base import (
     EventWait,
@@ -38,11 +37,14 @@ from sigv4proxy.upstream.base import (
 )
 from sigv4proxy.upstream.connection_core import (
     CLOSED as CONNECTION_CLOSED,
+)
+from sigv4proxy.upstream.connection_core import (
     GOING_AWAY,
     READY,
     RETIRING,
     ConnectionCore,
 )
+from sigv4proxy.wire.h2_window import WindowQueue
 
 CANCEL = 0x8  # RFC 9113 error codes used here (h2's ErrorCodes are the same integers)
 REFUSED_STREAM = 0x7
@@ -99,12 +101,27 @@ class H2StreamBase(EventWait):
     arrives, and its event wait. Also the `ResponseBody` the Response reads from (the engine's
     subclass defines `read`)."""
 
-    __slots__ = ("conn", "id", "state", "status", "headers", "trailers", "chunks", "sent_at",
-                 "error", "send_task", "unacked", "waiter", "window_waiter", "interim",
-                 "continue_waiter")
+    __slots__ = (
+        "conn",
+        "id",
+        "state",
+        "status",
+        "headers",
+        "trailers",
+        "chunks",
+        "sent_at",
+        "error",
+        "send_task",
+        "unacked",
+        "waiter",
+        "window_waiter",
+        "interim",
+        "continue_waiter",
+    )
 
-    def __init__(self, conn: H2ConnectionBase, stream_id: int, interim: Interim | None = None,
-                 state: StreamState = OPEN) -> None:
+    def __init__(
+        self, conn: H2ConnectionBase, stream_id: int, interim: Interim | None = None, state: StreamState = OPEN
+    ) -> None:
         self.conn = conn
         self.id = stream_id
         self.state = state  # moved by `H2ConnectionBase._move` only
@@ -260,8 +277,7 @@ class H2ConnectionBase(ConnectionCore):
                 # While uploading, the send task bounds every network wait; once the request is
                 # sent, the connection's head timer does.
                 if stream.state is HALF_CLOSED_LOCAL and self._head_timer is None:
-                    self._head_timer = self._timer_until(
-                        stream.sent_at + self.timeouts.first_byte, self._check_heads)
+                    self._head_timer = self._timer_until(stream.sent_at + self.timeouts.first_byte, self._check_heads)
                     if self._head_timer is None:
                         self.fail_stream(stream, UpstreamTimeout("no upstream response in time"))
                         continue
@@ -283,8 +299,7 @@ class H2ConnectionBase(ConnectionCore):
         now = self.loop.time()
         earliest = None
         for stream in list(self._streams.values()):
-            if stream.status is not None or stream.state is not HALF_CLOSED_LOCAL \
-                    or stream.error is not None:
+            if stream.status is not None or stream.state is not HALF_CLOSED_LOCAL or stream.error is not None:
                 continue
             deadline = stream.sent_at + self.timeouts.first_byte
             if deadline <= now:

@@ -28,8 +28,8 @@ from sigv4proxy.upstream.base import (
     ConnectionNotAvailable,
     EventWait,
     Headers,
-    OnChange,
     Interim,
+    OnChange,
     Response,
     hold_for_continue,
     request_trailers,
@@ -53,13 +53,20 @@ _FIELD_KINDS_LIMIT = 4096
 
 def _field_kind(name: bytes) -> int:
     """Checks a header name seen for the first time; remembers it while the cache has room."""
-    if not name or b":" in name or b"\r" in name or b"\n" in name or b"\x00" in name \
-            or b" " in name or b"\t" in name:
+    if not name or b":" in name or b"\r" in name or b"\n" in name or b"\x00" in name or b" " in name or b"\t" in name:
         raise BadRequest(_BAD_FIELD)
     lowered = name.lower()
-    kind = (_CONTENT_LENGTH if lowered == b"content-length"
-            else _TRANSFER_ENCODING if lowered == b"transfer-encoding"
-            else _TE if lowered == b"te" else _TRAILER if lowered == b"trailer" else _PLAIN)
+    kind = (
+        _CONTENT_LENGTH
+        if lowered == b"content-length"
+        else _TRANSFER_ENCODING
+        if lowered == b"transfer-encoding"
+        else _TE
+        if lowered == b"te"
+        else _TRAILER
+        if lowered == b"trailer"
+        else _PLAIN
+    )
     if len(_FIELD_KINDS) < _FIELD_KINDS_LIMIT:
         _FIELD_KINDS[bytes(name)] = kind
     return kind
@@ -68,9 +75,25 @@ def _field_kind(name: bytes) -> int:
 class _Exchange(EventWait):
     """One request/response on the socket; also the `ResponseBody` the Response reads from."""
 
-    __slots__ = ("conn", "is_head", "status", "reason", "headers", "trailers", "chunks", "buffered",
-                 "remote_ended", "error", "request_sent", "sent_at", "send_task", "waiter",
-                 "interim", "continue_waiter", "received")
+    __slots__ = (
+        "conn",
+        "is_head",
+        "status",
+        "reason",
+        "headers",
+        "trailers",
+        "chunks",
+        "buffered",
+        "remote_ended",
+        "error",
+        "request_sent",
+        "sent_at",
+        "send_task",
+        "waiter",
+        "interim",
+        "continue_waiter",
+        "received",
+    )
 
     def __init__(self, conn: HTTP1Connection, is_head: bool, interim: Interim | None) -> None:
         self.conn = conn
@@ -162,9 +185,16 @@ class HTTP1Connection(ConnectionCore, asyncio.Protocol):
     async def wait_ready(self, timeout: float) -> None:
         return None
 
-    async def handle_request(self, method: bytes, target: bytes, authority: bytes,
-                             headers: Headers, body: Body, interim: Interim | None = None,
-                             expect_continue: bool = False) -> Response:
+    async def handle_request(
+        self,
+        method: bytes,
+        target: bytes,
+        authority: bytes,
+        headers: Headers,
+        body: Body,
+        interim: Interim | None = None,
+        expect_continue: bool = False,
+    ) -> Response:
         if not self.is_available():
             raise ConnectionNotAvailable("connection is busy or closed")
         if not method or not target or b" " in method or b" " in target or b" " in authority:
@@ -193,7 +223,7 @@ class HTTP1Connection(ConnectionCore, asyncio.Protocol):
         if announced and has_length and body is not None and not is_bytes:
             # A streamed body with announced trailers (from HTTP/2): only chunked coding has room
             # for them after the body, so the declared length gives way.
-            del lines[length_at:length_at + 4]
+            del lines[length_at : length_at + 4]
             line_ends -= 1
             has_length = False
         if te:  # TE is hop-by-hop: its sender names it in Connection (RFC 9110 §10.1.4)
@@ -227,14 +257,20 @@ class HTTP1Connection(ConnectionCore, asyncio.Protocol):
         else:
             transport.write(head)
             exchange.send_task = self.loop.create_task(
-                self._send_body(exchange, body, chunked, expect_continue and not is_bytes))
+                self._send_body(exchange, body, chunked, expect_continue and not is_bytes)
+            )
         try:
             await self._await_head(exchange)
         except BaseException:
             await exchange.aclose()
             raise
-        return Response(exchange.status, exchange.headers, self.http_version, exchange,  # type: ignore[arg-type]
-                        exchange.reason)
+        return Response(
+            exchange.status,  # type: ignore[arg-type]  # set: the head arrived
+            exchange.headers,
+            self.http_version,
+            exchange,
+            exchange.reason,
+        )
 
     async def aclose(self) -> None:
         self.abort()
@@ -258,8 +294,7 @@ class HTTP1Connection(ConnectionCore, asyncio.Protocol):
     def _check_head(self) -> None:
         self._head_timer = None
         exchange = self._exchange
-        if self.state is CLOSED or exchange is None or exchange.status is not None \
-                or not exchange.request_sent:
+        if self.state is CLOSED or exchange is None or exchange.status is not None or not exchange.request_sent:
             return  # nothing awaited: armed again when the next request is sent
         self._head_timer = self._timer_until(exchange.sent_at + self.timeouts.first_byte, self._check_head)
         if self._head_timer is not None:
@@ -267,13 +302,13 @@ class HTTP1Connection(ConnectionCore, asyncio.Protocol):
         exchange.fail(UpstreamTimeout("no upstream response in time"))
         self.abort()
 
-    async def _send_body(self, exchange: _Exchange, body: bytes | AsyncIterable[bytes],
-                         chunked: bool, expect_continue: bool) -> None:
+    async def _send_body(
+        self, exchange: _Exchange, body: bytes | AsyncIterable[bytes], chunked: bool, expect_continue: bool
+    ) -> None:
         transport = self._transport
         assert transport is not None
         try:
-            if expect_continue and not await hold_for_continue(exchange, self.loop,
-                                                               self.timeouts.expect_continue):
+            if expect_continue and not await hold_for_continue(exchange, self.loop, self.timeouts.expect_continue):
                 return  # answered on the head alone: the body is not sent, the socket not reused
             if isinstance(body, (bytes, bytearray, memoryview)):
                 if chunked:
@@ -325,7 +360,7 @@ class HTTP1Connection(ConnectionCore, asyncio.Protocol):
         return True
 
     async def _write_chunk(self, chunk: bytes) -> None:
-        self._transport.write(chunk)
+        self._transport.write(chunk)  # type: ignore[union-attr]  # open while an exchange runs
         await self._flow.drain(self.timeouts.read)
 
     # --- asyncio.Protocol ---
@@ -375,9 +410,8 @@ class HTTP1Connection(ConnectionCore, asyncio.Protocol):
     # --- parser callbacks ---
     def _on_interim(self, status: int, headers: Fields) -> None:
         exchange: _Exchange = self._exchange  # type: ignore[assignment]
-        if status == 100:
-            if exchange.continue_waiter is not None:
-                wake(exchange.continue_waiter)  # the upstream wants the body
+        if status == 100 and exchange.continue_waiter is not None:
+            wake(exchange.continue_waiter)  # the upstream wants the body
         if exchange.interim is not None:
             exchange.interim(status, headers)
 
@@ -406,8 +440,7 @@ class HTTP1Connection(ConnectionCore, asyncio.Protocol):
         exchange.remote_ended = True
         exchange.wake()
         leftover = self._parser.has_leftover
-        if leftover or not self._parser.keep_alive or not exchange.request_sent \
-                or self.state is RETIRING:
+        if leftover or not self._parser.keep_alive or not exchange.request_sent or self.state is RETIRING:
             self.abort() if leftover else self._close_quietly()
             return
         self._exchange = None

@@ -24,6 +24,7 @@ import asyncio
 from collections import deque
 from collections.abc import AsyncIterable, Callable
 from functools import partial
+from typing import Any
 
 import h2.config
 import h2.connection
@@ -47,8 +48,7 @@ from sigv4proxy.upstream.base import (
     request_trailers,
     wake,
 )
-from sigv4proxy.upstream.connection_core import feed_body
-from sigv4proxy.upstream.connection_core import CLOSED, READY
+from sigv4proxy.upstream.connection_core import CLOSED, READY, feed_body
 from sigv4proxy.upstream.h2_common import H2ConnectionBase, H2StreamBase, status_code
 
 STREAM_WINDOW = 1 << 20  # per-stream receive window: what one slow consumer may have buffered
@@ -56,10 +56,15 @@ CONNECTION_WINDOW = 16 << 20  # shared receive window: 16 stalled streams before
 _MAX_STREAM_ID = (1 << 31) - 1
 
 _CONFIG = h2.config.H2Configuration(
-    client_side=True, header_encoding=None,
-    validate_outbound_headers=False, normalize_outbound_headers=False, split_outbound_cookies=False,
-    validate_inbound_headers=True, normalize_inbound_headers=False,
+    client_side=True,
+    header_encoding=None,
+    validate_outbound_headers=False,
+    normalize_outbound_headers=False,
+    split_outbound_cookies=False,
+    validate_inbound_headers=True,
+    normalize_inbound_headers=False,
 )
+
 
 class _Stream(H2StreamBase):
     """One request/response exchange; also the `ResponseBody` the Response reads from."""
@@ -105,34 +110,50 @@ class H2Connection(H2ConnectionBase, asyncio.Protocol):
         super().__init__(origin, timeouts, on_change)
         self._h2 = h2.connection.H2Connection(config=_CONFIG)
         keep_streams_after_goaway(self._h2)
-        self._h2.local_settings = h2.settings.Settings(client=True, initial_values={
-            h2.settings.SettingCodes.ENABLE_PUSH: 0,
-            h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: STREAM_WINDOW,
-        })
+        self._h2.local_settings = h2.settings.Settings(
+            client=True,
+            initial_values={
+                h2.settings.SettingCodes.ENABLE_PUSH: 0,
+                h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: STREAM_WINDOW,
+            },
+        )
         self._scheme = origin.scheme.encode()
 
     # --- the Connection interface ---
     def is_available(self) -> bool:
-        return (self.state is READY
-                and len(self._streams) < self._h2.remote_settings.max_concurrent_streams
-                and self._h2.highest_outbound_stream_id < _MAX_STREAM_ID - 2)
+        return (
+            self.state is READY
+            and len(self._streams) < self._h2.remote_settings.max_concurrent_streams
+            and self._h2.highest_outbound_stream_id < _MAX_STREAM_ID - 2
+        )
 
     def capacity(self) -> int:
         if not self.is_available():
             return 0
-        return max(1, min(self._h2.remote_settings.max_concurrent_streams - len(self._streams),
-                          (_MAX_STREAM_ID - 2 - self._h2.highest_outbound_stream_id) // 2))
+        return max(
+            1,
+            min(
+                self._h2.remote_settings.max_concurrent_streams - len(self._streams),
+                (_MAX_STREAM_ID - 2 - self._h2.highest_outbound_stream_id) // 2,
+            ),
+        )
 
-    async def handle_request(self, method: bytes, target: bytes, authority: bytes,
-                             headers: Headers, body: Body, interim: Interim | None = None,
-                             expect_continue: bool = False) -> Response:
+    async def handle_request(
+        self,
+        method: bytes,
+        target: bytes,
+        authority: bytes,
+        headers: Headers,
+        body: Body,
+        interim: Interim | None = None,
+        expect_continue: bool = False,
+    ) -> Response:
         check_request_fields(method, target, authority, headers)
         if not self.is_available():
             raise ConnectionNotAvailable("connection cannot take a new stream")
         stream_id = self._h2.get_next_available_stream_id()
         stream = _Stream(self, stream_id, interim)
-        fields = [(b":method", method), (b":scheme", self._scheme), (b":authority", authority),
-                  (b":path", target)]
+        fields = [(b":method", method), (b":scheme", self._scheme), (b":authority", authority), (b":path", target)]
         fields.extend([(name.lower(), value) for name, value in headers])
         is_bytes = isinstance(body, (bytes, bytearray, memoryview))
         end_stream = body is None or (is_bytes and not body)
@@ -145,8 +166,8 @@ class H2Connection(H2ConnectionBase, asyncio.Protocol):
         if end_stream:
             self.end_local(stream)
         else:
-            stream.send_task = self.loop.create_task(
-                self._send_body(stream, body, expect_continue and not is_bytes))
+            assert body is not None  # an empty one ended the stream with its head
+            stream.send_task = self.loop.create_task(self._send_body(stream, body, expect_continue and not is_bytes))
         return await self._await_response(stream)
 
     def _send_ping(self, payload: bytes) -> None:
@@ -167,8 +188,7 @@ class H2Connection(H2ConnectionBase, asyncio.Protocol):
             pass
 
     # --- request side ---
-    async def _send_body(self, stream: _Stream, body: bytes | AsyncIterable[bytes],
-                         expect_continue: bool) -> None:
+    async def _send_body(self, stream: _Stream, body: bytes | AsyncIterable[bytes], expect_continue: bool) -> None:
         try:
             if expect_continue and not await self.hold_upload(stream):
                 return  # answered on the head alone: the body is not sent (the stream is reset)
@@ -209,7 +229,7 @@ class H2Connection(H2ConnectionBase, asyncio.Protocol):
             end = offset + min(window, total - offset)
             while offset < end:
                 step = min(frame_size, end - offset)
-                self._h2.send_data(stream.id, view[offset:offset + step])
+                self._h2.send_data(stream.id, view[offset : offset + step])
                 offset += step
             self._flush()
             self._window_queue.sent(self._h2.outbound_flow_control_window)
@@ -234,7 +254,7 @@ class H2Connection(H2ConnectionBase, asyncio.Protocol):
             return
         self._flush()
 
-    def reset(self, stream: _Stream, code: int) -> None:
+    def reset(self, stream: H2StreamBase, code: int) -> None:
         if self.state is not CLOSED and not stream.state.closed:
             try:
                 self._h2.reset_stream(stream.id, code)
@@ -338,8 +358,8 @@ class H2Connection(H2ConnectionBase, asyncio.Protocol):
 
     def _on_window_updated(self, event: h2.events.WindowUpdated) -> None:
         if event.stream_id == 0:
-            for stream in self._streams.values():
-                wake(stream.window_waiter)
+            for each in self._streams.values():
+                wake(each.window_waiter)
         else:
             stream = self._streams.get(event.stream_id)
             if stream is not None:
@@ -368,8 +388,7 @@ class H2Connection(H2ConnectionBase, asyncio.Protocol):
             self._transport.write(data)
 
 
-
-_HANDLERS: dict[type, Callable[[H2Connection, object], None]] = {
+_HANDLERS: dict[type, Callable[[H2Connection, Any], None]] = {
     h2.events.ResponseReceived: H2Connection._on_response,
     h2.events.InformationalResponseReceived: H2Connection._on_informational,
     h2.events.TrailersReceived: H2Connection._on_trailers,
@@ -381,4 +400,4 @@ _HANDLERS: dict[type, Callable[[H2Connection, object], None]] = {
     h2.events.SettingsAcknowledged: H2Connection._on_settings_acked,
     h2.events.ConnectionTerminated: H2Connection._on_goaway,
     h2.events.PingAckReceived: H2Connection._on_ping_acked,
-}  # type: ignore[dict-item]
+}

@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import ssl
 from collections import deque
-from collections.abc import AsyncIterable, AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
 
@@ -56,8 +56,7 @@ class PoolStats:
 
 
 class _OriginPool:
-    __slots__ = ("origin", "connections", "ready", "waiters", "connecting", "protocol", "woken",
-                 "expiry")
+    __slots__ = ("origin", "connections", "ready", "waiters", "connecting", "protocol", "woken", "expiry")
 
     def __init__(self, origin: Origin) -> None:
         self.origin = origin
@@ -129,19 +128,22 @@ class _OriginPool:
 class ConnectionPool:
     """Pools upstream connections per `Origin`; `request` is the one entry point."""
 
-    def __init__(self, *, ssl_context: ssl.SSLContext | None = None,
-                 timeouts: Timeouts = Timeouts(), limits: PoolLimits = PoolLimits(),
-                 h2_connection_factory: ConnectionFactory | None = None,
-                 ssl_context_factory: Callable[[tuple[str, ...]], ssl.SSLContext] | None = None,
-                 origin_timeouts: Mapping[Origin, Timeouts] | None = None,
-                 on_retry: Callable[[str], None] | None = None,
-                 ) -> None:
+    def __init__(
+        self,
+        *,
+        ssl_context: ssl.SSLContext | None = None,
+        timeouts: Timeouts = Timeouts(),
+        limits: PoolLimits = PoolLimits(),
+        h2_connection_factory: ConnectionFactory | None = None,
+        ssl_context_factory: Callable[[tuple[str, ...]], ssl.SSLContext] | None = None,
+        origin_timeouts: Mapping[Origin, Timeouts] | None = None,
+        on_retry: Callable[[str], None] | None = None,
+    ) -> None:
         # `ssl_context` is used for every https origin when given (its ALPN offer then decides:
         # an "http1" origin whose peer picks h2 fails). `ssl_context_factory(alpn)` instead builds
         # one context per ALPN offer, e.g. `lambda alpn: make_client_ssl_context(ca, True, alpn)`.
         self._ssl_context = ssl_context
-        self._ssl_context_factory = ssl_context_factory or (
-            lambda alpn: make_client_ssl_context(alpn=alpn))
+        self._ssl_context_factory = ssl_context_factory or (lambda alpn: make_client_ssl_context(alpn=alpn))
         self._contexts: dict[tuple[str, ...], ssl.SSLContext] = {}
         self._timeouts = timeouts
         # Per-origin overrides (a route's own connect/first-byte/read timeouts); the wait for a
@@ -157,9 +159,17 @@ class ConnectionPool:
         self._closed = False
         self._on_retry = on_retry or (lambda reason: None)  # counts each retry by its reason
 
-    async def request(self, origin: Origin, method: bytes, target: bytes, authority: bytes,
-                      headers: Sequence[tuple[bytes, bytes]], body: Body = None,
-                      interim: Interim | None = None, expect_continue: bool = False) -> Response:
+    async def request(
+        self,
+        origin: Origin,
+        method: bytes,
+        target: bytes,
+        authority: bytes,
+        headers: Sequence[tuple[bytes, bytes]],
+        body: Body = None,
+        interim: Interim | None = None,
+        expect_continue: bool = False,
+    ) -> Response:
         """The upstream's response head (the body streams from it). `interim` receives 1xx
         responses; `expect_continue` holds a streamed body for the upstream's 100 (the request
         carries `expect: 100-continue`)."""
@@ -176,8 +186,7 @@ class ConnectionPool:
         while True:
             conn = await self._acquire(pool, fresh)
             try:
-                return await conn.handle_request(method, target, authority, headers, body, interim,
-                                                 expect_continue)
+                return await conn.handle_request(method, target, authority, headers, body, interim, expect_continue)
             except ConnectionNotAvailable:
                 refusals += 1
                 if refusals > _MAX_NOT_AVAILABLE:
@@ -188,8 +197,7 @@ class ConnectionPool:
                 retries += 1
                 self._on_retry(err.retry_reason)
             except UnansweredReset:  # maybe processed: once, on a new connection, if idempotent
-                if unanswered_retried or method not in IDEMPOTENT_METHODS or \
-                        (tracked is not None and tracked.pulled):
+                if unanswered_retried or method not in IDEMPOTENT_METHODS or (tracked is not None and tracked.pulled):
                     raise
                 unanswered_retried = fresh = True
                 self._on_retry("unanswered")
@@ -224,9 +232,9 @@ class ConnectionPool:
     # --- acquiring a slot ---
     async def _acquire(self, pool: _OriginPool, fresh: bool = False) -> Connection:
         if fresh and pool.can_open(self._limits.max_connections_per_origin):
-            conn = await self._open(pool)  # a retry after a reused connection failed under it
-            if conn.is_available():
-                return conn
+            opened = await self._open(pool)  # a retry after a reused connection failed under it
+            if opened.is_available():
+                return opened
         if not (pool.waiters or pool.woken):  # the common case: a free slot, nobody queued first
             conn = pool.pick()
             if conn is not None:
@@ -264,8 +272,7 @@ class ConnectionPool:
             try:
                 woken = await waiter
             except BaseException:
-                if waiter.done() and not waiter.cancelled() and waiter.exception() is None \
-                        and waiter.result():
+                if waiter.done() and not waiter.cancelled() and waiter.exception() is None and waiter.result():
                     pool.woken -= 1
                     self._wake_if_capacity(pool)  # pass on the wake-up we will not use
                 raise

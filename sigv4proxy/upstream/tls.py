@@ -10,8 +10,9 @@ import ssl
 from collections.abc import Sequence
 
 
-def make_client_ssl_context(ca_bundle: str | None = None, verify: bool = True,
-                            alpn: Sequence[str] = ("h2", "http/1.1")) -> ssl.SSLContext:
+def make_client_ssl_context(
+    ca_bundle: str | None = None, verify: bool = True, alpn: Sequence[str] = ("h2", "http/1.1")
+) -> ssl.SSLContext:
     """A client context: TLS >= 1.2, hostname + chain verification on unless `verify=False`.
 
     `ca_bundle` replaces the system trust store (a PEM file); ALPN offers `alpn` in order.

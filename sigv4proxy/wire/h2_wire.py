@@ -40,10 +40,20 @@ SETTINGS_TIMEOUT, STREAM_CLOSED, FRAME_SIZE_ERROR, REFUSED_STREAM = 0x4, 0x5, 0x
 CANCEL, COMPRESSION_ERROR = 0x8, 0x9
 
 ERROR_NAMES = {
-    0x0: "NO_ERROR", 0x1: "PROTOCOL_ERROR", 0x2: "INTERNAL_ERROR", 0x3: "FLOW_CONTROL_ERROR",
-    0x4: "SETTINGS_TIMEOUT", 0x5: "STREAM_CLOSED", 0x6: "FRAME_SIZE_ERROR", 0x7: "REFUSED_STREAM",
-    0x8: "CANCEL", 0x9: "COMPRESSION_ERROR", 0xa: "CONNECT_ERROR", 0xb: "ENHANCE_YOUR_CALM",
-    0xc: "INADEQUATE_SECURITY", 0xd: "HTTP_1_1_REQUIRED",
+    0x0: "NO_ERROR",
+    0x1: "PROTOCOL_ERROR",
+    0x2: "INTERNAL_ERROR",
+    0x3: "FLOW_CONTROL_ERROR",
+    0x4: "SETTINGS_TIMEOUT",
+    0x5: "STREAM_CLOSED",
+    0x6: "FRAME_SIZE_ERROR",
+    0x7: "REFUSED_STREAM",
+    0x8: "CANCEL",
+    0x9: "COMPRESSION_ERROR",
+    0xA: "CONNECT_ERROR",
+    0xB: "ENHANCE_YOUR_CALM",
+    0xC: "INADEQUATE_SECURITY",
+    0xD: "HTTP_1_1_REQUIRED",
 }
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
@@ -92,29 +102,25 @@ def ping_ack_frame(opaque: bytes) -> bytes:
     return frame(PING, FLAG_ACK, 0, opaque)
 
 
-def header_frames(stream_id: int, block: bytes, end_stream: bool,
-                  max_frame_size: int) -> list[bytes]:
+def header_frames(stream_id: int, block: bytes, end_stream: bool, max_frame_size: int) -> list[bytes]:
     """HEADERS (+ CONTINUATION when the block exceeds the peer's max frame size), as byte parts."""
     end_flag = FLAG_END_STREAM if end_stream else 0
     n = len(block)
     if n <= max_frame_size:
-        return [_pack_header(n >> 16, n & 0xFFFF, HEADERS, end_flag | FLAG_END_HEADERS, stream_id),
-                block]
+        return [_pack_header(n >> 16, n & 0xFFFF, HEADERS, end_flag | FLAG_END_HEADERS, stream_id), block]
     view = memoryview(block)
-    parts: list[bytes] = [frame_header(HEADERS, end_flag, stream_id, max_frame_size),
-                          view[:max_frame_size]]  # type: ignore[list-item]
+    parts: list[bytes] = [frame_header(HEADERS, end_flag, stream_id, max_frame_size), view[:max_frame_size]]  # type: ignore[list-item]
     offset = max_frame_size
     while offset < n:
         step = min(max_frame_size, n - offset)
         flags = FLAG_END_HEADERS if offset + step == n else 0
         parts.append(frame_header(CONTINUATION, flags, stream_id, step))
-        parts.append(view[offset:offset + step])  # type: ignore[arg-type]
+        parts.append(view[offset : offset + step])  # type: ignore[arg-type]
         offset += step
     return parts
 
 
-def data_frames(parts: list, stream_id: int, view: memoryview, end_stream: bool,
-                max_frame_size: int) -> None:
+def data_frames(parts: list, stream_id: int, view: memoryview, end_stream: bool, max_frame_size: int) -> None:
     """Appends DATA frames carrying all of `view` to `parts` (no copy of the payload)."""
     n = len(view)
     offset = 0
@@ -124,7 +130,7 @@ def data_frames(parts: list, stream_id: int, view: memoryview, end_stream: bool,
         flags = FLAG_END_STREAM if (last and end_stream) else 0
         parts.append(_pack_header(step >> 16, step & 0xFFFF, DATA, flags, stream_id))
         if step:
-            parts.append(view[offset:offset + step])
+            parts.append(view[offset : offset + step])
         offset += step
         if last:
             return
@@ -203,8 +209,7 @@ class RequestHeaderEncoder:
         """
         self._prefix = b"\x20"
 
-    def encode(self, method: bytes, target: bytes, authority: bytes,
-               headers: Sequence[tuple[bytes, bytes]]) -> bytes:
+    def encode(self, method: bytes, target: bytes, authority: bytes, headers: Sequence[tuple[bytes, bytes]]) -> bytes:
         """The header block: :method, :scheme, :authority, :path, then `headers` in order.
 
         Refuses (BadRequest, as `base.check_request_fields`) CR, LF or NUL anywhere, spaces in
@@ -241,8 +246,7 @@ class RequestHeaderEncoder:
         for name, value in headers:
             prefix = names.get(name)
             if prefix is None:
-                if (not name or b"\r" in name or b"\n" in name or b"\x00" in name
-                        or b":" in name):
+                if not name or b"\r" in name or b"\n" in name or b"\x00" in name or b":" in name:
                     raise BadRequest(_BAD_FIELD)
                 prefix = never_indexed_name(name.lower())  # RFC 9113 8.2.1: lowercase only
                 if len(names) < _CACHE_LIMIT:
@@ -274,8 +278,9 @@ def _check_request_line_part(part: bytes) -> None:
 
 
 # --- response header checks (RFC 9113 §8.2, §8.3.2): the rules are in `fields`, shared ---
-def check_fields(fields: Sequence[tuple[bytes, bytes]],
-                 trailers: bool) -> tuple[bytes | None, list[tuple[bytes, bytes]], int]:
+def check_fields(
+    fields: Sequence[tuple[bytes, bytes]], trailers: bool
+) -> tuple[bytes | None, list[tuple[bytes, bytes]], int]:
     """(:status, regular fields, content-length or -1); raises MalformedFields with a fixed reason.
 
     Trailers may carry no pseudo-header at all.

@@ -110,11 +110,11 @@ def _insert(entries: list, size: int, maxsize: int, field: tuple[bytes, bytes], 
 class HeaderBlockDecoder:
     """Decodes one connection's response header blocks in the order the peer sent them."""
 
-    __slots__ = ("max_header_list_size", "max_table_size", "_entries", "_size", "_maxsize",
-                 "_failed")
+    __slots__ = ("max_header_list_size", "max_table_size", "_entries", "_size", "_maxsize", "_failed")
 
-    def __init__(self, max_header_list_size: int = DEFAULT_MAX_HEADER_LIST_SIZE,
-                 max_table_size: int = DEFAULT_TABLE_SIZE) -> None:
+    def __init__(
+        self, max_header_list_size: int = DEFAULT_MAX_HEADER_LIST_SIZE, max_table_size: int = DEFAULT_TABLE_SIZE
+    ) -> None:
         self.max_header_list_size = max_header_list_size  # sum of 32 + name + value per field
         self.max_table_size = max_table_size  # what we advertised; size updates may not exceed it
         self._entries: list[tuple[bytes, bytes]] = []  # the dynamic table, newest last
@@ -153,8 +153,7 @@ class HeaderBlockDecoder:
         if inserted:
             entries, size, maxsize = self._entries, self._size, self._maxsize
             for field in inserted:
-                size = _insert(entries, size, maxsize, field,
-                               ENTRY_OVERHEAD + len(field[0]) + len(field[1]))
+                size = _insert(entries, size, maxsize, field, ENTRY_OVERHEAD + len(field[0]) + len(field[1]))
             self._size = size
         return list(fields)
 

@@ -1,12 +1,12 @@
 """Sans-IO HTTP/1.1 response parser: bytes in, callbacks out, one response at a time.
 
-Owns: the response grammar the client accepts (status line, header fields, Content-Length,
-chunked with trailers, close-delimited bodies, no body for HEAD/1xx/204/304, interim 1xx handed
-on before the final response),
-the framing decision (how the body ends, whether the socket may be kept alive), dropping the
-fields the response's Connection names (this hop's only), and the bounds on what it buffers. `http1.HTTP1Connection` feeds it and owns the socket and the exchange. Must
-never: read or write a socket, await, buffer more than one head (or chunk line) past its bound,
-let a malformed or truncated response pass as complete, or put a header value in an error message.
+Owns: the response grammar the client accepts (status line, header fields, Content-Length, chunked
+with trailers, close-delimited bodies, no body for HEAD/1xx/204/304, interim 1xx handed on before
+the final response), the framing decision (how the body ends, whether the socket may be kept
+alive), dropping the fields the response's Connection names (this hop's only), and the bounds on
+what it buffers. `http1.HTTP1Connection` feeds it and owns the socket and the exchange. Must never:
+read or write a socket, await, buffer more than one head (or chunk line) past its bound, let a
+malformed or truncated response pass as complete, or put a header value in an error message.
 """
 
 from __future__ import annotations
@@ -29,8 +29,7 @@ Fields = list[tuple[bytes, bytes]]
 # What a header name means to the framing; names are checked once and remembered (bounded: they
 # come from upstreams), so a known name costs one dict lookup.
 _OTHER, _CONTENT_LENGTH, _TRANSFER_ENCODING, _CONNECTION = range(4)
-_SPECIAL = {b"content-length": _CONTENT_LENGTH, b"transfer-encoding": _TRANSFER_ENCODING,
-            b"connection": _CONNECTION}
+_SPECIAL = {b"content-length": _CONTENT_LENGTH, b"transfer-encoding": _TRANSFER_ENCODING, b"connection": _CONNECTION}
 _PLAIN_CONNECTION = (b"close", b"keep-alive")  # the Connection values that name no field
 _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # RFC 9110 field-name
 _NAME_KINDS: dict[bytes, int] = {}
@@ -79,12 +78,25 @@ class ResponseParser:
     carry another request).
     """
 
-    __slots__ = ("_buf", "_phase", "_remaining", "_is_head", "keep_alive",
-                 "_on_head", "_on_body", "_on_end", "_on_interim")
+    __slots__ = (
+        "_buf",
+        "_phase",
+        "_remaining",
+        "_is_head",
+        "keep_alive",
+        "_on_head",
+        "_on_body",
+        "_on_end",
+        "_on_interim",
+    )
 
-    def __init__(self, on_head: Callable[[int, bytes, Fields], None], on_body: Callable[[bytes], None],
-                 on_end: Callable[[Fields], None],
-                 on_interim: Callable[[int, Fields], None] = lambda status, fields: None) -> None:
+    def __init__(
+        self,
+        on_head: Callable[[int, bytes, Fields], None],
+        on_body: Callable[[bytes], None],
+        on_end: Callable[[Fields], None],
+        on_interim: Callable[[int, Fields], None] = lambda status, fields: None,
+    ) -> None:
         self._buf = bytearray()
         self._phase = _DONE
         self._remaining = 0  # body bytes left (Content-Length or current chunk)
@@ -127,7 +139,7 @@ class ResponseParser:
                 end = data.find(b"\r\n\r\n")
                 if end >= 0:
                     if end + 4 < len(data):  # body (or what follows) waits in the buffer as usual
-                        self._buf += memoryview(data)[end + 4:]
+                        self._buf += memoryview(data)[end + 4 :]
                     self._on_head_bytes(data[:end])
                     if self._buf:
                         self._parse()
@@ -159,7 +171,7 @@ class ResponseParser:
                         raise UpstreamProtocolError("upstream response head too large")
                     return
                 head = bytes(buf[:end])
-                del buf[:end + 4]
+                del buf[: end + 4]
                 self._on_head_bytes(head)
             elif phase == _LENGTH or phase == _CHUNK_DATA:
                 take = min(self._remaining, len(buf))
@@ -178,7 +190,7 @@ class ResponseParser:
                         raise UpstreamProtocolError("upstream chunk size line too long")
                     return
                 size_text = bytes(buf[:end]).split(b";", 1)[0].strip()
-                del buf[:end + 2]
+                del buf[: end + 2]
                 try:
                     size = int(size_text, 16)
                 except ValueError:
@@ -205,7 +217,7 @@ class ResponseParser:
                         raise UpstreamProtocolError("upstream trailers too large")
                     return
                 trailers, _ = parse_fields(bytes(buf[:end]))
-                del buf[:end + 4]
+                del buf[: end + 4]
                 self._finish(trailers)
             elif phase == _UNTIL_CLOSE:
                 self._on_body(bytes(buf))
@@ -217,8 +229,11 @@ class ResponseParser:
         status_line, _, block = head.partition(b"\r\n")
         version, _, rest = status_line.partition(b" ")
         status_text = rest[:3]
-        if version not in (b"HTTP/1.1", b"HTTP/1.0") or not status_text.isdigit() or \
-                (len(rest) > 3 and rest[3:4] != b" "):
+        if (
+            version not in (b"HTTP/1.1", b"HTTP/1.0")
+            or not status_text.isdigit()
+            or (len(rest) > 3 and rest[3:4] != b" ")
+        ):
             raise UpstreamProtocolError("upstream sent a malformed status line")
         status = int(status_text)
         if b"\r" in status_line or b"\n" in status_line or b"\x00" in status_line:
@@ -234,7 +249,7 @@ class ResponseParser:
         length: int | None = None
         transfer_chunked = has_te = False
         close = version == b"HTTP/1.0"
-        for (name, value), kind in zip(fields, kinds):
+        for (_, value), kind in zip(fields, kinds, strict=True):
             if kind == _OTHER:
                 continue
             if kind == _CONTENT_LENGTH:

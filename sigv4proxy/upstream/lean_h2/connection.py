@@ -68,11 +68,18 @@ _RECV_MAX_FRAME_SIZE = w.DEFAULT_MAX_FRAME_SIZE  # we advertise no larger frames
 _UNLIMITED = 1 << 32
 _NO_BODY_STATUSES = (204, 304)
 
-_OPENING = (w.PREFACE + w.settings_frame([
-    (w.SETTINGS_ENABLE_PUSH, 0), (w.SETTINGS_MAX_CONCURRENT_STREAMS, 100),
-    (w.SETTINGS_INITIAL_WINDOW_SIZE, STREAM_WINDOW),
-    (w.SETTINGS_MAX_HEADER_LIST_SIZE, MAX_HEADER_LIST_SIZE),
-]) + w.window_update_frame(0, CONNECTION_WINDOW - w.DEFAULT_WINDOW))
+_OPENING = (
+    w.PREFACE
+    + w.settings_frame(
+        [
+            (w.SETTINGS_ENABLE_PUSH, 0),
+            (w.SETTINGS_MAX_CONCURRENT_STREAMS, 100),
+            (w.SETTINGS_INITIAL_WINDOW_SIZE, STREAM_WINDOW),
+            (w.SETTINGS_MAX_HEADER_LIST_SIZE, MAX_HEADER_LIST_SIZE),
+        ]
+    )
+    + w.window_update_frame(0, CONNECTION_WINDOW - w.DEFAULT_WINDOW)
+)
 _unpack_header = w.FRAME_HEADER.unpack_from
 # A response head whose block decodes alike everywhere (a server repeats one within a second) is
 # checked once: block -> check_fields' verdict, its field list kept as a tuple (each stream gets
@@ -135,19 +142,28 @@ class LeanH2Connection(H2ConnectionBase, asyncio.Protocol):
 
     # --- the Connection interface ---
     def is_available(self) -> bool:
-        return (self.state is READY and len(self._streams) < self._peer_max_streams
-                and self._next_stream_id <= w.MAX_STREAM_ID)
+        return (
+            self.state is READY
+            and len(self._streams) < self._peer_max_streams
+            and self._next_stream_id <= w.MAX_STREAM_ID
+        )
 
     def capacity(self) -> int:
         if not self.is_available():
             return 0
         # stream ids left (two per request) bound it too, near the end of the id space
-        return min(self._peer_max_streams - len(self._streams),
-                   (w.MAX_STREAM_ID - self._next_stream_id) // 2 + 1)
+        return min(self._peer_max_streams - len(self._streams), (w.MAX_STREAM_ID - self._next_stream_id) // 2 + 1)
 
-    async def handle_request(self, method: bytes, target: bytes, authority: bytes,
-                             headers: Headers, body: Body, interim: Interim | None = None,
-                             expect_continue: bool = False) -> Response:
+    async def handle_request(
+        self,
+        method: bytes,
+        target: bytes,
+        authority: bytes,
+        headers: Headers,
+        body: Body,
+        interim: Interim | None = None,
+        expect_continue: bool = False,
+    ) -> Response:
         if not self.is_available():
             raise ConnectionNotAvailable("connection cannot take a new stream")
         limit = self._peer_max_header_list
@@ -165,8 +181,9 @@ class LeanH2Connection(H2ConnectionBase, asyncio.Protocol):
         if body is None or size == 0:
             parts = w.header_frames(stream_id, block, True, frame_size)
             state = HALF_CLOSED_LOCAL
-        elif 0 < size <= INLINE_BODY_LIMIT and size <= min(send_window, self._send_window) \
-                and not self._window_queue:  # never ahead of uploads waiting for window
+        elif (
+            0 < size <= INLINE_BODY_LIMIT and size <= min(send_window, self._send_window) and not self._window_queue
+        ):  # never ahead of uploads waiting for window
             parts = w.header_frames(stream_id, block, False, frame_size)
             view = memoryview(body)  # type: ignore[arg-type]
             w.data_frames(parts, stream_id, view, True, frame_size)
@@ -241,7 +258,7 @@ class LeanH2Connection(H2ConnectionBase, asyncio.Protocol):
             window = await self._window_for(stream)
             step = min(window, total - offset)
             parts: list[bytes] = []
-            w.data_frames(parts, stream.id, view[offset:offset + step], False, self._peer_max_frame)
+            w.data_frames(parts, stream.id, view[offset : offset + step], False, self._peer_max_frame)
             stream.send_window -= step
             self._send_window -= step
             offset += step
@@ -297,8 +314,7 @@ class LeanH2Connection(H2ConnectionBase, asyncio.Protocol):
         timeout = self.timeouts.read
         while source.left:
             available = await source.wait_data()
-            size = min(await self._window_for(stream), self._peer_max_frame, available,
-                       source.max_payload)
+            size = min(await self._window_for(stream), self._peer_max_frame, available, source.max_payload)
             # Taken from the windows now: other streams send while this frame is put together.
             stream.send_window -= size
             self._send_window -= size
@@ -308,8 +324,7 @@ class LeanH2Connection(H2ConnectionBase, asyncio.Protocol):
             await self._wire_free(timeout)
             if not source.emit(self.splice_fd):  # the socket took part of it: finish it alone
                 self._gated = True
-                finisher = self._finisher = source.finisher = asyncio.ensure_future(
-                    self._finish_frame(source, timeout))
+                finisher = self._finisher = source.finisher = asyncio.ensure_future(self._finish_frame(source, timeout))
                 await asyncio.shield(finisher)  # cancelled: the frame is still finished, then dropped
 
     async def _wire_free(self, timeout: float) -> None:
@@ -391,8 +406,7 @@ class LeanH2Connection(H2ConnectionBase, asyncio.Protocol):
                 if frame_type == w.DATA:
                     self._on_data(flags, stream_id, data, start, stop)
                 elif not self._remote_settings_seen and frame_type != w.SETTINGS:
-                    raise ProtocolViolation(w.PROTOCOL_ERROR,
-                                            "upstream did not start with SETTINGS")
+                    raise ProtocolViolation(w.PROTOCOL_ERROR, "upstream did not start with SETTINGS")
                 elif frame_type == w.HEADERS:
                     self._on_headers(flags, stream_id, data, start, stop)
                 else:
@@ -427,10 +441,13 @@ class LeanH2Connection(H2ConnectionBase, asyncio.Protocol):
 
     def _remote_end(self, stream: LeanStream) -> None:
         """END_STREAM arrived: the response ends, if its length is what it declared."""
-        if (stream.expected >= 0 and stream.received != stream.expected and not stream.head
-                and stream.status not in _NO_BODY_STATUSES):
-            self._stream_error(stream, w.PROTOCOL_ERROR,
-                               "upstream body length differs from content-length")
+        if (
+            stream.expected >= 0
+            and stream.received != stream.expected
+            and not stream.head
+            and stream.status not in _NO_BODY_STATUSES
+        ):
+            self._stream_error(stream, w.PROTOCOL_ERROR, "upstream body length differs from content-length")
             return
         self._move(stream, stream.state.on_remote_end)
         stream.wake()
@@ -453,7 +470,7 @@ class LeanH2Connection(H2ConnectionBase, asyncio.Protocol):
             if length == 0 or data[start] >= length:
                 raise ProtocolViolation(w.PROTOCOL_ERROR, "upstream sent bad DATA padding")
             padding = data[start] + 1
-            payload = data[start + 1:stop - data[start]]
+            payload = data[start + 1 : stop - data[start]]
         elif start == 0 and stop == len(data):
             payload = data
         else:
@@ -465,8 +482,7 @@ class LeanH2Connection(H2ConnectionBase, asyncio.Protocol):
             return
         if stream.status is None or stream.state is HALF_CLOSED_REMOTE:
             self._return_connection_credit(length)
-            self._stream_error(stream, w.PROTOCOL_ERROR,
-                               "upstream sent DATA outside a response body")
+            self._stream_error(stream, w.PROTOCOL_ERROR, "upstream sent DATA outside a response body")
             return
         if stream.expected >= 0:
             stream.received += len(payload)
@@ -488,8 +504,7 @@ class LeanH2Connection(H2ConnectionBase, asyncio.Protocol):
             raise ProtocolViolation(w.PROTOCOL_ERROR, "upstream sent HEADERS on stream 0")
         if flags & w.FLAG_PADDED:
             if start == stop:
-                raise ProtocolViolation(w.FRAME_SIZE_ERROR,
-                                        "upstream sent a truncated HEADERS frame")
+                raise ProtocolViolation(w.FRAME_SIZE_ERROR, "upstream sent a truncated HEADERS frame")
             pad = data[start]
             start += 1
             if pad > stop - start:
@@ -498,8 +513,7 @@ class LeanH2Connection(H2ConnectionBase, asyncio.Protocol):
         if flags & w.FLAG_PRIORITY:
             start += 5
             if start > stop:
-                raise ProtocolViolation(w.FRAME_SIZE_ERROR,
-                                        "upstream sent a truncated HEADERS frame")
+                raise ProtocolViolation(w.FRAME_SIZE_ERROR, "upstream sent a truncated HEADERS frame")
         block = data[start:stop]
         end_stream = bool(flags & w.FLAG_END_STREAM)
         if flags & w.FLAG_END_HEADERS:
@@ -529,8 +543,7 @@ class LeanH2Connection(H2ConnectionBase, asyncio.Protocol):
         try:  # always decode, even for a closed stream: the peer's table must stay in step
             fields = self._decoder.decode(block)
         except HpackDecodeError:
-            raise ProtocolViolation(w.COMPRESSION_ERROR,
-                                    "upstream sent an undecodable header block") from None
+            raise ProtocolViolation(w.COMPRESSION_ERROR, "upstream sent an undecodable header block") from None
         stream = self._streams.get(stream_id)
         if stream is None:
             return
@@ -545,8 +558,7 @@ class LeanH2Connection(H2ConnectionBase, asyncio.Protocol):
             try:
                 status, headers, content_length = w.check_fields(fields, not head)
             except w.MalformedFields as bad:
-                self._stream_error(stream, w.PROTOCOL_ERROR,
-                                   f"upstream sent a malformed response: {bad}")
+                self._stream_error(stream, w.PROTOCOL_ERROR, f"upstream sent a malformed response: {bad}")
                 return
             if head and decodes_alike(block):  # a property of the bytes: stays true once true
                 if len(_checked_heads) >= BLOCK_CACHE_ENTRIES:
@@ -554,8 +566,7 @@ class LeanH2Connection(H2ConnectionBase, asyncio.Protocol):
                 _checked_heads[block] = (status, tuple(headers), content_length)
         if not head:  # trailers
             if not end_stream:
-                self._stream_error(stream, w.PROTOCOL_ERROR,
-                                   "upstream trailers did not end the stream")
+                self._stream_error(stream, w.PROTOCOL_ERROR, "upstream trailers did not end the stream")
                 return
             stream.trailers = headers
             self._remote_end(stream)
@@ -566,8 +577,7 @@ class LeanH2Connection(H2ConnectionBase, asyncio.Protocol):
             return
         if code < 200:  # informational: the real response follows
             if end_stream or code == 101:
-                self._stream_error(stream, w.PROTOCOL_ERROR,
-                                   "upstream sent a bad informational response")
+                self._stream_error(stream, w.PROTOCOL_ERROR, "upstream sent a bad informational response")
             else:
                 self._interim(stream, code, headers)
             return
@@ -596,16 +606,15 @@ class LeanH2Connection(H2ConnectionBase, asyncio.Protocol):
             raise ProtocolViolation(w.PROTOCOL_ERROR, "upstream sent SETTINGS on a stream")
         if flags & w.FLAG_ACK:
             if payload:
-                raise ProtocolViolation(w.FRAME_SIZE_ERROR,
-                                        "upstream sent a SETTINGS ACK with a payload")
+                raise ProtocolViolation(w.FRAME_SIZE_ERROR, "upstream sent a SETTINGS ACK with a payload")
             self._local_settings_acked = True
             self._check_ready()
             return
         if len(payload) % 6:
             raise ProtocolViolation(w.FRAME_SIZE_ERROR, "upstream sent a bad SETTINGS length")
         for offset in range(0, len(payload), 6):
-            code = int.from_bytes(payload[offset:offset + 2], "big")
-            value = int.from_bytes(payload[offset + 2:offset + 6], "big")
+            code = int.from_bytes(payload[offset : offset + 2], "big")
+            value = int.from_bytes(payload[offset + 2 : offset + 6], "big")
             if code == w.SETTINGS_HEADER_TABLE_SIZE:
                 self._encoder.peer_table_size_changed()
             elif code == w.SETTINGS_ENABLE_PUSH:
@@ -615,19 +624,16 @@ class LeanH2Connection(H2ConnectionBase, asyncio.Protocol):
                 self._peer_max_streams = value
             elif code == w.SETTINGS_INITIAL_WINDOW_SIZE:
                 if value > w.MAX_WINDOW:
-                    raise ProtocolViolation(w.FLOW_CONTROL_ERROR,
-                                            "upstream INITIAL_WINDOW_SIZE too large")
+                    raise ProtocolViolation(w.FLOW_CONTROL_ERROR, "upstream INITIAL_WINDOW_SIZE too large")
                 delta = value - self._peer_initial_window
                 self._peer_initial_window = value
                 for stream in self._streams.values():  # may go negative (§6.9.2)
                     stream.send_window += delta
                     if stream.send_window > w.MAX_WINDOW:
-                        raise ProtocolViolation(w.FLOW_CONTROL_ERROR,
-                                                "upstream overflowed a stream window")
+                        raise ProtocolViolation(w.FLOW_CONTROL_ERROR, "upstream overflowed a stream window")
             elif code == w.SETTINGS_MAX_FRAME_SIZE:
                 if not w.DEFAULT_MAX_FRAME_SIZE <= value <= w.MAX_FRAME_SIZE_LIMIT:
-                    raise ProtocolViolation(w.PROTOCOL_ERROR,
-                                            "upstream MAX_FRAME_SIZE out of range")
+                    raise ProtocolViolation(w.PROTOCOL_ERROR, "upstream MAX_FRAME_SIZE out of range")
                 self._peer_max_frame = value
             elif code == w.SETTINGS_MAX_HEADER_LIST_SIZE:
                 self._peer_max_header_list = value
@@ -664,8 +670,7 @@ class LeanH2Connection(H2ConnectionBase, asyncio.Protocol):
                 raise ProtocolViolation(w.PROTOCOL_ERROR, "upstream sent a zero WINDOW_UPDATE")
             self._send_window += increment
             if self._send_window > w.MAX_WINDOW:
-                raise ProtocolViolation(w.FLOW_CONTROL_ERROR,
-                                        "upstream overflowed the connection window")
+                raise ProtocolViolation(w.FLOW_CONTROL_ERROR, "upstream overflowed the connection window")
             for blocked in list(self._window_blocked):
                 wake(blocked.window_waiter)
             return

@@ -43,8 +43,15 @@ class LeanStream(H2StreamBase):
     conn: LeanH2Connection
     chunks: deque[bytes]
 
-    def __init__(self, conn: LeanH2Connection, stream_id: int, send_window: int,
-                 head: bool, interim: Interim | None = None, state: StreamState = OPEN) -> None:
+    def __init__(
+        self,
+        conn: LeanH2Connection,
+        stream_id: int,
+        send_window: int,
+        head: bool,
+        interim: Interim | None = None,
+        state: StreamState = OPEN,
+    ) -> None:
         super().__init__(conn, stream_id, interim, state)
         self.head = head  # a HEAD response declares a length it never sends
         self.send_window = send_window
@@ -78,8 +85,9 @@ class LeanStream(H2StreamBase):
 
 
 # --- the upload ---
-async def send_body(conn: LeanH2Connection, stream: LeanStream,
-                    body: bytes | AsyncIterable[bytes], expect_continue: bool = False) -> None:
+async def send_body(
+    conn: LeanH2Connection, stream: LeanStream, body: bytes | AsyncIterable[bytes], expect_continue: bool = False
+) -> None:
     try:
         if expect_continue and not await conn.hold_upload(stream):
             return  # answered on the head alone: the body is not sent (the stream is reset)
@@ -118,8 +126,9 @@ def _taken(conn: LeanH2Connection, body: bytes | AsyncIterable[bytes]):
     return body.frames() if conn.splice_fd >= 0 else body.reads()
 
 
-async def _send_spliced(conn: LeanH2Connection, stream: LeanStream, prefix: bytes,
-                        frames: SplicedFrames | None) -> bool:
+async def _send_spliced(
+    conn: LeanH2Connection, stream: LeanStream, prefix: bytes, frames: SplicedFrames | None
+) -> bool:
     """What aiohttp had already read, as usual; then the spliced rest, if any, its last frame
     ending the stream (True). `frames.end()` whatever happens: the client's connection is
     detached until then."""
