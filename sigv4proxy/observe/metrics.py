@@ -141,7 +141,7 @@ class Metrics:
 
     def update_gauges(self, credentials_expiry: float | None, pool_stats: object | None, inflight: int = 0) -> None:
         """Owners' state copied into gauges; called periodically and before each scrape.
-        (In-flight is copied too rather than inc/dec per request: that cost ~1 us a request.)"""
+        (In-flight is copied too rather than inc/dec per request: a gauge update per request is not free.)"""
         self.credentials_expiry.set(credentials_expiry or 0)
         self.inflight.set(inflight)
         if pool_stats is None:
