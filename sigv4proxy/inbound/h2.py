@@ -17,7 +17,6 @@ import time
 from collections.abc import AsyncIterator
 from urllib.parse import quote
 
-from h2.errors import ErrorCodes
 from hpack import NeverIndexedHeaderTuple
 
 from sigv4proxy.errors import BadRequest, PayloadTooLarge, ProxyError, UpstreamReset, UpstreamTimeout
@@ -27,6 +26,7 @@ from sigv4proxy.inbound.h1_response import http_date
 from sigv4proxy.inbound.h2stream import ClientGone, InboundStream
 from sigv4proxy.inbound.settings import InboundSettings
 from sigv4proxy.limits import SMALL_BODY
+from sigv4proxy.wire.h2_wire import CANCEL, INTERNAL_ERROR
 
 # gRPC status codes for the proxy's own HTTP errors (grpc/doc/http-grpc-status-mapping.md, except
 # that our 504 is a timeout we measured, so DEADLINE_EXCEEDED rather than UNAVAILABLE).
@@ -254,7 +254,7 @@ class H2Exchange:
         if stream.closed or exc is None:
             return
         if isinstance(exc, UpstreamReset):
-            stream.reset(ErrorCodes.CANCEL)
+            stream.reset(CANCEL)
             return
         if self.grpc:
             try:
@@ -262,7 +262,7 @@ class H2Exchange:
                 return
             except ClientGone:
                 pass
-        stream.reset(ErrorCodes.INTERNAL_ERROR)
+        stream.reset(INTERNAL_ERROR)
 
     def own_cancellation(self) -> ProxyError | None:
         """Our own idle sweep cancelled a stream with no bytes either way for too long: answer it

@@ -1,4 +1,5 @@
-"""HTTP/2 wire bytes for the lean client: frames, HPACK request blocks, response field checks.
+"""HTTP/2 wire bytes for the lean client (and the lean inbound server's frames): frames, HPACK
+request blocks, response field checks.
 
 Owns: the frame/settings/error-code numbers of RFC 9113, building frames as bytes, and encoding a
 request's header block from precomputed HPACK bytes (RFC 7541): static-table indexed fields where
@@ -37,7 +38,7 @@ SETTINGS_MAX_HEADER_LIST_SIZE = 0x6
 
 NO_ERROR, PROTOCOL_ERROR, INTERNAL_ERROR, FLOW_CONTROL_ERROR = 0x0, 0x1, 0x2, 0x3
 SETTINGS_TIMEOUT, STREAM_CLOSED, FRAME_SIZE_ERROR, REFUSED_STREAM = 0x4, 0x5, 0x6, 0x7
-CANCEL, COMPRESSION_ERROR = 0x8, 0x9
+CANCEL, COMPRESSION_ERROR, ENHANCE_YOUR_CALM = 0x8, 0x9, 0xB
 
 ERROR_NAMES = {
     0x0: "NO_ERROR",
