@@ -30,7 +30,8 @@ $(LOWEST_STAMP): pyproject.toml constraints/lowest.txt
 # The layers' import contracts (pyproject's [tool.importlinter]), ruff (lint and format) and mypy
 # on the package first: seconds, before the suite.
 # Then the suite with the newest releases in range; the modules that exercise the inbound HTTP/1.1
-# side once more under the other server (--h1-implementation): the reference and the lean one pass
+# side once more under the other server (--h1-implementation), and those of the inbound HTTP/2 side
+# under the other HTTP/2 server (--h2-server-implementation): the reference and the lean one pass
 # the same tests; then the suite with the lowest releases (without the container image tests: they
 # build the image from the newest releases, which the first run covers).
 H1_OTHER ?= aiohttp
@@ -38,6 +39,11 @@ H1_TESTS ?= tests/test_differential.py tests/test_faithful_relay.py tests/test_h
 	tests/test_inbound_limits.py tests/test_small_bodies.py tests/test_splice.py tests/test_faults_client.py \
 	tests/test_proxy_e2e.py tests/test_secrets.py tests/test_h1_response.py tests/test_write_flow.py \
 	tests/test_faults_upstream.py tests/test_listen.py tests/test_metrics.py tests/test_transparent_e2e.py
+# The same for the inbound HTTP/2 server (--h2-server-implementation): the modules that drive h2c in.
+H2_SERVER_OTHER ?= h2
+H2_SERVER_TESTS ?= tests/test_inbound_h2.py tests/test_inbound_h2_frames.py tests/test_inbound_h2_malformed.py \
+	tests/test_grpc.py tests/test_inbound_hpack.py tests/test_faithful_relay.py tests/test_differential.py \
+	tests/test_fuzz.py tests/test_listen.py
 test: $(STAMP) $(LOWEST_STAMP)
 	sh scripts/ci-deps.sh
 	$(BIN)/lint-imports
@@ -46,6 +52,7 @@ test: $(STAMP) $(LOWEST_STAMP)
 	$(BIN)/mypy
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 	SIGV4PROXY_H1_IMPLEMENTATION=$(H1_OTHER) $(BIN)/python -m pytest -q $(H1_TESTS) $(PYTEST_ARGS)
+	SIGV4PROXY_H2_SERVER_IMPLEMENTATION=$(H2_SERVER_OTHER) $(BIN)/python -m pytest -q $(H2_SERVER_TESTS) $(PYTEST_ARGS)
 	$(LOWEST)/bin/python -m pytest -q -p no:cacheprovider --ignore=tests/test_image.py $(PYTEST_ARGS)
 
 run: $(STAMP)

@@ -1,5 +1,6 @@
-"""HPACK for the inbound HTTP/2 server: our own coder, which `compat.h2.ServerConnection` puts in
-the `h2` library's encoder/decoder slots.
+"""HPACK for the inbound HTTP/2 servers: our own coder, which `compat.h2.ServerConnection` puts in
+the `h2` library's encoder/decoder slots (the lean server, `h2server_lean`, uses the encoder and
+`wire.hpack_decode` directly).
 
 Owns: `ResponseHeaderEncoder` (response and trailer blocks to the app: static-table indices,
 literals without indexing and without Huffman, never-indexed fields kept never-indexed) and
