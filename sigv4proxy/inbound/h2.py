@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
+from typing import Any
 from urllib.parse import quote
 
 from hpack import NeverIndexedHeaderTuple
@@ -124,8 +125,8 @@ class H2Streams:
         self.exchange = exchange
         self.settings = settings
 
-    async def __call__(self, stream: InboundStream) -> None:
-        await self.exchange.run(H2Exchange(stream, self.settings))
+    def __call__(self, stream: InboundStream) -> Coroutine[Any, Any, None]:
+        return self.exchange.run(H2Exchange(stream, self.settings))  # the stream's task: no wrapper
 
 
 class H2Exchange:

@@ -29,7 +29,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
+from typing import Any
 
 from sigv4proxy.errors import MalformedRequest
 from sigv4proxy.fields import request_head, trailers_problem
@@ -44,7 +45,8 @@ CONNECTION_WINDOW = 16 << 20
 MAX_CONCURRENT_STREAMS = 256
 MAX_HEADER_LIST_SIZE = 64 * 1024
 
-StreamHandler = Callable[[InboundStream], Awaitable[None]]
+# Called once per stream; the awaitable it returns runs as the stream's task.
+StreamHandler = Callable[[InboundStream], Coroutine[Any, Any, None]]
 
 
 class H2ServerBase(asyncio.Protocol):
@@ -68,7 +70,8 @@ class H2ServerBase(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.streams: dict[int, InboundStream] = {}
         self.window_queue = WindowQueue()  # responses waiting for the client's connection window
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks: dict[asyncio.Task[None], InboundStream] = {}  # held until done: the loop holds tasks weakly
+        self._task_done = self._stream_done
         self._paused = False
         self._drain_waiters: list[asyncio.Future[None]] = []
         self._closed = False
@@ -176,6 +179,11 @@ class H2ServerBase(asyncio.Protocol):
         self._flush_scheduled = False
         self.flush()
 
+    @property
+    def must_drain(self) -> bool:
+        """`drain` would wait or raise: only then is it worth a coroutine."""
+        return self._paused or self._closed
+
     async def drain(self) -> None:
         if self._closed:
             raise ClientGone("client connection closed")
@@ -257,22 +265,20 @@ class H2ServerBase(asyncio.Protocol):
         if head.problem is not None:  # answered 400 by the handler; its DATA is dropped
             stream.refusal = MalformedRequest(head.problem)
         self.streams[stream_id] = stream
-        task = self.loop.create_task(self._run(stream))
+        # the handler's awaitable is the task itself: no wrapper coroutine per request
+        task = self.loop.create_task(self._handler(stream))
         stream.task = task
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._tasks[task] = stream
+        task.add_done_callback(self._task_done)
         return stream
 
-    async def _run(self, stream: InboundStream) -> None:
-        try:
-            await self._handler(stream)
-        except asyncio.CancelledError:
-            pass  # the client reset the stream, the connection is gone, or it went idle
-        except Exception:  # a bug in the handler: never leave the stream hanging
-            log.exception("inbound HTTP/2 stream handler failed")
-        finally:
-            if not stream.closed:
-                stream.reset(w.INTERNAL_ERROR if not stream.local_ended else w.NO_ERROR)
+    def _stream_done(self, task: asyncio.Task[None]) -> None:
+        stream = self._tasks.pop(task)
+        # cancelled: the client reset the stream, the connection is gone, or it went idle
+        if not task.cancelled() and task.exception() is not None:  # a bug in the handler
+            log.error("inbound HTTP/2 stream handler failed", exc_info=task.exception())
+        if not stream.closed:  # never leave the stream hanging
+            stream.reset(w.INTERNAL_ERROR if not stream.local_ended else w.NO_ERROR)
 
     def _received_data(self, stream: InboundStream, data: bytes, flow_length: int) -> None:
         if stream.closed or stream.refusal is not None:

@@ -185,7 +185,8 @@ class InboundStream:
         while offset < total or (end_stream and not self.local_ended):
             if self.closed:
                 raise ClientGone("client stream closed")
-            await conn.drain()
+            if conn.must_drain:
+                await conn.drain()
             window = 0
             if offset < total:
                 window = conn.window(self)  # min(stream, connection)
