@@ -101,6 +101,8 @@ class InboundStream:
         chunks = self.chunks
         if not self.remote_ended or self.trailers or self.unacked:
             return None
+        if not chunks:  # a GET's
+            return b""
         if sum(len(data) for data, _ in chunks) > limit:
             return None
         body = b"".join([data for data, _ in chunks])

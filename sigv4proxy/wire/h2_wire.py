@@ -152,14 +152,14 @@ def hpack_int(value: int, prefix_bits: int, first_byte: int) -> bytes:
     return bytes(out)
 
 
-_PREBUILT = 4096
-_LENGTHS = tuple(hpack_int(n, 7, 0) for n in range(_PREBUILT))  # string length prefixes
+PREBUILT_LENGTHS = 4096  # string lengths below this have their HPACK prefix prebuilt
+LENGTH_PREFIXES = tuple(hpack_int(n, 7, 0) for n in range(PREBUILT_LENGTHS))  # string length prefixes
 
 
 def hpack_string(data: bytes) -> bytes:
     """A string literal without Huffman coding (§5.2)."""
     n = len(data)
-    return (_LENGTHS[n] if n < _PREBUILT else hpack_int(n, 7, 0)) + data
+    return (LENGTH_PREFIXES[n] if n < PREBUILT_LENGTHS else hpack_int(n, 7, 0)) + data
 
 
 WITHOUT_INDEXING = 0x00  # literal header field without indexing: 0000xxxx, 4-bit name index (§6.2.2)
@@ -239,11 +239,11 @@ class RequestHeaderEncoder:
         else:
             n = len(target)
             parts.append(_NAME_PATH)
-            parts.append(_LENGTHS[n] if n < _PREBUILT else hpack_int(n, 7, 0))
+            parts.append(LENGTH_PREFIXES[n] if n < PREBUILT_LENGTHS else hpack_int(n, 7, 0))
             parts.append(target)
         names = self._names
         append = parts.append
-        lengths = _LENGTHS
+        lengths = LENGTH_PREFIXES
         for name, value in headers:
             prefix = names.get(name)
             if prefix is None:
@@ -254,7 +254,7 @@ class RequestHeaderEncoder:
                     names[bytes(name)] = prefix
             n = len(value)
             append(prefix)
-            append(lengths[n] if n < _PREBUILT else hpack_int(n, 7, 0))
+            append(lengths[n] if n < PREBUILT_LENGTHS else hpack_int(n, 7, 0))
             append(value)
         # the target and all values checked in one pass: cheaper than three scans of each
         values = [value for _, value in headers]
