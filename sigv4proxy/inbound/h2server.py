@@ -135,7 +135,7 @@ class H2ServerConnection(H2ServerBase):
         except h2.exceptions.StreamClosedError:
             raise ClientGone("client stream closed") from None
 
-    def send_data(self, stream: InboundStream, data: memoryview, end_stream: bool) -> None:
+    def send_data(self, stream: InboundStream, data: bytes | memoryview, end_stream: bool) -> None:
         try:
             self.h2.send_data(stream.id, data, end_stream=end_stream)
         except h2.exceptions.StreamClosedError:

@@ -101,7 +101,7 @@ class H2ServerBase(asyncio.Protocol):
         """Queues a header block (response head, 1xx or trailers) on `stream`."""
         raise NotImplementedError
 
-    def send_data(self, stream: InboundStream, data: memoryview, end_stream: bool) -> None:
+    def send_data(self, stream: InboundStream, data: bytes | memoryview, end_stream: bool) -> None:
         """Queues one DATA frame, at most `window(stream)` and `max_frame_size` bytes."""
         raise NotImplementedError
 

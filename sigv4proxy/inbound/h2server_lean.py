@@ -233,7 +233,7 @@ class LeanH2ServerConnection(H2ServerBase):
             raise ClientGone("client stream closed")
         self._out += w.header_frames(stream.id, self._encoder.encode(fields), end_stream, self._peer_max_frame)
 
-    def send_data(self, stream: LeanStream, data: memoryview, end_stream: bool) -> None:  # type: ignore[override]
+    def send_data(self, stream: LeanStream, data: bytes | memoryview, end_stream: bool) -> None:  # type: ignore[override]
         if stream.closed or self._closed:
             raise ClientGone("client stream closed")
         n = len(data)

@@ -182,6 +182,22 @@ class InboundStream:
     async def send_data(self, data: bytes, end_stream: bool = False) -> None:
         """Sends within the client's flow-control windows and the transport's write buffer."""
         conn = self.conn
+        total = len(data)
+        if (
+            0 < total <= conn.max_frame_size
+            and not self.closed
+            and not conn.must_drain
+            and not conn.window_queue
+            and conn.window(self) >= total
+        ):  # the usual answer: all of it in one frame, now (what one turn of the loop below does)
+            conn.send_data(self, data, end_stream)
+            self.last_activity = conn.loop.time()
+            if end_stream:
+                self.local_ended = True
+            conn.flush_soon()
+            if end_stream:
+                self._finish()
+            return
         view = memoryview(data)
         offset, total = 0, len(view)
         while offset < total or (end_stream and not self.local_ended):
