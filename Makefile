@@ -30,11 +30,13 @@ $(LOWEST_STAMP): pyproject.toml constraints/lowest.txt
 # The layers' import contracts (pyproject's [tool.importlinter]), ruff (lint and format) and mypy
 # on the package first: seconds, before the suite.
 # Then the whole suite twice: with the newest releases in range and the default (lean) servers,
-# then with the lowest releases and the reference servers (aiohttp for inbound HTTP/1.1). So the
-# floors and both implementations each see every test, in one pass apiece; the modules that pin
-# one implementation (test_inbound_h1_lean runs both) keep doing so in either pass. The second
-# pass leaves out the container image tests: they build the image from the newest releases.
+# then with the lowest releases and the reference servers (aiohttp for inbound HTTP/1.1, the h2
+# library for inbound HTTP/2). So the floors and both implementations each see every test, in one
+# pass apiece; the modules that pin one implementation (test_inbound_h1_lean, and
+# test_inbound_h2_frames, which runs both servers) keep doing so in either pass. The second pass
+# leaves out the container image tests: they build the image from the newest releases.
 H1_OTHER ?= aiohttp
+H2_SERVER_OTHER ?= h2
 test: $(STAMP) $(LOWEST_STAMP)
 	sh scripts/ci-deps.sh
 	$(BIN)/lint-imports
@@ -42,7 +44,8 @@ test: $(STAMP) $(LOWEST_STAMP)
 	$(BIN)/ruff format --check sigv4proxy
 	$(BIN)/mypy
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
-	SIGV4PROXY_H1_IMPLEMENTATION=$(H1_OTHER) $(LOWEST)/bin/python -m pytest -q -p no:cacheprovider --ignore=tests/test_image.py $(PYTEST_ARGS)
+	SIGV4PROXY_H1_IMPLEMENTATION=$(H1_OTHER) SIGV4PROXY_H2_SERVER_IMPLEMENTATION=$(H2_SERVER_OTHER) \
+		$(LOWEST)/bin/python -m pytest -q -p no:cacheprovider --ignore=tests/test_image.py $(PYTEST_ARGS)
 
 run: $(STAMP)
 	$(BIN)/sigv4proxy demo

@@ -349,6 +349,12 @@ class ProxyConfig:
         "inbound HTTP/1.1 server: lean (llhttp through httptools, driven by the proxy's own protocol: less CPU a "
         "request, forwards request trailers; default) or aiohttp (the reference)",
     )
+    h2_server_implementation: str = setting(
+        "lean",
+        _choice("lean", "h2"),
+        "inbound HTTP/2 (h2c, gRPC) server: lean (the proxy's own frames and HPACK: less CPU a request; default) "
+        "or h2 (the reference library)",
+    )
     ca_bundle: str | None = setting(None, _opt_str, "CA bundle for upstream TLS (also AWS_CA_BUNDLE)", metavar="FILE")
     verify_tls: bool = setting(True, _parse_bool, "verify upstream certificates")
     allow_host: tuple[str, ...] = setting(

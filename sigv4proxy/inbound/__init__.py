@@ -3,5 +3,6 @@
 Owns nothing itself; see `listener` (one port: HTTP/1.1 or h2c by the preface), `h1_lean` (our
 protocol over llhttp) or `h1` (aiohttp's request in, the reference), both answering with
 `h1_response` bytes and taking bodies off the socket with `h1_splice`, and `h2` (inbound streams
-from `h2server`/`h2stream`). May import leaves, wire, io, compat and the exchange only.
+(`h2stream`) from `h2server_lean`, our own frames, or `h2server`, the `h2` library, both on
+`h2server_core`). May import leaves, wire, io, compat and the exchange only.
 """

@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
+from typing import Any
 from urllib.parse import quote
 
-from h2.errors import ErrorCodes
 from hpack import NeverIndexedHeaderTuple
 
 from sigv4proxy.errors import BadRequest, PayloadTooLarge, ProxyError, UpstreamReset, UpstreamTimeout
@@ -27,6 +27,7 @@ from sigv4proxy.inbound.h1_response import http_date
 from sigv4proxy.inbound.h2stream import ClientGone, InboundStream
 from sigv4proxy.inbound.settings import InboundSettings
 from sigv4proxy.limits import SMALL_BODY
+from sigv4proxy.wire.h2_wire import CANCEL, INTERNAL_ERROR
 
 # gRPC status codes for the proxy's own HTTP errors (grpc/doc/http-grpc-status-mapping.md, except
 # that our 504 is a timeout we measured, so DEADLINE_EXCEEDED rather than UNAVAILABLE).
@@ -98,23 +99,39 @@ class _RequestBody(StreamedBody):
             yield chunk
 
 
-def _forwarded_fields(headers: list[tuple[bytes, bytes]], dated: bool = False) -> list[tuple[bytes, bytes]]:
-    """Lower-cased, hop-by-hop dropped; a field the upstream sent never-indexed stays never-indexed
-    (RFC 7541 §7.1.3: an intermediary must keep that representation, e.g. for cookies). `dated`:
-    a final head, which gets a Date when the upstream sent none (RFC 9110 §6.6.1)."""
-    fields: list[tuple[bytes, bytes]] = []
+_NAME_LIMIT = 512  # response field names remembered (they come from the upstream)
+_lowered: dict[bytes, bytes | None] = {}  # a name as the upstream sent it -> lower case, None: dropped
+
+
+def _forwarded_fields(
+    headers: list[tuple[bytes, bytes]], fields: list[tuple[bytes, bytes]], dated: bool = False
+) -> bool:
+    """Appends the upstream's fields to `fields`: lower-cased, hop-by-hop dropped; a field the
+    upstream sent never-indexed stays never-indexed (RFC 7541 §7.1.3: an intermediary must keep
+    that representation, e.g. for cookies). `dated`: a final head, which gets a Date when the
+    upstream sent none (RFC 9110 §6.6.1). True if a grpc-status was among them."""
+    lowered, grpc_status = _lowered, False
     for field in headers:
         name, value = field
-        lname = name.lower()
-        if lname not in _DROP_H2_RESPONSE:
-            fields.append(
-                NeverIndexedHeaderTuple(lname, value) if isinstance(field, NeverIndexedHeaderTuple) else (lname, value)
-            )
-            if lname == b"date":
-                dated = False
+        lname = lowered.get(name, b"")
+        if lname == b"":
+            lname = name.lower()
+            lname = None if lname in _DROP_H2_RESPONSE else lname
+            if len(lowered) < _NAME_LIMIT:
+                lowered[bytes(name)] = lname
+        if lname is None:
+            continue
+        if type(field) is tuple or not isinstance(field, NeverIndexedHeaderTuple):
+            fields.append((lname, value))
+        else:
+            fields.append(NeverIndexedHeaderTuple(lname, value))
+        if lname == b"date":
+            dated = False
+        elif lname == b"grpc-status":
+            grpc_status = True
     if dated:
         fields.append((b"date", http_date(time.time)))
-    return fields
+    return grpc_status
 
 
 class H2Streams:
@@ -124,8 +141,8 @@ class H2Streams:
         self.exchange = exchange
         self.settings = settings
 
-    async def __call__(self, stream: InboundStream) -> None:
-        await self.exchange.run(H2Exchange(stream, self.settings))
+    def __call__(self, stream: InboundStream) -> Coroutine[Any, Any, None]:
+        return self.exchange.run(H2Exchange(stream, self.settings))  # the stream's task: no wrapper
 
 
 class H2Exchange:
@@ -161,17 +178,10 @@ class H2Exchange:
         self.content_length: int | None = None
         self.refusal: ProxyError | None = stream.refusal  # malformed (RFC 9113 §8.1.1): never forwarded
         if self.refusal is None:
-            self.refusal = (
-                self._content_length() if self.target.startswith("/") else BadRequest("unsupported request target form")
-            )
-
-    def _content_length(self) -> ProxyError | None:
-        for name, value in self.raw_headers:
-            if name == b"content-length":
-                if not value.isdigit():
-                    return BadRequest("malformed content-length")
-                self.content_length = int(value)
-        return None
+            if not self.target.startswith("/"):
+                self.refusal = BadRequest("unsupported request target form")
+            elif stream.content_length >= 0:  # `fields.request_head` checked it (else: the refusal)
+                self.content_length = stream.content_length
 
     @property
     def started(self) -> bool:
@@ -199,16 +209,18 @@ class H2Exchange:
         if status == 100 and stream.continued:
             return
         try:
-            stream.send_informational(status, _forwarded_fields(headers))
+            fields: list[tuple[bytes, bytes]] = []
+            _forwarded_fields(headers, fields)
+            stream.send_informational(status, fields)
         except ClientGone:
             pass  # the stream's task is cancelled with it
 
     async def relay(self, upstream: Response) -> None:
         stream = self.stream
-        head = [(b":status", str(upstream.status).encode("ascii")), *_forwarded_fields(upstream.headers, dated=True)]
+        head = [(b":status", str(upstream.status).encode("ascii"))]
         # A gRPC "trailers-only" answer (grpc-status in the head) must stay one HEADERS frame with
         # END_STREAM: hold the head until the body proves empty (or is not, then send it first).
-        held = any(name == b"grpc-status" for name, _ in head)
+        held = _forwarded_fields(upstream.headers, head, dated=True)
         if not held:  # a body already here goes out in the same write as the head
             stream.send_headers(head, flush=not upstream.body_ready)
         async for chunk in upstream:
@@ -218,7 +230,9 @@ class H2Exchange:
             self.body_bytes += len(chunk)
             # the last chunk carries END_STREAM itself: no empty DATA frame after it
             await stream.send_data(chunk, end_stream=upstream.body_complete and not upstream.trailers)
-        trailers = _forwarded_fields(upstream.trailers)
+        trailers: list[tuple[bytes, bytes]] = []
+        if upstream.trailers:
+            _forwarded_fields(upstream.trailers, trailers)
         if held:
             stream.send_headers(head + trailers, end_stream=True)
         elif trailers:
@@ -254,7 +268,7 @@ class H2Exchange:
         if stream.closed or exc is None:
             return
         if isinstance(exc, UpstreamReset):
-            stream.reset(ErrorCodes.CANCEL)
+            stream.reset(CANCEL)
             return
         if self.grpc:
             try:
@@ -262,7 +276,7 @@ class H2Exchange:
                 return
             except ClientGone:
                 pass
-        stream.reset(ErrorCodes.INTERNAL_ERROR)
+        stream.reset(INTERNAL_ERROR)
 
     def own_cancellation(self) -> ProxyError | None:
         """Our own idle sweep cancelled a stream with no bytes either way for too long: answer it

@@ -1,5 +1,6 @@
-"""HPACK for the inbound HTTP/2 server: our own coder, which `compat.h2.ServerConnection` puts in
-the `h2` library's encoder/decoder slots.
+"""HPACK for the inbound HTTP/2 servers: our own coder, which `compat.h2.ServerConnection` puts in
+the `h2` library's encoder/decoder slots (the lean server, `h2server_lean`, uses the encoder and
+`wire.hpack_decode` directly).
 
 Owns: `ResponseHeaderEncoder` (response and trailer blocks to the app: static-table indices,
 literals without indexing and without Huffman, never-indexed fields kept never-indexed) and
@@ -18,7 +19,14 @@ from collections.abc import Iterable
 from hpack import HeaderTuple, HPACKDecodingError, OversizedHeaderListError
 
 from sigv4proxy.compat.hpack import STATIC_TABLE
-from sigv4proxy.wire.h2_wire import NEVER_INDEXED, WITHOUT_INDEXING, hpack_string, literal_name
+from sigv4proxy.wire.h2_wire import (
+    LENGTH_PREFIXES,
+    NEVER_INDEXED,
+    PREBUILT_LENGTHS,
+    WITHOUT_INDEXING,
+    hpack_int,
+    literal_name,
+)
 from sigv4proxy.wire.hpack_decode import HeaderBlockDecoder, HpackDecodeError
 
 _SIZE_UPDATE_ZERO = b"\x20"  # §6.3: dynamic table size 0
@@ -54,15 +62,17 @@ class ResponseHeaderEncoder:
     def encode(self, headers: Iterable[tuple[bytes, bytes]], huffman: bool = True) -> bytes:
         parts = [self._prefix] if self._prefix else []
         self._prefix = b""
+        append = parts.append
         names = self._names
         static = _STATIC_FIELDS
+        lengths = LENGTH_PREFIXES
         for field in headers:
             name, value = field
-            sensitive = isinstance(field, HeaderTuple) and not field.indexable
+            sensitive = type(field) is not tuple and isinstance(field, HeaderTuple) and not field.indexable
             if not sensitive:
-                indexed = static.get((name, value))
+                indexed = static.get(field)
                 if indexed is not None:
-                    parts.append(indexed)
+                    append(indexed)
                     continue
             pattern = NEVER_INDEXED if sensitive else WITHOUT_INDEXING
             prefix = names.get((name, pattern))
@@ -70,8 +80,10 @@ class ResponseHeaderEncoder:
                 prefix = literal_name(name, pattern)
                 if len(names) < _NAMES_LIMIT:
                     names[(bytes(name), pattern)] = prefix
-            parts.append(prefix)
-            parts.append(hpack_string(value))
+            append(prefix)
+            n = len(value)
+            append(lengths[n] if n < PREBUILT_LENGTHS else hpack_int(n, 7, 0))  # §5.2, without Huffman
+            append(value)
         return b"".join(parts)
 
 

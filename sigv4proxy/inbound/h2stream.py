@@ -6,8 +6,10 @@ client only when the next chunk is pulled, i.e. once the upstream took it), send
 client's windows and the connection's write buffer, the stream's close/reset bookkeeping, and its
 `refusal`: the MalformedRequest the connection found (in the head, the body length or the
 trailers) that the request path raises instead of proxying, and that `read` raises mid-body.
-Must never: touch the socket itself (the connection in `h2server` does), buffer more than the
-stream window, hand on a body whose stream was refused, or log header values.
+Frames are the connection's (`h2server_core`: either server, ours or the `h2` library's): a stream
+calls `send_headers`, `send_data`, `reset_stream`, `window` on it. Must never: touch the socket
+itself, buffer more than the stream window, hand on a body whose stream was refused, or log header
+values.
 """
 
 from __future__ import annotations
@@ -16,13 +18,12 @@ import asyncio
 from collections import deque
 from typing import TYPE_CHECKING
 
-import h2.exceptions
-from h2.errors import ErrorCodes
+from sigv4proxy.wire.h2_wire import CANCEL, NO_ERROR
 
 if TYPE_CHECKING:
     from sigv4proxy.errors import MalformedRequest
     from sigv4proxy.fields import RequestHead
-    from sigv4proxy.inbound.h2server import H2ServerConnection
+    from sigv4proxy.inbound.h2server_core import H2ServerBase
 
 READ_COALESCE = 64 * 1024  # bytes: buffered request frames joined into one chunk up to this
 
@@ -65,7 +66,7 @@ class InboundStream:
         "continued",
     )
 
-    def __init__(self, conn: H2ServerConnection, stream_id: int, head: RequestHead) -> None:
+    def __init__(self, conn: H2ServerBase, stream_id: int, head: RequestHead) -> None:
         self.conn = conn
         self.id = stream_id
         self.method = head.method or b""
@@ -100,6 +101,8 @@ class InboundStream:
         chunks = self.chunks
         if not self.remote_ended or self.trailers or self.unacked:
             return None
+        if not chunks:  # a GET's
+            return b""
         if sum(len(data) for data, _ in chunks) > limit:
             return None
         body = b"".join([data for data, _ in chunks])
@@ -156,10 +159,7 @@ class InboundStream:
         if self.closed or self.local_ended:
             raise ClientGone("client stream closed")
         self.response_started = True
-        try:
-            self.conn.h2.send_headers(self.id, fields, end_stream=end_stream)
-        except h2.exceptions.StreamClosedError:
-            raise ClientGone("client stream closed") from None
+        self.conn.send_headers(self, fields, end_stream)
         if end_stream:
             self.local_ended = True
         self.last_activity = self.conn.loop.time()
@@ -173,10 +173,7 @@ class InboundStream:
         an error after it still gets a proper answer."""
         if self.closed or self.local_ended:
             raise ClientGone("client stream closed")
-        try:
-            self.conn.h2.send_headers(self.id, [(b":status", b"%d" % status), *fields])
-        except h2.exceptions.StreamClosedError:
-            raise ClientGone("client stream closed") from None
+        self.conn.send_headers(self, [(b":status", b"%d" % status), *fields], False)
         if status == 100:
             self.continued = True
         self.last_activity = self.conn.loop.time()
@@ -185,31 +182,45 @@ class InboundStream:
     async def send_data(self, data: bytes, end_stream: bool = False) -> None:
         """Sends within the client's flow-control windows and the transport's write buffer."""
         conn = self.conn
+        total = len(data)
+        if (
+            0 < total <= conn.max_frame_size
+            and not self.closed
+            and not conn.must_drain
+            and not conn.window_queue
+            and conn.window(self) >= total
+        ):  # the usual answer: all of it in one frame, now (what one turn of the loop below does)
+            conn.send_data(self, data, end_stream)
+            self.last_activity = conn.loop.time()
+            if end_stream:
+                self.local_ended = True
+            conn.flush_soon()
+            if end_stream:
+                self._finish()
+            return
         view = memoryview(data)
         offset, total = 0, len(view)
         while offset < total or (end_stream and not self.local_ended):
             if self.closed:
                 raise ClientGone("client stream closed")
-            await conn.drain()
+            if conn.must_drain:
+                await conn.drain()
             window = 0
             if offset < total:
-                window = conn.h2.local_flow_control_window(self.id)  # min(stream, connection)
-                if not conn.window_queue.may_send(self, window, conn.h2.outbound_flow_control_window):
+                window = conn.window(self)  # min(stream, connection)
+                if not conn.window_queue.may_send(self, window, conn.connection_window):
                     conn.flush_soon()  # a head held back for this data goes now, not after the wait
                     await self._wait_window()
                     continue
-            step = min(window, total - offset, conn.h2.max_outbound_frame_size)
+            step = min(window, total - offset, conn.max_frame_size)
             last = end_stream and offset + step >= total
-            try:
-                conn.h2.send_data(self.id, view[offset : offset + step], end_stream=last)
-            except h2.exceptions.StreamClosedError:
-                raise ClientGone("client stream closed") from None
+            conn.send_data(self, view[offset : offset + step], last)
             offset += step
             self.last_activity = conn.loop.time()
             if last:
                 self.local_ended = True
             conn.flush_soon()
-            conn.window_queue.sent(conn.h2.outbound_flow_control_window)
+            conn.window_queue.sent(conn.connection_window)
         if self.local_ended:
             self._finish()
 
@@ -221,12 +232,9 @@ class InboundStream:
         finally:
             self.window_waiter = None
 
-    def reset(self, code: ErrorCodes = ErrorCodes.CANCEL) -> None:
+    def reset(self, code: int = CANCEL) -> None:
         if not self.closed:
-            try:
-                self.conn.h2.reset_stream(self.id, code)
-            except h2.exceptions.ProtocolError:
-                pass
+            self.conn.reset_stream(self, code)
             self.conn.flush_soon()
         self._close()
 
@@ -235,7 +243,7 @@ class InboundStream:
         if self.remote_ended:
             self._close()
         else:
-            self.reset(ErrorCodes.NO_ERROR)
+            self.reset(NO_ERROR)
 
     def _close(self) -> None:
         if self.closed:
@@ -248,7 +256,7 @@ class InboundStream:
             self.conn.acknowledge(self.id, pending)
         wake(self.waiter)
         wake(self.window_waiter)
-        self.conn.window_queue.leave(self, self.conn.h2.outbound_flow_control_window)
+        self.conn.window_queue.leave(self, self.conn.connection_window)
         self.conn.forget(self)
 
     def __repr__(self) -> str:

@@ -14,8 +14,8 @@ import asyncio
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:  # the h2 server (and the h2 library) load at the first h2c connection
-    from sigv4proxy.inbound.h2server import H2ServerConnection
+if TYPE_CHECKING:  # the h2 server loads at the first h2c connection
+    from sigv4proxy.inbound.h2server_core import H2ServerBase as H2ServerConnection
 
 H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 

@@ -278,9 +278,12 @@ class ProxyApp:
         return self._h2_streams
 
     def _new_h2_connection(self, on_close):
-        from sigv4proxy.inbound.h2server import H2ServerConnection
-
-        return H2ServerConnection(self.h2_streams, idle_timeout=self.stream_idle_timeout, on_close=on_close)
+        # our own frames, or the `h2` library's connection (the reference): the same inbound tests
+        if self.config.h2_server_implementation == "lean":
+            from sigv4proxy.inbound.h2server_lean import LeanH2ServerConnection as server
+        else:
+            from sigv4proxy.inbound.h2server import H2ServerConnection as server
+        return server(self.h2_streams, idle_timeout=self.stream_idle_timeout, on_close=on_close)
 
     async def stop(self, drain_timeout: float | None = None) -> None:
         """Readiness goes 503, the listener stops accepting, in-flight requests finish (bounded)."""

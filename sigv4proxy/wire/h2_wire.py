@@ -1,4 +1,5 @@
-"""HTTP/2 wire bytes for the lean client: frames, HPACK request blocks, response field checks.
+"""HTTP/2 wire bytes for the lean client (and the lean inbound server's frames): frames, HPACK
+request blocks, response field checks.
 
 Owns: the frame/settings/error-code numbers of RFC 9113, building frames as bytes, and encoding a
 request's header block from precomputed HPACK bytes (RFC 7541): static-table indexed fields where
@@ -37,7 +38,7 @@ SETTINGS_MAX_HEADER_LIST_SIZE = 0x6
 
 NO_ERROR, PROTOCOL_ERROR, INTERNAL_ERROR, FLOW_CONTROL_ERROR = 0x0, 0x1, 0x2, 0x3
 SETTINGS_TIMEOUT, STREAM_CLOSED, FRAME_SIZE_ERROR, REFUSED_STREAM = 0x4, 0x5, 0x6, 0x7
-CANCEL, COMPRESSION_ERROR = 0x8, 0x9
+CANCEL, COMPRESSION_ERROR, ENHANCE_YOUR_CALM = 0x8, 0x9, 0xB
 
 ERROR_NAMES = {
     0x0: "NO_ERROR",
@@ -151,14 +152,14 @@ def hpack_int(value: int, prefix_bits: int, first_byte: int) -> bytes:
     return bytes(out)
 
 
-_PREBUILT = 4096
-_LENGTHS = tuple(hpack_int(n, 7, 0) for n in range(_PREBUILT))  # string length prefixes
+PREBUILT_LENGTHS = 4096  # string lengths below this have their HPACK prefix prebuilt
+LENGTH_PREFIXES = tuple(hpack_int(n, 7, 0) for n in range(PREBUILT_LENGTHS))  # string length prefixes
 
 
 def hpack_string(data: bytes) -> bytes:
     """A string literal without Huffman coding (§5.2)."""
     n = len(data)
-    return (_LENGTHS[n] if n < _PREBUILT else hpack_int(n, 7, 0)) + data
+    return (LENGTH_PREFIXES[n] if n < PREBUILT_LENGTHS else hpack_int(n, 7, 0)) + data
 
 
 WITHOUT_INDEXING = 0x00  # literal header field without indexing: 0000xxxx, 4-bit name index (§6.2.2)
@@ -238,11 +239,11 @@ class RequestHeaderEncoder:
         else:
             n = len(target)
             parts.append(_NAME_PATH)
-            parts.append(_LENGTHS[n] if n < _PREBUILT else hpack_int(n, 7, 0))
+            parts.append(LENGTH_PREFIXES[n] if n < PREBUILT_LENGTHS else hpack_int(n, 7, 0))
             parts.append(target)
         names = self._names
         append = parts.append
-        lengths = _LENGTHS
+        lengths = LENGTH_PREFIXES
         for name, value in headers:
             prefix = names.get(name)
             if prefix is None:
@@ -253,7 +254,7 @@ class RequestHeaderEncoder:
                     names[bytes(name)] = prefix
             n = len(value)
             append(prefix)
-            append(lengths[n] if n < _PREBUILT else hpack_int(n, 7, 0))
+            append(lengths[n] if n < PREBUILT_LENGTHS else hpack_int(n, 7, 0))
             append(value)
         # the target and all values checked in one pass: cheaper than three scans of each
         values = [value for _, value in headers]

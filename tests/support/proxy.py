@@ -44,10 +44,26 @@ def static_credentials() -> CredentialStore:
 # for the proxy itself (the config here reads no environment): `make test` runs the modules that
 # exercise the inbound side under both implementations.
 H1_IMPLEMENTATION = os.environ.get("SIGV4PROXY_H1_IMPLEMENTATION") or config_mod.ProxyConfig().h1_implementation
+# The same for the inbound HTTP/2 server (--h2-server-implementation).
+H2_SERVER_IMPLEMENTATION = (os.environ.get("SIGV4PROXY_H2_SERVER_IMPLEMENTATION")
+                            or config_mod.ProxyConfig().h2_server_implementation)
+
+
+def h2_server_class():
+    """The inbound HTTP/2 connection class the proxies of this run use, for tests that serve
+    one without a proxy."""
+    if H2_SERVER_IMPLEMENTATION == "lean":
+        from sigv4proxy.inbound.h2server_lean import LeanH2ServerConnection
+
+        return LeanH2ServerConnection
+    from sigv4proxy.inbound.h2server import H2ServerConnection
+
+    return H2ServerConnection
 
 
 def proxy_config(**values) -> config_mod.ProxyConfig:
     values.setdefault("h1_implementation", H1_IMPLEMENTATION)
+    values.setdefault("h2_server_implementation", H2_SERVER_IMPLEMENTATION)
     values.setdefault("listen", "127.0.0.1:0")
     values.setdefault("admin", "127.0.0.1:0")
     values.setdefault("connect_timeout", 2)
