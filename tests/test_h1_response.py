@@ -179,9 +179,12 @@ class _Body:
     def __init__(self, data: bytes) -> None:
         self.data = data
 
-    async def read(self) -> bytes:
+    def take(self) -> bytes:
         data, self.data = self.data, b""
         return data
+
+    async def read(self) -> bytes:
+        return self.take()
 
     async def aclose(self) -> None:
         pass

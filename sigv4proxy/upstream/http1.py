@@ -128,18 +128,24 @@ class _Exchange(EventWait):
         self.wake()
         wake(self.continue_waiter)
 
+    def take(self) -> bytes | None:
+        if self.chunks:
+            data = self.chunks.popleft()
+            self.buffered -= len(data)
+            if self.buffered <= READ_LOW_WATER:
+                self.conn.resume_reading()
+            return data
+        if self.error is not None:
+            raise self.error
+        if self.remote_ended:
+            return b""
+        return None
+
     async def read(self) -> bytes:
         while True:
-            if self.chunks:
-                data = self.chunks.popleft()
-                self.buffered -= len(data)
-                if self.buffered <= READ_LOW_WATER:
-                    self.conn.resume_reading()
+            data = self.take()
+            if data is not None:
                 return data
-            if self.error is not None:
-                raise self.error
-            if self.remote_ended:
-                return b""
             if not await self.wait_event(self.conn.timeouts.read):
                 self.fail(UpstreamTimeout("upstream response body stalled"))
                 self.conn.abort()
