@@ -186,7 +186,7 @@ class _Body:
     async def read(self) -> bytes:
         return self.take()
 
-    async def aclose(self) -> None:
+    def close(self) -> None:
         pass
 
 

@@ -166,7 +166,9 @@ class ResponseBody(Protocol):
         """The next non-empty chunk, b"" at the end; raises a typed error if the body broke."""
         ...
 
-    async def aclose(self) -> None: ...
+    def close(self) -> None:
+        """Ends the exchange (an upload stopped, an unfinished stream reset); never waits."""
+        ...
 
 
 class _BodyIterator:
@@ -235,8 +237,13 @@ class Response:
         parts = [chunk async for chunk in self]
         return b"".join(parts)
 
+    def close(self) -> None:
+        """Ends the exchange: resets the upstream stream (or drops the socket) unless the body
+        was read to its end. Nothing to wait for: the request path calls it without an await."""
+        self._body.close()
+
     async def aclose(self) -> None:
-        await self._body.aclose()
+        self._body.close()
 
     async def __aenter__(self) -> Response:
         return self

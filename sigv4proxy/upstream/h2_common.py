@@ -154,7 +154,7 @@ class H2StreamBase(EventWait):
     def _return_credit(self, size: int) -> None:
         raise NotImplementedError
 
-    async def aclose(self) -> None:
+    def close(self) -> None:
         """Stop the upload, reset the stream if still open, return credit for unread data."""
         if self.send_task is not None and not self.send_task.done():
             self.send_task.cancel()
@@ -283,7 +283,7 @@ class H2ConnectionBase(ConnectionCore):
                         continue
                 await stream.wait_event(None)
         except BaseException:
-            await stream.aclose()
+            stream.close()
             raise
         status: int = stream.status
         return Response(status, stream.headers, self.http_version, stream)  # type: ignore[arg-type]
