@@ -281,7 +281,13 @@ class H2ConnectionBase(ConnectionCore):
                     if self._head_timer is None:
                         self.fail_stream(stream, UpstreamTimeout("no upstream response in time"))
                         continue
-                await stream.wait_event(None)
+                # Inline rather than wait_event(): each level of coroutines is walked again at
+                # every wake-up.
+                stream.waiter = waiter = self.loop.create_future()
+                try:
+                    await waiter
+                finally:
+                    stream.waiter = None
         except BaseException:
             stream.close()
             raise
