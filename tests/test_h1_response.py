@@ -179,11 +179,14 @@ class _Body:
     def __init__(self, data: bytes) -> None:
         self.data = data
 
-    async def read(self) -> bytes:
+    def take(self) -> bytes:
         data, self.data = self.data, b""
         return data
 
-    async def aclose(self) -> None:
+    async def read(self) -> bytes:
+        return self.take()
+
+    def close(self) -> None:
         pass
 
 

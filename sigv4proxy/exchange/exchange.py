@@ -216,7 +216,7 @@ class Exchange:
                 self._metrics.errors_for(failure).inc()
                 inbound.cut(None)
             finally:
-                await upstream.aclose()  # resets the upstream stream unless it completed
+                upstream.close()  # resets the upstream stream unless it completed
             self._metrics.observe_request(
                 inbound.method,
                 status,

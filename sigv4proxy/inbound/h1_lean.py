@@ -352,19 +352,25 @@ class LeanH1Connection(asyncio.Protocol):
                 pass
             self._finish(request)
             return
-        self._task = task = self._loop.create_task(self.server.exchange.run(request))
-        task.add_done_callback(self._answered)
+        self._task = self._loop.create_task(self._turn(request))
 
-    def _answered(self, task: asyncio.Task) -> None:
-        if self._task is task:
+    async def _turn(self, request: LeanRequest) -> None:
+        """One request's turn: the exchange, then the next turn from inside the same task (a
+        done callback would cost a scheduled callback per request). One turn runs at a time,
+        so `_task` is this one until it ends."""
+        try:
+            await self.server.exchange.run(request)
+        except asyncio.CancelledError:
             self._task = None
-        if not task.cancelled() and task.exception() is not None:
-            log.error("request failed unexpectedly", exc_info=task.exception())
+            self._finish(request)  # the client went away: nothing more is written
+            raise
+        except Exception:
+            self._task = None
+            log.error("request failed unexpectedly", exc_info=True)
             self.abort()
             return
-        request = self.active
-        if request is not None:
-            self._finish(request)
+        self._task = None
+        self._finish(request)
 
     def _finish(self, request: LeanRequest) -> None:
         """The answer is out: the next request's turn, or the body left unread dropped first, or

@@ -118,8 +118,14 @@ class ResponseWriter:
             if answered.writing_paused:
                 await answered.drain()
             pending = []
+        take = upstream.take
         try:
-            async for chunk in upstream:
+            while True:
+                chunk = take()  # a chunk already here costs no coroutine
+                if chunk is None:
+                    chunk = await upstream.next_chunk()
+                if not chunk:
+                    break
                 if empty:
                     continue  # nothing may follow this head; the upstream stream is still drained
                 answered.body_bytes += len(chunk)
@@ -128,10 +134,10 @@ class ResponseWriter:
                     pending += (b"%x\r\n" % len(chunk), chunk, _CRLF)
                 else:
                     pending.append(chunk)
-                if upstream.body_ready and size < _COALESCE_LIMIT:
-                    continue  # the next read will not wait: share one write with it
                 if upstream.body_complete:
                     break  # the end leaves with the last chunk
+                if upstream.body_ready and size < _COALESCE_LIMIT:
+                    continue  # the next read will not wait: share one write with it
                 _write(answered, pending, size)
                 if answered.writing_paused:  # a client that pipelines and never reads gets no more
                     await answered.drain()

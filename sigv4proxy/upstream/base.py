@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import ssl
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
@@ -157,11 +157,18 @@ class ResponseBody(Protocol):
         """read() will return (a chunk, the end or an error) without waiting."""
         ...
 
+    def take(self) -> bytes | None:
+        """What read() would return without waiting (a chunk, b"" at the end; a typed error
+        raised), or None when it would wait: a relay then needs no coroutine per chunk."""
+        ...
+
     async def read(self) -> bytes:
         """The next non-empty chunk, b"" at the end; raises a typed error if the body broke."""
         ...
 
-    async def aclose(self) -> None: ...
+    def close(self) -> None:
+        """Ends the exchange (an upload stopped, an unfinished stream reset); never waits."""
+        ...
 
 
 class _BodyIterator:
@@ -217,13 +224,26 @@ class Response:
     def __aiter__(self) -> AsyncIterator[bytes]:
         return _BodyIterator(self._body)
 
+    def take(self) -> bytes | None:
+        """The next chunk (b"" at the end) if it is here, else None: then await `next_chunk()`."""
+        return self._body.take()
+
+    def next_chunk(self) -> Awaitable[bytes]:
+        """The next chunk, b"" at the end, waiting for it (bounded by the read timeout)."""
+        return self._body.read()
+
     async def read(self) -> bytes:
         """The whole remaining body (for small responses; streams should iterate)."""
         parts = [chunk async for chunk in self]
         return b"".join(parts)
 
+    def close(self) -> None:
+        """Ends the exchange: resets the upstream stream (or drops the socket) unless the body
+        was read to its end. Nothing to wait for: the request path calls it without an await."""
+        self._body.close()
+
     async def aclose(self) -> None:
-        await self._body.aclose()
+        self._body.close()
 
     async def __aenter__(self) -> Response:
         return self

@@ -154,7 +154,7 @@ class H2StreamBase(EventWait):
     def _return_credit(self, size: int) -> None:
         raise NotImplementedError
 
-    async def aclose(self) -> None:
+    def close(self) -> None:
         """Stop the upload, reset the stream if still open, return credit for unread data."""
         if self.send_task is not None and not self.send_task.done():
             self.send_task.cancel()
@@ -281,9 +281,15 @@ class H2ConnectionBase(ConnectionCore):
                     if self._head_timer is None:
                         self.fail_stream(stream, UpstreamTimeout("no upstream response in time"))
                         continue
-                await stream.wait_event(None)
+                # Inline rather than wait_event(): each level of coroutines is walked again at
+                # every wake-up.
+                stream.waiter = waiter = self.loop.create_future()
+                try:
+                    await waiter
+                finally:
+                    stream.waiter = None
         except BaseException:
-            await stream.aclose()
+            stream.close()
             raise
         status: int = stream.status
         return Response(status, stream.headers, self.http_version, stream)  # type: ignore[arg-type]

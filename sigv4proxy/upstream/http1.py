@@ -128,23 +128,29 @@ class _Exchange(EventWait):
         self.wake()
         wake(self.continue_waiter)
 
+    def take(self) -> bytes | None:
+        if self.chunks:
+            data = self.chunks.popleft()
+            self.buffered -= len(data)
+            if self.buffered <= READ_LOW_WATER:
+                self.conn.resume_reading()
+            return data
+        if self.error is not None:
+            raise self.error
+        if self.remote_ended:
+            return b""
+        return None
+
     async def read(self) -> bytes:
         while True:
-            if self.chunks:
-                data = self.chunks.popleft()
-                self.buffered -= len(data)
-                if self.buffered <= READ_LOW_WATER:
-                    self.conn.resume_reading()
+            data = self.take()
+            if data is not None:
                 return data
-            if self.error is not None:
-                raise self.error
-            if self.remote_ended:
-                return b""
             if not await self.wait_event(self.conn.timeouts.read):
                 self.fail(UpstreamTimeout("upstream response body stalled"))
                 self.conn.abort()
 
-    async def aclose(self) -> None:
+    def close(self) -> None:
         if self.send_task is not None and not self.send_task.done():
             self.send_task.cancel()
         if not self.remote_ended or not self.request_sent:
@@ -260,12 +266,22 @@ class HTTP1Connection(ConnectionCore, asyncio.Protocol):
                 self._send_body(exchange, body, chunked, expect_continue and not is_bytes)
             )
         try:
-            await self._await_head(exchange)
+            # Unbounded here: while uploading, the send task bounds every network wait; once
+            # the request is sent, the connection's head deadline does. Inline, not a helper
+            # coroutine: each level of coroutines is walked again at every wake-up.
+            while exchange.status is None:
+                if exchange.error is not None:
+                    raise exchange.error
+                exchange.waiter = waiter = self.loop.create_future()
+                try:
+                    await waiter
+                finally:
+                    exchange.waiter = None
         except BaseException:
-            await exchange.aclose()
+            exchange.close()
             raise
         return Response(
-            exchange.status,  # type: ignore[arg-type]  # set: the head arrived
+            exchange.status,  # set: the head arrived
             exchange.headers,
             self.http_version,
             exchange,
@@ -276,14 +292,6 @@ class HTTP1Connection(ConnectionCore, asyncio.Protocol):
         self.abort()
 
     # --- request side ---
-    async def _await_head(self, exchange: _Exchange) -> None:
-        # Unbounded here: while uploading, the send task bounds every network wait; once the
-        # request is sent, the connection's head deadline does.
-        while exchange.status is None:
-            if exchange.error is not None:
-                raise exchange.error
-            await exchange.wait_event(None)
-
     def _arm_head_deadline(self) -> None:
         """The first-byte timeout, lazily: requests on one socket are sequential, so a timer
         pending from an earlier request fires no later than this one's deadline and re-arms.

@@ -74,23 +74,30 @@ class _Stream(H2StreamBase):
     conn: H2Connection
     chunks: deque[tuple[bytes, int]]  # (data, flow-controlled length)
 
-    async def read(self) -> bytes:
+    def take(self) -> bytes | None:
         conn = self.conn
         if self.unacked:  # the previous chunk was consumed: hand its credit back
             conn.acknowledge(self.id, self.unacked)
             self.unacked = 0
+        while self.chunks:
+            data, flow_length = self.chunks.popleft()
+            if not data:  # padding-only frame
+                conn.acknowledge(self.id, flow_length)
+                continue
+            self.unacked = flow_length
+            return data
+        if self.error is not None:
+            raise self.error
+        if self.state.remote_ended:
+            return b""
+        return None
+
+    async def read(self) -> bytes:
+        conn = self.conn
         while True:
-            if self.chunks:
-                data, flow_length = self.chunks.popleft()
-                if not data:  # padding-only frame
-                    conn.acknowledge(self.id, flow_length)
-                    continue
-                self.unacked = flow_length
+            data = self.take()
+            if data is not None:
                 return data
-            if self.error is not None:
-                raise self.error
-            if self.state.remote_ended:
-                return b""
             if not await self.wait_event(conn.timeouts.read):
                 conn.fail_stream(self, UpstreamTimeout("upstream response body stalled"))
 

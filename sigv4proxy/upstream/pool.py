@@ -184,7 +184,10 @@ class ConnectionPool:
         retries = refusals = 0
         fresh = unanswered_retried = False
         while True:
-            conn = await self._acquire(pool, fresh)
+            # The common case inline (a free slot, nobody queued first): no coroutine to acquire
+            conn = None if fresh or pool.waiters or pool.woken else pool.pick()
+            if conn is None:
+                conn = await self._acquire(pool, fresh)
             try:
                 return await conn.handle_request(method, target, authority, headers, body, interim, expect_continue)
             except ConnectionNotAvailable:

@@ -45,9 +45,9 @@ def _name_kind(name: bytes) -> int:
     return kind
 
 
-def parse_fields(block: bytes) -> tuple[Fields, list[int]]:
+def parse_fields(block: bytes) -> tuple[Fields, list[tuple[int, bytes]]]:
     """Header (or trailer) lines joined by CRLF as (name, value) pairs (names as received, values
-    trimmed), with what each name means to the framing."""
+    trimmed), and (kind, value) of the few that matter to the framing, in order."""
     if not block:
         return [], []
     # One scan for the whole block: every CR and LF must be part of a line end.
@@ -55,7 +55,7 @@ def parse_fields(block: bytes) -> tuple[Fields, list[int]]:
     if block.count(b"\r") != line_ends or block.count(b"\n") != line_ends or b"\x00" in block:
         raise UpstreamProtocolError("upstream sent a forbidden character in a header")
     fields: Fields = []
-    kinds: list[int] = []
+    framing: list[tuple[int, bytes]] = []
     known = _NAME_KINDS
     for line in block.split(b"\r\n"):
         name, sep, value = line.partition(b":")
@@ -64,9 +64,11 @@ def parse_fields(block: bytes) -> tuple[Fields, list[int]]:
         kind = known.get(name)
         if kind is None:
             kind = _name_kind(name)
-        fields.append((name, value.strip(b" \t")))
-        kinds.append(kind)
-    return fields, kinds
+        value = value.strip(b" \t")
+        fields.append((name, value))
+        if kind:
+            framing.append((kind, value))
+    return fields, framing
 
 
 class ResponseParser:
@@ -138,10 +140,20 @@ class ResponseParser:
             if phase == _HEAD:
                 end = data.find(b"\r\n\r\n")
                 if end >= 0:
-                    if end + 4 < len(data):  # body (or what follows) waits in the buffer as usual
+                    rest = len(data) - end - 4
+                    if rest:  # body (or what follows) waits in the buffer as usual
                         self._buf += memoryview(data)[end + 4 :]
                     self._on_head_bytes(data[:end])
-                    if self._buf:
+                    if not rest:
+                        return
+                    if self._phase == _LENGTH and rest == len(self._buf) and rest <= self._remaining:
+                        # The usual small answer, whole in one read: the body straight from it
+                        self._buf.clear()
+                        self._remaining -= rest
+                        self._on_body(data[end + 4 :])
+                        if not self._remaining:
+                            self._finish([])
+                    elif self._buf:
                         self._parse()
                     return
             elif phase == _LENGTH and len(data) <= self._remaining:
@@ -240,7 +252,7 @@ class ResponseParser:
             raise UpstreamProtocolError("upstream sent a malformed status line")
         if not 100 <= status <= 599:  # RFC 9110 §15: anything else is invalid (a library's own code)
             raise UpstreamProtocolError("upstream sent an invalid status code")
-        fields, kinds = parse_fields(block)
+        fields, framing = parse_fields(block)
         if 100 <= status < 200:
             if status == 101:
                 raise UpstreamProtocolError("upstream switched protocols unasked")
@@ -249,9 +261,7 @@ class ResponseParser:
         length: int | None = None
         transfer_chunked = has_te = False
         close = version == b"HTTP/1.0"
-        for (_, value), kind in zip(fields, kinds, strict=True):
-            if kind == _OTHER:
-                continue
+        for kind, value in framing:
             if kind == _CONTENT_LENGTH:
                 if value.isdigit():  # the usual case; else a list of equal values is allowed
                     new_length = int(value)

@@ -60,20 +60,26 @@ class LeanStream(H2StreamBase):
         self.expected = -1  # content-length, -1 when absent
         self.received = 0
 
+    def take(self) -> bytes | None:
+        if self.unacked:  # the previous chunk was consumed: its credit may go back
+            self.conn.consumed(self, self.unacked)
+            self.unacked = 0
+        if self.chunks:
+            data = self.chunks.popleft()
+            self.unacked = len(data)
+            return data
+        if self.error is not None:
+            raise self.error
+        if self.state.remote_ended:
+            return b""
+        return None
+
     async def read(self) -> bytes:
         conn = self.conn
-        if self.unacked:  # the previous chunk was consumed: its credit may go back
-            conn.consumed(self, self.unacked)
-            self.unacked = 0
         while True:
-            if self.chunks:
-                data = self.chunks.popleft()
-                self.unacked = len(data)
+            data = self.take()
+            if data is not None:
                 return data
-            if self.error is not None:
-                raise self.error
-            if self.state.remote_ended:
-                return b""
             if not await self.wait_event(conn.timeouts.read):
                 conn.fail_stream(self, UpstreamTimeout("upstream response body stalled"))
 
