@@ -245,6 +245,12 @@ class SigV4Signer:
         self._scope_tail = self._scope_suffix()
         self._last_second: int | None = None
         self._last_dates: tuple[str, str] = ("", "")  # (x-amz-date, credential scope)
+        # The headers we add before `authorization`, rebuilt only when the second, the payload
+        # hash or the token changes; and the same as wire bytes for `sign_wire`.
+        self._own_key: tuple[str, str, str | None] | None = None
+        self._own: tuple[tuple[str, str], ...] = ()
+        self._own_wire: list[tuple[bytes, bytes]] = []
+        self._own_wire_for: tuple[tuple[str, str], ...] | None = None
         self._keys: dict[tuple[str, str, str], object] = {}
 
     def __repr__(self) -> str:
@@ -327,8 +333,9 @@ class SigV4Signer:
         creds: Credentials,
         now: float,
         payload_hash: str | None,
-    ) -> tuple[str, str, str, str, list[tuple[str, str]]]:
-        """-> (canonical request, signed header names, x-amz-date, scope, headers to add)."""
+    ) -> tuple[str, str, str, str, tuple[tuple[str, str], ...]]:
+        """-> (canonical request, signed header names, x-amz-date, scope, headers to add before
+        `authorization`)."""
         if creds.expiry is not None and creds.expiry <= now:
             raise CredentialsUnavailable("credentials expired")
         if self.unsigned_payload:
@@ -343,16 +350,11 @@ class SigV4Signer:
             amz_date, scope = self._dates(now)
 
         token = creds.token
-        if token and self.content_sha256_header:  # the usual case, built in one go
-            added = [("x-amz-date", amz_date), ("x-amz-content-sha256", payload_hash), ("x-amz-security-token", token)]
-        else:
-            added = [("x-amz-date", amz_date)]
-            if self.content_sha256_header:
-                added.append(("x-amz-content-sha256", payload_hash))
-            if token:
-                added.append(("x-amz-security-token", token))
-        if self._own_extra:
-            added += self._own_extra
+        own_key = (amz_date, payload_hash, token)
+        if own_key != self._own_key:
+            self._own = self._own_headers(amz_date, payload_hash, token)
+            self._own_key = own_key
+        added = self._own
 
         collected: dict[str, str] = {}  # signed request headers; our own names cannot occur
         memo = self._name_memo
@@ -407,6 +409,39 @@ class SigV4Signer:
         digest = hashlib.sha256(creq.encode("utf-8", "surrogateescape")).hexdigest()
         return f"{self.algorithm}\n{amz_date}\n{scope}\n{digest}"
 
+    def _own_headers(self, amz_date: str, payload_hash: str, token: str | None) -> tuple[tuple[str, str], ...]:
+        """x-amz-date, [x-amz-content-sha256], [x-amz-security-token] and the subclass's own."""
+        added = [("x-amz-date", amz_date)]
+        if self.content_sha256_header:
+            added.append(("x-amz-content-sha256", payload_hash))
+        if token:
+            added.append(("x-amz-security-token", token))
+        return (*added, *self._own_extra)
+
+    def _authorize(
+        self,
+        method: str,
+        raw_path: str,
+        raw_query: str,
+        headers: Iterable[tuple[str, str]],
+        creds: Credentials,
+        now: float,
+        payload_hash: str | None,
+    ) -> tuple[tuple[tuple[str, str], ...], str]:
+        """-> (the headers added before it, the `authorization` value)."""
+        creq, signed, amz_date, scope, added = self._canonicalize(
+            method, raw_path, raw_query, headers, creds, now, payload_hash
+        )
+        digest = hashlib.sha256(creq.encode("utf-8", "surrogateescape")).hexdigest()
+        sts = f"{self.algorithm}\n{amz_date}\n{scope}\n{digest}"
+        key = self._keys.get((creds.access_key, creds.secret_key, amz_date[:8]))
+        if key is None:
+            key = self._key(creds, amz_date[:8])
+        signature = self._signature(key, sts.encode())
+        return added, (
+            f"{self.algorithm} Credential={creds.access_key}/{scope}, SignedHeaders={signed}, Signature={signature}"
+        )
+
     def sign(
         self,
         method: str,
@@ -419,23 +454,26 @@ class SigV4Signer:
     ) -> list[tuple[str, str]]:
         """Return the headers to add (lowercase names): x-amz-date, x-amz-content-sha256,
         [x-amz-security-token], authorization."""
-        creq, signed, amz_date, scope, added = self._canonicalize(
-            method, raw_path, raw_query, headers, creds, now, payload_hash
-        )
-        digest = hashlib.sha256(creq.encode("utf-8", "surrogateescape")).hexdigest()
-        sts = f"{self.algorithm}\n{amz_date}\n{scope}\n{digest}"
-        key = self._keys.get((creds.access_key, creds.secret_key, amz_date[:8]))
-        if key is None:
-            key = self._key(creds, amz_date[:8])
-        signature = self._signature(key, sts.encode())
-        added.append(
-            (
-                "authorization",
-                f"{self.algorithm} Credential={creds.access_key}/{scope}, "
-                f"SignedHeaders={signed}, Signature={signature}",
-            )
-        )
-        return added
+        added, authorization = self._authorize(method, raw_path, raw_query, headers, creds, now, payload_hash)
+        return [*added, ("authorization", authorization)]
+
+    def sign_wire(
+        self,
+        method: str,
+        raw_path: str,
+        raw_query: str,
+        headers: Iterable[tuple[str, str]],
+        creds: Credentials,
+        now: float,
+        payload_hash: str | None = None,
+    ) -> list[tuple[bytes, bytes]]:
+        """`sign`'s headers as the wire's bytes (ASCII: UnicodeEncodeError otherwise); those
+        before `authorization` encoded once per second and token, not per request."""
+        added, authorization = self._authorize(method, raw_path, raw_query, headers, creds, now, payload_hash)
+        if added is not self._own_wire_for:
+            self._own_wire = [(n.encode("ascii"), v.encode("ascii")) for n, v in added]
+            self._own_wire_for = added
+        return [*self._own_wire, (b"authorization", authorization.encode("ascii"))]
 
     def explain(
         self,

@@ -194,9 +194,8 @@ class RequestPreparer:
         if len(signed) > 1:
             to_sign += [(n.decode("latin-1"), v.decode("latin-1")) for n, v in headers if n in signed]
         sign_started = time.perf_counter()
-        added = signer.sign(method, path, query, to_sign, creds, self._clock())
+        headers += signer.sign_wire(method, path, query, to_sign, creds, self._clock())
         sign_done = time.perf_counter()
-        headers.extend([(n.encode("ascii"), v.encode("ascii")) for n, v in added])
         return PreparedRequest(route, headers, expect_continue, sign_started, sign_done)
 
     def _request_name(self, name_b: bytes) -> tuple[bytes, int, bytes | None]:

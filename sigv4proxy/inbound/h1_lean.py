@@ -109,7 +109,9 @@ class LeanH1Connection(asyncio.Protocol):
         self._parsing: LeanRequest | None = None  # the message the parser is in
         self._queue: deque[LeanRequest] = deque()  # parsed heads waiting for their turn
         self.active: LeanRequest | None = None  # the request being answered
-        self._task: asyncio.Task | None = None
+        self._task: asyncio.Task | None = None  # the connection's turns, one request after another
+        self._waiter: asyncio.Future[LeanRequest] | None = None  # `_task` waits here for a request
+        self._next_turn: LeanRequest | None = None  # started from inside `_task`: its next turn
         self._heads = 0  # complete request heads so far (the first one has a deadline)
         self._line = 0  # bytes of the head line the parser is in (bounded before it ends)
         self._refusal: ProxyError | None = None  # why a parser callback stopped the parse
@@ -352,25 +354,41 @@ class LeanH1Connection(asyncio.Protocol):
                 pass
             self._finish(request)
             return
-        self._task = self._loop.create_task(self._turn(request))
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            self._waiter = None
+            waiter.set_result(request)  # the connection's task waits for its next turn
+        elif self._task is None:
+            self._task = self._loop.create_task(self._turns(request))
+        else:
+            self._next_turn = request  # called from the task as its turn ends: it runs this next
 
-    async def _turn(self, request: LeanRequest) -> None:
-        """One request's turn: the exchange, then the next turn from inside the same task (a
-        done callback would cost a scheduled callback per request). One turn runs at a time,
-        so `_task` is this one until it ends."""
+    async def _turns(self, request: LeanRequest) -> None:
+        """The connection's task: one request's turn after another, waiting between them while
+        the connection stays open. One task per connection rather than per request: a task's
+        creation, its registration and its end cost more than a future per request. One turn
+        runs at a time; cancelled when the client goes away."""
         try:
-            await self.server.exchange.run(request)
-        except asyncio.CancelledError:
-            self._task = None
-            self._finish(request)  # the client went away: nothing more is written
-            raise
-        except Exception:
-            self._task = None
-            log.error("request failed unexpectedly", exc_info=True)
-            self.abort()
-            return
-        self._task = None
-        self._finish(request)
+            while True:
+                try:
+                    await self.server.exchange.run(request)
+                except asyncio.CancelledError:
+                    self._finish(request)  # the client went away: nothing more is written
+                    raise
+                except Exception:
+                    log.error("request failed unexpectedly", exc_info=True)
+                    self.abort()
+                    return
+                self._finish(request)
+                turn, self._next_turn = self._next_turn, None
+                if turn is None:
+                    if self.transport is None or self.transport.is_closing():
+                        return
+                    self._waiter = self._loop.create_future()
+                    turn = await self._waiter  # cancelled if the connection goes first
+                request = turn
+        finally:
+            self._task = self._waiter = self._next_turn = None
 
     def _finish(self, request: LeanRequest) -> None:
         """The answer is out: the next request's turn, or the body left unread dropped first, or
