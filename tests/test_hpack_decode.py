@@ -311,3 +311,36 @@ def test_block_cache_is_bounded_and_skips_long_blocks(monkeypatch):
     hpack_decode._block_cache.clear()
     decoder.decode(_literal(b"a", b"x" * hpack_decode.BLOCK_CACHE_MAX_KEY, 0x00))
     assert not hpack_decode._block_cache
+
+
+def test_a_repeated_block_that_reads_the_table_decodes_like_hpack_until_the_table_changes():
+    """h2load repeats a request head as indices into the dynamic table: the same block again is
+    the same fields (and the same decoder generation) only while nothing changed the table."""
+    ours, oracle = pair()
+    both_decode(ours, oracle, _literal(b"x-a", b"1") + _literal(b"x-b", b"2"))
+    # :method GET (static), entry 62, a literal named by entry 63, a never-indexed one by 62
+    repeat = b"\x82\xbe\x0f\x30\x013\x1f\x2f\x017"
+    first = both_decode(ours, oracle, repeat)
+    assert first == [(b":method", b"GET", False), (b"x-b", b"2", False), (b"x-a", b"3", False),
+                     (b"x-b", b"7", True)]
+    generation = ours.generation
+    assert both_decode(ours, oracle, repeat) == first
+    assert ours.generation == generation  # decoded again from the last block
+    both_decode(ours, oracle, _literal(b"x-c", b"9"))  # an insert: the indices now name others
+    assert both_decode(ours, oracle, repeat) == [(b":method", b"GET", False), (b"x-c", b"9", False),
+                                                 (b"x-b", b"3", False), (b"x-c", b"7", True)]
+    assert ours.generation > generation
+    assert both_decode(ours, oracle, repeat)[1] == (b"x-c", b"9", False)
+    assert both_decode(ours, oracle, _int(0, 5, 0x20)) == []  # a size update empties the table
+    assert both_decode(ours, oracle, repeat) is None  # both reject the indices now
+    with pytest.raises(HpackDecodeError, match="failed earlier"):
+        ours.decode(b"\x82")
+
+
+def test_a_repeated_block_is_still_held_to_the_header_list_limit():
+    decoder = HeaderBlockDecoder()
+    decoder.decode(_literal(b"x-a", b"1" * 60))
+    assert decoder.decode(b"\xbe") == [(b"x-a", b"1" * 60)]
+    decoder.max_header_list_size = 80  # as h2 sets it: 32 + 3 + 60 is over
+    with pytest.raises(HpackDecodeError, match="header list too large"):
+        decoder.decode(b"\xbe")

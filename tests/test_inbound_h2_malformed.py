@@ -203,3 +203,24 @@ async def test_a_connection_error_still_gets_goaway(sim, frame):
     assert client.goaway is not None and client.goaway.error_code in (
         ErrorCodes.PROTOCOL_ERROR, ErrorCodes.COMPRESSION_ERROR), client.goaway
     assert _errors(proxy) == 0
+
+
+async def test_the_same_head_again_on_one_connection_is_judged_each_time(sim):
+    """h2's encoder sends a repeated head as the same indices into the dynamic table: the lean
+    server decodes it and judges it once, and each stream still gets that judgement in full (a
+    valid head proxied and signed every time, a malformed one refused every time)."""
+    valid = BASE + [("x-a", "1")]
+    malformed = BASE + [("x-a", "a\rb")]
+    async with running_proxy(upstream=f"http://127.0.0.1:{sim.port}", upstream_protocol="h2") as proxy, \
+            H2TestClient("127.0.0.1", proxy.port, validate=False) as client:
+        for fields, status in ((valid, 200), (malformed, 400), (valid, 200), (malformed, 400)):
+            for _ in range(3):
+                record = await client.wait(client.request_fields(fields))
+                assert record.status == status and record.ended, record
+                if status == 200:
+                    assert json.loads(bytes(record.body))["principal"] == PRINCIPAL
+                else:
+                    assert record.header(b"x-sigv4proxy-error") == b"malformed_request"
+        assert _errors(proxy) == 6
+        assert [r["requestPath"] for r in sim.records] == ["/malformed"] * 6
+        assert client.goaway is None and not client.closed.is_set()

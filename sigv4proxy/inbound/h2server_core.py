@@ -33,7 +33,7 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 from sigv4proxy.errors import MalformedRequest
-from sigv4proxy.fields import request_head, trailers_problem
+from sigv4proxy.fields import RequestHead, request_head, trailers_problem
 from sigv4proxy.inbound.h2stream import ClientGone, InboundStream, wake
 from sigv4proxy.wire import h2_wire as w
 from sigv4proxy.wire.h2_window import WindowQueue
@@ -260,7 +260,7 @@ class H2ServerBase(asyncio.Protocol):
         if self._goaway_sent:
             self._refuse_new(stream_id, w.REFUSED_STREAM)
             return None
-        head = request_head(fields)
+        head = self._judge(fields)
         stream = self.stream_class(self, stream_id, head)
         if head.problem is not None:  # answered 400 by the handler; its DATA is dropped
             stream.refusal = MalformedRequest(head.problem)
@@ -271,6 +271,10 @@ class H2ServerBase(asyncio.Protocol):
         self._tasks[task] = stream
         task.add_done_callback(self._task_done)
         return stream
+
+    def _judge(self, fields: list[tuple[bytes, bytes]]) -> RequestHead:
+        """The request head `fields` make (a subclass may reuse its judgement of the same fields)."""
+        return request_head(fields)
 
     def _stream_done(self, task: asyncio.Task[None]) -> None:
         stream = self._tasks.pop(task)

@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
-from sigv4proxy.fields import RequestHead
+from sigv4proxy.fields import RequestHead, request_head
 from sigv4proxy.inbound.h2_hpack import ResponseHeaderEncoder
 from sigv4proxy.inbound.h2server_core import (
     CONNECTION_WINDOW,
@@ -121,6 +121,9 @@ class LeanH2ServerConnection(H2ServerBase):
         self._header_parts: list[bytes] = []
         self._header_size = 0
         self._header_end_stream = False
+        # the last request head judged, and the decoder's generation its fields came from
+        self._head: RequestHead | None = None
+        self._head_generation = -1
 
     # --- asyncio.Protocol ---
     def connection_made(self, transport) -> None:
@@ -359,6 +362,18 @@ class LeanH2ServerConnection(H2ServerBase):
         opened = self._open_stream(stream_id, fields)
         if opened is not None and end_stream:
             self._remote_ended(opened)
+
+    def _judge(self, fields: list[tuple[bytes, bytes]]) -> RequestHead:
+        """A block decoded again to the same fields (same decoder generation: the same objects,
+        never-indexed ones included) gets the same judgement; only its header list is its own."""
+        head = self._head
+        generation = self._decoder.generation
+        if head is None or generation != self._head_generation:
+            head = self._head = request_head(fields)
+            self._head_generation = generation
+        return RequestHead(
+            head.method, head.scheme, head.authority, head.path, list(head.headers), head.content_length, head.problem
+        )
 
     # --- receiving: control frames ---
     def _check_known(self, stream_id: int) -> None:

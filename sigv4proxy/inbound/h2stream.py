@@ -103,10 +103,15 @@ class InboundStream:
             return None
         if not chunks:  # a GET's
             return b""
-        if sum(len(data) for data, _ in chunks) > limit:
-            return None
-        body = b"".join([data for data, _ in chunks])
-        credit = sum(flow for _, flow in chunks)
+        if len(chunks) == 1:  # the usual small body: one DATA frame, in the read of its HEADERS
+            body, credit = chunks[0]
+            if len(body) > limit:
+                return None
+        else:
+            if sum(len(data) for data, _ in chunks) > limit:
+                return None
+            body = b"".join([data for data, _ in chunks])
+            credit = sum(flow for _, flow in chunks)
         chunks.clear()
         if credit:
             self.conn.acknowledge(self.id, credit)

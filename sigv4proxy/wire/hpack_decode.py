@@ -5,7 +5,9 @@ updates up to the limit we allow), decoding a complete header block into raw (na
 pairs in order, the decoded header list size limit, a bounded process-wide cache of decoded
 Huffman strings (response values such as server, content-type or a second's date repeat), and a
 bounded process-wide cache of whole self-contained blocks (nginx sends the same bytes for every
-response within a second: literals against the static table only). Literals
+response within a second: literals against the static table only), and the connection's last
+block that left its table as it was (a client such as h2load repeats a request head as indices
+into the table: decoded again to the same fields until the table changes). Literals
 the peer marked never-indexed come back as `hpack.NeverIndexedHeaderTuple`, as `hpack` returns them.
 The `hpack` library stays the test oracle and supplies the static table and the Huffman state
 machine (`compat.hpack`); `hpack.Encoder` is not used. Must never: accept a block `hpack.Decoder` rejects, return
@@ -110,7 +112,16 @@ def _insert(entries: list, size: int, maxsize: int, field: tuple[bytes, bytes], 
 class HeaderBlockDecoder:
     """Decodes one connection's response header blocks in the order the peer sent them."""
 
-    __slots__ = ("max_header_list_size", "max_table_size", "_entries", "_size", "_maxsize", "_failed")
+    __slots__ = (
+        "max_header_list_size",
+        "max_table_size",
+        "generation",
+        "_entries",
+        "_size",
+        "_maxsize",
+        "_failed",
+        "_repeat",
+    )
 
     def __init__(
         self, max_header_list_size: int = DEFAULT_MAX_HEADER_LIST_SIZE, max_table_size: int = DEFAULT_TABLE_SIZE
@@ -121,6 +132,12 @@ class HeaderBlockDecoder:
         self._size = 0  # sum of the entries' sizes
         self._maxsize = max_table_size  # the peer's current table size
         self._failed = False
+        # Counts the blocks decoded afresh: while it stands still, every block decoded was the
+        # last one again, read against the same table, so its fields are the same objects.
+        self.generation = 0
+        # The last block and its (fields, header list size) when it neither inserted nor resized:
+        # the table it was read against is still this one (any change comes with a new decode).
+        self._repeat: tuple[bytes, tuple, int] | None = None
 
     @property
     def table_size(self) -> int:
@@ -133,9 +150,20 @@ class HeaderBlockDecoder:
             raise HpackDecodeError("decoder failed earlier")
         if type(block) is not bytes:
             block = bytes(block)
+        repeat = self._repeat
+        if repeat is not None and repeat[0] == block:
+            if repeat[2] > self.max_header_list_size:
+                self._failed = True
+                raise HpackDecodeError("header list too large")
+            return list(repeat[1])
+        self.generation += 1
+        self._repeat = None
         cached = _block_cache.get(block)
         if cached is not None:
-            return self._replay(*cached)
+            fields = self._replay(*cached)
+            if not cached[1] and len(block) <= BLOCK_CACHE_MAX_KEY:
+                self._repeat = (block, cached[0], cached[2])
+            return fields
         try:
             return self._decode(block)
         except HpackDecodeError:
@@ -161,6 +189,7 @@ class HeaderBlockDecoder:
         fields: list[tuple[bytes, bytes]] = []
         inserted: list[tuple[bytes, bytes]] = []
         contained = True  # no dynamic table reference, no size update: cacheable
+        resized = False  # a size update: the table may have changed without an insert
         append = fields.append
         entries = self._entries
         size = self._size
@@ -199,6 +228,7 @@ class HeaderBlockDecoder:
                     index, pos = _integer(data, pos, index)
             elif octet & 0x20:  # dynamic table size update (§6.3)
                 contained = False
+                resized = True
                 if fields:
                     raise HpackDecodeError("table size update after a field")
                 maxsize = octet & 0x1F
@@ -243,4 +273,6 @@ class HeaderBlockDecoder:
             if len(_block_cache) >= BLOCK_CACHE_ENTRIES:
                 _block_cache.clear()
             _block_cache[data] = (tuple(fields), tuple(inserted), listed)
+        if not inserted and not resized and end <= BLOCK_CACHE_MAX_KEY:
+            self._repeat = (data, tuple(fields), listed)
         return fields
