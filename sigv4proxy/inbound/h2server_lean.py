@@ -62,14 +62,6 @@ _unpack_header = w.FRAME_HEADER.unpack_from
 _PREFACE_SIZE = len(w.PREFACE)
 
 
-class ProtocolViolation(Exception):
-    """Internal: stop reading frames; the connection ends with GOAWAY(code)."""
-
-    def __init__(self, code: int, reason: str) -> None:
-        super().__init__(reason)
-        self.code = code
-
-
 class LeanStream(InboundStream):
     """An inbound stream with the windows the lean connection keeps for it."""
 
@@ -143,18 +135,18 @@ class LeanH2ServerConnection(H2ServerBase):
             if not self._preface:
                 if end < _PREFACE_SIZE:
                     if data != w.PREFACE[:end]:
-                        raise ProtocolViolation(w.PROTOCOL_ERROR, "bad client preface")
+                        raise w.ProtocolViolation(w.PROTOCOL_ERROR, "bad client preface")
                     self._rest = data
                     return
                 if data[:_PREFACE_SIZE] != w.PREFACE:
-                    raise ProtocolViolation(w.PROTOCOL_ERROR, "bad client preface")
+                    raise w.ProtocolViolation(w.PROTOCOL_ERROR, "bad client preface")
                 self._preface = True
                 pos = _PREFACE_SIZE
             while end - pos >= 9:
                 high, low, frame_type, flags, stream_id = _unpack_header(data, pos)
                 length = (high << 16) | low
                 if length > _RECV_MAX_FRAME_SIZE:
-                    raise ProtocolViolation(w.FRAME_SIZE_ERROR, "client sent an oversized frame")
+                    raise w.ProtocolViolation(w.FRAME_SIZE_ERROR, "client sent an oversized frame")
                 start = pos + 9
                 stop = start + length
                 if stop > end:
@@ -162,9 +154,9 @@ class LeanH2ServerConnection(H2ServerBase):
                 pos = stop
                 stream_id &= w.MAX_STREAM_ID
                 if self._header_stream and frame_type != w.CONTINUATION:
-                    raise ProtocolViolation(w.PROTOCOL_ERROR, "client interrupted a header block")
+                    raise w.ProtocolViolation(w.PROTOCOL_ERROR, "client interrupted a header block")
                 if not self._settings_seen and frame_type != w.SETTINGS:
-                    raise ProtocolViolation(w.PROTOCOL_ERROR, "client did not start with SETTINGS")
+                    raise w.ProtocolViolation(w.PROTOCOL_ERROR, "client did not start with SETTINGS")
                 if frame_type == w.DATA:
                     self._on_data(flags, stream_id, data, start, stop)
                 elif frame_type == w.HEADERS:
@@ -175,7 +167,7 @@ class LeanH2ServerConnection(H2ServerBase):
                         handler(self, flags, stream_id, data[start:stop])
                 if self._closed:
                     return
-        except ProtocolViolation as err:
+        except w.ProtocolViolation as err:
             self._connection_error(err.code, str(err))
             return
         if pos < end:
@@ -265,10 +257,10 @@ class LeanH2ServerConnection(H2ServerBase):
     def _on_data(self, flags: int, stream_id: int, data: bytes, start: int, stop: int) -> None:
         length = stop - start  # flow-controlled length, padding included
         if stream_id == 0:
-            raise ProtocolViolation(w.PROTOCOL_ERROR, "client sent DATA on stream 0")
+            raise w.ProtocolViolation(w.PROTOCOL_ERROR, "client sent DATA on stream 0")
         self._recv_window -= length
         if self._recv_window < 0:
-            raise ProtocolViolation(w.FLOW_CONTROL_ERROR, "client overran the connection window")
+            raise w.ProtocolViolation(w.FLOW_CONTROL_ERROR, "client overran the connection window")
         stream = self.streams.get(stream_id)
         if stream is None:
             self._check_known(stream_id)
@@ -276,14 +268,14 @@ class LeanH2ServerConnection(H2ServerBase):
             return
         stream.recv_window -= length
         if stream.recv_window < 0:
-            raise ProtocolViolation(w.FLOW_CONTROL_ERROR, "client overran a stream window")
+            raise w.ProtocolViolation(w.FLOW_CONTROL_ERROR, "client overran a stream window")
         if stream.remote_ended:  # §5.1 half-closed (remote)
             self.acknowledge(stream_id, length)
             self._stream_error(stream, w.STREAM_CLOSED)
             return
         if flags & w.FLAG_PADDED:
             if length == 0 or data[start] >= length:
-                raise ProtocolViolation(w.PROTOCOL_ERROR, "client sent bad DATA padding")
+                raise w.ProtocolViolation(w.PROTOCOL_ERROR, "client sent bad DATA padding")
             payload = data[start + 1 : stop - data[start]]
         elif start == 0 and stop == len(data):
             payload = data
@@ -296,19 +288,19 @@ class LeanH2ServerConnection(H2ServerBase):
     # --- receiving: HEADERS / CONTINUATION ---
     def _on_headers(self, flags: int, stream_id: int, data: bytes, start: int, stop: int) -> None:
         if stream_id == 0:
-            raise ProtocolViolation(w.PROTOCOL_ERROR, "client sent HEADERS on stream 0")
+            raise w.ProtocolViolation(w.PROTOCOL_ERROR, "client sent HEADERS on stream 0")
         if flags & w.FLAG_PADDED:
             if start == stop:
-                raise ProtocolViolation(w.FRAME_SIZE_ERROR, "client sent a truncated HEADERS frame")
+                raise w.ProtocolViolation(w.FRAME_SIZE_ERROR, "client sent a truncated HEADERS frame")
             pad = data[start]
             start += 1
             if pad > stop - start:
-                raise ProtocolViolation(w.PROTOCOL_ERROR, "client sent bad HEADERS padding")
+                raise w.ProtocolViolation(w.PROTOCOL_ERROR, "client sent bad HEADERS padding")
             stop -= pad
         if flags & w.FLAG_PRIORITY:  # priority signals are ignored (RFC 9113 §5.3.2)
             start += 5
             if start > stop:
-                raise ProtocolViolation(w.FRAME_SIZE_ERROR, "client sent a truncated HEADERS frame")
+                raise w.ProtocolViolation(w.FRAME_SIZE_ERROR, "client sent a truncated HEADERS frame")
         block = data[start:stop]
         end_stream = bool(flags & w.FLAG_END_STREAM)
         if flags & w.FLAG_END_HEADERS:
@@ -321,11 +313,11 @@ class LeanH2ServerConnection(H2ServerBase):
 
     def _on_continuation(self, flags: int, stream_id: int, payload: bytes) -> None:
         if not self._header_stream or stream_id != self._header_stream:
-            raise ProtocolViolation(w.PROTOCOL_ERROR, "client sent an unexpected CONTINUATION")
+            raise w.ProtocolViolation(w.PROTOCOL_ERROR, "client sent an unexpected CONTINUATION")
         self._header_parts.append(payload)
         self._header_size += len(payload)
         if self._header_size > MAX_HEADER_BLOCK:
-            raise ProtocolViolation(w.ENHANCE_YOUR_CALM, "client header block too large")
+            raise w.ProtocolViolation(w.ENHANCE_YOUR_CALM, "client header block too large")
         if flags & w.FLAG_END_HEADERS:
             block = b"".join(self._header_parts)
             self._header_stream = 0
@@ -334,13 +326,13 @@ class LeanH2ServerConnection(H2ServerBase):
 
     def _on_header_block(self, stream_id: int, block: bytes, end_stream: bool) -> None:
         if not stream_id & 1:
-            raise ProtocolViolation(w.PROTOCOL_ERROR, "client used an even stream id")
+            raise w.ProtocolViolation(w.PROTOCOL_ERROR, "client used an even stream id")
         try:  # always decoded, whatever becomes of the stream: the client's table must stay in step
             fields = self._decoder.decode(block)
         except HpackDecodeError as err:
             if str(err) == "header list too large":  # as h2: a connection error, ENHANCE_YOUR_CALM
-                raise ProtocolViolation(w.ENHANCE_YOUR_CALM, "client header list too large") from None
-            raise ProtocolViolation(w.COMPRESSION_ERROR, "client sent an undecodable header block") from None
+                raise w.ProtocolViolation(w.ENHANCE_YOUR_CALM, "client header list too large") from None
+            raise w.ProtocolViolation(w.COMPRESSION_ERROR, "client sent an undecodable header block") from None
         stream = self.streams.get(stream_id)
         if stream is not None:  # trailers
             if stream.remote_ended:
@@ -379,13 +371,13 @@ class LeanH2ServerConnection(H2ServerBase):
     def _check_known(self, stream_id: int) -> None:
         """A frame for a stream not in the table: fine if the client opened it and it closed."""
         if not stream_id & 1 or stream_id > self._highest:
-            raise ProtocolViolation(w.PROTOCOL_ERROR, "client used a stream it never opened")
+            raise w.ProtocolViolation(w.PROTOCOL_ERROR, "client used a stream it never opened")
 
     def _on_rst_stream(self, flags: int, stream_id: int, payload: bytes) -> None:
         if stream_id == 0:
-            raise ProtocolViolation(w.PROTOCOL_ERROR, "client sent RST_STREAM on stream 0")
+            raise w.ProtocolViolation(w.PROTOCOL_ERROR, "client sent RST_STREAM on stream 0")
         if len(payload) != 4:
-            raise ProtocolViolation(w.FRAME_SIZE_ERROR, "client sent a bad RST_STREAM")
+            raise w.ProtocolViolation(w.FRAME_SIZE_ERROR, "client sent a bad RST_STREAM")
         stream = self.streams.get(stream_id)
         if stream is None:
             self._check_known(stream_id)
@@ -394,13 +386,13 @@ class LeanH2ServerConnection(H2ServerBase):
 
     def _on_settings(self, flags: int, stream_id: int, payload: bytes) -> None:
         if stream_id != 0:
-            raise ProtocolViolation(w.PROTOCOL_ERROR, "client sent SETTINGS on a stream")
+            raise w.ProtocolViolation(w.PROTOCOL_ERROR, "client sent SETTINGS on a stream")
         if flags & w.FLAG_ACK:
             if payload:
-                raise ProtocolViolation(w.FRAME_SIZE_ERROR, "client sent a SETTINGS ACK with a payload")
+                raise w.ProtocolViolation(w.FRAME_SIZE_ERROR, "client sent a SETTINGS ACK with a payload")
             return
         if len(payload) % 6:
-            raise ProtocolViolation(w.FRAME_SIZE_ERROR, "client sent a bad SETTINGS length")
+            raise w.ProtocolViolation(w.FRAME_SIZE_ERROR, "client sent a bad SETTINGS length")
         self._settings_seen = True
         opened = False
         for offset in range(0, len(payload), 6):
@@ -410,20 +402,20 @@ class LeanH2ServerConnection(H2ServerBase):
                 self._encoder.header_table_size = value
             elif code == w.SETTINGS_ENABLE_PUSH:
                 if value > 1:
-                    raise ProtocolViolation(w.PROTOCOL_ERROR, "client ENABLE_PUSH not 0 or 1")
+                    raise w.ProtocolViolation(w.PROTOCOL_ERROR, "client ENABLE_PUSH not 0 or 1")
             elif code == w.SETTINGS_INITIAL_WINDOW_SIZE:
                 if value > w.MAX_WINDOW:
-                    raise ProtocolViolation(w.FLOW_CONTROL_ERROR, "client INITIAL_WINDOW_SIZE too large")
+                    raise w.ProtocolViolation(w.FLOW_CONTROL_ERROR, "client INITIAL_WINDOW_SIZE too large")
                 delta = value - self._peer_initial_window
                 self._peer_initial_window = value
                 for stream in self.streams.values():  # may go negative (§6.9.2)
                     stream.send_window += delta
                     if stream.send_window > w.MAX_WINDOW:
-                        raise ProtocolViolation(w.FLOW_CONTROL_ERROR, "client overflowed a stream window")
+                        raise w.ProtocolViolation(w.FLOW_CONTROL_ERROR, "client overflowed a stream window")
                 opened = delta > 0
             elif code == w.SETTINGS_MAX_FRAME_SIZE:
                 if not w.DEFAULT_MAX_FRAME_SIZE <= value <= w.MAX_FRAME_SIZE_LIMIT:
-                    raise ProtocolViolation(w.PROTOCOL_ERROR, "client MAX_FRAME_SIZE out of range")
+                    raise w.ProtocolViolation(w.PROTOCOL_ERROR, "client MAX_FRAME_SIZE out of range")
                 self._peer_max_frame = value
             # MAX_CONCURRENT_STREAMS limits pushes (never sent), MAX_HEADER_LIST_SIZE is advisory
         self._out.append(w.SETTINGS_ACK)
@@ -432,29 +424,29 @@ class LeanH2ServerConnection(H2ServerBase):
 
     def _on_ping(self, flags: int, stream_id: int, payload: bytes) -> None:
         if stream_id != 0:
-            raise ProtocolViolation(w.PROTOCOL_ERROR, "client sent PING on a stream")
+            raise w.ProtocolViolation(w.PROTOCOL_ERROR, "client sent PING on a stream")
         if len(payload) != 8:
-            raise ProtocolViolation(w.FRAME_SIZE_ERROR, "client sent a bad PING")
+            raise w.ProtocolViolation(w.FRAME_SIZE_ERROR, "client sent a bad PING")
         if not flags & w.FLAG_ACK:
             self._out.append(w.ping_ack_frame(payload))
 
     def _on_goaway(self, flags: int, stream_id: int, payload: bytes) -> None:
         if stream_id != 0:
-            raise ProtocolViolation(w.PROTOCOL_ERROR, "client sent GOAWAY on a stream")
+            raise w.ProtocolViolation(w.PROTOCOL_ERROR, "client sent GOAWAY on a stream")
         if len(payload) < 8:
-            raise ProtocolViolation(w.FRAME_SIZE_ERROR, "client sent a bad GOAWAY")
+            raise w.ProtocolViolation(w.FRAME_SIZE_ERROR, "client sent a bad GOAWAY")
         self._peer_goaway(int.from_bytes(payload[4:8], "big"))
 
     def _on_window_update(self, flags: int, stream_id: int, payload: bytes) -> None:
         if len(payload) != 4:
-            raise ProtocolViolation(w.FRAME_SIZE_ERROR, "client sent a bad WINDOW_UPDATE")
+            raise w.ProtocolViolation(w.FRAME_SIZE_ERROR, "client sent a bad WINDOW_UPDATE")
         increment = int.from_bytes(payload, "big") & w.MAX_WINDOW
         if stream_id == 0:
             if increment == 0:
-                raise ProtocolViolation(w.PROTOCOL_ERROR, "client sent a zero WINDOW_UPDATE")
+                raise w.ProtocolViolation(w.PROTOCOL_ERROR, "client sent a zero WINDOW_UPDATE")
             self._send_window += increment
             if self._send_window > w.MAX_WINDOW:
-                raise ProtocolViolation(w.FLOW_CONTROL_ERROR, "client overflowed the connection window")
+                raise w.ProtocolViolation(w.FLOW_CONTROL_ERROR, "client overflowed the connection window")
             self._windows_opened()
             return
         stream = self.streams.get(stream_id)
@@ -472,7 +464,7 @@ class LeanH2ServerConnection(H2ServerBase):
 
     def _on_priority(self, flags: int, stream_id: int, payload: bytes) -> None:
         if stream_id == 0:
-            raise ProtocolViolation(w.PROTOCOL_ERROR, "client sent PRIORITY on stream 0")
+            raise w.ProtocolViolation(w.PROTOCOL_ERROR, "client sent PRIORITY on stream 0")
         if len(payload) != 5:  # §6.3: a stream error, on whatever stream it names
             stream = self.streams.get(stream_id)
             if stream is not None:
@@ -482,7 +474,7 @@ class LeanH2ServerConnection(H2ServerBase):
         # otherwise ignored: RFC 9113 deprecates the priority scheme, and it may name any stream
 
     def _on_push_promise(self, flags: int, stream_id: int, payload: bytes) -> None:
-        raise ProtocolViolation(w.PROTOCOL_ERROR, "client sent PUSH_PROMISE")
+        raise w.ProtocolViolation(w.PROTOCOL_ERROR, "client sent PUSH_PROMISE")
 
 
 # Frame types other than DATA and HEADERS (dispatched inline in data_received), by type code.

@@ -58,6 +58,18 @@ ERROR_NAMES = {
 }
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+
+
+class ProtocolViolation(Exception):
+    """A connection error found while reading frames (RFC 9113 §5.4.1): the reader stops and the
+    connection ends with GOAWAY(code). Raised and caught inside one endpoint's frame loop."""
+
+    def __init__(self, code: int, reason: str) -> None:
+        super().__init__(reason)
+        self.code = code
+        self.reason = reason
+
+
 DEFAULT_WINDOW = 65535
 DEFAULT_MAX_FRAME_SIZE = 16384
 MAX_FRAME_SIZE_LIMIT = (1 << 24) - 1

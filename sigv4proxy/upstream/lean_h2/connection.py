@@ -88,15 +88,6 @@ _unpack_header = w.FRAME_HEADER.unpack_from
 _checked_heads: dict[bytes, tuple[bytes | None, tuple, int]] = {}
 
 
-class ProtocolViolation(Exception):
-    """Internal: stop reading frames; the connection dies with GOAWAY(code)."""
-
-    def __init__(self, code: int, reason: str) -> None:
-        super().__init__(reason)
-        self.code = code
-        self.reason = reason
-
-
 class LeanH2Connection(H2ConnectionBase, asyncio.Protocol):
     """A client HTTP/2 connection multiplexing requests; create via the pool's factory call.
 
@@ -394,7 +385,7 @@ class LeanH2Connection(H2ConnectionBase, asyncio.Protocol):
                 high, low, frame_type, flags, stream_id = _unpack_header(data, pos)
                 length = (high << 16) | low
                 if length > _RECV_MAX_FRAME_SIZE:
-                    raise ProtocolViolation(w.FRAME_SIZE_ERROR, "upstream sent an oversized frame")
+                    raise w.ProtocolViolation(w.FRAME_SIZE_ERROR, "upstream sent an oversized frame")
                 start = pos + 9
                 stop = start + length
                 if stop > end:
@@ -402,11 +393,11 @@ class LeanH2Connection(H2ConnectionBase, asyncio.Protocol):
                 pos = stop
                 stream_id &= w.MAX_STREAM_ID
                 if self._header_stream and frame_type != w.CONTINUATION:
-                    raise ProtocolViolation(w.PROTOCOL_ERROR, "upstream interrupted a header block")
+                    raise w.ProtocolViolation(w.PROTOCOL_ERROR, "upstream interrupted a header block")
                 if frame_type == w.DATA:
                     self._on_data(flags, stream_id, data, start, stop)
                 elif not self._remote_settings_seen and frame_type != w.SETTINGS:
-                    raise ProtocolViolation(w.PROTOCOL_ERROR, "upstream did not start with SETTINGS")
+                    raise w.ProtocolViolation(w.PROTOCOL_ERROR, "upstream did not start with SETTINGS")
                 elif frame_type == w.HEADERS:
                     self._on_headers(flags, stream_id, data, start, stop)
                 else:
@@ -415,7 +406,7 @@ class LeanH2Connection(H2ConnectionBase, asyncio.Protocol):
                         handler(self, flags, stream_id, data[start:stop])
                 if self.state is CLOSED:
                     return
-        except ProtocolViolation as err:
+        except w.ProtocolViolation as err:
             self._connection_error(err.code, err.reason)
             return
         finally:
@@ -429,7 +420,7 @@ class LeanH2Connection(H2ConnectionBase, asyncio.Protocol):
     def _check_closed_stream(self, stream_id: int) -> None:
         """A frame for a stream not in the table: fine if it was ours and is closed now."""
         if stream_id == 0 or not stream_id & 1 or stream_id >= self._next_stream_id:
-            raise ProtocolViolation(w.PROTOCOL_ERROR, "upstream used a stream we never opened")
+            raise w.ProtocolViolation(w.PROTOCOL_ERROR, "upstream used a stream we never opened")
 
     def _stream_error(self, stream: LeanStream, code: int, reason: str) -> None:
         self.fail_stream(stream, UpstreamProtocolError(reason), code)
@@ -456,10 +447,10 @@ class LeanH2Connection(H2ConnectionBase, asyncio.Protocol):
     def _on_data(self, flags: int, stream_id: int, data: bytes, start: int, stop: int) -> None:
         length = stop - start  # flow-controlled length, padding included
         if stream_id == 0:
-            raise ProtocolViolation(w.PROTOCOL_ERROR, "upstream sent DATA on stream 0")
+            raise w.ProtocolViolation(w.PROTOCOL_ERROR, "upstream sent DATA on stream 0")
         self._recv_window -= length
         if self._recv_window < 0:
-            raise ProtocolViolation(w.FLOW_CONTROL_ERROR, "upstream overran the connection window")
+            raise w.ProtocolViolation(w.FLOW_CONTROL_ERROR, "upstream overran the connection window")
         stream = self._streams.get(stream_id)
         if stream is None:
             self._check_closed_stream(stream_id)
@@ -468,7 +459,7 @@ class LeanH2Connection(H2ConnectionBase, asyncio.Protocol):
         padding = 0
         if flags & w.FLAG_PADDED:
             if length == 0 or data[start] >= length:
-                raise ProtocolViolation(w.PROTOCOL_ERROR, "upstream sent bad DATA padding")
+                raise w.ProtocolViolation(w.PROTOCOL_ERROR, "upstream sent bad DATA padding")
             padding = data[start] + 1
             payload = data[start + 1 : stop - data[start]]
         elif start == 0 and stop == len(data):
@@ -501,19 +492,19 @@ class LeanH2Connection(H2ConnectionBase, asyncio.Protocol):
     # --- receiving: HEADERS / CONTINUATION ---
     def _on_headers(self, flags: int, stream_id: int, data: bytes, start: int, stop: int) -> None:
         if stream_id == 0:
-            raise ProtocolViolation(w.PROTOCOL_ERROR, "upstream sent HEADERS on stream 0")
+            raise w.ProtocolViolation(w.PROTOCOL_ERROR, "upstream sent HEADERS on stream 0")
         if flags & w.FLAG_PADDED:
             if start == stop:
-                raise ProtocolViolation(w.FRAME_SIZE_ERROR, "upstream sent a truncated HEADERS frame")
+                raise w.ProtocolViolation(w.FRAME_SIZE_ERROR, "upstream sent a truncated HEADERS frame")
             pad = data[start]
             start += 1
             if pad > stop - start:
-                raise ProtocolViolation(w.PROTOCOL_ERROR, "upstream sent bad HEADERS padding")
+                raise w.ProtocolViolation(w.PROTOCOL_ERROR, "upstream sent bad HEADERS padding")
             stop -= pad
         if flags & w.FLAG_PRIORITY:
             start += 5
             if start > stop:
-                raise ProtocolViolation(w.FRAME_SIZE_ERROR, "upstream sent a truncated HEADERS frame")
+                raise w.ProtocolViolation(w.FRAME_SIZE_ERROR, "upstream sent a truncated HEADERS frame")
         block = data[start:stop]
         end_stream = bool(flags & w.FLAG_END_STREAM)
         if flags & w.FLAG_END_HEADERS:
@@ -526,11 +517,11 @@ class LeanH2Connection(H2ConnectionBase, asyncio.Protocol):
 
     def _on_continuation(self, flags: int, stream_id: int, payload: bytes) -> None:
         if not self._header_stream or stream_id != self._header_stream:
-            raise ProtocolViolation(w.PROTOCOL_ERROR, "upstream sent an unexpected CONTINUATION")
+            raise w.ProtocolViolation(w.PROTOCOL_ERROR, "upstream sent an unexpected CONTINUATION")
         self._header_parts.append(payload)
         self._header_size += len(payload)
         if self._header_size > MAX_HEADER_BLOCK:
-            raise ProtocolViolation(w.PROTOCOL_ERROR, "upstream header block too large")
+            raise w.ProtocolViolation(w.PROTOCOL_ERROR, "upstream header block too large")
         if flags & w.FLAG_END_HEADERS:
             block = b"".join(self._header_parts)
             self._header_stream = 0
@@ -543,7 +534,7 @@ class LeanH2Connection(H2ConnectionBase, asyncio.Protocol):
         try:  # always decode, even for a closed stream: the peer's table must stay in step
             fields = self._decoder.decode(block)
         except HpackDecodeError:
-            raise ProtocolViolation(w.COMPRESSION_ERROR, "upstream sent an undecodable header block") from None
+            raise w.ProtocolViolation(w.COMPRESSION_ERROR, "upstream sent an undecodable header block") from None
         stream = self._streams.get(stream_id)
         if stream is None:
             return
@@ -593,7 +584,7 @@ class LeanH2Connection(H2ConnectionBase, asyncio.Protocol):
     # --- receiving: control frames ---
     def _on_rst_stream(self, flags: int, stream_id: int, payload: bytes) -> None:
         if len(payload) != 4:
-            raise ProtocolViolation(w.FRAME_SIZE_ERROR, "upstream sent a bad RST_STREAM")
+            raise w.ProtocolViolation(w.FRAME_SIZE_ERROR, "upstream sent a bad RST_STREAM")
         stream = self._streams.get(stream_id)
         if stream is None:
             self._check_closed_stream(stream_id)
@@ -603,15 +594,15 @@ class LeanH2Connection(H2ConnectionBase, asyncio.Protocol):
 
     def _on_settings(self, flags: int, stream_id: int, payload: bytes) -> None:
         if stream_id != 0:
-            raise ProtocolViolation(w.PROTOCOL_ERROR, "upstream sent SETTINGS on a stream")
+            raise w.ProtocolViolation(w.PROTOCOL_ERROR, "upstream sent SETTINGS on a stream")
         if flags & w.FLAG_ACK:
             if payload:
-                raise ProtocolViolation(w.FRAME_SIZE_ERROR, "upstream sent a SETTINGS ACK with a payload")
+                raise w.ProtocolViolation(w.FRAME_SIZE_ERROR, "upstream sent a SETTINGS ACK with a payload")
             self._local_settings_acked = True
             self._check_ready()
             return
         if len(payload) % 6:
-            raise ProtocolViolation(w.FRAME_SIZE_ERROR, "upstream sent a bad SETTINGS length")
+            raise w.ProtocolViolation(w.FRAME_SIZE_ERROR, "upstream sent a bad SETTINGS length")
         for offset in range(0, len(payload), 6):
             code = int.from_bytes(payload[offset : offset + 2], "big")
             value = int.from_bytes(payload[offset + 2 : offset + 6], "big")
@@ -619,21 +610,21 @@ class LeanH2Connection(H2ConnectionBase, asyncio.Protocol):
                 self._encoder.peer_table_size_changed()
             elif code == w.SETTINGS_ENABLE_PUSH:
                 if value != 0:  # RFC 9113 §6.5.2: a server never enables push
-                    raise ProtocolViolation(w.PROTOCOL_ERROR, "upstream sent ENABLE_PUSH")
+                    raise w.ProtocolViolation(w.PROTOCOL_ERROR, "upstream sent ENABLE_PUSH")
             elif code == w.SETTINGS_MAX_CONCURRENT_STREAMS:
                 self._peer_max_streams = value
             elif code == w.SETTINGS_INITIAL_WINDOW_SIZE:
                 if value > w.MAX_WINDOW:
-                    raise ProtocolViolation(w.FLOW_CONTROL_ERROR, "upstream INITIAL_WINDOW_SIZE too large")
+                    raise w.ProtocolViolation(w.FLOW_CONTROL_ERROR, "upstream INITIAL_WINDOW_SIZE too large")
                 delta = value - self._peer_initial_window
                 self._peer_initial_window = value
                 for stream in self._streams.values():  # may go negative (§6.9.2)
                     stream.send_window += delta
                     if stream.send_window > w.MAX_WINDOW:
-                        raise ProtocolViolation(w.FLOW_CONTROL_ERROR, "upstream overflowed a stream window")
+                        raise w.ProtocolViolation(w.FLOW_CONTROL_ERROR, "upstream overflowed a stream window")
             elif code == w.SETTINGS_MAX_FRAME_SIZE:
                 if not w.DEFAULT_MAX_FRAME_SIZE <= value <= w.MAX_FRAME_SIZE_LIMIT:
-                    raise ProtocolViolation(w.PROTOCOL_ERROR, "upstream MAX_FRAME_SIZE out of range")
+                    raise w.ProtocolViolation(w.PROTOCOL_ERROR, "upstream MAX_FRAME_SIZE out of range")
                 self._peer_max_frame = value
             elif code == w.SETTINGS_MAX_HEADER_LIST_SIZE:
                 self._peer_max_header_list = value
@@ -646,9 +637,9 @@ class LeanH2Connection(H2ConnectionBase, asyncio.Protocol):
 
     def _on_ping(self, flags: int, stream_id: int, payload: bytes) -> None:
         if stream_id != 0:
-            raise ProtocolViolation(w.PROTOCOL_ERROR, "upstream sent PING on a stream")
+            raise w.ProtocolViolation(w.PROTOCOL_ERROR, "upstream sent PING on a stream")
         if len(payload) != 8:
-            raise ProtocolViolation(w.FRAME_SIZE_ERROR, "upstream sent a bad PING")
+            raise w.ProtocolViolation(w.FRAME_SIZE_ERROR, "upstream sent a bad PING")
         if not flags & w.FLAG_ACK:
             self._out.append(w.ping_ack_frame(payload))
         else:
@@ -656,21 +647,21 @@ class LeanH2Connection(H2ConnectionBase, asyncio.Protocol):
 
     def _on_goaway(self, flags: int, stream_id: int, payload: bytes) -> None:
         if stream_id != 0:
-            raise ProtocolViolation(w.PROTOCOL_ERROR, "upstream sent GOAWAY on a stream")
+            raise w.ProtocolViolation(w.PROTOCOL_ERROR, "upstream sent GOAWAY on a stream")
         if len(payload) < 8:
-            raise ProtocolViolation(w.FRAME_SIZE_ERROR, "upstream sent a bad GOAWAY")
+            raise w.ProtocolViolation(w.FRAME_SIZE_ERROR, "upstream sent a bad GOAWAY")
         self._peer_goaway(int.from_bytes(payload[:4], "big") & w.MAX_STREAM_ID)
 
     def _on_window_update(self, flags: int, stream_id: int, payload: bytes) -> None:
         if len(payload) != 4:
-            raise ProtocolViolation(w.FRAME_SIZE_ERROR, "upstream sent a bad WINDOW_UPDATE")
+            raise w.ProtocolViolation(w.FRAME_SIZE_ERROR, "upstream sent a bad WINDOW_UPDATE")
         increment = int.from_bytes(payload, "big") & w.MAX_WINDOW
         if stream_id == 0:
             if increment == 0:
-                raise ProtocolViolation(w.PROTOCOL_ERROR, "upstream sent a zero WINDOW_UPDATE")
+                raise w.ProtocolViolation(w.PROTOCOL_ERROR, "upstream sent a zero WINDOW_UPDATE")
             self._send_window += increment
             if self._send_window > w.MAX_WINDOW:
-                raise ProtocolViolation(w.FLOW_CONTROL_ERROR, "upstream overflowed the connection window")
+                raise w.ProtocolViolation(w.FLOW_CONTROL_ERROR, "upstream overflowed the connection window")
             for blocked in list(self._window_blocked):
                 wake(blocked.window_waiter)
             return
@@ -689,14 +680,14 @@ class LeanH2Connection(H2ConnectionBase, asyncio.Protocol):
 
     def _on_priority(self, flags: int, stream_id: int, payload: bytes) -> None:
         if stream_id == 0:
-            raise ProtocolViolation(w.PROTOCOL_ERROR, "upstream sent PRIORITY on stream 0")
+            raise w.ProtocolViolation(w.PROTOCOL_ERROR, "upstream sent PRIORITY on stream 0")
         if len(payload) != 5:
             stream = self._streams.get(stream_id)
             if stream is not None:
                 self._stream_error(stream, w.FRAME_SIZE_ERROR, "upstream sent a bad PRIORITY")
 
     def _on_push_promise(self, flags: int, stream_id: int, payload: bytes) -> None:
-        raise ProtocolViolation(w.PROTOCOL_ERROR, "upstream pushed although push is disabled")
+        raise w.ProtocolViolation(w.PROTOCOL_ERROR, "upstream pushed although push is disabled")
 
     # --- writing ---
     def _queue_headers(self, parts: list) -> None:
