@@ -34,11 +34,11 @@ from sigv4proxy.inbound.h2server_core import (
 )
 from sigv4proxy.inbound.h2stream import ClientGone, InboundStream, wake
 from sigv4proxy.wire import h2_wire as w
+from sigv4proxy.wire.h2_header_blocks import HeaderBlockReader
 from sigv4proxy.wire.hpack_decode import HeaderBlockDecoder, HpackDecodeError
 
 log = logging.getLogger("sigv4proxy.inbound")
 
-MAX_HEADER_BLOCK = 4 * MAX_HEADER_LIST_SIZE  # encoded block across CONTINUATION frames (flood guard)
 _RECV_MAX_FRAME_SIZE = w.DEFAULT_MAX_FRAME_SIZE  # we advertise no larger frames
 # Credit goes back (WINDOW_UPDATE) once half a window was taken, or sooner when the window is shut
 # (h2's window manager does the same): not one frame per chunk.
@@ -74,11 +74,14 @@ class LeanStream(InboundStream):
         self.credit = 0  # taken, not yet returned to the client
 
 
-class LeanH2ServerConnection(H2ServerBase):
+class LeanH2ServerConnection(HeaderBlockReader, H2ServerBase):
     """One inbound h2c connection, frames parsed and built here."""
 
     stream_class = LeanStream
     streams: dict[int, LeanStream]  # type: ignore[assignment]
+    peer = "client"
+    max_header_block = 4 * MAX_HEADER_LIST_SIZE
+    block_too_large = w.ENHANCE_YOUR_CALM
 
     def __init__(
         self,
@@ -108,11 +111,7 @@ class LeanH2ServerConnection(H2ServerBase):
         self._send_window = w.DEFAULT_WINDOW
         self._recv_window = CONNECTION_WINDOW
         self._credit = 0
-        # a header block awaiting CONTINUATION
-        self._header_stream = 0
-        self._header_parts: list[bytes] = []
-        self._header_size = 0
-        self._header_end_stream = False
+        self._header_parts: list[bytes] = []  # a header block awaiting CONTINUATION (HeaderBlockReader)
         # the last request head judged, and the decoder's generation its fields came from
         self._head: RequestHead | None = None
         self._head_generation = -1
@@ -285,45 +284,7 @@ class LeanH2ServerConnection(H2ServerBase):
         if flags & w.FLAG_END_STREAM and stream.id in self.streams:
             self._remote_ended(stream)
 
-    # --- receiving: HEADERS / CONTINUATION ---
-    def _on_headers(self, flags: int, stream_id: int, data: bytes, start: int, stop: int) -> None:
-        if stream_id == 0:
-            raise w.ProtocolViolation(w.PROTOCOL_ERROR, "client sent HEADERS on stream 0")
-        if flags & w.FLAG_PADDED:
-            if start == stop:
-                raise w.ProtocolViolation(w.FRAME_SIZE_ERROR, "client sent a truncated HEADERS frame")
-            pad = data[start]
-            start += 1
-            if pad > stop - start:
-                raise w.ProtocolViolation(w.PROTOCOL_ERROR, "client sent bad HEADERS padding")
-            stop -= pad
-        if flags & w.FLAG_PRIORITY:  # priority signals are ignored (RFC 9113 §5.3.2)
-            start += 5
-            if start > stop:
-                raise w.ProtocolViolation(w.FRAME_SIZE_ERROR, "client sent a truncated HEADERS frame")
-        block = data[start:stop]
-        end_stream = bool(flags & w.FLAG_END_STREAM)
-        if flags & w.FLAG_END_HEADERS:
-            self._on_header_block(stream_id, block, end_stream)
-        else:
-            self._header_stream = stream_id
-            self._header_parts = [block]
-            self._header_size = len(block)
-            self._header_end_stream = end_stream
-
-    def _on_continuation(self, flags: int, stream_id: int, payload: bytes) -> None:
-        if not self._header_stream or stream_id != self._header_stream:
-            raise w.ProtocolViolation(w.PROTOCOL_ERROR, "client sent an unexpected CONTINUATION")
-        self._header_parts.append(payload)
-        self._header_size += len(payload)
-        if self._header_size > MAX_HEADER_BLOCK:
-            raise w.ProtocolViolation(w.ENHANCE_YOUR_CALM, "client header block too large")
-        if flags & w.FLAG_END_HEADERS:
-            block = b"".join(self._header_parts)
-            self._header_stream = 0
-            self._header_parts = []
-            self._on_header_block(stream_id, block, self._header_end_stream)
-
+    # --- receiving: a whole header block (HEADERS and CONTINUATION: HeaderBlockReader) ---
     def _on_header_block(self, stream_id: int, block: bytes, end_stream: bool) -> None:
         if not stream_id & 1:
             raise w.ProtocolViolation(w.PROTOCOL_ERROR, "client used an even stream id")

@@ -51,6 +51,7 @@ from sigv4proxy.upstream.h2_common import (
 )
 from sigv4proxy.upstream.lean_h2.stream import STREAM_WINDOW, LeanStream, StreamGone, send_body
 from sigv4proxy.wire import h2_wire as w
+from sigv4proxy.wire.h2_header_blocks import HeaderBlockReader
 from sigv4proxy.wire.hpack_decode import (
     BLOCK_CACHE_ENTRIES,
     HeaderBlockDecoder,
@@ -60,7 +61,6 @@ from sigv4proxy.wire.hpack_decode import (
 
 CONNECTION_WINDOW = 16 << 20  # shared receive window: ~16 stalled streams before others stall
 MAX_HEADER_LIST_SIZE = 64 << 10  # decoded response header list (as h2's default)
-MAX_HEADER_BLOCK = 256 << 10  # encoded block across CONTINUATION frames (flood guard)
 INLINE_BODY_LIMIT = 64 << 10  # bytes bodies up to this go out in the same write as HEADERS
 _STREAM_CREDIT_BATCH = STREAM_WINDOW // 4  # return stream credit in steps, not per chunk
 _CONNECTION_CREDIT_BATCH = CONNECTION_WINDOW // 4
@@ -88,7 +88,7 @@ _unpack_header = w.FRAME_HEADER.unpack_from
 _checked_heads: dict[bytes, tuple[bytes | None, tuple, int]] = {}
 
 
-class LeanH2Connection(H2ConnectionBase, asyncio.Protocol):
+class LeanH2Connection(HeaderBlockReader, H2ConnectionBase, asyncio.Protocol):
     """A client HTTP/2 connection multiplexing requests; create via the pool's factory call.
 
     Its streams (`stream.LeanStream`) and their uploads (`stream.send_body`) use the public
@@ -96,6 +96,9 @@ class LeanH2Connection(H2ConnectionBase, asyncio.Protocol):
     `finish_request`, `upload_done`, and the read-only `splice_fd`."""
 
     _streams: dict[int, LeanStream]  # type: ignore[assignment]
+    peer = "upstream"
+    max_header_block = 256 << 10
+    block_too_large = w.PROTOCOL_ERROR
 
     def __init__(self, origin: Origin, timeouts: Timeouts, on_change: OnChange) -> None:
         super().__init__(origin, timeouts, on_change)
@@ -115,10 +118,7 @@ class LeanH2Connection(H2ConnectionBase, asyncio.Protocol):
         # receiving
         self._rest = b""  # an incomplete frame carried to the next data_received
         self._receiving = False
-        self._header_stream = 0  # nonzero while a header block awaits CONTINUATION
-        self._header_parts: list[bytes] = []
-        self._header_size = 0
-        self._header_end_stream = False
+        self._header_parts: list[bytes] = []  # a header block awaiting CONTINUATION (HeaderBlockReader)
         # Frames not yet written: control frames (written once per data_received) and new
         # streams' HEADERS (written once per loop pass, see _queue_headers). Every other write
         # sends these first, so frames leave in the order they were made.
@@ -489,45 +489,7 @@ class LeanH2Connection(H2ConnectionBase, asyncio.Protocol):
         if flags & w.FLAG_END_STREAM:
             self._remote_end(stream)
 
-    # --- receiving: HEADERS / CONTINUATION ---
-    def _on_headers(self, flags: int, stream_id: int, data: bytes, start: int, stop: int) -> None:
-        if stream_id == 0:
-            raise w.ProtocolViolation(w.PROTOCOL_ERROR, "upstream sent HEADERS on stream 0")
-        if flags & w.FLAG_PADDED:
-            if start == stop:
-                raise w.ProtocolViolation(w.FRAME_SIZE_ERROR, "upstream sent a truncated HEADERS frame")
-            pad = data[start]
-            start += 1
-            if pad > stop - start:
-                raise w.ProtocolViolation(w.PROTOCOL_ERROR, "upstream sent bad HEADERS padding")
-            stop -= pad
-        if flags & w.FLAG_PRIORITY:
-            start += 5
-            if start > stop:
-                raise w.ProtocolViolation(w.FRAME_SIZE_ERROR, "upstream sent a truncated HEADERS frame")
-        block = data[start:stop]
-        end_stream = bool(flags & w.FLAG_END_STREAM)
-        if flags & w.FLAG_END_HEADERS:
-            self._on_header_block(stream_id, block, end_stream)
-        else:
-            self._header_stream = stream_id
-            self._header_parts = [block]
-            self._header_size = len(block)
-            self._header_end_stream = end_stream
-
-    def _on_continuation(self, flags: int, stream_id: int, payload: bytes) -> None:
-        if not self._header_stream or stream_id != self._header_stream:
-            raise w.ProtocolViolation(w.PROTOCOL_ERROR, "upstream sent an unexpected CONTINUATION")
-        self._header_parts.append(payload)
-        self._header_size += len(payload)
-        if self._header_size > MAX_HEADER_BLOCK:
-            raise w.ProtocolViolation(w.PROTOCOL_ERROR, "upstream header block too large")
-        if flags & w.FLAG_END_HEADERS:
-            block = b"".join(self._header_parts)
-            self._header_stream = 0
-            self._header_parts = []
-            self._on_header_block(stream_id, block, self._header_end_stream)
-
+    # --- receiving: a whole header block (HEADERS and CONTINUATION: HeaderBlockReader) ---
     def _on_header_block(self, stream_id: int, block: bytes, end_stream: bool) -> None:
         if not stream_id & 1 or stream_id >= self._next_stream_id:
             self._check_closed_stream(stream_id)  # a push or an idle stream: connection error
