@@ -97,29 +97,11 @@ def check_request_fields(method: bytes, target: bytes, authority: bytes, headers
             raise BadRequest("request line contains CR, LF, NUL or a space")
     if not target or not method:
         raise BadRequest("request method or target is empty")
-    for name, value in headers:
-        if (
-            b"\r" in value
-            or b"\n" in value
-            or b"\x00" in value
-            or b"\r" in name
-            or b"\n" in name
-            or b"\x00" in name
-            or b":" in name
-            or not name
-        ):
-            raise BadRequest("request header contains CR, LF or NUL, or a bad name")
+    _check_fields(headers, "request header")
 
 
-def request_trailers(body: object) -> list[tuple[bytes, bytes]]:
-    """Trailer fields a streamed request body offers once its iteration has ended (gRPC-style):
-    HTTP/2 sends them as a trailing HEADERS frame, HTTP/1.1 after the last chunk of a chunked
-    body (a body with a declared length has no room for them). Names and values are checked like
-    headers."""
-    trailers = body.trailers if isinstance(body, StreamedBody) else None
-    if not trailers:
-        return []
-    fields = [(name.lower(), value) for name, value in trailers]
+def _check_fields(fields: Headers, what: str) -> None:
+    """BadRequest if a name or value holds CR, LF or NUL, or a name is empty or has a colon."""
     for name, value in fields:
         if (
             b"\r" in value
@@ -131,7 +113,19 @@ def request_trailers(body: object) -> list[tuple[bytes, bytes]]:
             or b":" in name
             or not name
         ):
-            raise BadRequest("request trailer contains CR, LF or NUL, or a bad name")
+            raise BadRequest(f"{what} contains CR, LF or NUL, or a bad name")
+
+
+def request_trailers(body: object) -> list[tuple[bytes, bytes]]:
+    """Trailer fields a streamed request body offers once its iteration has ended (gRPC-style):
+    HTTP/2 sends them as a trailing HEADERS frame, HTTP/1.1 after the last chunk of a chunked
+    body (a body with a declared length has no room for them). Names and values are checked like
+    headers."""
+    trailers = body.trailers if isinstance(body, StreamedBody) else None
+    if not trailers:
+        return []
+    fields = [(name.lower(), value) for name, value in trailers]
+    _check_fields(fields, "request trailer")
     return fields
 
 
