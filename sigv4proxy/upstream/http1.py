@@ -203,7 +203,7 @@ class HTTP1Connection(ConnectionCore, asyncio.Protocol):
     ) -> Response:
         if not self.is_available():
             raise ConnectionNotAvailable("connection is busy or closed")
-        if not method or not target or b" " in method or b" " in target or b" " in authority:
+        if not method or not target or method.find(b" ") >= 0 or target.find(b" ") >= 0 or authority.find(b" ") >= 0:
             raise BadRequest(_BAD_LINE)
         lines = [method, b" ", target, b" HTTP/1.1\r\nHost: ", authority, b"\r\n"]
         has_length = chunked = te = announced = False
@@ -246,7 +246,7 @@ class HTTP1Connection(ConnectionCore, asyncio.Protocol):
         head = b"".join(lines)
         # One scan of the joined head instead of three per field: every CR and LF in it must be
         # one of the line ends we wrote (a value or target carrying its own would split a line).
-        if head.count(b"\n") != line_ends or head.count(b"\r") != line_ends or b"\x00" in head:
+        if head.count(b"\n") != line_ends or head.count(b"\r") != line_ends or head.find(b"\x00") >= 0:
             raise BadRequest(_BAD_FIELD)
         exchange = self._exchange = _Exchange(self, method == b"HEAD", interim)
         self._parser.start(method == b"HEAD")

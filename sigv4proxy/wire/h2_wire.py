@@ -230,7 +230,7 @@ class RequestHeaderEncoder:
         """
         if not method or not target:
             raise BadRequest("request method or target is empty")
-        if b" " in target:
+        if target.find(b" ") >= 0:
             raise BadRequest(_BAD_LINE)
         parts = [self._prefix] if self._prefix else []
         encoded = _METHODS.get(method)
@@ -272,7 +272,7 @@ class RequestHeaderEncoder:
         values = [value for _, value in headers]
         values.append(target)
         joined = b"\t".join(values)
-        if b"\r" in joined or b"\n" in joined or b"\x00" in joined:
+        if joined.find(b"\r") >= 0 or joined.find(b"\n") >= 0 or joined.find(b"\x00") >= 0:
             _check_request_line_part(target)
             raise BadRequest(_BAD_FIELD)
         self._prefix = b""

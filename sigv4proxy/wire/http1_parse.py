@@ -50,9 +50,10 @@ def parse_fields(block: bytes) -> tuple[Fields, list[tuple[int, bytes]]]:
     trimmed), and (kind, value) of the few that matter to the framing, in order."""
     if not block:
         return [], []
-    # One scan for the whole block: every CR and LF must be part of a line end.
+    # One scan for the whole block: every CR and LF must be part of a line end. `.find`, not `in`:
+    # on 3.11 `bytes in bytes` first tries its operand as an int and builds a TypeError to drop.
     line_ends = block.count(b"\r\n")
-    if block.count(b"\r") != line_ends or block.count(b"\n") != line_ends or b"\x00" in block:
+    if block.count(b"\r") != line_ends or block.count(b"\n") != line_ends or block.find(b"\x00") >= 0:
         raise UpstreamProtocolError("upstream sent a forbidden character in a header")
     fields: Fields = []
     framing: list[tuple[int, bytes]] = []
@@ -248,7 +249,7 @@ class ResponseParser:
         ):
             raise UpstreamProtocolError("upstream sent a malformed status line")
         status = int(status_text)
-        if b"\r" in status_line or b"\n" in status_line or b"\x00" in status_line:
+        if status_line.find(b"\r") >= 0 or status_line.find(b"\n") >= 0 or status_line.find(b"\x00") >= 0:
             raise UpstreamProtocolError("upstream sent a malformed status line")
         if not 100 <= status <= 599:  # RFC 9110 §15: anything else is invalid (a library's own code)
             raise UpstreamProtocolError("upstream sent an invalid status code")
@@ -278,7 +279,7 @@ class ResponseParser:
                 transfer_chunked = value.lower().rsplit(b",", 1)[-1].strip() == b"chunked"
             else:  # Connection
                 lowered = value.lower()
-                tokens = (lowered,) if b"," not in lowered else {t.strip() for t in lowered.split(b",")}
+                tokens = (lowered,) if lowered.find(b",") < 0 else {t.strip() for t in lowered.split(b",")}
                 if b"close" in tokens:
                     close = True
                 elif b"keep-alive" in tokens and version == b"HTTP/1.0":
