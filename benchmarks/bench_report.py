@@ -52,6 +52,9 @@ class Row:
 RATIO_FIELDS = ("rps", "p99_us", "cpu_us_per_req", "peak_rss_kib")
 FLOOR = "nginx-proxy"  # nginx as a plain keep-alive reverse proxy: the floor of a proxy hop
 POOLED_GO = "peer:go-pooled"
+SHIPPED_GO = "peer:go"
+TLS_GO = "peer:go-pooled-tls"  # the pooled Go sidecar over TLS (h2 by ALPN)
+TLS_OURS = "proxy-w2-h2tls"
 H1_INBOUND = "proxy-w2-h2"  # HTTP/1.1 clients (wrk) into two workers with an h2c upstream
 H2C_INBOUND = (("proxy-w2-h2in", 1), ("proxy-w2-h2in-m16", 16))  # the same, h2c clients (h2load)
 GRPC_TARGETS = ("direct-grpc", "proxy-w2-grpc")
@@ -134,6 +137,8 @@ def peer_comparisons(rows: list[Row]) -> list[dict]:
             if (not row.target.startswith("proxy-") or other is None or not row.valid
                     or row.offered_rps is not None):
                 continue
+            if peer == TLS_GO and row.target != TLS_OURS:  # over TLS: only ours over TLS
+                continue
             ratios = {name: ratio(getattr(row, name), getattr(other, name))
                       for name in RATIO_FIELDS}
             out.append({"peer": peer, "target": row.target, "case": row.case, **ratios})
@@ -168,29 +173,40 @@ def _ms(us: float) -> str:
     return f"{us / 1000:.2f}"
 
 
+def go_yardstick(target: str) -> str | None:
+    """The Go row a target's RPS is divided by in the summary: the pooled Go sidecar over the
+    same upstream protocol where Go has it (over TLS for ours over TLS; over HTTP/1.1 for the
+    rest, Go having no h2c client); None for the yardsticks themselves."""
+    if target in (POOLED_GO, TLS_GO):
+        return None
+    return TLS_GO if target == TLS_OURS else POOLED_GO
+
+
 def summary_table(rows: list[Row], cases: list[str]) -> str:
-    """The few rows that define the field, for `cases`: the floor, Go as shipped and pooled, ours
-    over HTTP/1.1, h2c and TLS; each with RPS against the pooled Go sidecar (not ours over TLS:
-    that Go goes over HTTP/1.1) and CPU against the floor ('' when none of them ran)."""
+    """The few rows that define the field, for `cases`: the floor, Go as shipped, pooled and
+    pooled over TLS, ours over HTTP/1.1, h2c and TLS; each with RPS against its Go yardstick and
+    CPU against the floor ('' when none of them ran)."""
     valid = {(r.target, r.case): r for r in rows if r.valid}
-    order = (FLOOR, "peer:go", POOLED_GO, "proxy-w2-h1", "proxy-w2-h2", "proxy-w2-h2tls")
+    order = (FLOOR, SHIPPED_GO, POOLED_GO, TLS_GO, "proxy-w2-h1", "proxy-w2-h2", TLS_OURS)
     lines = []
     for case in cases:
         for target in order:
             row = valid.get((target, case))
             if row is None:
                 continue
-            go = (None if target.endswith("h2tls") else
-                  ratios_between(row, valid.get((POOLED_GO, case))).get("rps"))
+            yardstick = go_yardstick(target)
+            go = (None if yardstick is None else
+                  ratios_between(row, valid.get((yardstick, case))).get("rps"))
             floor = row.ratios_to_floor.get("cpu_us_per_req")
             lines.append(f"| {target} | {case} | {row.rps:,.0f} | {_ms(row.p99_us)} | "
                          f"{_num(row.cpu_us_per_req, '.0f')} | "
-                         f"{'—' if go is None or target == POOLED_GO else f'×{go:.2f}'} | "
+                         f"{'—' if go is None else f'×{go:.2f}'} | "
                          f"{'—' if floor is None else f'×{floor:.2f}'} |")
     if not lines:
         return ""
-    return "\n".join(["| target | case | RPS | p99 ms | CPU µs/req | RPS vs pooled Go "
-                      "| CPU vs nginx-proxy |", "|---|---|---|---|---|---|---|", *lines])
+    return "\n".join([f"| target | case | RPS | p99 ms | CPU µs/req | RPS vs pooled Go ({TLS_OURS}: "
+                      f"vs {TLS_GO}) | CPU vs nginx-proxy |", "|---|---|---|---|---|---|---|",
+                      *lines])
 
 
 def floor_table(rows: list[Row]) -> str:
