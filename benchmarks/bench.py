@@ -28,7 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -46,6 +46,7 @@ from bench_report import (FLOOR, ONE_CPU_MARK, POOLED_GO, Row, compute_ratios, f
                           write_json)
 from bench_upstream import Upstream, ensure_debian_packages, nginx_proxy_argv, start_upstream
 from bench_start import START_RUNS_IN_BENCH, StartRow, host_rows
+from bench_targets import targets_table, verdicts
 from bench_start import markdown as start_markdown
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -447,6 +448,8 @@ class Bench:
         sections = [
             (f"The field at c{concurrency} (two workers; Go with GOMAXPROCS at its default)",
              summary_table(self.rows, [f"GET c{concurrency}", f"POST 4KiB c{concurrency}"])),
+            ("Round-two targets (issue 28; judged from this run's rows, the c128 ones need the "
+             "full run)", targets_table(self.rows)),
             ("Inbound h2c and gRPC", inbound_table(self.rows)),
             ("One worker on one CPU (taskset; wrk, the rate loader and the upstream on the "
              "other CPU; p99 at a constant rate is timed from when each request was due)",
@@ -464,7 +467,8 @@ class Bench:
                 "warmup_s": self.warmup, "cpus": os.cpu_count(), "host_header": LATTICE_HOST,
                 "elapsed_s": round(time.monotonic() - self.started, 1),
                 "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "notes": notes}
-        write_json(out / "bench.json", meta, self.rows)
+        write_json(out / "bench.json", meta, self.rows,
+                   {"round_two_targets": [asdict(v) for v in verdicts(self.rows)]})
         chart_problem = write_chart(out / "bench.png", self.rows, title,
                                     [c.label for c in self.cases])
         print(f"# {title}\n\n{body}\n\n{notes}")

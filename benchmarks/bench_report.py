@@ -89,7 +89,7 @@ def compute_ratios(rows: list[Row]) -> None:
                                if is_proxy(row.target) else {})
 
 
-def _num(value: float | None, fmt: str) -> str:
+def num(value: float | None, fmt: str) -> str:
     return "—" if value is None else format(value, fmt)
 
 
@@ -112,10 +112,10 @@ def markdown_table(rows: list[Row]) -> str:
             cells = [
                 f"{row.rps:,.0f}", _times(row, "rps"),
                 f"{row.p50_us / 1000:.2f}", f"{row.p99_us / 1000:.2f}", _times(row, "p99_us"),
-                _num(row.cpu_us_per_req, ".0f"), _times(row, "cpu_us_per_req"),
-                _num(None if row.peak_rss_kib is None else row.peak_rss_kib / 1024, ".1f"),
+                num(row.cpu_us_per_req, ".0f"), _times(row, "cpu_us_per_req"),
+                num(None if row.peak_rss_kib is None else row.peak_rss_kib / 1024, ".1f"),
                 _times(row, "peak_rss_kib"),
-                _num(None if row.largest_process_rss_kib is None else
+                num(None if row.largest_process_rss_kib is None else
                      row.largest_process_rss_kib / 1024, ".1f"),
             ]
         else:
@@ -163,13 +163,13 @@ def peer_table(rows: list[Row]) -> str:
             for target in targets:
                 c = cell.get((target, case))
                 cells.append("—" if c is None else
-                             f"RPS ×{_num(c['rps'], '.2f')}, p99 ×{_num(c['p99_us'], '.2f')}")
+                             f"RPS ×{num(c['rps'], '.2f')}, p99 ×{num(c['p99_us'], '.2f')}")
             lines.append(f"| {case} | " + " | ".join(cells) + " |")
         blocks.append("\n".join(lines))
     return "\n\n".join(blocks)
 
 
-def _ms(us: float) -> str:
+def ms(us: float) -> str:
     return f"{us / 1000:.2f}"
 
 
@@ -198,8 +198,8 @@ def summary_table(rows: list[Row], cases: list[str]) -> str:
             go = (None if yardstick is None else
                   ratios_between(row, valid.get((yardstick, case))).get("rps"))
             floor = row.ratios_to_floor.get("cpu_us_per_req")
-            lines.append(f"| {target} | {case} | {row.rps:,.0f} | {_ms(row.p99_us)} | "
-                         f"{_num(row.cpu_us_per_req, '.0f')} | "
+            lines.append(f"| {target} | {case} | {row.rps:,.0f} | {ms(row.p99_us)} | "
+                         f"{num(row.cpu_us_per_req, '.0f')} | "
                          f"{'—' if go is None else f'×{go:.2f}'} | "
                          f"{'—' if floor is None else f'×{floor:.2f}'} |")
     if not lines:
@@ -224,7 +224,7 @@ def floor_table(rows: list[Row]) -> str:
         for target in targets:
             c = cell.get((target, case))
             cells.append("—" if c is None else
-                         f"RPS ×{_num(c['rps'], '.2f')}, CPU ×{_num(c['cpu_us_per_req'], '.2f')}")
+                         f"RPS ×{num(c['rps'], '.2f')}, CPU ×{num(c['cpu_us_per_req'], '.2f')}")
         lines.append(f"| {case} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -264,7 +264,7 @@ def inbound_table(rows: list[Row]) -> str:
             r = c["cpu_ratio"]
             lines.append(f"| {c['case']} | {c['h1_rps']:,.0f} | {c['h1_cpu_us_per_req']:.0f} | "
                          f"{c['target']} | {c['streams_per_connection']} | {c['h2c_rps']:,.0f} | "
-                         f"{_num(c['h2c_cpu_us_per_req'], '.0f')} | "
+                         f"{num(c['h2c_cpu_us_per_req'], '.0f')} | "
                          f"{'—' if r is None else f'×{r:.2f}'} | "
                          f"{'—' if r is None else ('yes' if r <= INBOUND_TARGET else 'no')} |")
         blocks.append("\n".join(lines))
@@ -276,7 +276,7 @@ def inbound_table(rows: list[Row]) -> str:
                  "| target | case | calls/s | p50 ms | p99 ms | CPU µs/call | check |",
                  "|---|---|---|---|---|---|---|"]
         for r in grpc:
-            figures = ([f"{r.rps:,.0f}", _ms(r.p50_us), _ms(r.p99_us), _num(r.cpu_us_per_req, ".0f")]
+            figures = ([f"{r.rps:,.0f}", ms(r.p50_us), ms(r.p99_us), num(r.cpu_us_per_req, ".0f")]
                        if r.valid else ["✗", "—", "—", "—"])
             lines.append("| " + " | ".join([r.target, r.case, *figures, r.check]) + " |")
         blocks.append("\n".join(lines))
@@ -298,20 +298,21 @@ def one_cpu_table(rows: list[Row]) -> str:
         closed = next((r for r in mine if r.target == target and r.offered_rps is None), None)
         if closed is None:
             continue
-        cells = ([closed.case, f"{closed.rps:,.0f}", _ms(closed.p99_us),
-                  _num(closed.cpu_us_per_req, ".0f")] if closed.valid
+        cells = ([closed.case, f"{closed.rps:,.0f}", ms(closed.p99_us),
+                  num(closed.cpu_us_per_req, ".0f")] if closed.valid
                  else [closed.case, "✗", closed.check, "—"])
         for case in rated:
             r = next((x for x in mine if x.target == target and x.case == case), None)
             if r is None or not r.valid:
                 cells += ["✗" if r is None else r.check, "—"]
             else:
-                cells += [f"{r.offered_rps:,.0f} → {r.rps:,.0f}", _ms(r.p99_us)]
+                cells += [f"{r.offered_rps:,.0f} → {r.rps:,.0f}", ms(r.p99_us)]
         lines.append("| " + " | ".join([target, *cells]) + " |")
     return "\n".join(lines)
 
 
-def write_json(path: Path, meta: dict, rows: list[Row]) -> None:
+def write_json(path: Path, meta: dict, rows: list[Row], extra: dict | None = None) -> None:
+    """Every row (with its check), the peer and inbound comparisons, and `extra` sections."""
     records = []
     for row in rows:
         record = asdict(row)
@@ -319,7 +320,7 @@ def write_json(path: Path, meta: dict, rows: list[Row]) -> None:
         record["check"] = row.check
         records.append(record)
     path.write_text(json.dumps({"meta": meta, "rows": records, "vs_peers": peer_comparisons(rows),
-                                "inbound_h2c_vs_h1": inbound_comparisons(rows)},
+                                "inbound_h2c_vs_h1": inbound_comparisons(rows), **(extra or {})},
                                indent=2) + "\n")
 
 

@@ -1218,3 +1218,116 @@ def test_rate_rows_are_no_yardstick_between_targets():
     assert ("peer:go-pooled-1cpu", "proxy-1cpu-h2", "GET c64") in pairs
     assert not any("of max" in case for _, _, case in pairs)
 
+
+# ---- issue 28's targets, judged from the rows -----------------------------------------------------
+
+
+def _target_rows() -> list[Row]:
+    """One run's rows for every target of issue 28: some met, some not, some flagged or absent."""
+    def row(target, case, rps, cpu=50.0, p99_ms=10.0, **extra):
+        return Row(target, case, "wrk", "direct-h1", requests=100, rps=rps, p50_us=1000.0,
+                   p99_us=p99_ms * 1000, cpu_us_per_req=cpu, **extra)
+
+    return [
+        row("peer:go-pooled", "GET c128", 10000.0, 80.0),
+        row("peer:go-pooled", "POST 4KiB c128", 8000.0, 120.0),
+        row("proxy-w2-h1", "GET c128", 21000.0, 38.0, p99_ms=10.0),  # must and goal met
+        row("proxy-w2-h1", "POST 4KiB c128", 13000.0, 55.0, p99_ms=35.0),  # 1.625×, 55 µs
+        row("proxy-w2-h1", "POST 1MiB c128", 300.0, 900.0, p99_ms=200.0),
+        row("proxy-w2-h2", "GET c32", 15000.0, 50.0),
+        row("proxy-w2-h2", "GET c128", 17000.0, 44.0),  # 1.7×: short of 1.8×
+        row("proxy-w2-h2", "POST 4KiB c128", 0.0, None, non_2xx=3),  # flagged
+        row("proxy-w2-h2in", "GET c32", 9000.0, 55.0),  # ×1.10
+        row("proxy-w2-h2in", "GET c128", 9000.0, 57.2),  # ×1.30
+        row("proxy-w2-h2in", "POST 4KiB c128", 9000.0, 100.0),  # its HTTP/1.1 row is flagged
+        row("proxy-w2-h2in-m16", "GET c32", 15000.0, 50.0),
+        row("proxy-w2-h2in-m16", "GET c128", 15000.0, 44.0),
+        row("proxy-w2-h2tls", "GET c128", 16000.0, 60.0),
+        row("proxy-w2-h2tls", "POST 4KiB c128", 9000.0, 90.0),
+        row("peer:go-pooled-tls", "GET c128", 10000.0, 70.0),  # and no POST row in this run
+        row("peer:go", "GET c128", 7000.0, 160.0, p99_ms=40.0),
+        row("peer:go", "POST 4KiB c128", 6000.0, 200.0, p99_ms=30.0),
+        row("peer:go", "POST 1MiB c128", 200.0, 4000.0, p99_ms=400.0),
+        row("proxy-1cpu-h1", "GET c64", 12000.0, 80.0, p99_ms=5.0),
+        row("proxy-1cpu-h1", "GET at 50% of max", 6000.0, 80.0, p99_ms=2.0, offered_rps=6000.0),
+        row("proxy-1cpu-h1", "GET at 90% of max", 10800.0, 80.0, p99_ms=30.0, offered_rps=10800.0),
+        row("peer:go-pooled-1cpu", "GET c64", 9000.0, 110.0, p99_ms=10.0),
+        row("peer:go-pooled-1cpu", "GET at 50% of max", 4500.0, 110.0, p99_ms=3.0,
+            offered_rps=4500.0),
+        row("peer:go-pooled-1cpu", "GET at 90% of max", 8100.0, 110.0, p99_ms=20.0,
+            offered_rps=8100.0),
+        Row("proxy-1cpu-h2", "GET c64", "wrk", "direct-h1", problem="skipped: needs two CPUs"),
+        Row("proxy-1cpu-h2", "GET at 50% of max", "wrk", "direct-h1",
+            problem="skipped: needs two CPUs"),
+        Row("proxy-1cpu-h2", "GET at 90% of max", "wrk", "direct-h1",
+            problem="skipped: needs two CPUs"),
+    ]
+
+
+def test_round_two_targets_are_judged_from_the_rows_of_the_run():
+    from bench_targets import verdicts
+
+    lines = {v.target: v for v in verdicts(_target_rows())}
+    assert len(lines) == 11  # 6 against Go, 2 inbound, 2 on one CPU, the first round
+    get_h1 = lines["HTTP/1.1 upstream, GET c128: `proxy-w2-h1` ≥ 1.5× `peer:go-pooled`'s RPS, "
+                   "≤ 50 µs CPU/req (goal ≥ 2×, ≤ 40 µs)"]
+    assert (get_h1.measured, get_h1.met, get_h1.goal_met) == (
+        "RPS ×2.10 (21,000 against 10,000), CPU 38 µs/req", "yes", "yes")
+    post_h1 = lines["HTTP/1.1 upstream, POST 4KiB c128: `proxy-w2-h1` ≥ 1.5× `peer:go-pooled`'s "
+                    "RPS, ≤ 50 µs CPU/req (goal ≥ 2×, ≤ 40 µs)"]
+    assert (post_h1.measured, post_h1.met, post_h1.goal_met) == (
+        "RPS ×1.62 (13,000 against 8,000), CPU 55 µs/req", "no: CPU", "no: RPS, CPU")
+    get_h2 = lines["h2c upstream, GET c128: `proxy-w2-h2` ≥ 1.8× `peer:go-pooled`'s RPS, "
+                   "≤ 45 µs CPU/req (goal ≥ 2.2×, ≤ 45 µs)"]
+    assert (get_h2.met, get_h2.goal_met) == ("no: RPS", "no: RPS")
+    post_h2 = lines["h2c upstream, POST 4KiB c128: `proxy-w2-h2` ≥ 1.8× `peer:go-pooled`'s RPS, "
+                    "≤ 45 µs CPU/req (goal ≥ 2.2×, ≤ 45 µs)"]
+    assert (post_h2.measured, post_h2.goal_met) == ("—", "not run")
+    assert post_h2.met == ("not run: proxy-w2-h2 POST 4KiB c128 FLAGGED: 3 non-2xx, 0 socket "
+                           "errors of 100")
+    tls_get = lines["TLS h2 upstream, GET c128: `proxy-w2-h2tls` ≥ 1.5× `peer:go-pooled-tls`'s RPS"]
+    assert (tls_get.measured, tls_get.met, tls_get.goal_met) == (
+        "RPS ×1.60 (16,000 against 10,000)", "yes", "—")
+    tls_post = lines["TLS h2 upstream, POST 4KiB c128: `proxy-w2-h2tls` ≥ 1.5× "
+                     "`peer:go-pooled-tls`'s RPS"]
+    assert tls_post.met == "not run: no peer:go-pooled-tls row for POST 4KiB c128 in this run"
+    one = lines["Inbound h2c, 1 stream per connection: `proxy-w2-h2in` CPU/req within 1.2× of "
+                "`proxy-w2-h2`'s (HTTP/1.1 in)"]
+    assert one.measured == "GET c32 ×1.10 (55 against 50 µs); GET c128 ×1.30 (57 against 44 µs)"
+    assert one.met == ("no: GET c128; not run: proxy-w2-h2 POST 4KiB c128 FLAGGED: 3 non-2xx, "
+                       "0 socket errors of 100")
+    m16 = lines["Inbound h2c, 16 streams per connection: `proxy-w2-h2in-m16` CPU/req within 1.2× "
+                "of `proxy-w2-h2`'s (HTTP/1.1 in)"]
+    assert m16.met == "yes"
+    cpu_h1 = lines["One worker on one CPU: `proxy-1cpu-h1` max RPS above `peer:go-pooled-1cpu`'s, "
+                   "p99 at 50% and 90% of each one's max below Go's"]
+    assert cpu_h1.measured == ("max (GET c64) 12,000 against 9,000 RPS (×1.33); p99 at 50% 2.00 "
+                               "against 3.00 ms; p99 at 90% 30.00 against 20.00 ms")
+    assert cpu_h1.met == "no: p99 at 90%"
+    cpu_h2 = lines["One worker on one CPU: `proxy-1cpu-h2` max RPS above `peer:go-pooled-1cpu`'s, "
+                   "p99 at 50% and 90% of each one's max below Go's"]
+    assert (cpu_h2.measured, cpu_h2.met) == ("—", "not run: proxy-1cpu-h2 skipped: needs two CPUs")
+    first = lines["First round kept: `proxy-w2-h1` p99 below `peer:go`'s (as shipped) at c128"]
+    assert first.measured == ("GET c128 10.00 against 40.00 ms; POST 4KiB c128 35.00 against "
+                              "30.00 ms; POST 1MiB c128 200.00 against 400.00 ms")
+    assert first.met == "no: POST 4KiB c128"
+
+
+def test_round_two_targets_met_partly_run_and_not_run():
+    from bench_targets import targets_table, verdicts
+
+    rows = [r for r in _target_rows()
+            if not (r.target == "peer:go" and r.case == "POST 1MiB c128")]
+    for r in rows:
+        if r.target == "proxy-w2-h1" and r.case == "POST 4KiB c128":
+            r.p99_us = 20_000.0  # now below Go's 30 ms
+        if r.target == "proxy-1cpu-h1" and r.case == "GET at 90% of max":
+            r.p99_us = 15_000.0
+    met = {v.target.split(" p99")[0]: v.met for v in verdicts(rows)}
+    assert met["First round kept: `proxy-w2-h1`"] == (
+        "not all run: no peer:go row for POST 1MiB c128 in this run")
+    assert met["One worker on one CPU: `proxy-1cpu-h1` max RPS above `peer:go-pooled-1cpu`'s,"] == "yes"
+    table = targets_table([]).splitlines()  # a run without any of the rows (a quick run, say)
+    assert table[:2] == ["| target | measured | met | goal met |", "|---|---|---|---|"]
+    assert len(table) == 13 and all(" | — | not run: no " in line for line in table[2:])
+    assert "| not run: no proxy-w2-h1 rows in this run; no peer:go-pooled rows in this run | not run |" in table[2]
