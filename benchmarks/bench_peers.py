@@ -83,13 +83,11 @@ def go_tls_peer(directory: Path, ca_file: str) -> GoPeer:
     CA through SSL_CERT_FILE (Go on Linux reads it for its roots). Go's default transport offers
     h2 by ALPN, and nginx takes it: its access log showed HTTP/2.0 (docs/performance.md)."""
     pooled, flags = pooled_build(directory)
-    skip = (
-        NOT_BUILT.format(pooled)
-        if not pooled.exists()
-        else ""
-        if ca_file
-        else "no TLS upstream (needs nginx and trustme)"
-    )
+    skip = ""
+    if not pooled.exists():
+        skip = NOT_BUILT.format(pooled)
+    elif not ca_file:
+        skip = "no TLS upstream (needs nginx and trustme)"
     return GoPeer(
         TLS_PEER,
         common_args(pooled, "127.0.0.1:{upstream_h2tls_port}", "https") + flags,
