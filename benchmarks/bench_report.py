@@ -52,6 +52,9 @@ class Row:
 RATIO_FIELDS = ("rps", "p99_us", "cpu_us_per_req", "peak_rss_kib")
 FLOOR = "nginx-proxy"  # nginx as a plain keep-alive reverse proxy: the floor of a proxy hop
 POOLED_GO = "peer:go-pooled"
+SHIPPED_GO = "peer:go"
+TLS_GO = "peer:go-pooled-tls"  # the pooled Go sidecar over TLS (h2 by ALPN)
+TLS_OURS = "proxy-w2-h2tls"
 H1_INBOUND = "proxy-w2-h2"  # HTTP/1.1 clients (wrk) into two workers with an h2c upstream
 H2C_INBOUND = (("proxy-w2-h2in", 1), ("proxy-w2-h2in-m16", 16))  # the same, h2c clients (h2load)
 GRPC_TARGETS = ("direct-grpc", "proxy-w2-grpc")
@@ -86,7 +89,7 @@ def compute_ratios(rows: list[Row]) -> None:
                                if is_proxy(row.target) else {})
 
 
-def _num(value: float | None, fmt: str) -> str:
+def num(value: float | None, fmt: str) -> str:
     return "—" if value is None else format(value, fmt)
 
 
@@ -109,10 +112,10 @@ def markdown_table(rows: list[Row]) -> str:
             cells = [
                 f"{row.rps:,.0f}", _times(row, "rps"),
                 f"{row.p50_us / 1000:.2f}", f"{row.p99_us / 1000:.2f}", _times(row, "p99_us"),
-                _num(row.cpu_us_per_req, ".0f"), _times(row, "cpu_us_per_req"),
-                _num(None if row.peak_rss_kib is None else row.peak_rss_kib / 1024, ".1f"),
+                num(row.cpu_us_per_req, ".0f"), _times(row, "cpu_us_per_req"),
+                num(None if row.peak_rss_kib is None else row.peak_rss_kib / 1024, ".1f"),
                 _times(row, "peak_rss_kib"),
-                _num(None if row.largest_process_rss_kib is None else
+                num(None if row.largest_process_rss_kib is None else
                      row.largest_process_rss_kib / 1024, ".1f"),
             ]
         else:
@@ -133,6 +136,8 @@ def peer_comparisons(rows: list[Row]) -> list[dict]:
             # Constant-rate rows ran at each target's own rate: no yardstick for each other.
             if (not row.target.startswith("proxy-") or other is None or not row.valid
                     or row.offered_rps is not None):
+                continue
+            if peer == TLS_GO and row.target != TLS_OURS:  # over TLS: only ours over TLS
                 continue
             ratios = {name: ratio(getattr(row, name), getattr(other, name))
                       for name in RATIO_FIELDS}
@@ -158,39 +163,50 @@ def peer_table(rows: list[Row]) -> str:
             for target in targets:
                 c = cell.get((target, case))
                 cells.append("—" if c is None else
-                             f"RPS ×{_num(c['rps'], '.2f')}, p99 ×{_num(c['p99_us'], '.2f')}")
+                             f"RPS ×{num(c['rps'], '.2f')}, p99 ×{num(c['p99_us'], '.2f')}")
             lines.append(f"| {case} | " + " | ".join(cells) + " |")
         blocks.append("\n".join(lines))
     return "\n\n".join(blocks)
 
 
-def _ms(us: float) -> str:
+def ms(us: float) -> str:
     return f"{us / 1000:.2f}"
 
 
+def go_yardstick(target: str) -> str | None:
+    """The Go row a target's RPS is divided by in the summary: the pooled Go sidecar over the
+    same upstream protocol where Go has it (over TLS for ours over TLS; over HTTP/1.1 for the
+    rest, Go having no h2c client); None for the yardsticks themselves."""
+    if target in (POOLED_GO, TLS_GO):
+        return None
+    return TLS_GO if target == TLS_OURS else POOLED_GO
+
+
 def summary_table(rows: list[Row], cases: list[str]) -> str:
-    """The few rows that define the field, for `cases`: the floor, Go as shipped and pooled, ours
-    over HTTP/1.1, h2c and TLS; each with RPS against the pooled Go sidecar (not ours over TLS:
-    that Go goes over HTTP/1.1) and CPU against the floor ('' when none of them ran)."""
+    """The few rows that define the field, for `cases`: the floor, Go as shipped, pooled and
+    pooled over TLS, ours over HTTP/1.1, h2c and TLS; each with RPS against its Go yardstick and
+    CPU against the floor ('' when none of them ran)."""
     valid = {(r.target, r.case): r for r in rows if r.valid}
-    order = (FLOOR, "peer:go", POOLED_GO, "proxy-w2-h1", "proxy-w2-h2", "proxy-w2-h2tls")
+    order = (FLOOR, SHIPPED_GO, POOLED_GO, TLS_GO, "proxy-w2-h1", "proxy-w2-h2", TLS_OURS)
     lines = []
     for case in cases:
         for target in order:
             row = valid.get((target, case))
             if row is None:
                 continue
-            go = (None if target.endswith("h2tls") else
-                  ratios_between(row, valid.get((POOLED_GO, case))).get("rps"))
+            yardstick = go_yardstick(target)
+            go = (None if yardstick is None else
+                  ratios_between(row, valid.get((yardstick, case))).get("rps"))
             floor = row.ratios_to_floor.get("cpu_us_per_req")
-            lines.append(f"| {target} | {case} | {row.rps:,.0f} | {_ms(row.p99_us)} | "
-                         f"{_num(row.cpu_us_per_req, '.0f')} | "
-                         f"{'—' if go is None or target == POOLED_GO else f'×{go:.2f}'} | "
+            lines.append(f"| {target} | {case} | {row.rps:,.0f} | {ms(row.p99_us)} | "
+                         f"{num(row.cpu_us_per_req, '.0f')} | "
+                         f"{'—' if go is None else f'×{go:.2f}'} | "
                          f"{'—' if floor is None else f'×{floor:.2f}'} |")
     if not lines:
         return ""
-    return "\n".join(["| target | case | RPS | p99 ms | CPU µs/req | RPS vs pooled Go "
-                      "| CPU vs nginx-proxy |", "|---|---|---|---|---|---|---|", *lines])
+    return "\n".join([f"| target | case | RPS | p99 ms | CPU µs/req | RPS vs pooled Go ({TLS_OURS}: "
+                      f"vs {TLS_GO}) | CPU vs nginx-proxy |", "|---|---|---|---|---|---|---|",
+                      *lines])
 
 
 def floor_table(rows: list[Row]) -> str:
@@ -208,7 +224,7 @@ def floor_table(rows: list[Row]) -> str:
         for target in targets:
             c = cell.get((target, case))
             cells.append("—" if c is None else
-                         f"RPS ×{_num(c['rps'], '.2f')}, CPU ×{_num(c['cpu_us_per_req'], '.2f')}")
+                         f"RPS ×{num(c['rps'], '.2f')}, CPU ×{num(c['cpu_us_per_req'], '.2f')}")
         lines.append(f"| {case} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -248,7 +264,7 @@ def inbound_table(rows: list[Row]) -> str:
             r = c["cpu_ratio"]
             lines.append(f"| {c['case']} | {c['h1_rps']:,.0f} | {c['h1_cpu_us_per_req']:.0f} | "
                          f"{c['target']} | {c['streams_per_connection']} | {c['h2c_rps']:,.0f} | "
-                         f"{_num(c['h2c_cpu_us_per_req'], '.0f')} | "
+                         f"{num(c['h2c_cpu_us_per_req'], '.0f')} | "
                          f"{'—' if r is None else f'×{r:.2f}'} | "
                          f"{'—' if r is None else ('yes' if r <= INBOUND_TARGET else 'no')} |")
         blocks.append("\n".join(lines))
@@ -260,7 +276,7 @@ def inbound_table(rows: list[Row]) -> str:
                  "| target | case | calls/s | p50 ms | p99 ms | CPU µs/call | check |",
                  "|---|---|---|---|---|---|---|"]
         for r in grpc:
-            figures = ([f"{r.rps:,.0f}", _ms(r.p50_us), _ms(r.p99_us), _num(r.cpu_us_per_req, ".0f")]
+            figures = ([f"{r.rps:,.0f}", ms(r.p50_us), ms(r.p99_us), num(r.cpu_us_per_req, ".0f")]
                        if r.valid else ["✗", "—", "—", "—"])
             lines.append("| " + " | ".join([r.target, r.case, *figures, r.check]) + " |")
         blocks.append("\n".join(lines))
@@ -282,20 +298,21 @@ def one_cpu_table(rows: list[Row]) -> str:
         closed = next((r for r in mine if r.target == target and r.offered_rps is None), None)
         if closed is None:
             continue
-        cells = ([closed.case, f"{closed.rps:,.0f}", _ms(closed.p99_us),
-                  _num(closed.cpu_us_per_req, ".0f")] if closed.valid
+        cells = ([closed.case, f"{closed.rps:,.0f}", ms(closed.p99_us),
+                  num(closed.cpu_us_per_req, ".0f")] if closed.valid
                  else [closed.case, "✗", closed.check, "—"])
         for case in rated:
             r = next((x for x in mine if x.target == target and x.case == case), None)
             if r is None or not r.valid:
                 cells += ["✗" if r is None else r.check, "—"]
             else:
-                cells += [f"{r.offered_rps:,.0f} → {r.rps:,.0f}", _ms(r.p99_us)]
+                cells += [f"{r.offered_rps:,.0f} → {r.rps:,.0f}", ms(r.p99_us)]
         lines.append("| " + " | ".join([target, *cells]) + " |")
     return "\n".join(lines)
 
 
-def write_json(path: Path, meta: dict, rows: list[Row]) -> None:
+def write_json(path: Path, meta: dict, rows: list[Row], extra: dict | None = None) -> None:
+    """Every row (with its check), the peer and inbound comparisons, and `extra` sections."""
     records = []
     for row in rows:
         record = asdict(row)
@@ -303,7 +320,7 @@ def write_json(path: Path, meta: dict, rows: list[Row]) -> None:
         record["check"] = row.check
         records.append(record)
     path.write_text(json.dumps({"meta": meta, "rows": records, "vs_peers": peer_comparisons(rows),
-                                "inbound_h2c_vs_h1": inbound_comparisons(rows)},
+                                "inbound_h2c_vs_h1": inbound_comparisons(rows), **(extra or {})},
                                indent=2) + "\n")
 
 

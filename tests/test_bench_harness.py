@@ -34,7 +34,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import bench_parse  # noqa: E402
 from bench_parse import ParseError, ProcStat  # noqa: E402
 from bench_procs import (HarnessError, ManagedProcess, TreeSampler, free_port,  # noqa: E402
-                         group_has_live_members, port_is_free, run_bounded, wait_until)
+                         group_has_live_members, port_is_free, port_is_listening, run_bounded,
+                         wait_until)
 from bench_report import (Row, compute_ratios, floor_table, markdown_table,  # noqa: E402
                           peer_comparisons, peer_table, summary_table)
 
@@ -415,6 +416,22 @@ def test_peer_table_divides_each_proxy_row_by_the_peer_in_the_same_case():
     assert peer_table(rows[:4]) == ""  # no peer ran: nothing to add
 
 
+
+def test_the_go_tls_peer_is_a_yardstick_for_ours_over_tls_only():
+    rows = [
+        Row("proxy-w2-h1", "GET c128", "wrk", "direct-h1", requests=9, rps=12000.0, p99_us=20000),
+        Row("proxy-w2-h2tls", "GET c128", "wrk", "direct-h1", requests=9, rps=9000.0, p99_us=40000),
+        Row("peer:go-pooled", "GET c128", "wrk", "direct-h1", requests=9, rps=6000.0, p99_us=50000),
+        Row("peer:go-pooled-tls", "GET c128", "wrk", "direct-h1", requests=9, rps=7500.0,
+            p99_us=20000),
+    ]
+    pairs = [(c["peer"], c["target"], c["rps"]) for c in peer_comparisons(rows)]
+    assert pairs == [("peer:go-pooled", "proxy-w2-h1", 2.0), ("peer:go-pooled", "proxy-w2-h2tls", 1.5),
+                     ("peer:go-pooled-tls", "proxy-w2-h2tls", 1.2)]
+    table = peer_table(rows)
+    assert ("Against `peer:go-pooled-tls` (same run; RPS and p99 as multiples of the peer's):\n\n"
+            "| case | proxy-w2-h2tls |\n|---|---|\n| GET c128 | RPS ×1.20, p99 ×2.00 |") in table
+
 # ---- locustfile ---------------------------------------------------------------------------------
 
 LOCUST_PROBE = textwrap.dedent("""
@@ -704,6 +721,112 @@ def test_go_peers_use_the_upstream_pool_flag_where_the_build_has_it(tmp_path):
     _fake_go(tmp_path / POOLED_BINARY)
     _, pooled = go_peers(tmp_path)
     assert pooled.argv == [str(tmp_path / POOLED_BINARY), *shipped.argv[1:]]
+
+
+def test_go_tls_peer_runs_the_pooled_build_at_the_tls_port_trusting_the_bench_ca(tmp_path):
+    from bench_peers import POOL_FLAG, POOLED_BINARY, SHIPPED_BINARY, go_peers, go_tls_peer
+
+    missing = go_tls_peer(tmp_path, "/tmp/ca.pem")
+    assert missing.name == "peer:go-pooled-tls"
+    assert missing.skip_reason.startswith("not built") and POOLED_BINARY in missing.skip_reason
+    _fake_go(tmp_path / POOLED_BINARY)
+    assert go_tls_peer(tmp_path, "").skip_reason == "no TLS upstream (needs nginx and trustme)"
+    peer = go_tls_peer(tmp_path, "/tmp/ca.pem")
+    assert not peer.skip_reason and peer.env == {"SSL_CERT_FILE": "/tmp/ca.pem"}
+    assert peer.argv[0] == str(tmp_path / POOLED_BINARY)
+    assert peer.argv[peer.argv.index("--host") + 1] == "127.0.0.1:{upstream_h2tls_port}"
+    assert peer.argv[peer.argv.index("--upstream-url-scheme") + 1] == "https"
+    pooled = go_peers(tmp_path)[1]  # the same build and flags, only the upstream differs
+    differ = [i for i, (a, b) in enumerate(zip(peer.argv, pooled.argv)) if a != b]
+    assert len(peer.argv) == len(pooled.argv) and [peer.argv[i - 1] for i in differ] == [
+        "--host", "--upstream-url-scheme"]
+    _fake_go(tmp_path / SHIPPED_BINARY, f"  {POOL_FLAG}=2")  # a build with the upstream flag
+    peer = go_tls_peer(tmp_path, "/tmp/ca.pem")
+    assert peer.argv[0] == str(tmp_path / SHIPPED_BINARY) and peer.argv[-1] == f"{POOL_FLAG}=1024"
+
+
+def test_the_go_tls_peer_joins_the_full_matrix_beside_ours_over_tls(monkeypatch, tmp_path):
+    import bench
+    from bench_peers import POOLED_BINARY
+
+    _fake_go(tmp_path / POOLED_BINARY)
+    with_tls = bench.Upstream("nginx", 1001, 1002, None, 1003, "/tmp/ca.pem")  # type: ignore[arg-type]
+    full = _targets(monkeypatch, with_tls, "--go-peers", str(tmp_path))
+    tls = full["peer:go-pooled-tls"]
+    assert (tls.tool, tls.baseline, tls.cases, tls.skip_reason) == ("wrk", "direct-h1", None, "")
+    assert tls.env == {**bench.BENCH_ENV, "SSL_CERT_FILE": "/tmp/ca.pem"}
+    argv = bench.fill_placeholders(tls.argv, 5000, 5001, with_tls)
+    assert argv[argv.index("--host") + 1] == "127.0.0.1:1003"
+    assert argv[argv.index("--port") + 1] == "127.0.0.1:5000"
+    assert "SSL_CERT_FILE" not in full["peer:go-pooled"].env  # the others stay as they were
+    assert "peer:go-pooled-tls" not in _targets(monkeypatch, with_tls, "--go-peers", str(tmp_path),
+                                                "--quick")  # as proxy-w2-h2tls: full run only
+    assert "peer:go-pooled-tls" not in _targets(monkeypatch, with_tls)  # no --go-peers
+    only = _targets(monkeypatch, with_tls, "--go-peers", str(tmp_path), "--only", "proxy-w2-h2tls",
+                    "--only", "peer:go-pooled-tls")
+    assert sorted(only) == ["direct-h1", "direct-h2c", "direct-h2tls", "peer:go-pooled-tls",
+                            "proxy-w2-h2tls"]
+    fallback = bench.Upstream("python-fallback", 1001, 1002, None)  # type: ignore[arg-type]
+    no_tls = _targets(monkeypatch, fallback, "--go-peers", str(tmp_path))["peer:go-pooled-tls"]
+    assert no_tls.skip_reason == "no TLS upstream (needs nginx and trustme)"
+
+
+def _go_peers_dir() -> Path:
+    """Where `make bench` looks for the Go builds (the Makefile's GO_PEERS default)."""
+    return Path(os.environ.get("GO_PEERS") or Path(os.environ.get("TMPDIR") or "/tmp") / "peers")
+
+
+async def test_the_go_tls_peer_speaks_h2_to_the_upstream_and_trusts_only_the_given_ca(tmp_path):
+    """The pooled Go build, run as peer:go-pooled-tls runs it, against an HTTP/2-only TLS server
+    whose certificate only the test's CA signed: a request comes back 200 only if Go chose h2 by
+    ALPN and trusted that CA through SSL_CERT_FILE; without SSL_CERT_FILE it must fail."""
+    import asyncio
+
+    import bench
+    from bench_peers import go_tls_peer, pooled_build
+    from support.h2_peers import H2TestServer
+    from support.upstream_servers import make_pki
+
+    binary, _ = pooled_build(_go_peers_dir())
+    if not binary.exists():
+        pytest.skip(f"needs the pooled Go build ({binary}; docs/performance.md says how to build it)")
+    pki = make_pki(tmp_path)
+
+    def get_through(port: int) -> tuple[int, bytes]:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        try:
+            conn.request("GET", "/hello", headers={"Host": "svc.example"})
+            response = conn.getresponse()
+            return response.status, response.read()
+        finally:
+            conn.close()
+
+    async def one_request(server_port: int, env: dict[str, str], log: str) -> tuple[int, bytes]:
+        upstream = bench.Upstream("nginx", 1, 2, None, server_port, pki.ca_file)  # type: ignore[arg-type]
+        port = free_port()
+        argv = bench.fill_placeholders(go_tls_peer(_go_peers_dir(), pki.ca_file).argv, port, 0,
+                                       upstream)
+        proc = ManagedProcess("go", argv, tmp_path / log, env=env).start()
+        try:
+            await asyncio.to_thread(wait_until, lambda: port_is_listening(port), proc, 15, "go")
+            return await asyncio.to_thread(get_through, port)
+        finally:
+            await asyncio.to_thread(proc.stop)
+
+    peer_env = go_tls_peer(_go_peers_dir(), pki.ca_file).env
+    async with H2TestServer(ssl_context=pki.server_context(["h2", "http/1.1"])) as server:
+        status, body = await one_request(server.port, {**os.environ, **bench.BENCH_ENV, **peer_env},
+                                         "go-trusting.log")
+        assert status == 200, body[:200]
+        assert server.stats.connections == 1
+        echo = server.stats.requests[0]
+        assert (echo["method"], echo["path"], echo["scheme"]) == ("GET", "/hello", "https")
+        auth = dict(echo["headers"])["authorization"]
+        assert auth.startswith("AWS4-HMAC-SHA256 ") and "/us-west-2/vpc-lattice-svcs/" in auth
+        untrusting = {k: v for k, v in {**os.environ, **bench.BENCH_ENV}.items()
+                      if k != "SSL_CERT_FILE"}
+        status, _ = await one_request(server.port, untrusting, "go-untrusting.log")
+        assert status == 502 and server.stats.connections == 1  # no h2 connection got through
 
 
 def test_nginx_proxy_config_proxies_to_the_upstream_on_loopback_with_a_keepalive_pool(tmp_path):
@@ -1031,7 +1154,7 @@ def test_floor_and_summary_tables():
     assert floor[4].startswith("| GET c128 | RPS ×0.40, CPU ×4.00 | RPS ×0.50, CPU ×3.00 |")
     summary = summary_table(rows, ["GET c128", "POST 4KiB c128"]).splitlines()
     assert summary[0] == ("| target | case | RPS | p99 ms | CPU µs/req | RPS vs pooled Go "
-                          "| CPU vs nginx-proxy |")
+                          "(proxy-w2-h2tls: vs peer:go-pooled-tls) | CPU vs nginx-proxy |")
     assert [line.split(" | ")[0] for line in summary[2:]] == [
         "| nginx-proxy", "| peer:go", "| peer:go-pooled", "| proxy-w2-h1", "| proxy-w2-h2"]
     assert summary[2] == "| nginx-proxy | GET c128 | 40,000 | 10.00 | 20 | ×2.50 | — |"
@@ -1039,9 +1162,16 @@ def test_floor_and_summary_tables():
     assert summary[6] == "| proxy-w2-h2 | GET c128 | 20,000 | 10.00 | 60 | ×1.25 | ×3.00 |"
     rows.append(Row("proxy-w2-h2tls", "GET c128", "wrk", "direct-h1", requests=9, rps=12000.0,
                     cpu_us_per_req=70.0))
-    compute_ratios(rows)  # Go runs over HTTP/1.1: no yardstick for ours over TLS
+    compute_ratios(rows)  # no Go over TLS in the run: no yardstick for ours over TLS
     assert summary_table(rows, ["GET c128"]).splitlines()[-1] == (
         "| proxy-w2-h2tls | GET c128 | 12,000 | 0.00 | 70 | — | ×3.50 |")
+    rows.append(Row("peer:go-pooled-tls", "GET c128", "wrk", "direct-h1", requests=9,
+                    rps=10000.0, cpu_us_per_req=100.0))
+    compute_ratios(rows)  # ours over TLS against Go over TLS, not against Go over HTTP/1.1
+    summary = summary_table(rows, ["GET c128"]).splitlines()
+    assert summary[5] == "| peer:go-pooled-tls | GET c128 | 10,000 | 0.00 | 100 | — | ×5.00 |"
+    assert summary[-1] == "| proxy-w2-h2tls | GET c128 | 12,000 | 0.00 | 70 | ×1.20 | ×3.50 |"
+    assert summary[2] == "| nginx-proxy | GET c128 | 40,000 | 10.00 | 20 | ×2.50 | — |"
     assert summary_table(rows, ["POST 4KiB c128"]) == ""
 
 
@@ -1087,3 +1217,117 @@ def test_rate_rows_are_no_yardstick_between_targets():
     pairs = {(c["peer"], c["target"], c["case"]) for c in peer_comparisons(rows)}
     assert ("peer:go-pooled-1cpu", "proxy-1cpu-h2", "GET c64") in pairs
     assert not any("of max" in case for _, _, case in pairs)
+
+
+# ---- issue 28's targets, judged from the rows -----------------------------------------------------
+
+
+def _target_rows() -> list[Row]:
+    """One run's rows for every target of issue 28: some met, some not, some flagged or absent."""
+    def row(target, case, rps, cpu=50.0, p99_ms=10.0, **extra):
+        return Row(target, case, "wrk", "direct-h1", requests=100, rps=rps, p50_us=1000.0,
+                   p99_us=p99_ms * 1000, cpu_us_per_req=cpu, **extra)
+
+    return [
+        row("peer:go-pooled", "GET c128", 10000.0, 80.0),
+        row("peer:go-pooled", "POST 4KiB c128", 8000.0, 120.0),
+        row("proxy-w2-h1", "GET c128", 21000.0, 38.0, p99_ms=10.0),  # must and goal met
+        row("proxy-w2-h1", "POST 4KiB c128", 13000.0, 55.0, p99_ms=35.0),  # 1.625×, 55 µs
+        row("proxy-w2-h1", "POST 1MiB c128", 300.0, 900.0, p99_ms=200.0),
+        row("proxy-w2-h2", "GET c32", 15000.0, 50.0),
+        row("proxy-w2-h2", "GET c128", 17000.0, 44.0),  # 1.7×: short of 1.8×
+        row("proxy-w2-h2", "POST 4KiB c128", 0.0, None, non_2xx=3),  # flagged
+        row("proxy-w2-h2in", "GET c32", 9000.0, 55.0),  # ×1.10
+        row("proxy-w2-h2in", "GET c128", 9000.0, 57.2),  # ×1.30
+        row("proxy-w2-h2in", "POST 4KiB c128", 9000.0, 100.0),  # its HTTP/1.1 row is flagged
+        row("proxy-w2-h2in-m16", "GET c32", 15000.0, 50.0),
+        row("proxy-w2-h2in-m16", "GET c128", 15000.0, 44.0),
+        row("proxy-w2-h2tls", "GET c128", 16000.0, 60.0),
+        row("proxy-w2-h2tls", "POST 4KiB c128", 9000.0, 90.0),
+        row("peer:go-pooled-tls", "GET c128", 10000.0, 70.0),  # and no POST row in this run
+        row("peer:go", "GET c128", 7000.0, 160.0, p99_ms=40.0),
+        row("peer:go", "POST 4KiB c128", 6000.0, 200.0, p99_ms=30.0),
+        row("peer:go", "POST 1MiB c128", 200.0, 4000.0, p99_ms=400.0),
+        row("proxy-1cpu-h1", "GET c64", 12000.0, 80.0, p99_ms=5.0),
+        row("proxy-1cpu-h1", "GET at 50% of max", 6000.0, 80.0, p99_ms=2.0, offered_rps=6000.0),
+        row("proxy-1cpu-h1", "GET at 90% of max", 10800.0, 80.0, p99_ms=30.0, offered_rps=10800.0),
+        row("peer:go-pooled-1cpu", "GET c64", 9000.0, 110.0, p99_ms=10.0),
+        row("peer:go-pooled-1cpu", "GET at 50% of max", 4500.0, 110.0, p99_ms=3.0,
+            offered_rps=4500.0),
+        row("peer:go-pooled-1cpu", "GET at 90% of max", 8100.0, 110.0, p99_ms=20.0,
+            offered_rps=8100.0),
+        Row("proxy-1cpu-h2", "GET c64", "wrk", "direct-h1", problem="skipped: needs two CPUs"),
+        Row("proxy-1cpu-h2", "GET at 50% of max", "wrk", "direct-h1",
+            problem="skipped: needs two CPUs"),
+        Row("proxy-1cpu-h2", "GET at 90% of max", "wrk", "direct-h1",
+            problem="skipped: needs two CPUs"),
+    ]
+
+
+def test_round_two_targets_are_judged_from_the_rows_of_the_run():
+    from bench_targets import verdicts
+
+    lines = {v.target: v for v in verdicts(_target_rows())}
+    assert len(lines) == 11  # 6 against Go, 2 inbound, 2 on one CPU, the first round
+    get_h1 = lines["HTTP/1.1 upstream, GET c128: `proxy-w2-h1` ≥ 1.5× `peer:go-pooled`'s RPS, "
+                   "≤ 50 µs CPU/req (goal ≥ 2×, ≤ 40 µs)"]
+    assert (get_h1.measured, get_h1.met, get_h1.goal_met) == (
+        "RPS ×2.10 (21,000 against 10,000), CPU 38 µs/req", "yes", "yes")
+    post_h1 = lines["HTTP/1.1 upstream, POST 4KiB c128: `proxy-w2-h1` ≥ 1.5× `peer:go-pooled`'s "
+                    "RPS, ≤ 50 µs CPU/req (goal ≥ 2×, ≤ 40 µs)"]
+    assert (post_h1.measured, post_h1.met, post_h1.goal_met) == (
+        "RPS ×1.62 (13,000 against 8,000), CPU 55 µs/req", "no: CPU", "no: RPS, CPU")
+    get_h2 = lines["h2c upstream, GET c128: `proxy-w2-h2` ≥ 1.8× `peer:go-pooled`'s RPS, "
+                   "≤ 45 µs CPU/req (goal ≥ 2.2×, ≤ 45 µs)"]
+    assert (get_h2.met, get_h2.goal_met) == ("no: RPS", "no: RPS")
+    post_h2 = lines["h2c upstream, POST 4KiB c128: `proxy-w2-h2` ≥ 1.8× `peer:go-pooled`'s RPS, "
+                    "≤ 45 µs CPU/req (goal ≥ 2.2×, ≤ 45 µs)"]
+    assert (post_h2.measured, post_h2.goal_met) == ("—", "not run")
+    assert post_h2.met == ("not run: proxy-w2-h2 POST 4KiB c128 FLAGGED: 3 non-2xx, 0 socket "
+                           "errors of 100")
+    tls_get = lines["TLS h2 upstream, GET c128: `proxy-w2-h2tls` ≥ 1.5× `peer:go-pooled-tls`'s RPS"]
+    assert (tls_get.measured, tls_get.met, tls_get.goal_met) == (
+        "RPS ×1.60 (16,000 against 10,000)", "yes", "—")
+    tls_post = lines["TLS h2 upstream, POST 4KiB c128: `proxy-w2-h2tls` ≥ 1.5× "
+                     "`peer:go-pooled-tls`'s RPS"]
+    assert tls_post.met == "not run: no peer:go-pooled-tls row for POST 4KiB c128 in this run"
+    one = lines["Inbound h2c, 1 stream per connection: `proxy-w2-h2in` CPU/req within 1.2× of "
+                "`proxy-w2-h2`'s (HTTP/1.1 in)"]
+    assert one.measured == "GET c32 ×1.10 (55 against 50 µs); GET c128 ×1.30 (57 against 44 µs)"
+    assert one.met == ("no: GET c128; not run: proxy-w2-h2 POST 4KiB c128 FLAGGED: 3 non-2xx, "
+                       "0 socket errors of 100")
+    m16 = lines["Inbound h2c, 16 streams per connection: `proxy-w2-h2in-m16` CPU/req within 1.2× "
+                "of `proxy-w2-h2`'s (HTTP/1.1 in)"]
+    assert m16.met == "yes"
+    cpu_h1 = lines["One worker on one CPU: `proxy-1cpu-h1` max RPS above `peer:go-pooled-1cpu`'s, "
+                   "p99 at 50% and 90% of each one's max below Go's"]
+    assert cpu_h1.measured == ("max (GET c64) 12,000 against 9,000 RPS (×1.33); p99 at 50% 2.00 "
+                               "against 3.00 ms; p99 at 90% 30.00 against 20.00 ms")
+    assert cpu_h1.met == "no: p99 at 90%"
+    cpu_h2 = lines["One worker on one CPU: `proxy-1cpu-h2` max RPS above `peer:go-pooled-1cpu`'s, "
+                   "p99 at 50% and 90% of each one's max below Go's"]
+    assert (cpu_h2.measured, cpu_h2.met) == ("—", "not run: proxy-1cpu-h2 skipped: needs two CPUs")
+    first = lines["First round kept: `proxy-w2-h1` p99 below `peer:go`'s (as shipped) at c128"]
+    assert first.measured == ("GET c128 10.00 against 40.00 ms; POST 4KiB c128 35.00 against "
+                              "30.00 ms; POST 1MiB c128 200.00 against 400.00 ms")
+    assert first.met == "no: POST 4KiB c128"
+
+
+def test_round_two_targets_met_partly_run_and_not_run():
+    from bench_targets import targets_table, verdicts
+
+    rows = [r for r in _target_rows()
+            if not (r.target == "peer:go" and r.case == "POST 1MiB c128")]
+    for r in rows:
+        if r.target == "proxy-w2-h1" and r.case == "POST 4KiB c128":
+            r.p99_us = 20_000.0  # now below Go's 30 ms
+        if r.target == "proxy-1cpu-h1" and r.case == "GET at 90% of max":
+            r.p99_us = 15_000.0
+    met = {v.target.split(" p99")[0]: v.met for v in verdicts(rows)}
+    assert met["First round kept: `proxy-w2-h1`"] == (
+        "not all run: no peer:go row for POST 1MiB c128 in this run")
+    assert met["One worker on one CPU: `proxy-1cpu-h1` max RPS above `peer:go-pooled-1cpu`'s,"] == "yes"
+    table = targets_table([]).splitlines()  # a run without any of the rows (a quick run, say)
+    assert table[:2] == ["| target | measured | met | goal met |", "|---|---|---|---|"]
+    assert len(table) == 13 and all(" | — | not run: no " in line for line in table[2:])
+    assert "| not run: no proxy-w2-h1 rows in this run; no peer:go-pooled rows in this run | not run |" in table[2]
