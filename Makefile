@@ -63,24 +63,34 @@ bench-sign: $(STAMP)
 	$(BIN)/python benchmarks/bench_metrics.py
 
 clean:
-	rm -rf $(VENV) $(LOWEST) .pytest_cache .hypothesis build *.egg-info
+	rm -rf $(VENV) $(LOWEST) $(BENCH_VENV) .pytest_cache .hypothesis build *.egg-info
 
 # The benchmark matrix (< 15 min; bench-quick < 3 min): bench-results/bench.md, .json, .png.
 # GO_PEERS: where the Go aws-sigv4-proxy builds are (docs/performance.md says how to build them;
 # their rows are flagged "not built" until then). Extra flags: make bench BENCH_ARGS="--peer
 # 'CMD --port {port} ...' --peer-name NAME" (python benchmarks/bench.py --help).
+# BENCH_PYTHON: the interpreter the proxy under test runs on, in its own .venv-bench. By default
+# Debian's python3.11, the one the image is built on here (linked statically, PGO and LTO); the
+# dev venv's when the machine has none (bench.md's title names the one used).
 GO_PEERS ?= $(or $(TMPDIR),/tmp)/peers
-bench: $(STAMP)
+BENCH_PYTHON ?= $(firstword $(wildcard /usr/bin/python3.11) $(PY))
+BENCH_VENV := .venv-bench
+$(BENCH_VENV)/.installed: $(STAMP) pyproject.toml
+	rm -rf $(BENCH_VENV)
+	$(BENCH_PYTHON) -m venv --without-pip $(BENCH_VENV)
+	$(BIN)/pip --python $(BENCH_VENV)/bin/python install -q -e .
+	touch $@
+bench: $(STAMP) $(BENCH_VENV)/.installed
 	$(BIN)/python -c "import matplotlib" 2>/dev/null || $(BIN)/pip install -q -e '.[bench]'
-	$(BIN)/python benchmarks/bench.py --go-peers $(GO_PEERS) $(BENCH_ARGS)
+	$(BIN)/python benchmarks/bench.py --go-peers $(GO_PEERS) --proxy-cmd $(BENCH_VENV)/bin/sigv4proxy $(BENCH_ARGS)
 
 # Start to /readyz and idle RSS, 1 and 2 workers (make bench runs it too): bench-results/start.md.
 bench-start: $(STAMP)
 	$(BIN)/python benchmarks/bench_start.py $(BENCH_START_ARGS)
 
-bench-quick: $(STAMP)
+bench-quick: $(STAMP) $(BENCH_VENV)/.installed
 	$(BIN)/python -c "import matplotlib" 2>/dev/null || $(BIN)/pip install -q -e '.[bench]'
-	$(BIN)/python benchmarks/bench.py --quick --go-peers $(GO_PEERS) $(BENCH_ARGS)
+	$(BIN)/python benchmarks/bench.py --quick --go-peers $(GO_PEERS) --proxy-cmd $(BENCH_VENV)/bin/sigv4proxy $(BENCH_ARGS)
 
 # Headless locust for a bounded time against SIGV4PROXY_TARGET (default: the demo, started here
 # when nothing listens): CSV and HTML reports in loadtest-results/. WORKERS=N runs locust's

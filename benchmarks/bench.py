@@ -106,6 +106,26 @@ def find_proxy_command(explicit: str | None) -> list[str] | None:
 NO_PROXY = "`sigv4proxy serve` not available yet"
 
 
+_INTERPRETER_PROBE = ("import sys; print(sys.version.split()[0], sys.executable, "
+                      "'shared' if any('libpython' in l for l in open('/proc/self/maps')) "
+                      "else 'static')")
+
+
+def proxy_interpreter(proxy: list[str] | None) -> str:
+    """The Python our proxy runs on, for the report: version, path and whether libpython is a
+    shared library (a build without PGO/LTO linked that way costs more per request)."""
+    if not proxy:
+        return "none"
+    python = Path(proxy[0]).parent / "python"
+    try:
+        probe = subprocess.run([str(python), "-c", _INTERPRETER_PROBE], capture_output=True,
+                               text=True, timeout=30, check=True)
+        version, executable, linkage = probe.stdout.split()
+    except (OSError, subprocess.SubprocessError, ValueError):
+        return f"unknown ({python})"
+    return f"Python {version} ({executable}, libpython {linkage})"
+
+
 def serve_argv(proxy: list[str], upstream_url: str, protocol: str, workers: int) -> list[str]:
     return [*proxy, "serve", "--listen", "127.0.0.1:{port}", "--admin", "127.0.0.1:{admin_port}",
             "--upstream", upstream_url, "--upstream-protocol", protocol,
@@ -442,8 +462,9 @@ class Bench:
         out = Path(self.args.out)
         out.mkdir(parents=True, exist_ok=True)
         mode = "quick" if self.args.quick else "full"
+        interpreter = proxy_interpreter(find_proxy_command(self.args.proxy_cmd))
         title = (f"sigv4proxy bench ({mode}): upstream {upstream_kind}, {self.duration:.0f}s per "
-                 f"case, {os.cpu_count()} CPUs")
+                 f"case, {os.cpu_count()} CPUs, ours on {interpreter}")
         concurrency = 32 if self.args.quick else 128
         sections = [
             (f"The field at c{concurrency} (two workers; Go with GOMAXPROCS at its default)",
@@ -465,6 +486,7 @@ class Bench:
         (out / "bench.md").write_text(f"# {title}\n\n{body}\n\n{notes}\n")
         meta = {"mode": mode, "upstream": upstream_kind, "duration_s": self.duration,
                 "warmup_s": self.warmup, "cpus": os.cpu_count(), "host_header": LATTICE_HOST,
+                "proxy_python": interpreter,
                 "elapsed_s": round(time.monotonic() - self.started, 1),
                 "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "notes": notes}
         write_json(out / "bench.json", meta, self.rows,

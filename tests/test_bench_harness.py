@@ -1331,3 +1331,20 @@ def test_round_two_targets_met_partly_run_and_not_run():
     assert table[:2] == ["| target | measured | met | goal met |", "|---|---|---|---|"]
     assert len(table) == 13 and all(" | — | not run: no " in line for line in table[2:])
     assert "| not run: no proxy-w2-h1 rows in this run; no peer:go-pooled rows in this run | not run |" in table[2]
+
+
+def test_the_report_names_the_interpreter_the_proxy_runs_on(tmp_path):
+    """bench.md's title says which Python ran ours: the one beside the proxy's script, its
+    version and whether libpython was a shared library in that process."""
+    import platform
+
+    import bench
+
+    here = Path(sys.executable)
+    script = here.parent / "sigv4proxy"
+    linkage = "shared" if any("libpython" in line for line in open("/proc/self/maps")) else "static"
+    described = bench.proxy_interpreter([str(script)])
+    assert described.startswith(f"Python {platform.python_version()} (")
+    assert described.endswith(f"libpython {linkage})")
+    assert bench.proxy_interpreter([str(tmp_path / "sigv4proxy")]).startswith("unknown (")
+    assert bench.proxy_interpreter(None) == "none"
