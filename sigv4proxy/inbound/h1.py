@@ -29,7 +29,7 @@ from sigv4proxy.errors import (
     ProxyError,
     RequestTimeout,
 )
-from sigv4proxy.exchange.exchange import Body, Exchange, IteratedBody, Response, error_parts
+from sigv4proxy.exchange.exchange import Body, Exchange, IteratedBody, error_parts
 from sigv4proxy.exchange.prepare import split_target
 from sigv4proxy.inbound.h1_response import Answer, ResponseWriter
 from sigv4proxy.inbound.h1_splice import SpliceableBody
@@ -39,8 +39,6 @@ from sigv4proxy.io.splice import CLIENT_STALLED, SHORT_BODY
 from sigv4proxy.limits import MAX_HEADER_FIELD, SMALL_BODY
 
 log = logging.getLogger("sigv4proxy.inbound.h1")
-
-_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
 
 class _BodyStalled(TimeoutError):
@@ -168,7 +166,7 @@ class H1Exchange(AiohttpAnswer):
                 _AiohttpBodySocket(self.request),
                 length,
                 handler.settings.read_timeout,
-                self._send_continue if expect_continue else None,
+                self.send_continue if expect_continue else None,
             )
         return IteratedBody(self._streamed())
 
@@ -200,7 +198,7 @@ class H1Exchange(AiohttpAnswer):
         for it fails the request (408, the upstream stream cancelled); time spent waiting for
         the upstream to take what we have does not count."""
         if self.expects:
-            self._send_continue()
+            self.send_continue()
         limit = self._handler.settings.max_body_size
         seen = 0
         request = self.request
@@ -221,42 +219,16 @@ class H1Exchange(AiohttpAnswer):
                     raise PayloadTooLarge("request body exceeds --max-body-size")
             yield chunk
 
-    def _send_continue(self) -> None:
-        """Our own 100 (Continue), unless the upstream's was forwarded: the body is wanted now."""
-        transport = self.request.transport
-        if not self.continued and transport is not None:
-            self.continued = True
-            transport.write(_CONTINUE)
-
     # --- the answer ---
-    def interim(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
-        """An upstream 1xx response, forwarded (at most one 100)."""
-        if status == 100:
-            if self.continued:
-                return
-            self.continued = True
-        self._handler.writer.interim(self, status, headers)
-
-    def relay(self, upstream: Response) -> Awaitable[None]:
-        self.status = upstream.status
-        return self._handler.writer.relay(self, upstream)  # no coroutine of our own
+    @property
+    def writer(self) -> ResponseWriter:
+        return self._handler.writer
 
     async def answer_error(self, exc: ProxyError) -> None:
         self.status = exc.status
         self.error_response = response = _error_response(exc)
         if exc.closes_connection:
             response.force_close()
-
-    def cut(self, exc: ProxyError | None) -> None:
-        """The head is out: the only honest signal left is a cut connection, after every byte the
-        upstream did send (a close flushes them); a client gone gets an abort."""
-        self.keep_alive = False
-        transport = self.request.transport
-        if transport is not None:
-            if exc is not None:
-                transport.close()
-            else:
-                transport.abort()
 
     def own_cancellation(self) -> ProxyError | None:
         return None  # aiohttp cancels a request's task only when its client went away

@@ -32,7 +32,7 @@ from sigv4proxy.errors import (
     ProxyError,
     RequestTimeout,
 )
-from sigv4proxy.exchange.exchange import Body, Exchange, Response, StreamedBody, error_parts
+from sigv4proxy.exchange.exchange import Body, Exchange, StreamedBody, error_parts
 from sigv4proxy.exchange.prepare import split_target
 from sigv4proxy.fields import NOT_ADDABLE
 from sigv4proxy.inbound.h1_response import Answer, ResponseWriter
@@ -44,7 +44,6 @@ from sigv4proxy.limits import MAX_HEADER_FIELD, MAX_HEADERS, MAX_REQUEST_LINE, S
 
 log = logging.getLogger("sigv4proxy.inbound.h1_lean")
 
-_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 KEEPALIVE_TIMEOUT = 75.0  # an idle kept connection closes after this (s), as aiohttp's server did
 LINGERING_TIME = 10.0  # a body left unread is read and dropped this long at most, then close
 _QUEUE_LIMIT = 16  # pipelined requests parsed ahead of their answer before reads pause
@@ -547,6 +546,10 @@ class LeanRequest(Answer):
     def drain(self) -> Awaitable[None]:  # type: ignore[override]
         return self._conn.drain()
 
+    @property
+    def writer(self) -> ResponseWriter:
+        return self._conn.server.writer
+
     # --- the body as the parser delivers it ---
     def feed(self, data: bytes) -> None:
         self.received += len(data)
@@ -624,7 +627,7 @@ class LeanRequest(Answer):
         """The body's chunks as the client sends them, the socket read only when the next one is
         wanted; past --max-body-size 413."""
         if self.expects:
-            self._send_continue()
+            self.send_continue()
         limit = self._conn.server.settings.max_body_size
         seen = 0
         while True:
@@ -640,13 +643,6 @@ class LeanRequest(Answer):
                 if seen > limit:
                     raise PayloadTooLarge("request body exceeds --max-body-size")
             yield chunk
-
-    def _send_continue(self) -> None:
-        """Our own 100 (Continue), unless the upstream's was forwarded: the body is wanted now."""
-        transport = self._conn.transport
-        if not self.continued and transport is not None:
-            self.continued = True
-            transport.write(_CONTINUE)
 
     # --- BodySocket (h1_splice) ---
     @property
@@ -704,21 +700,9 @@ class LeanRequest(Answer):
                     self,
                     length,
                     self._conn.server.settings.read_timeout,
-                    self._send_continue if expect_continue else None,
+                    self.send_continue if expect_continue else None,
                 )
         return _LeanBody(self)
-
-    def interim(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
-        """An upstream 1xx response, forwarded (at most one 100)."""
-        if status == 100:
-            if self.continued:
-                return
-            self.continued = True
-        self._conn.server.writer.interim(self, status, headers)
-
-    def relay(self, upstream: Response) -> Awaitable[None]:
-        self.status = upstream.status
-        return self._conn.server.writer.relay(self, upstream)
 
     async def answer_error(self, exc: ProxyError) -> None:
         self.status = exc.status
@@ -737,17 +721,6 @@ class LeanRequest(Answer):
         self.keep_alive = False
         headers, text = error_parts(error)
         self._conn.server.writer.own_answer(self, error.status, headers, text)
-
-    def cut(self, exc: ProxyError | None) -> None:
-        """The head is out: the only honest signal left is a cut connection, after every byte the
-        upstream did send (a close flushes them); a client gone gets an abort."""
-        self.keep_alive = False
-        transport = self._conn.transport
-        if transport is not None:
-            if exc is not None:
-                transport.close()
-            else:
-                transport.abort()
 
     def own_cancellation(self) -> ProxyError | None:
         return None  # a request's task is cancelled only when its client went away

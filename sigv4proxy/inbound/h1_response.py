@@ -8,7 +8,8 @@ close-delimited to HTTP/1.0; no body after HEAD, 1xx, 204 or 304), Date when the
 none, the keep-alive decision handed back to the inbound adapter (`Answer.keep_alive`), the write
 timing (every write carries what has arrived; nothing waits for more) and the transport's write
 backpressure; and `Answer`, what the writer needs of the client's connection, which each HTTP/1.1
-adapter (`h1` over aiohttp, `h1_lean`) provides. aiohttp's StreamResponse did the same at a much
+adapter (`h1` over aiohttp, `h1_lean`) provides, with what both answer alike (our own 100
+Continue, an upstream 1xx, the relay, a cut). aiohttp's StreamResponse did the same at a much
 higher cost per request (docs/performance.md).
 Must never: write a header line holding CR or LF (response splitting), keep writing past the
 transport's high-water mark without waiting, send a body where the message may have none, hold a
@@ -18,7 +19,7 @@ received byte back waiting for the next one, or end a broken body as if it were 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from email.utils import formatdate
 from http import HTTPStatus
 
@@ -26,6 +27,7 @@ from sigv4proxy.errors import ProxyError, UpstreamProtocolError
 from sigv4proxy.exchange.exchange import Response
 from sigv4proxy.fields import DROP_RESPONSE
 
+_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 _FORWARD, _DROP, _LENGTH, _DATE, _TRAILER = 0, 1, 2, 3, 4
 _CACHE_LIMIT = 1024  # entries per cache: names and status lines come from upstreams
 _EMPTY_BODY_STATUS = frozenset((204, 304, *range(100, 200)))
@@ -65,6 +67,42 @@ class Answer:
     async def drain(self) -> None:
         """Returns once the transport is below its low-water mark (or the client is gone)."""
         raise NotImplementedError
+
+    @property
+    def writer(self) -> ResponseWriter:
+        """The worker's writer (each adapter's server holds one)."""
+        raise NotImplementedError
+
+    # --- what every HTTP/1.1 adapter answers the same way (the exchange's Inbound) ---
+    def send_continue(self) -> None:
+        """Our own 100 (Continue), unless the upstream's was forwarded: the body is wanted now."""
+        transport = self.transport
+        if not self.continued and transport is not None:
+            self.continued = True
+            transport.write(_CONTINUE)
+
+    def interim(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
+        """An upstream 1xx response, forwarded (at most one 100)."""
+        if status == 100:
+            if self.continued:
+                return
+            self.continued = True
+        self.writer.interim(self, status, headers)
+
+    def relay(self, upstream: Response) -> Awaitable[None]:
+        self.status = upstream.status
+        return self.writer.relay(self, upstream)  # no coroutine of our own
+
+    def cut(self, exc: ProxyError | None) -> None:
+        """The head is out: the only honest signal left is a cut connection, after every byte the
+        upstream did send (a close flushes them); a client gone gets an abort."""
+        self.keep_alive = False
+        transport = self.transport
+        if transport is not None:
+            if exc is not None:
+                transport.close()
+            else:
+                transport.abort()
 
 
 class ResponseWriter:
