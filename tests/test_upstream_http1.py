@@ -358,6 +358,23 @@ async def test_response_framing_variants(pool, raw, body, reused):
         assert shared.stats().connections[("http1", "idle")] == (1 if reused else 0)
 
 
+@pytest.mark.parametrize("raw, body", [
+    (b"HTTP/1.1 204 No Content\r\n\r\nHTTP/1.1 200 OK\r\n", b""),
+    (b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\nextra", b""),
+    (b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nabextra", b"ab"),
+], ids=["after-204", "after-empty-body", "after-body"])
+async def test_bytes_after_a_response_in_the_same_read_retire_the_socket(pool, raw, body):
+    """An upstream that sends more than the response it owes (in one write with it) is not
+    asked again on that socket: what follows would be read as the next request's response."""
+    async with RawResponseServer(raw) as server:
+        shared = pool()
+        response = await shared.request(http(server.port), b"GET", b"/", b"h", [])
+        assert await response.read() == body
+        await response.aclose()
+        await asyncio.sleep(0.05)
+        assert shared.stats().connections[("http1", "idle")] == 0
+
+
 @pytest.mark.parametrize("chunked", [
     b"zz\r\nab\r\n0\r\n\r\n", b"0x2\r\nab\r\n0\r\n\r\n", b"2\r\nabXX0\r\n\r\n",
 ], ids=["not-hex", "0x-prefix", "missing-crlf"])

@@ -83,6 +83,7 @@ class ResponseParser:
 
     __slots__ = (
         "_buf",
+        "_tail",
         "_phase",
         "_remaining",
         "_is_head",
@@ -101,6 +102,7 @@ class ResponseParser:
         on_interim: Callable[[int, Fields], None] = lambda status, fields: None,
     ) -> None:
         self._buf = bytearray()
+        self._tail = 0  # bytes after a head being parsed, not yet in `_buf`
         self._phase = _DONE
         self._remaining = 0  # body bytes left (Content-Length or current chunk)
         self._is_head = False
@@ -113,6 +115,7 @@ class ResponseParser:
     def start(self, is_head: bool) -> None:
         """Expect the response to a new request (`is_head`: a HEAD request, so no body)."""
         self._phase = _HEAD
+        self._tail = 0
         self._is_head = is_head
         self.keep_alive = False
 
@@ -128,7 +131,7 @@ class ResponseParser:
 
     @property
     def has_leftover(self) -> bool:
-        return bool(self._buf)
+        return bool(self._buf or self._tail)
 
     def feed_eof(self) -> None:
         """The peer closed: a close-delimited body ends here."""
@@ -141,20 +144,19 @@ class ResponseParser:
             if phase == _HEAD:
                 end = data.find(b"\r\n\r\n")
                 if end >= 0:
-                    rest = len(data) - end - 4
-                    if rest:  # body (or what follows) waits in the buffer as usual
-                        self._buf += memoryview(data)[end + 4 :]
+                    rest = self._tail = len(data) - end - 4  # a response ending at its head sees them
                     self._on_head_bytes(data[:end])
+                    self._tail = 0
                     if not rest:
                         return
-                    if self._phase == _LENGTH and rest == len(self._buf) and rest <= self._remaining:
+                    if self._phase == _LENGTH and rest <= self._remaining:
                         # The usual small answer, whole in one read: the body straight from it
-                        self._buf.clear()
                         self._remaining -= rest
                         self._on_body(data[end + 4 :])
                         if not self._remaining:
                             self._finish([])
-                    elif self._buf:
+                    else:  # an interim head's final one, a chunked body, bytes past the end
+                        self._buf += memoryview(data)[end + 4 :]
                         self._parse()
                     return
             elif phase == _LENGTH and len(data) <= self._remaining:
