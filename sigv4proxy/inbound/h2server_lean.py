@@ -2,14 +2,14 @@
 the default (`--h2-server-implementation lean`); `h2server`, on the `h2` library, is the reference
 that passes the same inbound tests.
 
-Owns: one connection's protocol state without the `h2` library: the client preface, both sides'
-settings, both directions of flow control (we never send past the client's windows; its credit
-goes back only as bytes are taken, batched like h2's window manager), the header block being
-continued (CONTINUATION), the HPACK tables (`wire.hpack_decode.HeaderBlockDecoder` for requests,
+Owns: one connection's protocol state without the `h2` library: both sides' settings, both
+directions of flow control (we never send past the client's windows; its credit goes back only as
+bytes are taken, batched like h2's window manager), the header block being continued
+(CONTINUATION), the HPACK tables (`wire.hpack_decode.HeaderBlockDecoder` for requests,
 `h2_hpack.ResponseHeaderEncoder` for answers), what each frame type does for a server (RFC 9113
 §5.1 stream states and §6; the frame loop and the SETTINGS, PING, WINDOW_UPDATE and GOAWAY rules
 are `wire.h2_frame_reader`'s, shared with the lean client, this class their server-side data and
-hooks: the client's preface expected, push allowed in its SETTINGS), and the choice between a stream error
+hooks: the client preface expected, ENABLE_PUSH 1 allowed), and the choice between a stream error
 (RST_STREAM: a malformed request, a stream's frame out of place, too many streams) and a
 connection error (GOAWAY: the preface, frame sizes, HPACK, stream ids, flow-control overruns,
 frames on stream 0 that belong to a stream). What happens to a stream is `h2server_core`'s.
@@ -205,12 +205,7 @@ class LeanH2ServerConnection(FrameReader, H2ServerBase):
 
     # --- receiving: DATA ---
     def _on_data(self, flags: int, stream_id: int, data: bytes, start: int, stop: int) -> None:
-        length = stop - start  # flow-controlled length, padding included
-        if stream_id == 0:
-            raise w.ProtocolViolation(w.PROTOCOL_ERROR, "client sent DATA on stream 0")
-        self._recv_window -= length
-        if self._recv_window < 0:
-            raise w.ProtocolViolation(w.FLOW_CONTROL_ERROR, "client overran the connection window")
+        length = stop - start  # padding included; FrameReader took it from the connection window
         stream = self.streams.get(stream_id)
         if stream is None:
             self._check_closed_stream(stream_id)

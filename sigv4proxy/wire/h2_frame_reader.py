@@ -11,7 +11,8 @@ Must never: know which layer it serves (an endpoint says so as data: `peer`, `ex
 `peer_max_enable_push`, and through the hooks below), write to a socket (frames go to `_out`,
 the endpoint's `_flush` writes them), or keep reading after a connection error.
 
-The endpoint provides: `_on_data`, `_on_rst_stream`, `_on_priority`, `_on_push_promise` (what a
+The endpoint provides: `_on_data` (a DATA frame on a stream, the connection window already
+taken), `_on_rst_stream`, `_on_priority`, `_on_push_promise` (what a
 frame does there), `_on_header_block` (HeaderBlockReader), `_check_closed_stream(stream_id)` (a
 frame for a stream not in the table: fine if it closed, else a ProtocolViolation),
 `_stream_error(stream, code, reason)`, `_peer_setting(code, value)` (a setting this reader does
@@ -57,6 +58,7 @@ class FrameReader(HeaderBlockReader):
     _peer_initial_window: int
     _peer_max_frame: int
     _send_window: int  # the connection's send window
+    _recv_window: int  # the connection's receive window (a DATA frame is taken from it before `_on_data`)
     # hooks that other bases of an endpoint may provide: declared, not defined, so that no stub
     # here hides them in the method resolution order
     _wake: Callable[[Any], None]
@@ -145,6 +147,11 @@ class FrameReader(HeaderBlockReader):
                 if self._header_stream and frame_type != w.CONTINUATION:
                     raise w.ProtocolViolation(w.PROTOCOL_ERROR, f"{self.peer} interrupted a header block")
                 if frame_type == w.DATA:  # before SETTINGS it names a stream never opened: an error there
+                    if stream_id == 0:
+                        raise w.ProtocolViolation(w.PROTOCOL_ERROR, f"{self.peer} sent DATA on stream 0")
+                    self._recv_window -= length  # padding included
+                    if self._recv_window < 0:
+                        raise w.ProtocolViolation(w.FLOW_CONTROL_ERROR, f"{self.peer} overran the connection window")
                     self._on_data(flags, stream_id, data, start, stop)
                 elif not self._remote_settings_seen and frame_type != w.SETTINGS:
                     raise w.ProtocolViolation(w.PROTOCOL_ERROR, f"{self.peer} did not start with SETTINGS")
