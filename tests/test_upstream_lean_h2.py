@@ -32,6 +32,7 @@ from hypothesis import strategies as st
 from sigv4proxy.errors import (
     BadRequest,
     RetryableStreamError,
+    UpstreamConnectError,
     UpstreamProtocolError,
     UpstreamReset,
 )
@@ -450,6 +451,77 @@ async def test_protocol_errors_send_goaway_and_fail_with_a_typed_error(connect, 
         await asyncio.wait_for(task, FRAME_TIMEOUT)
     assert caught.value.status == 502
     assert conn.is_closed() and not conn.is_available()
+
+
+def raw_frame(frame_type: int, flags: int, stream_id: int, payload: bytes = b"") -> bytes:
+    """A frame as bytes, whatever it carries (hyperframe refuses to build the bad ones)."""
+    return struct.pack(">BHBBL", 0, len(payload), frame_type, flags, stream_id) + payload
+
+
+# The connection-level frame rules (RFC 9113 §6.5, §6.7-§6.9) on the client's side, each from a
+# peer mid-request: a connection error, GOAWAY with its code, the request failed with a typed error.
+@pytest.mark.parametrize("frame,code", [
+    (raw_frame(0x4, 0, 0, struct.pack(">HL", 0x2, 1)), h2_wire.PROTOCOL_ERROR),  # a server enables push
+    (raw_frame(0x4, 0, 0, struct.pack(">HL", 0x4, 1 << 31)), h2_wire.FLOW_CONTROL_ERROR),
+    (raw_frame(0x4, 0, 0, struct.pack(">HL", 0x5, 16383)), h2_wire.PROTOCOL_ERROR),
+    (raw_frame(0x4, 0, 0, struct.pack(">HL", 0x5, 1 << 24)), h2_wire.PROTOCOL_ERROR),
+    (raw_frame(0x4, 0, 1, b""), h2_wire.PROTOCOL_ERROR),
+    (raw_frame(0x4, 0x1, 0, struct.pack(">HL", 0x4, 1)), h2_wire.FRAME_SIZE_ERROR),
+    (raw_frame(0x4, 0, 0, b"\x00\x04\x00\x00\x00"), h2_wire.FRAME_SIZE_ERROR),
+    (raw_frame(0x6, 0, 0, b"7bytes!"), h2_wire.FRAME_SIZE_ERROR),
+    (raw_frame(0x8, 0, 0, b"\x00\x01\x00"), h2_wire.FRAME_SIZE_ERROR),
+    (raw_frame(0x8, 0, 0, struct.pack(">L", (1 << 31) - 1)), h2_wire.FLOW_CONTROL_ERROR),
+    (raw_frame(0x7, 0, 0, b"\x00" * 7), h2_wire.FRAME_SIZE_ERROR),
+    (raw_frame(0x7, 0, 1, b"\x00" * 8), h2_wire.PROTOCOL_ERROR),
+], ids=["enable_push", "initial_window_too_large", "max_frame_too_small", "max_frame_too_large",
+        "settings_on_stream", "settings_ack_with_payload", "settings_bad_length", "ping_bad_length",
+        "window_update_bad_length", "connection_window_overflow", "goaway_bad_length", "goaway_on_stream"])
+async def test_bad_connection_frames_send_goaway_with_their_code(connect, frame, code):
+    conn, server = await connect()
+    task = start(conn)
+    await server.request_block()
+    server.send(frame)
+    goaway = await server.next_of(GoAwayFrame)
+    assert goaway.error_code == code and goaway.last_stream_id == 0
+    with pytest.raises(UpstreamProtocolError):
+        await asyncio.wait_for(task, FRAME_TIMEOUT)
+    assert conn.is_closed()
+
+
+async def test_a_first_frame_other_than_settings_ends_the_connection(peer):
+    origin = Origin("http", "127.0.0.1", peer.port, "h2")
+    conn = LeanH2Connection(origin, Timeouts(), lambda conn: None)
+    await asyncio.get_running_loop().create_connection(lambda: conn, "127.0.0.1", peer.port)
+    try:
+        server = await peer.accept()
+        await asyncio.wait_for(server.reader.readexactly(len(PREFACE)), FRAME_TIMEOUT)
+        server.send(PingFrame(0, b"12345678"), SettingsFrame(0, {}))
+        goaway = await server.next_of(GoAwayFrame)
+        assert goaway.error_code == h2_wire.PROTOCOL_ERROR
+        with pytest.raises(UpstreamConnectError):
+            await conn.wait_ready(FRAME_TIMEOUT)
+        assert conn.is_closed()
+    finally:
+        conn.close()
+
+
+@pytest.mark.parametrize("increment,code", [(0, h2_wire.PROTOCOL_ERROR), ((1 << 31) - 1, h2_wire.FLOW_CONTROL_ERROR)],
+                         ids=["zero", "overflow"])
+async def test_a_bad_stream_window_update_resets_only_that_stream(connect, increment, code):
+    conn, server = await connect()
+    task = start(conn)
+    stream_id, _, _ = await server.request_block()
+    server.send(raw_frame(0x8, 0, stream_id, struct.pack(">L", increment)))
+    reset = await server.next_of(RstStreamFrame)
+    assert reset.stream_id == stream_id and reset.error_code == code
+    with pytest.raises(UpstreamProtocolError):
+        await asyncio.wait_for(task, FRAME_TIMEOUT)
+    assert not conn.is_closed() and conn.is_available()
+    again = start(conn)  # the connection still serves
+    next_id, _, _ = await server.request_block()
+    server.respond(next_id)
+    response = await asyncio.wait_for(again, FRAME_TIMEOUT)
+    assert response.status == 200
 
 
 # --- flow control ---

@@ -202,7 +202,7 @@ class H2ServerConnection(H2ServerBase):
             self._windows_opened()
 
     def _on_goaway(self, event: h2.events.ConnectionTerminated) -> None:
-        self._peer_goaway(event.error_code or 0)
+        self._peer_goaway(event.last_stream_id or 0, event.error_code or 0)
 
 
 _HANDLERS: dict[type, Callable[[H2ServerConnection, Any], None]] = {

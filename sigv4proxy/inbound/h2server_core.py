@@ -340,7 +340,7 @@ class H2ServerBase(asyncio.Protocol):
         for each in self.streams.values():
             wake(each.window_waiter)
 
-    def _peer_goaway(self, error_code: int) -> None:
+    def _peer_goaway(self, last_stream_id: int, error_code: int) -> None:
         # The client opens no more streams; on an error code it is gone for good.
         if error_code != w.NO_ERROR or not self.streams:
             self.close()

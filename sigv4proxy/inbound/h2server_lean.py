@@ -2,13 +2,14 @@
 the default (`--h2-server-implementation lean`); `h2server`, on the `h2` library, is the reference
 that passes the same inbound tests.
 
-Owns: one connection's protocol state without the `h2` library: the client preface, both sides'
-settings, both directions of flow control (we never send past the client's windows; its credit
-goes back only as bytes are taken, batched like h2's window manager), the header block being
-continued (CONTINUATION), the HPACK tables (`wire.hpack_decode.HeaderBlockDecoder` for requests,
-`h2_hpack.ResponseHeaderEncoder` for answers), parsing frames out of one receive buffer (frame
-numbers and builders from `wire.h2_wire`, the client's lean codec) and what each frame type does
-for a server (RFC 9113 §5.1 stream states and §6), and the choice between a stream error
+Owns: one connection's protocol state without the `h2` library: both sides' settings, both
+directions of flow control (we never send past the client's windows; its credit goes back only as
+bytes are taken, batched like h2's window manager), the header block being continued
+(CONTINUATION), the HPACK tables (`wire.hpack_decode.HeaderBlockDecoder` for requests,
+`h2_hpack.ResponseHeaderEncoder` for answers), what each frame type does for a server (RFC 9113
+§5.1 stream states and §6; the frame loop and the SETTINGS, PING, WINDOW_UPDATE and GOAWAY rules
+are `wire.h2_frame_reader`'s, shared with the lean client, this class their server-side data and
+hooks: the client preface expected, ENABLE_PUSH 1 allowed), and the choice between a stream error
 (RST_STREAM: a malformed request, a stream's frame out of place, too many streams) and a
 connection error (GOAWAY: the preface, frame sizes, HPACK, stream ids, flow-control overruns,
 frames on stream 0 that belong to a stream). What happens to a stream is `h2server_core`'s.
@@ -34,12 +35,11 @@ from sigv4proxy.inbound.h2server_core import (
 )
 from sigv4proxy.inbound.h2stream import ClientGone, InboundStream, wake
 from sigv4proxy.wire import h2_wire as w
-from sigv4proxy.wire.h2_header_blocks import HeaderBlockReader
+from sigv4proxy.wire.h2_frame_reader import FrameReader
 from sigv4proxy.wire.hpack_decode import HeaderBlockDecoder, HpackDecodeError
 
 log = logging.getLogger("sigv4proxy.inbound")
 
-_RECV_MAX_FRAME_SIZE = w.DEFAULT_MAX_FRAME_SIZE  # we advertise no larger frames
 # Credit goes back (WINDOW_UPDATE) once half a window was taken, or sooner when the window is shut
 # (h2's window manager does the same): not one frame per chunk.
 _STREAM_BATCH = STREAM_WINDOW // 2
@@ -58,8 +58,6 @@ def _opening(max_streams: int) -> bytes:
 
 
 _OPENING = _opening(MAX_CONCURRENT_STREAMS)
-_unpack_header = w.FRAME_HEADER.unpack_from
-_PREFACE_SIZE = len(w.PREFACE)
 
 
 class LeanStream(InboundStream):
@@ -74,12 +72,15 @@ class LeanStream(InboundStream):
         self.credit = 0  # taken, not yet returned to the client
 
 
-class LeanH2ServerConnection(HeaderBlockReader, H2ServerBase):
+class LeanH2ServerConnection(FrameReader, H2ServerBase):
     """One inbound h2c connection, frames parsed and built here."""
 
     stream_class = LeanStream
     streams: dict[int, LeanStream]  # type: ignore[assignment]
     peer = "client"
+    expects_preface = True
+    peer_max_enable_push = 1
+    _wake = staticmethod(wake)
     max_header_block = 4 * MAX_HEADER_LIST_SIZE
     block_too_large = w.ENHANCE_YOUR_CALM
 
@@ -100,9 +101,7 @@ class LeanH2ServerConnection(HeaderBlockReader, H2ServerBase):
         self._encoder = ResponseHeaderEncoder()
         self._decoder = HeaderBlockDecoder(MAX_HEADER_LIST_SIZE)
         self._out: list[bytes | memoryview] = []  # frames not yet written, in order
-        self._rest = b""  # an incomplete frame (or preface) carried to the next data_received
-        self._preface = False  # the client preface arrived
-        self._settings_seen = False  # the client's first SETTINGS arrived
+        self._stream_table = self.streams  # FrameReader's name for them
         self._highest = 0  # the highest stream id the client opened
         # the client's settings
         self._peer_initial_window = w.DEFAULT_WINDOW
@@ -122,57 +121,6 @@ class LeanH2ServerConnection(HeaderBlockReader, H2ServerBase):
         self._out.append(self._opening)
         self.flush()
 
-    def data_received(self, data: bytes) -> None:
-        if self._closed:
-            return
-        if self._rest:
-            data = self._rest + data
-            self._rest = b""
-        end = len(data)
-        pos = 0
-        try:
-            if not self._preface:
-                if end < _PREFACE_SIZE:
-                    if data != w.PREFACE[:end]:
-                        raise w.ProtocolViolation(w.PROTOCOL_ERROR, "bad client preface")
-                    self._rest = data
-                    return
-                if data[:_PREFACE_SIZE] != w.PREFACE:
-                    raise w.ProtocolViolation(w.PROTOCOL_ERROR, "bad client preface")
-                self._preface = True
-                pos = _PREFACE_SIZE
-            while end - pos >= 9:
-                high, low, frame_type, flags, stream_id = _unpack_header(data, pos)
-                length = (high << 16) | low
-                if length > _RECV_MAX_FRAME_SIZE:
-                    raise w.ProtocolViolation(w.FRAME_SIZE_ERROR, "client sent an oversized frame")
-                start = pos + 9
-                stop = start + length
-                if stop > end:
-                    break
-                pos = stop
-                stream_id &= w.MAX_STREAM_ID
-                if self._header_stream and frame_type != w.CONTINUATION:
-                    raise w.ProtocolViolation(w.PROTOCOL_ERROR, "client interrupted a header block")
-                if not self._settings_seen and frame_type != w.SETTINGS:
-                    raise w.ProtocolViolation(w.PROTOCOL_ERROR, "client did not start with SETTINGS")
-                if frame_type == w.DATA:
-                    self._on_data(flags, stream_id, data, start, stop)
-                elif frame_type == w.HEADERS:
-                    self._on_headers(flags, stream_id, data, start, stop)
-                else:
-                    handler = _FRAME_HANDLERS.get(frame_type)
-                    if handler is not None:  # unknown frame types are ignored (RFC 9113 §5.5)
-                        handler(self, flags, stream_id, data[start:stop])
-                if self._closed:
-                    return
-        except w.ProtocolViolation as err:
-            self._connection_error(err.code, str(err))
-            return
-        if pos < end:
-            self._rest = data[pos:]
-        self.flush()
-
     # --- frames ---
     def flush(self) -> None:
         out = self._out
@@ -181,6 +129,8 @@ class LeanH2ServerConnection(HeaderBlockReader, H2ServerBase):
             transport = self.transport
             if transport is not None and not transport.is_closing():
                 transport.write(out[0] if len(out) == 1 else b"".join(out))
+
+    _flush = flush  # FrameReader's name for it
 
     def acknowledge(self, stream_id: int, size: int) -> None:
         if self._closed or not size:
@@ -217,8 +167,9 @@ class LeanH2ServerConnection(HeaderBlockReader, H2ServerBase):
         if self.transport is not None:
             self.transport.close()
 
-    def _stream_error(self, stream: LeanStream, code: int) -> None:
+    def _stream_error(self, stream: LeanStream, code: int, reason: str) -> None:
         """RST_STREAM(code) for a stream with a frame out of place; its handler stops."""
+        log.debug("inbound HTTP/2 stream error: %s", reason)
         self._drop(stream, code)
 
     # --- what a stream answers with ---
@@ -254,15 +205,10 @@ class LeanH2ServerConnection(HeaderBlockReader, H2ServerBase):
 
     # --- receiving: DATA ---
     def _on_data(self, flags: int, stream_id: int, data: bytes, start: int, stop: int) -> None:
-        length = stop - start  # flow-controlled length, padding included
-        if stream_id == 0:
-            raise w.ProtocolViolation(w.PROTOCOL_ERROR, "client sent DATA on stream 0")
-        self._recv_window -= length
-        if self._recv_window < 0:
-            raise w.ProtocolViolation(w.FLOW_CONTROL_ERROR, "client overran the connection window")
+        length = stop - start  # padding included; FrameReader took it from the connection window
         stream = self.streams.get(stream_id)
         if stream is None:
-            self._check_known(stream_id)
+            self._check_closed_stream(stream_id)
             self.acknowledge(stream_id, length)  # a stream that closed: ignored, credit back
             return
         stream.recv_window -= length
@@ -270,7 +216,7 @@ class LeanH2ServerConnection(HeaderBlockReader, H2ServerBase):
             raise w.ProtocolViolation(w.FLOW_CONTROL_ERROR, "client overran a stream window")
         if stream.remote_ended:  # §5.1 half-closed (remote)
             self.acknowledge(stream_id, length)
-            self._stream_error(stream, w.STREAM_CLOSED)
+            self._stream_error(stream, w.STREAM_CLOSED, "client sent DATA after the end")
             return
         if flags & w.FLAG_PADDED:
             if length == 0 or data[start] >= length:
@@ -297,7 +243,7 @@ class LeanH2ServerConnection(HeaderBlockReader, H2ServerBase):
         stream = self.streams.get(stream_id)
         if stream is not None:  # trailers
             if stream.remote_ended:
-                self._stream_error(stream, w.STREAM_CLOSED)
+                self._stream_error(stream, w.STREAM_CLOSED, "client sent HEADERS after the end")
             elif not end_stream:
                 self._refuse(stream, "trailers without END_STREAM")
             else:
@@ -329,7 +275,7 @@ class LeanH2ServerConnection(HeaderBlockReader, H2ServerBase):
         )
 
     # --- receiving: control frames ---
-    def _check_known(self, stream_id: int) -> None:
+    def _check_closed_stream(self, stream_id: int) -> None:
         """A frame for a stream not in the table: fine if the client opened it and it closed."""
         if not stream_id & 1 or stream_id > self._highest:
             raise w.ProtocolViolation(w.PROTOCOL_ERROR, "client used a stream it never opened")
@@ -341,87 +287,24 @@ class LeanH2ServerConnection(HeaderBlockReader, H2ServerBase):
             raise w.ProtocolViolation(w.FRAME_SIZE_ERROR, "client sent a bad RST_STREAM")
         stream = self.streams.get(stream_id)
         if stream is None:
-            self._check_known(stream_id)
+            self._check_closed_stream(stream_id)
             return
         self._drop(stream)
 
-    def _on_settings(self, flags: int, stream_id: int, payload: bytes) -> None:
-        if stream_id != 0:
-            raise w.ProtocolViolation(w.PROTOCOL_ERROR, "client sent SETTINGS on a stream")
-        if flags & w.FLAG_ACK:
-            if payload:
-                raise w.ProtocolViolation(w.FRAME_SIZE_ERROR, "client sent a SETTINGS ACK with a payload")
-            return
-        if len(payload) % 6:
-            raise w.ProtocolViolation(w.FRAME_SIZE_ERROR, "client sent a bad SETTINGS length")
-        self._settings_seen = True
-        opened = False
-        for offset in range(0, len(payload), 6):
-            code = int.from_bytes(payload[offset : offset + 2], "big")
-            value = int.from_bytes(payload[offset + 2 : offset + 6], "big")
-            if code == w.SETTINGS_HEADER_TABLE_SIZE:
-                self._encoder.header_table_size = value
-            elif code == w.SETTINGS_ENABLE_PUSH:
-                if value > 1:
-                    raise w.ProtocolViolation(w.PROTOCOL_ERROR, "client ENABLE_PUSH not 0 or 1")
-            elif code == w.SETTINGS_INITIAL_WINDOW_SIZE:
-                if value > w.MAX_WINDOW:
-                    raise w.ProtocolViolation(w.FLOW_CONTROL_ERROR, "client INITIAL_WINDOW_SIZE too large")
-                delta = value - self._peer_initial_window
-                self._peer_initial_window = value
-                for stream in self.streams.values():  # may go negative (§6.9.2)
-                    stream.send_window += delta
-                    if stream.send_window > w.MAX_WINDOW:
-                        raise w.ProtocolViolation(w.FLOW_CONTROL_ERROR, "client overflowed a stream window")
-                opened = delta > 0
-            elif code == w.SETTINGS_MAX_FRAME_SIZE:
-                if not w.DEFAULT_MAX_FRAME_SIZE <= value <= w.MAX_FRAME_SIZE_LIMIT:
-                    raise w.ProtocolViolation(w.PROTOCOL_ERROR, "client MAX_FRAME_SIZE out of range")
-                self._peer_max_frame = value
-            # MAX_CONCURRENT_STREAMS limits pushes (never sent), MAX_HEADER_LIST_SIZE is advisory
-        self._out.append(w.SETTINGS_ACK)
+    def _peer_setting(self, code: int, value: int) -> None:
+        if code == w.SETTINGS_HEADER_TABLE_SIZE:
+            self._encoder.header_table_size = value
+        # MAX_CONCURRENT_STREAMS limits pushes (never sent), MAX_HEADER_LIST_SIZE is advisory
+
+    def _settings_applied(self, opened: bool) -> None:
         if opened:
             self._windows_opened()
 
-    def _on_ping(self, flags: int, stream_id: int, payload: bytes) -> None:
-        if stream_id != 0:
-            raise w.ProtocolViolation(w.PROTOCOL_ERROR, "client sent PING on a stream")
-        if len(payload) != 8:
-            raise w.ProtocolViolation(w.FRAME_SIZE_ERROR, "client sent a bad PING")
-        if not flags & w.FLAG_ACK:
-            self._out.append(w.ping_ack_frame(payload))
+    def _on_settings_ack(self) -> None:
+        pass  # our settings hold from the start: nothing waits for the client's ACK
 
-    def _on_goaway(self, flags: int, stream_id: int, payload: bytes) -> None:
-        if stream_id != 0:
-            raise w.ProtocolViolation(w.PROTOCOL_ERROR, "client sent GOAWAY on a stream")
-        if len(payload) < 8:
-            raise w.ProtocolViolation(w.FRAME_SIZE_ERROR, "client sent a bad GOAWAY")
-        self._peer_goaway(int.from_bytes(payload[4:8], "big"))
-
-    def _on_window_update(self, flags: int, stream_id: int, payload: bytes) -> None:
-        if len(payload) != 4:
-            raise w.ProtocolViolation(w.FRAME_SIZE_ERROR, "client sent a bad WINDOW_UPDATE")
-        increment = int.from_bytes(payload, "big") & w.MAX_WINDOW
-        if stream_id == 0:
-            if increment == 0:
-                raise w.ProtocolViolation(w.PROTOCOL_ERROR, "client sent a zero WINDOW_UPDATE")
-            self._send_window += increment
-            if self._send_window > w.MAX_WINDOW:
-                raise w.ProtocolViolation(w.FLOW_CONTROL_ERROR, "client overflowed the connection window")
-            self._windows_opened()
-            return
-        stream = self.streams.get(stream_id)
-        if stream is None:
-            self._check_known(stream_id)
-            return
-        if increment == 0:
-            self._stream_error(stream, w.PROTOCOL_ERROR)
-            return
-        stream.send_window += increment
-        if stream.send_window > w.MAX_WINDOW:
-            self._stream_error(stream, w.FLOW_CONTROL_ERROR)
-            return
-        wake(stream.window_waiter)
+    def _on_ping_ack(self, payload: bytes) -> None:
+        pass  # we send no PING
 
     def _on_priority(self, flags: int, stream_id: int, payload: bytes) -> None:
         if stream_id == 0:
@@ -429,23 +312,10 @@ class LeanH2ServerConnection(HeaderBlockReader, H2ServerBase):
         if len(payload) != 5:  # §6.3: a stream error, on whatever stream it names
             stream = self.streams.get(stream_id)
             if stream is not None:
-                self._stream_error(stream, w.FRAME_SIZE_ERROR)
+                self._stream_error(stream, w.FRAME_SIZE_ERROR, "client sent a bad PRIORITY")
             else:
                 self._refuse_new(stream_id, w.FRAME_SIZE_ERROR)
         # otherwise ignored: RFC 9113 deprecates the priority scheme, and it may name any stream
 
     def _on_push_promise(self, flags: int, stream_id: int, payload: bytes) -> None:
         raise w.ProtocolViolation(w.PROTOCOL_ERROR, "client sent PUSH_PROMISE")
-
-
-# Frame types other than DATA and HEADERS (dispatched inline in data_received), by type code.
-_FRAME_HANDLERS: dict[int, Callable[[LeanH2ServerConnection, int, int, bytes], None]] = {
-    w.CONTINUATION: LeanH2ServerConnection._on_continuation,
-    w.RST_STREAM: LeanH2ServerConnection._on_rst_stream,
-    w.SETTINGS: LeanH2ServerConnection._on_settings,
-    w.PING: LeanH2ServerConnection._on_ping,
-    w.GOAWAY: LeanH2ServerConnection._on_goaway,
-    w.WINDOW_UPDATE: LeanH2ServerConnection._on_window_update,
-    w.PRIORITY: LeanH2ServerConnection._on_priority,
-    w.PUSH_PROMISE: LeanH2ServerConnection._on_push_promise,
-}

@@ -367,7 +367,7 @@ class H2ConnectionBase(ConnectionCore):
         wake(stream.window_waiter)
         wake(stream.continue_waiter)
 
-    def _peer_goaway(self, last_stream_id: int) -> None:
+    def _peer_goaway(self, last_stream_id: int, error_code: int) -> None:
         """No new streams; those above `last_stream_id` were never processed: retry elsewhere."""
         self._enter(GOING_AWAY)
         for stream in list(self._streams.values()):

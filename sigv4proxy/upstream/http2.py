@@ -386,7 +386,7 @@ class H2Connection(H2ConnectionBase, asyncio.Protocol):
 
     def _on_goaway(self, event: h2.events.ConnectionTerminated) -> None:
         last = event.last_stream_id
-        self._peer_goaway(last if last is not None else _MAX_STREAM_ID)
+        self._peer_goaway(last if last is not None else _MAX_STREAM_ID, event.error_code or 0)
 
     # --- plumbing ---
     def _flush(self) -> None:

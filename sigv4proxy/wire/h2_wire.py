@@ -79,7 +79,7 @@ MAX_STREAM_ID = (1 << 31) - 1
 # 24-bit length as (high byte, low 16 bits), type, flags, stream id (reserved bit masked by readers)
 FRAME_HEADER = struct.Struct(">BHBBL")
 _pack_header = FRAME_HEADER.pack
-_SETTING = struct.Struct(">HL")
+SETTING = struct.Struct(">HL")  # one SETTINGS entry: identifier, value
 _U32 = struct.Struct(">L")
 
 
@@ -93,7 +93,7 @@ def frame_header(frame_type: int, flags: int, stream_id: int, length: int) -> by
 
 
 def settings_frame(settings: Sequence[tuple[int, int]]) -> bytes:
-    return frame(SETTINGS, 0, 0, b"".join(_SETTING.pack(k, v) for k, v in settings))
+    return frame(SETTINGS, 0, 0, b"".join(SETTING.pack(k, v) for k, v in settings))
 
 
 SETTINGS_ACK = frame(SETTINGS, FLAG_ACK, 0)

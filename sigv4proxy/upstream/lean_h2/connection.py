@@ -2,24 +2,24 @@
 
 Owns: the connection's protocol state without the `h2` library (the peer's settings, both
 directions of flow control, the header block being continued, the HPACK tables through
-`wire.h2_wire.RequestHeaderEncoder` and `wire.hpack_decode.HeaderBlockDecoder`), parsing frames
-from a single receive buffer and what each frame type does for a client (RFC 9113 §6), the choice
-between a stream error (RST_STREAM) and a connection error (GOAWAY), the write queue (control
-frames written once per read, new streams' HEADERS once per loop pass), and sending a stream's
-DATA under both windows, from the process or spliced in the kernel (`io.splice.FrameSource`) with
-every other write held back while a frame is part written. The stream states, the stream table
-and the error mapping are `h2_common`'s, the connection's life-cycle state `connection_core`'s;
-`stream.py` decides what an upload sends and calls the public methods here. Must never: add or
-drop a header other than the pseudo-headers, log or quote header values, buffer a request body
-whole, send past a window, interleave a frame with another write, let a broken response end as
-if complete, or let the peer make it buffer without bound.
+`wire.h2_wire.RequestHeaderEncoder` and `wire.hpack_decode.HeaderBlockDecoder`), what each frame
+type does for a client (RFC 9113 §6; the frame loop and the SETTINGS, PING, WINDOW_UPDATE and
+GOAWAY rules are `wire.h2_frame_reader`'s, shared with the lean inbound server, this class their
+client-side data and hooks), the choice between a stream error (RST_STREAM) and a connection error
+(GOAWAY), the write queue (control frames written once per read, new streams' HEADERS once per
+loop pass), and sending a stream's DATA under both windows, from the process or spliced in the
+kernel (`io.splice.FrameSource`) with every other write held back while a frame is part written.
+The stream states, the stream table and the error mapping are `h2_common`'s, the connection's
+life-cycle state `connection_core`'s; `stream.py` decides what an upload sends and calls the
+public methods here. Must never: add or drop a header other than the pseudo-headers, log or quote
+header values, buffer a request body whole, send past a window, interleave a frame with another
+write, let a broken response end as if complete, or let the peer make it buffer without bound.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import Callable
 
 from sigv4proxy.errors import (
     BadRequest,
@@ -51,7 +51,7 @@ from sigv4proxy.upstream.h2_common import (
 )
 from sigv4proxy.upstream.lean_h2.stream import STREAM_WINDOW, LeanStream, StreamGone, send_body
 from sigv4proxy.wire import h2_wire as w
-from sigv4proxy.wire.h2_header_blocks import HeaderBlockReader
+from sigv4proxy.wire.h2_frame_reader import FrameReader
 from sigv4proxy.wire.hpack_decode import (
     BLOCK_CACHE_ENTRIES,
     HeaderBlockDecoder,
@@ -64,7 +64,6 @@ MAX_HEADER_LIST_SIZE = 64 << 10  # decoded response header list (as h2's default
 INLINE_BODY_LIMIT = 64 << 10  # bytes bodies up to this go out in the same write as HEADERS
 _STREAM_CREDIT_BATCH = STREAM_WINDOW // 4  # return stream credit in steps, not per chunk
 _CONNECTION_CREDIT_BATCH = CONNECTION_WINDOW // 4
-_RECV_MAX_FRAME_SIZE = w.DEFAULT_MAX_FRAME_SIZE  # we advertise no larger frames
 _UNLIMITED = 1 << 32
 _NO_BODY_STATUSES = (204, 304)
 
@@ -80,7 +79,6 @@ _OPENING = (
     )
     + w.window_update_frame(0, CONNECTION_WINDOW - w.DEFAULT_WINDOW)
 )
-_unpack_header = w.FRAME_HEADER.unpack_from
 # A response head whose block decodes alike everywhere (a server repeats one within a second) is
 # checked once: block -> check_fields' verdict, its field list kept as a tuple (each stream gets
 # its own list). Only such blocks are stored, so a hit needs no second look at the decode cache.
@@ -88,7 +86,7 @@ _unpack_header = w.FRAME_HEADER.unpack_from
 _checked_heads: dict[bytes, tuple[bytes | None, tuple, int]] = {}
 
 
-class LeanH2Connection(HeaderBlockReader, H2ConnectionBase, asyncio.Protocol):
+class LeanH2Connection(FrameReader, H2ConnectionBase, asyncio.Protocol):
     """A client HTTP/2 connection multiplexing requests; create via the pool's factory call.
 
     Its streams (`stream.LeanStream`) and their uploads (`stream.send_body`) use the public
@@ -99,6 +97,7 @@ class LeanH2Connection(HeaderBlockReader, H2ConnectionBase, asyncio.Protocol):
     peer = "upstream"
     max_header_block = 256 << 10
     block_too_large = w.PROTOCOL_ERROR
+    _wake = staticmethod(wake)
 
     def __init__(self, origin: Origin, timeouts: Timeouts, on_change: OnChange) -> None:
         super().__init__(origin, timeouts, on_change)
@@ -115,9 +114,8 @@ class LeanH2Connection(HeaderBlockReader, H2ConnectionBase, asyncio.Protocol):
         self._recv_window = CONNECTION_WINDOW
         self._credit = 0  # consumed, connection credit not yet returned (batched)
         self._window_blocked: set[LeanStream] = set()
-        # receiving
-        self._rest = b""  # an incomplete frame carried to the next data_received
-        self._receiving = False
+        # receiving (FrameReader)
+        self._stream_table = self._streams
         self._header_parts: list[bytes] = []  # a header block awaiting CONTINUATION (HeaderBlockReader)
         # Frames not yet written: control frames (written once per data_received) and new
         # streams' HEADERS (written once per loop pass, see _queue_headers). Every other write
@@ -371,51 +369,6 @@ class LeanH2Connection(HeaderBlockReader, H2ConnectionBase, asyncio.Protocol):
         self.splice_fd = cleartext_fd(transport)
         self._write(_OPENING)
 
-    def data_received(self, data: bytes) -> None:
-        if self.state is CLOSED:
-            return
-        if self._rest:
-            data = self._rest + data
-            self._rest = b""
-        end = len(data)
-        pos = 0
-        self._receiving = True
-        try:
-            while end - pos >= 9:
-                high, low, frame_type, flags, stream_id = _unpack_header(data, pos)
-                length = (high << 16) | low
-                if length > _RECV_MAX_FRAME_SIZE:
-                    raise w.ProtocolViolation(w.FRAME_SIZE_ERROR, "upstream sent an oversized frame")
-                start = pos + 9
-                stop = start + length
-                if stop > end:
-                    break
-                pos = stop
-                stream_id &= w.MAX_STREAM_ID
-                if self._header_stream and frame_type != w.CONTINUATION:
-                    raise w.ProtocolViolation(w.PROTOCOL_ERROR, "upstream interrupted a header block")
-                if frame_type == w.DATA:
-                    self._on_data(flags, stream_id, data, start, stop)
-                elif not self._remote_settings_seen and frame_type != w.SETTINGS:
-                    raise w.ProtocolViolation(w.PROTOCOL_ERROR, "upstream did not start with SETTINGS")
-                elif frame_type == w.HEADERS:
-                    self._on_headers(flags, stream_id, data, start, stop)
-                else:
-                    handler = _FRAME_HANDLERS.get(frame_type)
-                    if handler is not None:  # unknown frame types are ignored (RFC 9113 §5.5)
-                        handler(self, flags, stream_id, data[start:stop])
-                if self.state is CLOSED:
-                    return
-        except w.ProtocolViolation as err:
-            self._connection_error(err.code, err.reason)
-            return
-        finally:
-            self._receiving = False
-        if pos < end:
-            self._rest = data[pos:]
-        if self._out:
-            self._flush()
-
     # --- receiving: helpers ---
     def _check_closed_stream(self, stream_id: int) -> None:
         """A frame for a stream not in the table: fine if it was ours and is closed now."""
@@ -445,12 +398,7 @@ class LeanH2Connection(HeaderBlockReader, H2ConnectionBase, asyncio.Protocol):
 
     # --- receiving: DATA ---
     def _on_data(self, flags: int, stream_id: int, data: bytes, start: int, stop: int) -> None:
-        length = stop - start  # flow-controlled length, padding included
-        if stream_id == 0:
-            raise w.ProtocolViolation(w.PROTOCOL_ERROR, "upstream sent DATA on stream 0")
-        self._recv_window -= length
-        if self._recv_window < 0:
-            raise w.ProtocolViolation(w.FLOW_CONTROL_ERROR, "upstream overran the connection window")
+        length = stop - start  # padding included; FrameReader took it from the connection window
         stream = self._streams.get(stream_id)
         if stream is None:
             self._check_closed_stream(stream_id)
@@ -554,91 +502,26 @@ class LeanH2Connection(HeaderBlockReader, H2ConnectionBase, asyncio.Protocol):
         code = int.from_bytes(payload, "big")
         self._peer_reset(stream, code, w.ERROR_NAMES.get(code, code))
 
-    def _on_settings(self, flags: int, stream_id: int, payload: bytes) -> None:
-        if stream_id != 0:
-            raise w.ProtocolViolation(w.PROTOCOL_ERROR, "upstream sent SETTINGS on a stream")
-        if flags & w.FLAG_ACK:
-            if payload:
-                raise w.ProtocolViolation(w.FRAME_SIZE_ERROR, "upstream sent a SETTINGS ACK with a payload")
-            self._local_settings_acked = True
-            self._check_ready()
-            return
-        if len(payload) % 6:
-            raise w.ProtocolViolation(w.FRAME_SIZE_ERROR, "upstream sent a bad SETTINGS length")
-        for offset in range(0, len(payload), 6):
-            code = int.from_bytes(payload[offset : offset + 2], "big")
-            value = int.from_bytes(payload[offset + 2 : offset + 6], "big")
-            if code == w.SETTINGS_HEADER_TABLE_SIZE:
-                self._encoder.peer_table_size_changed()
-            elif code == w.SETTINGS_ENABLE_PUSH:
-                if value != 0:  # RFC 9113 §6.5.2: a server never enables push
-                    raise w.ProtocolViolation(w.PROTOCOL_ERROR, "upstream sent ENABLE_PUSH")
-            elif code == w.SETTINGS_MAX_CONCURRENT_STREAMS:
-                self._peer_max_streams = value
-            elif code == w.SETTINGS_INITIAL_WINDOW_SIZE:
-                if value > w.MAX_WINDOW:
-                    raise w.ProtocolViolation(w.FLOW_CONTROL_ERROR, "upstream INITIAL_WINDOW_SIZE too large")
-                delta = value - self._peer_initial_window
-                self._peer_initial_window = value
-                for stream in self._streams.values():  # may go negative (§6.9.2)
-                    stream.send_window += delta
-                    if stream.send_window > w.MAX_WINDOW:
-                        raise w.ProtocolViolation(w.FLOW_CONTROL_ERROR, "upstream overflowed a stream window")
-            elif code == w.SETTINGS_MAX_FRAME_SIZE:
-                if not w.DEFAULT_MAX_FRAME_SIZE <= value <= w.MAX_FRAME_SIZE_LIMIT:
-                    raise w.ProtocolViolation(w.PROTOCOL_ERROR, "upstream MAX_FRAME_SIZE out of range")
-                self._peer_max_frame = value
-            elif code == w.SETTINGS_MAX_HEADER_LIST_SIZE:
-                self._peer_max_header_list = value
-        self._out.append(w.SETTINGS_ACK)
-        for stream in list(self._window_blocked):
-            wake(stream.window_waiter)
-        self._remote_settings_seen = True
+    def _on_settings_ack(self) -> None:
+        self._local_settings_acked = True
+        self._check_ready()
+
+    def _peer_setting(self, code: int, value: int) -> None:
+        if code == w.SETTINGS_HEADER_TABLE_SIZE:
+            self._encoder.peer_table_size_changed()
+        elif code == w.SETTINGS_MAX_CONCURRENT_STREAMS:
+            self._peer_max_streams = value
+        elif code == w.SETTINGS_MAX_HEADER_LIST_SIZE:
+            self._peer_max_header_list = value
+
+    def _settings_applied(self, opened: bool) -> None:
+        self._windows_opened()  # a new frame size or window, either way: blocked uploads look again
         self._check_ready()
         self._on_change(self)
 
-    def _on_ping(self, flags: int, stream_id: int, payload: bytes) -> None:
-        if stream_id != 0:
-            raise w.ProtocolViolation(w.PROTOCOL_ERROR, "upstream sent PING on a stream")
-        if len(payload) != 8:
-            raise w.ProtocolViolation(w.FRAME_SIZE_ERROR, "upstream sent a bad PING")
-        if not flags & w.FLAG_ACK:
-            self._out.append(w.ping_ack_frame(payload))
-        else:
-            self._on_ping_ack(payload)
-
-    def _on_goaway(self, flags: int, stream_id: int, payload: bytes) -> None:
-        if stream_id != 0:
-            raise w.ProtocolViolation(w.PROTOCOL_ERROR, "upstream sent GOAWAY on a stream")
-        if len(payload) < 8:
-            raise w.ProtocolViolation(w.FRAME_SIZE_ERROR, "upstream sent a bad GOAWAY")
-        self._peer_goaway(int.from_bytes(payload[:4], "big") & w.MAX_STREAM_ID)
-
-    def _on_window_update(self, flags: int, stream_id: int, payload: bytes) -> None:
-        if len(payload) != 4:
-            raise w.ProtocolViolation(w.FRAME_SIZE_ERROR, "upstream sent a bad WINDOW_UPDATE")
-        increment = int.from_bytes(payload, "big") & w.MAX_WINDOW
-        if stream_id == 0:
-            if increment == 0:
-                raise w.ProtocolViolation(w.PROTOCOL_ERROR, "upstream sent a zero WINDOW_UPDATE")
-            self._send_window += increment
-            if self._send_window > w.MAX_WINDOW:
-                raise w.ProtocolViolation(w.FLOW_CONTROL_ERROR, "upstream overflowed the connection window")
-            for blocked in list(self._window_blocked):
-                wake(blocked.window_waiter)
-            return
-        stream = self._streams.get(stream_id)
-        if stream is None:
-            self._check_closed_stream(stream_id)
-            return
-        if increment == 0:
-            self._stream_error(stream, w.PROTOCOL_ERROR, "upstream sent a zero WINDOW_UPDATE")
-            return
-        stream.send_window += increment
-        if stream.send_window > w.MAX_WINDOW:
-            self._stream_error(stream, w.FLOW_CONTROL_ERROR, "upstream overflowed a stream window")
-            return
-        wake(stream.window_waiter)
+    def _windows_opened(self) -> None:
+        for stream in list(self._window_blocked):
+            wake(stream.window_waiter)
 
     def _on_priority(self, flags: int, stream_id: int, payload: bytes) -> None:
         if stream_id == 0:
@@ -700,20 +583,8 @@ class LeanH2Connection(HeaderBlockReader, H2ConnectionBase, asyncio.Protocol):
     def _lost(self, err: ProxyError) -> None:
         if self.state is not CLOSED:
             self._out.clear()  # control frames for a dead socket
+            self._closed = True  # `state is CLOSED` as a plain flag: FrameReader checks it per frame
         super()._lost(err)
-
-
-# Frame types other than DATA and HEADERS (dispatched inline in data_received), by type code.
-_FRAME_HANDLERS: dict[int, Callable[[LeanH2Connection, int, int, bytes], None]] = {
-    w.CONTINUATION: LeanH2Connection._on_continuation,
-    w.RST_STREAM: LeanH2Connection._on_rst_stream,
-    w.SETTINGS: LeanH2Connection._on_settings,
-    w.PING: LeanH2Connection._on_ping,
-    w.GOAWAY: LeanH2Connection._on_goaway,
-    w.WINDOW_UPDATE: LeanH2Connection._on_window_update,
-    w.PRIORITY: LeanH2Connection._on_priority,
-    w.PUSH_PROMISE: LeanH2Connection._on_push_promise,
-}
 
 
 def _header_list_size(method: bytes, target: bytes, authority: bytes, headers: Headers) -> int:
