@@ -187,7 +187,7 @@ def build_targets(args: argparse.Namespace, upstream: Upstream, have_h2load: boo
     for peer in peers + tls_peer:
         targets.append(Target(peer.name, "wrk", "direct-h1", argv=peer.argv,
                               env={**BENCH_ENV, **peer.env}, skip_reason=peer.skip_reason))
-    targets += one_cpu_targets(args, upstream, proxy, peers)
+    targets += one_cpu_targets(args, upstream, proxy, peers, have_h2load)
     names = args.peer_name or []
     for i, command in enumerate(args.peer or []):
         name = names[i] if i < len(names) else f"peer{i + 1}"
@@ -202,9 +202,11 @@ def build_targets(args: argparse.Namespace, upstream: Upstream, have_h2load: boo
 
 
 def one_cpu_targets(args: argparse.Namespace, upstream: Upstream, proxy: list[str] | None,
-                    peers: list[GoPeer]) -> list[Target]:
-    """One worker pinned to one CPU (taskset), with wrk, the rate loader and the upstream kept
-    on the others: ours over HTTP/1.1 (and h2c in the full run) and the pooled Go sidecar."""
+                    peers: list[GoPeer], have_h2load: bool = True) -> list[Target]:
+    """One worker pinned to one CPU (taskset), with wrk, h2load, the rate loader and the upstream
+    kept on the others: ours over HTTP/1.1 (and h2c in the full run) and the pooled Go sidecar;
+    in the full run also h2c clients into the h2c one at its maximum (the inbound comparison
+    without the load generator on the worker's CPU)."""
     split = split_cpus(os.sched_getaffinity(0))
     skip = ("needs two CPUs" if split is None else
             "needs taskset (util-linux)" if not shutil.which("taskset") else "")
@@ -219,6 +221,13 @@ def one_cpu_targets(args: argparse.Namespace, upstream: Upstream, proxy: list[st
                                                                                protocol, 1),
                               skip_reason=skip or ("" if proxy else NO_PROXY),
                               cases=ONE_CPU_CASES, loader_cpus=loader_cpus))
+    if not args.quick:
+        targets.append(Target(f"proxy{ONE_CPU_MARK}-h2in", "h2load", "direct-h2c", env=BENCH_ENV,
+                              argv=None if proxy is None else pin + serve_argv(
+                                  proxy, upstream.h2c_url, "h2", 1),
+                              skip_reason=skip or ("" if proxy and have_h2load else
+                                                   "needs `sigv4proxy serve` and h2load"),
+                              cases=ONE_CPU_CASES[:1], loader_cpus=loader_cpus))
     for peer in peers:
         if peer.name == POOLED_GO:
             targets.append(Target(f"{peer.name}{ONE_CPU_MARK}", "wrk", "direct-h1", env=BENCH_ENV,
@@ -400,7 +409,7 @@ class Bench:
         if target.tool == "wrk":
             return functools.partial(run_wrk, cpus=target.loader_cpus)
         return functools.partial(run_h2load, tls=target.tool == "h2load-tls",
-                                 streams=target.streams)
+                                 streams=target.streams, cpus=target.loader_cpus)
 
     def run_case(self, target: Target, case: Case, port: int, root_pid: int) -> Row:
         row = Row(target.name, case.label, target.tool, target.baseline)

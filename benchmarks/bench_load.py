@@ -172,12 +172,13 @@ def run_grpc(port: int, case: Case, duration_s: float,
 
 
 def run_h2load(port: int, case: Case, duration_s: float, files: LoadFiles,
-               tls: bool = False, streams: int = 1) -> tuple[LoadResult, str]:
+               tls: bool = False, streams: int = 1,
+               cpus: tuple[int, ...] = ()) -> tuple[LoadResult, str]:
     log_file = files.workdir / "h2load.log"
     log_file.unlink(missing_ok=True)
     try:
-        output = run_bounded(h2load_argv(port, case, duration_s, files, log_file, tls=tls,
-                                         streams=streams),
+        output = run_bounded(taskset_prefix(cpus) + h2load_argv(port, case, duration_s, files,
+                                                                log_file, tls=tls, streams=streams),
                              timeout_s=duration_s + 30)
         lines = log_file.read_text().splitlines() if log_file.exists() else []
         return parse_h2load(output, lines), output

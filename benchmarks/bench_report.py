@@ -55,8 +55,11 @@ POOLED_GO = "peer:go-pooled"
 SHIPPED_GO = "peer:go"
 TLS_GO = "peer:go-pooled-tls"  # the pooled Go sidecar over TLS (h2 by ALPN)
 TLS_OURS = "proxy-w2-h2tls"
-H1_INBOUND = "proxy-w2-h2"  # HTTP/1.1 clients (wrk) into two workers with an h2c upstream
-H2C_INBOUND = (("proxy-w2-h2in", 1), ("proxy-w2-h2in-m16", 16))  # the same, h2c clients (h2load)
+# h2c clients into the proxy (h2load), the HTTP/1.1 clients (wrk) into the same set-up with the same
+# requests, and streams per connection: two workers sharing the CPUs with the load, or one worker
+# on a CPU of its own (the load on the other).
+H2C_INBOUND = (("proxy-w2-h2in", "proxy-w2-h2", 1), ("proxy-w2-h2in-m16", "proxy-w2-h2", 16),
+               ("proxy-1cpu-h2in", "proxy-1cpu-h2", 1))
 GRPC_TARGETS = ("direct-grpc", "proxy-w2-grpc")
 INBOUND_TARGET = 1.2  # h2c CPU per request at most this multiple of HTTP/1.1's
 ONE_CPU_MARK = "-1cpu"  # in the name of a target limited to one CPU
@@ -230,19 +233,17 @@ def floor_table(rows: list[Row]) -> str:
 
 
 def inbound_comparisons(rows: list[Row]) -> list[dict]:
-    """Per case that both ran: CPU per request of h2c clients into the proxy (1 and 16 streams
-    per connection) over that of HTTP/1.1 clients for the same requests."""
+    """Per pair and case that both ran: CPU per request of h2c clients into the proxy (1 and 16
+    streams per connection) over that of HTTP/1.1 clients for the same requests."""
     valid = {(r.target, r.case): r for r in rows if r.valid}
     out = []
-    for case in dict.fromkeys(r.case for r in rows if r.target == H1_INBOUND):
-        h1 = valid.get((H1_INBOUND, case))
-        if h1 is None or h1.cpu_us_per_req is None:
-            continue
-        for target, streams in H2C_INBOUND:
-            h2c = valid.get((target, case))
-            if h2c is None:
+    for target, h1_target, streams in H2C_INBOUND:
+        for case in dict.fromkeys(r.case for r in rows if r.target == target):
+            h1, h2c = valid.get((h1_target, case)), valid.get((target, case))
+            if h1 is None or h1.cpu_us_per_req is None or h2c is None:
                 continue
-            out.append({"case": case, "target": target, "streams_per_connection": streams,
+            out.append({"case": case, "target": target, "h1_target": h1_target,
+                        "streams_per_connection": streams,
                         "h1_rps": h1.rps, "h1_cpu_us_per_req": h1.cpu_us_per_req,
                         "h2c_rps": h2c.rps, "h2c_cpu_us_per_req": h2c.cpu_us_per_req,
                         "cpu_ratio": ratio(h2c.cpu_us_per_req, h1.cpu_us_per_req)})
@@ -254,15 +255,17 @@ def inbound_table(rows: list[Row]) -> str:
     blocks = []
     comparisons = inbound_comparisons(rows)
     if comparisons:
-        lines = [f"Inbound h2c against inbound HTTP/1.1 (`{H1_INBOUND}`: wrk into two workers, h2c "
-                 f"upstream; the h2c rows send the same requests at the same concurrency with "
-                 f"h2load; target: CPU per request within ×{INBOUND_TARGET:.1f}):", "",
-                 "| case | HTTP/1.1 in: RPS | CPU µs/req | h2c in | streams/conn | RPS | CPU µs/req "
+        lines = [f"Inbound h2c against inbound HTTP/1.1 (wrk into the same proxy with an h2c upstream: "
+                 f"two workers sharing the CPUs with the load, or one worker on a CPU of its own; "
+                 f"the h2c rows send the same requests at the same concurrency with h2load; "
+                 f"target: CPU per request within ×{INBOUND_TARGET:.1f}):", "",
+                 "| case | HTTP/1.1 in | RPS | CPU µs/req | h2c in | streams/conn | RPS | CPU µs/req "
                  "| CPU vs HTTP/1.1 in | within target |",
-                 "|---|---|---|---|---|---|---|---|---|"]
+                 "|---|---|---|---|---|---|---|---|---|---|"]
         for c in comparisons:
             r = c["cpu_ratio"]
-            lines.append(f"| {c['case']} | {c['h1_rps']:,.0f} | {c['h1_cpu_us_per_req']:.0f} | "
+            lines.append(f"| {c['case']} | {c['h1_target']} | {c['h1_rps']:,.0f} | "
+                         f"{c['h1_cpu_us_per_req']:.0f} | "
                          f"{c['target']} | {c['streams_per_connection']} | {c['h2c_rps']:,.0f} | "
                          f"{num(c['h2c_cpu_us_per_req'], '.0f')} | "
                          f"{'—' if r is None else f'×{r:.2f}'} | "
@@ -303,8 +306,10 @@ def one_cpu_table(rows: list[Row]) -> str:
                  else [closed.case, "✗", closed.check, "—"])
         for case in rated:
             r = next((x for x in mine if x.target == target and x.case == case), None)
-            if r is None or not r.valid:
-                cells += ["✗" if r is None else r.check, "—"]
+            if r is None:  # a target measured at its maximum only
+                cells += ["—", "—"]
+            elif not r.valid:
+                cells += [r.check, "—"]
             else:
                 cells += [f"{r.offered_rps:,.0f} → {r.rps:,.0f}", ms(r.p99_us)]
         lines.append("| " + " | ".join([target, *cells]) + " |")

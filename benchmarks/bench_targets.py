@@ -12,7 +12,6 @@ from dataclasses import dataclass
 
 from bench_load import GET, ONE_CPU_CASES, POST_1M, POST_4K, Case
 from bench_report import (
-    H1_INBOUND,
     H2C_INBOUND,
     INBOUND_TARGET,
     ONE_CPU_MARK,
@@ -130,17 +129,17 @@ def _against_go(t: AgainstGo, rows: _Rows) -> Verdict:
 
 
 def _inbound(rows: _Rows) -> list[Verdict]:
-    """h2c into the proxy against HTTP/1.1 into it, per streams per connection, in every case
-    the h2c target ran."""
+    """h2c into the proxy against HTTP/1.1 into it, per set-up and streams per connection, in
+    every case the h2c target ran."""
     compared = inbound_comparisons(rows.rows)
     out = []
-    for target, streams in H2C_INBOUND:
+    for target, h1_target, streams in H2C_INBOUND:
         measured, failures, missing = [], [], []
         done = {c["case"]: c for c in compared if c["target"] == target}
         for case in dict.fromkeys(r.case for r in rows.rows if r.target == target):
             c = done.get(case)
             if c is None:  # the h2c row or the HTTP/1.1 row of its case did not run
-                missing.append(rows.why_not(target if (target, case) not in rows.valid else H1_INBOUND, case))
+                missing.append(rows.why_not(target if (target, case) not in rows.valid else h1_target, case))
                 continue
             r = c["cpu_ratio"]
             measured.append(
@@ -151,9 +150,10 @@ def _inbound(rows: _Rows) -> list[Verdict]:
                 failures.append(case)
         if not measured and not missing:
             missing.append(rows.why_not(target, ""))
+        where = ", one worker on one CPU" if ONE_CPU_MARK in target else ""
         text = (
-            f"Inbound h2c, {streams} stream{'s' if streams > 1 else ''} per connection: "
-            f"`{target}` CPU/req within {INBOUND_TARGET:g}× of `{H1_INBOUND}`'s (HTTP/1.1 in)"
+            f"Inbound h2c, {streams} stream{'s' if streams > 1 else ''} per connection{where}: "
+            f"`{target}` CPU/req within {INBOUND_TARGET:g}× of `{h1_target}`'s (HTTP/1.1 in)"
         )
         out.append(Verdict(text, "; ".join(measured) or "—", _met(measured, failures, missing)))
     return out

@@ -687,8 +687,12 @@ def test_the_field_joins_the_matrix_with_its_own_cases(monkeypatch, tmp_path):
     assert "--workers" in full["proxy-1cpu-h1"].argv
     assert full["proxy-1cpu-h1"].argv[full["proxy-1cpu-h1"].argv.index("--workers") + 1] == "1"
     assert "peer:go-1cpu" not in full  # the pooled sidecar is the one a user would run
+    h2in = full["proxy-1cpu-h2in"]  # h2c clients into the pinned worker, at its maximum only
+    assert h2in.argv == full["proxy-1cpu-h2"].argv and h2in.loader_cpus == (0,)
+    assert (h2in.tool, h2in.streams, h2in.cases, h2in.skip_reason) == ("h2load", 1, ONE_CPU_CASES[:1], "")
     quick = _targets(monkeypatch, upstream, "--quick")
     assert "proxy-1cpu-h2" not in quick and "peer:go" not in quick  # no --go-peers, no Go rows
+    assert "proxy-1cpu-h2in" not in quick
     assert quick["proxy-w2-h2in-m16"].cases == bench.QUICK_INBOUND_CASES
     assert "needs grpcio" in quick["direct-grpc"].skip_reason  # no gRPC server was started
     only = _targets(monkeypatch, upstream, "--only", "proxy-w2-grpc", grpc=bench.GrpcServer(1, 2))
@@ -1180,15 +1184,28 @@ def test_inbound_h2c_beside_inbound_http1_for_the_same_requests():
 
     rows = _field_rows()
     assert inbound_comparisons(rows) == [
-        {"case": "GET c128", "target": "proxy-w2-h2in", "streams_per_connection": 1,
-         "h1_rps": 20000.0, "h1_cpu_us_per_req": 60.0, "h2c_rps": 8000.0,
-         "h2c_cpu_us_per_req": 150.0, "cpu_ratio": 2.5},
-        {"case": "GET c128", "target": "proxy-w2-h2in-m16", "streams_per_connection": 16,
-         "h1_rps": 20000.0, "h1_cpu_us_per_req": 60.0, "h2c_rps": 12000.0,
-         "h2c_cpu_us_per_req": 66.0, "cpu_ratio": pytest.approx(1.1)}]
+        {"case": "GET c128", "target": "proxy-w2-h2in", "h1_target": "proxy-w2-h2",
+         "streams_per_connection": 1, "h1_rps": 20000.0, "h1_cpu_us_per_req": 60.0,
+         "h2c_rps": 8000.0, "h2c_cpu_us_per_req": 150.0, "cpu_ratio": 2.5},
+        {"case": "GET c128", "target": "proxy-w2-h2in-m16", "h1_target": "proxy-w2-h2",
+         "streams_per_connection": 16, "h1_rps": 20000.0, "h1_cpu_us_per_req": 60.0,
+         "h2c_rps": 12000.0, "h2c_cpu_us_per_req": 66.0, "cpu_ratio": pytest.approx(1.1)}]
     table = inbound_table(rows)
-    assert "| GET c128 | 20,000 | 60 | proxy-w2-h2in | 1 | 8,000 | 150 | ×2.50 | no |" in table
-    assert "| GET c128 | 20,000 | 60 | proxy-w2-h2in-m16 | 16 | 12,000 | 66 | ×1.10 | yes |" in table
+    assert ("| GET c128 | proxy-w2-h2 | 20,000 | 60 | proxy-w2-h2in | 1 | 8,000 | 150 | ×2.50 | no |"
+            in table)
+    assert ("| GET c128 | proxy-w2-h2 | 20,000 | 60 | proxy-w2-h2in-m16 | 16 | 12,000 | 66 | ×1.10 "
+            "| yes |" in table)
+    # one worker on a CPU of its own: h2c clients against HTTP/1.1 clients into that worker
+    rows += [Row("proxy-1cpu-h2", "GET c64", "wrk", "direct-h1", requests=10, rps=15000.0,
+                 p50_us=900.0, p99_us=7000.0, cpu_us_per_req=66.0),
+             Row("proxy-1cpu-h2in", "GET c64", "h2load", "direct-h2c", requests=10, rps=15500.0,
+                 p50_us=900.0, p99_us=7000.0, cpu_us_per_req=64.0)]
+    pinned = inbound_comparisons(rows)[-1]
+    assert (pinned["target"], pinned["h1_target"], pinned["cpu_ratio"]) == (
+        "proxy-1cpu-h2in", "proxy-1cpu-h2", pytest.approx(64 / 66))
+    assert "| GET c64 | proxy-1cpu-h2 | 15,000 | 66 | proxy-1cpu-h2in | 1 | 15,500 | 64 | ×0.97 | yes |" in (
+        inbound_table(rows))
+    rows = rows[:-2]
     assert "| proxy-w2-grpc | gRPC unary c16 | 2,000 | 7.00 | 18.00 | 300 | ok |" in table
     rows[3].socket_errors = 2  # the HTTP/1.1 row failed: nothing to compare with
     assert inbound_comparisons(rows) == [] and "gRPC unary" in inbound_table(rows)
@@ -1261,6 +1278,7 @@ def _target_rows() -> list[Row]:
             problem="skipped: needs two CPUs"),
         Row("proxy-1cpu-h2", "GET at 90% of max", "wrk", "direct-h1",
             problem="skipped: needs two CPUs"),
+        Row("proxy-1cpu-h2in", "GET c64", "h2load", "direct-h2c", problem="skipped: needs two CPUs"),
     ]
 
 
@@ -1268,7 +1286,7 @@ def test_round_two_targets_are_judged_from_the_rows_of_the_run():
     from bench_targets import verdicts
 
     lines = {v.target: v for v in verdicts(_target_rows())}
-    assert len(lines) == 11  # 6 against Go, 2 inbound, 2 on one CPU, the first round
+    assert len(lines) == 12  # 6 against Go, 3 inbound, 2 on one CPU, the first round
     get_h1 = lines["HTTP/1.1 upstream, GET c128: `proxy-w2-h1` ≥ 1.5× `peer:go-pooled`'s RPS, "
                    "≤ 50 µs CPU/req (goal ≥ 2×, ≤ 40 µs)"]
     assert (get_h1.measured, get_h1.met, get_h1.goal_met) == (
@@ -1299,6 +1317,9 @@ def test_round_two_targets_are_judged_from_the_rows_of_the_run():
     m16 = lines["Inbound h2c, 16 streams per connection: `proxy-w2-h2in-m16` CPU/req within 1.2× "
                 "of `proxy-w2-h2`'s (HTTP/1.1 in)"]
     assert m16.met == "yes"
+    pinned = lines["Inbound h2c, 1 stream per connection, one worker on one CPU: `proxy-1cpu-h2in` "
+                   "CPU/req within 1.2× of `proxy-1cpu-h2`'s (HTTP/1.1 in)"]
+    assert (pinned.measured, pinned.met) == ("—", "not run: proxy-1cpu-h2in skipped: needs two CPUs")
     cpu_h1 = lines["One worker on one CPU: `proxy-1cpu-h1` max RPS above `peer:go-pooled-1cpu`'s, "
                    "p99 at 50% and 90% of each one's max below Go's"]
     assert cpu_h1.measured == ("max (GET c64) 12,000 against 9,000 RPS (×1.33); p99 at 50% 2.00 "
@@ -1323,13 +1344,20 @@ def test_round_two_targets_met_partly_run_and_not_run():
             r.p99_us = 20_000.0  # now below Go's 30 ms
         if r.target == "proxy-1cpu-h1" and r.case == "GET at 90% of max":
             r.p99_us = 15_000.0
+    rows = [r for r in rows if not r.target.startswith("proxy-1cpu-h2")] + [
+        Row("proxy-1cpu-h2", "GET c64", "wrk", "direct-h1", requests=100, rps=16000.0,
+            p50_us=900.0, p99_us=7000.0, cpu_us_per_req=60.0),
+        Row("proxy-1cpu-h2in", "GET c64", "h2load", "direct-h2c", requests=100, rps=15000.0,
+            p50_us=900.0, p99_us=7000.0, cpu_us_per_req=66.0)]
     met = {v.target.split(" p99")[0]: v.met for v in verdicts(rows)}
+    pinned = next(v for v in verdicts(rows) if "`proxy-1cpu-h2in`" in v.target)
+    assert (pinned.measured, pinned.met) == ("GET c64 ×1.10 (66 against 60 µs)", "yes")
     assert met["First round kept: `proxy-w2-h1`"] == (
         "not all run: no peer:go row for POST 1MiB c128 in this run")
     assert met["One worker on one CPU: `proxy-1cpu-h1` max RPS above `peer:go-pooled-1cpu`'s,"] == "yes"
     table = targets_table([]).splitlines()  # a run without any of the rows (a quick run, say)
     assert table[:2] == ["| target | measured | met | goal met |", "|---|---|---|---|"]
-    assert len(table) == 13 and all(" | — | not run: no " in line for line in table[2:])
+    assert len(table) == 14 and all(" | — | not run: no " in line for line in table[2:])
     assert "| not run: no proxy-w2-h1 rows in this run; no peer:go-pooled rows in this run | not run |" in table[2]
 
 
