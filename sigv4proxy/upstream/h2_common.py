@@ -99,7 +99,7 @@ for _state, (_local, _remote, _cut) in _TABLE.items():
 class H2StreamBase(EventWait):
     """One request/response exchange on either HTTP/2 client: its state, the response as it
     arrives, and its event wait. Also the `ResponseBody` the Response reads from (the engine's
-    subclass defines `read`)."""
+    subclass defines `take`)."""
 
     __slots__ = (
         "conn",
@@ -146,7 +146,20 @@ class H2StreamBase(EventWait):
     def ready(self) -> bool:
         return bool(self.chunks) or self.state.remote_ended or self.error is not None
 
-    # --- the subclass's part: receive credit in its own unit ---
+    async def read(self) -> bytes:
+        conn = self.conn
+        while True:
+            data = self.take()
+            if data is not None:
+                return data
+            if not await self.wait_event(conn.timeouts.read):
+                conn.fail_stream(self, UpstreamTimeout("upstream response body stalled"))
+
+    # --- the subclass's part: chunks and receive credit in its own unit ---
+    def take(self) -> bytes | None:
+        """The next chunk (b"" at the end, a typed error raised) if it is here, else None."""
+        raise NotImplementedError
+
     def _buffered_credit(self) -> int:
         """Receive credit held by chunks not yet handed to the consumer."""
         raise NotImplementedError
@@ -292,7 +305,7 @@ class H2ConnectionBase(ConnectionCore):
             stream.close()
             raise
         status: int = stream.status
-        return Response(status, stream.headers, self.http_version, stream)  # type: ignore[arg-type]
+        return Response(status, stream.headers, self.http_version, stream)
 
     def _check_heads(self) -> None:
         """The head timer: fails the streams sent longer than --first-byte-timeout ago without a

@@ -92,15 +92,6 @@ class _Stream(H2StreamBase):
             return b""
         return None
 
-    async def read(self) -> bytes:
-        conn = self.conn
-        while True:
-            data = self.take()
-            if data is not None:
-                return data
-            if not await self.wait_event(conn.timeouts.read):
-                conn.fail_stream(self, UpstreamTimeout("upstream response body stalled"))
-
     def _buffered_credit(self) -> int:
         return sum(flow for _, flow in self.chunks)
 

@@ -18,7 +18,7 @@ from collections.abc import AsyncIterable
 from functools import partial
 from typing import TYPE_CHECKING
 
-from sigv4proxy.errors import ProxyError, UpstreamError, UpstreamTimeout
+from sigv4proxy.errors import ProxyError, UpstreamError
 from sigv4proxy.upstream.base import Interim, request_trailers
 from sigv4proxy.upstream.body import SocketBody, SplicedFrames
 from sigv4proxy.upstream.connection_core import feed_body
@@ -73,15 +73,6 @@ class LeanStream(H2StreamBase):
         if self.state.remote_ended:
             return b""
         return None
-
-    async def read(self) -> bytes:
-        conn = self.conn
-        while True:
-            data = self.take()
-            if data is not None:
-                return data
-            if not await self.wait_event(conn.timeouts.read):
-                conn.fail_stream(self, UpstreamTimeout("upstream response body stalled"))
 
     def _buffered_credit(self) -> int:
         return sum(map(len, self.chunks))
