@@ -159,6 +159,27 @@ def _inbound(rows: _Rows) -> list[Verdict]:
     return out
 
 
+def _p99_below(
+    rows: _Rows,
+    ours: str,
+    theirs: str,
+    cases: list[tuple[str, str]],
+    measured: list[str],
+    failures: list[str],
+    missing: list[str],
+) -> None:
+    """Per (case label, name): `ours`'s p99 against `theirs`'s, into the verdict's lists."""
+    for label, name in cases:
+        pair = rows.pair(ours, theirs, label)
+        if isinstance(pair, str):
+            missing.append(pair)
+            continue
+        a, b = pair
+        measured.append(f"{name} {ms(a.p99_us)} against {ms(b.p99_us)} ms")
+        if a.p99_us >= b.p99_us:
+            failures.append(name)
+
+
 def _one_cpu(rows: _Rows) -> list[Verdict]:
     """One worker on one CPU against the pooled Go sidecar on one CPU: the closed-loop maximum
     above Go's, p99 at each constant rate (a share of each one's own maximum) below Go's."""
@@ -176,16 +197,8 @@ def _one_cpu(rows: _Rows) -> list[Verdict]:
             )
             if a.rps <= b.rps:
                 failures.append("max RPS")
-        for case in rated:
-            share = f"{case.rate_of_max:.0%}"
-            pair = rows.pair(ours, ONE_CPU_GO, case.label)
-            if isinstance(pair, str):
-                missing.append(pair)
-                continue
-            a, b = pair
-            measured.append(f"p99 at {share} {ms(a.p99_us)} against {ms(b.p99_us)} ms")
-            if a.p99_us >= b.p99_us:
-                failures.append(f"p99 at {share}")
+        cases = [(c.label, f"p99 at {c.rate_of_max:.0%}") for c in rated]
+        _p99_below(rows, ours, ONE_CPU_GO, cases, measured, failures, missing)
         text = (
             f"One worker on one CPU: `{ours}` max RPS above `{ONE_CPU_GO}`'s, p99 at "
             + " and ".join(f"{c.rate_of_max:.0%}" for c in rated)
@@ -197,16 +210,10 @@ def _one_cpu(rows: _Rows) -> list[Verdict]:
 
 def _first_round(rows: _Rows) -> Verdict:
     ours, go, cases = FIRST_ROUND
-    measured, failures, missing = [], [], []
-    for case in cases:
-        pair = rows.pair(ours, go, case)
-        if isinstance(pair, str):
-            missing.append(pair)
-            continue
-        a, b = pair
-        measured.append(f"{case} {ms(a.p99_us)} against {ms(b.p99_us)} ms")
-        if a.p99_us >= b.p99_us:
-            failures.append(case)
+    measured: list[str] = []
+    failures: list[str] = []
+    missing: list[str] = []
+    _p99_below(rows, ours, go, [(case, case) for case in cases], measured, failures, missing)
     text = f"First round kept: `{ours}` p99 below `{go}`'s (as shipped) at c128"
     return Verdict(text, "; ".join(measured) or "—", _met(measured, failures, missing))
 
