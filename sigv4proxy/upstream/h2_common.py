@@ -155,6 +155,12 @@ class H2StreamBase(EventWait):
             if not await self.wait_event(conn.timeouts.read):
                 conn.fail_stream(self, UpstreamTimeout("upstream response body stalled"))
 
+    def _nothing_here(self) -> bytes | None:
+        """`take` with no chunk buffered: the body's error raised, b"" at its end, else None."""
+        if self.error is not None:
+            raise self.error
+        return b"" if self.state.remote_ended else None
+
     # --- the subclass's part: chunks and receive credit in its own unit ---
     def take(self) -> bytes | None:
         """The next chunk (b"" at the end, a typed error raised) if it is here, else None."""

@@ -86,11 +86,7 @@ class _Stream(H2StreamBase):
                 continue
             self.unacked = flow_length
             return data
-        if self.error is not None:
-            raise self.error
-        if self.state.remote_ended:
-            return b""
-        return None
+        return self._nothing_here()
 
     def _buffered_credit(self) -> int:
         return sum(flow for _, flow in self.chunks)

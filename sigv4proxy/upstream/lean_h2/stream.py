@@ -68,11 +68,7 @@ class LeanStream(H2StreamBase):
             data = self.chunks.popleft()
             self.unacked = len(data)
             return data
-        if self.error is not None:
-            raise self.error
-        if self.state.remote_ended:
-            return b""
-        return None
+        return self._nothing_here()
 
     def _buffered_credit(self) -> int:
         return sum(map(len, self.chunks))
