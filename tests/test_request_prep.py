@@ -81,8 +81,8 @@ def test_unsigned_headers_do_not_change_the_signature():
 
 
 def test_header_options_apply_in_order():
-    prep = preparer(strip_headers=["X-Secret"], add_headers=[("X-Team", " pay ")],
-                    duplicate_headers=["Authorization"])
+    prep = preparer(strip_headers=("X-Secret",), add_headers=(("X-Team", " pay "),),
+                    duplicate_headers=("Authorization",))
     prepared = prep.prepare("GET", None, "/", [
         (b"Host", HOST.encode()), (b"Authorization", b"Bearer app"), (b"X-SECRET", b"s"),
         (b"X-Keep", b"1")], None)

@@ -31,7 +31,7 @@ from sigv4proxy.wire.hpack_decode import HeaderBlockDecoder, HpackDecodeError
 
 _SIZE_UPDATE_ZERO = b"\x20"  # §6.3: dynamic table size 0
 _NAMES_LIMIT = 512  # name prefixes remembered per connection (names come from the upstream)
-_STATIC_FIELDS = {
+_STATIC_FIELDS: dict[object, bytes] = {
     (name, value): bytes((0x80 | index,))  # §6.1 indexed field, all indices < 128
     for index, (name, value) in enumerate(STATIC_TABLE, start=1)
     if value
@@ -66,8 +66,13 @@ class ResponseHeaderEncoder:
         names = self._names
         static = _STATIC_FIELDS
         lengths = LENGTH_PREFIXES
-        for field in headers:
-            name, value = field
+        # Each field held as an object, not as a typed tuple: compiled (mypyc), a tuple-typed
+        # variable is unboxed and would drop the NeverIndexedHeaderTuple subclass.
+        fields: Iterable[object] = headers
+        name: bytes
+        value: bytes
+        for field in fields:
+            name, value = field  # type: ignore[misc]
             sensitive = type(field) is not tuple and isinstance(field, HeaderTuple) and not field.indexable
             if not sensitive:
                 indexed = static.get(field)
@@ -102,7 +107,7 @@ class H2HeaderDecoder(HeaderBlockDecoder):
     def max_allowed_table_size(self, value: int) -> None:
         self.max_table_size = value
 
-    def decode(self, block: bytes, raw: bool = False) -> list[tuple[bytes, bytes]]:
+    def decode(self, block: bytes | bytearray | memoryview, raw: bool = False) -> list[tuple[bytes, bytes]]:
         try:
             return super().decode(block)
         except HpackDecodeError as exc:

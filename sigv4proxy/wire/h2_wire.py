@@ -302,8 +302,13 @@ def check_fields(
     regular: list[tuple[bytes, bytes]] = []
     content_length = -1
     valid_names = VALID_NAMES
-    for field in fields:
-        name, value = field
+    # Each field held as an object: compiled (mypyc), a tuple-typed variable is unboxed and would
+    # drop an hpack NeverIndexedHeaderTuple, which must reach the client as it came.
+    entries: Sequence[object] = fields
+    name: bytes
+    value: bytes
+    for field in entries:
+        name, value = field  # type: ignore[misc]
         if name[:1] == b":":
             if trailers or regular or name != b":status" or status is not None:
                 raise MalformedFields("misplaced or unknown pseudo-header")
@@ -318,5 +323,5 @@ def check_fields(
             if length < 0 or 0 <= content_length != length:
                 raise MalformedFields("invalid content-length")
             content_length = length
-        regular.append(field)
+        regular.append(field)  # type: ignore[arg-type]
     return status, regular, content_length

@@ -144,28 +144,27 @@ class HeaderBlockDecoder:
         """The dynamic table's current maximum size, as the peer last set it."""
         return self._maxsize
 
-    def decode(self, block: bytes) -> list[tuple[bytes, bytes]]:
+    def decode(self, block: bytes | bytearray | memoryview) -> list[tuple[bytes, bytes]]:
         """The block's fields in order; raises HpackDecodeError (and fails for good) if invalid."""
         if self._failed:
             raise HpackDecodeError("decoder failed earlier")
-        if type(block) is not bytes:
-            block = bytes(block)
+        data = block if isinstance(block, bytes) else bytes(block)
         repeat = self._repeat
-        if repeat is not None and repeat[0] == block:
+        if repeat is not None and repeat[0] == data:
             if repeat[2] > self.max_header_list_size:
                 self._failed = True
                 raise HpackDecodeError("header list too large")
             return list(repeat[1])
         self.generation += 1
         self._repeat = None
-        cached = _block_cache.get(block)
+        cached = _block_cache.get(data)
         if cached is not None:
             fields = self._replay(*cached)
-            if not cached[1] and len(block) <= BLOCK_CACHE_MAX_KEY:
-                self._repeat = (block, cached[0], cached[2])
+            if not cached[1] and len(data) <= BLOCK_CACHE_MAX_KEY:
+                self._repeat = (data, cached[0], cached[2])
             return fields
         try:
-            return self._decode(block)
+            return self._decode(data)
         except HpackDecodeError:
             self._failed = True
             raise
@@ -259,11 +258,13 @@ class HeaderBlockDecoder:
                 field = (name, value)
                 size = _insert(entries, size, maxsize, field, entry)
                 inserted.append(field)
+                append(field)
             elif octet & 0x10:
-                field = NeverIndexedHeaderTuple(name, value)
+                # appended as made: held in a tuple-typed local, the compiled build would unbox it
+                # and lose the subclass
+                append(NeverIndexedHeaderTuple(name, value))
             else:
-                field = (name, value)
-            append(field)
+                append((name, value))
             listed += entry
             if listed > limit:
                 raise HpackDecodeError("header list too large")
