@@ -7,11 +7,14 @@
 # iptables init step (`sigv4proxy iptables --apply`), whose rules exempt uid 101's own traffic.
 ARG PYTHON_IMAGE=python:3.11.11-slim-bookworm
 
-# ---- builder: the package and its dependencies in a virtualenv (wheels only: no compilers) ----
+# ---- builder: the package, its hot modules compiled (setup.py), and its dependencies (wheels) ----
 FROM ${PYTHON_IMAGE} AS builder
-# binutils: `strip` for the wheels' debug info (uvloop's 14 MB library is 2 MB without it).
+# binutils: `strip` for the wheels' debug info (uvloop's 14 MB library is 2 MB without it). gcc,
+# libc6-dev and Python's headers (a Debian-made base lacks them: python3-dev): the compiled build.
 RUN apt-get update \
- && apt-get install -y --no-install-recommends binutils \
+ && apt-get install -y --no-install-recommends binutils gcc libc6-dev \
+ && { python3 -c "import os, sys, sysconfig; sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()['include'], 'Python.h')))" \
+      || apt-get install -y --no-install-recommends python3-dev; } \
  && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 # Dependencies first, from pyproject alone: a change to the code does not fetch them again.
@@ -23,16 +26,18 @@ RUN --mount=type=secret,id=pip_cert,required=false --mount=type=cache,target=/ro
  && python3 -m venv /opt/sigv4proxy \
  && python3 -c "import tomllib; print(*tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies'], sep='\n')" > requirements.txt \
  && /opt/sigv4proxy/bin/pip install --disable-pip-version-check --only-binary=:all: \
-      -r requirements.txt "$(python3 -c "import tomllib; print(*tomllib.load(open('pyproject.toml', 'rb'))['build-system']['requires'])")"
-COPY README.md ./
+      -r requirements.txt "$(python3 -c "import tomllib; print(*tomllib.load(open('pyproject.toml', 'rb'))['build-system']['requires'])")" \
+      "$(python3 -c "import tomllib; print(next(d for d in tomllib.load(open('pyproject.toml', 'rb'))['project']['optional-dependencies']['dev'] if d.startswith('mypy')))")"
+COPY README.md setup.py ./
 COPY sigv4proxy ./sigv4proxy
 COPY scripts/trim_botocore.py ./scripts/
-# pip and setuptools leave the venv once it is built (17 + 9 MB the proxy never runs); botocore
-# keeps only the models its credential providers use (29 MB -> 1 MB); shared libraries lose
-# their debug info (20 MB; never loaded into memory).
-RUN /opt/sigv4proxy/bin/pip install --disable-pip-version-check --no-index --no-deps \
+# pip, setuptools and mypy (the compiler) leave the venv once it is built (the proxy never runs
+# them); botocore keeps only the models its credential providers use (29 MB -> 1 MB); shared
+# libraries lose their debug info (20 MB; never loaded into memory).
+RUN SIGV4PROXY_COMPILE=1 /opt/sigv4proxy/bin/pip install --disable-pip-version-check --no-index --no-deps \
       --no-build-isolation . \
  && /opt/sigv4proxy/bin/python scripts/trim_botocore.py \
+ && /opt/sigv4proxy/bin/pip uninstall --disable-pip-version-check -y -q mypy mypy_extensions pathspec librt ast-serialize \
  && /opt/sigv4proxy/bin/pip uninstall --disable-pip-version-check -y -q pip setuptools \
  && find /opt/sigv4proxy -name '*.so' -exec strip --strip-debug {} +
 

@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-dev
 
-.PHONY: venv test run image bench bench-quick bench-start bench-sign loadtest soak fuzz clean
+.PHONY: venv test compile uncompile run image bench bench-quick bench-start bench-sign loadtest soak fuzz clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -29,23 +29,35 @@ $(LOWEST_STAMP): pyproject.toml constraints/lowest.txt
 
 # The layers' import contracts (pyproject's [tool.importlinter]), ruff (lint and format) and mypy
 # on the package first: seconds, before the suite.
-# Then the whole suite twice: with the newest releases in range and the default (lean) servers,
-# then with the lowest releases and the reference servers (aiohttp for inbound HTTP/1.1, the h2
-# library for inbound HTTP/2). So the floors and both implementations each see every test, in one
-# pass apiece; the modules that pin one implementation (test_inbound_h1_lean, and
+# Then the whole suite twice: with the newest releases in range, the default (lean) servers and
+# the compiled build (setup.py: the hot modules compiled with mypyc, in place, removed after the
+# pass), then with the lowest releases, the reference servers (aiohttp for inbound HTTP/1.1, the
+# h2 library for inbound HTTP/2) and pure Python. So the floors, both implementations and both
+# builds each see every test, in one pass apiece; the modules that pin one implementation (test_inbound_h1_lean, and
 # test_inbound_h2_frames, which runs both servers) keep doing so in either pass. The second pass
 # leaves out the container image tests: they build the image from the newest releases.
 H1_OTHER ?= aiohttp
 H2_SERVER_OTHER ?= h2
 test: $(STAMP) $(LOWEST_STAMP)
-	sh scripts/ci-deps.sh
+	sh scripts/ci-deps.sh $(BIN)/python
 	$(BIN)/lint-imports
 	$(BIN)/ruff check sigv4proxy
 	$(BIN)/ruff format --check sigv4proxy
 	$(BIN)/mypy
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	$(MAKE) --no-print-directory compile
+	SIGV4PROXY_EXPECT_COMPILED=1 $(BIN)/python -m pytest -q $(PYTEST_ARGS); \
+		status=$$?; $(MAKE) --no-print-directory uncompile; exit $$status
 	SIGV4PROXY_H1_IMPLEMENTATION=$(H1_OTHER) SIGV4PROXY_H2_SERVER_IMPLEMENTATION=$(H2_SERVER_OTHER) \
 		$(LOWEST)/bin/python -m pytest -q -p no:cacheprovider --ignore=tests/test_image.py $(PYTEST_ARGS)
+
+# The compiled build in place in the tree (test_compiled_build checks which one a pass runs):
+# `make compile` builds it with the dev venv's Python, `make uncompile` goes back to pure Python.
+compile: $(STAMP)
+	SIGV4PROXY_COMPILE=1 $(BIN)/python setup.py -q build_ext --inplace
+
+uncompile:
+	find sigv4proxy -name '*.so' -delete
+	rm -rf build
 
 run: $(STAMP)
 	$(BIN)/sigv4proxy demo
@@ -64,6 +76,7 @@ bench-sign: $(STAMP)
 
 clean:
 	rm -rf $(VENV) $(LOWEST) $(BENCH_VENV) .pytest_cache .hypothesis build *.egg-info
+	find sigv4proxy -name '*.so' -delete
 
 # The benchmark matrix (< 15 min; bench-quick < 3 min): bench-results/bench.md, .json, .png.
 # GO_PEERS: where the Go aws-sigv4-proxy builds are (docs/performance.md says how to build them;
@@ -75,10 +88,17 @@ clean:
 GO_PEERS ?= $(or $(TMPDIR),/tmp)/peers
 BENCH_PYTHON ?= $(firstword $(wildcard /usr/bin/python3.11) $(PY))
 BENCH_VENV := .venv-bench
-$(BENCH_VENV)/.installed: $(STAMP) pyproject.toml
+# Ours as the image has it: the compiled build (setup.py), installed (not editable), rebuilt when
+# a source changes. Pure first, which brings the dependencies the compile type-checks against;
+# the compiler is the dev venv's mypy.
+$(BENCH_VENV)/.installed: $(STAMP) pyproject.toml setup.py $(shell find sigv4proxy -name '*.py')
+	sh scripts/ci-deps.sh $(BENCH_PYTHON)
 	rm -rf $(BENCH_VENV)
 	$(BENCH_PYTHON) -m venv --without-pip $(BENCH_VENV)
-	$(BIN)/pip --python $(BENCH_VENV)/bin/python install -q -e .
+	$(BIN)/pip --python $(BENCH_VENV)/bin/python install -q "setuptools>=77" \
+		"mypy==$$($(BIN)/python -c 'import mypy.version; print(mypy.version.__version__)')" .
+	SIGV4PROXY_COMPILE=1 $(BIN)/pip --python $(BENCH_VENV)/bin/python install -q --no-build-isolation \
+		--no-deps --force-reinstall .
 	touch $@
 bench: $(STAMP) $(BENCH_VENV)/.installed
 	$(BIN)/python -c "import matplotlib" 2>/dev/null || $(BIN)/pip install -q -e '.[bench]'

@@ -106,24 +106,29 @@ def find_proxy_command(explicit: str | None) -> list[str] | None:
 NO_PROXY = "`sigv4proxy serve` not available yet"
 
 
-_INTERPRETER_PROBE = ("import sys; print(sys.version.split()[0], sys.executable, "
+_INTERPRETER_PROBE = ("import importlib.machinery as m, pathlib, sys, sigv4proxy; "
+                      "print(sys.version.split()[0], sys.executable, "
                       "'shared' if any('libpython' in l for l in open('/proc/self/maps')) "
-                      "else 'static')")
+                      "else 'static', sum(1 for p in pathlib.Path(sigv4proxy.__file__).parent.rglob('*') "
+                      "if p.name.endswith(tuple(m.EXTENSION_SUFFIXES)) and '__mypyc' not in p.name))")
 
 
 def proxy_interpreter(proxy: list[str] | None) -> str:
-    """The Python our proxy runs on, for the report: version, path and whether libpython is a
-    shared library (a build without PGO/LTO linked that way costs more per request)."""
+    """The Python our proxy runs on, for the report: version, path, whether libpython is a
+    shared library (a build without PGO/LTO linked that way costs more per request), and how many
+    of the package's modules are compiled (setup.py's build) in the copy it imports."""
     if not proxy:
         return "none"
     python = Path(proxy[0]).parent / "python"
     try:
+        # cwd "/": the installed package, not a source tree's
         probe = subprocess.run([str(python), "-c", _INTERPRETER_PROBE], capture_output=True,
-                               text=True, timeout=30, check=True)
-        version, executable, linkage = probe.stdout.split()
+                               text=True, timeout=30, check=True, cwd="/")
+        version, executable, linkage, compiled = probe.stdout.split()
     except (OSError, subprocess.SubprocessError, ValueError):
         return f"unknown ({python})"
-    return f"Python {version} ({executable}, libpython {linkage})"
+    build = f"{compiled} modules compiled (mypyc)" if int(compiled) else "pure Python"
+    return f"Python {version} ({executable}, libpython {linkage}), {build}"
 
 
 def serve_argv(proxy: list[str], upstream_url: str, protocol: str, workers: int) -> list[str]:

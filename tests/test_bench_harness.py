@@ -1363,16 +1363,20 @@ def test_round_two_targets_met_partly_run_and_not_run():
 
 def test_the_report_names_the_interpreter_the_proxy_runs_on(tmp_path):
     """bench.md's title says which Python ran ours: the one beside the proxy's script, its
-    version and whether libpython was a shared library in that process."""
+    version, whether libpython was a shared library in that process, and which build of the
+    package it imports (this venv's: compiled in make test's first pass, else pure)."""
     import platform
 
     import bench
+    from support.compiled import compiled_modules
 
     here = Path(sys.executable)
     script = here.parent / "sigv4proxy"
     linkage = "shared" if any("libpython" in line for line in open("/proc/self/maps")) else "static"
     described = bench.proxy_interpreter([str(script)])
     assert described.startswith(f"Python {platform.python_version()} (")
-    assert described.endswith(f"libpython {linkage})")
+    build = (f"{len(compiled_modules())} modules compiled (mypyc)"
+             if os.environ.get("SIGV4PROXY_EXPECT_COMPILED") == "1" else "pure Python")
+    assert described.endswith(f"libpython {linkage}), {build}"), described
     assert bench.proxy_interpreter([str(tmp_path / "sigv4proxy")]).startswith("unknown (")
     assert bench.proxy_interpreter(None) == "none"

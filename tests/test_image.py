@@ -33,6 +33,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
+from support.compiled import compiled_modules, is_extension
 from support.creds_server import ThreadedCredsServer
 from support.polling import eventually_sync
 from support.proxy import ACCESS_KEY, LATTICE_HOST, PRINCIPAL, SECRET_KEY, SESSION_TOKEN, write_identities
@@ -476,6 +477,19 @@ def test_every_credential_provider_resolves_inside_the_image(docker, image, stan
         assert stand_ins["creds"].is_issued(found["access_key"])
     else:
         assert found["access_key"].startswith(expected_key), found
+
+
+def test_the_image_runs_the_compiled_build_without_its_compiler(docker, image):
+    """setup.py's hot modules are C extensions in the image (the proxy that signs for the simulator
+    above is that build); mypy, which compiled them, stayed in the builder."""
+    probe = ("import importlib, importlib.util, sys; "
+             "print(importlib.util.find_spec('mypy') is None); "
+             "[print(importlib.import_module(m).__file__) for m in sys.argv[1:]]")
+    listing = docker.oneshot("--entrypoint", "python", image, "-c", probe, *compiled_modules())
+    assert listing.returncode == 0, listing.stderr
+    no_mypy, *files = listing.stdout.split()
+    assert no_mypy == "True", "mypy left in the image"
+    assert len(files) == len(compiled_modules()) and all(is_extension(f) for f in files), files
 
 
 def test_trimmed_botocore_keeps_only_the_credential_models(docker, image):
