@@ -12,12 +12,12 @@ from setuptools import setup
 
 # Leaf modules of the request path: signing (SigV4A's signer subclasses SigV4's, so both),
 # routing and request preparation, header judgement, the HTTP/1.1 and HPACK codecs, the exchange,
-# the HTTP/1.1 client, metrics. Left pure, with the reason: the inbound HTTP/1.1 and HTTP/2
-# adapters (async generators), the lean HTTP/2 endpoints and the frame reader (mixins: multiple
-# inheritance), `h1_response`, `upstream.body` and `upstream.connection_core` (base classes of
-# pure ones: mypyc refuses interpreted subclasses), `upstream.base` (a runtime-checkable
-# Protocol), `upstream.h2_common` (an Enum with its own __init__), `upstream.pool` (tests wrap
-# its `request` on the instance, which a compiled class does not allow).
+# the HTTP/1.1 response writer and client, metrics. Left pure, with the reason: the inbound
+# HTTP/1.1 and HTTP/2 adapters (async generators), the lean HTTP/2 endpoints and the frame reader
+# (mixins: multiple inheritance), `h1_answer`, `upstream.body` and `upstream.connection_core`
+# (base classes of pure ones: mypyc refuses interpreted subclasses), `upstream.base` (a
+# runtime-checkable Protocol), `upstream.h2_common` (an Enum with its own __init__),
+# `upstream.pool` (tests wrap its `request` on the instance, which a compiled class refuses).
 COMPILED = [
     "sigv4proxy/aws/routing.py",
     "sigv4proxy/aws/signing.py",
@@ -25,6 +25,7 @@ COMPILED = [
     "sigv4proxy/exchange/exchange.py",
     "sigv4proxy/exchange/prepare.py",
     "sigv4proxy/fields.py",
+    "sigv4proxy/inbound/h1_response.py",
     "sigv4proxy/inbound/h2_hpack.py",
     "sigv4proxy/observe/metrics.py",
     "sigv4proxy/upstream/http1.py",

@@ -31,7 +31,8 @@ from sigv4proxy.errors import (
 )
 from sigv4proxy.exchange.exchange import Body, Exchange, IteratedBody, error_parts
 from sigv4proxy.exchange.prepare import split_target
-from sigv4proxy.inbound.h1_response import Answer, ResponseWriter
+from sigv4proxy.inbound.h1_answer import Answer
+from sigv4proxy.inbound.h1_response import ResponseWriter
 from sigv4proxy.inbound.h1_splice import SpliceableBody
 from sigv4proxy.inbound.settings import InboundSettings
 from sigv4proxy.io.splice import AVAILABLE as splice_available

@@ -7,10 +7,9 @@ announced no trailers, chunked to an HTTP/1.1 client otherwise, with the upstrea
 close-delimited to HTTP/1.0; no body after HEAD, 1xx, 204 or 304), Date when the upstream sent
 none, the keep-alive decision handed back to the inbound adapter (`Answer.keep_alive`), the write
 timing (every write carries what has arrived; nothing waits for more) and the transport's write
-backpressure; and `Answer`, what the writer needs of the client's connection, which each HTTP/1.1
-adapter (`h1` over aiohttp, `h1_lean`) provides, with what both answer alike (our own 100
-Continue, an upstream 1xx, the relay, a cut). aiohttp's StreamResponse did the same at a much
-higher cost per request (docs/performance.md).
+backpressure. What it needs of the client's connection is an `h1_answer.Answer`, which each
+HTTP/1.1 adapter (`h1` over aiohttp, `h1_lean`) provides. aiohttp's StreamResponse did the same at
+a much higher cost per request (docs/performance.md). Compiled in the compiled build (setup.py).
 Must never: write a header line holding CR or LF (response splitting), keep writing past the
 transport's high-water mark without waiting, send a body where the message may have none, hold a
 received byte back waiting for the next one, or end a broken body as if it were complete.
@@ -18,16 +17,15 @@ received byte back waiting for the next one, or end a broken body as if it were 
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from email.utils import formatdate
 from http import HTTPStatus
 
 from sigv4proxy.errors import ProxyError, UpstreamProtocolError
 from sigv4proxy.exchange.exchange import Response
 from sigv4proxy.fields import DROP_RESPONSE
+from sigv4proxy.inbound.h1_answer import Answer
 
-_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 _FORWARD, _DROP, _LENGTH, _DATE, _TRAILER = 0, 1, 2, 3, 4
 _CACHE_LIMIT = 1024  # entries per cache: names and status lines come from upstreams
 _EMPTY_BODY_STATUS = frozenset((204, 304, *range(100, 200)))
@@ -37,72 +35,6 @@ _CRLF = b"\r\n"
 _LAST_CHUNK = b"0\r\n\r\n"
 _SMALL_WRITE = 16 * 1024  # below this, parts are joined into one buffer; above, a vectored write
 _COALESCE_LIMIT = 256 * 1024  # body bytes already here that one write may gather
-
-
-class Answer:
-    """One HTTP/1.1 answer: the state the writer keeps, and what it needs of the client's
-    connection (the transport, the request's version and method, whether the client's request
-    lets the connection take another, the write backpressure), which each inbound adapter
-    provides. Class-level defaults, no slots: a request sets only what changes (one object per
-    request; the adapters' subclasses are the hot ones)."""
-
-    status = 0
-    keep_alive = False  # decided with the framing, before the head is written
-    started = False  # a byte went out: from here on an error can only cut the connection
-    body_bytes = 0  # body bytes relayed so far (for the access log)
-    expects = False  # the client sent Expect: 100-continue and waits before its body
-    continued = False  # a 100 (Continue) went to the client
-
-    # --- the client's connection, as each adapter provides it ---
-    transport: asyncio.Transport | None
-    version: tuple[int, int]  # the request's HTTP version
-    method: str
-    client_keep_alive: bool  # the request allows another on this connection (version, Connection)
-
-    @property
-    def writing_paused(self) -> bool:
-        """The transport is over its high-water mark: `drain` before writing more."""
-        raise NotImplementedError
-
-    async def drain(self) -> None:
-        """Returns once the transport is below its low-water mark (or the client is gone)."""
-        raise NotImplementedError
-
-    @property
-    def writer(self) -> ResponseWriter:
-        """The worker's writer (each adapter's server holds one)."""
-        raise NotImplementedError
-
-    # --- what every HTTP/1.1 adapter answers the same way (the exchange's Inbound) ---
-    def send_continue(self) -> None:
-        """Our own 100 (Continue), unless the upstream's was forwarded: the body is wanted now."""
-        transport = self.transport
-        if not self.continued and transport is not None:
-            self.continued = True
-            transport.write(_CONTINUE)
-
-    def interim(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
-        """An upstream 1xx response, forwarded (at most one 100)."""
-        if status == 100:
-            if self.continued:
-                return
-            self.continued = True
-        self.writer.interim(self, status, headers)
-
-    def relay(self, upstream: Response) -> Awaitable[None]:
-        self.status = upstream.status
-        return self.writer.relay(self, upstream)  # no coroutine of our own
-
-    def cut(self, exc: ProxyError | None) -> None:
-        """The head is out: the only honest signal left is a cut connection, after every byte the
-        upstream did send (a close flushes them); a client gone gets an abort."""
-        self.keep_alive = False
-        transport = self.transport
-        if transport is not None:
-            if exc is not None:
-                transport.close()
-            else:
-                transport.abort()
 
 
 class ResponseWriter:
