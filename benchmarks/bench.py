@@ -119,7 +119,7 @@ def proxy_interpreter(proxy: list[str] | None) -> str:
     of the package's modules are compiled (setup.py's build) in the copy it imports."""
     if not proxy:
         return "none"
-    python = Path(proxy[0]).parent / "python"
+    python = Path(proxy[0]).absolute().parent / "python"  # make bench names it relatively
     try:
         # cwd "/": the installed package, not a source tree's
         probe = subprocess.run([str(python), "-c", _INTERPRETER_PROBE], capture_output=True,

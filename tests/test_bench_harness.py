@@ -1378,5 +1378,7 @@ def test_the_report_names_the_interpreter_the_proxy_runs_on(tmp_path):
     build = (f"{len(compiled_modules())} modules compiled (mypyc)"
              if os.environ.get("SIGV4PROXY_EXPECT_COMPILED") == "1" else "pure Python")
     assert described.endswith(f"libpython {linkage}), {build}"), described
+    # as make bench names it: relative to the checkout (the probe itself runs from "/")
+    assert bench.proxy_interpreter([os.path.relpath(script)]) == described
     assert bench.proxy_interpreter([str(tmp_path / "sigv4proxy")]).startswith("unknown (")
     assert bench.proxy_interpreter(None) == "none"
