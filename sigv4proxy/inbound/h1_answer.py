@@ -14,15 +14,23 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from sigv4proxy.errors import ProxyError
 
 if TYPE_CHECKING:
     from sigv4proxy.exchange.exchange import Response
-    from sigv4proxy.inbound.h1_response import ResponseWriter
 
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+
+
+class Writer(Protocol):
+    """What an answer asks of the writer (`h1_response.ResponseWriter`, which imports this module:
+    the dependency runs one way)."""
+
+    def interim(self, answered: Answer, status: int, headers: list[tuple[bytes, bytes]]) -> None: ...
+
+    def relay(self, answered: Answer, upstream: Response) -> Awaitable[None]: ...
 
 
 class Answer:
@@ -55,7 +63,7 @@ class Answer:
         raise NotImplementedError
 
     @property
-    def writer(self) -> ResponseWriter:
+    def writer(self) -> Writer:
         """The worker's writer (each adapter's server holds one)."""
         raise NotImplementedError
 
