@@ -33,9 +33,10 @@ $(LOWEST_STAMP): pyproject.toml constraints/lowest.txt
 # the compiled build (setup.py: the hot modules compiled with mypyc, in place, removed after the
 # pass), then with the lowest releases, the reference servers (aiohttp for inbound HTTP/1.1, the
 # h2 library for inbound HTTP/2) and pure Python. So the floors, both implementations and both
-# builds each see every test, in one pass apiece; the modules that pin one implementation (test_inbound_h1_lean, and
-# test_inbound_h2_frames, which runs both servers) keep doing so in either pass. The second pass
-# leaves out the container image tests: they build the image from the newest releases.
+# builds each see every test, in one pass apiece; the modules that pin one implementation
+# (test_inbound_h1_lean, and test_inbound_h2_frames, which runs both servers) keep doing so in
+# either pass. The second pass leaves out the container image tests: they build the image from
+# the newest releases.
 H1_OTHER ?= aiohttp
 H2_SERVER_OTHER ?= h2
 test: $(STAMP) $(LOWEST_STAMP)
