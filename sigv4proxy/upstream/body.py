@@ -20,9 +20,8 @@ from sigv4proxy.io.splice import FrameSource
 
 
 class StreamedBody(ABC):
-    """A body sent chunk by chunk as it arrives; iterate it once."""
-
-    __slots__ = ("pulled",)
+    """A body sent chunk by chunk as it arrives; iterate it once. No __slots__: a compiled
+    subclass (setup.py) may not inherit any."""
 
     def __init__(self) -> None:
         self.pulled = False  # something was taken from it: it can no longer be sent again
