@@ -18,7 +18,7 @@ from sigv4proxy.observe.metrics import Metrics
 from support.h2_peers import H2Script, H2TestServer
 from support.polling import eventually
 from support.proxy import (LATTICE_HOST, PRINCIPAL, h2_server_class, proxy_config, running_proxy,
-                           static_credentials)
+                           static_credentials, watch_upstream)
 from support.wire_spy import RecordingTransport, frames_in
 
 
@@ -335,21 +335,17 @@ async def test_the_last_response_chunk_carries_end_stream_without_an_empty_frame
         assert frames[-1][1] and not any(ended for _, ended in frames[:-1]), frames
 
 
-async def test_a_small_body_that_arrived_whole_goes_upstream_with_its_head(sim, monkeypatch):
+async def test_a_small_body_that_arrived_whole_goes_upstream_with_its_head(sim):
     # HEADERS and DATA(END_STREAM) of a 4 KiB upload arrive together: the pool gets the body as
     # bytes (sent inline with the upstream HEADERS, no upload task); one still arriving streams.
-    from sigv4proxy.upstream.pool import ConnectionPool
+    bodies = []
 
-    bodies, request = [], ConnectionPool.request
-
-    async def spy(self, *args, **kwargs):
-        body = args[5] if len(args) > 5 else kwargs.get("body")
+    def seen(origin, method, target, authority, headers, body):
         bodies.append(bytes(body) if isinstance(body, bytes) else type(body).__name__)
-        return await request(self, *args, **kwargs)
 
-    monkeypatch.setattr(ConnectionPool, "request", spy)
     body = os.urandom(4096)
     async with running_proxy(**via(sim.port)) as proxy, H2TestClient("127.0.0.1", proxy.port) as client:
+        watch_upstream(proxy, seen)
         whole = client.request("POST", "/whole", LATTICE_HOST, end_stream=False)
         client.h2.send_data(whole, body, end_stream=True)
         client.flush()

@@ -26,6 +26,7 @@ from support.proxy import (
     SERVICE_ARN,
     SESSION_TOKEN,
     running_proxy,
+    watch_upstream,
     write_identities,
 )
 from support.secrets_scan import SecretScanner, capture_logs, signing_key_hex
@@ -50,19 +51,17 @@ async def capture_script(ex: Exchange) -> None:
 
 
 def record_upstream_headers(proxy, scanner: SecretScanner) -> list[int]:
-    """Wraps the proxy's pool so every Authorization it sends upstream registers its signature."""
+    """Every Authorization the proxy sends upstream registers its signature with the scanner."""
     counted: list[int] = []
-    original = proxy.pool.request
 
-    async def request(origin, method, target, authority, headers, *rest):
+    def seen(origin, method, target, authority, headers, body):
         for name, value in headers:
             if name.lower() == b"authorization":
                 counted.append(scanner.add_signatures_from(value))
             if name.lower() == b"x-amz-security-token":
                 scanner.add_secret("session token on the wire", value)
-        return await original(origin, method, target, authority, headers, *rest)
 
-    proxy.pool.request = request
+    watch_upstream(proxy, seen)
     return counted
 
 

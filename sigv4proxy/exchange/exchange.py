@@ -23,11 +23,11 @@ from typing import Protocol
 
 from sigv4proxy.errors import Overloaded, ProxyError
 from sigv4proxy.exchange.prepare import RequestPreparer
+from sigv4proxy.model import Origin
 from sigv4proxy.observe import accesslog
 from sigv4proxy.observe.metrics import Metrics
-from sigv4proxy.upstream.base import Body, Response
+from sigv4proxy.upstream.base import Body, Interim, Response
 from sigv4proxy.upstream.body import IteratedBody, SocketBody, StreamedBody
-from sigv4proxy.upstream.pool import ConnectionPool
 
 # What an inbound adapter hands in (the body kinds the upstream declares) and gets to relay (the
 # upstream's response): part of this module's interface, so the inbound layer needs no upstream.
@@ -41,6 +41,7 @@ __all__ = [
     "Response",
     "SocketBody",
     "StreamedBody",
+    "Upstream",
     "error_parts",
 ]
 
@@ -141,14 +142,29 @@ def error_parts(exc: ProxyError) -> tuple[dict[str, str], str]:
     return headers, f"sigv4proxy: {exc.reason}\n"
 
 
+class Upstream(Protocol):
+    """Where the exchange sends a signed request: the worker's `ConnectionPool`, or anything that
+    forwards to it (a test's recorder: a compiled pool's methods cannot be wrapped in place)."""
+
+    def request(
+        self,
+        origin: Origin,
+        method: bytes,
+        target: bytes,
+        authority: bytes,
+        headers: Sequence[tuple[bytes, bytes]],
+        body: Body = None,
+        interim: Interim | None = None,
+        expect_continue: bool = False,
+    ) -> Awaitable[Response]: ...
+
+
 class Exchange:
     """The request path; one per worker, shared by every inbound connection."""
 
-    def __init__(
-        self, preparer: RequestPreparer, pool: ConnectionPool, metrics: Metrics, settings: ExchangeSettings
-    ) -> None:
+    def __init__(self, preparer: RequestPreparer, pool: Upstream, metrics: Metrics, settings: ExchangeSettings) -> None:
         self._prepare = preparer.prepare
-        self._pool = pool
+        self.upstream = pool
         self._metrics = metrics
         self._max_inflight = settings.max_inflight
         self._access_log = settings.access_log
@@ -181,7 +197,7 @@ class Exchange:
                 if body is not None and not isinstance(body, (bytes, StreamedBody)):
                     body = await body  # a small body's rest still on its way
                 expect = prepared.expect_continue and isinstance(body, StreamedBody)
-                upstream = await self._pool.request(
+                upstream = await self.upstream.request(
                     target.origin,
                     inbound.method.encode("ascii"),
                     inbound.target.encode("latin-1"),

@@ -79,3 +79,23 @@ async def running_proxy(credentials: CredentialStore | None = None, **values) ->
         yield app
     finally:
         await app.stop(drain_timeout=2)
+
+
+class UpstreamSpy:
+    """Stands between a running proxy's exchange and its pool (`watch_upstream`): `seen` gets
+    each request's arguments as the exchange hands it over, signed, before it is forwarded. The
+    pool's own `request` cannot be wrapped in place: the compiled build's pool is a C type."""
+
+    def __init__(self, pool, seen):
+        self._pool = pool
+        self._seen = seen
+
+    def request(self, origin, method, target, authority, headers, body=None, *rest):
+        self._seen(origin, method, target, authority, headers, body)
+        return self._pool.request(origin, method, target, authority, headers, body, *rest)
+
+
+def watch_upstream(proxy: ProxyApp, seen) -> None:
+    """Calls `seen(origin, method, target, authority, headers, body)` for every request the
+    proxy sends upstream from now on."""
+    proxy.exchange.upstream = UpstreamSpy(proxy.pool, seen)
