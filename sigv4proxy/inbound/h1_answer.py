@@ -5,9 +5,10 @@ Owns: `Answer`, the per-request state of an answer (status, keep-alive decision,
 bytes, the client's Expect: 100-continue and our 100) and what every HTTP/1.1 adapter answers the
 same way (our own 100 Continue, an upstream 1xx, the relay, a cut). Each adapter (`h1` over
 aiohttp, `h1_lean`) subclasses it with its connection's transport, version, method, keep-alive
-wish and backpressure. Apart from the writer because the adapters' subclasses are pure Python and
-the writer is compiled in the compiled build (setup.py: mypyc refuses pure subclasses of compiled
-classes). Must never: write anything but our own 100 itself (the writer writes the rest).
+wish and backpressure. Apart from the writer, and pure Python in the compiled build (setup.py):
+the aiohttp adapter's subclass also inherits aiohttp's own class, which a compiled base refuses;
+`h1_lean`'s compiled subclass inherits it as a Python class. Must never: write anything but our
+own 100 itself (the writer writes the rest).
 """
 
 from __future__ import annotations
