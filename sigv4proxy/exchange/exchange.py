@@ -162,9 +162,11 @@ class Upstream(Protocol):
 class Exchange:
     """The request path; one per worker, shared by every inbound connection."""
 
-    def __init__(self, preparer: RequestPreparer, pool: Upstream, metrics: Metrics, settings: ExchangeSettings) -> None:
+    def __init__(
+        self, preparer: RequestPreparer, upstream: Upstream, metrics: Metrics, settings: ExchangeSettings
+    ) -> None:
         self._prepare = preparer.prepare
-        self.upstream = pool
+        self.upstream = upstream
         self._metrics = metrics
         self._max_inflight = settings.max_inflight
         self._access_log = settings.access_log
