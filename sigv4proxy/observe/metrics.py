@@ -1,19 +1,21 @@
 """Prometheus metrics: definitions, cheap per-request recording, and exposition.
 
-Owns: metric names (stable; documented in the README), bounded labels, and multiprocess
+Owns: metric names (stable; documented in the README), bounded labels, per-request latency
+histograms accumulated in the process (`LocalHistogram`) and written in batches, and multiprocess
 aggregation (prometheus-client's multiprocess mode when `PROMETHEUS_MULTIPROC_DIR` is set, which
 the worker supervisor does before any worker imports this). Must never: use a raw path, host or
-header value as a label, or hold a secret.
+header value as a label, hold a secret, or answer a scrape with observations left unwritten.
 """
 
 from __future__ import annotations
 
 import os
+from bisect import bisect_left
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from sigv4proxy.compat.prometheus_client import LocalHistogram
+from sigv4proxy.compat.prometheus_client import add_to_histogram, histogram_bounds
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 SIGNING_BUCKETS = (2e-6, 5e-6, 1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 1e-3)
@@ -26,10 +28,38 @@ def multiprocess_dir() -> str | None:
     return os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
 
 
+class LocalHistogram:
+    """One histogram child's observations, kept in this process until `flush()` adds them to the
+    child. `Histogram.observe` takes a lock and updates two values (with workers: two locked
+    mmap stores); this is a bisect and two stores, and a scrape flushes first."""
+
+    __slots__ = ("_child", "_bounds", "_counts", "_sum", "_pending")
+
+    def __init__(self, child: Histogram) -> None:
+        self._child = child
+        self._bounds = histogram_bounds(child)
+        self._counts = [0] * len(self._bounds)
+        self._sum = 0.0
+        self._pending = False
+
+    def observe(self, amount: float) -> None:
+        self._counts[bisect_left(self._bounds, amount)] += 1  # first bound >= amount, as observe()
+        self._sum += amount
+        self._pending = True
+
+    def flush(self) -> None:
+        if not self._pending:
+            return
+        counts, self._counts = self._counts, [0] * len(self._bounds)
+        total, self._sum = self._sum, 0.0
+        self._pending = False
+        add_to_histogram(self._child, counts, total)
+
+
 class Metrics:
     """All of the proxy's metrics, in a registry of their own (tests run several proxies)."""
 
-    def __init__(self, registry: CollectorRegistry | None = None, batch: bool | None = None) -> None:
+    def __init__(self, registry: CollectorRegistry | None = None, batch: bool = True) -> None:
         self.registry = registry or CollectorRegistry(auto_describe=True)
         r = self.registry
         self.request_duration = Histogram(
@@ -82,10 +112,9 @@ class Metrics:
         self._request_children: dict[tuple[str, int, str], Histogram | LocalHistogram] = {}
         self._upstream_children: dict[str, Histogram | LocalHistogram] = {}
         self._error_children: dict[str, Counter] = {}
-        # With workers (multiprocess files), histograms accumulate locally until flush(): each
-        # write to the files takes a lock; scrapes see them at most app.METRICS_INTERVAL late.
-        if batch is None:
-            batch = multiprocess_dir() is not None
+        # Histograms accumulate in the process until flush() (exposition() flushes first; with
+        # workers, another worker's figures are at most app.METRICS_INTERVAL late). batch=False
+        # observes each request directly: the tests' oracle.
         self._local: list[LocalHistogram] | None = [] if batch else None
         self._sign_observe = self._histogram(self.signing_duration).observe
 

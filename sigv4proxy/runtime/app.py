@@ -214,7 +214,7 @@ class ProxyApp:
     async def _gauge_loop(self) -> None:
         while True:
             self.refresh_gauges()
-            self.metrics.flush()  # no-op in one process
+            self.metrics.flush()
             await asyncio.sleep(METRICS_INTERVAL)
 
     # --- lifecycle ---
