@@ -14,8 +14,9 @@ import socket
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Protocol
 
+from sigv4proxy.compat.mypyc import mypyc_attr
 from sigv4proxy.errors import (
     BadRequest,
     RetryableStreamError,
@@ -50,11 +51,13 @@ def expire_waiter(waiter: asyncio.Future[bool]) -> None:
         waiter.set_result(False)
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)  # the HTTP/2 streams subclass it in Python
 class EventWait:
     """One task waits (`wait_event`) for a callback's `wake`, bounded by a plain loop timer.
-    A mixin: the class has a `waiter` slot and a `conn` whose `loop` runs it."""
+    Its `conn` has the `loop` that runs it. A base holding both slots, not an empty mixin: compiled,
+    the annotated names are its own attributes, and a subclass's slots of the same name would hide them."""
 
-    __slots__ = ()
+    __slots__ = ("conn", "waiter")
     waiter: asyncio.Future[bool] | None
     conn: Any
 
@@ -64,12 +67,12 @@ class EventWait:
     async def wait_event(self, timeout: float | None) -> bool:
         """False when `timeout` passed first."""
         loop = self.conn.loop
-        waiter = self.waiter = loop.create_future()  # type: ignore[misc]  # the subclass has the slot
+        waiter = self.waiter = loop.create_future()
         timer = None if timeout is None else loop.call_later(timeout, expire_waiter, waiter)
         try:
             return await waiter
         finally:
-            self.waiter = None  # type: ignore[misc]
+            self.waiter = None
             if timer is not None:
                 timer.cancel()
 
@@ -249,7 +252,6 @@ class Response:
         return f"<Response {self.status} {self.http_version}>"
 
 
-@runtime_checkable
 class Connection(Protocol):
     """One upstream connection. Implementations are also the asyncio.Protocol of their transport.
 

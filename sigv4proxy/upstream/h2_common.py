@@ -102,7 +102,6 @@ class H2StreamBase(EventWait):
     subclass defines `take`)."""
 
     __slots__ = (
-        "conn",
         "id",
         "state",
         "status",
@@ -113,7 +112,6 @@ class H2StreamBase(EventWait):
         "error",
         "send_task",
         "unacked",
-        "waiter",
         "window_waiter",
         "interim",
         "continue_waiter",

@@ -76,7 +76,6 @@ class _Exchange(EventWait):
     """One request/response on the socket; also the `ResponseBody` the Response reads from."""
 
     __slots__ = (
-        "conn",
         "is_head",
         "status",
         "reason",
@@ -89,7 +88,6 @@ class _Exchange(EventWait):
         "request_sent",
         "sent_at",
         "send_task",
-        "waiter",
         "interim",
         "continue_waiter",
         "received",
