@@ -94,10 +94,11 @@ BENCH_VENV := .venv-bench
 # the compiler is the dev venv's mypy.
 $(BENCH_VENV)/.installed: $(STAMP) pyproject.toml setup.py $(shell find sigv4proxy -name '*.py')
 	sh scripts/ci-deps.sh $(BENCH_PYTHON)
-	rm -rf $(BENCH_VENV)
+	rm -rf $(BENCH_VENV) build
 	$(BENCH_PYTHON) -m venv --without-pip $(BENCH_VENV)
 	$(BIN)/pip --python $(BENCH_VENV)/bin/python install -q "setuptools>=77" \
 		"mypy==$$($(BIN)/python -c 'import mypy.version; print(mypy.version.__version__)')" .
+	rm -rf build  # setuptools packs whatever build/lib holds: no extension from an earlier build
 	SIGV4PROXY_COMPILE=1 $(BIN)/pip --python $(BENCH_VENV)/bin/python install -q --no-build-isolation \
 		--no-deps --force-reinstall .
 	touch $@
