@@ -13,13 +13,14 @@ from setuptools import setup
 # The request path's modules: signing (SigV4A's signer subclasses SigV4's, so both), routing and
 # request preparation, header judgement, the HTTP/1.1 and HPACK codecs, the exchange, the lean
 # inbound HTTP/1.1 server and its response writer, the pool, the upstream vocabulary (`Response`,
-# and the event wait the HTTP/2 streams subclass in Python, which it allows) and the HTTP/1.1
+# and the event wait the HTTP/2 streams subclass in Python, which it allows), the connections'
+# shared core (subclassed in Python by the HTTP/2 connections, allowed too) and the HTTP/1.1
 # client, metrics. What compiling asks of them: no async generators (iterator classes instead), no
 # __slots__ on a class a compiled one inherits, and no test of an attribute read again after an
 # await (a compiled read keeps the narrowed type). Left pure, with the reason: the lean HTTP/2
 # endpoints and the frame reader (mixins: multiple inheritance), `h1_answer` (the aiohttp adapter
-# subclasses it beside aiohttp's own class), `h2stream`, `upstream.body` and
-# `upstream.connection_core` (base classes of pure ones: mypyc refuses interpreted subclasses),
+# subclasses it beside aiohttp's own class), `h2stream` and `upstream.body` (base classes
+# of pure ones: mypyc refuses interpreted subclasses unless a class allows them),
 # `upstream.h2_common` (an Enum with its own __init__), the inbound HTTP/2 adapter (async
 # generators; compiled, it measured no cheaper), and the aiohttp and `h2` reference adapters.
 COMPILED = [
@@ -34,6 +35,7 @@ COMPILED = [
     "sigv4proxy/inbound/h2_hpack.py",
     "sigv4proxy/observe/metrics.py",
     "sigv4proxy/upstream/base.py",
+    "sigv4proxy/upstream/connection_core.py",
     "sigv4proxy/upstream/http1.py",
     "sigv4proxy/upstream/pool.py",
     "sigv4proxy/wire/h2_window.py",

@@ -15,6 +15,7 @@ from collections import deque
 from collections.abc import AsyncIterable, Awaitable, Callable
 from enum import Enum
 
+from sigv4proxy.compat.mypyc import mypyc_attr
 from sigv4proxy.errors import BadRequest, ProxyError, UpstreamTimeout
 from sigv4proxy.model import Origin, Timeouts
 from sigv4proxy.upstream.base import OnChange
@@ -121,11 +122,13 @@ _NEXT: dict[ConnState, frozenset[ConnState]] = {
 }
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)  # the HTTP/2 connections subclass it in Python
 class ConnectionCore:
     """What every upstream connection shares: identity, loop, write flow, state, idle clock.
 
     `state` and `loop` are read by anyone; `state` is written by `_enter` only. Subclasses define
-    `is_idle()`, `_idle_expired()` and `_retire_when_done()`; they also subclass asyncio.Protocol.
+    `is_idle()`, `_idle_expired()` and `_retire_when_done()`, and are their transport's protocol
+    (the loop calls its methods by name; the compiled HTTP/1.1 class has no asyncio.Protocol base).
     """
 
     def __init__(self, origin: Origin, timeouts: Timeouts, on_change: OnChange) -> None:

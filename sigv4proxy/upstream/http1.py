@@ -1,4 +1,4 @@
-"""HTTP/1.1 keep-alive client connection: one request at a time on its own asyncio.Protocol.
+"""HTTP/1.1 keep-alive client connection: one request at a time, the protocol of its own socket.
 
 Owns: writing the request (head bytes joined once, one write; body after, chunked when its length
 is unknown), feeding the socket's bytes to the sans-IO response parser (`http1_parse`), read
@@ -158,8 +158,10 @@ class _Exchange(EventWait):
         self.buffered = 0
 
 
-class HTTP1Connection(ConnectionCore, asyncio.Protocol):
-    """A keep-alive HTTP/1.1 client connection; create via the pool's factory call."""
+class HTTP1Connection(ConnectionCore):
+    """A keep-alive HTTP/1.1 client connection; create via the pool's factory call. The protocol
+    of its transport by its methods, without asyncio.Protocol as a base: compiled, that Python base
+    would keep it from being a native class."""
 
     http_version = "HTTP/1.1"
 
