@@ -4,7 +4,10 @@ observe() would have recorded (a second Metrics fed the same values is the oracl
 
 from __future__ import annotations
 
+import os
 import random
+import subprocess
+import sys
 
 from prometheus_client import CollectorRegistry
 
@@ -50,3 +53,38 @@ def test_exposition_flushes_first():
     metrics.observe_request("GET", 200, "default", 0.003, 0.000004, 0.002, "HTTP/2")
     text = metrics.exposition().decode()
     assert 'sigv4proxy_request_duration_seconds_count{code_class="2xx",method="GET",route="default"} 1.0' in text
+
+
+_SCRAPE_WITH_A_WORKER_STARTING = r"""
+import os, pathlib, struct, sys
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
+from sigv4proxy.observe.metrics import Metrics
+
+metrics = Metrics()
+metrics.observe_request("GET", 200, "default", 0.003, 0.000004, 0.002, "HTTP/1.1")
+metrics.flush()
+# A worker starting this moment: prometheus-client has created its file and not yet sized it.
+(pathlib.Path(os.environ["PROMETHEUS_MULTIPROC_DIR"]) / "histogram_4194303.db").touch()
+try:
+    reference = CollectorRegistry()
+    MultiProcessCollector(reference)
+    generate_latest(reference)
+    print("the library's own collector read it")
+except struct.error:
+    print("the library's own collector failed")
+sys.stdout.write(metrics.exposition().decode())
+"""
+
+
+def test_a_scrape_while_a_worker_creates_its_file_still_answers(tmp_path):
+    """With workers, a scrape reads every worker's file; one that a starting worker has created
+    but not yet sized made prometheus-client's own collector raise, and /metrics answer 500."""
+    env = dict(os.environ, PROMETHEUS_MULTIPROC_DIR=str(tmp_path))  # read when prometheus_client loads
+    out = subprocess.run([sys.executable, "-c", _SCRAPE_WITH_A_WORKER_STARTING], env=env,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr[-2000:]
+    first, _, exposition = out.stdout.partition("\n")
+    assert first == "the library's own collector failed"  # the state the test means to build
+    assert 'sigv4proxy_request_duration_seconds_count{code_class="2xx",method="GET",route="default"} 1.0' in exposition
+    assert 'sigv4proxy_upstream_duration_seconds_count{protocol="HTTP/1.1"} 1.0' in exposition

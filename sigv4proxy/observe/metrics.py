@@ -15,7 +15,7 @@ from bisect import bisect_left
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from sigv4proxy.compat.prometheus_client import add_to_histogram, histogram_bounds
+from sigv4proxy.compat.prometheus_client import WorkerFilesCollector, add_to_histogram, histogram_bounds
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 SIGNING_BUCKETS = (2e-6, 5e-6, 1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 1e-3)
@@ -183,11 +183,10 @@ class Metrics:
 
     def exposition(self) -> bytes:
         self.flush()  # this worker's own figures are never stale in its own answer
-        if multiprocess_dir():
-            from prometheus_client import multiprocess
-
+        directory = multiprocess_dir()
+        if directory:
             registry = CollectorRegistry()
-            multiprocess.MultiProcessCollector(registry)
+            registry.register(WorkerFilesCollector(directory))
             return generate_latest(registry)
         return generate_latest(self.registry)
 
