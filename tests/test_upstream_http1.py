@@ -320,6 +320,9 @@ async def test_truncated_content_length_body_raises(pool):
     b"HTTP/1.1 2x0 OK\r\n\r\n",
     b"HTTP/1.1 200 OK\r\nX-Bad: a\rInjected: b\r\nContent-Length: 0\r\n\r\n",
     b"HTTP/1.1 200 OK\r\nX-Bad: a\x00b\r\nContent-Length: 0\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nX-Bad: a\r\r\n\r\n",  # a CR the block ends with
+    b"HTTP/1.1 200 OK\r\nX-Bad: a\n\r\nContent-Length: 0\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\nX-Bad: a\r\n\nContent-Length: 0\r\n\r\n",
     b"HTTP/1.1 200 OK\r\nX-Bad : a\r\nContent-Length: 0\r\n\r\n",
     b"HTTP/1.1 200 OK\r\nX Bad: a\r\nContent-Length: 0\r\n\r\n",
     b"HTTP/1.1 200 OK\r\n: a\r\nContent-Length: 0\r\n\r\n",
@@ -331,7 +334,7 @@ async def test_truncated_content_length_body_raises(pool):
     b"HTTP/1.1 600 X\r\nContent-Length: 0\r\n\r\n",
     b"HTTP/1.1 099 X\r\nContent-Length: 0\r\n\r\n",
 ], ids=["conflicting-length", "negative-length", "bare-lf", "obs-fold", "version", "status",
-        "bare-cr", "nul", "space-before-colon", "space-in-name", "empty-name", "no-colon",
+        "bare-cr", "nul", "cr-ends-block", "lf-before-crlf", "lf-after-crlf", "space-before-colon", "space-in-name", "empty-name", "no-colon",
         "bare-lf-in-status-line", "length-list-disagrees", "plus-length", "status-999",
         "status-600", "status-099"])
 async def test_malformed_response_heads_are_protocol_errors(pool, raw):
@@ -395,6 +398,12 @@ _SMUGGLING = [  # (method, target, authority, headers)
     (b"GET", b"/", b"h", [(b"x-a", b"v\rX-Injected: 1")]),
     (b"GET", b"/", b"h", [(b"x-a", b"v\nX-Injected: 1")]),
     (b"GET", b"/", b"h", [(b"x-a", b"v\x00")]),
+    (b"GET", b"/", b"h", [(b"x-a", b"v\r")]),  # beside our own line ends: still a line more
+    (b"GET", b"/", b"h", [(b"x-a", b"v\n")]),
+    (b"GET", b"/", b"h", [(b"x-a", b"\nv")]),
+    (b"GET", b"/", b"h", [(b"x-a", b"\r\n")]),
+    (b"GET", b"/", b"h", [(b"x-a", b"v"), (b"x-b", b"\r\n\r\n")]),
+    (b"\r\nGET", b"/", b"h", []),
     (b"GET", b"/", b"h", [(b"x-a\n", b"v")]),
     (b"GET", b"/", b"h", [(b"x-ok", b"1"), (b"x-a:b", b"v")]),
     (b"GET", b"/", b"h", [(b"", b"v")]),
