@@ -14,14 +14,16 @@ from setuptools import setup
 # request preparation, header judgement, the HTTP/1.1 and HPACK codecs, the exchange, the lean
 # inbound HTTP/1.1 server and its response writer, the pool, the upstream vocabulary (`Response`,
 # and the event wait the HTTP/2 streams subclass in Python, which it allows), the connections'
-# shared core (subclassed in Python by the HTTP/2 connections, allowed too) and the HTTP/1.1
-# client, metrics. What compiling asks of them: no async generators (iterator classes instead), no
-# __slots__ on a class a compiled one inherits, and no test of an attribute read again after an
-# await (a compiled read keeps the narrowed type). Left pure, with the reason: the lean HTTP/2
-# endpoints and the frame reader (mixins: multiple inheritance), `h1_answer` (the aiohttp adapter
-# subclasses it beside aiohttp's own class), `h2stream` and `upstream.body` (base classes
-# of pure ones: mypyc refuses interpreted subclasses unless a class allows them),
-# `upstream.h2_common` (an Enum with its own __init__), the inbound HTTP/2 adapter (async
+# shared core and the HTTP/2 clients' shared states (both subclassed in Python by the `h2`-library
+# client, allowed too), the HTTP/1.1 client, the lean HTTP/2 client with its stream, the HTTP/2
+# frame reader and header-block reader (objects the lean endpoints hold, not mixins), metrics.
+# What compiling asks of them: no async generators (iterator classes instead), no __slots__ on a
+# class a compiled one inherits, no Enum with an __init__ of its own, one base class (no mixins),
+# and no test of an attribute read again after an await (a compiled read keeps the narrowed
+# type). Left pure, with the reason: the lean inbound HTTP/2 server (its base is shared with the
+# `h2` reference server, an asyncio.Protocol), `h1_answer` (the aiohttp adapter subclasses it
+# beside aiohttp's own class), `h2stream` and `upstream.body` (base classes of pure ones: mypyc
+# refuses interpreted subclasses unless a class allows them), the inbound HTTP/2 adapter (async
 # generators; compiled, it measured no cheaper), and the aiohttp and `h2` reference adapters.
 COMPILED = [
     "sigv4proxy/aws/routing.py",
@@ -36,8 +38,13 @@ COMPILED = [
     "sigv4proxy/observe/metrics.py",
     "sigv4proxy/upstream/base.py",
     "sigv4proxy/upstream/connection_core.py",
+    "sigv4proxy/upstream/h2_common.py",
     "sigv4proxy/upstream/http1.py",
+    "sigv4proxy/upstream/lean_h2/connection.py",
+    "sigv4proxy/upstream/lean_h2/stream.py",
     "sigv4proxy/upstream/pool.py",
+    "sigv4proxy/wire/h2_frame_reader.py",
+    "sigv4proxy/wire/h2_header_blocks.py",
     "sigv4proxy/wire/h2_window.py",
     "sigv4proxy/wire/h2_wire.py",
     "sigv4proxy/wire/hpack_decode.py",

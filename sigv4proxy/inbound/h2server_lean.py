@@ -72,17 +72,12 @@ class LeanStream(InboundStream):
         self.credit = 0  # taken, not yet returned to the client
 
 
-class LeanH2ServerConnection(FrameReader, H2ServerBase):
+class LeanH2ServerConnection(H2ServerBase):
     """One inbound h2c connection, frames parsed and built here."""
 
     stream_class = LeanStream
     streams: dict[int, LeanStream]  # type: ignore[assignment]
-    peer = "client"
-    expects_preface = True
-    peer_max_enable_push = 1
     _wake = staticmethod(wake)
-    max_header_block = 4 * MAX_HEADER_LIST_SIZE
-    block_too_large = w.ENHANCE_YOUR_CALM
 
     def __init__(
         self,
@@ -101,7 +96,17 @@ class LeanH2ServerConnection(FrameReader, H2ServerBase):
         self._encoder = ResponseHeaderEncoder()
         self._decoder = HeaderBlockDecoder(MAX_HEADER_LIST_SIZE)
         self._out: list[bytes | memoryview] = []  # frames not yet written, in order
-        self._stream_table = self.streams  # FrameReader's name for them
+        # receiving: the frame reader, which shares this state with us
+        self._frames = FrameReader(
+            self,
+            peer="client",
+            expects_preface=True,
+            peer_max_enable_push=1,
+            max_header_block=4 * MAX_HEADER_LIST_SIZE,
+            block_too_large=w.ENHANCE_YOUR_CALM,
+        )
+        self._stream_table = self.streams  # the reader's name for them
+        self._remote_settings_seen = False
         self._highest = 0  # the highest stream id the client opened
         # the client's settings
         self._peer_initial_window = w.DEFAULT_WINDOW
@@ -110,12 +115,14 @@ class LeanH2ServerConnection(FrameReader, H2ServerBase):
         self._send_window = w.DEFAULT_WINDOW
         self._recv_window = CONNECTION_WINDOW
         self._credit = 0
-        self._header_parts: list[bytes] = []  # a header block awaiting CONTINUATION (HeaderBlockReader)
         # the last request head judged, and the decoder's generation its fields came from
         self._head: RequestHead | None = None
         self._head_generation = -1
 
     # --- asyncio.Protocol ---
+    def data_received(self, data: bytes) -> None:
+        self._frames.data_received(data)
+
     def connection_made(self, transport) -> None:
         super().connection_made(transport)
         self._out.append(self._opening)
@@ -130,7 +137,7 @@ class LeanH2ServerConnection(FrameReader, H2ServerBase):
             if transport is not None and not transport.is_closing():
                 transport.write(out[0] if len(out) == 1 else b"".join(out))
 
-    _flush = flush  # FrameReader's name for it
+    _flush = flush  # the frame reader's name for it
 
     def acknowledge(self, stream_id: int, size: int) -> None:
         if self._closed or not size:

@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from enum import Enum
 
+from sigv4proxy.compat.mypyc import mypyc_attr
 from sigv4proxy.errors import (
     ProxyError,
     RetryableStreamError,
@@ -57,21 +57,16 @@ def status_code(value: bytes | None) -> int:
     return code if 100 <= code <= 599 else 0
 
 
-class StreamState(Enum):
+class StreamState:
     """A stream's state as RFC 9113 §5.1 names it, for a client that never enables push: our
     HEADERS open it (OPEN, or HALF_CLOSED_LOCAL when they also end the request), so "idle" and
     the reserved states never show. Closed comes in two kinds a reader must tell apart: CLOSED
     once the response had ended (what it sent stays readable) and ABORTED before that (reset by
     either side, not processed before a GOAWAY, cut with the connection: `error` says which,
-    unless the consumer closed it itself). Each member carries the answers the hot path asks
+    unless the consumer closed it itself). Each of the five carries the answers the hot path asks
     (`remote_ended`, `closed`) and its successors (`_TABLE`), so a check or a move is one
-    attribute read, as the booleans were."""
-
-    OPEN = ("open", False, False)
-    HALF_CLOSED_LOCAL = ("half-closed (local)", False, False)
-    HALF_CLOSED_REMOTE = ("half-closed (remote)", True, False)
-    CLOSED = ("closed", True, True)
-    ABORTED = ("closed before its response ended", False, True)
+    attribute read. Five constants compared by identity, not an Enum: compiled, an Enum member
+    with an `__init__` of its own is refused."""
 
     def __init__(self, label: str, remote_ended: bool, closed: bool) -> None:
         self.label = label
@@ -81,8 +76,15 @@ class StreamState(Enum):
         self.on_remote_end = self
         self.on_cut = self
 
+    def __repr__(self) -> str:
+        return f"<StreamState {self.label}>"
 
-OPEN, HALF_CLOSED_LOCAL, HALF_CLOSED_REMOTE, CLOSED, ABORTED = StreamState
+
+OPEN = StreamState("open", False, False)
+HALF_CLOSED_LOCAL = StreamState("half-closed (local)", False, False)
+HALF_CLOSED_REMOTE = StreamState("half-closed (remote)", True, False)
+CLOSED = StreamState("closed", True, True)
+ABORTED = StreamState("closed before its response ended", False, True)
 # state: (our END_STREAM went out, the peer's END_STREAM came, reset / refused / connection lost).
 # Closed is final; a half-closed side cannot end twice (the engines refuse such a frame first).
 _TABLE = {
@@ -96,6 +98,7 @@ for _state, (_local, _remote, _cut) in _TABLE.items():
     _state.on_local_end, _state.on_remote_end, _state.on_cut = _local, _remote, _cut
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)  # the h2 library's stream subclasses it in Python
 class H2StreamBase(EventWait):
     """One request/response exchange on either HTTP/2 client: its state, the response as it
     arrives, and its event wait. Also the `ResponseBody` the Response reads from (the engine's
@@ -184,6 +187,7 @@ class H2StreamBase(EventWait):
             self._return_credit(pending)
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)  # both engines subclass it in Python
 class H2ConnectionBase(ConnectionCore):
     """Stream table, stream and connection states, and error mapping shared by both HTTP/2
     client connections (the connection's `state` is `connection_core.ConnState`)."""

@@ -10,25 +10,25 @@ the assembly state. Must never: decode HPACK or judge the fields (the endpoint's
 
 from __future__ import annotations
 
+from typing import Any
+
 from sigv4proxy.wire import h2_wire as w
 
 
 class HeaderBlockReader:
-    """Mixin for a frame reader: `_on_headers` and `_on_continuation` call the endpoint's
-    `_on_header_block(stream_id, block, end_stream)` once per whole block; the reader checks
-    `_header_stream` to refuse any other frame while a block is open."""
+    """The header-block half of a frame reader: `_on_headers` and `_on_continuation` call the
+    endpoint's `_on_header_block(stream_id, block, end_stream)` once per whole block; the reader
+    checks `header_stream` to refuse any other frame while a block is open."""
 
-    peer = "peer"  # "client" or "upstream": who sent it, in the reasons
-    max_header_block = 256 << 10  # encoded block across CONTINUATION frames (flood guard)
-    block_too_large = w.PROTOCOL_ERROR  # the GOAWAY code past the flood guard
-
-    _header_stream = 0  # nonzero while a header block awaits CONTINUATION
-    _header_parts: list[bytes]
-    _header_size = 0
-    _header_end_stream = False
-
-    def _on_header_block(self, stream_id: int, block: bytes, end_stream: bool) -> None:
-        raise NotImplementedError
+    def __init__(self, endpoint: Any, peer: str, max_header_block: int, block_too_large: int) -> None:
+        self.endpoint = endpoint  # the connection the frames are read for (its hooks, its state)
+        self.peer = peer  # "client" or "upstream": who sent it, in the reasons
+        self.max_header_block = max_header_block  # encoded block across CONTINUATION (flood guard)
+        self.block_too_large = block_too_large  # the GOAWAY code past the flood guard
+        self.header_stream = 0  # nonzero while a header block awaits CONTINUATION
+        self.header_parts: list[bytes] = []
+        self.header_size = 0
+        self.header_end_stream = False
 
     def _on_headers(self, flags: int, stream_id: int, data: bytes, start: int, stop: int) -> None:
         if stream_id == 0:
@@ -48,22 +48,22 @@ class HeaderBlockReader:
         block = data[start:stop]
         end_stream = bool(flags & w.FLAG_END_STREAM)
         if flags & w.FLAG_END_HEADERS:
-            self._on_header_block(stream_id, block, end_stream)
+            self.endpoint._on_header_block(stream_id, block, end_stream)
         else:
-            self._header_stream = stream_id
-            self._header_parts = [block]
-            self._header_size = len(block)
-            self._header_end_stream = end_stream
+            self.header_stream = stream_id
+            self.header_parts = [block]
+            self.header_size = len(block)
+            self.header_end_stream = end_stream
 
     def _on_continuation(self, flags: int, stream_id: int, payload: bytes) -> None:
-        if not self._header_stream or stream_id != self._header_stream:
+        if not self.header_stream or stream_id != self.header_stream:
             raise w.ProtocolViolation(w.PROTOCOL_ERROR, f"{self.peer} sent an unexpected CONTINUATION")
-        self._header_parts.append(payload)
-        self._header_size += len(payload)
-        if self._header_size > self.max_header_block:
+        self.header_parts.append(payload)
+        self.header_size += len(payload)
+        if self.header_size > self.max_header_block:
             raise w.ProtocolViolation(self.block_too_large, f"{self.peer} header block too large")
         if flags & w.FLAG_END_HEADERS:
-            block = b"".join(self._header_parts)
-            self._header_stream = 0
-            self._header_parts = []
-            self._on_header_block(stream_id, block, self._header_end_stream)
+            block = b"".join(self.header_parts)
+            self.header_stream = 0
+            self.header_parts = []
+            self.endpoint._on_header_block(stream_id, block, self.header_end_stream)

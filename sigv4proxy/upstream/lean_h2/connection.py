@@ -86,7 +86,7 @@ _OPENING = (
 _checked_heads: dict[bytes, tuple[bytes | None, tuple, int]] = {}
 
 
-class LeanH2Connection(FrameReader, H2ConnectionBase, asyncio.Protocol):
+class LeanH2Connection(H2ConnectionBase):
     """A client HTTP/2 connection multiplexing requests; create via the pool's factory call.
 
     Its streams (`stream.LeanStream`) and their uploads (`stream.send_body`) use the public
@@ -94,10 +94,6 @@ class LeanH2Connection(FrameReader, H2ConnectionBase, asyncio.Protocol):
     `finish_request`, `upload_done`, and the read-only `splice_fd`."""
 
     _streams: dict[int, LeanStream]  # type: ignore[assignment]
-    peer = "upstream"
-    max_header_block = 256 << 10
-    block_too_large = w.PROTOCOL_ERROR
-    _wake = staticmethod(wake)
 
     def __init__(self, origin: Origin, timeouts: Timeouts, on_change: OnChange) -> None:
         super().__init__(origin, timeouts, on_change)
@@ -114,9 +110,17 @@ class LeanH2Connection(FrameReader, H2ConnectionBase, asyncio.Protocol):
         self._recv_window = CONNECTION_WINDOW
         self._credit = 0  # consumed, connection credit not yet returned (batched)
         self._window_blocked: set[LeanStream] = set()
-        # receiving (FrameReader)
+        # receiving: the frame reader, which shares this state with us
+        self._frames = FrameReader(
+            self,
+            peer="upstream",
+            expects_preface=False,
+            peer_max_enable_push=0,
+            max_header_block=256 << 10,
+            block_too_large=w.PROTOCOL_ERROR,
+        )
         self._stream_table = self._streams
-        self._header_parts: list[bytes] = []  # a header block awaiting CONTINUATION (HeaderBlockReader)
+        self._closed = False  # `state is CLOSED` as a plain flag: the reader checks it per frame
         # Frames not yet written: control frames (written once per data_received) and new
         # streams' HEADERS (written once per loop pass, see _queue_headers). Every other write
         # sends these first, so frames leave in the order they were made.
@@ -227,13 +231,13 @@ class LeanH2Connection(FrameReader, H2ConnectionBase, asyncio.Protocol):
             self._out.append(w.window_update_frame(0, self._credit))
             self._recv_window += self._credit
             self._credit = 0
-        if self._out and not self._receiving:
+        if self._out and not self._frames.receiving:
             self._flush()
 
     def reset(self, stream: LeanStream, code: int) -> None:  # type: ignore[override]
         if self.state is not CLOSED and not stream.state.closed:
             self._out.append(w.rst_stream_frame(stream.id, code))
-            if not self._receiving:
+            if not self._frames.receiving:
                 self._flush()
         self._retire(stream)
 
@@ -363,7 +367,10 @@ class LeanH2Connection(FrameReader, H2ConnectionBase, asyncio.Protocol):
         finally:
             os.close(fd)
 
-    # --- asyncio.Protocol ---
+    # --- the transport's protocol (by its methods; no asyncio.Protocol base, see HTTP1Connection) ---
+    def data_received(self, data: bytes) -> None:
+        self._frames.data_received(data)
+
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = transport  # type: ignore[assignment]
         self.splice_fd = cleartext_fd(transport)
@@ -519,6 +526,9 @@ class LeanH2Connection(FrameReader, H2ConnectionBase, asyncio.Protocol):
         self._check_ready()
         self._on_change(self)
 
+    def _wake(self, waiter: asyncio.Future[bool] | None) -> None:
+        wake(waiter)
+
     def _windows_opened(self) -> None:
         for stream in list(self._window_blocked):
             wake(stream.window_waiter)
@@ -583,7 +593,7 @@ class LeanH2Connection(FrameReader, H2ConnectionBase, asyncio.Protocol):
     def _lost(self, err: ProxyError) -> None:
         if self.state is not CLOSED:
             self._out.clear()  # control frames for a dead socket
-            self._closed = True  # `state is CLOSED` as a plain flag: FrameReader checks it per frame
+            self._closed = True
         super()._lost(err)
 
 

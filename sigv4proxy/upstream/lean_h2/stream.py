@@ -13,7 +13,6 @@ into a clean end.
 from __future__ import annotations
 
 import asyncio
-from collections import deque
 from collections.abc import AsyncIterable
 from functools import partial
 from typing import TYPE_CHECKING
@@ -39,9 +38,6 @@ class LeanStream(H2StreamBase):
     connection updates the windows and counts declared here as frames come and go."""
 
     __slots__ = ("head", "send_window", "recv_window", "credit", "expected", "received")
-
-    conn: LeanH2Connection
-    chunks: deque[bytes]
 
     def __init__(
         self,
