@@ -12,19 +12,20 @@ from setuptools import setup
 
 # The request path's modules: signing (SigV4A's signer subclasses SigV4's, so both), routing and
 # request preparation, header judgement, the HTTP/1.1 and HPACK codecs, the exchange, the lean
-# inbound HTTP/1.1 server and its response writer, the pool, the upstream vocabulary (`Response`,
-# and the event wait the HTTP/2 streams subclass in Python, which it allows), the connections'
-# shared core and the HTTP/2 clients' shared states (both subclassed in Python by the `h2`-library
-# client, allowed too), the HTTP/1.1 client, the lean HTTP/2 client with its stream, the HTTP/2
-# frame reader and header-block reader (objects the lean endpoints hold, not mixins), metrics.
-# What compiling asks of them: no async generators (iterator classes instead), no __slots__ on a
-# class a compiled one inherits, no Enum with an __init__ of its own, one base class (no mixins),
-# and no test of an attribute read again after an await (a compiled read keeps the narrowed
-# type). Left pure, with the reason: the lean inbound HTTP/2 server (its base is shared with the
-# `h2` reference server, an asyncio.Protocol), `h1_answer` (the aiohttp adapter subclasses it
-# beside aiohttp's own class), `h2stream` and `upstream.body` (base classes of pure ones: mypyc
-# refuses interpreted subclasses unless a class allows them), the inbound HTTP/2 adapter (async
-# generators; compiled, it measured no cheaper), and the aiohttp and `h2` reference adapters.
+# inbound HTTP/1.1 server and its response writer, the lean inbound HTTP/2 server with its shared
+# core and streams and the HTTP/2 adapter, the pool, the upstream vocabulary (`Response`, and the
+# event wait the HTTP/2 streams subclass in Python, which it allows), the connections' shared
+# core and the HTTP/2 clients' shared states (subclassed in Python by the `h2`-library client,
+# allowed too; so is the inbound servers' core, by the `h2` reference server), the HTTP/1.1
+# client, the lean HTTP/2 client with its stream, the HTTP/2 frame reader and header-block reader
+# (objects the lean endpoints hold, not mixins), metrics. What compiling asks of them: no async
+# generators (iterator classes instead), no __slots__ on a class a compiled one inherits, no Enum
+# with an __init__ of its own, one base class (no mixins, no asyncio.Protocol), a field that may
+# be an hpack NeverIndexedHeaderTuple held as an object, and no test of an attribute read again
+# after an await (a compiled read keeps the narrowed type). Left pure, with the reason:
+# `h1_answer` (the aiohttp adapter subclasses it beside aiohttp's own class), `upstream.body` (a
+# base class of pure ones: mypyc refuses interpreted subclasses unless a class allows them), and
+# the aiohttp and `h2` reference adapters.
 COMPILED = [
     "sigv4proxy/aws/routing.py",
     "sigv4proxy/aws/signing.py",
@@ -33,8 +34,12 @@ COMPILED = [
     "sigv4proxy/exchange/prepare.py",
     "sigv4proxy/fields.py",
     "sigv4proxy/inbound/h1_lean.py",
+    "sigv4proxy/inbound/h2.py",
     "sigv4proxy/inbound/h1_response.py",
     "sigv4proxy/inbound/h2_hpack.py",
+    "sigv4proxy/inbound/h2server_core.py",
+    "sigv4proxy/inbound/h2server_lean.py",
+    "sigv4proxy/inbound/h2stream.py",
     "sigv4proxy/observe/metrics.py",
     "sigv4proxy/upstream/base.py",
     "sigv4proxy/upstream/connection_core.py",

@@ -66,50 +66,73 @@ class _RequestBody(StreamedBody):
     client that sent `expect: 100-continue` gets its 100 when the body is first wanted (unless the
     upstream's own 100 was forwarded already)."""
 
-    __slots__ = ("_stream", "_limit", "_expect")
-
     def __init__(self, stream: InboundStream, limit: int | None, expect: bool) -> None:
         super().__init__()
-        self._stream = stream
-        self._limit = limit
-        self._expect = expect
+        self.stream = stream
+        self.limit = limit
+        self.expect = expect
 
     @property
     def trailers(self) -> list[tuple[bytes, bytes]]:
-        return self._stream.trailers
+        return self.stream.trailers
 
-    async def chunks(self) -> AsyncIterator[bytes]:
-        stream, limit, seen = self._stream, self._limit, 0
-        if self._expect and not stream.continued:
-            try:
-                stream.send_informational(100, [])
-            except ClientGone:
-                raise BadRequest("client reset the request stream") from None
-        while True:
-            try:
-                chunk = await stream.read()  # returns the previous chunk's credit to the client
-            except ClientGone:
-                raise BadRequest("client reset the request stream") from None
-            if not chunk:
-                return
-            if limit is not None:
-                seen += len(chunk)
-                if seen > limit:
-                    raise PayloadTooLarge("request body exceeds --max-body-size")
-            yield chunk
+    def chunks(self) -> AsyncIterator[bytes]:
+        return _StreamChunks(self)
+
+
+class _StreamChunks:
+    """The stream's chunks as they arrive; past --max-body-size 413. An iterator class, not an
+    async generator, so the module compiles (setup.py); like a generator it ends for good once
+    it ends or fails."""
+
+    def __init__(self, body: _RequestBody) -> None:
+        self._stream = body.stream
+        self._limit = body.limit
+        self._expect = body.expect
+        self._seen = 0
+        self._over = False
+
+    def __aiter__(self) -> _StreamChunks:
+        return self
+
+    async def __anext__(self) -> bytes:
+        if self._over:
+            raise StopAsyncIteration
+        stream = self._stream
+        try:
+            if self._expect:
+                self._expect = False
+                if not stream.continued:
+                    stream.send_informational(100, [])
+            chunk = await stream.read()  # returns the previous chunk's credit to the client
+        except ClientGone:
+            self._over = True
+            raise BadRequest("client reset the request stream") from None
+        except BaseException:
+            self._over = True
+            raise
+        if not chunk:
+            self._over = True
+            raise StopAsyncIteration
+        if self._limit is not None:
+            self._seen += len(chunk)
+            if self._seen > self._limit:
+                self._over = True
+                raise PayloadTooLarge("request body exceeds --max-body-size")
+        return chunk
 
 
 _NAME_LIMIT = 512  # response field names remembered (they come from the upstream)
 _lowered: dict[bytes, bytes | None] = {}  # a name as the upstream sent it -> lower case, None: dropped
 
 
-def _forwarded_fields(
-    headers: list[tuple[bytes, bytes]], fields: list[tuple[bytes, bytes]], dated: bool = False
-) -> bool:
+def _forwarded_fields(headers: list[Any], fields: list[Any], dated: bool = False) -> bool:
     """Appends the upstream's fields to `fields`: lower-cased, hop-by-hop dropped; a field the
     upstream sent never-indexed stays never-indexed (RFC 7541 §7.1.3: an intermediary must keep
     that representation, e.g. for cookies). `dated`: a final head, which gets a Date when the
     upstream sent none (RFC 9110 §6.6.1). True if a grpc-status was among them."""
+    # The fields as objects (list[Any]): compiled, a tuple[bytes, bytes] would be unboxed and
+    # rebuilt, and an hpack NeverIndexedHeaderTuple would lose its kind.
     lowered, grpc_status = _lowered, False
     for field in headers:
         name, value = field

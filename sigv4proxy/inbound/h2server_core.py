@@ -32,6 +32,7 @@ import logging
 from collections.abc import Callable, Coroutine
 from typing import Any
 
+from sigv4proxy.compat.mypyc import mypyc_attr
 from sigv4proxy.errors import MalformedRequest
 from sigv4proxy.fields import RequestHead, request_head, trailers_problem
 from sigv4proxy.inbound.h2stream import ClientGone, InboundStream, wake
@@ -49,8 +50,11 @@ MAX_HEADER_LIST_SIZE = 64 * 1024
 StreamHandler = Callable[[InboundStream], Coroutine[Any, Any, None]]
 
 
-class H2ServerBase(asyncio.Protocol):
-    """One inbound h2c connection; each request stream runs `handler(stream)` in its own task."""
+@mypyc_attr(allow_interpreted_subclasses=True)  # the `h2` reference server subclasses it in Python
+class H2ServerBase:
+    """One inbound h2c connection; each request stream runs `handler(stream)` in its own task. Its
+    transport's protocol by its methods: without asyncio.Protocol as a base, compiled, it is a
+    native class."""
 
     stream_class: type[InboundStream] = InboundStream
 
@@ -81,6 +85,10 @@ class H2ServerBase(asyncio.Protocol):
         self._original_dst: tuple[str, int] | None | bool = False  # False: not looked up yet
 
     # --- what a subclass provides ---
+    def data_received(self, data: bytes) -> None:
+        """The transport's bytes: the subclass reads its frames."""
+        raise NotImplementedError
+
     def flush(self) -> None:
         """Writes the frames queued so far."""
         raise NotImplementedError

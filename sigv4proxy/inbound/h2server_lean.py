@@ -20,6 +20,7 @@ the client make it buffer without bound (stream windows, the header block limit)
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable
 
@@ -77,7 +78,6 @@ class LeanH2ServerConnection(H2ServerBase):
 
     stream_class = LeanStream
     streams: dict[int, LeanStream]  # type: ignore[assignment]
-    _wake = staticmethod(wake)
 
     def __init__(
         self,
@@ -137,7 +137,11 @@ class LeanH2ServerConnection(H2ServerBase):
             if transport is not None and not transport.is_closing():
                 transport.write(out[0] if len(out) == 1 else b"".join(out))
 
-    _flush = flush  # the frame reader's name for it
+    def _flush(self) -> None:  # the frame reader's name for it
+        self.flush()
+
+    def _wake(self, waiter: asyncio.Future[None] | None) -> None:
+        wake(waiter)
 
     def acknowledge(self, stream_id: int, size: int) -> None:
         if self._closed or not size:

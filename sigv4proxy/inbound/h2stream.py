@@ -18,6 +18,7 @@ import asyncio
 from collections import deque
 from typing import TYPE_CHECKING
 
+from sigv4proxy.compat.mypyc import mypyc_attr
 from sigv4proxy.wire.h2_wire import CANCEL, NO_ERROR
 
 if TYPE_CHECKING:
@@ -28,6 +29,7 @@ if TYPE_CHECKING:
 READ_COALESCE = 64 * 1024  # bytes: buffered request frames joined into one chunk up to this
 
 
+@mypyc_attr(native_class=False)  # compiled, a subclass of ConnectionError cannot be a native class
 class ClientGone(ConnectionError):
     """The client reset the stream or the connection is gone: nothing more can be sent."""
 

@@ -61,12 +61,14 @@ class _Sniffer(asyncio.Protocol):
         if self._transport is not None and not self._transport.is_closing():
             self._transport.close()
 
-    def _hand_over(self, protocol: asyncio.Protocol, first: bytes) -> None:
+    def _hand_over(self, protocol: asyncio.Protocol | H2ServerConnection, first: bytes) -> None:
         transport = self._transport
         assert transport is not None
         self._listener.undecided.discard(self)
         self._buffer = b""
-        transport.set_protocol(protocol)
+        # The h2c server is its transport's protocol by its methods, without asyncio.Protocol as
+        # a base (compiled, that base would keep it from being a native class).
+        transport.set_protocol(protocol)  # type: ignore[arg-type]
         protocol.connection_made(transport)
         if not transport.is_closing():
             protocol.data_received(first)
