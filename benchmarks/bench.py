@@ -318,6 +318,7 @@ class Bench:
         self.rows: list[Row] = []
         self.start_rows: list[StartRow] = []
         self.upstream_pid = 0
+        self.upstream_h1_port = 0  # the load side's control: the rate loader straight to it
 
     @property
     def per_run_s(self) -> float:
@@ -342,8 +343,11 @@ class Bench:
         whichever target ran then (a peer measured eight minutes after ours is no side-by-side
         comparison). A constant-rate case comes after the maximum it takes a share of."""
         self.upstream_pid = upstream.process.pid
+        self.upstream_h1_port = upstream.h1_port
         if not self.budget:  # the planned runs with a fifth to spare, and a minute for starting
-            planned = sum(len(self.cases_of(t)) for t in targets if not t.skip_reason)
+            # (a constant-rate case runs twice: the row, then the load side alone)
+            planned = sum(len(self.cases_of(t)) + sum(1 for c in self.cases_of(t) if c.rate_of_max)
+                          for t in targets if not t.skip_reason)
             self.budget = planned * self.per_run_s * 1.2 + 60
         all_cases = list(dict.fromkeys(c for t in targets for c in self.cases_of(t)))
         with contextlib.ExitStack() as stack:
@@ -443,7 +447,31 @@ class Bench:
         row.largest_process_rss_kib = sampler.largest_process_rss_kib()
         print(f" {row.rps:>10,.0f} rps  p99 {row.p99_us / 1000:7.2f} ms  {row.check}",
               file=sys.stderr)
+        if case.rate_of_max:
+            self.load_side_alone(target, case, row)
         return row
+
+    def load_side_alone(self, target: Target, case: Case, row: Row) -> None:
+        """The control of a constant-rate row, right after it: the rate loader straight to the
+        upstream at the same rate, both on the same CPUs as in the row, no proxy. What the load
+        side alone can hold: a row whose own control could not keep up measured the load side,
+        not the server between (bench_targets judges no such row)."""
+        if not self.upstream_h1_port or row.offered_rps is None:
+            return
+        print(f"bench: {'(load side alone)':<20} {case.label:<20}", file=sys.stderr, end="", flush=True)
+        try:
+            with PinnedTree(self.upstream_pid, target.loader_cpus):
+                result, _output = run_rate(self.upstream_h1_port, case, self.duration, self.files,
+                                           rate=row.offered_rps, cpus=target.loader_cpus)
+        except (HarnessError, ParseError) as exc:
+            row.load_side_rps = 0.0  # tried and failed: never a figure
+            print(f" {str(exc).splitlines()[0][:120]}", file=sys.stderr)
+            return
+        errors = result.non_2xx + result.socket_errors
+        row.load_side_rps = result.rps if not errors else 0.0  # 0: it failed outright
+        row.load_side_p99_us = result.p99_us
+        print(f" {result.rps:>10,.0f} rps  p99 {result.p99_us / 1000:7.2f} ms"
+              + (f"  {errors} errors" if errors else ""), file=sys.stderr)
 
     def run(self) -> int:
         args = self.args
@@ -487,7 +515,9 @@ class Bench:
              "full run)", targets_table(self.rows)),
             ("Inbound h2c and gRPC", inbound_table(self.rows)),
             ("One worker on one CPU (taskset; wrk, the rate loader and the upstream on the "
-             "other CPU; p99 at a constant rate is timed from when each request was due)",
+             "other CPU; p99 at a constant rate is timed from when each request was due; the load "
+             "side alone is the same rate from the rate loader straight to the upstream, right "
+             "after, no proxy: a row whose load side could not hold its rate is not judged)",
              one_cpu_table(self.rows)),
             ("Every row", "\n\n".join(filter(None, [markdown_table(self.rows),
                                                      floor_table(self.rows),

@@ -30,6 +30,9 @@ class Row:
     largest_process_rss_kib: int | None = None  # one process's (the fullest worker)
     problem: str = ""  # why this row is not a valid measurement ("" when it is)
     offered_rps: float | None = None  # a constant-rate run: the rate asked for
+    # its control: the rate loader straight to the upstream at that rate, no proxy (0.0: failed)
+    load_side_rps: float | None = None
+    load_side_p99_us: float | None = None
     ratios: dict[str, float | None] = field(default_factory=dict)
     ratios_to_floor: dict[str, float | None] = field(default_factory=dict)
 
@@ -286,16 +289,25 @@ def inbound_table(rows: list[Row]) -> str:
     return "\n\n".join(blocks)
 
 
+def _load_side(row: Row) -> str:
+    """A constant-rate row's control: what the rate loader straight to the upstream achieved."""
+    if row.load_side_rps is None:
+        return "—"
+    if not row.load_side_rps:
+        return "failed"
+    return f"{row.load_side_rps:,.0f}, {ms(row.load_side_p99_us or 0.0)}"
+
+
 def one_cpu_table(rows: list[Row]) -> str:
     """Per target limited to one CPU: its closed-loop maximum, then offered and achieved rate and
-    p99 at each constant rate ('' when none ran)."""
+    p99 at each constant rate, and the load side alone at that rate ('' when none ran)."""
     mine = [r for r in rows if ONE_CPU_MARK in r.target]
     if not mine:
         return ""
     rated = list(dict.fromkeys(r.case for r in mine if r.offered_rps is not None))
     head = ["target", "max: case", "RPS", "p99 ms", "CPU µs/req"]
     for case in rated:
-        head += [f"{case}: offered → achieved RPS", "p99 ms"]
+        head += [f"{case}: offered → achieved RPS", "p99 ms", "load side alone: RPS, p99 ms"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for target in dict.fromkeys(r.target for r in mine):
         closed = next((r for r in mine if r.target == target and r.offered_rps is None), None)
@@ -307,11 +319,13 @@ def one_cpu_table(rows: list[Row]) -> str:
         for case in rated:
             r = next((x for x in mine if x.target == target and x.case == case), None)
             if r is None:  # a target measured at its maximum only
-                cells += ["—", "—"]
-            elif not r.valid:
+                cells += ["—", "—", "—"]
+                continue
+            if not r.valid:
                 cells += [r.check, "—"]
             else:
                 cells += [f"{r.offered_rps:,.0f} → {r.rps:,.0f}", ms(r.p99_us)]
+            cells.append(_load_side(r))
         lines.append("| " + " | ".join([target, *cells]) + " |")
     return "\n".join(lines)
 

@@ -915,7 +915,7 @@ def test_targets_run_only_their_own_cases_and_rates_follow_their_maximum(monkeyp
     runner.run_targets(targets, upstream)
     quick = [("direct-h1", c.label) for c in bench.QUICK_CASES]
     assert ran == quick + [("proxy-1cpu-h1", c.label) for c in ONE_CPU_CASES]
-    assert runner.budget == pytest.approx((4 + 3) * runner.per_run_s * 1.2 + 60)
+    assert runner.budget == pytest.approx((4 + 3 + 2) * runner.per_run_s * 1.2 + 60)  # 2 controls
 
 
 def test_pinned_tree_moves_a_running_tree_and_puts_it_back():
@@ -1122,7 +1122,8 @@ def _field_rows() -> list[Row]:
         row("proxy-w2-h1", "POST 1MiB c1", 500.0, 700.0),  # no floor row for this case
         row("proxy-1cpu-h1", "GET c64", 10000.0, 90.0, p99=5000.0),
         row("proxy-1cpu-h1", "GET at 50% of max", 4990.0, 95.0, p99=2000.0, offered_rps=5000.0),
-        row("proxy-1cpu-h1", "GET at 90% of max", 8000.0, 99.0, p99=90_000.0, offered_rps=9000.0),
+        row("proxy-1cpu-h1", "GET at 90% of max", 8000.0, 99.0, p99=90_000.0, offered_rps=9000.0,
+            load_side_rps=8990.0, load_side_p99_us=3000.0),
         row("peer:go-pooled-1cpu", "GET c64", 8000.0, 100.0),
         row("peer:go-pooled-1cpu", "GET at 50% of max", 4000.0, 100.0, offered_rps=4000.0),
         row("peer:go-pooled-1cpu", "GET at 90% of max", 0.0, None, non_2xx=3,
@@ -1217,12 +1218,13 @@ def test_one_cpu_table_shows_offered_and_achieved_rates_and_flags_failures():
     rows = _field_rows()
     table = one_cpu_table(rows).splitlines()
     assert table[0] == ("| target | max: case | RPS | p99 ms | CPU µs/req | GET at 50% of max: "
-                        "offered → achieved RPS | p99 ms | GET at 90% of max: offered → "
-                        "achieved RPS | p99 ms |")
+                        "offered → achieved RPS | p99 ms | load side alone: RPS, p99 ms | GET at "
+                        "90% of max: offered → achieved RPS | p99 ms | load side alone: RPS, p99 "
+                        "ms |")
     assert table[2] == ("| proxy-1cpu-h1 | GET c64 | 10,000 | 5.00 | 90 | 5,000 → 4,990 | 2.00 "
-                        "| 9,000 → 8,000 | 90.00 |")
+                        "| — | 9,000 → 8,000 | 90.00 | 8,990, 3.00 |")
     assert table[3].startswith("| peer:go-pooled-1cpu | GET c64 | 8,000 | 10.00 | 100 | "
-                               "4,000 → 4,000 | 10.00 | FLAGGED: 3 non-2xx")
+                               "4,000 → 4,000 | 10.00 | — | FLAGGED: 3 non-2xx")
     assert one_cpu_table(rows[:9]) == ""
 
 
@@ -1359,6 +1361,90 @@ def test_round_two_targets_met_partly_run_and_not_run():
     assert table[:2] == ["| target | measured | met | goal met |", "|---|---|---|---|"]
     assert len(table) == 14 and all(" | — | not run: no " in line for line in table[2:])
     assert "| not run: no proxy-w2-h1 rows in this run; no peer:go-pooled rows in this run | not run |" in table[2]
+
+
+def test_a_rate_row_whose_load_side_alone_could_not_hold_the_rate_is_not_judged():
+    """A p99 at a constant rate is ours only when the rate loader straight to the upstream (no
+    proxy, same CPUs, same rate) could hold it: else the row measured the load side."""
+    from bench_targets import load_side_bound, verdicts
+
+    def one_cpu_h1(rows):
+        return next(v for v in verdicts(rows) if "`proxy-1cpu-h1` max RPS" in v.target)
+
+    def with_90(p99_us, **control):
+        rows = [r for r in _target_rows()
+                if not (r.target == "proxy-1cpu-h1" and r.case == "GET at 90% of max")]
+        rows.append(Row("proxy-1cpu-h1", "GET at 90% of max", "wrk", "direct-h1", requests=100,
+                        rps=10_700.0, p50_us=900.0, p99_us=p99_us, offered_rps=10_800.0, **control))
+        return rows
+
+    go_90 = next(r for r in _target_rows()
+                 if r.target == "peer:go-pooled-1cpu" and r.case == "GET at 90% of max")
+    assert go_90.p99_us == 20_000.0
+    # no control ran, or it held the rate well below Go's p99: judged as measured
+    assert one_cpu_h1(with_90(30_000.0)).met == "no: p99 at 90%"
+    held = with_90(30_000.0, load_side_rps=10_790.0, load_side_p99_us=4_000.0)
+    assert one_cpu_h1(held).met == "no: p99 at 90%"
+    # the load side alone was no faster than Go's whole path: not judged, with its figures
+    slow = with_90(30_000.0, load_side_rps=10_790.0, load_side_p99_us=25_000.0)
+    assert one_cpu_h1(slow).met == ("not all run: p99 at 90% not judged: the load side alone "
+                                    "(no proxy) at 10,800 RPS read p99 25.00 ms")
+    short = with_90(30_000.0, load_side_rps=9_000.0, load_side_p99_us=900_000.0)
+    assert one_cpu_h1(short).met == ("not all run: p99 at 90% not judged: the load side alone "
+                                     "(no proxy) at 10,800 RPS reached only 9,000")
+    # a bound load side never turns a pass into anything else
+    assert one_cpu_h1(with_90(15_000.0, load_side_rps=9_000.0, load_side_p99_us=1.0)).met == "yes"
+    # ours flagged (unanswered at the end): not judged when its control failed too, else as flagged
+    flagged = with_90(30_000.0, load_side_rps=0.0, load_side_p99_us=0.0)
+    flagged[-1].socket_errors = 500
+    assert one_cpu_h1(flagged).met == ("not all run: p99 at 90% not judged: the load side alone "
+                                       "(no proxy) at 10,800 RPS failed")
+    flagged[-1].load_side_rps, flagged[-1].load_side_p99_us = 10_800.0, 2_000.0
+    assert one_cpu_h1(flagged).met.startswith("not all run: proxy-1cpu-h1 GET at 90% of max FLAGGED")
+    assert load_side_bound(flagged[-1], go_90) == ""
+
+
+def test_a_rate_row_gets_its_load_side_control_from_the_upstream_alone(tmp_path):
+    """After a constant-rate row, the rate loader runs straight to the upstream at the same rate
+    (a real server on loopback): its achieved rate and p99 go on the row; a dead upstream is
+    recorded as failed, never as a figure."""
+    import http.server
+    import threading
+
+    import bench
+    from bench_load import ONE_CPU_CASES
+
+    class Quiet(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Content-Length", "2")
+            self.end_headers()
+            self.wfile.write(b"ok")
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Quiet)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        runner = bench.Bench(bench.parse_args(["--quick", "--out", str(tmp_path), "--duration", "1"]),
+                             tmp_path)
+        runner.upstream_pid, runner.upstream_h1_port = os.getpid(), server.server_address[1]
+        target = bench.Target("proxy-1cpu-h1", "wrk", "direct-h1", cases=ONE_CPU_CASES)
+        row = Row(target.name, ONE_CPU_CASES[2].label, "wrk", "direct-h1", offered_rps=200.0)
+        runner.load_side_alone(target, ONE_CPU_CASES[2], row)
+        assert row.load_side_rps == pytest.approx(200.0, rel=0.1)
+        assert 0 < row.load_side_p99_us < 1_000_000
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
+    dead = Row(target.name, ONE_CPU_CASES[2].label, "wrk", "direct-h1", offered_rps=200.0)
+    runner.load_side_alone(target, ONE_CPU_CASES[2], dead)  # nothing listens there now
+    assert dead.load_side_rps == 0.0
 
 
 def test_the_report_names_the_interpreter_the_proxy_runs_on(tmp_path):
