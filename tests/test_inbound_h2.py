@@ -417,6 +417,31 @@ async def test_a_client_that_half_closes_gets_its_answers_then_the_connection_cl
     assert reset.status is None and reset.reset_code == 8  # CANCEL
 
 
+@pytest.mark.parametrize("leaves", ["after the head", "before the answer"])
+@pytest.mark.parametrize("impl", ["lean", "h2"])
+async def test_a_client_that_leaves_with_the_window_shut_is_not_waited_for(sim, impl, leaves):
+    """The client shut its stream window (SETTINGS_INITIAL_WINDOW_SIZE 0) and half-closed, once
+    the answer's head was in or before the answer came: no WINDOW_UPDATE can come any more, so
+    the stream that needs the window is reset (CANCEL) at once and its request ends, instead of
+    waiting out the idle timeout (found by `make fuzz`: requests left in flight)."""
+    from h2.settings import SettingCodes
+
+    async with running_proxy(**via(sim.port, h2_implementation=impl)) as proxy, \
+            H2TestClient("127.0.0.1", proxy.port) as client:
+        client.h2.update_settings({SettingCodes.INITIAL_WINDOW_SIZE: 0})
+        sid = client.request("GET", "/shut", LATTICE_HOST)
+        record = client.streams[sid]
+        if leaves == "after the head":  # the stream waits for the window when the client leaves
+            await asyncio.wait_for(record.head.wait(), 10)  # the head went; its body cannot
+            await asyncio.sleep(0.1)
+            assert proxy.exchange.inflight == 1 and not record.done.is_set()
+        client.half_close()
+        await client.wait(sid, timeout=5)
+        await asyncio.wait_for(client.closed.wait(), 5)
+        assert await eventually(lambda: proxy.exchange.inflight == 0, timeout=5)
+    assert record.status == 200 and not record.body and record.reset_code == 8  # CANCEL
+
+
 async def test_a_client_that_half_closes_with_nothing_open_is_closed_at_once(sim):
     async with running_proxy(**via(sim.port)) as proxy, H2TestClient("127.0.0.1", proxy.port) as client:
         record = await client.wait(client.request("GET", "/first", LATTICE_HOST))

@@ -81,6 +81,7 @@ class H2ServerBase:
         self._closed = False
         self._flush_scheduled = False
         self._goaway_sent = False
+        self.peer_eof = False  # the client sent its last byte: no WINDOW_UPDATE can come any more
         self._sweep: asyncio.TimerHandle | None = None
         self._original_dst: tuple[str, int] | None | bool = False  # False: not looked up yet
 
@@ -137,10 +138,13 @@ class H2ServerBase:
     def eof_received(self) -> bool | None:
         """The client has sent all it will (TCP half-close): requests that arrived whole are still
         answered, then the connection closes; one whose body was cut short is reset (CANCEL) and
-        its upstream stream cancelled."""
+        its upstream stream cancelled. No window can open after it: a stream waiting for one is
+        woken to find that out (reset, CANCEL), so nothing waits on a client that left."""
+        self.peer_eof = True
         for stream in list(self.streams.values()):
             if not stream.remote_ended:
                 self._drop(stream, w.CANCEL)
+        self._windows_opened()
         self.flush()
         if not self.streams:
             return None  # nothing left to answer: the transport closes

@@ -216,6 +216,9 @@ class InboundStream:
             if offset < total:
                 window = conn.window(self)  # min(stream, connection)
                 if not conn.window_queue.may_send(self, window, conn.connection_window):
+                    if conn.peer_eof and window <= 0:  # the client left: no window will open
+                        self.reset(CANCEL)
+                        raise ClientGone("client closed its connection with the window shut")
                     conn.flush_soon()  # a head held back for this data goes now, not after the wait
                     await self._wait_window()
                     continue
