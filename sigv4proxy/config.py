@@ -389,7 +389,8 @@ class ProxyConfig:
     read_timeout: float = setting(
         60.0,
         _positive(float),
-        "max gap between response body chunks, and between request body chunks from the client (s)",
+        "max gap between response body chunks, between request body chunks from the client, "
+        "and in the client taking its answer (s)",
     )
     idle_timeout: float = setting(
         50.0,

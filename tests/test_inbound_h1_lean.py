@@ -212,3 +212,65 @@ async def test_pipelined_answers_before_a_half_close_all_arrive_in_order(sim):
             writer.close()
     assert statuses == [200, 200, 200]
     assert [r["requestPath"] for r in sim.records] == ["/1", "/2", "/3"]
+
+
+async def _download(port: int, size: int, *, read_every: float | None, chunk: int = 256 * 1024,
+                    bound: float = 20.0) -> tuple[int, bool]:
+    """GETs `size` bytes from the simulator through the proxy on a socket with a small receive
+    buffer; reads nothing (`read_every` None: until the proxy cuts the connection) or `chunk`
+    bytes every `read_every` s. Returns (body bytes read, whether the connection was cut short)."""
+    import socket
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16 * 1024)
+    sock.setblocking(False)
+    loop = asyncio.get_running_loop()
+    await loop.sock_connect(sock, ("127.0.0.1", port))
+    try:
+        await loop.sock_sendall(sock, b"GET /big HTTP/1.1\r\nHost: " + H
+                                + b"\r\nx-sim-response-bytes: %d\r\n\r\n" % size)
+        received, deadline = b"", loop.time() + bound
+        while loop.time() < deadline:
+            if read_every is None:
+                await asyncio.sleep(0.2)
+                if loop.time() < deadline - bound / 2:
+                    continue  # taking nothing for the first half of the bound
+                read_every = 0.0  # then draining what is left, to see how it ends
+            try:
+                data = await asyncio.wait_for(loop.sock_recv(sock, chunk), bound)
+            except ConnectionResetError:
+                data = b""
+            if not data:
+                break
+            received += data
+            head_end = received.find(b"\r\n\r\n")
+            if head_end >= 0 and len(received) - head_end - 4 >= size:
+                return size, False
+            await asyncio.sleep(read_every)
+        head_end = received.find(b"\r\n\r\n")
+        return (len(received) - head_end - 4 if head_end >= 0 else 0), True
+    finally:
+        sock.close()
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+async def test_a_client_that_takes_nothing_of_its_answer_is_cut_after_the_read_timeout(sim, implementation):
+    """A client that stops reading its answer would hold its request, and the upstream stream,
+    for ever: after --read-timeout with nothing taken its connection is aborted, the request ends
+    and the answer arrives cut short (as nginx's send_timeout). A slow client that keeps taking
+    bytes is never cut."""
+    size = 64 << 20
+    async with running_proxy(upstream=f"http://127.0.0.1:{sim.port}", upstream_protocol="h2", read_timeout=1,
+                             h1_implementation=implementation) as proxy:
+        stalled = asyncio.ensure_future(_download(proxy.port, size, read_every=None, bound=8.0))
+        await asyncio.sleep(0.5)
+        assert proxy.exchange.inflight == 1  # the answer is under way, held back by the client
+        for _ in range(70):  # 1 s of timeout, then the cut: inside the client's 4 s of silence
+            if proxy.exchange.inflight == 0:
+                break
+            await asyncio.sleep(0.05)
+        assert proxy.exchange.inflight == 0
+        got, cut = await stalled
+        assert cut and got < size
+        steady = await _download(proxy.port, 8 << 20, read_every=0.005, bound=30.0)  # a few MB/s
+    assert steady == (8 << 20, False)

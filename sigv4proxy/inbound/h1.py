@@ -59,7 +59,7 @@ class H1Handler:
         self.exchange = exchange
         self.settings = settings
         self.splice = settings.splice and splice_available  # large declared bodies may skip the process
-        self.writer = ResponseWriter(clock)  # the response head and body, as bytes of our own
+        self.writer = ResponseWriter(clock, settings.read_timeout)  # the response head and body, as bytes of our own
         # Original destination per inbound connection (transparent mode), read once.
         self.original_dst: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 

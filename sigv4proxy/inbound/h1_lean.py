@@ -72,7 +72,7 @@ class LeanH1Server:
         self.exchange = exchange
         self.settings = settings
         self.splice = settings.splice and splice_available  # large declared bodies may skip the process
-        self.writer = ResponseWriter(clock)
+        self.writer = ResponseWriter(clock, settings.read_timeout)
         self.head_timeout = head_timeout
         self.connections: set[LeanH1Connection] = set()
         self.closing = False

@@ -7,16 +7,19 @@ announced no trailers, chunked to an HTTP/1.1 client otherwise, with the upstrea
 close-delimited to HTTP/1.0; no body after HEAD, 1xx, 204 or 304), Date when the upstream sent
 none, the keep-alive decision handed back to the inbound adapter (`Answer.keep_alive`), the write
 timing (every write carries what has arrived; nothing waits for more) and the transport's write
-backpressure. What it needs of the client's connection is an `h1_answer.Answer`, which each
-HTTP/1.1 adapter (`h1` over aiohttp, `h1_lean`) provides. aiohttp's StreamResponse did the same at
-a much higher cost per request (docs/performance.md). Compiled in the compiled build (setup.py).
-Must never: write a header line holding CR or LF (response splitting), keep writing past the
-transport's high-water mark without waiting, send a body where the message may have none, hold a
-received byte back waiting for the next one, or end a broken body as if it were complete.
+backpressure (a client that takes nothing of its answer for the send timeout, `--read-timeout`, is
+cut, as nginx's send_timeout does: else it would hold its request and upstream stream for ever).
+What it needs of the client's connection is an `h1_answer.Answer`, which each HTTP/1.1 adapter
+(`h1` over aiohttp, `h1_lean`) provides. aiohttp's StreamResponse did the same at a much higher
+cost per request (docs/performance.md). Compiled in the compiled build (setup.py). Must never:
+write a header line holding CR or LF (response splitting), keep writing past the transport's
+high-water mark without waiting, send a body where the message may have none, hold a received byte
+back waiting for the next one, or end a broken body as if it were complete.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from email.utils import formatdate
 from http import HTTPStatus
@@ -40,8 +43,9 @@ _COALESCE_LIMIT = 256 * 1024  # body bytes already here that one write may gathe
 class ResponseWriter:
     """One per worker: caches for header names, status lines and the Date of this second."""
 
-    def __init__(self, clock: Callable[[], float]) -> None:
+    def __init__(self, clock: Callable[[], float], send_timeout: float = 60.0) -> None:
         self._clock = clock
+        self._send_timeout = send_timeout  # the longest a client may take nothing of its answer
         self._names: dict[bytes, int] = {}  # raw name -> _FORWARD/_DROP/_LENGTH/_DATE (bounded)
         self._status_lines: dict[tuple[int, int, int, bytes | None], bytes] = {}
 
@@ -86,7 +90,7 @@ class ResponseWriter:
         if not upstream.body_ready:
             _write(answered, pending, size)
             if answered.writing_paused:
-                await answered.drain()
+                await self._drained(answered)
             pending = []
         take = upstream.take
         try:
@@ -110,7 +114,7 @@ class ResponseWriter:
                     continue  # the next read will not wait: share one write with it
                 _write(answered, pending, size)
                 if answered.writing_paused:  # a client that pipelines and never reads gets no more
-                    await answered.drain()
+                    await self._drained(answered)
                 pending = []
                 size = 0
         except ProxyError:
@@ -122,7 +126,19 @@ class ResponseWriter:
         if pending:
             _write(answered, pending, size)
             if answered.writing_paused:
-                await answered.drain()
+                await self._drained(answered)
+
+    async def _drained(self, answered: Answer) -> None:
+        """Until the client took enough of what was written (the transport below its low-water
+        mark). One that takes nothing for the send timeout has its connection aborted: the
+        exchange sees a client gone, and resets the upstream stream."""
+        try:
+            await asyncio.wait_for(answered.drain(), self._send_timeout)
+        except TimeoutError:
+            transport = answered.transport
+            if transport is not None:
+                transport.abort()
+            raise ConnectionAbortedError("the client took nothing of its answer for --read-timeout") from None
 
     def own_answer(self, answered: Answer, status: int, headers: dict[str, str], text: str) -> None:
         """The proxy's own answer (an error): `headers` and `text` as given (fixed text, never a
