@@ -226,9 +226,11 @@ def exchange_h2(port: int, data: bytes, quiet: float = 0.15) -> bytes:
     with socket.create_connection(("127.0.0.1", port), timeout=ANSWER_TIMEOUT) as sock:
         with contextlib.suppress(BrokenPipeError, ConnectionResetError):
             sock.sendall(data)
-        sock.settimeout(quiet)
         deadline = time.monotonic() + ANSWER_TIMEOUT
         while time.monotonic() < deadline:
+            # the server's SETTINGS always come first (or a close): wait for them in full, and
+            # only then for quiet (a busy machine may take longer than `quiet` for the first)
+            sock.settimeout(quiet if chunks else max(deadline - time.monotonic(), 0.001))
             try:
                 chunk = sock.recv(65536)
             except socket.timeout:
