@@ -29,12 +29,12 @@ def proxy_env(**extra) -> dict:
                 AWS_SESSION_TOKEN=SESSION_TOKEN, AWS_EC2_METADATA_DISABLED="true", **extra)
 
 
-async def start_proxy(sim, *args, env=None):
+async def start_proxy(sim, *args, env=None, cwd=None):
     port, admin = free_port(), free_port()
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "sigv4proxy", "serve", "--listen", f"127.0.0.1:{port}", "--admin",
+        sys.executable, "-P", "-m", "sigv4proxy", "serve", "--listen", f"127.0.0.1:{port}", "--admin",
         f"127.0.0.1:{admin}", "--upstream", f"http://127.0.0.1:{sim.port}", "--upstream-protocol", "h2",
-        "--log-level", "debug", *args, env=env or proxy_env(), stderr=subprocess.PIPE)
+        "--log-level", "debug", *args, env=env or proxy_env(), stderr=subprocess.PIPE, cwd=cwd)
     deadline = time.monotonic() + 20
     async with aiohttp.ClientSession() as client:
         while True:
@@ -202,6 +202,36 @@ async def test_workers_share_the_port_and_a_crashed_worker_is_restarted(sim):
     lines = [json.loads(line) for line in err.decode().splitlines() if line.startswith("{")]
     assert any(line["msg"] == "worker exited; restarting" for line in lines)
     assert_no_secrets(err)
+
+
+async def test_workers_run_the_installed_package_whatever_the_working_directory(sim, tmp_path):
+    """Started from a directory holding a `sigv4proxy` package of its own (a source checkout, as
+    `make bench` runs from the repository root), the workers still import the package the
+    supervisor runs: a decoy there must never be imported, and both workers answer."""
+    decoy = tmp_path / "sigv4proxy"
+    decoy.mkdir()
+    marker = tmp_path / "decoy-imported"
+    (decoy / "__init__.py").write_text(f"open({str(marker)!r}, 'a').write('x')\nraise SystemExit(3)\n")
+    (decoy / "__main__.py").write_text("")
+    proc, port, _admin = await start_proxy(sim, "--workers", "2", cwd=tmp_path)
+    try:
+        children = [int(p) for p in open(f"/proc/{proc.pid}/task/{proc.pid}/children").read().split()]
+        assert len(children) == 2
+        async with aiohttp.ClientSession() as client:
+            for _ in range(60):  # fresh connections: the kernel spreads them over both workers
+                async with client.get(f"http://127.0.0.1:{port}/cwd", headers={"Host": LATTICE_HOST,
+                                      "Connection": "close"}) as r:
+                    assert r.status == 200, await r.text()
+        # still the same two workers: none exited and was restarted
+        now = [int(p) for p in open(f"/proc/{proc.pid}/task/{proc.pid}/children").read().split()]
+        assert sorted(now) == sorted(children)
+        for pid in children:
+            assert os.readlink(f"/proc/{pid}/cwd") == str(tmp_path)
+    finally:
+        err = await stop(proc)
+    assert not marker.exists(), "a worker imported the working directory's sigv4proxy"
+    assert proc.returncode == 0, err[-2000:]
+    assert b"worker exited" not in err
 
 
 def test_check_config_validates_a_file_and_names_the_bad_key(tmp_path):

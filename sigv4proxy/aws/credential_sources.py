@@ -257,8 +257,9 @@ class ChildProcessProvider:
         finally:
             os.close(write_end)
         try:
+            # -P: not the working directory's `sigv4proxy` (a source checkout) but this one
             return subprocess.Popen(
-                [sys.executable, "-m", "sigv4proxy.aws.credential_sources"],
+                [sys.executable, "-P", "-m", "sigv4proxy.aws.credential_sources"],
                 stdin=read_end,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.DEVNULL,

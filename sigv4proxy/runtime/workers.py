@@ -25,7 +25,10 @@ RESTART_BACKOFF_MAX = 10.0
 
 def _spawn(index: int, argv: list[str], env: dict[str, str]) -> subprocess.Popen:
     worker_env = dict(env, SIGV4PROXY_WORKER_ID=str(index))
-    return subprocess.Popen([sys.executable, "-m", "sigv4proxy", *argv], env=worker_env)
+    # -P: `-m` would put the working directory first on sys.path, so a `sigv4proxy` directory
+    # there (a source checkout) would be imported in place of the installed package: the workers
+    # would run other code than the supervisor, pure Python instead of the compiled build.
+    return subprocess.Popen([sys.executable, "-P", "-m", "sigv4proxy", *argv], env=worker_env)
 
 
 def supervise(config: ProxyConfig, argv: list[str]) -> int:
