@@ -4,6 +4,7 @@ secrets, check-config. Each test runs the real `sigv4proxy` command as a subproc
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -34,19 +35,27 @@ async def start_proxy(sim, *args, env=None, cwd=None):
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-P", "-m", "sigv4proxy", "serve", "--listen", f"127.0.0.1:{port}", "--admin",
         f"127.0.0.1:{admin}", "--upstream", f"http://127.0.0.1:{sim.port}", "--upstream-protocol", "h2",
-        "--log-level", "debug", *args, env=env or proxy_env(), stderr=subprocess.PIPE, cwd=cwd)
+        "--log-level", "debug", *args, env=env or proxy_env(), stderr=subprocess.PIPE, cwd=cwd,
+        start_new_session=True)
     deadline = time.monotonic() + 20
-    async with aiohttp.ClientSession() as client:
-        while True:
-            try:
-                async with client.get(f"http://127.0.0.1:{admin}/readyz") as r:
-                    if r.status == 200:
-                        break
-            except aiohttp.ClientConnectionError:
-                pass
-            assert proc.returncode is None, "proxy exited early"
-            assert time.monotonic() < deadline, "proxy never became ready"
-            await asyncio.sleep(0.1)
+    try:
+        async with aiohttp.ClientSession() as client:
+            while True:
+                try:
+                    async with client.get(f"http://127.0.0.1:{admin}/readyz") as r:
+                        if r.status == 200:
+                            break
+                except aiohttp.ClientConnectionError:
+                    pass
+                assert proc.returncode is None, "proxy exited early"
+                assert time.monotonic() < deadline, "proxy never became ready"
+                await asyncio.sleep(0.1)
+    except BaseException:
+        # never ready: its whole group (the supervisor and any workers) goes, not left running
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        await proc.communicate()
+        raise
     return proc, port, admin
 
 
